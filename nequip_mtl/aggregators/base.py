@@ -1,0 +1,101 @@
+"""The aggregator interface: many task gradients in, one update out.
+
+Pure torch: nothing here imports Lightning or nequip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Aggregator:
+    """Maps a ``(num_tasks, num_params)`` gradient matrix to one ``(num_params,)`` update.
+
+    Calling an aggregator is the whole public contract::
+
+        update = aggregator(grads, coeffs)  # grads: (m, N), coeffs: (m,) or None
+
+    ``coeffs`` are the (normalised, non-negative) loss coefficients of the tasks, in the
+    same order as the rows of ``grads``; each aggregator documents how it uses them.
+    ``None`` means equal coefficients.
+
+    Most methods in the multitask literature choose the update as a combination
+    ``update = w @ grads`` whose weights ``w`` depend on the gradients only through their
+    Gram matrix ``grads @ grads.T``. Such aggregators subclass :class:`GramAggregator`
+    and implement :meth:`GramAggregator.weights`; the training module then needs one
+    ``m x m`` Gram matrix and one ``m``-term combination per step, whatever the method.
+    Aggregators that need the matrix itself (e.g. stateful momentum methods) override
+    :meth:`aggregate` instead and set ``gram_based = False``.
+
+    Stateful aggregators override :meth:`state_dict` and :meth:`load_state_dict`; the
+    training module stores that state in checkpoints.
+    """
+
+    #: whether the update is ``weights(gram, coeffs) @ grads``
+    gram_based: bool = False
+
+    def __call__(self, grads: torch.Tensor, coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        if grads.dim() != 2:
+            raise ValueError(
+                f"{type(self).__name__} expects a (num_tasks, num_params) gradient matrix, "
+                f"got shape {tuple(grads.shape)}"
+            )
+        return self.aggregate(grads, _coeffs_or_uniform(coeffs, grads))
+
+    def aggregate(self, grads: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        """Return the ``(num_params,)`` update for ``grads`` (m, N) and ``coeffs`` (m,)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to carry across checkpoint restarts (empty for stateless methods)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state returned by :meth:`state_dict`."""
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless but got state {list(state)}")
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class GramAggregator(Aggregator):
+    """An aggregator whose update is ``weights(gram, coeffs) @ grads``.
+
+    Subclasses implement :meth:`weights`, which receives the ``(m, m)`` Gram matrix
+    ``grads @ grads.T`` and the coefficients, both in float64 (on any device, usually the
+    CPU), and returns the ``(m,)``
+    combination weights in float64. Working in Gram space keeps the per-step cost of any
+    such method at one Gram matrix plus one weighted sum of gradient rows, and lets the
+    small linear algebra run in float64 even for float32 models.
+    """
+
+    gram_based = True
+
+    def aggregate(self, grads: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+        gram = grads @ grads.T
+        w = self.weights(gram.double(), coeffs.double(), source_dtype=grads.dtype)
+        return w.to(grads.dtype) @ grads
+
+    def weights(
+        self, gram: torch.Tensor, coeffs: torch.Tensor, source_dtype: torch.dtype = torch.float64
+    ) -> torch.Tensor:
+        """Return the ``(m,)`` float64 weights of the task gradients in the update.
+
+        ``source_dtype`` is the dtype the gradients (and so the Gram entries) were
+        computed in; it sets how small an eigenvalue is indistinguishable from zero.
+        """
+        raise NotImplementedError
+
+
+def _coeffs_or_uniform(coeffs: torch.Tensor | None, grads: torch.Tensor) -> torch.Tensor:
+    m = grads.shape[0]
+    if coeffs is None:
+        return torch.full((m,), 1.0 / m, dtype=grads.dtype, device=grads.device)
+    coeffs = torch.as_tensor(coeffs, device=grads.device)
+    if coeffs.shape != (m,):
+        raise ValueError(f"coeffs must have shape ({m},) to match the gradients, got {tuple(coeffs.shape)}")
+    return coeffs
