@@ -97,5 +97,7 @@ def _coeffs_or_uniform(coeffs: torch.Tensor | None, grads: torch.Tensor) -> torc
         return torch.full((m,), 1.0 / m, dtype=grads.dtype, device=grads.device)
     coeffs = torch.as_tensor(coeffs, device=grads.device)
     if coeffs.shape != (m,):
-        raise ValueError(f"coeffs must have shape ({m},) to match the gradients, got {tuple(coeffs.shape)}")
+        raise ValueError(
+            f"coeffs must have shape ({m},) to match the gradients, got {tuple(coeffs.shape)}"
+        )
     return coeffs

@@ -81,7 +81,7 @@ class ConFIG(GramAggregator):
 
     def _solve(self, unit_gram: torch.Tensor, b: torch.Tensor, rtol: float) -> torch.Tensor:
         if self.lsqr and unit_gram.device.type == "cpu":
-            return torch.linalg.lstsq(
-                unit_gram, b[:, None], rcond=rtol, driver="gelsd"
-            ).solution[:, 0]
+            return torch.linalg.lstsq(unit_gram, b[:, None], rcond=rtol, driver="gelsd").solution[
+                :, 0
+            ]
         return psd_pinv_solve(unit_gram, b, rtol)

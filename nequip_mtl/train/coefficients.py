@@ -27,7 +27,9 @@ def validate_coeffs(
     negative or non-finite value, or a value that is not a number.
     """
     if not isinstance(updates, Mapping):
-        raise TypeError(f"{where}: expected a mapping of loss names to coefficients, got {updates!r}")
+        raise TypeError(
+            f"{where}: expected a mapping of loss names to coefficients, got {updates!r}"
+        )
     checked: dict[str, float | None] = {}
     for name, value in updates.items():
         if name not in valid_names:
@@ -38,7 +40,9 @@ def validate_coeffs(
             checked[name] = None
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where}: coefficient of {name!r} must be a number or null, got {value!r}")
+            raise TypeError(
+                f"{where}: coefficient of {name!r} must be a number or null, got {value!r}"
+            )
         value = float(value)
         if not math.isfinite(value) or value < 0:
             raise ValueError(

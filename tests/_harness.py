@@ -1,0 +1,120 @@
+"""Tiny real NequIP training setups for fast tests: EMT data, a small NequIPGNNModel,
+a real Lightning Trainer. Everything is real; only sizes are small."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning
+import torch
+from nequip.data.datamodule import NequIPDataModule
+from nequip.utils.global_state import set_global_state
+
+set_global_state()
+
+
+def datamodule(
+    num_frames: int = 12, train: int = 8, val: int = 4, batch_size: int = 4, seed: int = 1
+):
+    return NequIPDataModule(
+        seed=seed,
+        split_dataset={
+            "dataset": {
+                "_target_": "nequip.data.dataset.EMTTestDataset",
+                "transforms": [
+                    {
+                        "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
+                        "model_type_names": ["Cu"],
+                        "chemical_species_to_atom_type_map": {"Cu": "Cu"},
+                    },
+                    {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": 4.0},
+                ],
+                "supercell": [2, 2, 2],
+                "seed": seed,
+                "num_frames": num_frames,
+                "element": "Cu",
+            },
+            "train": train,
+            "val": val,
+        },
+        train_dataloader={"_target_": "torch.utils.data.DataLoader", "batch_size": batch_size},
+        val_dataloader={"_target_": "torch.utils.data.DataLoader", "batch_size": batch_size},
+    )
+
+
+def model_config(dtype: str = "float64", seed: int = 7) -> dict:
+    return {
+        "_target_": "nequip.model.NequIPGNNModel",
+        "seed": seed,
+        "model_dtype": dtype,
+        "type_names": ["Cu"],
+        "r_max": 4.0,
+        "l_max": 1,
+        "parity": True,
+        "num_layers": 1,
+        "num_features": 4,
+        "radial_mlp_depth": 1,
+        "radial_mlp_width": 4,
+        "avg_num_neighbors": 12.0,
+        "per_type_energy_shifts": {"Cu": -3.0},
+        "per_type_energy_scales": {"Cu": 0.5},
+    }
+
+
+def loss_config(coeffs: dict | None = None) -> dict:
+    coeffs = coeffs or {"total_energy": 1.0, "forces": 1.0, "stress": 1.0}
+    return {
+        "_target_": "nequip.train.EnergyForceStressLoss",
+        "per_atom_energy": True,
+        "coeffs": coeffs,
+    }
+
+
+def metrics_config() -> dict:
+    return {
+        "_target_": "nequip.train.EnergyForceStressMetrics",
+        "coeffs": {"total_energy_mae": 1.0, "forces_mae": 1.0, "stress_mae": 1.0},
+    }
+
+
+def module_kwargs(dtype: str = "float64", loss: dict | None = None, **overrides) -> dict:
+    kwargs = {
+        "model": model_config(dtype),
+        "num_datasets": {"train": 1, "val": 1, "test": 0, "predict": 0},
+        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.01},
+        "loss": loss or loss_config(),
+        "val_metrics": metrics_config(),
+    }
+    kwargs.update(overrides)
+    return copy.deepcopy(kwargs)
+
+
+def trainer(tmp_path, max_epochs: int = 1, limit_train_batches=None, **kwargs) -> lightning.Trainer:
+    defaults = dict(
+        max_epochs=max_epochs,
+        limit_train_batches=limit_train_batches,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return lightning.Trainer(**defaults)
+
+
+def params(module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().double() for p in module.model.parameters()])
+
+
+def fit(module_cls, tmp_path, *, max_epochs=1, data=None, trainer_kwargs=None, **module_kw):
+    """Build a module from :func:`module_kwargs` overrides, fit it, return (module, trainer)."""
+    torch.manual_seed(0)
+    module = module_cls(**module_kwargs(**module_kw))
+    tr = trainer(tmp_path, max_epochs=max_epochs, **(trainer_kwargs or {}))
+    tr.fit(module, datamodule=data or datamodule())
+    return module, tr
