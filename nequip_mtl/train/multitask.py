@@ -176,7 +176,9 @@ class MultitaskLightningModule(NequIPLightningModule):
         """
         storage = self._storage()
         scale = self._loss_scale(loss)
-        tasks = self._step_tasks
+        # a component that does not depend on the parameters on this batch (e.g. a metric
+        # with `ignore_nan` and no labels in the batch) has a zero gradient: nothing to do
+        tasks = [t for t in self._step_tasks if self._step_losses[t].requires_grad]
         for j, task in enumerate(tasks):
             storage.backward(task, self._step_losses[task] * scale, retain_graph=j < len(tasks) - 1)
         self._step_losses = {}
@@ -185,11 +187,13 @@ class MultitaskLightningModule(NequIPLightningModule):
         returned = self._returned_loss
         if returned is None or loss is returned:
             return 1.0
-        returned = returned.detach()
-        # a zero weighted sum (all losses zero) carries no scale: fall back to Lightning's
-        # accumulation factor; no host sync either way
-        fallback = torch.full_like(returned, 1.0 / self.trainer.accumulate_grad_batches)
-        return torch.where(returned != 0, loss.detach() / returned, fallback)
+        # Lightning's factor (1/accumulate_grad_batches, precision-plugin scaling) as the
+        # ratio of what it back-propagates to what training_step returned; when that is
+        # undefined (a zero, NaN or inf weighted sum) use the accumulation factor. No host
+        # sync either way.
+        ratio = loss.detach() / returned.detach()
+        fallback = torch.full_like(ratio, 1.0 / self.trainer.accumulate_grad_batches)
+        return torch.where(torch.isfinite(ratio) & (returned.detach() != 0), ratio, fallback)
 
     def _storage(self) -> TaskGradients:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,128 @@
+"""Bad configuration is rejected at construction; numerical faults never corrupt weights."""
+
+import pytest
+import torch
+
+import nequip_mtl.train as mtl
+from nequip_mtl.aggregators import ConFIG
+from tests._harness import datamodule, fit, module_kwargs, params
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"aggregator": {"_target_": "torch.nn.Linear", "in_features": 1, "out_features": 1}},
+            "not a nequip_mtl.aggregators.Aggregator",
+        ),
+        ({"aggregator": "ConFIG"}, "must be a dict with a `_target_`"),
+        ({"on_nonfinite": "ignore"}, "`on_nonfinite` must be one of"),
+        ({"gradient_clip_val": -1.0}, "`gradient_clip_val` must be a number > 0"),
+        (
+            {"gradient_clip_val": 1.0, "gradient_clip_algorithm": "l2"},
+            "`gradient_clip_algorithm` must be one of",
+        ),
+        ({"gradient_clip_algorithm": "norm"}, "`gradient_clip_val` is not"),
+    ],
+)
+def test_bad_module_config_is_rejected_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        mtl.MultitaskLightningModule(**module_kwargs(**kwargs))
+
+
+def test_named_config_module_takes_no_aggregator():
+    with pytest.raises(ValueError, match="always uses ConFIG"):
+        mtl.ConFIGLightningModule(
+            **module_kwargs(aggregator={"_target_": "nequip_mtl.aggregators.ConFIG"})
+        )
+
+
+def test_config_module_arguments_reach_the_aggregator():
+    module = mtl.ConFIGLightningModule(lsqr=False, norm_eps=1e-6, **module_kwargs())
+    assert isinstance(module.aggregator, ConFIG)
+    assert (module.aggregator.lsqr, module.aggregator.norm_eps) == (False, 1e-6)
+
+
+class StressFault(mtl.ConFIGLightningModule):
+    """Replaces the stress labels of every training batch with NaN (or +inf)."""
+
+    fault_value = float("nan")
+
+    def process_target(self, batch, batch_idx, dataloader_idx=0):
+        target = super().process_target(batch, batch_idx, dataloader_idx)
+        if self.training:
+            target["stress"] = torch.full_like(target["stress"], self.fault_value)
+        return target
+
+
+def test_nonfinite_task_gradient_skips_the_step(tmp_path):
+    start, _ = fit(StressFault, tmp_path / "s", max_epochs=0)
+    with pytest.warns(RuntimeWarning, match="skipping an optimizer step"):
+        module, _ = fit(StressFault, tmp_path / "a", on_nonfinite="skip")
+    assert module.skipped_steps == 2
+    torch.testing.assert_close(params(module), params(start), rtol=0, atol=0)
+
+
+def test_nonfinite_task_gradient_zero_task_drops_only_that_task(tmp_path):
+    with pytest.warns(RuntimeWarning, match="on_nonfinite=zero_task"):
+        faulty, _ = fit(StressFault, tmp_path / "a", on_nonfinite="zero_task")
+    loss = {
+        "_target_": "nequip.train.EnergyForceStressLoss",
+        "coeffs": {"total_energy": 1.0, "forces": 1.0, "stress": None},
+    }
+    reference, _ = fit(mtl.ConFIGLightningModule, tmp_path / "b", loss=loss)
+    assert faulty.skipped_steps == 0
+    torch.testing.assert_close(params(faulty), params(reference), rtol=0, atol=1e-12)
+
+
+def test_nonfinite_task_gradient_raise(tmp_path):
+    with pytest.raises(FloatingPointError, match="stress_mse"):
+        fit(StressFault, tmp_path, on_nonfinite="raise")
+
+
+def test_task_without_labels_in_batch_is_left_out(tmp_path):
+    """Stress masked with ignore_nan and absent from every batch: a zero gradient row."""
+    loss = {
+        "_target_": "nequip.train.MetricsManager",
+        "metrics": [
+            {
+                "name": "forces_mse",
+                "field": "forces",
+                "coeff": 1.0,
+                "metric": {"_target_": "nequip.train.MeanSquaredError"},
+            },
+            {
+                "name": "energy_mse",
+                "field": {"_target_": "nequip.data.PerAtomModifier", "field": "total_energy"},
+                "coeff": 1.0,
+                "metric": {"_target_": "nequip.train.MeanSquaredError"},
+            },
+            {
+                "name": "stress_mse",
+                "field": "stress",
+                "coeff": 1.0,
+                "ignore_nan": True,
+                "metric": {"_target_": "nequip.train.MeanSquaredError"},
+            },
+        ],
+    }
+    with pytest.warns(RuntimeWarning, match="zero gradient"):
+        masked, _ = fit(StressFault, tmp_path / "a", loss=loss)
+    assert masked.skipped_steps == 0
+    assert set(masked.applied_task_weights) == {"forces_mse", "energy_mse"}
+    loss["metrics"][2]["coeff"] = None
+    reference, _ = fit(mtl.ConFIGLightningModule, tmp_path / "b", loss=loss)
+    torch.testing.assert_close(params(masked), params(reference), rtol=0, atol=1e-12)
+
+
+def test_all_coefficients_null_is_an_error(tmp_path):
+    loss = {
+        "_target_": "nequip.train.EnergyForceStressLoss",
+        "coeffs": {"total_energy": 1.0, "forces": 1.0, "stress": 1.0},
+    }
+    module = mtl.ConFIGLightningModule(**module_kwargs(loss=loss))
+    module.loss.set_coeffs({})  # nequip semantics: everything null
+    from tests._harness import trainer
+
+    with pytest.raises(RuntimeError, match="At least one loss component"):
+        trainer(tmp_path).fit(module, datamodule=datamodule())

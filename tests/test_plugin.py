@@ -1,0 +1,86 @@
+"""The package as a nequip extension: entry point, import order, nequip-train resolution."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_import_nequip_loads_extension_without_circular_import():
+    res = _run(
+        "import sys, nequip; "
+        "assert 'nequip_mtl' in sys.modules, 'entry point did not load nequip_mtl'; "
+        "import nequip_mtl.train, nequip_mtl.aggregators; print('ok')"
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
+def test_import_extension_first_then_nequip():
+    res = _run("import nequip_mtl; import nequip; import nequip_mtl.train; print('ok')")
+    assert res.returncode == 0, res.stderr
+
+
+def test_entry_point_is_registered():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="nequip.extension") if ep.name == "init_always"]
+    assert "nequip_mtl" in [ep.value for ep in eps]
+
+
+def test_nequip_train_resolves_our_targets(tmp_path):
+    """A real `nequip-train` run of our ConFIG module with a cosine LR schedule."""
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [
+            str(BIN / "nequip-train"),
+            "-cp",
+            str(REPO / "tests" / "configs"),
+            "-cn",
+            "tiny_emt",
+            f"hydra.run.dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
+    target = ckpt["hyper_parameters"]["info_dict"]["training_module"]["_target_"]
+    assert target == "nequip_mtl.train.ConFIGLightningModule"
+    assert "nequip_mtl" in ckpt  # our module's own checkpoint state
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("mtl/cos_update/forces_mse")]
+    assert len(logged) == 4  # 2 epochs x 2 steps, log_every_n_steps=1
+    assert any(r.get("test0_epoch/forces_mae") for r in rows)
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        "import nequip_mtl; print(nequip_mtl.__version__)",
+    ],
+)
+def test_version(cmd):
+    from importlib.metadata import version
+
+    res = _run(cmd)
+    assert res.stdout.strip() == version("nequip-mtl")
