@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,23 @@ from .task_gradients import TaskGradients
 
 _NONFINITE_POLICIES = ("skip", "zero_task", "raise")
 _CLIP_ALGORITHMS = ("norm", "value")
+
+
+@dataclasses.dataclass
+class TaskGradientStatistics:
+    """What the last aggregation saw: enough to derive every norm and cosine.
+
+    Attributes:
+        names: the loss components that entered the update, in order
+        gram: their ``(m, m)`` float64 Gram matrix ``G @ G.T`` (CPU), after any DDP reduction
+        weights: the update is ``weights @ G`` (``None`` for non-Gram aggregators)
+        global_step: the trainer's ``global_step`` before that optimizer step
+    """
+
+    names: list[str]
+    gram: torch.Tensor
+    weights: torch.Tensor | None
+    global_step: int
 
 
 class MultitaskLightningModule(NequIPLightningModule):
@@ -108,6 +126,8 @@ class MultitaskLightningModule(NequIPLightningModule):
         self.skipped_steps = 0
         #: name -> weight of that task's gradient in the last applied update
         self.applied_task_weights: dict[str, float] = {}
+        #: Gram matrix of the task gradients of the last applied update (for monitors)
+        self.task_gradient_statistics: TaskGradientStatistics | None = None
         self._task_gradients: TaskGradients | None = None
         self._step_losses: dict[int, torch.Tensor] = {}
         self._step_tasks: list[int] = []
@@ -301,6 +321,7 @@ class MultitaskLightningModule(NequIPLightningModule):
         storage.release_grads()  # `.grad = None`: optimizers leave every parameter alone
         self.skipped_steps += 1
         self.applied_task_weights = {}
+        self.task_gradient_statistics = None
         self._warn_once(
             "skip", f"skipping an optimizer step: {reason} (counted in mtl/skipped_steps)"
         )
@@ -314,6 +335,9 @@ class MultitaskLightningModule(NequIPLightningModule):
     def _log_task_statistics(
         self, names: list[str], gram: torch.Tensor, weights: torch.Tensor | None
     ) -> None:
+        self.task_gradient_statistics = TaskGradientStatistics(
+            names, gram, weights, self.trainer.global_step
+        )
         if weights is None:
             self.applied_task_weights = {}
             return
