@@ -1,0 +1,65 @@
+"""Worker for the multi-process DDP tests: trains each requested module, saves parameters.
+
+Launched by tests/test_ddp.py once per rank with torchrun-style environment variables
+(MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NODE_RANK, LOCAL_RANK), or as a single process
+with --world-size 1 for the reference run. Usage:
+
+    python tests/ddp_worker.py SPEC_JSON OUT_DIR
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from hydra.utils import get_class, instantiate  # noqa: E402
+
+from tests._harness import datamodule, module_kwargs, trainer  # noqa: E402
+
+
+def main(spec_path: str, out_dir: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n = spec["frames"]
+    for run in spec["runs"]:
+        torch.manual_seed(0)
+        cls = get_class(run["module"])
+        module = cls(**module_kwargs(**run.get("module_kwargs", {})))
+        strategy = "auto"
+        if world > 1:
+            strategy = instantiate({**spec["strategy"], "process_group_backend": "gloo"})
+        callbacks = [instantiate(c) for c in run.get("callbacks", [])]
+        tr = trainer(
+            out_dir,
+            max_epochs=spec["epochs"],
+            devices=world,
+            strategy=strategy,
+            callbacks=callbacks,
+            use_distributed_sampler=True,
+        )
+        module.world_size = tr.world_size  # as nequip-train does
+        # the whole training split is one global batch: per-rank batch n / world
+        dm = datamodule(num_frames=n + 2, train=n, val=2, batch_size=n // world)
+        tr.fit(module, datamodule=dm)
+        if tr.global_rank == 0 or world == 1:
+            state = {
+                "params": torch.cat([p.detach().flatten() for p in module.model.parameters()]),
+                "coeffs": {k: e.coeff for k, e in module.loss.entries.items()},
+                "world_size": tr.world_size,
+                "steps": tr.global_step,
+            }
+            torch.save(state, Path(out_dir) / f"{run['name']}.pt")
+        if world > 1:
+            coeffs = torch.tensor([e.coeff or 0.0 for e in module.loss.entries.values()], dtype=torch.float64)
+            gathered = [torch.zeros_like(coeffs) for _ in range(world)]
+            torch.distributed.all_gather(gathered, coeffs)
+            if tr.global_rank == 0:
+                torch.save(torch.stack(gathered), Path(out_dir) / f"{run['name']}.coeffs_all_ranks.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,95 @@
+"""DDP correctness: 2 gloo ranks with per-rank batch b == 1 process with batch 2b.
+
+Aggregation is nonlinear, so it must see the per-task gradients of the global batch:
+averaging per-rank aggregated updates would be wrong. Each global batch here is the whole
+training split, so both runs see exactly the same frames in every step.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ddp
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+RUNS = [
+    {"name": "config", "module": "nequip_mtl.train.ConFIGLightningModule"},
+    {
+        "name": "config_null_first",
+        "module": "nequip_mtl.train.ConFIGLightningModule",
+        "module_kwargs": {
+            "loss": {
+                "_target_": "nequip.train.EnergyForceStressLoss",
+                "coeffs": {"total_energy": None, "forces": 1.0, "stress": 2.0},
+            }
+        },
+    },
+    {"name": "weighted_sum", "module": "nequip.train.NequIPLightningModule"},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(spec: dict, out: Path, world: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world))
+        if world > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK="0", LOCAL_RANK=str(rank))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), str(spec_path), str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    _launch({"frames": 8, "epochs": 3, "runs": RUNS, "strategy": None}, out, world=1)
+    return out
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        {"_target_": "nequip.train.SimpleDDPStrategy"},
+        {"_target_": "lightning.pytorch.strategies.DDPStrategy"},
+    ],
+    ids=["SimpleDDPStrategy", "DDPStrategy"],
+)
+def test_two_ranks_match_one_process(strategy, reference, tmp_path):
+    _launch({"frames": 8, "epochs": 3, "runs": RUNS, "strategy": strategy}, tmp_path, world=2)
+    for run in RUNS:
+        one = torch.load(reference / f"{run['name']}.pt")
+        two = torch.load(tmp_path / f"{run['name']}.pt")
+        assert (one["world_size"], two["world_size"]) == (1, 2)
+        assert one["steps"] == two["steps"] == 3  # one global batch per epoch
+        moved = (one["params"] - torch.load(reference / "weighted_sum.pt")["params"]).abs().max()
+        if run["name"] != "weighted_sum":
+            assert moved > 1e-6  # ConFIG's trajectory differs from the weighted sum's
+        torch.testing.assert_close(two["params"], one["params"], rtol=0, atol=1e-12, msg=run["name"])
+        coeffs = torch.load(tmp_path / f"{run['name']}.coeffs_all_ranks.pt")
+        assert torch.equal(coeffs[0], coeffs[1])
