@@ -31,6 +31,13 @@ RUNS = [
             }
         },
     },
+    {
+        "name": "momentum_config",
+        "module": "nequip_mtl.train.MultitaskLightningModule",
+        "module_kwargs": {
+            "aggregator": {"_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG"}
+        },
+    },
     {"name": "weighted_sum", "module": "nequip.train.NequIPLightningModule"},
 ]
 
@@ -50,7 +57,9 @@ def _launch(spec: dict, out: Path, world: int) -> None:
     for rank in range(world):
         env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world))
         if world > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK="0", LOCAL_RANK=str(rank))
+            env.update(
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK="0", LOCAL_RANK=str(rank)
+            )
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(WORKER), str(spec_path), str(out)],
@@ -90,6 +99,8 @@ def test_two_ranks_match_one_process(strategy, reference, tmp_path):
         moved = (one["params"] - torch.load(reference / "weighted_sum.pt")["params"]).abs().max()
         if run["name"] != "weighted_sum":
             assert moved > 1e-6  # ConFIG's trajectory differs from the weighted sum's
-        torch.testing.assert_close(two["params"], one["params"], rtol=0, atol=1e-12, msg=run["name"])
+        torch.testing.assert_close(
+            two["params"], one["params"], rtol=0, atol=1e-12, msg=run["name"]
+        )
         coeffs = torch.load(tmp_path / f"{run['name']}.coeffs_all_ranks.pt")
         assert torch.equal(coeffs[0], coeffs[1])

@@ -48,6 +48,30 @@ class Aggregator:
         """Return the ``(num_params,)`` update for ``grads`` (m, N) and ``coeffs`` (m,)."""
         raise NotImplementedError
 
+    def select_tasks(self, num_tasks: int) -> list[int] | None:
+        """Which of the ``num_tasks`` active tasks to back-propagate on the next step.
+
+        ``None`` (the default) means all of them. Methods that save backward passes
+        (e.g. :class:`~nequip_mtl.aggregators.MomentumConFIG`) return a subset; the
+        training module then calls :meth:`aggregate_subset` with only those gradients.
+        Called once per optimizer step (per accumulation window).
+        """
+        return None
+
+    def aggregate_subset(
+        self, grads: torch.Tensor, coeffs: torch.Tensor, computed: list[int]
+    ) -> torch.Tensor:
+        """The update when only the tasks ``computed`` (positions in ``coeffs``) have
+        gradients, given as the rows of ``grads`` in that order."""
+        if list(computed) != list(range(len(coeffs))):
+            raise NotImplementedError(
+                f"{type(self).__name__} needs the gradients of every task on every step"
+            )
+        return self.aggregate(grads, coeffs)
+
+    def reset(self) -> None:
+        """Forget any state (called when the set of active tasks changes)."""
+
     def state_dict(self) -> dict[str, Any]:
         """State to carry across checkpoint restarts (empty for stateless methods)."""
         return {}

@@ -131,6 +131,8 @@ class MultitaskLightningModule(NequIPLightningModule):
         self._task_gradients: TaskGradients | None = None
         self._step_losses: dict[int, torch.Tensor] = {}
         self._step_tasks: list[int] = []
+        self._window_active: list[int] | None = None
+        self._selected: list[int] | None = None
         self._returned_loss: torch.Tensor | None = None
         self._warned: set[str] = set()
 
@@ -198,7 +200,7 @@ class MultitaskLightningModule(NequIPLightningModule):
         scale = self._loss_scale(loss)
         # a component that does not depend on the parameters on this batch (e.g. a metric
         # with `ignore_nan` and no labels in the batch) has a zero gradient: nothing to do
-        tasks = [t for t in self._step_tasks if self._step_losses[t].requires_grad]
+        tasks = [t for t in self._computed_tasks() if self._step_losses[t].requires_grad]
         for j, task in enumerate(tasks):
             storage.backward(task, self._step_losses[task] * scale, retain_graph=j < len(tasks) - 1)
         self._step_losses = {}
@@ -221,12 +223,24 @@ class MultitaskLightningModule(NequIPLightningModule):
             self._task_gradients = TaskGradients(params, len(self.loss))
         return self._task_gradients
 
+    def _computed_tasks(self) -> list[int]:
+        """The active tasks back-propagated in this accumulation window."""
+        active = self._step_tasks
+        if self._selected is None or self._window_active != active:
+            return active
+        return [active[j] for j in self._selected]
+
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         """"""
         super().optimizer_zero_grad(epoch, batch_idx, optimizer)
-        # the first micro-batch of an accumulation window: start new task gradients
+        # the first micro-batch of an accumulation window: start new task gradients and
+        # let the aggregator choose which tasks to back-propagate in this window
         if self._task_gradients is not None:
             self._task_gradients.zero_()
+        if self._window_active is not None and self._window_active != self._step_tasks:
+            self.aggregator.reset()  # the set of active tasks changed
+        self._window_active = list(self._step_tasks)
+        self._selected = self.aggregator.select_tasks(len(self._step_tasks))
 
     # ------------------------------------------------------------------ aggregation
 
@@ -244,12 +258,13 @@ class MultitaskLightningModule(NequIPLightningModule):
 
     def _apply_aggregated_update(self) -> None:
         storage = self._task_gradients
-        tasks = list(self._step_tasks)
+        active = list(self._step_tasks)
+        tasks = self._computed_tasks()
         if storage is None or not tasks:
             return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:
-                storage.all_reduce_mean_()
+                storage.all_reduce_mean_(tasks)
 
         names = list(self.loss.keys())
         gram = storage.gram(tasks)
@@ -261,7 +276,7 @@ class MultitaskLightningModule(NequIPLightningModule):
         coeffs = torch.tensor(
             [self.loss.entries[names[i]].coeff for i in tasks], dtype=torch.float64
         )
-        if len(self._step_tasks) == 1:
+        if len(active) == 1:
             # one active component: its plain gradient (no aggregation)
             weights = torch.ones(1, dtype=torch.float64)
             storage.apply_weights(tasks, weights)
@@ -275,7 +290,11 @@ class MultitaskLightningModule(NequIPLightningModule):
             storage.apply_weights(tasks, weights)
         else:
             matrix = storage.matrix(tasks)
-            update = self.aggregator(matrix, coeffs.to(matrix))
+            active_coeffs = torch.tensor(
+                [self.loss.entries[names[i]].coeff for i in active], dtype=matrix.dtype
+            ).to(matrix.device)
+            computed = [active.index(t) for t in tasks]
+            update = self.aggregator.aggregate_subset(matrix, active_coeffs, computed)
             if not bool(torch.isfinite(update).all()):
                 self._skip_step(
                     storage, f"{type(self.aggregator).__name__} returned a non-finite update"

@@ -96,12 +96,23 @@ class TaskGradients:
         parts = [self._select(g.rows, tasks).to(self.dtype) for g in self.groups]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def all_reduce_mean_(self) -> None:
-        """Average every row over the DDP ranks: one collective per parameter group."""
+    def all_reduce_mean_(self, tasks: Sequence[int]) -> None:
+        """Average the given rows over the DDP ranks: one collective per parameter group.
+
+        Rows are contiguous in memory, so a contiguous range of tasks (all of them, or
+        one) is reduced in place; any other subset goes through one packed copy.
+        """
+        idx = sorted(tasks)
         world = torch.distributed.get_world_size()
         for g in self.groups:
-            torch.distributed.all_reduce(g.rows, op=torch.distributed.ReduceOp.SUM)
-            g.rows.div_(world)
+            if idx == list(range(idx[0], idx[-1] + 1)):
+                block = g.rows[idx[0] : idx[-1] + 1]
+                torch.distributed.all_reduce(block, op=torch.distributed.ReduceOp.SUM)
+                block.div_(world)
+            else:
+                packed = g.rows[idx]
+                torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+                g.rows[idx] = packed / world
 
     def apply_weights(self, tasks: Sequence[int], weights: torch.Tensor) -> None:
         """Set every parameter's ``.grad`` to ``sum_i weights[i] * row[tasks[i]]``."""
