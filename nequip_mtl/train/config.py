@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from ..aggregators import ConFIG
 from .multitask import EMAMultitaskLightningModule, MultitaskLightningModule
 
 
 class _FixedAggregatorMixin:
-    """Builds the fixed aggregator from the named module's own arguments."""
+    """Builds the fixed ConFIG aggregator from the named module's own arguments.
+
+    The aggregator goes to the parent as a plain Hydra dict, so the hyperparameters that
+    Lightning saves in checkpoints stay plain data (loadable with ``weights_only=True``);
+    reloading passes that same dict back, which is accepted.
+    """
 
     def __init__(self, lsqr: bool = True, norm_eps: float = 1e-8, **kwargs):
-        if "aggregator" in kwargs:
+        fixed = {"_target_": "nequip_mtl.aggregators.ConFIG", "lsqr": lsqr, "norm_eps": norm_eps}
+        given = kwargs.pop("aggregator", fixed)
+        if given != fixed:
             raise ValueError(
-                f"{type(self).__name__} always uses ConFIG and takes no `aggregator`; use "
+                f"{type(self).__name__} always uses ConFIG (configured by `lsqr` and "
+                f"`norm_eps`) and takes no other `aggregator`, got {given!r}; use "
                 "nequip_mtl.train.MultitaskLightningModule to choose another aggregator"
             )
-        super().__init__(aggregator=ConFIG(lsqr=lsqr, norm_eps=norm_eps), **kwargs)
+        super().__init__(aggregator=fixed, **kwargs)
 
 
 class ConFIGLightningModule(_FixedAggregatorMixin, MultitaskLightningModule):
