@@ -42,6 +42,13 @@ class Aggregator:
                 f"{type(self).__name__} expects a (num_tasks, num_params) gradient matrix, "
                 f"got shape {tuple(grads.shape)}"
             )
+        if not bool(torch.isfinite(grads).all()):
+            bad = (~torch.isfinite(grads)).any(dim=1).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradients of tasks {bad} contain NaN or inf; "
+                "non-finite gradients have no meaningful aggregate (the training modules "
+                "handle them with `on_nonfinite` before aggregating)"
+            )
         return self.aggregate(grads, _coeffs_or_uniform(coeffs, grads))
 
     def aggregate(self, grads: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
