@@ -38,6 +38,14 @@ RUNS = [
             "aggregator": {"_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG"}
         },
     },
+    *[
+        {
+            "name": name.lower(),
+            "module": "nequip_mtl.train.MultitaskLightningModule",
+            "module_kwargs": {"aggregator": {"_target_": f"nequip_mtl.aggregators.{name}"}},
+        }
+        for name in ("PCGrad", "UPGrad")
+    ],
     {"name": "weighted_sum", "module": "nequip.train.NequIPLightningModule"},
 ]
 
