@@ -2,7 +2,15 @@
 
 from .coefficients import update_coeffs
 from .config import ConFIGLightningModule, EMAConFIGLightningModule
+from .famo import FAMOLightningModule
+from .metrics_manager import (
+    EnergyForceLoss,
+    EnergyForceStressLoss,
+    EnergyOnlyLoss,
+    MultitaskMetricsManager,
+)
 from .multitask import EMAMultitaskLightningModule, MultitaskLightningModule
+from .uncertainty import UncertaintyWeightingLightningModule
 
 __all__ = [
     "update_coeffs",
@@ -10,7 +18,10 @@ __all__ = [
     "EMAMultitaskLightningModule",
     "ConFIGLightningModule",
     "EMAConFIGLightningModule",
+    "UncertaintyWeightingLightningModule",
+    "FAMOLightningModule",
+    "MultitaskMetricsManager",
+    "EnergyForceLoss",
+    "EnergyForceStressLoss",
+    "EnergyOnlyLoss",
 ]
-
-# --- callbacks/weighting exports (owned by the loss-coefficient work; keep this block) ---
-# --- end callbacks/weighting exports ---

@@ -1,0 +1,23 @@
+"""Lightning callbacks that schedule, adapt and monitor loss coefficients.
+
+Drop-in (and corrected) versions of nequip's ``LossCoefficientScheduler``,
+``LinearLossCoefficientScheduler``, ``LossCoefficientMonitor`` and ``SoftAdapt``, plus
+Dynamic Weight Average and Random Loss Weighting. Every coefficient change goes through
+:func:`nequip_mtl.train.coefficients.update_coeffs` (strict, partial, normalised).
+"""
+
+from .dwa import DynamicWeightAverage
+from .linear_loss_coeff_scheduler import LinearLossCoefficientScheduler
+from .loss_coeff_monitor import LossCoefficientMonitor
+from .loss_coeff_scheduler import LossCoefficientScheduler
+from .rlw import RandomLossWeighting
+from .softadapt import SoftAdapt
+
+__all__ = [
+    "LossCoefficientScheduler",
+    "LinearLossCoefficientScheduler",
+    "LossCoefficientMonitor",
+    "SoftAdapt",
+    "DynamicWeightAverage",
+    "RandomLossWeighting",
+]

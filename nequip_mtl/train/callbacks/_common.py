@@ -1,0 +1,82 @@
+"""Validation helpers shared by the loss-coefficient callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+from ...weighting.common import check_choice, check_positive_int
+from ..coefficients import current_coeffs
+
+INTERVALS = ("epoch", "batch")
+
+__all__ = [
+    "INTERVALS",
+    "WeightingCallback",
+    "check_choice",
+    "check_positive_int",
+    "check_interval",
+    "loss_manager",
+    "active_names",
+    "check_names",
+    "check_coeff_writer_allowed",
+    "current_coeffs",
+]
+
+
+class WeightingCallback(Callback):
+    """Marker base of the callbacks that set loss coefficients on their own (adaptive or
+    random); at most one of them may be used in a run."""
+
+
+def check_interval(value: Any, where: str) -> str:
+    return check_choice(value, INTERVALS, where)
+
+
+def loss_manager(pl_module: Any, who: str) -> Any:
+    """The training module's loss ``MetricsManager`` (nequip's or ours), or a clear error."""
+    manager = getattr(pl_module, "loss", None)
+    if manager is None or not hasattr(manager, "entries") or not hasattr(manager, "set_coeffs"):
+        raise TypeError(
+            f"{who} needs the training module's `loss` to be a nequip MetricsManager "
+            f"(e.g. nequip_mtl.train.EnergyForceLoss); got {type(manager).__name__}"
+        )
+    return manager
+
+
+def active_names(manager: Any) -> list[str]:
+    return [name for name, entry in manager.entries.items() if entry.coeff is not None]
+
+
+def check_names(valid: list[str], names: Iterable[str], where: str) -> None:
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"{where}: unknown loss component {name!r}; valid names are {valid}")
+
+
+def check_coeff_writer_allowed(pl_module: Any, who: str) -> None:
+    """Refuse to run a coefficient-changing callback on a module that ignores coefficients."""
+    if getattr(pl_module, "ignores_loss_coeff_values", False):
+        raise ValueError(
+            f"{who} changes loss coefficients, but {type(pl_module).__name__} computes its own "
+            "task weights and uses the coefficients only to initialise them; remove the callback "
+            "or use nequip.train.NequIPLightningModule / nequip_mtl.train.MultitaskLightningModule"
+        )
+
+
+def single_adaptive_callback(trainer: Any, me: Any, base: type) -> None:
+    """Error if another adaptive-weighting callback (ours or nequip's SoftAdapt) is configured."""
+    others = [cb for cb in trainer.callbacks if cb is not me and isinstance(cb, base)]
+    try:
+        from nequip.train.callbacks import SoftAdapt as NequipSoftAdapt
+
+        others += [cb for cb in trainer.callbacks if isinstance(cb, NequipSoftAdapt)]
+    except ImportError:  # pragma: no cover
+        pass
+    if others:
+        names = [type(cb).__module__ + "." + type(cb).__name__ for cb in [me, *others]]
+        raise ValueError(
+            f"only one adaptive loss-weighting callback may be used at a time; found {names}"
+        )

@@ -1,0 +1,116 @@
+"""Lightning glue shared by the loss-history weighting callbacks (SoftAdapt, DWA)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning
+
+from ...weighting.common import SCALE_BY
+from ...weighting.history import LossHistoryWeighting
+from ..coefficients import update_coeffs
+from ._common import (
+    WeightingCallback,
+    active_names,
+    check_choice,
+    check_coeff_writer_allowed,
+    check_interval,
+    check_positive_int,
+    current_coeffs,
+    loss_manager,
+    single_adaptive_callback,
+)
+
+
+class AdaptiveWeightingCallback(WeightingCallback):
+    """Base of the callbacks that set loss coefficients from the training history.
+
+    Subclasses define :meth:`_candidate` (``rule(prev_losses, new_losses)``). The training
+    losses are observed once per ``interval`` (the epoch loss at the start of the next
+    epoch, or the step loss after each optimizer step) and fed to a
+    :class:`~nequip_mtl.weighting.LossHistoryWeighting`, whose cycle averages are written
+    with :func:`~nequip_mtl.train.coefficients.update_coeffs`.
+    """
+
+    def __init__(self, interval: str, frequency: int, scale_by: str):
+        name = type(self).__name__
+        self.interval = check_interval(interval, f"{name}.interval")
+        self.frequency = check_positive_int(frequency, f"{name}.frequency")
+        self.scale_by = check_choice(scale_by, SCALE_BY, f"{name}.scale_by")
+        self.history = LossHistoryWeighting(self._candidate, self.frequency, self.scale_by)
+        self.initial_coeffs: dict[str, float | None] | None = None
+        self._last_step: int | None = None
+        self.num_updates = 0
+
+    def _candidate(self, prev: Mapping[str, float], new: Mapping[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def setup(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str
+    ) -> None:
+        """Validate against the loss and capture the user's coefficients (before any restore)."""
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        manager = loss_manager(pl_module, name)
+        check_coeff_writer_allowed(pl_module, name)
+        single_adaptive_callback(trainer, self, WeightingCallback)
+        if len(active_names(manager)) < 2:
+            warnings.warn(
+                f"{name}: the loss has {len(active_names(manager))} active component(s); "
+                "adaptive weighting needs at least two to do anything"
+            )
+        if self.initial_coeffs is None:
+            self.initial_coeffs = current_coeffs(manager)
+
+    def _observe(self, pl_module: lightning.LightningModule, losses: Mapping[str, Any]) -> None:
+        manager = pl_module.loss
+        new = self.history.observe(losses, current_coeffs(manager), self.initial_coeffs)
+        if new is not None:
+            update_coeffs(manager, new, type(self).__name__)
+            self.num_updates += 1
+
+    def on_train_epoch_start(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> None:
+        """"""
+        if self.interval == "epoch" and trainer.current_epoch >= 1:
+            # the previous epoch's training loss (MetricsManager.compute at its end)
+            self._observe(pl_module, pl_module.loss.metrics_values_epoch)
+
+    def on_train_batch_end(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """"""
+        if self.interval != "batch":
+            return
+        step = trainer.global_step
+        # once per optimizer step (gradient accumulation: the last micro-batch's loss)
+        if step == 0 or step == self._last_step:
+            return
+        self._last_step = step
+        self._observe(pl_module, pl_module.loss.metrics_values_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """"""
+        return {
+            "history": self.history.state_dict(),
+            "initial_coeffs": None if self.initial_coeffs is None else dict(self.initial_coeffs),
+            "last_step": self._last_step,
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """"""
+        self.history.load_state_dict(state_dict["history"])
+        initial = state_dict.get("initial_coeffs")
+        self.initial_coeffs = None if initial is None else dict(initial)
+        self._last_step = state_dict.get("last_step")
+        self.num_updates = int(state_dict.get("num_updates", 0))
