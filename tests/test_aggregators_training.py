@@ -16,8 +16,7 @@ TARGETS = sorted(
     if inspect.isclass(getattr(aggregators, name))
     and issubclass(getattr(aggregators, name), aggregators.Aggregator)
     and name not in ("Aggregator", "GramAggregator")
-) + ["nequip_mtl.aggregators.momentum_config.MomentumConFIG"]
-TARGETS = sorted(set(TARGETS))
+)
 
 
 class Losses(lightning.Callback):

@@ -34,9 +34,7 @@ RUNS = [
     {
         "name": "momentum_config",
         "module": "nequip_mtl.train.MultitaskLightningModule",
-        "module_kwargs": {
-            "aggregator": {"_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG"}
-        },
+        "module_kwargs": {"aggregator": {"_target_": "nequip_mtl.aggregators.MomentumConFIG"}},
     },
     *[
         {
@@ -47,6 +45,25 @@ RUNS = [
         for name in ("PCGrad", "UPGrad")
     ],
     {"name": "weighted_sum", "module": "nequip.train.NequIPLightningModule"},
+    # adaptive weighting: every rank must hold the same coefficients
+    {
+        "name": "softadapt",
+        "module": "nequip.train.NequIPLightningModule",
+        "callbacks": [
+            {
+                "_target_": "nequip_mtl.train.callbacks.SoftAdapt",
+                "beta": 1.1,
+                "interval": "epoch",
+                "frequency": 1,
+            }
+        ],
+    },
+    {
+        "name": "rlw",
+        "module": "nequip.train.NequIPLightningModule",
+        "callbacks": [{"_target_": "nequip_mtl.train.callbacks.RandomLossWeighting", "seed": 3}],
+    },
+    {"name": "famo", "module": "nequip_mtl.train.FAMOLightningModule"},
 ]
 
 
@@ -112,3 +129,13 @@ def test_two_ranks_match_one_process(strategy, reference, tmp_path):
         )
         coeffs = torch.load(tmp_path / f"{run['name']}.coeffs_all_ranks.pt")
         assert torch.equal(coeffs[0], coeffs[1])
+        assert two["coeffs"].keys() == one["coeffs"].keys()
+        for key, value in one["coeffs"].items():
+            assert (
+                (two["coeffs"][key] is None)
+                if value is None
+                else two["coeffs"][key] == pytest.approx(value, rel=1e-12)
+            )
+    for name in ("softadapt", "rlw"):
+        initial = {"per_atom_energy_mse": 1 / 3, "forces_mse": 1 / 3, "stress_mse": 1 / 3}
+        assert torch.load(tmp_path / f"{name}.pt")["coeffs"] != pytest.approx(initial)

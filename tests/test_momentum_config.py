@@ -8,7 +8,7 @@ import torch
 
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import ConFIG
-from nequip_mtl.aggregators.momentum_config import MomentumConFIG
+from nequip_mtl.aggregators import MomentumConFIG
 from tests._harness import fit
 
 
@@ -123,10 +123,10 @@ class BackwardCounter(lightning.Callback):
 @pytest.mark.parametrize(
     "aggregator, passes_per_step",
     [
-        ({"_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG"}, 1),
+        ({"_target_": "nequip_mtl.aggregators.MomentumConFIG"}, 1),
         (
             {
-                "_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG",
+                "_target_": "nequip_mtl.aggregators.MomentumConFIG",
                 "tasks_per_step": 2,
             },
             2,

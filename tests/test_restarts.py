@@ -12,7 +12,7 @@ from hydra.utils import get_class
 
 from tests._harness import datamodule, module_kwargs, params, trainer
 
-MOMENTUM = {"_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG"}
+MOMENTUM = {"_target_": "nequip_mtl.aggregators.MomentumConFIG"}
 
 MODULES = {
     "ConFIG": ("nequip_mtl.train.ConFIGLightningModule", {}),

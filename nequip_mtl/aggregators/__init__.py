@@ -3,7 +3,31 @@ matrix to one update vector. No Lightning or nequip imports, so each method can 
 tested on its own in microseconds.
 """
 
+from .aligned_mtl import AlignedMTL
 from .base import Aggregator, GramAggregator
+from .cagrad import CAGrad
 from .config import ConFIG
+from .dualproj import DualProj
+from .imtlg import IMTLG
+from .mean import Mean
+from .mgda import MGDA
+from .momentum_config import MomentumConFIG
+from .pcgrad import PCGrad
+from .upgrad import UPGrad
+from .weighted_sum import Sum
 
-__all__ = ["Aggregator", "GramAggregator", "ConFIG"]
+__all__ = [
+    "Aggregator",
+    "GramAggregator",
+    "ConFIG",
+    "MomentumConFIG",
+    "Mean",
+    "Sum",
+    "PCGrad",
+    "IMTLG",
+    "MGDA",
+    "UPGrad",
+    "DualProj",
+    "AlignedMTL",
+    "CAGrad",
+]
