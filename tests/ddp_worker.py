@@ -54,11 +54,15 @@ def main(spec_path: str, out_dir: str) -> None:
             }
             torch.save(state, Path(out_dir) / f"{run['name']}.pt")
         if world > 1:
-            coeffs = torch.tensor([e.coeff or 0.0 for e in module.loss.entries.values()], dtype=torch.float64)
+            coeffs = torch.tensor(
+                [e.coeff or 0.0 for e in module.loss.entries.values()], dtype=torch.float64
+            )
             gathered = [torch.zeros_like(coeffs) for _ in range(world)]
             torch.distributed.all_gather(gathered, coeffs)
             if tr.global_rank == 0:
-                torch.save(torch.stack(gathered), Path(out_dir) / f"{run['name']}.coeffs_all_ranks.pt")
+                torch.save(
+                    torch.stack(gathered), Path(out_dir) / f"{run['name']}.coeffs_all_ranks.pt"
+                )
 
 
 if __name__ == "__main__":

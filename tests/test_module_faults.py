@@ -126,3 +126,28 @@ def test_all_coefficients_null_is_an_error(tmp_path):
 
     with pytest.raises(RuntimeError, match="At least one loss component"):
         trainer(tmp_path).fit(module, datamodule=datamodule())
+
+
+def test_sharded_strategies_are_rejected():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+    from nequip.train import SimpleDDPStrategy
+
+    from nequip_mtl.train.multitask import check_strategy
+
+    for ok in (SingleDeviceStrategy("cpu"), DDPStrategy(), SimpleDDPStrategy()):
+        check_strategy(ok)
+    with pytest.raises(ValueError, match="`trainer.strategy`=FSDPStrategy is not supported"):
+        check_strategy(FSDPStrategy())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lsqr": "yes"}, "`lsqr` must be a bool"),
+        ({"norm_eps": 0.0}, "`norm_eps` must be > 0"),
+        ({"rtol": 1.0}, r"`rtol` must be in \[0, 1\)"),
+    ],
+)
+def test_config_aggregator_arguments(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        ConFIG(**kwargs)

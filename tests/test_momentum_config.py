@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import nequip_mtl.train as mtl
-from nequip_mtl.aggregators import ConFIG
-from nequip_mtl.aggregators import MomentumConFIG
+from nequip_mtl.aggregators import ConFIG, MomentumConFIG
 from tests._harness import fit
 
 

@@ -14,7 +14,11 @@ def test_ci_runs_readme_test_command_verbatim():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
     test_cmd = next(b for b in _bash_blocks(readme) if "pytest" in b)
-    block = re.search(r"# --- begin README test command ---\n(.*?)\n# --- end README test command ---", ci, flags=re.S)
+    block = re.search(
+        r"# --- begin README test command ---\n(.*?)\n# --- end README test command ---",
+        ci,
+        flags=re.S,
+    )
     assert block is not None
     assert block.group(1).strip() == test_cmd
 
@@ -35,4 +39,6 @@ def test_feature_table_lists_every_public_class():
         for name in mod.__all__:
             obj = getattr(mod, name)
             if isinstance(obj, type):
-                assert f"`{mod.__name__}.{name}`" in readme, f"{mod.__name__}.{name} missing from README"
+                assert f"`{mod.__name__}.{name}`" in readme, (
+                    f"{mod.__name__}.{name} missing from README"
+                )

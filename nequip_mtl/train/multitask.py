@@ -140,6 +140,7 @@ class MultitaskLightningModule(NequIPLightningModule):
 
     def on_fit_start(self) -> None:
         trainer = self.trainer
+        check_strategy(trainer.strategy)
         if self.module_clip_val is not None and trainer.gradient_clip_val is not None:
             raise ValueError(
                 "gradient clipping is configured twice: `training_module.gradient_clip_val`="
@@ -423,6 +424,24 @@ class EMAMultitaskLightningModule(MultitaskLightningModule, EMALightningModule):
         ema_decay (float): EMA decay constant (default ``0.999``)
         **kwargs: arguments of :class:`MultitaskLightningModule`
     """
+
+
+def check_strategy(strategy) -> None:
+    """Reject Lightning strategies whose gradient handling we do not support.
+
+    Supported: single device, and data parallel with replicated parameters
+    (:class:`~nequip.train.SimpleDDPStrategy`, Lightning's ``DDPStrategy``). Sharded
+    strategies (FSDP, DeepSpeed, model parallel) split parameters or gradients across
+    ranks, so no rank holds the full per-task gradient matrix to aggregate.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"`trainer.strategy`={type(strategy).__name__} is not supported by gradient-"
+            "aggregation training modules; use a single device, "
+            "nequip.train.SimpleDDPStrategy, or lightning's DDPStrategy"
+        )
 
 
 def _build_aggregator(aggregator: Mapping | Aggregator | None) -> Aggregator:

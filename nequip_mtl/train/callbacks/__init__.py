@@ -7,6 +7,7 @@ Dynamic Weight Average and Random Loss Weighting. Every coefficient change goes 
 """
 
 from .dwa import DynamicWeightAverage
+from .gradient_conflict import GradientConflictMonitor
 from .linear_loss_coeff_scheduler import LinearLossCoefficientScheduler
 from .loss_coeff_monitor import LossCoefficientMonitor
 from .loss_coeff_scheduler import LossCoefficientScheduler
@@ -20,4 +21,5 @@ __all__ = [
     "SoftAdapt",
     "DynamicWeightAverage",
     "RandomLossWeighting",
+    "GradientConflictMonitor",
 ]

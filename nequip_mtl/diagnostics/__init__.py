@@ -1,0 +1,18 @@
+"""Pure-torch training diagnostics (no Lightning imports): gradient-conflict statistics
+from task gradients or their Gram matrix."""
+
+from .conflict import (
+    ConflictStatistics,
+    conflict_from_gradients,
+    conflict_from_weights,
+    conflict_metrics,
+    conflict_statistics,
+)
+
+__all__ = [
+    "ConflictStatistics",
+    "conflict_statistics",
+    "conflict_from_gradients",
+    "conflict_from_weights",
+    "conflict_metrics",
+]

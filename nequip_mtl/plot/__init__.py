@@ -1,0 +1,30 @@
+"""Figures of a training run from its logs (``nequip-mtl-plot``): losses per task, loss
+coefficients, gradient conflict and a one-page summary. Pure matplotlib (Agg canvas) and
+CSV / TensorBoard-event reading; no Lightning or nequip imports."""
+
+from .figures import (
+    FIGURES,
+    PlotResult,
+    build_figures,
+    coefficients_figure,
+    conflict_figure,
+    losses_figure,
+    make_plots,
+    summary_figure,
+)
+from .logs import NoLogsError, RunLogs, Series, load_run
+
+__all__ = [
+    "make_plots",
+    "PlotResult",
+    "build_figures",
+    "FIGURES",
+    "losses_figure",
+    "coefficients_figure",
+    "conflict_figure",
+    "summary_figure",
+    "load_run",
+    "RunLogs",
+    "Series",
+    "NoLogsError",
+]

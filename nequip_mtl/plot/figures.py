@@ -1,0 +1,725 @@
+"""Figures of a training run's logs: losses per task, loss coefficients, gradient
+conflict, and a one-page summary.
+
+Every function takes a :class:`~nequip_mtl.plot.logs.RunLogs`, returns a matplotlib
+:class:`~matplotlib.figure.Figure` (``None`` when the run logged nothing it could show)
+and appends a human-readable note to ``notes`` for every series it had to skip.
+Figures are drawn on matplotlib's Agg canvas directly (no ``pyplot`` state, no display
+needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from .logs import RunLogs, Series, load_run
+from .names import KINDS, axis_label, parse_metric, quantity_label, split_prefix, unit
+
+__all__ = [
+    "PlotResult",
+    "make_plots",
+    "build_figures",
+    "losses_figure",
+    "coefficients_figure",
+    "conflict_figure",
+    "summary_figure",
+    "FIGURES",
+]
+
+STEP_LABEL = "optimizer step"
+CONFLICT_HINT = (
+    "add `- _target_: nequip_mtl.train.callbacks.GradientConflictMonitor` to "
+    "`trainer.callbacks` to log them"
+)
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+_SPLIT_STYLE = {"train": dict(color="#555555"), "val": dict(color="#1f77b4")}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _figure(nrows: int, ncols: int, width: float = 11.0, row_height: float = 2.9):
+    fig = Figure(figsize=(width, row_height * nrows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _task_label(name: str) -> str:
+    """``forces_mse`` -> ``forces``; names nequip does not use are kept."""
+    parsed = parse_metric(name)
+    if parsed.kind is None:
+        return name
+    label = quantity_label(parsed.field)
+    return label if parsed.type_name is None else f"{label} ({parsed.type_name})"
+
+
+def _pair_label(pair: str) -> str:
+    a, _, b = pair.partition("~")
+    return f"{_task_label(a)} ↔ {_task_label(b)}"
+
+
+def _task_colors(names: Sequence[str]) -> dict[str, str]:
+    """One color per physical quantity, stable across figures of a run."""
+    colors: dict[str, str] = {}
+    for name in names:
+        field = parse_metric(name).field
+        if field not in colors:
+            colors[field] = _COLORS[len(colors) % len(_COLORS)]
+    return colors
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centered moving average that skips NaNs."""
+    if window <= 1 or len(values) < 3:
+        return values
+    ok = np.isfinite(values)
+    kernel = np.ones(window)
+    num = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")
+    den = np.convolve(ok.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def _window(n: int) -> int:
+    return max(1, n // 20) if n >= 20 else 1
+
+
+def _log_scale(ax, series: Sequence[np.ndarray], require_positive: bool = False) -> None:
+    """Log y axis when there is positive data (non-positive values are masked; with
+    ``require_positive``, only when every value is positive). Tick labels are plain
+    numbers (``0.03``), on minor ticks too when the data span less than two decades."""
+    values = np.concatenate([np.asarray(s, float) for s in series]) if series else np.array([])
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    if len(positive) == 0:
+        return
+    if require_positive and len(positive) < len(finite):
+        nonzero = np.abs(finite[finite != 0])
+        if np.log10(nonzero.max() / nonzero.min()) >= 2:
+            # mixed signs over several decades: linear near zero, logarithmic beyond
+            linthresh = float(10 ** np.floor(np.log10(np.percentile(nonzero, 10))))
+            ax.set_yscale("symlog", linthresh=linthresh)
+            # plain labels; none at +-linthresh, which would crowd the one at 0
+            ax.yaxis.set_major_formatter(
+                FuncFormatter(
+                    lambda v, _: "0" if v == 0 else "" if abs(v) < 5 * linthresh else _num(v)
+                )
+            )
+        return
+    ax.set_yscale("log", nonpositive="mask")
+    fmt = FuncFormatter(lambda v, _: _num(v))
+    ax.yaxis.set_major_formatter(fmt)
+    if np.log10(positive.max() / positive.min()) < 2:
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+def _minor_label(value: float, _pos=None) -> str:
+    """Label the minor log ticks at 2x, 3x and 5x a power of ten only."""
+    if not value > 0:
+        return ""
+    mantissa = value / 10 ** np.floor(np.log10(value))
+    return _num(value) if round(mantissa) in (2, 3, 5) else ""
+
+
+def _num(value: float) -> str:
+    """Tick label: ``0.02``, ``300``, ``1e-05``."""
+    return f"{value:g}" if 1e-4 <= abs(value) < 1e5 else f"{value:.0e}"
+
+
+def _empty(ax, text: str) -> None:
+    ax.set_axis_off()
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        ha="center",
+        va="center",
+        wrap=True,
+        color="0.4",
+        fontsize=9,
+        transform=ax.transAxes,
+    )
+
+
+def _finish(ax, title: str, ylabel: str, legend: str = "best") -> None:
+    """Title, labels, grid and legend (``legend``: a matplotlib location, ``"outside"``
+    (right of the axes) or ``""`` for none)."""
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(STEP_LABEL)
+    ax.grid(True, alpha=0.3, which="both")
+    if legend and ax.get_legend_handles_labels()[0]:
+        if legend == "outside":
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        else:
+            ax.legend(fontsize=8, loc=legend)
+
+
+def _metric_groups(logs: RunLogs) -> tuple[dict[str, str], dict[str, dict[str, Series]]]:
+    """``loss``: ``{loss name: kind}`` of the training loss components, in logged order;
+    ``by_prefix``: ``{prefix: {metric: series}}`` of the per-task series."""
+    by_prefix: dict[str, dict[str, Series]] = {}
+    for key, series in logs.series.items():
+        prefix, sep, metric = key.partition("/")
+        if not sep or "/" in metric or split_prefix(prefix) is None:
+            continue
+        by_prefix.setdefault(prefix, {})[metric] = series
+    losses: dict[str, str] = {}
+    for prefix in ("train_loss_step", "train_loss_epoch"):
+        for metric in by_prefix.get(prefix, {}):
+            parsed = parse_metric(metric)
+            if parsed.kind is not None and parsed.type_name is None:
+                losses.setdefault(metric, parsed.kind)
+    return losses, by_prefix
+
+
+def _is_task_metric(metric: str) -> bool:
+    parsed = parse_metric(metric)
+    return parsed.kind is not None and parsed.type_name is None
+
+
+# ---------------------------------------------------------------- losses
+
+
+def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | None:
+    """Training loss and validation error of every task, on log axes.
+
+    One row per physical quantity (energy, forces, stress, ...). Left column: the
+    training loss component (per step, thin; per epoch, markers) and the same metric on
+    the validation set(s) if it is logged there. Right column: validation errors in the
+    quantity's units (MAE, RMSE) and the same training metrics, if logged.
+    """
+    notes = notes if notes is not None else []
+    losses, by_prefix = _metric_groups(logs)
+    val_prefixes = sorted(p for p in by_prefix if split_prefix(p)[0] == "val")
+    error_kinds = ("mae", "rmse")
+
+    fields: list[str] = []
+    for metric in losses:
+        if parse_metric(metric).field not in fields:
+            fields.append(parse_metric(metric).field)
+    for prefix in val_prefixes + ["train_metric_epoch"]:
+        for metric in by_prefix.get(prefix, {}):
+            parsed = parse_metric(metric)
+            if (
+                _is_task_metric(metric)
+                and parsed.kind in error_kinds
+                and parsed.field not in fields
+            ):
+                fields.append(parsed.field)
+    if not fields:
+        notes.append(
+            "losses.png: skipped, no per-task series (train_loss_*/<name>, val<k>_epoch/<name>)"
+        )
+        return None
+    if not losses:
+        notes.append("losses.png: no training loss series (train_loss_step/*, train_loss_epoch/*)")
+    if not val_prefixes:
+        notes.append("losses.png: no validation series (val<k>_epoch/*)")
+    skipped_kinds = sorted(
+        {
+            parse_metric(m).kind
+            for p in val_prefixes
+            for m in by_prefix[p]
+            if _is_task_metric(m)
+            and parse_metric(m).kind not in error_kinds + tuple(losses.values())
+        }
+    )
+    if skipped_kinds:
+        notes.append(
+            f"losses.png: {', '.join(skipped_kinds)} metrics are not plotted (MAE, RMSE and the loss are)"
+        )
+
+    has_errors = any(
+        parse_metric(m).kind in error_kinds and _is_task_metric(m)
+        for p in val_prefixes + ["train_metric_epoch"]
+        for m in by_prefix.get(p, {})
+    )
+    ncols = (1 if losses else 0) + (1 if has_errors else 0)
+    fig, axes = _figure(len(fields), ncols, width=5.6 * ncols)
+    fig.suptitle(f"Loss and error per task: {logs.run_dir.name}", fontsize=12)
+
+    for row, field in enumerate(fields):
+        col = 0
+        if losses:
+            ax = axes[row][col]
+            col += 1
+            names = [m for m in losses if parse_metric(m).field == field]
+            if not names:
+                _empty(ax, f"{quantity_label(field)}: not a training loss component")
+            else:
+                plotted = []
+                for name in names:
+                    step = by_prefix.get("train_loss_step", {}).get(name)
+                    epoch = by_prefix.get("train_loss_epoch", {}).get(name)
+                    if step is not None:
+                        ax.plot(
+                            step.step,
+                            step.value,
+                            lw=0.8,
+                            alpha=0.35,
+                            color="0.35",
+                            label="train (per step)",
+                        )
+                        plotted.append(step.value)
+                    if epoch is not None:
+                        ax.plot(
+                            epoch.step,
+                            epoch.value,
+                            "o-",
+                            ms=3,
+                            lw=1.5,
+                            color="0.1",
+                            label="train (epoch mean)",
+                        )
+                        plotted.append(epoch.value)
+                    for i, prefix in enumerate(val_prefixes):
+                        val = by_prefix[prefix].get(name)
+                        if val is not None:
+                            ax.plot(
+                                val.step,
+                                val.value,
+                                "s-",
+                                ms=3,
+                                lw=1.5,
+                                color=_COLORS[i % len(_COLORS)],
+                                label=prefix.split("_")[0],
+                            )
+                            plotted.append(val.value)
+                _log_scale(ax, plotted)
+                kind = losses[names[0]]
+                _finish(
+                    ax,
+                    f"{quantity_label(field)}: training loss ({KINDS[kind][0]})",
+                    axis_label(field, kind),
+                )
+        if has_errors:
+            ax = axes[row][col]
+            plotted = []
+            styles = {"mae": "-", "rmse": "--"}
+            for kind in error_kinds:
+                name = f"{field}_{kind}"
+                for i, prefix in enumerate(val_prefixes):
+                    val = by_prefix[prefix].get(name)
+                    if val is not None:
+                        ax.plot(
+                            val.step,
+                            val.value,
+                            styles[kind],
+                            marker="s",
+                            ms=3,
+                            color=_COLORS[i % len(_COLORS)],
+                            label=f"{prefix.split('_')[0]} {KINDS[kind][0]}",
+                        )
+                        plotted.append(val.value)
+                tr = by_prefix.get("train_metric_epoch", {}).get(name)
+                if tr is not None:
+                    ax.plot(
+                        tr.step,
+                        tr.value,
+                        styles[kind],
+                        marker="o",
+                        ms=3,
+                        color="0.2",
+                        label=f"train {KINDS[kind][0]}",
+                    )
+                    plotted.append(tr.value)
+            if not plotted:
+                _empty(ax, f"{quantity_label(field)}: no validation MAE/RMSE logged")
+            else:
+                _log_scale(ax, plotted)
+                u = unit(field, "mae")
+                _finish(
+                    ax,
+                    f"{quantity_label(field)}: validation error",
+                    f"{quantity_label(field)} error" + (f" [{u}]" if u else ""),
+                )
+    return fig
+
+
+# ---------------------------------------------------------------- coefficients
+
+
+def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | None:
+    """Loss coefficients (``loss_coeff/*``) and the weight of each task gradient in the
+    applied update (``mtl/weight/*`` or ``task_weight/*``) over training."""
+    notes = notes if notes is not None else []
+    coeffs = logs.with_prefix("loss_coeff/")
+    weights = logs.with_prefix("mtl/weight/")
+    alt = logs.with_prefix("task_weight/")
+    if sum(len(s) for s in alt.values()) > sum(len(s) for s in weights.values()):
+        weights = alt
+    panels = []
+    if coeffs:
+        panels.append(("loss coefficients (normalised to sum to 1)", "coefficient", coeffs))
+    else:
+        notes.append(
+            "loss_coefficients.png: no loss_coeff/* series (add "
+            "nequip_mtl.train.callbacks.LossCoefficientMonitor to log them)"
+        )
+    if weights:
+        panels.append(("weight of each task gradient in the update", "weight", weights))
+    if not panels:
+        notes[-1] = (
+            "loss_coefficients.png: skipped, no loss_coeff/*, mtl/weight/* or task_weight/* "
+            "series (add nequip_mtl.train.callbacks.LossCoefficientMonitor to log coefficients)"
+        )
+        return None
+    fig, axes = _figure(1, len(panels), width=5.6 * len(panels), row_height=3.6)
+    fig.suptitle(f"Loss coefficients: {logs.run_dir.name}", fontsize=12)
+    colors = _task_colors([n for _, _, group in panels for n in group])
+    for ax, (title, ylabel, group) in zip(axes[0], panels):
+        for name, s in group.items():
+            ax.plot(
+                s.step,
+                s.value,
+                "-",
+                marker="." if len(s) < 50 else None,
+                lw=1.5,
+                color=colors[parse_metric(name).field],
+                label=_task_label(name),
+            )
+        if group is weights:
+            # gradient-space weights can differ by orders of magnitude between tasks
+            _log_scale(ax, [s.value for s in group.values()], require_positive=True)
+        _finish(ax, title, ylabel, legend="outside")
+    return fig
+
+
+# ---------------------------------------------------------------- conflict
+
+
+def _conflict_series(logs: RunLogs) -> dict[str, dict[str, Series]]:
+    cos = logs.with_prefix("grad_conflict/cos/")
+    cos_update = logs.with_prefix("grad_conflict/cos_update/") or logs.with_prefix(
+        "mtl/cos_update/"
+    )
+    norms = logs.with_prefix("grad_conflict/norm/") or logs.with_prefix("mtl/grad_norm/")
+    return {"cos": cos, "cos_update": cos_update, "norm": norms}
+
+
+def _plot_noisy(ax, s: Series, color: str, label: str) -> int:
+    """Every logged value (thin) and, for long series, a moving average (thick).
+    Returns the moving-average window (1: none)."""
+    window = _window(len(s))
+    if window > 1:
+        ax.plot(s.step, s.value, lw=0.5, alpha=0.3 if len(s) < 200 else 0.15, color=color)
+        ax.plot(s.step, _smooth(s.value, window), lw=1.8, color=color, label=label)
+    else:
+        ax.plot(s.step, s.value, "-", marker=".", lw=1.5, color=color, label=label)
+    return window
+
+
+def _smoothing_note(windows: Sequence[int]) -> str:
+    w = max(windows, default=1)
+    return f" (thin: logged values; thick: moving average of {w})" if w > 1 else ""
+
+
+def _cos_axes(ax) -> None:
+    ax.axhspan(-1.05, 0.0, color="#d62728", alpha=0.06, lw=0)
+    ax.axhline(0.0, color="0.3", lw=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.text(0.01, 0.03, "conflict (cos < 0)", transform=ax.transAxes, fontsize=8, color="#d62728")
+
+
+def conflict_stats(s: Series) -> tuple[float, float]:
+    """(mean cosine, fraction of logged steps with a negative cosine)."""
+    v = s.value[np.isfinite(s.value)]
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float((v < 0).mean())
+
+
+def conflict_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | None:
+    """Pairwise task-gradient cosines, cosines with the applied update, and gradient
+    norms over training (from ``GradientConflictMonitor``; the norms and update cosines
+    fall back to ``MultitaskLightningModule``'s ``mtl/*`` logs)."""
+    notes = notes if notes is not None else []
+    groups = _conflict_series(logs)
+    panels = []
+    if groups["cos"]:
+        panels.append("cos")
+    else:
+        notes.append(
+            f"gradient_conflict.png: no pairwise cosines (grad_conflict/cos/*); {CONFLICT_HINT}"
+        )
+    if groups["cos_update"]:
+        panels.append("cos_update")
+    else:
+        notes.append("gradient_conflict.png: no task-update cosines (grad_conflict/cos_update/*)")
+    if groups["norm"]:
+        panels.append("norm")
+    else:
+        notes.append("gradient_conflict.png: no gradient norms (grad_conflict/norm/*)")
+    if not panels:
+        del notes[-3:]
+        notes.append(
+            f"gradient_conflict.png: skipped, no gradient-conflict series; {CONFLICT_HINT}"
+        )
+        return None
+    fig, axes = _figure(len(panels), 1, width=9.0, row_height=3.0)
+    fig.suptitle(f"Gradient conflict between tasks: {logs.run_dir.name}", fontsize=12)
+    tasks = list(groups["norm"]) + list(groups["cos_update"])
+    colors = _task_colors(tasks)
+    for ax, kind in zip(axes[:, 0], panels):
+        group = groups[kind]
+        if kind == "cos":
+            windows = []
+            for i, (pair, s) in enumerate(group.items()):
+                mean, frac = conflict_stats(s)
+                label = f"{_pair_label(pair)}\nmean {mean:+.2f}, < 0 on {frac:.0%} of steps"
+                windows.append(_plot_noisy(ax, s, _COLORS[i % len(_COLORS)], label))
+            _cos_axes(ax)
+            _finish(
+                ax,
+                "cosine similarity of the task gradients (each pair)" + _smoothing_note(windows),
+                "cos(∇L_i, ∇L_j)",
+                legend="outside",
+            )
+        elif kind == "cos_update":
+            windows = [
+                _plot_noisy(ax, s, colors[parse_metric(name).field], _task_label(name))
+                for name, s in group.items()
+            ]
+            _cos_axes(ax)
+            _finish(
+                ax,
+                "cosine of each task gradient with the applied update" + _smoothing_note(windows),
+                "cos(∇L_i, update)",
+                legend="outside",
+            )
+        else:
+            windows = []
+            for name, s in group.items():
+                windows.append(
+                    _plot_noisy(ax, s, colors[parse_metric(name).field], _task_label(name))
+                )
+            upd = logs.get("grad_conflict/update_norm")
+            if upd is not None:
+                ax.plot(
+                    upd.step, upd.value, "--", lw=1.0, color="k", alpha=0.7, label="applied update"
+                )
+            _log_scale(ax, [s.value for s in group.values()] + ([upd.value] if upd else []))
+            _finish(
+                ax,
+                "gradient norm of each (unweighted) loss component" + _smoothing_note(windows),
+                "‖∇L_i‖",
+                legend="outside",
+            )
+    return fig
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _headline_val(by_prefix: dict[str, dict[str, Series]], field: str, losses: dict[str, str]):
+    val = by_prefix.get("val0_epoch", {})
+    for kind in ("mae", "rmse", *losses.values()):
+        s = val.get(f"{field}_{kind}")
+        if s is not None and len(s):
+            return s, kind
+    return None, None
+
+
+def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
+    """One page: relative validation error per task, the total loss, the pairwise
+    gradient cosines and the loss coefficients / task weights, with a text summary of
+    how often each pair of tasks conflicted."""
+    notes = notes if notes is not None else []
+    losses, by_prefix = _metric_groups(logs)
+    fig, axes = _figure(2, 2, width=12.0, row_height=3.6)
+    fig.suptitle(f"Training summary: {logs.run_dir.name}", fontsize=13)
+    (a, b), (c, d) = axes
+
+    # (a) validation error per task, relative to its first value (comparable on one axis)
+    fields = []
+    for metric in losses:
+        field = parse_metric(metric).field
+        if field not in fields:
+            fields.append(field)
+    colors = _task_colors(list(losses))
+    plotted = []
+    for field in fields:
+        s, kind = _headline_val(by_prefix, field, losses)
+        source = "val"
+        if s is None:
+            metric = next(m for m in losses if parse_metric(m).field == field)
+            s, kind, source = (
+                by_prefix.get("train_loss_epoch", {}).get(metric),
+                losses[metric],
+                "train",
+            )
+        if s is None or not np.isfinite(s.value[0]) or s.value[0] == 0:
+            continue
+        u = unit(field, kind)
+        label = (
+            f"{quantity_label(field)} {source} {KINDS[kind][0]}: "
+            f"{s.value[0]:.3g} → {s.last:.3g}{' ' + u if u else ''}"
+        )
+        ax_values = s.value / s.value[0]
+        a.plot(s.step, ax_values, "o-", ms=3, color=colors.get(field), label=label)
+        plotted.append(ax_values)
+    if plotted:
+        _log_scale(a, plotted)
+        _finish(a, "error per task, relative to the first epoch", "error / first value")
+    else:
+        _empty(a, "no per-task validation or epoch loss series")
+        notes.append("summary.png: no per-task validation or epoch loss series")
+
+    # (b) total loss
+    plotted = []
+    for key, style, label in (
+        (
+            "train_loss_step/weighted_sum",
+            dict(lw=0.7, alpha=0.35, color="0.35"),
+            "train (per step)",
+        ),
+        (
+            "train_loss_epoch/weighted_sum",
+            dict(marker="o", ms=3, color="0.1"),
+            "train (epoch mean)",
+        ),
+        (
+            "val0_epoch/weighted_sum",
+            dict(marker="s", ms=3, color=_COLORS[0]),
+            "val0 (weighted metrics)",
+        ),
+    ):
+        s = logs.get(key)
+        if s is not None:
+            b.plot(s.step, s.value, label=label, **style)
+            plotted.append(s.value)
+    if plotted:
+        _log_scale(b, plotted)
+        _finish(b, "weighted sum of the loss components", "weighted sum (mixed units)")
+    else:
+        _empty(b, "no weighted_sum series")
+
+    # (c) gradient conflict
+    groups = _conflict_series(logs)
+    lines = []
+    if groups["cos"]:
+        windows = []
+        for i, (pair, s) in enumerate(groups["cos"].items()):
+            mean, frac = conflict_stats(s)
+            windows.append(_plot_noisy(c, s, _COLORS[i % len(_COLORS)], _pair_label(pair)))
+            lines.append(
+                f"{_pair_label(pair)}: mean cos {mean:+.2f}, conflicting (cos < 0) on "
+                f"{frac:.0%} of {np.isfinite(s.value).sum()} monitored steps"
+            )
+        _cos_axes(c)
+        _finish(
+            c,
+            "cosine similarity of the task gradients" + _smoothing_note(windows),
+            "cos(∇L_i, ∇L_j)",
+            legend="lower right",
+        )
+    elif groups["cos_update"]:
+        windows = [
+            _plot_noisy(c, s, colors.get(parse_metric(name).field, "k"), _task_label(name))
+            for name, s in groups["cos_update"].items()
+        ]
+        _cos_axes(c)
+        _finish(
+            c,
+            "cosine of each task gradient with the update" + _smoothing_note(windows),
+            "cos(∇L_i, update)",
+            legend="lower right",
+        )
+    else:
+        _empty(c, "no gradient-conflict logs:\n" + CONFLICT_HINT.replace("` to", "`\nto"))
+
+    # (d) coefficients / weights
+    weights = logs.with_prefix("mtl/weight/") or logs.with_prefix("task_weight/")
+    coeffs = logs.with_prefix("loss_coeff/")
+    group, title = (
+        (weights, "weight of each task gradient in the update")
+        if weights
+        else (
+            coeffs,
+            "loss coefficients",
+        )
+    )
+    if group:
+        for name, s in group.items():
+            d.plot(
+                s.step,
+                s.value,
+                lw=1.5,
+                color=colors.get(parse_metric(name).field),
+                label=_task_label(name),
+            )
+        if weights:
+            _log_scale(d, [s.value for s in group.values()], require_positive=True)
+        _finish(d, title, "weight" if weights else "coefficient")
+    else:
+        _empty(d, "no loss-coefficient or task-weight logs")
+
+    if lines:
+        fig.text(0.01, 0.005, "\n".join(lines), fontsize=8.5, va="bottom", family="monospace")
+        fig.get_layout_engine().set(
+            rect=(0, 0.02 + 0.022 * len(lines), 1, 0.98 - 0.022 * len(lines))
+        )
+    return fig
+
+
+# ---------------------------------------------------------------- all figures
+
+#: file name -> figure function, in the order they are written
+FIGURES = {
+    "losses.png": losses_figure,
+    "loss_coefficients.png": coefficients_figure,
+    "gradient_conflict.png": conflict_figure,
+    "summary.png": summary_figure,
+}
+
+
+@dataclasses.dataclass
+class PlotResult:
+    """Figures made (file name -> Figure), files written, and notes on what was skipped."""
+
+    logs: RunLogs
+    figures: dict[str, Figure]
+    files: dict[str, Path]
+    notes: list[str]
+
+
+def make_plots(run_dir: str | Path, out_dir: str | Path | None = None, dpi: int = 90) -> PlotResult:
+    """Read ``run_dir``'s logs and write every figure that has data to ``out_dir``
+    (default ``run_dir/plots``).
+
+    Raises:
+        NoLogsError: ``run_dir`` holds no logs
+    """
+    logs = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
+    notes = list(logs.notes)
+    figures = build_figures(logs, notes)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for filename, fig in figures.items():
+        files[filename] = out / filename
+        fig.savefig(files[filename], dpi=dpi)
+    return PlotResult(logs, figures, files, notes)
+
+
+def build_figures(logs: RunLogs, notes: list[str] | None = None) -> dict[str, Figure]:
+    """Every figure that has data (file name -> Figure), without drawing or saving."""
+    notes = notes if notes is not None else []
+    figures = {}
+    for filename, make in FIGURES.items():
+        fig = make(logs, notes)
+        if fig is not None:
+            figures[filename] = fig
+    return figures

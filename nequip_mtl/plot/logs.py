@@ -1,0 +1,160 @@
+"""Load the logged metrics of a training run: Lightning ``CSVLogger`` files
+(``metrics.csv``) and TensorBoard event files (``events.out.tfevents.*``)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from .tfevents import EventFileError, read_scalars
+
+__all__ = ["Series", "RunLogs", "NoLogsError", "load_run"]
+
+CSV_NAME = "metrics.csv"
+EVENTS_GLOB = "events.out.tfevents.*"
+# columns / tags that are bookkeeping, not metrics
+_META = {"step", "epoch", "created_at", "wall_time"}
+
+
+class NoLogsError(FileNotFoundError):
+    """The run directory holds no readable training logs."""
+
+
+@dataclasses.dataclass
+class Series:
+    """One logged metric: values at optimizer steps (sorted by step)."""
+
+    name: str
+    step: np.ndarray
+    value: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    @property
+    def last(self) -> float:
+        return float(self.value[-1])
+
+
+@dataclasses.dataclass
+class RunLogs:
+    """Every metric series of one run, and where they were read from."""
+
+    run_dir: Path
+    sources: list[Path]
+    series: dict[str, Series]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def get(self, name: str) -> Series | None:
+        return self.series.get(name)
+
+    def with_prefix(self, prefix: str) -> dict[str, Series]:
+        """``{name without prefix: series}`` of every series whose name starts with
+        ``prefix`` (in first-logged order)."""
+        return {k[len(prefix) :]: s for k, s in self.series.items() if k.startswith(prefix)}
+
+
+def load_run(run_dir: str | Path) -> RunLogs:
+    """Read a run's logs from ``run_dir`` (searched recursively).
+
+    Uses the newest ``metrics.csv``; TensorBoard event files in the newest directory that
+    holds some add the series the CSV lacks (or all series, without a CSV). Several runs
+    below ``run_dir``: the newest is used, and a note says so.
+
+    Raises:
+        NoLogsError: ``run_dir`` does not exist or holds neither kind of log
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise NoLogsError(f"run directory {str(run_dir)!r} does not exist")
+    notes: list[str] = []
+    csvs = sorted(run_dir.rglob(CSV_NAME), key=_mtime)
+    events = sorted((p for p in run_dir.rglob(EVENTS_GLOB) if p.is_file()), key=_mtime)
+
+    series: dict[str, Series] = {}
+    sources: list[Path] = []
+    if csvs:
+        chosen = csvs[-1]
+        if len(csvs) > 1:
+            notes.append(
+                f"found {len(csvs)} metrics.csv files; using the newest, {chosen} "
+                "(pass that run's own directory to choose another)"
+            )
+        series.update(_read_csv(chosen, notes))
+        sources.append(chosen)
+    if events:
+        newest_dir = events[-1].parent
+        tb_files = [p for p in events if p.parent == newest_dir]
+        tb = _read_events(tb_files, notes)
+        if tb:
+            added = {k: s for k, s in tb.items() if k not in series}
+            series.update(added)
+            sources.extend(tb_files)
+    if not sources:
+        raise NoLogsError(
+            f"no training logs in {str(run_dir)!r}: expected a Lightning CSVLogger "
+            f"'{CSV_NAME}' or TensorBoard event files ('{EVENTS_GLOB}') in it or below it "
+            "(add `logger: [{_target_: lightning.pytorch.loggers.CSVLogger, ...}]` to the "
+            "trainer config)"
+        )
+    if not series:
+        raise NoLogsError(f"the logs in {str(run_dir)!r} contain no metric values: {sources}")
+    return RunLogs(run_dir, sources, series, notes)
+
+
+def _mtime(path: Path) -> tuple[float, str]:
+    return (path.stat().st_mtime, str(path))
+
+
+def _read_csv(path: Path, notes: list[str]) -> dict[str, Series]:
+    points: dict[str, list[tuple[float, float]]] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            notes.append(f"{path} is empty")
+            return {}
+        for row_index, row in enumerate(reader):
+            step = _number(row.get("step"))
+            if step is None:
+                step = float(row_index)
+            for key, text in row.items():
+                if key is None or key in _META:
+                    continue
+                value = _number(text)
+                if value is not None:
+                    points.setdefault(key, []).append((step, value))
+    return {k: _series(k, v) for k, v in points.items()}
+
+
+def _read_events(files: list[Path], notes: list[str]) -> dict[str, Series]:
+    points: dict[str, list[tuple[float, float]]] = {}
+    for path in files:
+        try:
+            scalars = read_scalars(path)
+        except (EventFileError, OSError) as err:
+            notes.append(f"skipped unreadable TensorBoard file {path}: {err}")
+            continue
+        for tag, values in scalars.items():
+            if tag in _META:
+                continue
+            points.setdefault(tag, []).extend((float(s), v) for s, v in values)
+    return {k: _series(k, v) for k, v in points.items() if v}
+
+
+def _series(name: str, points: list[tuple[float, float]]) -> Series:
+    arr = np.asarray(points, dtype=float).reshape(-1, 2)
+    order = np.argsort(arr[:, 0], kind="stable")
+    arr = arr[order]
+    return Series(name, arr[:, 0], arr[:, 1])
+
+
+def _number(text) -> float | None:
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -1,0 +1,343 @@
+"""nequip-mtl-plot: figures from the logs of real short training runs, checked through
+the figure objects (panels, titles, units, plotted data = logged data), skipped series
+with notes, TensorBoard event files, and a clear error for a directory without logs."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from matplotlib.image import imread
+from nequip.train import NequIPLightningModule
+
+from nequip_mtl.plot import FIGURES, NoLogsError, build_figures, load_run, make_plots
+from nequip_mtl.plot.cli import main
+from nequip_mtl.plot.names import axis_label, parse_metric, unit
+from nequip_mtl.train import MultitaskLightningModule
+from nequip_mtl.train.callbacks import LossCoefficientMonitor
+from nequip_mtl.train.callbacks.gradient_conflict import GradientConflictMonitor
+from tests._harness import datamodule, module_kwargs, trainer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train(run_dir: Path, module_cls, callbacks, epochs=3) -> Path:
+    torch.manual_seed(0)
+    module = module_cls(**module_kwargs())
+    tr = trainer(
+        run_dir,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=CSVLogger(str(run_dir), name="logs", version=""),
+        log_every_n_steps=1,
+    )
+    tr.fit(module, datamodule=datamodule(batch_size=2))  # 4 steps per epoch
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def mtl_run(tmp_path_factory) -> Path:
+    """ConFIG with both monitors: every series the plots can show."""
+    run = tmp_path_factory.mktemp("mtl_run")
+    return _train(
+        run,
+        MultitaskLightningModule,
+        [GradientConflictMonitor("batch", 1), LossCoefficientMonitor("epoch", 1)],
+    )
+
+
+@pytest.fixture(scope="module")
+def mtl_figures(mtl_run):
+    """The figures of ``mtl_run``, as make_plots builds them (not drawn: fast)."""
+    return build_figures(load_run(mtl_run))
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    """nequip's own module, no monitors: no coefficients, no conflict series."""
+    return _train(tmp_path_factory.mktemp("plain_run"), NequIPLightningModule, [], epochs=2)
+
+
+def _csv_column(run: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
+    steps, values = [], []
+    with open(run / "logs" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get(column):
+                steps.append(float(row["step"]))
+                values.append(float(row[column]))
+    return np.array(steps), np.array(values)
+
+
+def _axes_by_title(fig) -> dict[str, object]:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_visible() and ax.axison}
+
+
+def _line(ax, label_part: str):
+    found = [ln for ln in ax.get_lines() if label_part in ln.get_label()]
+    assert len(found) == 1, [ln.get_label() for ln in ax.get_lines()]
+    return found[0]
+
+
+def _same_data(line, steps, values):
+    x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+    np.testing.assert_array_equal(x, steps)
+    np.testing.assert_allclose(y, values, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- real runs
+
+
+def test_cli_writes_every_png_of_a_real_run(mtl_run, tmp_path, capsys):
+    out = tmp_path / "plots"
+    assert main([str(mtl_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote 4 figure(s) to {out}" in printed
+    for name in FIGURES:
+        path = out / name
+        assert path.is_file() and str(path) in printed
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+        image = imread(path)
+        assert image.shape[0] > 300 and image.shape[1] > 500
+        # not a blank canvas: a good share of the pixels is ink, in several colors
+        rgb = image[..., :3]
+        ink = rgb.min(axis=-1) < 0.9
+        assert ink.mean() > 0.02
+        colored = np.ptp(rgb, axis=-1) > 0.3  # saturated (red, blue, green lines)
+        assert colored.sum() > 500
+
+
+def test_loss_figure_panels_units_and_data(mtl_run, mtl_figures):
+    axes = _axes_by_title(mtl_figures["losses.png"])
+    for title, ylabel in [
+        ("forces: training loss (MSE)", "forces MSE [(eV/Å)²]"),
+        ("energy per atom: training loss (MSE)", "energy per atom MSE [(eV/atom)²]"),
+        ("stress: training loss (MSE)", "stress MSE [(eV/Å³)²]"),
+        ("forces: validation error", "forces error [eV/Å]"),
+        ("stress: validation error", "stress error [eV/Å³]"),
+        ("total energy: validation error", "total energy error [eV]"),
+    ]:
+        ax = axes[title]
+        assert ax.get_ylabel() == ylabel
+        assert ax.get_yscale() == "log"
+        assert ax.get_xlabel() == "optimizer step"
+    # total energy is validated but not a loss component: that panel is empty and says so
+    assert "total energy: training loss (MSE)" not in axes
+    # what is drawn is what was logged
+    loss_ax = axes["forces: training loss (MSE)"]
+    _same_data(
+        _line(loss_ax, "train (epoch mean)"), *_csv_column(mtl_run, "train_loss_epoch/forces_mse")
+    )
+    _same_data(
+        _line(loss_ax, "train (per step)"), *_csv_column(mtl_run, "train_loss_step/forces_mse")
+    )
+    val_ax = axes["stress: validation error"]
+    _same_data(_line(val_ax, "val0 MAE"), *_csv_column(mtl_run, "val0_epoch/stress_mae"))
+    _same_data(_line(val_ax, "val0 RMSE"), *_csv_column(mtl_run, "val0_epoch/stress_rmse"))
+    assert len(_csv_column(mtl_run, "val0_epoch/stress_mae")[0]) == 3  # one per epoch
+
+
+def test_conflict_figure_panels_and_data(mtl_run, mtl_figures):
+    fig = mtl_figures["gradient_conflict.png"]
+    axes = _axes_by_title(fig)
+    assert len(axes) == 3
+    cos_ax = next(ax for t, ax in axes.items() if t.startswith("cosine similarity"))
+    upd_ax = next(ax for t, ax in axes.items() if t.startswith("cosine of each task"))
+    norm_ax = next(ax for t, ax in axes.items() if t.startswith("gradient norm"))
+    assert cos_ax.get_ylim() == (-1.05, 1.05) and upd_ax.get_ylim() == (-1.05, 1.05)
+    assert norm_ax.get_yscale() == "log"
+    # one labelled line per pair / per task, with the logged values (12 steps: no smoothing)
+    pairs = {
+        "energy per atom ↔ forces": "per_atom_energy_mse~forces_mse",
+        "energy per atom ↔ stress": "per_atom_energy_mse~stress_mse",
+        "forces ↔ stress": "forces_mse~stress_mse",
+    }
+    labelled = [ln for ln in cos_ax.get_lines() if not ln.get_label().startswith("_")]
+    assert len(labelled) == 3
+    for label, pair in pairs.items():
+        steps, values = _csv_column(mtl_run, f"grad_conflict/cos/{pair}")
+        assert len(steps) == 12
+        line = _line(cos_ax, label)
+        _same_data(line, steps, values)
+        mean = values.mean()
+        assert f"mean {mean:+.2f}" in line.get_label()
+    for task, label in [("forces_mse", "forces"), ("stress_mse", "stress")]:
+        _same_data(_line(norm_ax, label), *_csv_column(mtl_run, f"grad_conflict/norm/{task}"))
+        _same_data(_line(upd_ax, label), *_csv_column(mtl_run, f"grad_conflict/cos_update/{task}"))
+    _same_data(_line(norm_ax, "applied update"), *_csv_column(mtl_run, "grad_conflict/update_norm"))
+
+
+def test_coefficient_and_summary_figures(mtl_run, mtl_figures):
+    coeff = _axes_by_title(mtl_figures["loss_coefficients.png"])
+    assert set(coeff) == {
+        "loss coefficients (normalised to sum to 1)",
+        "weight of each task gradient in the update",
+    }
+    ax = coeff["loss coefficients (normalised to sum to 1)"]
+    assert sorted(ln.get_label() for ln in ax.get_lines()) == [
+        "energy per atom",
+        "forces",
+        "stress",
+    ]
+    _same_data(_line(ax, "forces"), *_csv_column(mtl_run, "loss_coeff/forces_mse"))
+
+    summary = mtl_figures["summary.png"]
+    axes = _axes_by_title(summary)
+    assert len(axes) == 4
+    assert "error per task, relative to the first epoch" in axes
+    assert "weighted sum of the loss components" in axes
+    assert any(t.startswith("cosine similarity of the task gradients") for t in axes)
+    assert "weight of each task gradient in the update" in axes
+    rel = axes["error per task, relative to the first epoch"]
+    line = _line(rel, "forces val MAE")
+    steps, values = _csv_column(mtl_run, "val0_epoch/forces_mae")
+    _same_data(line, steps, values / values[0])
+    assert "eV/Å" in line.get_label()
+    footer = "\n".join(t.get_text() for t in summary.texts)
+    assert "forces ↔ stress: mean cos" in footer and "of 12 monitored steps" in footer
+
+
+def test_missing_series_are_skipped_with_a_note(plain_run, tmp_path, capsys):
+    assert main([str(plain_run), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["losses.png", "summary.png"]
+    assert "note: loss_coefficients.png: skipped" in printed
+    assert (
+        "note: gradient_conflict.png: skipped" in printed and "GradientConflictMonitor" in printed
+    )
+    figures = build_figures(load_run(plain_run))
+    assert set(figures) == {"losses.png", "summary.png"}
+    summary = _axes_by_title(figures["summary.png"])
+    assert len(summary) == 2  # the conflict and weight panels only hold a note
+    notes = [t.get_text() for ax in figures["summary.png"].axes for t in ax.texts]
+    assert any("no gradient-conflict logs" in n for n in notes)
+
+
+def test_partial_and_odd_logs_do_not_crash(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "epoch,step,val0_epoch/forces_mae,val0_epoch/my_custom_thing,train_loss_step/weighted_sum,"
+        "grad_conflict/norm/forces_mse,empty_col\n"
+        "0,3,0.5,7,nan,0.1,\n"
+        "1,7,0.25,,2.0,,\n"
+        "1,8,,,1.0,0.0,\n"
+    )
+    result = make_plots(run, tmp_path / "out")
+    assert set(result.figures) == {"losses.png", "gradient_conflict.png", "summary.png"}
+    axes = _axes_by_title(result.figures["losses.png"])
+    assert list(axes) == ["forces: validation error"]
+    assert any("no training loss" in n for n in result.notes)
+    assert any("no pairwise cosines" in n for n in result.notes)
+    logs = load_run(run)
+    assert "empty_col" not in logs.series
+    np.testing.assert_array_equal(logs.series["grad_conflict/norm/forces_mse"].step, [3, 8])
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_empty_directory_fails_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "nequip-mtl-plot: error: no training logs in" in err and "metrics.csv" in err
+    with pytest.raises(NoLogsError, match="does not exist"):
+        make_plots(tmp_path / "missing")
+    assert not (tmp_path / "plots").exists()
+
+
+def test_module_entry_point_reports_the_error(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "nequip_mtl.plot.cli", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no training logs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- TensorBoard
+
+# written by torch.utils.tensorboard.SummaryWriter (tensorboard 2.21): add_scalar of
+# train_loss_step/forces_mse = 1, 1/2, 1/3 at steps 0..2, a new-style (tensor) scalar
+# grad_conflict/cos/forces_mse~stress_mse = 0, -0.25, -0.5, val0_epoch/forces_mae = 0.5 at
+# step 2, and a text summary (ignored)
+EVENTS = (
+    "SAAAAAAAAAD+kkidCfBSWLFnwdpBGg1icmFpbi5FdmVudDoyUi4KLHRlbnNvcmJvYXJkLnN1bW1hcnkud3JpdGVy"
+    "LmV2ZW50X2ZpbGVfd3JpdGVyQqsznC4AAAAAAAAAxctX+gmoX1ixZ8HaQSojCiEKGnRyYWluX2xvc3Nfc3RlcC9m"
+    "b3JjZXNfbXNlFQAAgD+BcOrNTQAAAAAAAAA9Y9SmCf9gWLFnwdpBKkIKQAonZ3JhZF9jb25mbGljdC9jb3MvZm9y"
+    "Y2VzX21zZX5zdHJlc3NfbXNlQggIASoEAAAAgEoLCgkKB3NjYWxhcnPcfE3kMAAAAAAAAACV9dBfCU5hWLFnwdpB"
+    "EAEqIwohChp0cmFpbl9sb3NzX3N0ZXAvZm9yY2VzX21zZRUAAAA/fFavok8AAAAAAAAAbEdPkwmuYVixZ8HaQRAB"
+    "KkIKQAonZ3JhZF9jb25mbGljdC9jb3MvZm9yY2VzX21zZX5zdHJlc3NfbXNlQggIASoEAACAvkoLCgkKB3NjYWxh"
+    "cnOKL5POMAAAAAAAAACV9dBfCelhWLFnwdpBEAIqIwohChp0cmFpbl9sb3NzX3N0ZXAvZm9yY2VzX21zZRWrqqo+"
+    "klAR708AAAAAAAAAbEdPkwkyYlixZ8HaQRACKkIKQAonZ3JhZF9jb25mbGljdC9jb3MvZm9yY2VzX21zZX5zdHJl"
+    "c3NfbXNlQggIASoEAAAAv0oLCgkKB3NjYWxhcnPuWwvVKwAAAAAAAACGG8NLCWViWLFnwdpBEAIqHgocChV2YWww"
+    "X2Vwb2NoL2ZvcmNlc19tYWUVAAAAPwhLc2c7AAAAAAAAABojrFwJJGNYsWfB2kEqMAouChFub3RlL3RleHRfc3Vt"
+    "bWFyeUIPCAcSBBICCAFCBWhlbGxvSggKBgoEdGV4dDKP4WE="
+)
+
+
+def test_tensorboard_event_files_are_read(tmp_path):
+    tb = tmp_path / "run" / "tb" / "version_0"
+    tb.mkdir(parents=True)
+    (tb / "events.out.tfevents.1.host.1.0").write_bytes(base64.b64decode(EVENTS))
+    logs = load_run(tmp_path / "run")
+    assert set(logs.series) == {
+        "train_loss_step/forces_mse",
+        "grad_conflict/cos/forces_mse~stress_mse",
+        "val0_epoch/forces_mae",
+    }
+    s = logs.series["train_loss_step/forces_mse"]
+    np.testing.assert_array_equal(s.step, [0, 1, 2])
+    np.testing.assert_allclose(s.value, [1, 1 / 2, 1 / 3], rtol=1e-6)
+    np.testing.assert_array_equal(
+        logs.series["grad_conflict/cos/forces_mse~stress_mse"].value, [0, -0.25, -0.5]
+    )
+    result = make_plots(tmp_path / "run", tmp_path / "out")
+    assert {"losses.png", "gradient_conflict.png", "summary.png"} <= set(result.files)
+    cos_ax = result.figures["gradient_conflict.png"].axes[0]
+    assert "forces ↔ stress" in cos_ax.get_lines()[0].get_label()
+
+
+# ---------------------------------------------------------------- names and units
+
+
+@pytest.mark.parametrize(
+    "name, field, kind, type_name, unit_str, label",
+    [
+        ("forces_mse", "forces", "mse", None, "(eV/Å)²", "forces MSE [(eV/Å)²]"),
+        (
+            "per_atom_energy_mae",
+            "per_atom_energy",
+            "mae",
+            None,
+            "eV/atom",
+            "energy per atom MAE [eV/atom]",
+        ),
+        ("total_energy_rmse", "total_energy", "rmse", None, "eV", "total energy RMSE [eV]"),
+        ("total_energy_mse", "total_energy", "mse", None, "eV²", "total energy MSE [eV²]"),
+        ("stress_mae", "stress", "mae", None, "eV/Å³", "stress MAE [eV/Å³]"),
+        ("forces_mae_Cu", "forces", "mae", "Cu", "eV/Å", "forces MAE [eV/Å]"),
+        ("dipole_thing", "dipole_thing", None, None, "", "dipole thing value"),
+    ],
+)
+def test_metric_names_and_units(name, field, kind, type_name, unit_str, label):
+    parsed = parse_metric(name)
+    assert (parsed.field, parsed.kind, parsed.type_name) == (field, kind, type_name)
+    assert unit(field, kind) == unit_str
+    assert axis_label(field, kind) == label
