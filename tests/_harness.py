@@ -61,10 +61,12 @@ def model_config(dtype: str = "float64", seed: int = 7) -> dict:
     }
 
 
-def loss_config(coeffs: dict | None = None) -> dict:
+def loss_config(
+    coeffs: dict | None = None, target: str = "nequip.train.EnergyForceStressLoss"
+) -> dict:
     coeffs = coeffs or {"total_energy": 1.0, "forces": 1.0, "stress": 1.0}
     return {
-        "_target_": "nequip.train.EnergyForceStressLoss",
+        "_target_": target,
         "per_atom_energy": True,
         "coeffs": coeffs,
     }

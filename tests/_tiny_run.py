@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -19,86 +18,23 @@ import lightning
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from nequip.data.datamodule import NequIPDataModule
 from nequip.train import MeanSquaredError, NequIPLightningModule
-from nequip.utils.global_state import set_global_state
 
-set_global_state()
+from tests import _harness as harness
+from tests._harness import datamodule, model_config  # noqa: F401  (re-exported)
 
 LOSS_NAMES = ["per_atom_energy_mse", "forces_mse", "stress_mse"]
-
-
-def datamodule(
-    num_frames: int = 12, train: int = 8, val: int = 4, batch_size: int = 4, seed: int = 1
-):
-    return NequIPDataModule(
-        seed=seed,
-        split_dataset={
-            "dataset": {
-                "_target_": "nequip.data.dataset.EMTTestDataset",
-                "transforms": [
-                    {
-                        "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-                        "model_type_names": ["Cu"],
-                        "chemical_species_to_atom_type_map": {"Cu": "Cu"},
-                    },
-                    {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": 4.0},
-                ],
-                "supercell": [2, 2, 2],
-                "seed": seed,
-                "num_frames": num_frames,
-                "element": "Cu",
-            },
-            "train": train,
-            "val": val,
-        },
-        train_dataloader={"_target_": "torch.utils.data.DataLoader", "batch_size": batch_size},
-        val_dataloader={"_target_": "torch.utils.data.DataLoader", "batch_size": batch_size},
-    )
-
-
-def model_config(seed: int = 7) -> dict:
-    return {
-        "_target_": "nequip.model.NequIPGNNModel",
-        "seed": seed,
-        "model_dtype": "float64",
-        "type_names": ["Cu"],
-        "r_max": 4.0,
-        "l_max": 1,
-        "parity": True,
-        "num_layers": 1,
-        "num_features": 4,
-        "radial_mlp_depth": 1,
-        "radial_mlp_width": 4,
-        "avg_num_neighbors": 12.0,
-        "per_type_energy_shifts": {"Cu": -3.0},
-        "per_type_energy_scales": {"Cu": 0.5},
-    }
 
 
 def loss_config(
     coeffs: dict | None = None, target: str = "nequip_mtl.train.EnergyForceStressLoss"
 ) -> dict:
-    return {
-        "_target_": target,
-        "per_atom_energy": True,
-        "coeffs": coeffs or {"total_energy": 1.0, "forces": 1.0, "stress": 1.0},
-    }
+    return harness.loss_config(coeffs, target=target)
 
 
 def module_kwargs(loss: dict | None = None, lr: float = 0.01, **overrides: Any) -> dict:
-    kwargs = {
-        "model": model_config(),
-        "num_datasets": {"train": 1, "val": 1, "test": 0, "predict": 0},
-        "optimizer": {"_target_": "torch.optim.Adam", "lr": lr},
-        "loss": loss or loss_config(),
-        "val_metrics": {
-            "_target_": "nequip.train.EnergyForceStressMetrics",
-            "coeffs": {"total_energy_mae": 1.0, "forces_mae": 1.0, "stress_mae": 1.0},
-        },
-    }
-    kwargs.update(overrides)
-    return copy.deepcopy(kwargs)
+    overrides.setdefault("optimizer", {"_target_": "torch.optim.Adam", "lr": lr})
+    return harness.module_kwargs(loss=loss or loss_config(), **overrides)
 
 
 class CoeffRecorder(Callback):
@@ -154,21 +90,8 @@ def trainer(
     callbacks = list(callbacks)
     if checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=str(Path(tmp_path) / "ckpt"), save_last=True))
-    defaults = dict(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=checkpoint,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-        deterministic=True,
-        callbacks=callbacks,
-    )
-    defaults.update(kwargs)
-    return lightning.Trainer(**defaults)
+    kwargs.setdefault("enable_checkpointing", checkpoint)
+    return harness.trainer(tmp_path, max_epochs=max_epochs, callbacks=callbacks, **kwargs)
 
 
 def nequip_fit(

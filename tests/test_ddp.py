@@ -6,14 +6,13 @@ training split, so both runs see exactly the same frames in every step.
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests._ddp import launch
 
 pytestmark = pytest.mark.ddp
 
@@ -67,36 +66,11 @@ RUNS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(spec: dict, out: Path, world: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    port = str(_free_port())
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world))
-        if world > 1:
-            env.update(
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK="0", LOCAL_RANK=str(rank)
-            )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(spec_path), str(out)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+    launch([sys.executable, str(WORKER), str(spec_path), str(out)], world)
 
 
 @pytest.fixture(scope="module")

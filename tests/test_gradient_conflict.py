@@ -384,37 +384,14 @@ def _ddp_worker(out_dir: str) -> None:
 def test_ddp_two_ranks_match_one_process(tmp_path):
     """Under DDP the task gradients are those of the global batch: 2 gloo ranks with
     per-rank batch 4 log the same values as 1 process with batch 8."""
-    import os
-    import socket
-    import subprocess
     import sys
+
+    from tests._ddp import launch
 
     repo = Path(__file__).resolve().parents[1]
     code = f"import sys; sys.path.insert(0, {str(repo)!r}); from tests.test_gradient_conflict import _ddp_worker; _ddp_worker(sys.argv[1])"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     for world in (1, 2):
-        procs = []
-        for rank in range(world):
-            env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world))
-            if world > 1:
-                env.update(
-                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK="0", LOCAL_RANK=str(rank)
-                )
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", code, str(tmp_path)],
-                    env=env,
-                    cwd=repo,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
-        outputs = [p.communicate(timeout=600)[0] for p in procs]
-        for p, out in zip(procs, outputs):
-            assert p.returncode == 0, out[-4000:]
+        launch([sys.executable, "-c", code, str(tmp_path)], world, cwd=repo)
     one = torch.load(tmp_path / "monitor_world1.pt")
     two = torch.load(tmp_path / "monitor_world2.pt")
     assert one["nequip"]["source"] == two["nequip"]["source"] == "autograd"

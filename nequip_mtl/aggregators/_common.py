@@ -50,6 +50,9 @@ class SolverAggregator(GramAggregator):
 
     rtol: float | None = None
 
+    def __init__(self, rtol: float | None = None):
+        self.rtol = check_rtol(rtol, type(self).__name__)
+
     def weights(
         self, gram: torch.Tensor, coeffs: torch.Tensor, source_dtype: torch.dtype = torch.float64
     ) -> torch.Tensor:

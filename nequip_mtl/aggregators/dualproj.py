@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import QPAggregator, SolverAggregator, check_rtol
+from ._common import QPAggregator, SolverAggregator
 from ._linalg import ScaledGram, project_onto_dual_cone
 
 
@@ -52,9 +52,6 @@ class DualProj(QPAggregator, SolverAggregator):
             default: ``eps`` of the gradients' dtype (``1.2e-7`` for float32), at least
             ``1e-13``
     """
-
-    def __init__(self, rtol: float | None = None):
-        self.rtol = check_rtol(rtol, "DualProj")
 
     def _solve(self, gram: torch.Tensor, coeffs: torch.Tensor, rtol: float) -> torch.Tensor:
         sg = ScaledGram(gram)

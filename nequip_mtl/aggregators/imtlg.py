@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import SolverAggregator, check_rtol
+from ._common import SolverAggregator
 from ._linalg import ScaledGram, psd_pinv_solve
 
 
@@ -62,9 +62,6 @@ class IMTLG(SolverAggregator):
         rtol (float, optional): eigenvalues of the cosine matrix below ``rtol * max``
             count as zero; default ``10 * m * eps`` of the gradients' dtype
     """
-
-    def __init__(self, rtol: float | None = None):
-        self.rtol = check_rtol(rtol, "IMTLG")
 
     def _solve(self, gram: torch.Tensor, coeffs: torch.Tensor, rtol: float) -> torch.Tensor:
         sg = ScaledGram(gram)

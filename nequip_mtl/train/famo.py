@@ -10,13 +10,10 @@ import torch
 from nequip.train import NequIPLightningModule
 
 from ..weighting.famo import FAMOLogits
+from ._step import active_indices, positive_active_coeffs, training_loss_components
 from .coefficients import validate_coeffs
 
 _CKPT_KEY = "nequip_mtl_famo"
-
-
-def active_indices(manager: Any) -> list[int]:
-    return [i for i, entry in enumerate(manager.entries.values()) if entry.coeff is not None]
 
 
 class FAMOLightningModule(NequIPLightningModule):
@@ -99,15 +96,10 @@ class FAMOLightningModule(NequIPLightningModule):
                 )
         names = list(self.loss.keys())
         self._names = names
-        active = active_indices(self.loss)
+        coeffs = positive_active_coeffs(self.loss, cls, "a FAMO logit")
+        active = list(coeffs)
         init = torch.zeros(len(names), dtype=torch.float64)
-        for i in active:
-            c = self.loss.entries[names[i]].coeff
-            if not c > 0:
-                raise ValueError(
-                    f"{cls}: loss component {names[i]!r} has coefficient {c}; a zero coefficient "
-                    "cannot initialise a FAMO logit (use null to exclude the term)"
-                )
+        for i, c in coeffs.items():
             init[i] = math.log(c)
         if active:
             init[active] -= init[active].mean()
@@ -129,15 +121,7 @@ class FAMOLightningModule(NequIPLightningModule):
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""
         delim = self.logging_delimiter
-        target = self.process_target(batch, batch_idx, dataloader_idx)
-        output = self(batch)
-        if self.train_metrics is not None:
-            with torch.no_grad():
-                self.log_dict(
-                    self.train_metrics(output, target, prefix=f"train_metric_step{delim}")
-                )
-        loss_dict = self.loss(output, target, prefix=f"train_loss_step{delim}")
-        self.log_dict(loss_dict)
+        loss_dict = training_loss_components(self, batch, batch_idx, dataloader_idx)
 
         names = self._names
         active = active_indices(self.loss)

@@ -13,6 +13,7 @@ from nequip.train import EMALightningModule, NequIPLightningModule
 from nequip.utils.versions import _TORCH_GE_2_6
 
 from ..aggregators import Aggregator, ConFIG
+from ._step import active_indices, training_loss_components
 from .task_gradients import TaskGradients
 
 _NONFINITE_POLICIES = ("skip", "zero_task", "raise")
@@ -161,20 +162,10 @@ class MultitaskLightningModule(NequIPLightningModule):
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""
         delim = self.logging_delimiter
-        target = self.process_target(batch, batch_idx, dataloader_idx)
-        output = self(batch)
-        if self.train_metrics is not None:
-            with torch.no_grad():
-                self.log_dict(
-                    self.train_metrics(output, target, prefix=f"train_metric_step{delim}")
-                )
-        loss_dict = self.loss(output, target, prefix=f"train_loss_step{delim}")
-        self.log_dict(loss_dict)
+        loss_dict = training_loss_components(self, batch, batch_idx, dataloader_idx)
 
         names = list(self.loss.keys())
-        self._step_tasks = [
-            i for i, entry in enumerate(self.loss.entries.values()) if entry.coeff is not None
-        ]
+        self._step_tasks = active_indices(self.loss)
         if not self._step_tasks:
             raise RuntimeError(
                 "At least one loss component must have a `coeff` that is not null; all are null"

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from nequip.train import NequIPLightningModule
 
 from ..weighting.uncertainty import uncertainty_weights
+from ._step import active_indices, positive_active_coeffs, training_loss_components
 from .coefficients import validate_coeffs
 
 _DEFAULT_PARAM_GROUPS = {"_target_": "nequip.train.lightning._default_param_group_factory"}
@@ -54,10 +55,6 @@ def configure_optimizers_with_extra_groups(
     finally:
         module.optimizer_config = original
         _EXTRA_GROUPS.reset(token)
-
-
-def active_indices(manager: Any) -> list[int]:
-    return [i for i, entry in enumerate(manager.entries.values()) if entry.coeff is not None]
 
 
 class UncertaintyWeightingLightningModule(NequIPLightningModule):
@@ -110,17 +107,12 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
         if self.loss is None:
             raise ValueError(f"{cls} needs a `loss`")
         names = list(self.loss.keys())
-        active = active_indices(self.loss)
+        coeffs = positive_active_coeffs(
+            self.loss, cls, "a log-variance (or give `initial_log_variances`)"
+        )
         init = torch.zeros(len(names), dtype=torch.float64)
-        for i in active:
-            c = self.loss.entries[names[i]].coeff
-            if not c > 0:
-                raise ValueError(
-                    f"{cls}: loss component {names[i]!r} has coefficient {c}; a zero coefficient "
-                    "cannot initialise a log-variance (use null to exclude the term, or give "
-                    "`initial_log_variances`)"
-                )
-            init[i] = -math.log(len(active) * c)
+        for i, c in coeffs.items():
+            init[i] = -math.log(len(coeffs) * c)
         if initial_log_variances is not None:
             checked = validate_coeffs(
                 names, {k: 0.0 for k in initial_log_variances}, f"{cls}.initial_log_variances"
@@ -151,15 +143,7 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""
         delim = self.logging_delimiter
-        target = self.process_target(batch, batch_idx, dataloader_idx)
-        output = self(batch)
-        if self.train_metrics is not None:
-            with torch.no_grad():
-                self.log_dict(
-                    self.train_metrics(output, target, prefix=f"train_metric_step{delim}")
-                )
-        loss_dict = self.loss(output, target, prefix=f"train_loss_step{delim}")
-        self.log_dict(loss_dict)
+        loss_dict = training_loss_components(self, batch, batch_idx, dataloader_idx)
 
         names = list(self.loss.keys())
         active = active_indices(self.loss)

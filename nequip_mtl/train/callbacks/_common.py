@@ -14,6 +14,7 @@ INTERVALS = ("epoch", "batch")
 
 __all__ = [
     "INTERVALS",
+    "IntervalCallback",
     "WeightingCallback",
     "check_choice",
     "check_positive_int",
@@ -24,6 +25,30 @@ __all__ = [
     "check_coeff_writer_allowed",
     "current_coeffs",
 ]
+
+
+class IntervalCallback(Callback):
+    """A callback that acts at the start of every epoch (``interval: epoch``) or every
+    batch (``interval: batch``): subclasses set ``self.interval`` and implement
+    ``_on_interval(pl_module, position)``, where ``position`` is the current epoch or the
+    global step."""
+
+    interval: str
+
+    def _on_interval(self, pl_module: Any, position: int) -> None:
+        raise NotImplementedError
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        """"""
+        if self.interval == "epoch":
+            self._on_interval(pl_module, trainer.current_epoch)
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """"""
+        if self.interval == "batch":
+            self._on_interval(pl_module, trainer.global_step)
 
 
 class WeightingCallback(Callback):

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning
-from lightning.pytorch.callbacks import Callback
 
 from ..coefficients import merge_coeffs, update_coeffs, validate_coeffs
 from ._common import (
+    IntervalCallback,
     check_choice,
     check_coeff_writer_allowed,
     check_interval,
@@ -29,7 +29,7 @@ def _nonneg_int(value: Any, where: str, minimum: int) -> int:
     return value
 
 
-class LinearLossCoefficientScheduler(Callback):
+class LinearLossCoefficientScheduler(IntervalCallback):
     """Move loss coefficients smoothly from their values at the start of a window to
     ``final_coeffs`` over the window.
 
@@ -182,7 +182,7 @@ class LinearLossCoefficientScheduler(Callback):
             return 0.5 * (1.0 - math.cos(math.pi * frac))
         return frac
 
-    def _step(self, pl_module: lightning.LightningModule, position: int) -> None:
+    def _on_interval(self, pl_module: lightning.LightningModule, position: int) -> None:
         if self.finished or position < self.start:
             return
         where = "LinearLossCoefficientScheduler.final_coeffs"
@@ -204,24 +204,6 @@ class LinearLossCoefficientScheduler(Callback):
         update_coeffs(pl_module.loss, update, where)
         if position >= self.start + self.length:
             self.finished = True
-
-    def on_train_epoch_start(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
-        """"""
-        if self.interval == "epoch":
-            self._step(pl_module, trainer.current_epoch)
-
-    def on_train_batch_start(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        """"""
-        if self.interval == "batch":
-            self._step(pl_module, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         """"""

@@ -6,13 +6,18 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning
-from lightning.pytorch.callbacks import Callback
 
 from ..coefficients import merge_coeffs, update_coeffs, validate_coeffs
-from ._common import check_coeff_writer_allowed, check_interval, current_coeffs, loss_manager
+from ._common import (
+    IntervalCallback,
+    check_coeff_writer_allowed,
+    check_interval,
+    current_coeffs,
+    loss_manager,
+)
 
 
-class LossCoefficientScheduler(Callback):
+class LossCoefficientScheduler(IntervalCallback):
     """Change loss coefficients at given epochs (or global steps).
 
     ``schedule`` maps an epoch (``interval: epoch``, default) or a global optimizer step
@@ -89,25 +94,7 @@ class LossCoefficientScheduler(Callback):
         for at, update in self.schedule.items():
             coeffs = merge_coeffs(coeffs, update, f"LossCoefficientScheduler.schedule[{at}]")
 
-    def _apply(self, pl_module: lightning.LightningModule, at: int) -> None:
+    def _on_interval(self, pl_module: lightning.LightningModule, at: int) -> None:
         update = self.schedule.get(at)
         if update is not None:
             update_coeffs(pl_module.loss, update, f"LossCoefficientScheduler.schedule[{at}]")
-
-    def on_train_epoch_start(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
-        """"""
-        if self.interval == "epoch":
-            self._apply(pl_module, trainer.current_epoch)
-
-    def on_train_batch_start(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        """"""
-        if self.interval == "batch":
-            self._apply(pl_module, trainer.global_step)

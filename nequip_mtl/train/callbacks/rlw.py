@@ -12,6 +12,7 @@ from ...weighting.common import check_choice, check_finite, scale_weights
 from ...weighting.rlw import RLW_DISTRIBUTIONS, sample_rlw_weights
 from ..coefficients import update_coeffs
 from ._common import (
+    IntervalCallback,
     WeightingCallback,
     active_names,
     check_coeff_writer_allowed,
@@ -23,7 +24,7 @@ from ._common import (
 )
 
 
-class RandomLossWeighting(WeightingCallback):
+class RandomLossWeighting(IntervalCallback, WeightingCallback):
     """Random Loss Weighting (RLW; Lin et al., TMLR 2022): resample the loss coefficients
     at random every ``frequency`` optimizer steps (or epochs).
 
@@ -103,7 +104,7 @@ class RandomLossWeighting(WeightingCallback):
         if self.rng is None:
             self.rng = random.Random(torch.initial_seed())
 
-    def _sample(self, pl_module: lightning.LightningModule, at: int) -> None:
+    def _on_interval(self, pl_module: lightning.LightningModule, at: int) -> None:
         if at % self.frequency != 0 or at == self._last_sampled:
             return
         self._last_sampled = at
@@ -117,24 +118,6 @@ class RandomLossWeighting(WeightingCallback):
             weights, self.scale_by, self.initial_coeffs, current_coeffs(manager)
         )
         update_coeffs(manager, weights, "RandomLossWeighting")
-
-    def on_train_batch_start(
-        self,
-        trainer: lightning.Trainer,
-        pl_module: lightning.LightningModule,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        """"""
-        if self.interval == "batch":
-            self._sample(pl_module, trainer.global_step)
-
-    def on_train_epoch_start(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
-        """"""
-        if self.interval == "epoch":
-            self._sample(pl_module, trainer.current_epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """"""

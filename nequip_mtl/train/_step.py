@@ -1,0 +1,51 @@
+"""The loss part of a training step, shared by the modules that replace the weighted sum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def active_indices(manager: Any) -> list[int]:
+    """Positions of the loss components whose ``coeff`` is not ``None``."""
+    return [i for i, entry in enumerate(manager.entries.values()) if entry.coeff is not None]
+
+
+def positive_active_coeffs(manager: Any, who: str, what: str) -> dict[int, float]:
+    """``{position: coeff}`` of the active loss components; every one must be > 0.
+
+    ``what`` names the quantity the coefficients initialise, for the error message.
+    """
+    names = list(manager.keys())
+    coeffs = {}
+    for i in active_indices(manager):
+        c = manager.entries[names[i]].coeff
+        if not c > 0:
+            raise ValueError(
+                f"{who}: loss component {names[i]!r} has coefficient {c}; a zero coefficient "
+                f"cannot initialise {what} (use null to exclude the term)"
+            )
+        coeffs[i] = c
+    return coeffs
+
+
+def training_loss_components(
+    module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+) -> dict[str, torch.Tensor]:
+    """Forward pass and loss components, logged exactly as nequip's ``training_step`` does.
+
+    Returns the loss ``MetricsManager``'s dict, keyed ``train_loss_step/<name>`` (with the
+    module's logging delimiter), including ``weighted_sum``.
+    """
+    delim = module.logging_delimiter
+    target = module.process_target(batch, batch_idx, dataloader_idx)
+    output = module(batch)
+    if module.train_metrics is not None:
+        with torch.no_grad():
+            module.log_dict(
+                module.train_metrics(output, target, prefix=f"train_metric_step{delim}")
+            )
+    loss_dict = module.loss(output, target, prefix=f"train_loss_step{delim}")
+    module.log_dict(loss_dict)
+    return loss_dict
