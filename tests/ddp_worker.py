@@ -21,7 +21,22 @@ from hydra.utils import get_class, instantiate  # noqa: E402
 from tests._harness import datamodule, module_kwargs, trainer  # noqa: E402
 
 
+class CollectiveLog:
+    """Records the shape of every tensor passed to ``torch.distributed.all_reduce``."""
+
+    def __init__(self):
+        self.shapes: list[tuple[int, ...]] = []
+        self._all_reduce = torch.distributed.all_reduce
+
+        def recording_all_reduce(tensor, *args, **kwargs):
+            self.shapes.append(tuple(tensor.shape))
+            return self._all_reduce(tensor, *args, **kwargs)
+
+        torch.distributed.all_reduce = recording_all_reduce
+
+
 def main(spec_path: str, out_dir: str) -> None:
+    collectives = CollectiveLog()
     spec = json.loads(Path(spec_path).read_text())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     n = spec["frames"]
@@ -44,12 +59,17 @@ def main(spec_path: str, out_dir: str) -> None:
         module.world_size = tr.world_size  # as nequip-train does
         # the whole training split is one global batch: per-rank batch n / world
         dm = datamodule(num_frames=n + 2, train=n, val=2, batch_size=n // world)
+        collectives.shapes.clear()
         tr.fit(module, datamodule=dm)
+        n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        # all-reduces of task-gradient rows: 2-D, one column per trainable parameter
+        task_matrix_reduces = [s for s in collectives.shapes if len(s) == 2 and s[1] == n_params]
         if tr.global_rank == 0 or world == 1:
             state = {
                 "params": torch.cat([p.detach().flatten() for p in module.model.parameters()]),
                 "coeffs": {k: e.coeff for k, e in module.loss.entries.items()},
                 "world_size": tr.world_size,
+                "task_matrix_reduces": task_matrix_reduces,
                 "steps": tr.global_step,
             }
             torch.save(state, Path(out_dir) / f"{run['name']}.pt")
