@@ -28,6 +28,7 @@ version = ".".join(release.split(".")[:2])
 extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
 ]
@@ -51,3 +52,6 @@ napoleon_use_rtype = False
 # --- HTML ---
 html_theme = "furo"
 html_title = "nequip-mtl"
+
+# --- autosummary: one generated page per public class / function (docs/generated/) ---
+autosummary_generate = True
