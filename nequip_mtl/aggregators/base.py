@@ -31,6 +31,15 @@ class Aggregator:
 
     Stateful aggregators override :meth:`state_dict` and :meth:`load_state_dict`; the
     training module stores that state in checkpoints.
+
+    Your own aggregator (any importable subclass) is used like the built-in ones:
+
+    .. code-block:: yaml
+
+        training_module:
+          _target_: nequip_mtl.train.MultitaskLightningModule
+          aggregator:
+            _target_: my_package.MyAggregator   # a subclass of nequip_mtl.aggregators.Aggregator
     """
 
     #: whether the update is ``weights(gram, coeffs) @ grads``
@@ -102,6 +111,21 @@ class GramAggregator(Aggregator):
     combination weights in float64. Working in Gram space keeps the per-step cost of any
     such method at one Gram matrix plus one weighted sum of gradient rows, and lets the
     small linear algebra run in float64 even for float32 models.
+
+    A minimal example, the plain mean (``weights = 1/m``), and its use:
+
+    .. code-block:: python
+
+        class MyMean(GramAggregator):
+            def weights(self, gram, coeffs, source_dtype=torch.float64):
+                return torch.full_like(coeffs, 1.0 / len(coeffs))
+
+    .. code-block:: yaml
+
+        training_module:
+          _target_: nequip_mtl.train.MultitaskLightningModule
+          aggregator:
+            _target_: my_package.MyMean
     """
 
     gram_based = True
