@@ -78,9 +78,12 @@ class TaskGradients:
             p.grad = None
 
     def _select(self, rows: torch.Tensor, tasks: Sequence[int]) -> torch.Tensor:
-        # fancy indexing copies: skip it in the common all-tasks-active case
+        # fancy indexing copies: a contiguous run of tasks (all of them, or the single task
+        # a momentum method back-propagated) is a view
         idx = list(tasks)
-        return rows if idx == list(range(self.num_tasks)) else rows[idx]
+        if idx == list(range(idx[0], idx[-1] + 1)):
+            return rows[idx[0] : idx[-1] + 1]
+        return rows[idx]
 
     def gram(self, tasks: Sequence[int]) -> torch.Tensor:
         """The ``(m, m)`` Gram matrix of the given rows, in float64 on the CPU."""
