@@ -1,15 +1,32 @@
-"""Per-step cost of multitask training modules relative to the weighted-sum step.
+"""Per-step time and peak memory of every multitask method, relative to nequip's steps.
 
-Every method trains the same NequIP model (same seed, same batches) inside one process.
-Methods are interleaved in rounds (round r runs each method for ``--steps`` batches, in
-a rotated order) so that slow drifts of the machine hit every method alike; the first
-round is warm-up and is discarded. The time of a step is measured from Lightning's
-``on_train_batch_start`` to ``on_train_batch_end`` (forward, losses, backward passes,
-aggregation and optimizer step).
+Time: every method trains the same NequIP model (same initial weights, same batches in
+the same order, same data) inside **one process**, and the methods are interleaved
+*step by step*: each method runs its own ordinary ``trainer.fit`` in a thread, and a
+scheduler lets exactly one of them run one training step at a time -- step ``i`` of
+every method, on the same batch ``i``, in a fresh seeded random order for every ``i``
+(so that no method always follows the same other method). Slow drifts and
+bursts of load from other processes therefore hit every method alike, and step ``i`` of
+a method can be compared with step ``i`` of the reference a few seconds apart (the
+*paired* ratios). The first ``--warmup`` steps of every method are discarded. A step is
+timed from the first ``on_train_batch_start`` callback to the last ``on_train_batch_end``
+callback: forward, losses, every backward pass, aggregation, optimizer step and the
+per-step work of the loss-weighting callbacks (run with ``interval: batch`` here, their
+worst case). Two clocks: the CPU time of the compute thread (``time.thread_time``; with
+``OMP_NUM_THREADS=1`` all of a step's work runs on it) and wall-clock time.
 
-    OMP_NUM_THREADS=1 python benchmarks/step_cost.py --tasks 2 3 --dtypes float32 float64
+Memory: per method, in a separate (not timed) run of ``--mem-steps`` steps: the peak of
+live torch tensor memory from ``on_train_start`` to ``on_train_end`` above its level at
+``on_train_start`` (from torch.profiler's memory events: activations, retained graphs,
+gradients, task-gradient buffers, optimizer state; deterministic). With ``--rss``, also
+the OS view in a fresh process per method: ``VmHWM - VmRSS`` with the high-water mark
+reset at ``on_train_start`` (``/proc/self/clear_refs``).
 
-Writes ``benchmarks/results/step_cost.{json,md}``.
+    OMP_NUM_THREADS=1 python benchmarks/step_cost.py                    # the full run
+    OMP_NUM_THREADS=1 python benchmarks/step_cost.py --quick            # ~1 minute
+    OMP_NUM_THREADS=1 python benchmarks/step_cost.py --profile --methods config --dtypes float64
+
+Writes ``benchmarks/results/step_cost.{json,md,png}`` (``--out`` to change).
 """
 
 from __future__ import annotations
@@ -17,113 +34,55 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import random
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lightning  # noqa: E402
-import torch  # noqa: E402
-from nequip.data.datamodule import NequIPDataModule  # noqa: E402
-from nequip.utils.global_state import set_global_state  # noqa: E402
+import _common as C  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-METHODS = {
-    "weighted_sum (nequip)": ("nequip.train.NequIPLightningModule", {}),
-    "ConFIG (nequip)": ("nequip.train.ConFIGLightningModule", {}),
-    "ConFIG (nequip_mtl)": ("nequip_mtl.train.ConFIGLightningModule", {}),
-}
-
-LOSS_NAMES = {2: ["total_energy", "forces"], 3: ["total_energy", "forces", "stress"]}
+WS = "ws"
+NEQUIP_CONFIG = "config_nequip"
 
 
-class StepTimer(lightning.Callback):
-    def __init__(self):
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._t0)
+# ----------------------------------------------------------------------------- timing
 
 
-def _datamodule(args) -> NequIPDataModule:
-    species = ["Cu"]
-    return NequIPDataModule(
-        seed=1,
-        split_dataset={
-            "dataset": {
-                "_target_": "nequip.data.dataset.EMTTestDataset",
-                "transforms": [
-                    {
-                        "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-                        "model_type_names": species,
-                        "chemical_species_to_atom_type_map": {s: s for s in species},
-                    },
-                    {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": args.r_max},
-                ],
-                "supercell": [args.supercell] * 3,
-                "seed": 1,
-                "num_frames": args.batch_size * args.steps,
-                "element": "Cu",
-            },
-            "train": args.batch_size * args.steps - 1,
-            "val": 1,
-        },
-        train_dataloader={"_target_": "torch.utils.data.DataLoader", "batch_size": args.batch_size},
-        val_dataloader={"_target_": "torch.utils.data.DataLoader", "batch_size": 1},
-    )
+def _timers():
+    import lightning
+
+    class Start(lightning.Callback):
+        def __init__(self):
+            self.t0 = self.c0 = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.t0, self.c0 = time.perf_counter(), time.thread_time()
+
+    class End(lightning.Callback):
+        def __init__(self, start):
+            self.start = start
+            self.times: list[float] = []  # wall-clock
+            self.cpu: list[float] = []  # CPU time of this (the only compute) thread
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.cpu.append(time.thread_time() - self.start.c0)
+            self.times.append(time.perf_counter() - self.start.t0)
+
+    start = Start()
+    return start, End(start)
 
 
-def _module(target: str, extra: dict, dtype: str, num_tasks: int, args):
-    from hydra.utils import get_class
+def _trainer(callbacks, steps: int, tmp: Path):
+    import lightning
 
-    coeffs = {name: 1.0 for name in LOSS_NAMES[num_tasks]}
-    loss = (
-        {"_target_": "nequip.train.EnergyForceStressLoss", "coeffs": coeffs}
-        if num_tasks == 3
-        else {"_target_": "nequip.train.EnergyForceLoss", "coeffs": coeffs}
-    )
-    model = {
-        "_target_": "nequip.model.NequIPGNNModel",
-        "seed": 7,
-        "model_dtype": dtype,
-        "type_names": ["Cu"],
-        "r_max": args.r_max,
-        "l_max": args.l_max,
-        "parity": True,
-        "num_layers": args.num_layers,
-        "num_features": args.num_features,
-        "radial_mlp_depth": 2,
-        "radial_mlp_width": args.num_features * 2,
-        "avg_num_neighbors": 40.0,
-        "per_type_energy_shifts": {"Cu": -3.0},
-        "per_type_energy_scales": {"Cu": 0.5},
-    }
-    return get_class(target)(
-        model=model,
-        num_datasets={"train": 1, "val": 1, "test": 0, "predict": 0},
-        optimizer={"_target_": "torch.optim.Adam", "lr": 1e-4},
-        loss=loss,
-        val_metrics={
-            "_target_": "nequip.train.EnergyForceMetrics",
-            "coeffs": {"total_energy_mae": 1.0, "forces_mae": 1.0},
-        },
-        **extra,
-    )
-
-
-def _time_method(target, extra, dtype, num_tasks, args, datamodule, tmp) -> tuple[list[float], int]:
-    torch.manual_seed(0)
-    module = _module(target, extra, dtype, num_tasks, args)
-    timer = StepTimer()
-    trainer = lightning.Trainer(
+    return lightning.Trainer(
         max_epochs=1,
+        limit_train_batches=steps,
         limit_val_batches=0,
         accelerator="cpu",
         logger=False,
@@ -131,86 +90,720 @@ def _time_method(target, extra, dtype, num_tasks, args, datamodule, tmp) -> tupl
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[timer],
-        default_root_dir=tmp,
+        callbacks=callbacks,
+        default_root_dir=str(tmp),
     )
-    trainer.fit(module, datamodule=datamodule)
+
+
+class Setup:
+    """Data, statistics and model configuration shared by every run of one invocation."""
+
+    def __init__(self, args):
+        self.args = args
+        n = args.batch_size * max(args.warmup + args.steps, args.mem_steps)
+        self.frames = max(n + 1, args.frames)
+        self.path = C.alloy_data(self.frames, seed=0)
+        self.stats = C.data_statistics(self.path, args.r_max)
+        self.n_train = n
+        self._dm = None
+
+    def datamodule(self, fresh: bool = False):
+        if self._dm is None or fresh:
+            # the same batches, in the same order, for every method
+            self._dm = C.datamodule(
+                self.path,
+                self.n_train,
+                self.frames - self.n_train,
+                self.args.batch_size,
+                self.args.r_max,
+                shuffle=False,
+            )
+        return self._dm
+
+    def model(self, dtype: str) -> dict:
+        a = self.args
+        return C.model_config(
+            dtype,
+            self.stats,
+            num_layers=a.num_layers,
+            num_features=a.num_features,
+            l_max=a.l_max,
+            r_max=a.r_max,
+            radial_width=a.radial_width,
+        )
+
+
+def _run(
+    setup: Setup, method: C.Method, dtype: str, num_tasks: int, steps: int, extra_callbacks=()
+):
+    """Train ``steps`` batches with a fresh module; per-step wall and CPU times (s)."""
+    import torch
+
+    torch.manual_seed(0)
+    module = C.build_module(method, setup.model(dtype), num_tasks, lr=setup.args.lr)
+    start, end = _timers()
+    callbacks = [start, *extra_callbacks, *C.build_callbacks(method), end]
+    _trainer(callbacks, steps, C.TMP).fit(module, datamodule=setup.datamodule())
     n_params = sum(p.numel() for p in module.model.parameters())
-    return timer.times[1:], n_params  # drop each run's first (allocation) step
+    return {"wall": end.times, "cpu": end.cpu}, n_params
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 3], choices=[2, 3])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
-    parser.add_argument("--rounds", type=int, default=4, help="rounds incl. one warm-up round")
-    parser.add_argument("--steps", type=int, default=6, help="batches per method per round")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--supercell", type=int, default=2)
-    parser.add_argument("--num-features", type=int, default=32)
-    parser.add_argument("--num-layers", type=int, default=3)
-    parser.add_argument("--l-max", type=int, default=2)
-    parser.add_argument("--r-max", type=float, default=4.5)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--out", default=str(RESULTS / "step_cost"))
-    args = parser.parse_args(argv)
+CLOCKS = ("wall", "cpu")
 
-    set_global_state()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    datamodule = _datamodule(args)
-    tmp = str(Path(args.out).parent / "_tmp")
+
+class _Worker:
+    """One method training in its own thread, one step per turn.
+
+    The thread runs a normal ``trainer.fit``; callbacks hand control back to the
+    scheduler after every step (inside ``on_train_batch_end``, after the clock stopped)
+    and wait for the next turn, so exactly one method computes at any time and the
+    untimed Lightning bookkeeping between steps never overlaps another method's step.
+    """
+
+    def __init__(
+        self, setup: Setup, key: str, method: C.Method, dtype: str, num_tasks: int, total_steps: int
+    ):
+        import threading
+
+        import lightning
+        import torch
+
+        self.key = key
+        self.go = threading.Event()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.params = 0
+        worker = self
+
+        clock = {"t0": 0.0, "c0": 0.0}
+
+        class TurnStart(lightning.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if batch_idx == 0:  # setup finished: report, wait for the first turn
+                    worker._yield()
+                clock["t0"], clock["c0"] = time.perf_counter(), time.thread_time()
+
+        class TurnEnd(lightning.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                worker.cpu.append(time.thread_time() - clock["c0"])
+                worker.wall.append(time.perf_counter() - clock["t0"])
+                worker._yield()  # also after the last step: teardown waits for its turn
+
+        def body():
+            try:
+                torch.manual_seed(0)
+                module = C.build_module(method, setup.model(dtype), num_tasks, lr=setup.args.lr)
+                self.params = sum(p.numel() for p in module.model.parameters())
+                # first at batch start and last at batch end: the method's callbacks are timed
+                callbacks = [TurnStart(), *C.build_callbacks(method), TurnEnd()]
+                trainer = _trainer(callbacks, total_steps, C.TMP)
+                trainer.fit(module, datamodule=setup.datamodule(fresh=True))
+            except BaseException as e:  # noqa: BLE001 - reported by the scheduler
+                self.error = e
+            finally:
+                self.done.set()
+
+        self.thread = threading.Thread(target=body, name=f"bench-{key}", daemon=True)
+
+    def _yield(self) -> None:
+        self.done.set()
+        self.go.wait()
+        self.go.clear()
+
+    def turn(self) -> None:
+        """Let the thread run until it yields again (one step, or setup, or teardown)."""
+        self.done.clear()
+        if not self.thread.is_alive() and self.thread.ident is None:
+            self.thread.start()
+        else:
+            self.go.set()
+        self.done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"{self.key} failed") from self.error
+
+
+def time_methods(args, table) -> list[dict]:
+    """Step-level interleaving: step i of every method, in a random order per step."""
+    import gc
+
+    setup = Setup(args)
+    total = args.warmup + args.steps
     results = []
     for dtype in args.dtypes:
         for num_tasks in args.tasks:
-            times = {m: [] for m in args.methods}
-            n_params = 0
-            for r in range(args.rounds):
-                order = args.methods[r % len(args.methods) :] + args.methods[: r % len(args.methods)]
+            t_cfg = time.perf_counter()
+            workers = {
+                m: _Worker(setup, m, table[m], dtype, num_tasks, total) for m in args.methods
+            }
+            for w in workers.values():  # setups, one after the other, up to step 0
+                w.turn()
+            gc.collect()
+            gc.freeze()  # setup objects out of the collector's way during the steps
+            rng = random.Random(0)
+            for i in range(total):
+                order = list(args.methods)
+                rng.shuffle(order)  # a fresh order per step: no fixed predecessor
                 for m in order:
-                    target, extra = METHODS[m]
-                    t, n_params = _time_method(target, extra, dtype, num_tasks, args, datamodule, tmp)
-                    if r > 0:
-                        times[m].extend(t)
-            base = statistics.median(times["weighted_sum (nequip)"]) if "weighted_sum (nequip)" in times else None
-            nequip_config = statistics.median(times["ConFIG (nequip)"]) if "ConFIG (nequip)" in times else None
+                    workers[m].turn()
+                if (i + 1) % 10 == 0:
+                    print(
+                        f"[{dtype} {num_tasks} tasks] step {i + 1}/{total} ({time.perf_counter() - t_cfg:.0f} s, "
+                        f"load {os.getloadavg()[0]:.2f})",
+                        flush=True,
+                    )
+            for w in workers.values():  # teardown, one after the other
+                w.turn()
+                w.thread.join()
+            gc.unfreeze()
+            n_params = workers[args.methods[0]].params
+            times = {
+                c: {m: getattr(workers[m], c)[args.warmup :] for m in args.methods} for c in CLOCKS
+            }
+            del workers
+            gc.collect()
             for m in args.methods:
-                med = statistics.median(times[m])
                 row = {
+                    "raw_cpu_s": [round(x, 5) for x in times["cpu"][m]],
+                    "raw_wall_s": [round(x, 5) for x in times["wall"][m]],
                     "method": m,
+                    "label": table[m].label,
+                    "family": table[m].family,
                     "dtype": dtype,
                     "tasks": num_tasks,
                     "params": n_params,
-                    "median_step_s": med,
-                    "n_steps": len(times[m]),
-                    "vs_weighted_sum": med / base if base else None,
-                    "vs_nequip_config": med / nequip_config if nequip_config else None,
+                    "n_steps": len(times["cpu"][m]),
                 }
+                for c in CLOCKS:
+                    ts = times[c][m]
+                    med = statistics.median(ts)
+                    row[f"{c}_median_s"] = med
+                    row[f"{c}_mean_s"] = statistics.fmean(ts)
+                    for ref, key in ((WS, "vs_weighted_sum"), (NEQUIP_CONFIG, "vs_nequip_config")):
+                        if ref not in args.methods:
+                            continue
+                        row[f"{c}_{key}"] = med / statistics.median(times[c][ref])
+                        row[f"{c}_mean_{key}"] = row[f"{c}_mean_s"] / statistics.fmean(
+                            times[c][ref]
+                        )
+                        # the same batch, a few seconds apart: per-step paired ratios
+                        paired = [a / b for a, b in zip(ts, times[c][ref])]
+                        q = statistics.quantiles(paired, n=4)
+                        row[f"{c}_{key}_paired_iqr"] = [q[0], q[2]]
+                        row[f"{c}_{key}_paired_median"] = statistics.median(paired)
                 results.append(row)
-                print(json.dumps(row))
+                print(
+                    json.dumps({k: v for k, v in row.items() if not k.startswith("raw")}),
+                    flush=True,
+                )
+    return results
 
-    meta = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "args": vars(args),
-        "time": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    lines = [
-        f"Step cost, {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), {meta['time']}",
-        "",
-        "| dtype | tasks | params | method | median step (ms) | vs weighted sum | vs nequip ConFIG |",
-        "|---|---|---|---|---|---|---|",
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _memory_callback(rss: bool):
+    """Peak of live torch tensor bytes (torch.profiler memory events) between
+    ``on_train_start`` and ``on_train_end``, relative to the level at ``on_train_start``;
+    with ``rss``, also the OS view (VmHWM - VmRSS at start, HWM reset at start)."""
+    import gc
+
+    import lightning
+    from torch.profiler import ProfilerActivity, profile
+
+    def status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])  # kB
+        raise KeyError(key)
+
+    class Peak(lightning.Callback):
+        def __init__(self):
+            self.result: dict = {}
+            self._prof = None
+
+        def on_train_start(self, trainer, pl_module):
+            # no collection of earlier runs' garbage inside the window (its frees would
+            # offset this run's allocations)
+            gc.collect()
+            gc.disable()
+            if rss:
+                Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+                self.result["rss_start_kb"] = status("VmRSS")
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+
+        def on_train_end(self, trainer, pl_module):
+            if rss:
+                self.result["rss_hwm_kb"] = status("VmHWM")
+                self.result["rss_peak_delta_kb"] = (
+                    self.result["rss_hwm_kb"] - self.result["rss_start_kb"]
+                )
+            self._prof.__exit__(None, None, None)
+            events = [
+                e for e in self._prof.profiler.kineto_results.events() if e.name() == "[memory]"
+            ]
+            events.sort(key=lambda e: e.start_ns())
+            cur = peak = 0
+            for e in events:
+                cur += e.nbytes()
+                peak = max(peak, cur)
+            self.result["torch_peak_kb"] = peak / 1024
+            self.result["torch_end_kb"] = cur / 1024
+            self._prof = None
+            gc.enable()
+
+    return Peak()
+
+
+def _memory_child(args, table) -> None:
+    """Run in a fresh process: one method, one dtype, one task count; print JSON."""
+    _init_torch()
+    setup = Setup(args)
+    peak = _memory_callback(rss=True)
+    _, n_params = _run(
+        setup, table[args.method], args.dtypes[0], args.tasks[0], args.mem_steps, [peak]
+    )
+    print("MEMORY " + json.dumps({**peak.result, "params": n_params}))
+
+
+def measure_memory(args, table) -> list[dict]:
+    """Torch peak in this process (deterministic); RSS high-water marks in fresh
+    subprocesses with ``--rss``."""
+    setup = Setup(args)
+    out = []
+    for dtype in args.dtypes:
+        for num_tasks in args.tasks:
+            rows = []
+            for m in args.methods:
+                if args.rss:
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--_memory-child",
+                        "--method",
+                        m,
+                        "--dtypes",
+                        dtype,
+                    ]
+                    cmd += ["--tasks", str(num_tasks), *_model_argv(args)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+                    line = [x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")]
+                    if proc.returncode != 0 or not line:
+                        raise RuntimeError(f"memory run of {m} failed:\n{proc.stderr[-3000:]}")
+                    res = json.loads(line[0][len("MEMORY ") :])
+                else:
+                    peak = _memory_callback(rss=False)
+                    _, n_params = _run(setup, table[m], dtype, num_tasks, args.mem_steps, [peak])
+                    res = {**peak.result, "params": n_params}
+                rows.append({"method": m, "dtype": dtype, "tasks": num_tasks, **res})
+                print(
+                    f"[memory {dtype} {num_tasks} tasks] {m}: torch peak {res['torch_peak_kb'] / 1024:.1f} MiB"
+                    + (
+                        f", RSS peak {res['rss_peak_delta_kb'] / 1024:.1f} MiB"
+                        if "rss_peak_delta_kb" in res
+                        else ""
+                    ),
+                    flush=True,
+                )
+            for key in ("torch_peak_kb", "rss_peak_delta_kb"):
+                by = {r["method"]: r.get(key) for r in rows}
+                for r in rows:
+                    if r.get(key) is None:
+                        continue
+                    short = key.split("_")[0]
+                    r[f"{short}_mem_vs_weighted_sum"] = r[key] / by[WS] if by.get(WS) else None
+                    r[f"{short}_mem_vs_nequip_config"] = (
+                        r[key] / by[NEQUIP_CONFIG] if by.get(NEQUIP_CONFIG) else None
+                    )
+            out += rows
+    return out
+
+
+def _model_argv(args) -> list[str]:
+    return [
+        "--batch-size",
+        str(args.batch_size),
+        "--frames",
+        str(args.frames),
+        "--num-features",
+        str(args.num_features),
+        "--num-layers",
+        str(args.num_layers),
+        "--l-max",
+        str(args.l_max),
+        "--radial-width",
+        str(args.radial_width),
+        "--r-max",
+        str(args.r_max),
+        "--steps",
+        str(args.steps),
+        "--mem-steps",
+        str(args.mem_steps),
+        "--lr",
+        str(args.lr),
     ]
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def profile(args, table) -> None:
+    """torch.profiler over ``--steps`` steps of each requested method (after 2 warm-up runs)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    setup = Setup(args)
+    dtype, num_tasks = args.dtypes[0], args.tasks[0]
+    for m in args.methods:
+        _run(setup, table[m], dtype, num_tasks, 3)  # warm-up
+        with profile(
+            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False
+        ) as prof:
+            with record_function(f"method:{m}"):
+                t, _ = _run(setup, table[m], dtype, num_tasks, args.mem_steps + 1)
+        times = t["cpu"]
+        txt = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        path = Path(args.out).parent / f"profile_{m}_{dtype}_{num_tasks}tasks.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = f"{m} ({table[m].label}) {dtype} {num_tasks} tasks; step CPU times (s): {[round(x, 4) for x in times]}\n"
+        path.write_text(header + txt)
+        print(header + txt[:6000])
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(x, spec=".2f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def _ratio(r, clock, key):
+    v = r.get(f"{clock}_{key}")
+    rng = r.get(f"{clock}_{key}_paired_iqr")
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}" + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else "")
+
+
+def _bootstrap(xs, ys, stat, n=2000, seed=0):
+    """95% percentile interval of ``stat(xs)/stat(ys)``, resampling paired steps."""
+    rng = random.Random(seed)
+    k = len(xs)
+    vals = []
+    for _ in range(n):
+        idx = [rng.randrange(k) for _ in range(k)]
+        vals.append(stat([xs[i] for i in idx]) / stat([ys[i] for i in idx]))
+    vals.sort()
+    return [vals[int(0.025 * n)], vals[int(0.975 * n) - 1]]
+
+
+def add_intervals(results) -> None:
+    """Bootstrap intervals of the CPU ratios (median and mean) from the raw step times."""
+    raw = {
+        (r["method"], r["dtype"], r["tasks"]): r["raw_cpu_s"] for r in results if "raw_cpu_s" in r
+    }
     for r in results:
-        lines.append(
-            f"| {r['dtype']} | {r['tasks']} | {r['params']} | {r['method']} | {1e3 * r['median_step_s']:.1f} "
-            f"| {r['vs_weighted_sum']:.3f} | {r['vs_nequip_config']:.3f} |"
+        xs = raw.get((r["method"], r["dtype"], r["tasks"]))
+        for ref, key in ((WS, "vs_weighted_sum"), (NEQUIP_CONFIG, "vs_nequip_config")):
+            ys = raw.get((ref, r["dtype"], r["tasks"]))
+            if xs and ys and len(xs) == len(ys):
+                r[f"cpu_{key}_ci95"] = _bootstrap(xs, ys, statistics.median)
+                r[f"cpu_mean_{key}_ci95"] = _bootstrap(xs, ys, statistics.fmean)
+
+
+def _with_ci(r, key) -> str:
+    v, ci = r.get(key), r.get(f"{key}_ci95")
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+TARGETS = (
+    # (methods, reference key, bound, statistic) -- the targets of issue #8
+    (("config",), "vs_nequip_config", 1.00, "our ConFIG step <= nequip's ConFIG step"),
+    (
+        ("mconfig_adam", "mconfig_sgd"),
+        "vs_weighted_sum",
+        1.15,
+        "M-ConFIG step <= 1.15x weighted sum",
+    ),
+    (
+        ("uncertainty", "famo", "softadapt", "dwa", "rlw"),
+        "vs_weighted_sum",
+        1.05,
+        "loss weighting step <= 1.05x weighted sum",
+    ),
+)
+
+
+def targets_lines(results) -> list[str]:
+    by = {(r["method"], r["dtype"], r["tasks"]): r for r in results}
+    configs = sorted({(r["dtype"], r["tasks"]) for r in results})
+    lines = [
+        "Targets (CPU time; *met* if the ratio of medians is within the bound, *within noise* "
+        "if only the 95% interval reaches it; for M-ConFIG, whose step cost alternates between "
+        "tasks, the ratio of means is its cost per step):",
+        "",
+    ]
+    for methods, key, bound, text in TARGETS:
+        cells = []
+        for dtype, tasks in configs:
+            for m in methods:
+                r = by.get((m, dtype, tasks))
+                if r is None or r.get(f"cpu_{key}") is None:
+                    continue
+                stat = f"cpu_mean_{key}" if m.startswith("mconfig") else f"cpu_{key}"
+                v, ci = r[stat], r.get(f"{stat}_ci95")
+                verdict = (
+                    "met" if v <= bound else ("within noise" if ci and ci[0] <= bound else "MISSED")
+                )
+                cells.append(f"{r['label']} {dtype}: {_with_ci(r, stat)} ({verdict})")
+        if cells:
+            lines.append(f"- {text}: " + "; ".join(cells))
+    return lines
+
+
+def markdown(args, info, results, memory, elapsed) -> str:
+    mem = {(r["method"], r["dtype"], r["tasks"]): r for r in memory}
+    rss = any("rss_peak_delta_kb" in r for r in memory)
+    params = results[0]["params"] if results else (memory[0]["params"] if memory else None)
+    lines = [
+        f"Step cost on {C.machine_line(info)}; {info.get('date', C.now())}; total {elapsed / 60:.1f} min.",
+        "",
+        f"NequIP model with {params} parameters (l_max={args.l_max}, {args.num_layers} layers, "
+        f"{args.num_features} features, radial MLP 2x{args.radial_width}), batches of "
+        f"{args.batch_size} EMT alloy frames (Cu/Ni/Pd, 8-32 atoms); {args.steps} timed steps "
+        f"per method after {args.warmup} warm-up steps, interleaved step by step (step i of "
+        "every method, on the same batch, in a fresh random order for every i). "
+        "Times are CPU time of the (single) compute thread; ratios are ratios of median step "
+        "times with a 95% bootstrap interval (paired resampling of steps) in brackets; "
+        "*mean* = ratio of mean step times (the cost per step of methods whose work varies "
+        "from step to step by design, e.g. M-ConFIG's round-robin backward pass); *wall* = "
+        "ratio of median wall-clock step times. "
+        f"*Mem* = peak of live torch tensor memory over {args.mem_steps} training steps, above "
+        "the level at the start of training (torch.profiler memory events)"
+        + (
+            "; *RSS* = peak resident-set increase over the same steps in a fresh process."
+            if rss
+            else "."
+        ),
+        "",
+    ]
+    if results:
+        lines += [
+            "| dtype | tasks | method | CPU ms/step | vs weighted sum | vs nequip ConFIG "
+            "| vs weighted sum (mean) | wall vs weighted sum "
+            "| mem (MiB) | mem vs weighted sum | mem vs nequip ConFIG"
+            + (" | RSS (MiB) | RSS vs weighted sum |" if rss else " |"),
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if rss else ""),
+        ]
+        for r in results:
+            mm = mem.get((r["method"], r["dtype"], r["tasks"]))
+            lines.append(
+                f"| {r['dtype']} | {r['tasks']} | {r['label']} | {1e3 * r['cpu_median_s']:.0f} "
+                f"| {_with_ci(r, 'cpu_vs_weighted_sum')} | {_with_ci(r, 'cpu_vs_nequip_config')} "
+                f"| {_with_ci(r, 'cpu_mean_vs_weighted_sum')} | {_fmt(r.get('wall_vs_weighted_sum'))} "
+                + _mem_cells(mm, rss)
+            )
+        lines += [""] + targets_lines(results)
+    else:
+        lines += [
+            "| dtype | tasks | method | mem (MiB) | mem vs weighted sum | mem vs nequip ConFIG"
+            + (" | RSS (MiB) | RSS vs weighted sum |" if rss else " |"),
+            "|---|---|---|---|---|---|" + ("---|---|" if rss else ""),
+        ]
+        for m in memory:
+            lines.append(f"| {m['dtype']} | {m['tasks']} | {m['method']} " + _mem_cells(m, rss))
+    return "\n".join(lines) + "\n"
+
+
+def _mem_cells(mm, rss: bool) -> str:
+    mm = mm or {}
+    cells = (
+        f"| {_fmt(mm.get('torch_peak_kb') and mm['torch_peak_kb'] / 1024, '.1f')} "
+        f"| {_fmt(mm.get('torch_mem_vs_weighted_sum'))} | {_fmt(mm.get('torch_mem_vs_nequip_config'))} |"
+    )
+    if rss:
+        cells += (
+            f" {_fmt(mm.get('rss_peak_delta_kb') and mm['rss_peak_delta_kb'] / 1024, '.0f')} "
+            f"| {_fmt(mm.get('rss_mem_vs_weighted_sum'))} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return cells
+
+
+def write_outputs(args, info, results, memory, elapsed) -> None:
+    out = Path(args.out)
+    add_intervals(results)
+    info.setdefault("date", C.now())
+    meta = {
+        "machine": info,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "time": info["date"],
+        "elapsed_s": elapsed,
+    }
+    C.write_json(out.with_suffix(".json"), {"meta": meta, "results": results, "memory": memory})
+    text = markdown(args, info, results, memory, elapsed)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    if results:
+        _plot(
+            out.with_suffix(".png"),
+            results,
+            {(r["method"], r["dtype"], r["tasks"]): r for r in memory},
+        )
+
+
+def _plot(path: Path, results, mem) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = sorted({(r["dtype"], r["tasks"]) for r in results})
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    labels = {r["method"]: r["label"] for r in results}
+    by = {(r["method"], r["dtype"], r["tasks"]): r for r in results}
+    params = results[0]["params"]
+    have_mem = bool(mem)
+    ncols = 2 if have_mem else 1
+    fig, axes = plt.subplots(
+        1, ncols, figsize=(7 * ncols, 0.42 * len(methods) + 1.8), squeeze=False
+    )
+    axes = axes[0]
+    h = 0.8 / len(configs)
+    for j, cfg in enumerate(configs):
+        ys = [i + (j - (len(configs) - 1) / 2) * h for i in range(len(methods))]
+        vals = [by[(m, *cfg)].get("cpu_vs_weighted_sum") or 0 for m in methods]
+        lo = [
+            max(0.0, v - by[(m, *cfg)].get("cpu_vs_weighted_sum_ci95", [v, v])[0])
+            for m, v in zip(methods, vals)
+        ]
+        hi = [
+            max(0.0, by[(m, *cfg)].get("cpu_vs_weighted_sum_ci95", [v, v])[1] - v)
+            for m, v in zip(methods, vals)
+        ]
+        axes[0].barh(
+            ys,
+            vals,
+            height=h,
+            xerr=[lo, hi],
+            error_kw={"lw": 0.6},
+            label=f"{cfg[0]}, {cfg[1]} tasks",
+        )
+        if have_mem:
+            mv = [(mem.get((m, *cfg)) or {}).get("torch_mem_vs_weighted_sum") or 0 for m in methods]
+            axes[1].barh(ys, mv, height=h, label=f"{cfg[0]}, {cfg[1]} tasks")
+    titles = [
+        "median step CPU time / weighted-sum step",
+        "peak torch training memory / weighted sum",
+    ]
+    for ax, title in zip(axes, titles):
+        ax.set_yticks(range(len(methods)), [labels[m] for m in methods])
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].axvline(1.15, color="tab:red", ls="--", lw=0.8, label="1.15x (M-ConFIG target)")
+    axes[0].axvline(1.05, color="tab:orange", ls=":", lw=0.8, label="1.05x (weighting target)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(
+        f"Per-step cost relative to nequip's weighted-sum step ({params} parameters, CPU, 1 thread)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _init_torch():
+    import torch
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small model, 6 timed steps, float32 only"
+    )
+    parser.add_argument("--tasks", type=int, nargs="+", default=[3], choices=[2, 3])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    parser.add_argument("--batch-size", type=int, default=5)
+    parser.add_argument(
+        "--frames", type=int, default=200, help="frames generated (>= batch*(steps+1)+1)"
+    )
+    parser.add_argument("--num-features", type=int, default=32)
+    parser.add_argument("--num-layers", type=int, default=3)
+    parser.add_argument("--l-max", type=int, default=1)
+    parser.add_argument("--radial-width", type=int, default=64)
+    parser.add_argument("--r-max", type=float, default=4.5)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--methods", nargs="+", default=C.ALL_METHODS, choices=C.ALL_METHODS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--memory-only", action="store_true", help="only the memory measurements")
+    parser.add_argument("--mem-steps", type=int, default=3)
+    parser.add_argument(
+        "--rss", action="store_true", help="also RSS high-water marks, one fresh process each"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="torch.profiler table per method instead"
+    )
+    parser.add_argument("--out", default=str(C.RESULTS / "step_cost"))
+    parser.add_argument("--from-json", help="only rewrite the md/png outputs from this json")
+    parser.add_argument(
+        "--_memory-child", dest="_memory_child", action="store_true", help=argparse.SUPPRESS
+    )
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_features, args.l_max, args.num_layers, args.radial_width = 16, 1, 2, 32
+        args.steps, args.dtypes, args.mem_steps = 6, ["float32"], 3
+        if args.out == str(C.RESULTS / "step_cost"):
+            args.out = str(C.TMP / "step_cost_quick")
+    table = C.methods(interval="batch")
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        saved = argparse.Namespace(**{**data["meta"]["args"], "out": args.out})
+        info = {**data["meta"]["machine"], "date": data["meta"]["time"]}
+        write_outputs(saved, info, data["results"], data["memory"], data["meta"]["elapsed_s"])
+        return
+
+    if args._memory_child:
+        _memory_child(args, table)
+        return
+    # the two references first, whatever was asked for
+    args.methods = [WS, NEQUIP_CONFIG] + [
+        m for m in dict.fromkeys(args.methods) if m not in (WS, NEQUIP_CONFIG)
+    ]
+    missing = C.missing_methods(args.methods, table)
+    for m, bad in missing.items():
+        print(f"SKIPPING {m}: cannot import {bad}", flush=True)
+    args.methods = [m for m in args.methods if m not in missing]
+
+    _init_torch()
+    if args.profile:
+        profile(args, table)
+        return
+    info = C.machine_info()
+    t0 = time.perf_counter()
+    results = [] if args.memory_only else time_methods(args, table)
+    memory = [] if args.no_memory else measure_memory(args, table)
+    write_outputs(
+        args,
+        {**info, "loadavg_end": os.getloadavg(), "missing_methods": missing},
+        results,
+        memory,
+        time.perf_counter() - t0,
+    )
 
 
 if __name__ == "__main__":

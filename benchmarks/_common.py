@@ -1,0 +1,427 @@
+"""Shared pieces of the benchmarks: the offline alloy data, the model, the methods.
+
+Every method is selected exactly as a user would select it in a nequip config: by the
+``_target_`` of the training module, of its ``aggregator``, or of a callback on
+nequip's weighted-sum module. :data:`METHODS` lists them; :func:`missing_methods`
+reports any whose ``_target_`` does not import in this tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+TMP = RESULTS / "_tmp"  # gitignored: generated data, Lightning scratch
+
+TYPE_NAMES = ["Cu", "Ni", "Pd"]
+
+# the three tasks of the alloy data, by the coefficient keys of nequip's loss builders
+TASKS = {2: ["total_energy", "forces"], 3: ["total_energy", "forces", "stress"]}
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way to train: a training module (+ kwargs) and optional callbacks."""
+
+    label: str
+    module: str
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    callbacks: tuple[dict[str, Any], ...] = ()
+    optimizer: dict[str, Any] | None = None  # None: the benchmark's default (Adam)
+    baseline: bool = False  # one of nequip's built-in choices
+    family: str = "aggregator"  # baseline | aggregator | weighting
+
+    def targets(self) -> list[str]:
+        out = [self.module]
+        agg = self.kwargs.get("aggregator")
+        if agg:
+            out.append(agg["_target_"])
+        out += [cb["_target_"] for cb in self.callbacks]
+        return out
+
+
+MTL = "nequip_mtl.train.MultitaskLightningModule"
+
+
+def _agg(name: str, label: str, **kw) -> Method:
+    return Method(
+        label,
+        MTL,
+        {"aggregator": {"_target_": f"nequip_mtl.aggregators.{name}", **kw}},
+        family="aggregator",
+    )
+
+
+def _methods(interval: str) -> dict[str, Method]:
+    """All methods; ``interval`` is the update interval of the loss-weighting callbacks."""
+    softadapt = {"beta": 1.1, "interval": interval, "frequency": 2}
+    return {
+        # --- nequip's built-in choices (the baselines)
+        "ws": Method(
+            "weighted sum (nequip)",
+            "nequip.train.NequIPLightningModule",
+            baseline=True,
+            family="baseline",
+        ),
+        "config_nequip": Method(
+            "ConFIG (nequip)",
+            "nequip.train.ConFIGLightningModule",
+            baseline=True,
+            family="baseline",
+        ),
+        "softadapt_nequip": Method(
+            "SoftAdapt (nequip)",
+            "nequip.train.NequIPLightningModule",
+            callbacks=({"_target_": "nequip.train.callbacks.SoftAdapt", **softadapt},),
+            baseline=True,
+            family="baseline",
+        ),
+        # --- gradient aggregation (nequip_mtl)
+        "config": Method("ConFIG (nequip_mtl)", "nequip_mtl.train.ConFIGLightningModule"),
+        "mean": _agg("Mean", "Mean"),
+        "sum": _agg("Sum", "Sum"),
+        "pcgrad": _agg("PCGrad", "PCGrad"),
+        "imtlg": _agg("IMTLG", "IMTL-G"),
+        "mgda": _agg("MGDA", "MGDA"),
+        "upgrad": _agg("UPGrad", "UPGrad"),
+        "dualproj": _agg("DualProj", "DualProj"),
+        "alignedmtl": _agg("AlignedMTL", "Aligned-MTL"),
+        "cagrad": _agg("CAGrad", "CAGrad"),
+        "mconfig_adam": Method(
+            "M-ConFIG + Adam (no 2nd moment)",
+            MTL,
+            {
+                "aggregator": {
+                    "_target_": "nequip_mtl.aggregators.MomentumConFIG",
+                    "second_moment": False,
+                }
+            },
+        ),
+        "mconfig_sgd": Method(
+            "M-ConFIG + SGD (2nd moment)",
+            MTL,
+            {
+                "aggregator": {
+                    "_target_": "nequip_mtl.aggregators.MomentumConFIG",
+                    "second_moment": True,
+                }
+            },
+            optimizer={"_target_": "torch.optim.SGD"},
+        ),
+        # --- loss weighting (nequip_mtl)
+        "uncertainty": Method(
+            "Uncertainty weighting",
+            "nequip_mtl.train.UncertaintyWeightingLightningModule",
+            family="weighting",
+        ),
+        "famo": Method("FAMO", "nequip_mtl.train.FAMOLightningModule", family="weighting"),
+        "softadapt": Method(
+            "SoftAdapt (nequip_mtl)",
+            "nequip.train.NequIPLightningModule",
+            callbacks=({"_target_": "nequip_mtl.train.callbacks.SoftAdapt", **softadapt},),
+            family="weighting",
+        ),
+        "dwa": Method(
+            "DWA",
+            "nequip.train.NequIPLightningModule",
+            callbacks=(
+                {
+                    "_target_": "nequip_mtl.train.callbacks.DynamicWeightAverage",
+                    "temperature": 2.0,
+                    "interval": interval,
+                    "frequency": 1,
+                },
+            ),
+            family="weighting",
+        ),
+        "rlw": Method(
+            "RLW",
+            "nequip.train.NequIPLightningModule",
+            callbacks=(
+                {
+                    "_target_": "nequip_mtl.train.callbacks.RandomLossWeighting",
+                    "interval": "batch",
+                    "frequency": 1,
+                    "seed": 0,
+                },
+            ),
+            family="weighting",
+        ),
+    }
+
+
+def methods(interval: str = "epoch") -> dict[str, Method]:
+    return _methods(interval)
+
+
+ALL_METHODS = list(_methods("epoch"))
+
+
+def _resolves(target: str) -> bool:
+    module, _, name = target.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+def missing_methods(keys: list[str], table: dict[str, Method]) -> dict[str, list[str]]:
+    """``{method: [unresolvable _target_s]}`` for the methods that cannot be built here."""
+    out = {}
+    for k in keys:
+        bad = [t for t in table[k].targets() if not _resolves(t)]
+        if bad:
+            out[k] = bad
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def alloy_data(frames: int, seed: int = 0) -> Path:
+    """The seeded EMT alloy file (``nequip-mtl-make-data``), generated once into ``_tmp``."""
+    from nequip_mtl.data import make_dataset
+
+    path = TMP / f"alloy_{frames}f_seed{seed}.xyz"
+    if not path.exists():
+        TMP.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(f".{os.getpid()}.part.xyz")
+        make_dataset(part, num_frames=frames, seed=seed, elements=TYPE_NAMES)
+        part.replace(path)
+    return path
+
+
+def data_statistics(path: Path, r_max: float) -> dict[str, float]:
+    """The data-derived model constants (as nequip's ``training_data_stats`` would give,
+    but over the whole file, so every method gets exactly the same model)."""
+    import ase.io
+    import numpy as np
+    from ase.neighborlist import neighbor_list
+
+    frames = ase.io.read(path, index=":")
+    e_per_atom = [a.get_potential_energy() / len(a) for a in frames]
+    forces = np.concatenate([a.get_forces().ravel() for a in frames])
+    neighbors = [len(neighbor_list("i", a, r_max)) / len(a) for a in frames]
+    atoms = sum(len(a) for a in frames)
+    # per-type energy shifts: least-squares fit of E = sum_t n_t mu_t (what a user would
+    # take from isolated-atom energies or a linear composition fit)
+    counts = np.array(
+        [[a.get_chemical_symbols().count(t) for t in TYPE_NAMES] for a in frames], float
+    )
+    energies = np.array([a.get_potential_energy() for a in frames])
+    shifts, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    resid = energies - counts @ shifts
+    return {
+        "per_type_energy_shifts": {t: float(x) for t, x in zip(TYPE_NAMES, shifts)},
+        "energy_residual_rms_per_atom": float(np.sqrt(np.mean((resid / counts.sum(1)) ** 2))),
+        "num_frames": len(frames),
+        "mean_atoms": atoms / len(frames),
+        "per_atom_energy_mean": float(np.mean(e_per_atom)),
+        "forces_rms": float(np.sqrt(np.mean(forces**2))),
+        "num_neighbors_mean": float(np.average(neighbors, weights=[len(a) for a in frames])),
+    }
+
+
+def datamodule(
+    path: Path,
+    n_train: int,
+    n_val: int,
+    batch_size: int,
+    r_max: float,
+    seed: int = 1,
+    val_batch: int = 10,
+    shuffle: bool = True,
+):
+    from nequip.data.datamodule import NequIPDataModule
+
+    return NequIPDataModule(
+        seed=seed,
+        split_dataset={
+            "dataset": {
+                "_target_": "nequip.data.dataset.ASEDataset",
+                "file_path": str(path),
+                "ase_args": {"format": "extxyz"},
+                "transforms": [
+                    {
+                        "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
+                        "model_type_names": TYPE_NAMES,
+                        "chemical_species_to_atom_type_map": {s: s for s in TYPE_NAMES},
+                    },
+                    {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": r_max},
+                ],
+            },
+            "train": n_train,
+            "val": n_val,
+        },
+        train_dataloader={
+            "_target_": "torch.utils.data.DataLoader",
+            "batch_size": batch_size,
+            "shuffle": shuffle,
+        },
+        val_dataloader={"_target_": "torch.utils.data.DataLoader", "batch_size": val_batch},
+    )
+
+
+# ----------------------------------------------------------------------------- model/module
+
+
+def model_config(
+    dtype: str,
+    stats: dict,
+    *,
+    num_layers: int,
+    num_features: int,
+    l_max: int,
+    r_max: float,
+    radial_width: int,
+    model_seed: int = 7,
+) -> dict:
+    return {
+        "_target_": "nequip.model.NequIPGNNModel",
+        "seed": model_seed,
+        "model_dtype": dtype,
+        "type_names": TYPE_NAMES,
+        "r_max": r_max,
+        "l_max": l_max,
+        "parity": True,
+        "num_layers": num_layers,
+        "num_features": num_features,
+        "radial_mlp_depth": 2,
+        "radial_mlp_width": radial_width,
+        "avg_num_neighbors": stats["num_neighbors_mean"],
+        "per_type_energy_shifts": dict(stats["per_type_energy_shifts"]),
+        "per_type_energy_scales": stats["forces_rms"],
+    }
+
+
+def loss_config(num_tasks: int, coeffs: dict[str, float] | None = None) -> dict:
+    coeffs = coeffs or {name: 1.0 for name in TASKS[num_tasks]}
+    target = (
+        "nequip.train.EnergyForceStressLoss" if num_tasks == 3 else "nequip.train.EnergyForceLoss"
+    )
+    return {"_target_": target, "per_atom_energy": True, "coeffs": dict(coeffs)}
+
+
+def metrics_config(num_tasks: int) -> dict:
+    if num_tasks == 3:
+        return {
+            "_target_": "nequip.train.EnergyForceStressMetrics",
+            "coeffs": {"per_atom_energy_mae": 1.0, "forces_mae": 1.0, "stress_mae": 1.0},
+        }
+    return {
+        "_target_": "nequip.train.EnergyForceMetrics",
+        "coeffs": {"per_atom_energy_mae": 1.0, "forces_mae": 1.0},
+    }
+
+
+def build_module(
+    method: Method, model: dict, num_tasks: int, lr: float, coeffs: dict | None = None
+):
+    from hydra.utils import get_class
+
+    optimizer = {"_target_": "torch.optim.Adam", "lr": lr}
+    if method.optimizer is not None:
+        optimizer = {"lr": lr, **method.optimizer}
+    return get_class(method.module)(
+        model=model,
+        num_datasets={"train": 1, "val": 1, "test": 0, "predict": 0},
+        optimizer=optimizer,
+        loss=loss_config(num_tasks, coeffs),
+        val_metrics=metrics_config(num_tasks),
+        **method.kwargs,
+    )
+
+
+def build_callbacks(method: Method) -> list:
+    from hydra.utils import instantiate
+
+    return [instantiate(dict(cb)) for cb in method.callbacks]
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on (``lscpu`` fields, load, versions)."""
+    import lightning
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+    }
+    try:
+        import nequip
+
+        info["nequip"] = nequip.__version__
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        for key in (
+            "Model name",
+            "CPU(s)",
+            "Thread(s) per core",
+            "L2 cache",
+            "L3 cache",
+            "Hypervisor vendor",
+        ):
+            if key in fields:
+                info[key] = fields[key].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+        info["mem_total_gib"] = round(int(mem) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def machine_line(info: dict) -> str:
+    return (
+        f"{info.get('Model name', platform.machine())}, {info.get('CPU(s)', info['cpu_count'])} vCPU "
+        f"({info.get('Hypervisor vendor', 'bare metal')} VM), {info.get('mem_total_gib', '?')} GiB RAM, "
+        f"torch {info['torch']}, nequip {info.get('nequip', '?')}, lightning {info['lightning']}, "
+        f"{info['torch_threads']} torch thread(s), load avg at start "
+        f"{', '.join(f'{x:.2f}' for x in info['loadavg_start'])}"
+    )
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,476 @@
+"""Validation accuracy of every multitask method at equal compute and at equal epochs.
+
+Each (method, seed) trains the same NequIP model on the same offline EMT alloy data
+(energies, forces, stresses; ``nequip-mtl-make-data``) with the same optimizer settings,
+until its *training clock* reaches the budget ``--budget-s``; then the model is
+validated once more. The training clock counts the time from ``on_train_batch_start``
+to ``on_train_batch_end`` of every step (forward, backward passes, aggregation,
+optimizer step, callbacks), not validation. By default it is the CPU time of the single
+compute thread (``--clock cpu``), which on an idle machine equals the wall-clock time
+and on a shared machine is not inflated by other processes; ``--clock wall`` uses
+wall-clock time instead.
+
+Two protocols come out of the same runs:
+
+- **equal wall-clock** (``--budget-s``): the validation after the budget is spent;
+- **equal epochs** (``--epochs``): the validation at the end of epoch ``--epochs``
+  (every epoch is validated). The learning rate is constant, so a run truncated after
+  ``E`` epochs is exactly a run of ``E`` epochs. A method too slow to finish ``E``
+  epochs within the budget keeps training until it has (its budget result is still
+  taken when the budget runs out).
+
+Runs are ordered seed by seed, with the method order rotated per seed. Seeds set the
+model initialisation and the batch order; the data split is fixed.
+
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py                   # full (< 1 h on 2 cores)
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick           # a few minutes
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --methods ws config mconfig_adam --seeds 0 1
+
+Writes ``benchmarks/results/accuracy.{json,md}`` and ``accuracy_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+# validation metric names (EnergyForceStressMetrics) -> (column, unit factor, unit)
+METRICS = {
+    "per_atom_energy_mae": ("energy MAE", 1e3, "meV/atom"),
+    "forces_mae": ("force MAE", 1e3, "meV/Å"),
+    "stress_mae": ("stress MAE", 1e3, "meV/Å³"),
+}
+DEFAULT_METHODS = [m for m in C.ALL_METHODS if m != "mean"]  # Mean == Sum for equal coeffs
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def _callbacks(budget_s: float, min_epochs: int, steps_per_epoch: int, clock: str):
+    import lightning
+
+    tick = time.thread_time if clock == "cpu" else time.perf_counter
+
+    class Clock(lightning.Callback):
+        """Training clock; stops training once the budget is spent and ``min_epochs`` are done."""
+
+        def __init__(self):
+            self.elapsed = 0.0
+            self.steps = 0
+            self._t0 = 0.0
+            self.budget_hit_at: dict | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._t0 = tick()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.elapsed += tick() - self._t0
+            self.steps += 1
+            if self.elapsed >= budget_s:
+                if self.budget_hit_at is None:
+                    self.budget_hit_at = {
+                        "step": self.steps,
+                        "epoch": trainer.current_epoch,
+                        "clock_s": self.elapsed,
+                    }
+                if self.steps >= min_epochs * steps_per_epoch:
+                    trainer.should_stop = True
+
+    class Record(lightning.Callback):
+        """Validation metrics after every epoch, with the training clock and step."""
+
+        def __init__(self, clock_cb):
+            self.clock = clock_cb
+            self.points: list[dict] = []
+
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            metrics = {
+                k.split("/")[-1]: float(v)
+                for k, v in trainer.callback_metrics.items()
+                if k.startswith("val0_epoch")
+            }
+            self.points.append(
+                {
+                    "epoch": self.clock.steps / steps_per_epoch,
+                    "step": self.clock.steps,
+                    "clock_s": self.clock.elapsed,
+                    **{k: metrics.get(k) for k in METRICS},
+                }
+            )
+
+    clock_cb = Clock()
+    return clock_cb, Record(clock_cb)
+
+
+def _metrics_now(module, datamodule) -> dict:
+    """One validation pass of ``module`` (the trainer's own loop, no logging)."""
+    import lightning
+
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        inference_mode=False,  # forces are gradients
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(C.TMP),
+    )
+    out = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    return {k: float(out[f"val0_epoch/{k}"]) for k in METRICS if f"val0_epoch/{k}" in out}
+
+
+def run_one(task: dict) -> dict:
+    """Train one (method, seed) and return its curve and results (picklable)."""
+    import lightning
+    import torch
+    from nequip.utils.global_state import set_global_state
+
+    set_global_state()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    a = task["args"]
+    method = C.methods(interval="epoch")[task["method"]]
+    seed = task["seed"]
+    lightning.seed_everything(seed, workers=True, verbose=False)
+
+    stats = task["stats"]
+    model = C.model_config(
+        "float32",
+        stats,
+        num_layers=a["num_layers"],
+        num_features=a["num_features"],
+        l_max=a["l_max"],
+        r_max=a["r_max"],
+        radial_width=a["radial_width"],
+        model_seed=seed,
+    )
+    if method.callbacks and any("RandomLossWeighting" in cb["_target_"] for cb in method.callbacks):
+        method = C.Method(
+            method.label,
+            method.module,
+            method.kwargs,
+            tuple(
+                {**cb, "seed": seed} if "RandomLossWeighting" in cb["_target_"] else cb
+                for cb in method.callbacks
+            ),
+            method.optimizer,
+            method.baseline,
+            method.family,
+        )
+    module = C.build_module(method, model, 3, lr=a["lr"])
+    dm = C.datamodule(
+        Path(task["data"]), a["n_train"], a["n_val"], a["batch_size"], a["r_max"], seed=1
+    )
+    clock, record = _callbacks(
+        a["budget_s"], a["epochs"], math.ceil(a["n_train"] / a["batch_size"]), a["clock"]
+    )
+    trainer = lightning.Trainer(
+        max_epochs=10_000,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=1,
+        callbacks=[clock, *C.build_callbacks(method), record],
+        default_root_dir=str(C.TMP),
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    final = _metrics_now(module, dm)
+    at_epochs = next(
+        (
+            p
+            for p in record.points
+            if p["step"] == a["epochs"] * math.ceil(a["n_train"] / a["batch_size"])
+        ),
+        None,
+    )
+    per_epoch = math.ceil(a["n_train"] / a["batch_size"])
+    hit = clock.budget_hit_at or {"step": clock.steps}
+    # the budget result is the state when the budget ran out; if training had to go on
+    # to reach `epochs`, the last epoch validated within the budget is used instead
+    if clock.steps > hit["step"]:
+        within = [p for p in record.points if p["clock_s"] <= a["budget_s"]]
+        budget = {
+            **(within[-1] if within else record.points[0]),
+            "note": "last epoch within budget",
+        }
+    else:
+        budget = {
+            "epoch": clock.steps / per_epoch,
+            "step": clock.steps,
+            "clock_s": clock.elapsed,
+            **final,
+        }
+    return {
+        "method": task["method"],
+        "seed": seed,
+        "budget": budget,
+        "epochs": at_epochs,
+        "curve": record.points
+        + [{"epoch": None, "step": clock.steps, "clock_s": clock.elapsed, **final}],
+        "steps": clock.steps,
+        "clock_s": clock.elapsed,
+        "wall_s": time.perf_counter() - t0,
+        "skipped_steps": getattr(module, "skipped_steps", 0),
+        "params": sum(p.numel() for p in module.model.parameters()),
+    }
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _mean_sd(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(runs, methods, key) -> list[dict]:
+    rows = []
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        row = {"method": m, "n": len(rs), "n_reached": sum(r[key] is not None for r in rs)}
+        for metric in METRICS:
+            row[metric] = _mean_sd([r[key][metric] if r[key] else None for r in rs])
+        row["steps"] = _mean_sd([r[key]["step"] if r[key] else None for r in rs])[0]
+        row["epoch"] = _mean_sd([r[key]["epoch"] if r[key] else None for r in rs])[0]
+        rows.append(row)
+    return rows
+
+
+def _cell(v, metric):
+    mean, sd = v
+    if mean is None:
+        return "n/a"
+    f = METRICS[metric][1]
+    return f"{mean * f:.1f} ± {sd * f:.1f}"
+
+
+def table(rows, labels, caption) -> list[str]:
+    head = " | ".join(f"{METRICS[k][0]} ({METRICS[k][2]})" for k in METRICS)
+    lines = [
+        caption,
+        "",
+        f"| method | {head} | steps | epochs |",
+        "|---" * (len(METRICS) + 3) + "|",
+    ]
+    ws = next((r for r in rows if r["method"] == "ws"), None)
+    for r in sorted(rows, key=lambda r: (r["forces_mae"][0] is None, r["forces_mae"][0] or 0)):
+        cells = " | ".join(_cell(r[k], k) for k in METRICS)
+        steps = "n/a" if r["steps"] is None else f"{r['steps']:.0f}"
+        epochs = "n/a" if r["epoch"] is None else f"{r['epoch']:.1f}"
+        note = "" if r["n_reached"] == r["n"] else f" ({r['n_reached']}/{r['n']} runs)"
+        bold = "**" if ws is not None and r is ws else ""
+        lines.append(f"| {bold}{labels[r['method']]}{bold}{note} | {cells} | {steps} | {epochs} |")
+    return lines
+
+
+def plot_curves(path: Path, runs, methods, labels, budget_s: float, clock: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table_ = C.methods()
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(6 * len(METRICS), 5.5))
+    grid = np.linspace(0, budget_s, 60)
+    cmap = plt.get_cmap("tab20")
+    for i, m in enumerate(methods):
+        rs = [r for r in runs if r["method"] == m]
+        style = "-" if table_[m].baseline else ("--" if table_[m].family == "aggregator" else ":")
+        lw = 2.2 if table_[m].baseline else 1.2
+        for ax, metric in zip(axes, METRICS):
+            ys = []
+            for r in rs:
+                pts = [(p["clock_s"], p[metric]) for p in r["curve"] if p.get(metric) is not None]
+                pts.sort()
+                if not pts:
+                    continue
+                x, y = np.array(pts).T
+                yi = np.interp(grid, x, np.log(y), left=np.nan)
+                ys.append(yi)
+            if ys:
+                mean = np.exp(np.nanmean(np.array(ys), axis=0))
+                ax.plot(
+                    grid,
+                    mean * METRICS[metric][1],
+                    style,
+                    lw=lw,
+                    color=cmap(i % 20),
+                    label=labels[m],
+                )
+    for ax, metric in zip(axes, METRICS):
+        ax.set_yscale("log")
+        ax.set_xlabel(f"training {'CPU' if clock == 'cpu' else 'wall-clock'} time (s)")
+        ax.set_ylabel(f"validation {METRICS[metric][0]} ({METRICS[metric][2]})")
+        ax.grid(alpha=0.3, which="both")
+    axes[-1].legend(fontsize=7, ncol=1, loc="upper right")
+    fig.suptitle(
+        "Validation error vs training time (geometric mean over seeds; solid: nequip baselines, "
+        "dashed: aggregators, dotted: loss weighting)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a few minutes: short budget, 2 seeds, few methods"
+    )
+    parser.add_argument("--methods", nargs="+", default=None, choices=C.ALL_METHODS)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0 1)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="training-clock budget per run (s)"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="the equal-epochs protocol")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
+    parser.add_argument("--frames", type=int, default=200)
+    parser.add_argument("--n-train", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=5)
+    parser.add_argument("--num-features", type=int, default=32)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--l-max", type=int, default=1)
+    parser.add_argument("--radial-width", type=int, default=32)
+    parser.add_argument("--r-max", type=float, default=4.5)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--out", default=str(C.RESULTS / "accuracy"))
+    args = parser.parse_args(argv)
+    quick = {"budget_s": 8.0, "epochs": 1, "seeds": [0, 1]}
+    full = {"budget_s": 30.0, "epochs": 8, "seeds": [0, 1, 2]}
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.quick:
+        args.methods = args.methods or [
+            "ws",
+            "config_nequip",
+            "softadapt_nequip",
+            "config",
+            "mconfig_adam",
+            "famo",
+        ]
+        if args.out == str(C.RESULTS / "accuracy"):
+            args.out = str(C.TMP / "accuracy_quick")
+    methods = args.methods or DEFAULT_METHODS
+    table_ = C.methods()
+    missing = C.missing_methods(methods, table_)
+    for m, bad in missing.items():
+        print(f"SKIPPING {m}: cannot import {bad}", flush=True)
+    methods = [m for m in methods if m not in missing]
+
+    path = C.alloy_data(args.frames, seed=0)
+    stats = C.data_statistics(path, args.r_max)
+    a = {
+        **{k: v for k, v in vars(args).items() if k not in ("methods", "seeds", "out")},
+        "n_val": args.frames - args.n_train,
+    }
+    tasks = []
+    for i, seed in enumerate(args.seeds):
+        k = i % len(methods)
+        for m in methods[k:] + methods[:k]:
+            tasks.append({"method": m, "seed": seed, "args": a, "stats": stats, "data": str(path)})
+
+    import torch  # noqa: F401  (after OMP_NUM_THREADS)
+
+    info = C.machine_info()
+    t0 = time.perf_counter()
+    runs = []
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(run_one, tasks):
+                runs.append(r)
+                _progress(r, len(runs), len(tasks), t0)
+    else:
+        for t in tasks:
+            r = run_one(t)
+            runs.append(r)
+            _progress(r, len(runs), len(tasks), t0)
+    elapsed = time.perf_counter() - t0
+    write_outputs(args, info, stats, methods, runs, elapsed, missing)
+
+
+def _progress(r, i, n, t0):
+    b = r["budget"]
+    print(
+        f"[{i}/{n} {time.perf_counter() - t0:.0f} s] {r['method']} seed {r['seed']}: {r['steps']} steps, "
+        f"force MAE {1e3 * b['forces_mae']:.1f} meV/Å, energy {1e3 * b['per_atom_energy_mae']:.2f} meV/atom "
+        f"(run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
+
+
+def write_outputs(args, info, stats, methods, runs, elapsed, missing) -> None:
+    out = Path(args.out)
+    table_ = C.methods()
+    labels = {m: table_[m].label for m in methods}
+    by_budget = summarize(runs, methods, "budget")
+    by_epochs = summarize(runs, methods, "epochs")
+    meta = {
+        "machine": {**info, "loadavg_end": os.getloadavg()},
+        "args": vars(args),
+        "data": stats,
+        "time": C.now(),
+        "elapsed_s": elapsed,
+        "missing_methods": missing,
+    }
+    C.write_json(
+        out.with_suffix(".json"),
+        {"meta": meta, "equal_budget": by_budget, "equal_epochs": by_epochs, "runs": runs},
+    )
+    params = runs[0]["params"] if runs else None
+    clock = "CPU" if args.clock == "cpu" else "wall-clock"
+    lines = [
+        f"Accuracy on {C.machine_line(info)}; {C.now()}; total {elapsed / 60:.1f} min "
+        f"({args.jobs} run(s) at a time).",
+        "",
+        f"NequIP model with {params} parameters (l_max={args.l_max}, {args.num_layers} layers, "
+        f"{args.num_features} features), float32, Adam lr {args.lr} (constant), batch {args.batch_size}; "
+        f"{args.n_train} training / {args.frames - args.n_train} validation EMT alloy frames; "
+        f"loss coefficients 1:1:1 (per-atom energy, forces, stress MSE). Mean ± sample standard "
+        f"deviation over seeds {args.seeds}; sorted by force MAE; the weighted sum is in bold.",
+        "",
+    ]
+    lines += table(
+        by_budget,
+        labels,
+        f"**Equal training time: {args.budget_s:.0f} s of training {clock} time per run**",
+    )
+    lines += [""]
+    lines += table(by_epochs, labels, f"**Equal epochs: {args.epochs} epochs per run**")
+    text = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    plot_curves(
+        out.parent / (out.name + "_curves.png"), runs, methods, labels, args.budget_s, args.clock
+    )
+
+
+if __name__ == "__main__":
+    main()
