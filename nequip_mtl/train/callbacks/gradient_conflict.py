@@ -1,8 +1,14 @@
-"""Log how much the loss components' gradients conflict, for any NequIP training module."""
+"""Log how much the loss components' gradients conflict, for any NequIP training module.
+
+The measurement itself, one gradient per loss component on one optimizer step, is
+:class:`TaskGradientProbe`, shared with
+:class:`~nequip_mtl.train.callbacks.CalibrateLossCoefficients`.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import lightning
@@ -12,15 +18,56 @@ from nequip.utils.versions import _TORCH_GE_2_6
 
 from ...diagnostics.conflict import (
     ConflictStatistics,
-    conflict_from_gradients,
     conflict_from_weights,
     conflict_metrics,
+    conflict_statistics,
 )
 from ._common import active_names, check_interval, check_positive_int, loss_manager
 
 PREFIX = "grad_conflict"
 
-__all__ = ["GradientConflictMonitor"]
+__all__ = ["GradientConflictMonitor", "TaskGradientProbe", "TaskGradientMeasurement"]
+
+
+@dataclasses.dataclass
+class TaskGradientMeasurement:
+    """The task gradients of one optimizer step (one accumulation window), in Gram form.
+
+    Attributes:
+        names: the loss components measured, in row order
+        gram: ``(m, m)`` float64 Gram matrix ``G @ G.T`` of their gradients (of the
+            *unweighted* components, with Lightning's ``1/accumulate_grad_batches`` and
+            summed over the window's micro-batches; of the global batch under DDP)
+        weights: the update is ``weights @ G`` (``source == "module"``), else ``None``
+        update_dots: ``(m,)`` ``G @ u`` for the applied update ``u`` (``"autograd"`` only)
+        update_sq_norm: ``|u|^2`` (``"autograd"`` only)
+        source: ``"module"`` (the training module's own Gram matrix, no extra cost) or
+            ``"autograd"`` (extra per-task passes)
+        global_step: the trainer's ``global_step`` before that optimizer step
+    """
+
+    names: list[str]
+    gram: torch.Tensor
+    weights: torch.Tensor | None
+    update_dots: torch.Tensor | None
+    update_sq_norm: torch.Tensor | None
+    source: str
+    global_step: int
+
+    def statistics(self) -> ConflictStatistics:
+        """Norms and cosines of the task gradients and of the applied update."""
+        if self.weights is not None:
+            return conflict_from_weights(self.gram, self.weights, self.names)
+        return conflict_statistics(self.gram, self.names, self.update_dots, self.update_sq_norm)
+
+    def full_gram(self, names: list[str]) -> torch.Tensor:
+        """The Gram matrix over ``names`` (a superset of :attr:`names`), with zero rows and
+        columns for the components that were not measured (a gradient-aggregation module
+        leaves components with a zero gradient out of a step)."""
+        index = [names.index(n) for n in self.names]
+        full = torch.zeros(len(names), len(names), dtype=torch.float64)
+        full[torch.tensor(index)[:, None], torch.tensor(index)[None, :]] = self.gram.cpu()
+        return full
 
 
 class GradientConflictMonitor(Callback):
@@ -45,7 +92,8 @@ class GradientConflictMonitor(Callback):
     the optimizer step they describe, so every record reaches the logs regardless of
     ``trainer.log_every_n_steps``.
 
-    **Where the gradients come from.** With a gradient-aggregation module
+    **Where the gradients come from** (:class:`TaskGradientProbe`). With a
+    gradient-aggregation module
     (:class:`~nequip_mtl.train.MultitaskLightningModule` and its subclasses, e.g.
     ``nequip_mtl.train.ConFIGLightningModule``) the module has already computed the Gram
     matrix of the task gradients and the aggregation weights for this step
@@ -58,9 +106,11 @@ class GradientConflictMonitor(Callback):
     These use a private copy of the loss ``MetricsManager`` and a forked RNG; nothing the
     training uses is touched (``.grad``, the loss metrics' state and
     ``metrics_values_step``, the RNG), so the training trajectory is exactly the same as
-    without the monitor. With ``accumulate_grad_batches = k`` the task gradients are those
-    of the whole effective batch (summed over its micro-batches with Lightning's ``1/k``);
-    under DDP they are all-reduced, i.e. of the global batch, as the update is.
+    without the monitor. With ``accumulate_grad_batches = k`` a monitored step is one
+    optimizer step (one accumulation window): the extra passes run once, at that step,
+    one forward per micro-batch of the window, and the task gradients are those of the
+    whole window (summed over its micro-batches with Lightning's ``1/k``, as ``.grad``
+    is); under DDP they are all-reduced, i.e. of the global batch, as the update is.
 
     **Which update.** The update is the parameters' ``.grad`` in Lightning's
     ``on_before_optimizer_step`` hook: the combined gradient the optimizer is about to
@@ -98,55 +148,27 @@ class GradientConflictMonitor(Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_step: int | None = None
         self.last_source: str | None = None
-        self._window_step: int | None = None
-        self._window_due = False
-        self._window_batches: list[tuple[Any, int]] = []
         self._monitored_epoch: int | None = None
-        self._loss_copy: Any = None
-
-    # ------------------------------------------------------------------ setup
+        self._probe = TaskGradientProbe("GradientConflictMonitor")
 
     def setup(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str
     ) -> None:
         """"""
-        if stage != "fit":
-            return
-        loss_manager(pl_module, "GradientConflictMonitor")
-        if not isinstance(getattr(pl_module, "model", None), torch.nn.Module):
-            raise TypeError(
-                "GradientConflictMonitor needs a NequIP training module (with a `model`), got "
-                f"{type(pl_module).__name__}"
-            )
-        if _TORCH_GE_2_6 and not hasattr(pl_module, "task_gradient_statistics"):
-            # the extra per-task backward passes go through one (possibly compiled) graph
-            # several times; as nequip's ConFIGLightningModule does (memory only, no
-            # effect on the numbers)
-            torch._functorch.config.donated_buffer = False
-        self._loss_copy = None
-        self._reset_window()
+        if stage == "fit":
+            self._probe.setup(pl_module)
 
     def on_train_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
         """"""
-        # copied before the first training step: once the loss has run, its metric states
-        # hold autograd graphs, which cannot be deep-copied
-        self._loss_copy = copy.deepcopy(pl_module.loss)
+        self._probe.on_train_start(pl_module)
 
     def teardown(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str
     ) -> None:
         """"""
-        self._reset_window()
-        self._loss_copy = None
-
-    # ------------------------------------------------------------------ scheduling
-
-    def _reset_window(self) -> None:
-        self._window_step = None
-        self._window_due = False
-        self._window_batches = []
+        self._probe.teardown()
 
     def _is_due(self, trainer: lightning.Trainer) -> bool:
         if self.interval == "batch":
@@ -162,22 +184,13 @@ class GradientConflictMonitor(Callback):
         batch_idx: int,
     ) -> None:
         """"""
-        # all micro-batches of one accumulation window share the step's `global_step`
-        if self._window_step != trainer.global_step:
-            self._window_step = trainer.global_step
-            self._window_batches = []
-            self._window_due = self._is_due(trainer)
-        if self._window_due:
-            # a reference, not a copy: nequip's forward does not modify its input dict
-            self._window_batches.append((batch, batch_idx))
+        self._probe.on_train_batch_start(trainer, batch, batch_idx, lambda: self._is_due(trainer))
 
     def on_train_epoch_end(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
         """"""
-        self._window_batches = []
-
-    # ------------------------------------------------------------------ measurement
+        self._probe.reset_window()
 
     def on_before_optimizer_step(
         self,
@@ -186,37 +199,134 @@ class GradientConflictMonitor(Callback):
         optimizer: torch.optim.Optimizer,
     ) -> None:
         """"""
-        if not self._window_due or self._window_step != trainer.global_step:
+        measured = self._probe.measure(trainer, pl_module)
+        if measured is None:
             return
+        self._monitored_epoch = trainer.current_epoch
+        self.last_statistics = measured.statistics()
+        self.last_metrics = conflict_metrics(self.last_statistics, PREFIX)
+        self.last_step = measured.global_step
+        self.last_source = measured.source
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.last_metrics, step=measured.global_step)
+
+
+class TaskGradientProbe:
+    """One gradient per *active* loss component (``coeff`` not ``null``) on chosen
+    optimizer steps, for any NequIP training module; the measuring part of a callback.
+
+    The owning callback forwards its Lightning hooks: :meth:`setup`, :meth:`on_train_start`,
+    :meth:`teardown`, :meth:`on_train_batch_start` (with whether this step is to be
+    measured) and, in ``on_before_optimizer_step``, :meth:`measure`.
+
+    **Where the gradients come from.** With a gradient-aggregation module
+    (:class:`~nequip_mtl.train.MultitaskLightningModule` and subclasses) whose aggregator
+    is Gram-based, the module's own Gram matrix and weights of this step
+    (``task_gradient_statistics``) are reused at zero extra cost. With any other module
+    the probe runs, on measured steps only, one extra forward pass of each micro-batch of
+    the step and one ``torch.autograd.grad`` per active component, on the parameters
+    *before* the step, from a private copy of the loss ``MetricsManager`` and a forked
+    RNG: nothing the training uses is touched (``.grad``, the loss metrics' state and
+    ``metrics_values_step``, the RNG), so the training trajectory is unchanged.
+
+    **Accumulation and DDP.** A measurement is per optimizer step: with
+    ``accumulate_grad_batches = k`` the extra passes run once, at the optimizer step, over
+    the ``k`` micro-batches of the window (one forward each), and the task gradients are
+    those of the whole window (summed over its micro-batches with Lightning's ``1/k``,
+    exactly as the weighted-sum gradient in ``.grad``). Under DDP they are all-reduced,
+    i.e. of the global batch, as the update is; every rank gets the same measurement.
+    """
+
+    def __init__(self, who: str):
+        self.who = who
+        self._loss_copy: Any = None
+        self._window_step: int | None = None
+        self._window_due = False
+        self._window_batches: list[tuple[Any, int]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def setup(self, pl_module: lightning.LightningModule) -> None:
+        loss_manager(pl_module, self.who)
+        if not isinstance(getattr(pl_module, "model", None), torch.nn.Module):
+            raise TypeError(
+                f"{self.who} needs a NequIP training module (with a `model`), got "
+                f"{type(pl_module).__name__}"
+            )
+        if _TORCH_GE_2_6 and not hasattr(pl_module, "task_gradient_statistics"):
+            # the extra per-task backward passes go through one (possibly compiled) graph
+            # several times; as nequip's ConFIGLightningModule does (memory only, no
+            # effect on the numbers)
+            torch._functorch.config.donated_buffer = False
+        self._loss_copy = None
+        self.reset_window()
+
+    def on_train_start(self, pl_module: lightning.LightningModule) -> None:
+        # copied before the first training step: once the loss has run, its metric states
+        # hold autograd graphs, which cannot be deep-copied
+        self._loss_copy = copy.deepcopy(pl_module.loss)
+
+    def teardown(self) -> None:
+        self.reset_window()
+        self._loss_copy = None
+
+    def reset_window(self) -> None:
+        self._window_step = None
+        self._window_due = False
+        self._window_batches = []
+
+    def on_train_batch_start(
+        self, trainer: lightning.Trainer, batch: Any, batch_idx: int, due
+    ) -> None:
+        """Keep the micro-batches of a step to be measured. ``due`` is called (no
+        arguments) once per optimizer step, at its first micro-batch."""
+        # all micro-batches of one accumulation window share the step's `global_step`
+        if self._window_step != trainer.global_step:
+            self._window_step = trainer.global_step
+            self._window_batches = []
+            self._window_due = bool(due())
+        if self._window_due:
+            # a reference, not a copy: nequip's forward does not modify its input dict
+            self._window_batches.append((batch, batch_idx))
+
+    @property
+    def window_due(self) -> bool:
+        return self._window_due
+
+    # ------------------------------------------------------------------ measurement
+
+    def measure(
+        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
+    ) -> TaskGradientMeasurement | None:
+        """The task gradients of the step about to be applied (call in
+        ``on_before_optimizer_step``); ``None`` if this step is not to be measured or is
+        skipped by the module (no gradient, or no aggregation)."""
+        if not self._window_due or self._window_step != trainer.global_step:
+            return None
+        batches = self._window_batches
+        self.reset_window()
         params = [p for p in pl_module.model.parameters() if p.requires_grad]
         if not params or all(p.grad is None for p in params):
-            return  # a skipped step: nothing is applied
+            return None  # a skipped step: nothing is applied
         step = trainer.global_step
-
-        stats, source = None, None
         if hasattr(pl_module, "task_gradient_statistics"):
             recorded = pl_module.task_gradient_statistics
             if recorded is None or recorded.global_step != step:
-                return  # the module skipped this step's aggregation
+                return None  # the module skipped this step's aggregation
             if recorded.weights is not None:
-                stats = conflict_from_weights(recorded.gram, recorded.weights, recorded.names)
-                source = "module"
-        if stats is None:
-            if not self._window_batches:
-                return
-            stats = self._autograd_statistics(trainer, pl_module, params)
-            source = "autograd"
-
-        self._window_due = False
-        self._window_batches = []
-        self._monitored_epoch = trainer.current_epoch
-        self.last_statistics = stats
-        self.last_metrics = conflict_metrics(stats, PREFIX)
-        self.last_step = step
-        self.last_source = source
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(self.last_metrics, step=step)
+                return TaskGradientMeasurement(
+                    list(recorded.names),
+                    recorded.gram.detach().to("cpu", torch.float64),
+                    recorded.weights.detach().to("cpu", torch.float64),
+                    None,
+                    None,
+                    "module",
+                    step,
+                )
+        if not batches:
+            return None
+        return self._autograd(trainer, pl_module, params, batches, step)
 
     def _private_loss(self, pl_module: lightning.LightningModule) -> Any:
         """A private copy of the module's loss ``MetricsManager``, reset, with its current
@@ -224,10 +334,10 @@ class GradientConflictMonitor(Callback):
         source = pl_module.loss
         manager = self._loss_copy
         if manager is None:
-            raise RuntimeError("GradientConflictMonitor: used before `on_train_start`")
+            raise RuntimeError(f"{self.who}: used before `on_train_start`")
         if list(manager.entries) != list(source.entries):
             raise RuntimeError(
-                "GradientConflictMonitor: the training module's loss components changed after "
+                f"{self.who}: the training module's loss components changed after "
                 f"training started (were {list(manager.entries)}, now {list(source.entries)})"
             )
         manager.reset()
@@ -236,25 +346,28 @@ class GradientConflictMonitor(Callback):
         manager.do_weighted_sum = source.do_weighted_sum
         return manager
 
-    def _autograd_statistics(
+    def _autograd(
         self,
         trainer: lightning.Trainer,
         pl_module: lightning.LightningModule,
         params: list[torch.nn.Parameter],
-    ) -> ConflictStatistics:
+        batches: list[tuple[Any, int]],
+        step: int,
+    ) -> TaskGradientMeasurement:
         manager = self._private_loss(pl_module)
         names = active_names(pl_module.loss)
         if not names:
-            raise RuntimeError("GradientConflictMonitor: every loss component has `coeff: null`")
+            raise RuntimeError(f"{self.who}: every loss component has `coeff: null`")
         # Lightning divides each micro-batch's loss by `accumulate_grad_batches` in
-        # automatic optimization; manual optimization (nequip's ConFIG) has no accumulation
+        # automatic optimization (also in a last, incomplete window of an epoch); manual
+        # optimization (nequip's ConFIG) has no accumulation
         scale = 1.0 / trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1.0
         device = params[0].device
         sizes = [p.numel() for p in params]
         rows = torch.zeros(len(names), sum(sizes), dtype=torch.float64, device=device)
         cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=cuda):
-            for batch, batch_idx in self._window_batches:
+            for batch, batch_idx in batches:
                 manager.reset()
                 target = pl_module.process_target(batch, batch_idx, 0)
                 output = pl_module(batch)
@@ -282,5 +395,13 @@ class GradientConflictMonitor(Callback):
                 torch.distributed.all_reduce(rows)
         update = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        ).to(torch.float64)
+        return TaskGradientMeasurement(
+            names,
+            (rows @ rows.T).cpu(),
+            None,
+            (rows @ update).cpu(),
+            (update @ update).cpu(),
+            "autograd",
+            step,
         )
-        return conflict_from_gradients(rows, update, names)
