@@ -42,11 +42,15 @@ def _drive(cb, manager, hist, interval: str, ours: bool) -> list[dict]:
             trainer.current_epoch = i
             cb.on_train_epoch_start(trainer, pl_module)
         else:
-            manager.metrics_values_step = hist[i - 1]  # step i-1's loss
-            trainer.global_step = i
-            if ours:  # after optimizer step i-1 ...
+            if ours:  # step i-1 (one micro-batch), observed after its optimizer step ...
+                trainer.global_step = i - 1
+                cb.on_train_batch_start(trainer, pl_module, None, i - 1)
+                manager.metrics_values_step = hist[i - 1]
+                trainer.global_step = i
                 cb.on_train_batch_end(trainer, pl_module, None, None, i - 1)
             else:  # ... nequip: before step i
+                manager.metrics_values_step = hist[i - 1]  # step i-1's loss
+                trainer.global_step = i
                 cb.on_train_batch_start(trainer, pl_module, None, i)
         out.append(current_coeffs(manager))
     return out

@@ -14,6 +14,7 @@ INTERVALS = ("epoch", "batch")
 
 __all__ = [
     "INTERVALS",
+    "OptimizerStepCallback",
     "IntervalCallback",
     "WeightingCallback",
     "check_choice",
@@ -27,11 +28,49 @@ __all__ = [
 ]
 
 
-class IntervalCallback(Callback):
-    """A callback that acts at the start of every epoch (``interval: epoch``) or every
-    batch (``interval: batch``): subclasses set ``self.interval`` and implement
+class OptimizerStepCallback(Callback):
+    """Knows the accumulation windows of ``trainer.accumulate_grad_batches``.
+
+    One optimizer step is one *window* of micro-batches, all with the same
+    ``trainer.global_step`` (it only advances in the optimizer step, during the window's last
+    micro-batch). ``_window_start`` runs at the first micro-batch of every window, and in
+    ``on_train_batch_end`` :meth:`_optimizer_stepped` says whether this micro-batch closed its
+    window. Without accumulation every batch is a window of one. Subclasses that override
+    ``on_train_batch_start`` or ``on_fit_start`` must call ``super()``'s.
+    """
+
+    _window_step: int | None = None
+
+    def _window_start(self, trainer: Any, pl_module: Any) -> None:
+        """Called at the first micro-batch of every optimizer step (no-op by default)."""
+
+    def _optimizer_stepped(self, trainer: Any) -> bool:
+        """In ``on_train_batch_end``: did this micro-batch end with an optimizer step?"""
+        return trainer.global_step != self._window_step
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """"""
+        self._window_step = None  # a callback object may be reused for another fit
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """"""
+        if trainer.global_step != self._window_step:
+            self._window_step = trainer.global_step
+            self._window_start(trainer, pl_module)
+
+
+class IntervalCallback(OptimizerStepCallback):
+    """A callback that acts at the start of every epoch (``interval: epoch``) or of every
+    optimizer step (``interval: batch``): subclasses set ``self.interval`` and implement
     ``_on_interval(pl_module, position)``, where ``position`` is the current epoch or the
-    global step."""
+    global step.
+
+    With gradient accumulation, ``interval: batch`` acts once per *optimizer step*, at the
+    first micro-batch of its accumulation window, keyed by ``trainer.global_step``: every
+    micro-batch of a window sees the same coefficients (the window's gradients are summed, so
+    changing coefficients inside it would mix two weightings in one update)."""
 
     interval: str
 
@@ -43,10 +82,7 @@ class IntervalCallback(Callback):
         if self.interval == "epoch":
             self._on_interval(pl_module, trainer.current_epoch)
 
-    def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
-    ) -> None:
-        """"""
+    def _window_start(self, trainer: Any, pl_module: Any) -> None:
         if self.interval == "batch":
             self._on_interval(pl_module, trainer.global_step)
 

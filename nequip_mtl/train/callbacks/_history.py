@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import lightning
 
-from ...weighting.common import SCALE_BY
+from ...weighting.common import SCALE_BY, mean_weights
 from ...weighting.history import LossHistoryWeighting
 from ..coefficients import update_coeffs
 from ._common import (
+    IntervalCallback,
     WeightingCallback,
     active_names,
     check_choice,
@@ -24,14 +26,25 @@ from ._common import (
 )
 
 
-class AdaptiveWeightingCallback(WeightingCallback):
+class AdaptiveWeightingCallback(IntervalCallback, WeightingCallback):
     """Base of the callbacks that set loss coefficients from the training history.
 
     Subclasses define :meth:`_candidate` (``rule(prev_losses, new_losses)``). The training
-    losses are observed once per ``interval`` (the epoch loss at the start of the next
-    epoch, or the step loss after each optimizer step) and fed to a
+    losses are observed once per ``interval`` and fed to a
     :class:`~nequip_mtl.weighting.LossHistoryWeighting`, whose cycle averages are written
-    with :func:`~nequip_mtl.train.coefficients.update_coeffs`.
+    with :func:`~nequip_mtl.train.coefficients.update_coeffs`:
+
+    - ``epoch``: the previous epoch's loss (``MetricsManager.compute``), at the start of
+      the next epoch;
+    - ``batch``: the optimizer step's loss, after the step. With gradient accumulation
+      that is the mean of the step's micro-batch losses (the loss the step optimised:
+      Lightning scales each micro-batch by ``1/accumulate_grad_batches``), observed once,
+      at the window's last micro-batch; ``frequency`` therefore counts optimizer steps and
+      the new coefficients apply from the next optimizer step on, to all of its
+      micro-batches.
+
+    Nothing is pending at an optimizer-step boundary (where Lightning saves checkpoints),
+    so :meth:`state_dict` holds only the history.
     """
 
     def __init__(self, interval: str, frequency: int, scale_by: str):
@@ -41,8 +54,9 @@ class AdaptiveWeightingCallback(WeightingCallback):
         self.scale_by = check_choice(scale_by, SCALE_BY, f"{name}.scale_by")
         self.history = LossHistoryWeighting(self._candidate, self.frequency, self.scale_by)
         self.initial_coeffs: dict[str, float | None] | None = None
-        self._last_step: int | None = None
         self.num_updates = 0
+        # per-component losses of the micro-batches of the current optimizer step
+        self._window_losses: list[dict[str, float]] = []
 
     def _candidate(self, prev: Mapping[str, float], new: Mapping[str, float]) -> dict[str, float]:
         raise NotImplementedError
@@ -72,13 +86,15 @@ class AdaptiveWeightingCallback(WeightingCallback):
             update_coeffs(manager, new, type(self).__name__)
             self.num_updates += 1
 
-    def on_train_epoch_start(
-        self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> None:
-        """"""
-        if self.interval == "epoch" and trainer.current_epoch >= 1:
-            # the previous epoch's training loss (MetricsManager.compute at its end)
+    def _on_interval(self, pl_module: lightning.LightningModule, position: int) -> None:
+        # epoch: the previous epoch's training loss (MetricsManager.compute at its end);
+        # batch: nothing to do when a window starts (observed when it ends)
+        if self.interval == "epoch" and position >= 1:
             self._observe(pl_module, pl_module.loss.metrics_values_epoch)
+
+    def _window_start(self, trainer: lightning.Trainer, pl_module: Any) -> None:
+        self._window_losses = []
+        super()._window_start(trainer, pl_module)
 
     def on_train_batch_end(
         self,
@@ -91,19 +107,23 @@ class AdaptiveWeightingCallback(WeightingCallback):
         """"""
         if self.interval != "batch":
             return
-        step = trainer.global_step
-        # once per optimizer step (gradient accumulation: the last micro-batch's loss)
-        if step == 0 or step == self._last_step:
-            return
-        self._last_step = step
-        self._observe(pl_module, pl_module.loss.metrics_values_step)
+        self._window_losses.append(
+            {
+                k: math.nan if v is None else float(v)
+                for k, v in pl_module.loss.metrics_values_step.items()
+            }
+        )
+        if self._optimizer_stepped(trainer):
+            # missing or non-finite values stay non-finite; the history skips them
+            losses = mean_weights(self._window_losses)
+            self._window_losses = []
+            self._observe(pl_module, losses)
 
     def state_dict(self) -> dict[str, Any]:
         """"""
         return {
             "history": self.history.state_dict(),
             "initial_coeffs": None if self.initial_coeffs is None else dict(self.initial_coeffs),
-            "last_step": self._last_step,
             "num_updates": self.num_updates,
         }
 
@@ -112,5 +132,4 @@ class AdaptiveWeightingCallback(WeightingCallback):
         self.history.load_state_dict(state_dict["history"])
         initial = state_dict.get("initial_coeffs")
         self.initial_coeffs = None if initial is None else dict(initial)
-        self._last_step = state_dict.get("last_step")
         self.num_updates = int(state_dict.get("num_updates", 0))

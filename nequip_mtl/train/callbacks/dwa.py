@@ -19,6 +19,10 @@ class DynamicWeightAverage(AdaptiveWeightingCallback):
     candidates their mean becomes the new coefficients (normalised to sum to 1). The paper
     updates once per epoch with ``temperature: 2``.
 
+    With gradient accumulation and ``interval: batch``, one observation is one *optimizer*
+    step (the mean of its micro-batch losses, taken after the step) and ``frequency``
+    counts optimizer steps, as for :class:`SoftAdapt`.
+
     .. code-block:: yaml
 
         callbacks:

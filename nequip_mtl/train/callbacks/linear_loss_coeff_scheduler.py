@@ -46,6 +46,10 @@ class LinearLossCoefficientScheduler(IntervalCallback):
     names, negative, non-finite or ``null`` values are errors (remove a term with
     :class:`LossCoefficientScheduler`).
 
+    With gradient accumulation, ``interval: batch`` positions are *optimizer* steps
+    (``trainer.global_step``): the coefficients are set once per step, at the first
+    micro-batch of its accumulation window, and are constant within the window.
+
     Several instances compose (multi-stage schedules); their windows must not overlap,
     which is checked when training starts. Each has its own ``state_key`` derived from
     its configuration, so checkpoints restore each one's captured start values.

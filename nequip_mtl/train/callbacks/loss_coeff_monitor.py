@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import lightning
-from lightning.pytorch.callbacks import Callback
 
-from ._common import check_interval, check_positive_int, loss_manager
+from ._common import OptimizerStepCallback, check_interval, check_positive_int, loss_manager
 
 
-class LossCoefficientMonitor(Callback):
+class LossCoefficientMonitor(OptimizerStepCallback):
     """Log every active loss coefficient as ``loss_coeff/<name>``, to all of the trainer's
     loggers, every ``frequency`` epochs or optimizer steps.
 
@@ -26,7 +25,10 @@ class LossCoefficientMonitor(Callback):
     ``trainer.log_every_n_steps`` steps). With ``interval: batch`` the coefficients logged
     are the ones the step's loss was computed with. Logging happens at step
     ``global_step % frequency == 0`` (after the step) or epoch ``epoch % frequency == 0``
-    (at its end), as in nequip.
+    (at its end), as in nequip. With gradient accumulation a step is an optimizer step:
+    one record per optimizer step, written after its last micro-batch (nequip's callback
+    fires on every micro-batch whose ``global_step`` matches, including the first
+    micro-batches of the window that follows a logged step).
 
     .. code-block:: yaml
 
@@ -44,7 +46,6 @@ class LossCoefficientMonitor(Callback):
         self.interval = check_interval(interval, "LossCoefficientMonitor.interval")
         self.frequency = check_positive_int(frequency, "LossCoefficientMonitor.frequency")
         self._step_coeffs: dict[str, float] | None = None
-        self._last_logged_step: int | None = None
 
     def setup(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str
@@ -77,12 +78,10 @@ class LossCoefficientMonitor(Callback):
         batch_idx: int,
     ) -> None:
         """"""
-        if self.interval != "batch":
+        if self.interval != "batch" or not self._optimizer_stepped(trainer):
             return
-        step = trainer.global_step
-        if step == self._last_logged_step or step % self.frequency != 0:
+        if trainer.global_step % self.frequency != 0:
             return
-        self._last_logged_step = step
         coeffs = self._step_coeffs if self._step_coeffs is not None else self._coeffs(pl_module)
         self._log(trainer, pl_module, coeffs)
 

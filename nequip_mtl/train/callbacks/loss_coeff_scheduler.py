@@ -28,6 +28,11 @@ class LossCoefficientScheduler(IntervalCallback):
     normalised to sum to 1. The whole schedule is checked against the loss when training
     starts (before the first step), not when an entry is reached.
 
+    With gradient accumulation (``trainer.accumulate_grad_batches``), ``interval: batch``
+    counts *optimizer* steps: an entry is applied once, at the first micro-batch of that
+    step's accumulation window, and every micro-batch of the window uses the same
+    coefficients.
+
     Stateless: the coefficients themselves are saved with the loss in checkpoints, so a
     resumed run continues with the scheduled values.
 

@@ -28,6 +28,10 @@ class RandomLossWeighting(IntervalCallback, WeightingCallback):
     """Random Loss Weighting (RLW; Lin et al., TMLR 2022): resample the loss coefficients
     at random every ``frequency`` optimizer steps (or epochs).
 
+    With gradient accumulation a draw is made once per optimizer step, at the first
+    micro-batch of its accumulation window (``frequency`` counts optimizer steps), so all
+    micro-batches of a step share one draw.
+
     Each draw is ``softmax(z)`` with ``z_k ~ N(0, std^2)`` (``distribution: normal``, the
     paper's default), ``z_k ~ U(0, 1)`` (``uniform``), or a ``Dirichlet(alpha)`` sample
     (``dirichlet``), over the active loss components. With ``scale_by: initial`` (default)
@@ -88,7 +92,6 @@ class RandomLossWeighting(IntervalCallback, WeightingCallback):
         self.seed = seed
         self.rng: random.Random | None = None if seed is None else random.Random(seed)
         self.initial_coeffs: dict[str, float | None] | None = None
-        self._last_sampled: int | None = None
 
     def setup(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str
@@ -105,9 +108,8 @@ class RandomLossWeighting(IntervalCallback, WeightingCallback):
             self.rng = random.Random(torch.initial_seed())
 
     def _on_interval(self, pl_module: lightning.LightningModule, at: int) -> None:
-        if at % self.frequency != 0 or at == self._last_sampled:
+        if at % self.frequency != 0:
             return
-        self._last_sampled = at
         manager = pl_module.loss
         names = active_names(manager)
         if not names:
@@ -124,7 +126,6 @@ class RandomLossWeighting(IntervalCallback, WeightingCallback):
         return {
             "rng_state": None if self.rng is None else self.rng.getstate(),
             "initial_coeffs": None if self.initial_coeffs is None else dict(self.initial_coeffs),
-            "last_sampled": self._last_sampled,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -135,4 +136,3 @@ class RandomLossWeighting(IntervalCallback, WeightingCallback):
             self.rng.setstate((version, tuple(internal), gauss_next))
         initial = state_dict.get("initial_coeffs")
         self.initial_coeffs = None if initial is None else dict(initial)
-        self._last_sampled = state_dict.get("last_sampled")

@@ -20,6 +20,11 @@ class SoftAdapt(AdaptiveWeightingCallback):
     coefficients (normalised to sum to 1). Components whose ``coeff`` is ``null`` are not
     touched.
 
+    With gradient accumulation and ``interval: batch``, one observation is one *optimizer*
+    step: the mean of its micro-batch losses, taken after the step; ``frequency`` counts
+    optimizer steps and an update applies to every micro-batch of the following steps
+    (nequip's callback updates at every micro-batch, from the single previous micro-batch).
+
     Compared with nequip's ``SoftAdapt``: ``frequency: 1`` updates on every observation
     (nequip's never updates), the mean covers all ``frequency`` candidates of the cycle
     (nequip's uses only the last one of a cycle and the first of the next), and by default
