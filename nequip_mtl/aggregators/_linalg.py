@@ -5,6 +5,67 @@ from __future__ import annotations
 import torch
 
 
+def nonfinite_rows(grads: torch.Tensor, sq_norms: torch.Tensor) -> list[int]:
+    """The rows of ``grads`` that contain a NaN or inf entry.
+
+    ``sq_norms`` are the rows' (squared) norms, as computed anyway: a NaN or inf entry
+    makes its row's sum of squares NaN or inf (``inf**2 = inf``, ``+inf`` and ``-inf``
+    both square to ``+inf``, and NaN propagates), so only rows with a non-finite norm
+    are looked at entry by entry. A non-finite norm of a row of finite entries is an
+    overflow of the sum of squares, not a fault, and is not reported.
+    """
+    suspects = (~torch.isfinite(sq_norms)).nonzero().flatten().tolist()
+    return [i for i in suspects if not bool(torch.isfinite(grads[i]).all())]
+
+
+def raise_if_nonfinite(grads: torch.Tensor, sq_norms: torch.Tensor, name: str) -> None:
+    """Raise ``FloatingPointError`` naming the tasks whose gradients contain NaN or inf."""
+    bad = nonfinite_rows(grads, sq_norms)
+    if bad:
+        raise FloatingPointError(
+            f"{name}: the gradients of tasks {bad} contain NaN or inf; non-finite "
+            "gradients have no meaningful aggregate (the training modules handle them "
+            "with `on_nonfinite` before aggregating)"
+        )
+
+
+def gram_matrix(grads: torch.Tensor, name: str) -> torch.Tensor:
+    """The float64 Gram matrix ``grads @ grads.T`` of finite gradients, without over/underflow.
+
+    The product is computed in the gradients' dtype (one ``m x m`` matmul, on their
+    device). Its diagonal, the squared row norms, doubles as the finiteness check: a
+    row with a NaN or inf entry raises ``FloatingPointError`` naming its task. If the
+    squares overflow (float32 entries beyond ~1e19) or fall where they lose precision
+    (float32 entries below ~1e-16), the rows are first scaled by exact powers of two to
+    a largest entry in ``[0.5, 1)`` and the scales are applied again in float64, so the
+    float64 Gram is accurate for any finite float32 gradients. Raises
+    ``FloatingPointError`` if even the float64 Gram overflows (float64 gradients beyond
+    ~1e154).
+    """
+    gram = grads @ grads.T
+    diag = gram.diagonal()
+    finfo = torch.finfo(grads.dtype)
+    # below `lo`, the rounding of underflowing products exceeds eps of the squared norm
+    lo = max(grads.shape[1], 1) * finfo.tiny / finfo.eps
+    if bool((torch.isfinite(diag) & (diag >= lo)).all()):
+        return gram.to(torch.float64)
+    raise_if_nonfinite(grads, diag, name)
+    _, exponent = torch.frexp(grads.abs().amax(dim=1))  # largest entry = mantissa * 2**exp
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    # two exact power-of-two factors, each representable in the gradients' dtype
+    scaled = grads * torch.exp2(-half.to(grads.dtype))[:, None]
+    scaled = scaled * torch.exp2(-(exponent - half).to(grads.dtype))[:, None]
+    gram = (scaled @ scaled.T).to(torch.float64)
+    row_scale = torch.exp2(exponent.to(torch.float64))
+    gram = gram * row_scale[:, None] * row_scale[None, :]
+    if not bool(torch.isfinite(gram).all()):
+        raise FloatingPointError(
+            f"{name}: the Gram matrix of the gradients overflows float64 (largest entry "
+            f"{float(grads.abs().max()):.3g}); scale the losses down"
+        )
+    return gram
+
+
 def safe_norms(gram: torch.Tensor, eps: float) -> torch.Tensor:
     """Row norms from a Gram matrix, floored at ``eps`` like ``F.normalize``."""
     return gram.diagonal().clamp_min(0.0).sqrt().clamp_min(eps)
@@ -140,16 +201,22 @@ def nnls_gram(
     steps.
 
     Optimality (KKT): ``z >= 0``, ``(Q z - r)_j ~ 0`` where ``z_j > 0`` and
-    ``(Q z - r)_j >= -tol`` elsewhere (``tol = 1e-12 * max(|r|_inf, max diag Q)``) except
+    ``(Q z - r)_j >= -tol`` elsewhere (``tol = 1e-12 |r|_inf max(1, max diag Q)``) except
     for blocked, numerically dependent columns. Scale ``Q`` to a unit diagonal (as the
     callers do) for ``dep_tol`` to mean the same thing for every column.
     """
     m = q.shape[0]
     if m == 0:
         return q.new_zeros(0)
+    # the solution is positively homogeneous in r (z(t r) = t z(r)): solve for r scaled
+    # to a unit maximum, so that tolerances relative to Q mean the same for any scale
+    # of r (an absolute comparison of r with Q blocked every variable for tiny r)
+    r_scale = float(r.abs().max())
+    if not r_scale > 0.0:
+        return q.new_zeros(m)
     # m is a handful of tasks: plain Python floats beat torch's per-operation overhead
-    qq, rr = q.tolist(), r.tolist()
-    scale = max(max(abs(x) for x in rr), max(abs(qq[i][i]) for i in range(m)), 1e-300)
+    qq, rr = q.tolist(), (r / r_scale).tolist()
+    scale = max(1.0, max(abs(qq[i][i]) for i in range(m)))
     tol = 1e-12 * scale
     z = [0.0] * m
     passive: list[int] = []  # in order of entry
@@ -186,7 +253,7 @@ def nnls_gram(
             s = _passive_solve(qq, rr, passive, m)
         z = [s[i] if (i in passive and s[i] > 0) else 0.0 for i in range(m)]
         passive = [i for i in passive if z[i] > 0]
-    return torch.tensor(z, dtype=q.dtype)
+    return torch.tensor(z, dtype=q.dtype) * r_scale
 
 
 def _passive_solve(qq: list, rr: list, passive: list, m: int) -> list:

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ._linalg import gram_matrix, raise_if_nonfinite
+
 
 class Aggregator:
     """Maps a ``(num_tasks, num_params)`` gradient matrix to one ``(num_params,)`` update.
@@ -51,13 +53,10 @@ class Aggregator:
                 f"{type(self).__name__} expects a (num_tasks, num_params) gradient matrix, "
                 f"got shape {tuple(grads.shape)}"
             )
-        if not bool(torch.isfinite(grads).all()):
-            bad = (~torch.isfinite(grads)).any(dim=1).nonzero().flatten().tolist()
-            raise FloatingPointError(
-                f"{type(self).__name__}: the gradients of tasks {bad} contain NaN or inf; "
-                "non-finite gradients have no meaningful aggregate (the training modules "
-                "handle them with `on_nonfinite` before aggregating)"
-            )
+        if type(self).aggregate is not GramAggregator.aggregate:
+            # Gram-based aggregation checks the diagonal of the Gram matrix it computes
+            # anyway (see `gram_matrix`); others look at the row norms, a cheap reduction
+            raise_if_nonfinite(grads, torch.linalg.vector_norm(grads, dim=1), type(self).__name__)
         return self.aggregate(grads, _coeffs_or_uniform(coeffs, grads))
 
     def aggregate(self, grads: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
@@ -131,8 +130,8 @@ class GramAggregator(Aggregator):
     gram_based = True
 
     def aggregate(self, grads: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-        gram = grads @ grads.T
-        w = self.weights(gram.double(), coeffs.double(), source_dtype=grads.dtype)
+        gram = gram_matrix(grads, type(self).__name__)  # float64; raises on NaN/inf rows
+        w = self.weights(gram, coeffs.double(), source_dtype=grads.dtype)
         return w.to(grads.dtype) @ grads
 
     def weights(

@@ -67,6 +67,16 @@ class ConFIG(GramAggregator):
     ) -> torch.Tensor:
         eps = self.norm_eps
         rtol = self.rtol if self.rtol is not None else default_rtol(len(coeffs), source_dtype)
+        gram = gram.to(torch.float64)
+        if not bool(torch.isfinite(gram).all()):
+            # no meaningful weights (the training module then skips the step); LAPACK's
+            # least squares would fail with an internal assertion on inf/NaN input
+            return torch.full(coeffs.shape, torch.nan, dtype=torch.float64, device=gram.device)
+        # a Gram matrix computed in float32 is symmetric only to its rounding; the
+        # least-squares solver (unlike the eigen-decomposition) does not symmetrise it
+        # and would then leave O(eps) components outside the numerical range of the
+        # matrix, which the normalisation below blows up to a full-length update
+        gram = 0.5 * (gram + gram.T)
         norms = safe_norms(gram, eps)
         unit_gram = gram / (norms[:, None] * norms[None, :])
         b = coeffs / coeffs.norm().clamp_min(eps)

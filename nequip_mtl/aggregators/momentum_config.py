@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ._linalg import gram_matrix
 from .base import Aggregator
 from .config import ConFIG
 
@@ -98,7 +99,11 @@ class MomentumConFIG(Aggregator):
         self.reset()
 
     def reset(self) -> None:
-        self._next = 0  # round-robin position
+        """Forget everything, including the round-robin position (a new set of tasks)."""
+        self._next = 0  # round-robin position: the first task of the next selection
+        self._reset_moments()
+
+    def _reset_moments(self) -> None:
         self._momenta: torch.Tensor | None = None  # (m, N)
         self._counts: list[int] = []  # updates per task
         self._steps = 0  # updates of the second moment
@@ -120,29 +125,56 @@ class MomentumConFIG(Aggregator):
         self, grads: torch.Tensor, coeffs: torch.Tensor, computed: list[int]
     ) -> torch.Tensor:
         m = len(coeffs)
+        computed = list(computed)
+        if len(computed) != grads.shape[0] or len(set(computed)) != len(computed):
+            raise ValueError(
+                f"MomentumConFIG: `computed` must name {grads.shape[0]} distinct tasks, one "
+                f"per gradient row, got {computed}"
+            )
+        if any(not 0 <= t < m for t in computed):
+            raise ValueError(f"MomentumConFIG: `computed` {computed} must be in [0, {m})")
         if self._momenta is None or self._momenta.shape != (m, grads.shape[1]):
-            self.reset()
+            # lazy allocation (first step, new set of tasks): the round-robin position
+            # belongs to `select_tasks` and is left alone
+            self._reset_moments()
             self._momenta = grads.new_zeros((m, grads.shape[1]))
             self._counts = [0] * m
+        else:
+            self._move_state_to(grads)
         for row, task in enumerate(computed):
             self._momenta[task].lerp_(grads[row], 1.0 - self.beta_1)
             self._counts[task] += 1
         seen = [i for i in range(m) if self._counts[i] > 0]
-        correction = torch.tensor(
+        correction = torch.zeros(m, dtype=torch.float64)
+        correction[seen] = torch.tensor(
             [1.0 / (1.0 - self.beta_1 ** self._counts[i]) for i in seen], dtype=torch.float64
         )
-        momenta = self._momenta if len(seen) == m else self._momenta[seen]
         if len(seen) == 1:
-            update = momenta[0] * correction[0].item()
+            update = self._momenta[seen[0]] * correction[seen[0]].item()
         else:
-            # ConFIG of the bias-corrected momenta D M, from the Gram of M (no copy of D M)
-            gram = (momenta @ momenta.T).double().cpu()
-            gram = gram * correction[:, None] * correction[None, :]
-            w = self._config.weights(gram, coeffs[seen].double().cpu(), source_dtype=grads.dtype)
-            update = (w * correction).to(grads) @ momenta
+            # ConFIG of the bias-corrected momenta D M, from the Gram of M (no copy of D M);
+            # tasks not seen yet (zero momenta) are left out of the solve
+            gram = gram_matrix(self._momenta, "MomentumConFIG").cpu()
+            gram = (gram * correction[:, None] * correction[None, :])[seen][:, seen]
+            w_seen = self._config.weights(
+                gram, coeffs[seen].double().cpu(), source_dtype=grads.dtype
+            )
+            w = torch.zeros(m, dtype=torch.float64)
+            w[seen] = w_seen
+            update = (w * correction).to(grads) @ self._momenta
         if not self.second_moment:
             return update
         return self._scale_by_second_moment(update)
+
+    def _move_state_to(self, grads: torch.Tensor) -> None:
+        """Move restored state to the gradients' device and dtype (e.g. rank 0's ``cuda:0``
+        tensors loaded on every rank, or a checkpoint of a float64 run)."""
+        if self._momenta.device == grads.device and self._momenta.dtype == grads.dtype:
+            return
+        self._momenta = self._momenta.to(grads)
+        if self._second is not None:
+            self._second = self._second.to(grads)
+            self._prev_pseudo = self._prev_pseudo.to(grads)
 
     def _scale_by_second_moment(self, update: torch.Tensor) -> torch.Tensor:
         if self._second is None:
@@ -157,7 +189,12 @@ class MomentumConFIG(Aggregator):
         denom = (self._second / (1.0 - self.beta_2**t)).sqrt_().add_(self.eps)
         return update / denom
 
+    _STATE_KEYS = ("next", "momenta", "counts", "steps", "second", "prev_pseudo")
+
     def state_dict(self) -> dict[str, Any]:
+        """Every piece of state: round-robin position, momenta, per-task update counts,
+        second-moment step count, second moment and previous pseudo-momentum (tensors are
+        the live ones: save or copy them before the next step)."""
         return {
             "next": self._next,
             "momenta": self._momenta,
@@ -168,9 +205,26 @@ class MomentumConFIG(Aggregator):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._next = state["next"]
-        self._momenta = state["momenta"]
-        self._counts = list(state["counts"])
-        self._steps = state["steps"]
-        self._second = state["second"]
-        self._prev_pseudo = state["prev_pseudo"]
+        """Restore :meth:`state_dict`'s output. Tensors are copied, and moved to the
+        gradients' device and dtype on the next step."""
+        if set(state) != set(self._STATE_KEYS):
+            raise ValueError(
+                f"MomentumConFIG.load_state_dict expects the keys {sorted(self._STATE_KEYS)}, "
+                f"got {sorted(state)}"
+            )
+
+        def copy(t):
+            return None if t is None else t.detach().clone()
+
+        momenta, counts = copy(state["momenta"]), [int(c) for c in state["counts"]]
+        if momenta is not None and (momenta.dim() != 2 or momenta.shape[0] != len(counts)):
+            raise ValueError(
+                f"MomentumConFIG.load_state_dict: 'momenta' of shape {tuple(momenta.shape)} "
+                f"does not match {len(counts)} task counts"
+            )
+        self._next = int(state["next"])
+        self._momenta = momenta
+        self._counts = counts
+        self._steps = int(state["steps"])
+        self._second = copy(state["second"])
+        self._prev_pseudo = copy(state["prev_pseudo"])
