@@ -5,7 +5,9 @@ import torch
 
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import ConFIG
+from nequip_mtl.train._faults import SkippedStepsError
 from tests._harness import datamodule, fit, module_kwargs, params
+from tests._harness import trainer as harness_trainer
 
 
 @pytest.mark.parametrize(
@@ -44,23 +46,70 @@ def test_config_module_arguments_reach_the_aggregator():
 
 
 class StressFault(mtl.ConFIGLightningModule):
-    """Replaces the stress labels of every training batch with NaN (or +inf)."""
+    """Replaces the stress labels of the training batches with NaN (or +inf), on every
+    step or only from optimizer step ``fault_from`` on."""
 
     fault_value = float("nan")
+    fault_from = 0
 
     def process_target(self, batch, batch_idx, dataloader_idx=0):
         target = super().process_target(batch, batch_idx, dataloader_idx)
-        if self.training:
+        if self.training and self.trainer.global_step >= self.fault_from:
             target["stress"] = torch.full_like(target["stress"], self.fault_value)
         return target
 
 
-def test_nonfinite_task_gradient_skips_the_step(tmp_path):
+class LateStressFault(StressFault):
+    fault_from = 2  # the first epoch (2 steps) trains, every later step is faulty
+
+
+class InfStressFault(LateStressFault):
+    fault_value = float("inf")
+
+
+@pytest.mark.parametrize("cls, kind", [(LateStressFault, "NaN"), (InfStressFault, "(NaN|inf)")])
+def test_nonfinite_task_gradient_skips_the_step(tmp_path, cls, kind):
+    reference, _ = fit(mtl.ConFIGLightningModule, tmp_path / "c", max_epochs=1)
+    with pytest.warns(RuntimeWarning, match=f"'stress_mse' has an? {kind} gradient"):
+        module, tr = fit(cls, tmp_path / "a", max_epochs=3, on_nonfinite="skip")
+    assert module.skipped_steps == 4 and module.faults.applied == 2
+    assert tr.callback_metrics["mtl/skipped_steps"] == 4
+    # the skipped steps changed nothing: the weights are those after the first epoch
+    torch.testing.assert_close(params(module), params(reference), rtol=0, atol=0)
+
+
+def test_a_run_that_never_trains_stops_with_the_cause(tmp_path):
+    """Every step of the first epoch skipped: an error naming the component, before
+    validation could checkpoint the untrained model."""
     start, _ = fit(StressFault, tmp_path / "s", max_epochs=0)
-    with pytest.warns(RuntimeWarning, match="skipping an optimizer step"):
-        module, _ = fit(StressFault, tmp_path / "a", on_nonfinite="skip")
-    assert module.skipped_steps == 2
+    module = StressFault(**module_kwargs())
+    with pytest.raises(SkippedStepsError, match="first epoch was skipped.*'stress_mse' has a NaN"):
+        with pytest.warns(RuntimeWarning, match="'stress_mse' has a NaN gradient"):
+            harness_trainer(tmp_path / "a", max_epochs=3).fit(module, datamodule=datamodule())
+    assert module.skipped_steps == 2 and module.faults.applied == 0
     torch.testing.assert_close(params(module), params(start), rtol=0, atol=0)
+
+
+def test_consecutive_skips_stop_the_run(tmp_path):
+    with pytest.raises(SkippedStepsError) as err:
+        with pytest.warns(RuntimeWarning, match="'stress_mse' has a NaN gradient"):
+            fit(LateStressFault, tmp_path, max_epochs=5, max_consecutive_skips=3)
+    msg = str(err.value)
+    assert "3 consecutive optimizer steps were skipped" in msg
+    assert "max_consecutive_skips=3" in msg and "3 skipped and 2 applied" in msg
+    assert "'stress_mse' has a NaN gradient at global step 2" in msg
+
+
+def test_no_skip_limit_with_null(tmp_path):
+    with pytest.warns(RuntimeWarning, match="skipping an optimizer step"):
+        module, _ = fit(LateStressFault, tmp_path, max_epochs=4, max_consecutive_skips=None)
+    assert module.skipped_steps == 6
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "10"])
+def test_bad_skip_limit(value):
+    with pytest.raises(ValueError, match="`max_consecutive_skips` must be an integer >= 1 or null"):
+        mtl.ConFIGLightningModule(max_consecutive_skips=value, **module_kwargs())
 
 
 def test_nonfinite_task_gradient_zero_task_drops_only_that_task(tmp_path):
@@ -110,6 +159,9 @@ def test_task_without_labels_in_batch_is_left_out(tmp_path):
         masked, _ = fit(StressFault, tmp_path / "a", loss=loss)
     assert masked.skipped_steps == 0
     assert set(masked.applied_task_weights) == {"forces_mse", "energy_mse"}
+    # every drop is counted and logged, not only warned about once
+    assert masked.faults.dropped == {"stress_mse": 2}
+    assert masked.trainer.callback_metrics["mtl/dropped/stress_mse"] == 2
     loss["metrics"][2]["coeff"] = None
     reference, _ = fit(mtl.ConFIGLightningModule, tmp_path / "b", loss=loss)
     torch.testing.assert_close(params(masked), params(reference), rtol=0, atol=1e-12)

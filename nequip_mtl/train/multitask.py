@@ -13,7 +13,9 @@ from nequip.train import EMALightningModule, NequIPLightningModule
 from nequip.utils.versions import _TORCH_GE_2_6
 
 from ..aggregators import Aggregator, ConFIG
+from ._faults import StepFaults
 from ._step import active_indices, training_loss_components
+from ._window import HeldWeights, StepWindow
 from .task_gradients import TaskGradients
 
 _NONFINITE_POLICIES = ("skip", "zero_task", "raise")
@@ -57,20 +59,35 @@ class MultitaskLightningModule(NequIPLightningModule):
     - **DDP** (:class:`~nequip.train.SimpleDDPStrategy` or Lightning's ``DDPStrategy``):
       the stacked task-gradient matrix is averaged over ranks with one all-reduce per
       step, then aggregated identically on every rank.
+    - **Periodic weights** (``weights_every: k``, Gram-based aggregators): the per-task
+      gradients and the aggregator's weights ``w`` are computed on every ``k``-th
+      optimizer step (a *refresh*); on the steps in between, the single loss
+      ``sum_i w_i L_i`` is back-propagated with the last weights: one backward pass,
+      the cost of a weighted-sum step. A change of the loss coefficients or of the set
+      of active components forces a refresh. Logged statistics and the
+      :class:`~nequip_mtl.train.callbacks.GradientConflictMonitor` see refresh steps only.
+    - **Mixed precision** (``trainer.precision: 16-mixed`` with a ``GradScaler``, or
+      ``bf16-mixed``): the aggregator sees unscaled gradients and logs are in unscaled
+      units; a step whose task gradients overflow is handed to the scaler, which skips it
+      and lowers its scale, as with a plain backward.
     - **One active component**: its gradient is used as is (a plain backward; no
       aggregation), as in nequip.
-    - **Frozen parameters** (``requires_grad=False``) get no gradient at all.
+    - **Frozen parameters** (``requires_grad=False``), and parameters no active loss
+      reaches, get no gradient at all (``.grad`` is ``None``, as with nequip).
     - **Numerical faults**: a task gradient with a NaN/inf entry is handled by
       ``on_nonfinite``; a task whose gradient is exactly zero on a step (e.g. stress
       masked with ``ignore_nan`` in a batch without stress labels) is left out of that
-      step's aggregation; if no task remains the step is skipped (no parameter changes).
-      Skipped steps are counted and logged as ``mtl/skipped_steps``.
+      step's aggregation (counted in ``mtl/dropped/<name>``); if no task remains the step
+      is skipped (no parameter changes). Skipped steps are counted in
+      ``mtl/skipped_steps`` and the warning names the component and the cause. After
+      ``max_consecutive_skips`` skipped steps in a row, or a first epoch without a single
+      applied step, training stops with an error naming the first cause.
 
-    Logged (every step, written at the trainer's ``log_every_n_steps``): the per-task
-    gradient norms ``mtl/grad_norm/<name>``, the cosine between the applied update and
-    each task gradient ``mtl/cos_update/<name>``, and the weight of each task gradient in
-    the update ``mtl/weight/<name>`` (the update is ``sum_i weight_i * grad_i``), all from
-    the ``m x m`` Gram matrix the aggregator needs anyway.
+    Logged (on refresh steps, written at the trainer's ``log_every_n_steps``): the
+    per-task gradient norms ``mtl/grad_norm/<name>``, the cosine between the applied update
+    and each task gradient ``mtl/cos_update/<name>``, and the weight of each task gradient
+    in the update ``mtl/weight/<name>`` (the update is ``sum_i weight_i * grad_i``), all
+    from the ``m x m`` Gram matrix the aggregator needs anyway.
 
     Example:
 
@@ -79,8 +96,10 @@ class MultitaskLightningModule(NequIPLightningModule):
         training_module:
           _target_: nequip_mtl.train.MultitaskLightningModule
           aggregator:
-            _target_: nequip_mtl.aggregators.ConFIG
+            _target_: nequip_mtl.aggregators.UPGrad
+          weights_every: 8          # per-task gradients every 8th step, weighted sum between
           on_nonfinite: skip
+          max_consecutive_skips: 25
           loss:
             _target_: nequip.train.EnergyForceStressLoss
             coeffs: {total_energy: 1.0, forces: 1.0, stress: 1.0}
@@ -89,9 +108,15 @@ class MultitaskLightningModule(NequIPLightningModule):
     Args:
         aggregator (dict or Aggregator): Hydra ``_target_`` dict (or instance) of a
             :class:`nequip_mtl.aggregators.Aggregator` (default: ``ConFIG``)
+        weights_every (int): compute per-task gradients and new aggregation weights every
+            this many optimizer steps, and train on the weighted sum with the last weights
+            in between (default ``1``: every step). Only for Gram-based aggregators.
         on_nonfinite (str): what to do when a task gradient has a NaN/inf entry:
             ``skip`` the optimizer step (default), ``zero_task`` (leave that task out of
             this step), or ``raise`` an error
+        max_consecutive_skips (int or None): stop training with an error after this many
+            consecutive skipped optimizer steps (default ``25``; ``null``: no limit). A
+            first epoch in which every step was skipped always stops the run.
         gradient_clip_val (float, optional): module-level clipping value, accepted for
             compatibility with nequip's ``ConFIGLightningModule``; prefer the trainer's
             ``gradient_clip_val``. Setting both is an error.
@@ -103,7 +128,9 @@ class MultitaskLightningModule(NequIPLightningModule):
     def __init__(
         self,
         aggregator: Mapping | Aggregator | None = None,
+        weights_every: int = 1,
         on_nonfinite: str = "skip",
+        max_consecutive_skips: int | None = 25,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
         **kwargs,
@@ -118,30 +145,48 @@ class MultitaskLightningModule(NequIPLightningModule):
                 f"`on_nonfinite` must be one of {list(_NONFINITE_POLICIES)}, got {on_nonfinite!r}"
             )
         self.on_nonfinite = on_nonfinite
+        self.weights_every = _check_weights_every(weights_every, self.aggregator)
+        if max_consecutive_skips is not None and (
+            isinstance(max_consecutive_skips, bool)
+            or not isinstance(max_consecutive_skips, int)
+            or max_consecutive_skips < 1
+        ):
+            raise ValueError(
+                "`max_consecutive_skips` must be an integer >= 1 or null (no limit), got "
+                f"{max_consecutive_skips!r}"
+            )
         self.module_clip_val, self.module_clip_algorithm = _validate_clipping(
             gradient_clip_val, gradient_clip_algorithm
         )
         if self.loss is not None and len(self.loss) < 1:
             raise ValueError("`loss` must have at least one loss component")
 
-        self.skipped_steps = 0
+        self.faults = StepFaults(max_consecutive_skips)
         #: name -> weight of that task's gradient in the last applied update
         self.applied_task_weights: dict[str, float] = {}
-        #: Gram matrix of the task gradients of the last applied update (for monitors)
+        #: Gram matrix of the task gradients of the last refresh step (for monitors)
         self.task_gradient_statistics: TaskGradientStatistics | None = None
+        #: the weights held between refreshes (``weights_every > 1``)
+        self.held_weights: HeldWeights | None = None
         self._task_gradients: TaskGradients | None = None
-        self._step_losses: dict[int, torch.Tensor] = {}
-        self._step_tasks: list[int] = []
-        self._window_active: list[int] | None = None
-        self._selected: list[int] | None = None
-        self._returned_loss: torch.Tensor | None = None
+        #: the current micro-batch's active component losses, until its backward pass
+        self._batch_losses: dict[int, torch.Tensor] = {}
+        #: the current accumulation window, from its first micro-batch to the optimizer step
+        self._window: StepWindow | None = None
+        self._last_active: list[int] | None = None
         self._warned: set[str] = set()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped in this run (also logged as ``mtl/skipped_steps``)."""
+        return self.faults.skipped
 
     # ------------------------------------------------------------------ setup
 
     def on_fit_start(self) -> None:
         trainer = self.trainer
         check_strategy(trainer.strategy)
+        check_precision(trainer.precision_plugin, self.on_nonfinite)
         if self.module_clip_val is not None and trainer.gradient_clip_val is not None:
             raise ValueError(
                 "gradient clipping is configured twice: `training_module.gradient_clip_val`="
@@ -163,76 +208,80 @@ class MultitaskLightningModule(NequIPLightningModule):
         """"""
         delim = self.logging_delimiter
         loss_dict = training_loss_components(self, batch, batch_idx, dataloader_idx)
-
         names = list(self.loss.keys())
-        self._step_tasks = active_indices(self.loss)
-        if not self._step_tasks:
+        active = active_indices(self.loss)
+        if not active:
             raise RuntimeError(
                 "At least one loss component must have a `coeff` that is not null; all are null"
             )
         # the world-size factor undoes DDP's averaging, as in nequip (see
         # NequIPLightningModule.training_step): losses are already global-batch means
-        self._step_losses = {
-            i: loss_dict[f"train_loss_step{delim}{names[i]}"] * self.world_size
-            for i in self._step_tasks
+        self._batch_losses = {
+            i: loss_dict[f"train_loss_step{delim}{names[i]}"] * self.world_size for i in active
         }
-        loss = loss_dict[f"train_loss_step{delim}weighted_sum"] * self.world_size
-        self._returned_loss = loss
-        return loss
+        return loss_dict[f"train_loss_step{delim}weighted_sum"] * self.world_size
 
-    # ------------------------------------------------------------------ backward
-
-    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        """Accumulate one gradient per active loss component into the task-gradient rows.
-
-        ``loss`` is what Lightning passes after its own scaling (``1/accumulate_grad_batches``,
-        precision-plugin loss scaling); the same factor is applied to every component.
-        """
-        storage = self._storage()
-        scale = self._loss_scale(loss)
-        # a component that does not depend on the parameters on this batch (e.g. a metric
-        # with `ignore_nan` and no labels in the batch) has a zero gradient: nothing to do
-        tasks = [t for t in self._computed_tasks() if self._step_losses[t].requires_grad]
-        for j, task in enumerate(tasks):
-            storage.backward(task, self._step_losses[task] * scale, retain_graph=j < len(tasks) - 1)
-        self._step_losses = {}
-
-    def _loss_scale(self, loss: torch.Tensor) -> torch.Tensor | float:
-        returned = self._returned_loss
-        if returned is None or loss is returned:
-            return 1.0
-        # Lightning's factor (1/accumulate_grad_batches, precision-plugin scaling) as the
-        # ratio of what it back-propagates to what training_step returned; when that is
-        # undefined (a zero, NaN or inf weighted sum) use the accumulation factor. No host
-        # sync either way.
-        ratio = loss.detach() / returned.detach()
-        fallback = torch.full_like(ratio, 1.0 / self.trainer.accumulate_grad_batches)
-        return torch.where(torch.isfinite(ratio) & (returned.detach() != 0), ratio, fallback)
-
-    def _storage(self) -> TaskGradients:
-        params = [p for p in self.parameters() if p.requires_grad]
-        if self._task_gradients is None or not self._task_gradients.matches(params):
-            self._task_gradients = TaskGradients(params, len(self.loss))
-        return self._task_gradients
-
-    def _computed_tasks(self) -> list[int]:
-        """The active tasks back-propagated in this accumulation window."""
-        active = self._step_tasks
-        if self._selected is None or self._window_active != active:
-            return active
-        return [active[j] for j in self._selected]
+    # ------------------------------------------------------------------ the window
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         """"""
         super().optimizer_zero_grad(epoch, batch_idx, optimizer)
-        # the first micro-batch of an accumulation window: start new task gradients and
-        # let the aggregator choose which tasks to back-propagate in this window
-        if self._task_gradients is not None:
-            self._task_gradients.zero_()
-        if self._window_active is not None and self._window_active != self._step_tasks:
+        # the first micro-batch of an accumulation window (after its training_step,
+        # before its backward): decide what this window back-propagates
+        active = sorted(self._batch_losses)
+        if self._last_active is not None and self._last_active != active:
             self.aggregator.reset()  # the set of active tasks changed
-        self._window_active = list(self._step_tasks)
-        self._selected = self.aggregator.select_tasks(len(self._step_tasks))
+        self._last_active = active
+        self._window = self._new_window(active)
+        storage = self._storage(max(len(self._window.tasks), 1))
+        storage.zero_()
+
+    def _new_window(self, active: list[int]) -> StepWindow:
+        names = list(self.loss.keys())
+        scale = _grad_scale(self.trainer.precision_plugin)
+        factor = scale / self.trainer.accumulate_grad_batches
+        coeffs = {names[i]: float(self.loss.entries[names[i]].coeff) for i in active}
+        held = self.held_weights
+        if len(active) > 1 and held is not None and held.valid_for(coeffs, self.weights_every):
+            return StepWindow(active, [], held.weights_by_index(names), scale, factor)
+        selected = self.aggregator.select_tasks(len(active)) if len(active) > 1 else None
+        tasks = active if selected is None else [active[j] for j in selected]
+        return StepWindow(active, tasks, None, scale, factor, selected=selected)
+
+    def _storage(self, num_rows: int) -> TaskGradients:
+        params = [p for p in self.parameters() if p.requires_grad]
+        storage = self._task_gradients
+        if storage is not None and storage.matches(params):
+            # a window between refreshes (one row) uses the first row of the refresh's rows
+            if storage.num_rows == num_rows or (num_rows == 1 and self.held_weights):
+                return storage
+        if storage is not None:
+            storage.close()
+        self._task_gradients = TaskGradients(params, num_rows)
+        return self._task_gradients
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """Accumulate the window's task gradients (or its held-weights sum) into the rows.
+
+        ``loss`` is what Lightning passes after its own scaling; each component is scaled
+        by the same factor (``1/accumulate_grad_batches`` times the ``GradScaler``'s scale).
+        """
+        window, storage = self._window, self._task_gradients
+        losses, self._batch_losses = self._batch_losses, {}
+        if window.weights is not None:
+            total = sum(w * losses[t] for t, w in window.weights.items() if w != 0.0)
+            if isinstance(total, torch.Tensor) and total.requires_grad:
+                storage.backward(0, total * window.factor, retain_graph=False)
+                window.backward_passes += 1
+            return
+        # a component that does not depend on the parameters on this batch (e.g. a metric
+        # with `ignore_nan` and no labels in the batch) has a zero gradient: nothing to do
+        rows = [(j, t) for j, t in enumerate(window.tasks) if losses[t].requires_grad]
+        for k, (row, task) in enumerate(rows):
+            storage.backward(row, losses[task] * window.factor, retain_graph=k < len(rows) - 1)
+            window.backward_passes += 1
 
     # ------------------------------------------------------------------ aggregation
 
@@ -246,32 +295,38 @@ class MultitaskLightningModule(NequIPLightningModule):
             self._apply_aggregated_update()
             return result
 
-        super().optimizer_step(epoch, batch_idx, optimizer, closure)
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, closure)
+        finally:
+            self._window = None  # the window's state ends with its optimizer step
 
     def _apply_aggregated_update(self) -> None:
-        storage = self._task_gradients
-        active = list(self._step_tasks)
-        tasks = self._computed_tasks()
-        if storage is None or not tasks:
-            return
+        window, storage = self._window, self._task_gradients
+        num_rows = 1 if window.weights is not None else len(window.tasks)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             if torch.distributed.get_world_size() > 1:
-                storage.all_reduce_mean_(tasks)
-
-        names = list(self.loss.keys())
-        gram = storage.gram(tasks)
-        tasks, gram = self._drop_faulty_tasks(tasks, gram, names)
-        if not tasks:
-            self._skip_step(storage, "no task has a usable gradient on this step")
+                storage.all_reduce_mean_(num_rows)
+        # unscaled units from here on (the rows stay scaled: the GradScaler unscales .grad)
+        gram = storage.gram(num_rows) / window.scale**2
+        if window.weights is not None:
+            self._apply_held_weights(window, storage, gram)
             return
 
+        names = list(self.loss.keys())
+        tasks, gram, cause = self._usable_tasks(window, storage, gram, names)
+        if cause is not None:
+            self._skip_step(storage, cause)
+            return
         coeffs = torch.tensor(
             [self.loss.entries[names[i]].coeff for i in tasks], dtype=torch.float64
         )
-        if len(active) == 1:
+        rows = [window.tasks.index(t) for t in tasks]
+        if len(rows) < len(window.tasks):
+            gram = gram[rows][:, rows]
+        if len(window.active) == 1:
             # one active component: its plain gradient (no aggregation)
             weights = torch.ones(1, dtype=torch.float64)
-            storage.apply_weights(tasks, weights)
+            storage.apply_weights(weights)
         elif self.aggregator.gram_based:
             weights = self.aggregator.weights(gram, coeffs, source_dtype=storage.dtype)
             if not bool(torch.isfinite(weights).all()):
@@ -279,64 +334,120 @@ class MultitaskLightningModule(NequIPLightningModule):
                     storage, f"{type(self.aggregator).__name__} returned non-finite weights"
                 )
                 return
-            storage.apply_weights(tasks, weights)
+            storage.apply_weights(weights, rows)
+            if self.weights_every > 1:
+                self.held_weights = HeldWeights.from_refresh(
+                    {names[t]: float(w) for t, w in zip(tasks, weights)},
+                    {names[i]: float(self.loss.entries[names[i]].coeff) for i in window.active},
+                )
         else:
-            matrix = storage.matrix(tasks)
+            matrix = storage.matrix(num_rows)
+            matrix = matrix[rows] if len(rows) < num_rows else matrix
+            if window.scale != 1.0:
+                matrix = matrix / window.scale
             active_coeffs = torch.tensor(
-                [self.loss.entries[names[i]].coeff for i in active], dtype=matrix.dtype
+                [self.loss.entries[names[i]].coeff for i in window.active], dtype=matrix.dtype
             ).to(matrix.device)
-            computed = [active.index(t) for t in tasks]
+            computed = [window.active.index(t) for t in tasks]
             update = self.aggregator.aggregate_subset(matrix, active_coeffs, computed)
             if not bool(torch.isfinite(update).all()):
                 self._skip_step(
                     storage, f"{type(self.aggregator).__name__} returned a non-finite update"
                 )
                 return
-            storage.apply_update(update)
+            storage.apply_update(update * window.scale if window.scale != 1.0 else update)
             weights = None
+        self.faults.applied_step()
         self._log_task_statistics([names[i] for i in tasks], gram, weights)
 
-    def _drop_faulty_tasks(
-        self, tasks: list[int], gram: torch.Tensor, names: list[str]
-    ) -> tuple[list[int], torch.Tensor]:
+    def _apply_held_weights(self, window: StepWindow, storage: TaskGradients, gram) -> None:
+        """A step between refreshes: row 0 holds the gradient of ``sum_i w_i L_i``."""
+        held = self.held_weights
+        sq = float(gram[0, 0])
+        if sq != sq or sq == float("inf"):
+            if self.on_nonfinite == "raise" and self._grad_scaler() is None:
+                raise FloatingPointError(
+                    f"the weighted loss of {sorted(held.weights)} has a non-finite gradient at "
+                    f"global step {self.trainer.global_step} (between weight refreshes, "
+                    "training_module.weights_every; training_module.on_nonfinite=raise)"
+                )
+            self.held_weights = None  # refresh on the next step: per-task gradients name it
+            self._skip_step(
+                storage,
+                f"the weighted loss of {sorted(held.weights)} has a "
+                f"{'NaN' if sq != sq else 'non-finite'} gradient (a step between weight "
+                "refreshes; the next step refreshes and names the component)",
+            )
+            return
+        storage.apply_weights(torch.ones(1, dtype=torch.float64))
+        held.age += 1
+        self.applied_task_weights = dict(held.weights)
+        self.faults.applied_step()
+
+    def _usable_tasks(self, window, storage, gram, names):
+        """Drop zero-gradient tasks and apply ``on_nonfinite``; return the tasks kept, their
+        Gram, and the cause of a skip (``None`` if the step goes ahead)."""
         sq_norms = gram.diagonal()
-        keep = []
-        for j, task in enumerate(tasks):
-            sq = float(sq_norms[j])
+        keep: list[int] = []
+        for row, task in enumerate(window.tasks):
+            sq = float(sq_norms[row])
             if sq != sq or sq == float("inf"):
-                msg = (
-                    f"loss component {names[task]!r} has a non-finite gradient at global step "
+                what = "a NaN" if sq != sq else self._inf_kind(storage, row)
+                cause = (
+                    f"loss component {names[task]!r} has {what} gradient at global step "
                     f"{self.trainer.global_step}"
                 )
                 if self.on_nonfinite == "raise":
-                    raise FloatingPointError(msg + " (training_module.on_nonfinite=raise)")
-                if self.on_nonfinite == "skip":
-                    return [], gram[:0, :0]
+                    raise FloatingPointError(cause + " (training_module.on_nonfinite=raise)")
+                if self.on_nonfinite == "skip" or self._grad_scaler() is not None:
+                    return [], gram[:0, :0], cause
                 self._warn_once(
-                    "zero_task", msg + "; leaving it out of this step (on_nonfinite=zero_task)"
+                    "zero_task", cause + "; leaving it out of this step (on_nonfinite=zero_task)"
                 )
+                self.faults.drop(names[task])
                 continue
             if sq == 0.0:
                 self._warn_once(
                     "zero",
-                    f"loss component {names[task]!r} has a zero gradient on a step; "
-                    "it is left out of that step's aggregation (further cases are not reported)",
+                    f"loss component {names[task]!r} has a zero gradient on a step; it is left "
+                    "out of that step's aggregation (counted in mtl/dropped/<name>; further "
+                    "cases are not warned about)",
                 )
+                self.faults.drop(names[task])
                 continue
-            keep.append(j)
-        if len(keep) == len(tasks):
-            return tasks, gram
-        return [tasks[j] for j in keep], gram[keep][:, keep]
+            keep.append(row)
+        if not keep:
+            return [], gram[:0, :0], "no loss component has a non-zero gradient on this step"
+        return [window.tasks[r] for r in keep], gram, None
 
-    def _skip_step(self, storage: TaskGradients, reason: str) -> None:
-        storage.release_grads()  # `.grad = None`: optimizers leave every parameter alone
-        self.skipped_steps += 1
+    def _inf_kind(self, storage: TaskGradients, row: int) -> str:
+        if storage.row_is_finite(row):
+            return f"a finite gradient whose squared norm overflows {storage.dtype}; an inf"
+        return "an inf"
+
+    def _grad_scaler(self):
+        return _active_scaler(self.trainer.precision_plugin)
+
+    def _skip_step(self, storage: TaskGradients, cause: str) -> None:
+        scaler = self._grad_scaler()
+        if scaler is not None:
+            # the GradScaler skips a step with non-finite gradients and lowers its scale
+            storage.apply_nonfinite()
+            cause += (
+                f" (16-mixed: the GradScaler skips the step; loss scale {scaler.get_scale():g})"
+            )
+        else:
+            storage.release_grads()  # `.grad = None`: optimizers leave every parameter alone
         self.applied_task_weights = {}
-        self.task_gradient_statistics = None
-        self._warn_once(
-            "skip", f"skipping an optimizer step: {reason} (counted in mtl/skipped_steps)"
+        self._warn(f"skipping an optimizer step: {cause} (counted in mtl/skipped_steps)")
+        self.log("mtl/skipped_steps", float(self.faults.skipped + 1))
+        trainer = self.trainer
+        self.faults.skipped_step(
+            cause, last_batch_of_first_epoch=trainer.current_epoch == 0 and trainer.is_last_batch
         )
-        self.log("mtl/skipped_steps", float(self.skipped_steps))
+
+    def _warn(self, message: str) -> None:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -349,20 +460,21 @@ class MultitaskLightningModule(NequIPLightningModule):
         self.task_gradient_statistics = TaskGradientStatistics(
             names, gram, weights, self.trainer.global_step
         )
+        stats = {"mtl/skipped_steps": float(self.faults.skipped)}
+        stats.update({f"mtl/dropped/{n}": float(c) for n, c in self.faults.dropped.items()})
         if weights is None:
             self.applied_task_weights = {}
+            self.log_dict(stats, on_step=True, on_epoch=False)
             return
         norms = gram.diagonal().clamp_min(0).sqrt()
         gw = gram @ weights
         update_norm = (weights @ gw).clamp_min(0).sqrt()
         cos = gw / (norms * update_norm).clamp_min(torch.finfo(torch.float64).tiny)
         self.applied_task_weights = {n: float(w) for n, w in zip(names, weights)}
-        stats = {}
         for j, name in enumerate(names):
             stats[f"mtl/grad_norm/{name}"] = float(norms[j])
             stats[f"mtl/cos_update/{name}"] = float(cos[j])
             stats[f"mtl/weight/{name}"] = float(weights[j])
-        stats["mtl/skipped_steps"] = float(self.skipped_steps)
         self.log_dict(stats, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ clipping
@@ -382,7 +494,9 @@ class MultitaskLightningModule(NequIPLightningModule):
         """"""
         checkpoint["nequip_mtl"] = {
             "aggregator": self.aggregator.state_dict(),
-            "skipped_steps": self.skipped_steps,
+            "faults": self.faults.state_dict(),
+            "held_weights": None if self.held_weights is None else self.held_weights.state_dict(),
+            "last_active": self._last_active,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -390,7 +504,10 @@ class MultitaskLightningModule(NequIPLightningModule):
         state = checkpoint.get("nequip_mtl")
         if state is not None:
             self.aggregator.load_state_dict(state["aggregator"])
-            self.skipped_steps = state["skipped_steps"]
+            self.faults.load_state_dict(state["faults"])
+            held = state.get("held_weights")
+            self.held_weights = None if held is None else HeldWeights.from_state(held)
+            self._last_active = state.get("last_active")
 
 
 class EMAMultitaskLightningModule(MultitaskLightningModule, EMALightningModule):
@@ -433,6 +550,59 @@ def check_strategy(strategy) -> None:
             "aggregation training modules; use a single device, "
             "nequip.train.SimpleDDPStrategy, or lightning's DDPStrategy"
         )
+
+
+def check_precision(plugin, on_nonfinite: str) -> None:
+    """Reject precision plugins whose loss scaling we do not know how to undo.
+
+    Supported: full precision (``32-true``, ``64-true``), ``16-true``/``bf16-true``, and
+    automatic mixed precision (``16-mixed`` with or without a ``GradScaler``,
+    ``bf16-mixed``). With a ``GradScaler`` an overflowing step is always the scaler's to
+    skip, so ``on_nonfinite: zero_task`` (which would apply the other tasks) is refused.
+    """
+    from lightning.pytorch.plugins.precision import (
+        DoublePrecision,
+        HalfPrecision,
+        MixedPrecision,
+        Precision,
+    )
+
+    if type(plugin) not in (Precision, DoublePrecision, HalfPrecision) and not isinstance(
+        plugin, MixedPrecision
+    ):
+        raise ValueError(
+            f"the precision plugin {type(plugin).__name__} (`trainer.precision` / "
+            "`trainer.plugins`) is not supported by gradient-aggregation training modules; use "
+            "32-true, 64-true, 16-mixed or bf16-mixed"
+        )
+    if _active_scaler(plugin) is not None and on_nonfinite == "zero_task":
+        raise ValueError(
+            "`training_module.on_nonfinite`=zero_task cannot be combined with a GradScaler "
+            "(`trainer.precision`=16-mixed): an overflowing task gradient means the loss scale "
+            "is too large, and the scaler must skip the whole step; use on_nonfinite: skip"
+        )
+
+
+def _active_scaler(plugin):
+    scaler = getattr(plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _grad_scale(plugin) -> float:
+    scaler = _active_scaler(plugin)
+    return 1.0 if scaler is None else float(scaler.get_scale())
+
+
+def _check_weights_every(value: Any, aggregator: Aggregator) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`weights_every` must be an integer >= 1, got {value!r}")
+    if value > 1 and not aggregator.gram_based:
+        raise ValueError(
+            f"`weights_every`={value} needs an aggregator whose update is a weighted sum of the "
+            f"task gradients (a GramAggregator); {type(aggregator).__name__} is not one. Use "
+            "weights_every: 1 (its default), or a Gram-based aggregator such as ConFIG or UPGrad"
+        )
+    return value
 
 
 def _build_aggregator(aggregator: Mapping | Aggregator | None) -> Aggregator:

@@ -1,13 +1,19 @@
 """Per-task gradient storage for gradient-aggregation training modules.
 
-One flat ``(num_tasks, numel)`` buffer per (device, dtype) group of trainable
-parameters is allocated once. Each task's backward pass accumulates *directly* into
-its row: before the pass every parameter's ``.grad`` is pointed at its slice of that
-row, and autograd adds into an existing ``.grad`` in place. There is no per-step
-flattening, concatenation, zero-filling of fresh tensors or re-allocation; gradient
-accumulation over several micro-batches is the same in-place sum. The applied update
-is written to a second preallocated buffer whose slices become the parameters'
-``.grad``.
+One flat ``(num_rows, numel)`` buffer per (device, dtype) group of trainable
+parameters is allocated once, with one row per task gradient that is back-propagated
+on its own (the active tasks of an all-task aggregator, the ``tasks_per_step`` of a
+momentum method; never a ``coeff: null`` component). Each backward pass accumulates
+*directly* into its row: before the pass every parameter's ``.grad`` is pointed at its
+slice of that row, and autograd adds into an existing ``.grad`` in place. There is no
+per-step flattening, concatenation, zero-filling of fresh tensors or re-allocation;
+gradient accumulation over several micro-batches is the same in-place sum. The
+applied update is written to a second preallocated buffer whose slices become the
+parameters' ``.grad``.
+
+A parameter that no backward pass of the window reached gets ``.grad = None``, as
+with a plain ``loss.backward()`` (so optimizers with weight decay leave it alone);
+reachability is recorded by a post-accumulate-grad hook per parameter.
 """
 
 from __future__ import annotations
@@ -20,14 +26,15 @@ import torch
 class _Group:
     """Parameters of one (device, dtype): their row buffer and update buffer."""
 
-    def __init__(self, params: list[torch.nn.Parameter], num_tasks: int):
+    def __init__(self, params: list[torch.nn.Parameter], index: list[int], num_rows: int):
         self.params = params
+        self.index = index  # positions of these parameters in the storage's list
         p0 = params[0]
         numel = sum(p.numel() for p in params)
-        self.rows = torch.zeros((num_tasks, numel), dtype=p0.dtype, device=p0.device)
+        self.rows = torch.zeros((num_rows, numel), dtype=p0.dtype, device=p0.device)
         self.update = torch.empty((numel,), dtype=p0.dtype, device=p0.device)
         self.row_views: list[list[torch.Tensor]] = [
-            self._views(self.rows[i]) for i in range(num_tasks)
+            self._views(self.rows[i]) for i in range(num_rows)
         ]
         self.update_views = self._views(self.update)
 
@@ -40,34 +47,59 @@ class _Group:
 
 
 class TaskGradients:
-    """Flat per-task gradient rows for a fixed list of trainable parameters.
+    """Flat task-gradient rows for a fixed list of trainable parameters.
+
+    Rows are used from the first one on: a window that back-propagates ``n`` tasks uses
+    rows ``0 .. n-1`` (contiguous, so Gram matrices, DDP reductions and weighted sums
+    work on views, never on gathered copies).
 
     Args:
         params: the trainable parameters (``requires_grad=True``), in a fixed order
-        num_tasks: number of rows (one per loss component, active or not)
+        num_rows: number of rows (task gradients back-propagated separately per window)
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], num_tasks: int):
+    def __init__(self, params: Sequence[torch.nn.Parameter], num_rows: int):
         self.params = list(params)
-        self.num_tasks = num_tasks
-        groups: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
-        for p in self.params:
-            groups.setdefault((p.device, p.dtype), []).append(p)
-        self.groups = [_Group(ps, num_tasks) for ps in groups.values()]
+        self.num_rows = num_rows
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(self.params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        self.groups = [
+            _Group([self.params[i] for i in idx], idx, num_rows) for idx in groups.values()
+        ]
         self.dtype = max((g.rows.dtype for g in self.groups), key=lambda d: torch.finfo(d).bits)
+        self._reached = [False] * len(self.params)
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._reach_hook(i))
+            for i, p in enumerate(self.params)
+        ]
+
+    def _reach_hook(self, i: int):
+        def hook(_: torch.Tensor) -> None:
+            self._reached[i] = True
+
+        return hook
+
+    def close(self) -> None:
+        """Remove the parameter hooks (the storage is being replaced)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def matches(self, params: Sequence[torch.nn.Parameter]) -> bool:
         """Whether this storage was built for exactly these parameters."""
         return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
 
     def zero_(self) -> None:
+        """Start a new window: zero rows, nothing reached yet."""
         for g in self.groups:
             g.rows.zero_()
+        self._reached = [False] * len(self.params)
 
-    def backward(self, task: int, loss: torch.Tensor, retain_graph: bool) -> None:
-        """Accumulate the gradient of ``loss`` into row ``task``."""
+    def backward(self, row: int, loss: torch.Tensor, retain_graph: bool) -> None:
+        """Accumulate the gradient of ``loss`` into row ``row``."""
         for g in self.groups:
-            for p, view in zip(g.params, g.row_views[task]):
+            for p, view in zip(g.params, g.row_views[row]):
                 p.grad = view
         torch.autograd.backward(loss, retain_graph=retain_graph, inputs=self.params)
         self.release_grads()
@@ -77,58 +109,56 @@ class TaskGradients:
         for p in self.params:
             p.grad = None
 
-    def _select(self, rows: torch.Tensor, tasks: Sequence[int]) -> torch.Tensor:
-        # fancy indexing copies: a contiguous run of tasks (all of them, or the single task
-        # a momentum method back-propagated) is a view
-        idx = list(tasks)
-        if idx == list(range(idx[0], idx[-1] + 1)):
-            return rows[idx[0] : idx[-1] + 1]
-        return rows[idx]
-
-    def gram(self, tasks: Sequence[int]) -> torch.Tensor:
-        """The ``(m, m)`` Gram matrix of the given rows, in float64 on the CPU."""
+    def gram(self, num: int) -> torch.Tensor:
+        """The ``(num, num)`` Gram matrix of rows ``0 .. num-1``, in float64 on the CPU."""
         total = None
         for g in self.groups:
-            rows = self._select(g.rows, tasks)
+            rows = g.rows[:num]
             part = (rows @ rows.T).double()
             total = part if total is None else total + part
         return total.cpu()
 
-    def matrix(self, tasks: Sequence[int]) -> torch.Tensor:
-        """The ``(m, numel)`` gradient matrix of the given rows (a copy if several groups)."""
-        parts = [self._select(g.rows, tasks).to(self.dtype) for g in self.groups]
+    def row_is_finite(self, row: int) -> bool:
+        """Whether every entry of a row is finite (a slow check for error messages)."""
+        return all(bool(torch.isfinite(g.rows[row]).all()) for g in self.groups)
+
+    def matrix(self, num: int) -> torch.Tensor:
+        """The ``(num, numel)`` matrix of rows ``0 .. num-1`` (a copy if several groups)."""
+        parts = [g.rows[:num].to(self.dtype) for g in self.groups]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def all_reduce_mean_(self, tasks: Sequence[int]) -> None:
-        """Average the given rows over the DDP ranks: one collective per parameter group.
-
-        Rows are contiguous in memory, so a contiguous range of tasks (all of them, or
-        one) is reduced in place; any other subset goes through one packed copy.
-        """
-        idx = sorted(tasks)
+    def all_reduce_mean_(self, num: int) -> None:
+        """Average rows ``0 .. num-1`` over the DDP ranks, in place (one collective per
+        parameter group), and take the union of the parameters reached on any rank."""
         world = torch.distributed.get_world_size()
         for g in self.groups:
-            if idx == list(range(idx[0], idx[-1] + 1)):
-                block = g.rows[idx[0] : idx[-1] + 1]
-                torch.distributed.all_reduce(block, op=torch.distributed.ReduceOp.SUM)
-                block.div_(world)
-            else:
-                packed = g.rows[idx]
-                torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
-                g.rows[idx] = packed / world
+            block = g.rows[:num]
+            torch.distributed.all_reduce(block, op=torch.distributed.ReduceOp.SUM)
+            block.div_(world)
+        # reachability is decided per rank; the update must be identical on all of them
+        device = self.groups[0].rows.device
+        flags = torch.tensor(self._reached, dtype=torch.uint8, device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        self._reached = [bool(f) for f in flags.tolist()]
 
-    def apply_weights(self, tasks: Sequence[int], weights: torch.Tensor) -> None:
-        """Set every parameter's ``.grad`` to ``sum_i weights[i] * row[tasks[i]]``."""
-        idx = list(tasks)
+    def _point_grads(self, g: _Group, views: list[torch.Tensor]) -> None:
+        for i, p, view in zip(g.index, g.params, views):
+            p.grad = view if self._reached[i] else None
+
+    def apply_weights(self, weights: torch.Tensor, rows: Sequence[int] | None = None) -> None:
+        """Set every parameter's ``.grad`` to ``sum_j weights[j] * row[rows[j]]`` (``rows``
+        default: ``0 .. len(weights)-1``; any other selection is gathered, a copy)."""
+        n = len(weights)
+        prefix = rows is None or list(rows) == list(range(n))
         for g in self.groups:
-            w = weights.to(device=g.rows.device, dtype=g.rows.dtype)
-            if len(idx) == 1 and float(weights[0]) == 1.0:
-                views = g.row_views[idx[0]]
+            if prefix and n == 1 and float(weights[0]) == 1.0:
+                views = g.row_views[0]
             else:
-                torch.mv(self._select(g.rows, idx).T, w, out=g.update)
+                w = weights.to(device=g.rows.device, dtype=g.rows.dtype)
+                selected = g.rows[:n] if prefix else g.rows[list(rows)]
+                torch.mv(selected.T, w, out=g.update)
                 views = g.update_views
-            for p, view in zip(g.params, views):
-                p.grad = view
+            self._point_grads(g, views)
 
     def apply_update(self, update: torch.Tensor) -> None:
         """Set every parameter's ``.grad`` from a flat update vector over all groups."""
@@ -137,5 +167,15 @@ class TaskGradients:
             n = g.update.numel()
             g.update.copy_(update[offset : offset + n])
             offset += n
-            for p, view in zip(g.params, g.update_views):
-                p.grad = view
+            self._point_grads(g, g.update_views)
+
+    def apply_nonfinite(self) -> None:
+        """Set every reached parameter's ``.grad`` to NaN: how a skipped step is handed to
+        a ``GradScaler``, which then skips the optimizer step and lowers its scale."""
+        for g in self.groups:
+            g.update.fill_(float("nan"))
+            self._point_grads(g, g.update_views)
+        if not any(p.grad is not None for p in self.params):
+            # the scaler needs at least one gradient to record its inf check on
+            g = self.groups[0]
+            g.params[0].grad = g.update_views[0]
