@@ -1,6 +1,7 @@
 """Pure-torch training diagnostics (no Lightning imports): gradient-conflict statistics
-from task gradients or their Gram matrix."""
+from task gradients or their Gram matrix, and loss coefficients calibrated from them."""
 
+from .calibration import RULES, GradientCalibration
 from .conflict import (
     ConflictStatistics,
     conflict_from_gradients,
@@ -15,4 +16,6 @@ __all__ = [
     "conflict_from_gradients",
     "conflict_from_weights",
     "conflict_metrics",
+    "GradientCalibration",
+    "RULES",
 ]

@@ -2,10 +2,12 @@
 
 Drop-in (and corrected) versions of nequip's ``LossCoefficientScheduler``,
 ``LinearLossCoefficientScheduler``, ``LossCoefficientMonitor`` and ``SoftAdapt``, plus
-Dynamic Weight Average and Random Loss Weighting. Every coefficient change goes through
+Dynamic Weight Average, Random Loss Weighting and calibrate-then-freeze coefficients
+(:class:`CalibrateLossCoefficients`). Every coefficient change goes through
 :func:`nequip_mtl.train.coefficients.update_coeffs` (strict, partial, normalised).
 """
 
+from .calibrate import CalibrateLossCoefficients
 from .dwa import DynamicWeightAverage
 from .gradient_conflict import GradientConflictMonitor
 from .linear_loss_coeff_scheduler import LinearLossCoefficientScheduler
@@ -22,4 +24,5 @@ __all__ = [
     "DynamicWeightAverage",
     "RandomLossWeighting",
     "GradientConflictMonitor",
+    "CalibrateLossCoefficients",
 ]
