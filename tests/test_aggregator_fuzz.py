@@ -5,6 +5,7 @@ gradients raise ``FloatingPointError`` (the documented fault path), never a sile
 """
 
 import inspect
+import re
 
 import hypothesis.strategies as st
 import pytest
@@ -75,3 +76,54 @@ def test_nonfinite_gradients_raise(cls, bad):
     grads[1, 4] = bad
     with pytest.raises(FloatingPointError, match=r"tasks \[1\]"):
         cls()(grads)
+
+
+def _pattern(name: str) -> tuple[torch.Tensor, list[int]]:
+    grads = torch.randn(4, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inf, nan = float("inf"), float("nan")
+    if name == "plus_and_minus_inf":  # +inf and -inf in one row: squares are both +inf
+        grads[2, 1], grads[2, 5] = inf, -inf
+        return grads, [2]
+    if name == "inf_where_others_are_zero":  # inf * 0 = NaN off the diagonal only
+        grads[:, 3] = 0.0
+        grads[0, 3] = inf
+        return grads, [0]
+    if name == "nan_row":
+        grads[3] = nan
+        return grads, [3]
+    if name == "two_bad_rows":
+        grads[0, 0], grads[3, 8] = nan, -inf
+        return grads, [0, 3]
+    if name == "inf_in_a_tiny_row":  # the other entries of the row underflow when squared
+        grads[1] *= 1e-30
+        grads[1, 4] = inf
+        return grads, [1]
+    raise ValueError(name)
+
+
+PATTERNS = [
+    "plus_and_minus_inf",
+    "inf_where_others_are_zero",
+    "nan_row",
+    "two_bad_rows",
+    "inf_in_a_tiny_row",
+]
+
+
+@pytest.mark.parametrize("cls", AGGREGATORS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_nonfinite_patterns_are_caught_and_named(cls, pattern, dtype):
+    """The check reads the squared row norms (Gram diagonal or row norms), not every entry:
+    any NaN/inf entry must still make its row's norm non-finite and be named."""
+    grads, bad = _pattern(pattern)
+    with pytest.raises(FloatingPointError, match=re.escape(f"tasks {bad}")):
+        cls()(grads.to(dtype))
+
+
+@pytest.mark.parametrize("cls", AGGREGATORS, ids=lambda c: c.__name__)
+def test_finite_gradients_whose_norms_overflow_are_not_a_fault(cls):
+    """float32 rows whose sum of squares overflows are finite gradients: no error."""
+    grads = torch.randn(3, 9, generator=torch.Generator().manual_seed(2)) * 1e25
+    update = cls()(grads)
+    assert torch.isfinite(update).all()

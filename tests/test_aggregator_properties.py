@@ -465,3 +465,86 @@ def test_explicit_edge_cases_are_finite(cls, dtype):
         assert torch.isfinite(u).all() and torch.isfinite(w).all(), name
         if name == "all_zero":
             assert (u == 0).all(), name
+
+
+# --------------------------------------------------------------------------- extreme scales
+#: ~1e-20, ~1e-12, 1, ~1e12 and ~7e19 as exact powers of two, so that c * G is exact in
+#: float32 and float64 and the weights must agree to the rounding of the float64 solvers.
+#: 2**-66: float32 squares underflow; 2**66: float32 squares overflow (the Gram is then
+#: formed from power-of-two rescaled rows).
+EXTREME_SCALES = [2.0**-66, 2.0**-40, 1.0, 2.0**40, 2.0**66]
+
+
+def homogeneous_instance(cls, scale):
+    """An instance that is positively homogeneous at this scale of the gradients.
+
+    ConFIG (like nequip's) floors every norm at the absolute `norm_eps` (1e-8): it is
+    homogeneous only while all task gradient norms exceed it, so below that it is tested
+    with the floor out of the way.
+    """
+    if cls is ConFIG and scale < 1.0:
+        return ConFIG(norm_eps=1e-300)
+    return fresh(cls)
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+@SETTINGS
+@given(s=systems(kinds=GENERIC, max_decades=3.0), scale_index=st.integers(0, 4))
+def test_positive_homogeneity_at_extreme_scales(cls, s, scale_index):
+    """agg(c G) == c agg(G) through the whole call path (Gram, checks, solvers), for
+    gradient norms from ~1e-24 to ~1e24 in float32 and float64."""
+    c = EXTREME_SCALES[scale_index]
+    u = homogeneous_instance(cls, c)(s.grads, s.coeffs.to(s.dtype)).double()
+    u_c = homogeneous_instance(cls, c)(s.grads * c, s.coeffs.to(s.dtype)).double() / c
+    assert torch.isfinite(u_c).all()
+    w, _ = weights_and_update(fresh(cls), s)
+    # CAGrad's root finding on log(lambda) stops at a relative 1e-10
+    tol = 1e-9 if cls is CAGrad else 10 * TOL[s.dtype]
+    assert (u_c - u).norm() <= tol * term_scale(w, s)
+
+
+def test_config_default_norm_floor_is_not_homogeneous_below_it():
+    """Documented: with the default `norm_eps` (nequip's 1e-8), gradients whose norms are
+    all below the floor get a different direction; with the floor lowered they do not."""
+    g = build(3, 3, 12, "conflict", f64, 2.0, 0.0, True).grads
+    c = 2.0**-66
+    u = ConFIG()(g)
+    assert (ConFIG()(g * c) / c - u).norm() > 1e-3 * u.norm()
+    assert (ConFIG(norm_eps=1e-300)(g * c) / c - u).norm() <= 1e-12 * u.norm()
+
+
+@pytest.mark.parametrize("lsqr", [True, False], ids=["lsqr", "pinv"])
+@SETTINGS
+@given(
+    s=systems(
+        kinds=("antiparallel", "parallel", "duplicate", "conflict", "random"),
+        min_m=2,
+        max_m=2,
+        max_decades=4.0,
+    )
+)
+def test_config_pairs_never_conflict(lsqr, s):
+    """Two tasks, including (near-)antiparallel float32 pairs at norm ratios up to 1e4: the
+    update has a non-negative cosine with both (ConFIG's guarantee; for an exactly or
+    numerically antiparallel pair the only such direction in their span is 0)."""
+    agg = ConFIG(lsqr=lsqr)
+    w = agg.weights(s.gram(), s.coeffs, source_dtype=s.dtype)
+    g, u = s.grads.double(), agg(s.grads, s.coeffs.to(s.dtype)).double()
+    # rounding of the float32/64 weighted sum: TOL * sum_j |w_j| |g_j| (module docstring)
+    assert (g @ u >= -10 * TOL[s.dtype] * g.norm(dim=1) * term_scale(w, s)).all()
+
+
+@pytest.mark.parametrize("lsqr", [True, False], ids=["lsqr", "pinv"])
+@pytest.mark.parametrize("dtype", [f32, f64], ids=str)
+@pytest.mark.parametrize("ratio", [1.0, 1e2, 1e4])
+def test_config_exactly_antiparallel_pair_gives_zero(lsqr, dtype, ratio):
+    """g and -r g: no non-zero direction in their span conflicts with neither, so ConFIG
+    returns (numerically) zero, as nequip's ConFIG does (its normalisation floor turns
+    the ~1e-17 least-squares solution into a ~0 update)."""
+    g = torch.randn(20, generator=torch.Generator().manual_seed(0), dtype=f64)
+    grads = torch.stack([g, -ratio * g]).to(dtype)
+    u = ConFIG(lsqr=lsqr)(grads).double()
+    scale = grads.double().norm(dim=1).sum()
+    assert u.norm() <= 10 * TOL[dtype] * scale
+    expected = nequip_config(grads.double(), torch.full((2,), 0.5, dtype=f64))
+    assert expected.norm() <= 10 * TOL[dtype] * scale

@@ -550,3 +550,53 @@ def test_cuda_inputs_give_outputs_on_the_same_device(cls):
     torch.testing.assert_close(u.cpu(), expected, rtol=1e-4, atol=1e-5 * g.norm())
     gram = (g.double() @ g.double().T).cuda()
     assert agg.weights(gram, uniform(4).cuda(), source_dtype=torch.float32).device.type == "cuda"
+
+
+def test_config_zero_coefficient_is_not_a_conflict():
+    """Full rank, one zero coefficient: the update is orthogonal to that task (cosine 0 up
+    to rounding), which must not be mistaken for a conflict."""
+    g = spread(conflicting(3, 12, seed=3), torch.tensor([-1.0, 0.0, 1.0]))
+    c = torch.tensor([0.5, 0.5, 0.0], dtype=f64)
+    u = ConFIG()(g, c)
+    torch.testing.assert_close(u, _nequip_config(g, c))
+    assert u.norm() > 0.1 * g.norm(dim=1).min()
+
+
+def test_config_dependent_conflicting_tasks_give_zero():
+    """g3 = -(g1 + g2): no non-zero direction in the span improves all three."""
+    g12 = randn(2, 8, seed=4)
+    g = torch.cat([g12, -(g12.sum(0, keepdim=True))])
+    for lsqr in (True, False):
+        assert ConFIG(lsqr=lsqr)(g).norm() <= 1e-12 * g.norm(dim=1).sum()
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("lsqr", [True, False])
+def test_float32_gradients_whose_gram_overflows(cls, lsqr):
+    """float32 entries ~1e20: squared norms overflow float32. The Gram is formed from
+    rescaled rows in float64, so the update is the float64 one, not an MKL assertion."""
+    if cls is not ConFIG and not lsqr:
+        pytest.skip("lsqr is ConFIG's")
+    make = (lambda: ConFIG(lsqr=lsqr)) if cls is ConFIG else (lambda: fresh(cls))
+    g = conflicting(3, 10, seed=0).float() * 1e20
+    u = make()(g)
+    assert torch.isfinite(u).all()
+    expected = make()(g.double())
+    torch.testing.assert_close(u.double(), expected, rtol=1e-4, atol=1e-5 * g.norm().item())
+
+
+def fresh(cls):
+    return cls(seed=0) if cls is PCGrad else cls()
+
+
+def test_float64_gram_overflow_is_a_clear_error():
+    g = conflicting(3, 10, seed=0) * 1e170
+    with pytest.raises(FloatingPointError, match="ConFIG: the Gram matrix .* overflows float64"):
+        ConFIG()(g)
+
+
+def test_config_nonfinite_gram_gives_nan_weights():
+    gram = torch.eye(3, dtype=f64)
+    gram[0, 1] = gram[1, 0] = torch.inf
+    for lsqr in (True, False):
+        assert torch.isnan(ConFIG(lsqr=lsqr).weights(gram, uniform(3))).all()

@@ -7,6 +7,10 @@ import torch
 from ._linalg import default_rtol, psd_pinv_solve, safe_norms
 from .base import GramAggregator
 
+#: smallest relative negative cosine of the least-squares direction counted as a conflict
+#: (below it, float64 rounding of the small solve); the cut-off is ``rtol`` above this
+_CONFLICT_FLOOR = 1e-12
+
 
 class ConFIG(GramAggregator):
     r"""Conflict-free inverse gradients (`ConFIG <https://arxiv.org/abs/2408.11104>`_).
@@ -29,7 +33,22 @@ class ConFIG(GramAggregator):
     per-step cost is one Gram matrix and one weighted sum of gradient rows (no
     normalised copy of the gradient matrix, no ``m x N`` least-squares factorisation).
     Rank-deficient systems (parallel tasks, more tasks than independent directions)
-    give the pseudo-inverse solution and a finite update.
+    give the pseudo-inverse solution and a finite update, as long as that solution
+    conflicts with no task. When it would (an exactly or numerically antiparallel pair;
+    dependent tasks that cannot all improve together, e.g.
+    :math:`g_3 = -(g_1 + g_2)`), no non-zero direction in the span of the gradients
+    improves every task, and the update is **zero** (the tasks are Pareto-stationary to
+    first order). nequip's ConFIG returns the least-squares direction there, which for
+    an antiparallel pair with equal coefficients is ~0 as well (its normalisation floor),
+    but with unequal coefficients follows one task against the other; the authors'
+    ``conflictfree`` package normalises the ~0 least-squares solution to an arbitrary
+    unit direction. The Gram matrix is symmetrised first, so both solvers (``lsqr``)
+    use the same rank cut-off (``rtol``, relative to the gradients' dtype).
+
+    **Scaling.** Positively homogeneous (:math:`u(tG) = t\,u(G)`, :math:`t > 0`) while
+    every task gradient norm is above ``norm_eps``; like nequip, norms below that
+    absolute floor are floored, which changes the direction (lower ``norm_eps`` for
+    problems whose gradients are that small).
 
     Example (as the aggregator of :class:`nequip_mtl.train.MultitaskLightningModule`):
 
@@ -81,6 +100,13 @@ class ConFIG(GramAggregator):
         unit_gram = gram / (norms[:, None] * norms[None, :])
         b = coeffs / coeffs.norm().clamp_min(eps)
         c = self._solve(unit_gram, b, rtol)
+        # A x = unit_gram @ c: the cosines of x with the tasks, times |x|. With linearly
+        # independent gradients it equals b >= 0. A rank-deficient system whose tasks
+        # cannot all be improved together (antiparallel pair; dependent, conflicting
+        # tasks) leaves the least-squares x conflicting with some task: no update there
+        cosines = unit_gram @ c
+        if bool(cosines.min() < -max(rtol, _CONFLICT_FLOOR) * cosines.abs().max()):
+            return torch.zeros_like(c)
         # x = A^T c = sum_i (c_i / |g_i|) g_i
         a = c / norms
         gram_a = gram @ a
