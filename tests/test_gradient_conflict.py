@@ -196,6 +196,11 @@ CASES = {
     "nequip_accumulate": dict(
         module_cls=NequIPLightningModule, source="autograd", acc=2, batch_size=2
     ),
+    # 8 frames in micro-batches of 3: windows of 2 and then 1 micro-batch per epoch (the
+    # last, incomplete window still has Lightning's 1/2, as .grad does)
+    "nequip_accumulate_uneven": dict(
+        module_cls=NequIPLightningModule, source="autograd", acc=2, batch_size=3
+    ),
     # `coeff: null` components are not tasks
     "nequip_null_stress": dict(
         module_cls=NequIPLightningModule,
@@ -303,6 +308,49 @@ def test_reusing_the_module_gram_costs_no_forward_pass(tmp_path):
     assert counts["MultitaskLightningModule", False] >= 3  # 2 training + validation
     assert counts["MultitaskLightningModule", True] == counts["MultitaskLightningModule", False]
     assert counts["NequIPLightningModule", True] == counts["NequIPLightningModule", False] + 2
+
+
+class ForwardsPerBatch(Callback):
+    """Forward passes of the model between consecutive micro-batch ends, and the
+    ``global_step`` at each micro-batch's start."""
+
+    def __init__(self, counter: ForwardCounter):
+        self.counter, self.deltas, self.steps, self._last = counter, [], [], 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.deltas.append(self.counter.count - self._last)
+        self._last = self.counter.count
+
+    def on_validation_start(self, trainer, pl_module):
+        self._val_start = self.counter.count
+
+    def on_validation_end(self, trainer, pl_module):
+        self._last += self.counter.count - self._val_start
+
+
+def test_accumulation_extra_passes_once_per_optimizer_step(tmp_path):
+    """With accumulate_grad_batches=2, a monitored step's extra passes run once, at its
+    optimizer step (after the window's last micro-batch), one forward per micro-batch of
+    the window; unmonitored windows cost nothing."""
+    counter = ForwardCounter()
+    per_batch = ForwardsPerBatch(counter)
+    monitor = GradientConflictMonitor(interval="batch", frequency=2)
+    _run(
+        tmp_path,
+        NequIPLightningModule,
+        monitor=monitor,
+        extra=[counter, per_batch],
+        acc=2,
+        batch_size=2,
+        epochs=2,
+    )
+    # 4 micro-batches per epoch = 2 optimizer steps; steps 0 and 2 are monitored
+    assert per_batch.steps == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert per_batch.deltas == [1, 1 + 2, 1, 1, 1, 1 + 2, 1, 1]
+    assert sorted(_logged(tmp_path)) == [0, 2]
 
 
 @pytest.mark.parametrize(
