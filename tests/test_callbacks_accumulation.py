@@ -323,7 +323,7 @@ def test_monitor_logs_once_per_optimizer_step(tmp_path, acc, frequency):
 RESUME_CASES = {
     "step_schedule": lambda: [
         mcb.LossCoefficientScheduler(
-            {1: {"forces_mse": 2.0}, 5: {"stress_mse": 3.0}}, interval="batch"
+            {1: {"forces_mse": 2.0}, 4: {"stress_mse": 3.0}}, interval="batch"
         )
     ],
     "linear": lambda: [
@@ -340,7 +340,8 @@ RESUME_CASES = {
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_at_an_epoch_boundary_with_accumulation(tmp_path, case):
     """A checkpoint saved at the end of epoch 2 (an optimizer-step boundary; windows of
-    3+1 micro-batches) resumes to exactly the uninterrupted run's coefficients."""
+    3+1 micro-batches, so after step 3) resumes to exactly the uninterrupted run's
+    coefficients, including an action due at step 4, the first one after the cut."""
     full = fit(tmp_path / "full", RESUME_CASES[case](), acc=3, epochs=4)
     first = fit(tmp_path / "cut", RESUME_CASES[case](), acc=3, epochs=2, checkpoint=True)
     rec = MicroBatchRecorder()
