@@ -36,8 +36,24 @@ class MomentumConFIG(Aggregator):
     1): SGD with the second moment reached a validation force MAE of 192 and 153 meV/Å;
     Adam without it 713 and 801 meV/Å. Prefer the paper's pairing.
 
-    Cost per step: ``tasks_per_step`` backward passes; extra memory ``m + 2`` vectors of
-    the parameter size (momenta, second moment, previous pseudo-momentum).
+    **Round robin.** With ``tasks_per_step: k`` the tasks back-propagated on successive
+    steps are ``0..k-1``, ``k..2k-1`` (mod ``m``), ...: ``0, 1, 2, 0, ...`` for ``k = 1``,
+    ``{0, 1}, {2, 0}, {1, 2}, ...`` for ``k = 2`` and three tasks, from the first step and
+    again from task 0 after a change of the active tasks (:meth:`reset`). The position
+    is part of :meth:`state_dict`, so a restart continues the cycle exactly; restored
+    tensors move to the gradients' device and dtype on the next step.
+
+    **Scaling.** Without the second moment the update is positively homogeneous of
+    degree 1: scaling every gradient of the history by :math:`t > 0` scales the update
+    by :math:`t` (while all momentum norms exceed ConFIG's absolute ``norm_eps``). With
+    it, the update is scale-invariant (degree 0, up to ``eps``), like Adam's: loss
+    scaling (mixed precision) must be undone before aggregation either way, which the
+    training module does.
+
+    Cost per step: ``tasks_per_step`` backward passes. Extra memory, in vectors of the
+    parameter size: ``m`` rows of momenta (one per task), plus ``2`` with the second
+    moment (the second moment and the previous pseudo-momentum), so ``m + 2`` in all
+    (``m`` without the second moment), and a few temporary vectors during the update.
 
     Example (one backward pass per step, with SGD as the paper recommends):
 
