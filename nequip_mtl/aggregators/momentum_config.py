@@ -161,23 +161,22 @@ class MomentumConFIG(Aggregator):
             self._momenta[task].lerp_(grads[row], 1.0 - self.beta_1)
             self._counts[task] += 1
         seen = [i for i in range(m) if self._counts[i] > 0]
-        correction = torch.zeros(m, dtype=torch.float64)
-        correction[seen] = torch.tensor(
+        correction = torch.tensor(
             [1.0 / (1.0 - self.beta_1 ** self._counts[i]) for i in seen], dtype=torch.float64
         )
+        if seen == list(range(seen[0], seen[-1] + 1)):
+            momenta = self._momenta[seen[0] : seen[-1] + 1]  # a view (round robin from 0)
+        else:
+            momenta = self._momenta[seen]
         if len(seen) == 1:
-            update = self._momenta[seen[0]] * correction[seen[0]].item()
+            update = momenta[0] * correction[0].item()
         else:
             # ConFIG of the bias-corrected momenta D M, from the Gram of M (no copy of D M);
-            # tasks not seen yet (zero momenta) are left out of the solve
-            gram = gram_matrix(self._momenta, "MomentumConFIG").cpu()
-            gram = (gram * correction[:, None] * correction[None, :])[seen][:, seen]
-            w_seen = self._config.weights(
-                gram, coeffs[seen].double().cpu(), source_dtype=grads.dtype
-            )
-            w = torch.zeros(m, dtype=torch.float64)
-            w[seen] = w_seen
-            update = (w * correction).to(grads) @ self._momenta
+            # tasks not seen yet are left out of the solve
+            gram = gram_matrix(momenta, "MomentumConFIG").cpu()
+            gram = gram * correction[:, None] * correction[None, :]
+            w = self._config.weights(gram, coeffs[seen].double().cpu(), source_dtype=grads.dtype)
+            update = (w * correction).to(grads) @ momenta
         if not self.second_moment:
             return update
         return self._scale_by_second_moment(update)
