@@ -430,3 +430,59 @@ def test_real_nequip_train_run(tmp_path):
     assert len(rows) == 1 and int(rows[0]["step"]) == 2
     for name in ALL:
         assert float(rows[0][f"calibration/coeff/{name}"]) == pytest.approx(chosen[name])
+
+
+# ---------------------------------------------------------------- DDP
+
+
+def _ddp_worker(out_dir: str) -> None:
+    """One rank (or the single reference process) of the DDP comparison."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    results = {}
+    for name, cls, extra in (
+        ("nequip", NequIPLightningModule, {}),
+        ("mtl_sum", MultitaskLightningModule, {"aggregator": SUM}),
+    ):
+        torch.manual_seed(0)
+        module = cls(**module_kwargs(loss=loss_config(C0_CONFIG), **extra))
+        cal = CalibrateLossCoefficients(rule="aggregator", steps=2, aggregator=UPGRAD)
+        tr = trainer(
+            out_dir,
+            max_epochs=2,
+            devices=world,
+            strategy=DDPStrategy(process_group_backend="gloo") if world > 1 else "auto",
+            callbacks=[cal],
+            use_distributed_sampler=True,
+        )
+        module.world_size = tr.world_size  # as nequip-train does
+        # the whole training split is one global batch: per-rank batch 8 / world
+        tr.fit(module, datamodule=datamodule(num_frames=10, train=8, val=2, batch_size=8 // world))
+        results[name] = {
+            "chosen": cal.coefficients,
+            "on_module": {n: e.coeff for n, e in module.loss.entries.items()},
+        }
+    torch.save(results, Path(out_dir) / f"calibrate_world{world}_rank{rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_choose_identical_coefficients(tmp_path):
+    """2 gloo ranks (per-rank batch 4) choose bitwise-identical coefficients on both
+    ranks, equal to those of 1 process with batch 8."""
+    from tests._ddp import launch
+
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+        "from tests.test_calibrate import _ddp_worker; _ddp_worker(sys.argv[1])"
+    )
+    for world in (1, 2):
+        launch([sys.executable, "-c", code, str(tmp_path)], world, cwd=REPO)
+    one = torch.load(tmp_path / "calibrate_world1_rank0.pt")
+    ranks = [torch.load(tmp_path / f"calibrate_world2_rank{r}.pt") for r in (0, 1)]
+    for name in ("nequip", "mtl_sum"):
+        assert ranks[0][name] == ranks[1][name]  # identical on every rank
+        assert ranks[0][name]["on_module"] == ranks[0][name]["chosen"]
+        for n in ALL:
+            assert ranks[0][name]["chosen"][n] == pytest.approx(one[name]["chosen"][n], rel=1e-9)
