@@ -239,7 +239,9 @@ def test_callback_docstring_yaml_instantiates(name):
     cls = getattr(mcb, name)
     for block in _yaml_blocks(cls):
         cfg = OmegaConf.create(block)
-        made = [instantiate(c) for c in cfg.callbacks]
+        # a bare `callbacks:` list, or a fuller config with `trainer: callbacks:`
+        callbacks = cfg.callbacks if "callbacks" in cfg else cfg.trainer.callbacks
+        made = [instantiate(c) for c in callbacks]
         assert made and all(type(m).__name__ == name for m in made)
     if len(made) > 1:
         assert len({m.state_key for m in made}) == len(made)
