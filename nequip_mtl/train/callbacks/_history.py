@@ -41,7 +41,8 @@ class AdaptiveWeightingCallback(IntervalCallback, WeightingCallback):
       Lightning scales each micro-batch by ``1/accumulate_grad_batches``), observed once,
       at the window's last micro-batch; ``frequency`` therefore counts optimizer steps and
       the new coefficients apply from the next optimizer step on, to all of its
-      micro-batches.
+      micro-batches. A component that is missing or non-finite in any micro-batch of the
+      step makes that step's observation non-finite, and the history skips it.
 
     Nothing is pending at an optimizer-step boundary (where Lightning saves checkpoints),
     so :meth:`state_dict` holds only the history.
