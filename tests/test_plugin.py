@@ -84,3 +84,53 @@ def test_version(cmd):
 
     res = _run(cmd)
     assert res.stdout.strip() == version("nequip-mtl")
+
+
+def _nan_forces_xyz(path: Path, frames: int = 16) -> None:
+    """EMT Cu frames whose energies and stresses are real and forces all NaN."""
+    import numpy as np
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    rng = np.random.default_rng(0)
+    atoms_list = []
+    for _ in range(frames):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+        atoms.rattle(0.05, rng=rng)
+        atoms.calc = EMT()
+        energy, stress = atoms.get_potential_energy(), atoms.get_stress()
+        forces = np.full((len(atoms), 3), np.nan)
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces, stress=stress)
+        atoms_list.append(atoms)
+    write(path, atoms_list, format="extxyz")
+
+
+def test_nequip_train_with_nan_forces_fails_and_names_forces(tmp_path):
+    """Forces NaN in every frame: every step would be skipped. The run must exit non-zero,
+    name the forces loss, and leave no checkpoint of an untrained model."""
+    data = tmp_path / "nan_forces.xyz"
+    _nan_forces_xyz(data)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", NAN_FORCES_XYZ=str(data))
+    res = subprocess.run(
+        [
+            str(BIN / "nequip-train"),
+            "-cp",
+            str(REPO / "tests" / "configs"),
+            "-cn",
+            "tiny_nan_forces",
+            f"hydra.run.dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    log = res.stdout + res.stderr
+    assert res.returncode != 0, log[-3000:]
+    assert "SkippedStepsError" in log and "'forces_mse' has a NaN gradient" in log, log[-3000:]
+    assert not list(out.rglob("*.ckpt"))

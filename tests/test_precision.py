@@ -45,7 +45,9 @@ def run(tmp_path, plugin=None, cls=mtl.MultitaskLightningModule, epochs=2, **kw)
     module = cls(**module_kwargs(dtype="float32", **kw))
     start = params(module)
     norms = GradNorms()
-    tr = trainer(tmp_path, max_epochs=epochs, plugins=[plugin] if plugin else None, callbacks=[norms])
+    tr = trainer(
+        tmp_path, max_epochs=epochs, plugins=[plugin] if plugin else None, callbacks=[norms]
+    )
     tr.fit(module, datamodule=datamodule())
     return module, params(module) - start, norms.norms, tr
 
@@ -119,7 +121,9 @@ def test_overflow_is_absorbed_by_the_grad_scaler(tmp_path, cls, kw, at):
 
 def test_zero_task_with_a_grad_scaler_is_refused(tmp_path):
     module = mtl.ConFIGLightningModule(on_nonfinite="zero_task", **module_kwargs(dtype="float32"))
-    with pytest.raises(ValueError, match="on_nonfinite`=zero_task cannot be combined with a GradScaler"):
+    with pytest.raises(
+        ValueError, match="on_nonfinite`=zero_task cannot be combined with a GradScaler"
+    ):
         trainer(tmp_path, plugins=[fp16()]).fit(module, datamodule=datamodule())
 
 
