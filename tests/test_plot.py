@@ -15,24 +15,27 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from matplotlib.cbook import STEP_LOOKUP_MAP
 from matplotlib.image import imread
 from nequip.train import NequIPLightningModule
 
-from nequip_mtl.plot import FIGURES, NoLogsError, build_figures, load_run, make_plots
+from nequip_mtl.plot import FIGURES, NoLogsError, Series, build_figures, load_run, make_plots
 from nequip_mtl.plot.cli import main
+from nequip_mtl.plot.figures import coinciding
 from nequip_mtl.plot.names import axis_label, parse_metric, unit
 from nequip_mtl.train import MultitaskLightningModule
-from nequip_mtl.train.callbacks import LossCoefficientMonitor
+from nequip_mtl.train.callbacks import LossCoefficientMonitor, LossCoefficientScheduler
 from nequip_mtl.train.callbacks.gradient_conflict import GradientConflictMonitor
-from tests._harness import datamodule, module_kwargs, trainer
+from tests._harness import datamodule, metrics_config, module_kwargs, trainer
+from tests._tiny_run import CoeffRecorder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train(run_dir: Path, module_cls, callbacks, epochs=3) -> Path:
+def _train(run_dir: Path, module_cls, callbacks, epochs=3, **module_kw) -> Path:
     torch.manual_seed(0)
-    module = module_cls(**module_kwargs())
+    module = module_cls(**module_kwargs(**module_kw))
     tr = trainer(
         run_dir,
         max_epochs=epochs,
@@ -46,12 +49,14 @@ def _train(run_dir: Path, module_cls, callbacks, epochs=3) -> Path:
 
 @pytest.fixture(scope="module")
 def mtl_run(tmp_path_factory) -> Path:
-    """ConFIG with both monitors: every series the plots can show."""
+    """ConFIG (the default aggregator, equal coefficients) with both monitors and
+    training metrics: every series the plots can show."""
     run = tmp_path_factory.mktemp("mtl_run")
     return _train(
         run,
         MultitaskLightningModule,
         [GradientConflictMonitor("batch", 1), LossCoefficientMonitor("epoch", 1)],
+        train_metrics=metrics_config(),
     )
 
 
@@ -122,9 +127,10 @@ def test_loss_figure_panels_units_and_data(mtl_run, mtl_figures):
         ("forces: training loss (MSE)", "forces MSE [(eV/Å)²]"),
         ("energy per atom: training loss (MSE)", "energy per atom MSE [(eV/atom)²]"),
         ("stress: training loss (MSE)", "stress MSE [(eV/Å³)²]"),
-        ("forces: validation error", "forces error [eV/Å]"),
-        ("stress: validation error", "stress error [eV/Å³]"),
-        ("total energy: validation error", "total energy error [eV]"),
+        # these panels show validation *and* training metrics, and say so
+        ("forces: validation and training error", "forces error [eV/Å]"),
+        ("stress: validation and training error", "stress error [eV/Å³]"),
+        ("total energy: validation and training error", "total energy error [eV]"),
     ]:
         ax = axes[title]
         assert ax.get_ylabel() == ylabel
@@ -140,9 +146,10 @@ def test_loss_figure_panels_units_and_data(mtl_run, mtl_figures):
     _same_data(
         _line(loss_ax, "train (per step)"), *_csv_column(mtl_run, "train_loss_step/forces_mse")
     )
-    val_ax = axes["stress: validation error"]
+    val_ax = axes["stress: validation and training error"]
     _same_data(_line(val_ax, "val0 MAE"), *_csv_column(mtl_run, "val0_epoch/stress_mae"))
     _same_data(_line(val_ax, "val0 RMSE"), *_csv_column(mtl_run, "val0_epoch/stress_rmse"))
+    _same_data(_line(val_ax, "train MAE"), *_csv_column(mtl_run, "train_metric_epoch/stress_mae"))
     assert len(_csv_column(mtl_run, "val0_epoch/stress_mae")[0]) == 3  # one per epoch
 
 
@@ -216,6 +223,8 @@ def test_missing_series_are_skipped_with_a_note(plain_run, tmp_path, capsys):
     )
     figures = build_figures(load_run(plain_run))
     assert set(figures) == {"losses.png", "summary.png"}
+    # no training metrics logged: the error panels show validation only, and say so
+    assert "forces: validation error" in _axes_by_title(figures["losses.png"])
     summary = _axes_by_title(figures["summary.png"])
     assert len(summary) == 2  # the conflict and weight panels only hold a note
     notes = [t.get_text() for ax in figures["summary.png"].axes for t in ax.texts]
@@ -241,6 +250,96 @@ def test_partial_and_odd_logs_do_not_crash(tmp_path):
     logs = load_run(run)
     assert "empty_col" not in logs.series
     np.testing.assert_array_equal(logs.series["grad_conflict/norm/forces_mse"].step, [3, 8])
+
+
+# ---------------------------------------------------------------- honest drawing
+
+
+def _drawn_y(line, x: np.ndarray) -> np.ndarray:
+    """The y of the curve as matplotlib draws ``line`` (its drawstyle applied) at ``x``."""
+    xs, ys = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+    style = line.get_drawstyle()
+    if style != "default":
+        xs, ys = STEP_LOOKUP_MAP[style](xs, ys)
+    return np.interp(x, xs, ys)
+
+
+def test_coefficient_jumps_are_drawn_as_steps(tmp_path):
+    """A schedule that jumps at an epoch is drawn as a step at the epoch boundary: at
+    every optimizer step between the first and last logged points, the drawn curve is
+    the coefficient that step's loss was computed with (recorded during the run), not a
+    ramp between the logged points."""
+    recorder = CoeffRecorder()
+    run = _train(
+        tmp_path / "run",
+        NequIPLightningModule,
+        [
+            LossCoefficientScheduler({1: {"forces_mse": 8.0}, 2: {"stress_mse": 4.0}}),
+            LossCoefficientMonitor("epoch", 1),
+            recorder,
+        ],
+        epochs=3,
+    )
+    figures = build_figures(load_run(run))
+    coeff_ax = _axes_by_title(figures["loss_coefficients.png"])[
+        "loss coefficients (normalised to sum to 1)"
+    ]
+    summary_ax = _axes_by_title(figures["summary.png"])["loss coefficients"]
+    used = recorder.by_step()  # global step before the update -> coefficients
+    assert len({tuple(c.values()) for c in used.values()}) == 3  # two jumps happened
+    for name, label in [("forces_mse", "forces"), ("stress_mse", "stress")]:
+        for ax in (coeff_ax, summary_ax):
+            line = _line(ax, label)
+            _same_data(line, *_csv_column(run, f"loss_coeff/{name}"))
+            first, last = line.get_xdata()[0], line.get_xdata()[-1]
+            # optimizer step g (0-based) is drawn over (g, g + 1] on the step axis
+            steps = [g for g in used if first <= g < last]
+            assert len(steps) == 8
+            np.testing.assert_allclose(
+                _drawn_y(line, np.array(steps) + 0.5),
+                [used[g][name] for g in steps],
+                rtol=1e-12,
+            )
+
+
+def test_equal_cosines_are_said_on_the_figure(mtl_run, mtl_figures, tmp_path):
+    """ConFIG with equal coefficients makes the task-update cosines equal, so their
+    lines are one: the figure says so. The weighted sum's cosines differ: no note."""
+    axes = _axes_by_title(mtl_figures["gradient_conflict.png"])
+    upd_ax = next(ax for t, ax in axes.items() if t.startswith("cosine of each task"))
+    notes = [t.get_text().replace("\n", " ") for t in upd_ax.texts]
+    assert any(
+        "all 3 task-update cosines are equal at every logged step" in n
+        and "lines lie on top of each other" in n
+        and "ConFIG" in n
+        for n in notes
+    ), notes
+    coeff_ax = _axes_by_title(mtl_figures["loss_coefficients.png"])[
+        "loss coefficients (normalised to sum to 1)"
+    ]
+    assert any("all 3 loss coefficients are equal" in t.get_text() for t in coeff_ax.texts)
+
+    run = _train(
+        tmp_path / "sum",
+        MultitaskLightningModule,
+        [GradientConflictMonitor("batch", 1)],
+        epochs=1,
+        aggregator={"_target_": "nequip_mtl.aggregators.Sum"},
+    )
+    fig = build_figures(load_run(run))["gradient_conflict.png"]
+    axes = _axes_by_title(fig)
+    upd_ax = next(ax for t, ax in axes.items() if t.startswith("cosine of each task"))
+    assert not any("equal at every logged step" in t.get_text() for t in upd_ax.texts)
+
+
+def test_coinciding_tolerance():
+    steps = np.arange(5.0)
+    a = Series("a", steps, np.full(5, 0.5))
+    assert coinciding({"a": a, "b": Series("b", steps, a.value + 1e-9)}) == pytest.approx(1e-9)
+    assert coinciding({"a": a, "b": Series("b", steps, a.value + 1e-3)}) is None
+    assert coinciding({"a": a}) is None  # one line is not "lines on top of each other"
+    # compared at the shared steps only
+    assert coinciding({"a": a, "b": Series("b", steps[::2], np.full(3, 0.5))}) == 0.0
 
 
 # ---------------------------------------------------------------- errors

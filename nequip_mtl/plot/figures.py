@@ -11,6 +11,7 @@ needed).
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -166,6 +167,75 @@ def _finish(ax, title: str, ylabel: str, legend: str = "best") -> None:
             ax.legend(fontsize=8, loc=legend)
 
 
+EQUAL_COSINES_WHY = (
+    "; ConFIG with equal loss coefficients (and IMTL-G) gives every task the same cosine"
+)
+#: largest difference between series that are drawn as "one line" (coinciding)
+COINCIDE_TOL = 1e-6
+
+
+def coinciding(group: dict[str, Series], tol: float = COINCIDE_TOL) -> float | None:
+    """The largest difference between the series of ``group`` at the steps they share,
+    if there are at least two series, they share a step, and it is at most ``tol``
+    (their lines lie on top of each other); ``None`` otherwise."""
+    series = [s for s in group.values() if len(s)]
+    if len(series) < 2:
+        return None
+    common = series[0].step
+    for s in series[1:]:
+        common = np.intersect1d(common, s.step)
+    if len(common) == 0:
+        return None
+    values = np.stack([s.value[np.searchsorted(s.step, common)] for s in series])
+    finite = np.isfinite(values).all(axis=0)
+    if not finite.any():
+        return None
+    spread = float((values[:, finite].max(axis=0) - values[:, finite].min(axis=0)).max())
+    return spread if spread <= tol else None
+
+
+def _note_coinciding(
+    ax, group: dict[str, Series], what: str, why: str = "", where: str = "top"
+) -> str | None:
+    """Say on the axes (at its ``top`` or ``bottom``) that the lines of ``group``
+    coincide, when they do; return the text."""
+    spread = coinciding(group)
+    if spread is None:
+        return None
+    diff = "identical" if spread == 0 else f"largest difference {spread:.0e}"
+    text = (
+        f"all {len(group)} {what} are equal at every logged step ({diff}): "
+        f"their {len(group)} lines lie on top of each other{why}"
+    )
+    # wrap to the axes' width (matplotlib's own wrapping uses the figure's)
+    fig = ax.get_figure()
+    ncols = ax.get_subplotspec().get_gridspec().ncols
+    chars = max(30, int(fig.get_figwidth() / ncols * 0.72 * 72 / (8 * 0.6)))
+    ax.text(
+        0.5,
+        0.97 if where == "top" else 0.1,
+        textwrap.fill(text, chars),
+        transform=ax.transAxes,
+        ha="center",
+        va="top" if where == "top" else "bottom",
+        fontsize=8,
+        bbox=dict(boxstyle="round", facecolor="white", alpha=0.9, edgecolor="0.6"),
+    )
+    return text
+
+
+def _plot_held(ax, s: Series, **style) -> None:
+    """A value that holds between logged points (a loss coefficient): drawn as steps. The
+    value logged at step ``x_i`` is the one the steps since ``x_{i-1}`` used, so the
+    jump to it is drawn at ``x_{i-1}`` (``drawstyle="steps-pre"``), not as a ramp."""
+    ax.plot(s.step, s.value, drawstyle="steps-pre", **style)
+
+
+def _splits(names: Sequence[str]) -> str:
+    """``["training", "validation"]`` -> ``"training and validation"``."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 2 else names)
+
+
 def _metric_groups(logs: RunLogs) -> tuple[dict[str, str], dict[str, dict[str, Series]]]:
     """``loss``: ``{loss name: kind}`` of the training loss components, in logged order;
     ``by_prefix``: ``{prefix: {metric: series}}`` of the per-task series."""
@@ -260,6 +330,7 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
                 _empty(ax, f"{quantity_label(field)}: not a training loss component")
             else:
                 plotted = []
+                shown_val = False
                 for name in names:
                     step = by_prefix.get("train_loss_step", {}).get(name)
                     epoch = by_prefix.get("train_loss_epoch", {}).get(name)
@@ -297,16 +368,17 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
                                 label=prefix.split("_")[0],
                             )
                             plotted.append(val.value)
+                            shown_val = True
                 _log_scale(ax, plotted)
                 kind = losses[names[0]]
-                _finish(
-                    ax,
-                    f"{quantity_label(field)}: training loss ({KINDS[kind][0]})",
-                    axis_label(field, kind),
-                )
+                title = f"{quantity_label(field)}: training loss ({KINDS[kind][0]})"
+                if shown_val:
+                    title += f" and validation {KINDS[kind][0]}"
+                _finish(ax, title, axis_label(field, kind))
         if has_errors:
             ax = axes[row][col]
             plotted = []
+            shown: list[str] = []
             styles = {"mae": "-", "rmse": "--"}
             for kind in error_kinds:
                 name = f"{field}_{kind}"
@@ -323,6 +395,7 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
                             label=f"{prefix.split('_')[0]} {KINDS[kind][0]}",
                         )
                         plotted.append(val.value)
+                        shown.append("validation")
                 tr = by_prefix.get("train_metric_epoch", {}).get(name)
                 if tr is not None:
                     ax.plot(
@@ -335,14 +408,16 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
                         label=f"train {KINDS[kind][0]}",
                     )
                     plotted.append(tr.value)
+                    shown.append("training")
             if not plotted:
                 _empty(ax, f"{quantity_label(field)}: no validation MAE/RMSE logged")
             else:
                 _log_scale(ax, plotted)
                 u = unit(field, "mae")
+                splits = [x for x in ("validation", "training") if x in shown]
                 _finish(
                     ax,
-                    f"{quantity_label(field)}: validation error",
+                    f"{quantity_label(field)}: {_splits(splits)} error",
                     f"{quantity_label(field)} error" + (f" [{u}]" if u else ""),
                 )
     return fig
@@ -381,18 +456,22 @@ def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure
     colors = _task_colors([n for _, _, group in panels for n in group])
     for ax, (title, ylabel, group) in zip(axes[0], panels):
         for name, s in group.items():
-            ax.plot(
-                s.step,
-                s.value,
-                "-",
+            style = dict(
                 marker="." if len(s) < 50 else None,
                 lw=1.5,
                 color=colors[parse_metric(name).field],
                 label=_task_label(name),
             )
+            if group is coeffs:
+                # coefficients hold between updates: steps, not ramps between logged points
+                _plot_held(ax, s, **style)
+            else:
+                ax.plot(s.step, s.value, "-", **style)
         if group is weights:
             # gradient-space weights can differ by orders of magnitude between tasks
             _log_scale(ax, [s.value for s in group.values()], require_positive=True)
+        else:
+            _note_coinciding(ax, group, "loss coefficients")
         _finish(ax, title, ylabel, legend="outside")
     return fig
 
@@ -493,6 +572,7 @@ def conflict_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | N
                 for name, s in group.items()
             ]
             _cos_axes(ax)
+            _note_coinciding(ax, group, "task-update cosines", EQUAL_COSINES_WHY, "bottom")
             _finish(
                 ax,
                 "cosine of each task gradient with the applied update" + _smoothing_note(windows),
@@ -631,6 +711,9 @@ def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
             for name, s in groups["cos_update"].items()
         ]
         _cos_axes(c)
+        _note_coinciding(
+            c, groups["cos_update"], "task-update cosines", EQUAL_COSINES_WHY, "bottom"
+        )
         _finish(
             c,
             "cosine of each task gradient with the update" + _smoothing_note(windows),
@@ -653,15 +736,17 @@ def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
     )
     if group:
         for name, s in group.items():
-            d.plot(
-                s.step,
-                s.value,
-                lw=1.5,
-                color=colors.get(parse_metric(name).field),
-                label=_task_label(name),
+            style = dict(
+                lw=1.5, color=colors.get(parse_metric(name).field), label=_task_label(name)
             )
+            if weights:
+                d.plot(s.step, s.value, **style)
+            else:
+                _plot_held(d, s, **style)
         if weights:
             _log_scale(d, [s.value for s in group.values()], require_positive=True)
+        else:
+            _note_coinciding(d, group, "loss coefficients")
         _finish(d, title, "weight" if weights else "coefficient")
     else:
         _empty(d, "no loss-coefficient or task-weight logs")
