@@ -1,10 +1,11 @@
 """nequip-mtl-plot: figures from the logs of real short training runs, checked through
-the figure objects (panels, titles, units, plotted data = logged data), skipped series
-with notes, TensorBoard event files, and a clear error for a directory without logs."""
+the figure objects (panels, titles, units, plotted data = logged data, steps for held
+values, notes on coinciding lines), skipped series with notes, TensorBoard event files of
+a real run (intact, truncated, corrupt, without tensorboard), and a clear error for a
+directory without logs."""
 
 from __future__ import annotations
 
-import base64
 import csv
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.cbook import STEP_LOOKUP_MAP
 from matplotlib.image import imread
 from nequip.train import NequIPLightningModule
@@ -23,6 +24,7 @@ from nequip_mtl.plot import FIGURES, NoLogsError, Series, build_figures, load_ru
 from nequip_mtl.plot.cli import main
 from nequip_mtl.plot.figures import coinciding
 from nequip_mtl.plot.names import axis_label, parse_metric, unit
+from nequip_mtl.plot.tfevents import EventFileError, read_scalars
 from nequip_mtl.train import MultitaskLightningModule
 from nequip_mtl.train.callbacks import LossCoefficientMonitor, LossCoefficientScheduler
 from nequip_mtl.train.callbacks.gradient_conflict import GradientConflictMonitor
@@ -372,45 +374,117 @@ def test_module_entry_point_reports_the_error(tmp_path):
 
 # ---------------------------------------------------------------- TensorBoard
 
-# written by torch.utils.tensorboard.SummaryWriter (tensorboard 2.21): add_scalar of
-# train_loss_step/forces_mse = 1, 1/2, 1/3 at steps 0..2, a new-style (tensor) scalar
-# grad_conflict/cos/forces_mse~stress_mse = 0, -0.25, -0.5, val0_epoch/forces_mae = 0.5 at
-# step 2, and a text summary (ignored)
-EVENTS = (
-    "SAAAAAAAAAD+kkidCfBSWLFnwdpBGg1icmFpbi5FdmVudDoyUi4KLHRlbnNvcmJvYXJkLnN1bW1hcnkud3JpdGVy"
-    "LmV2ZW50X2ZpbGVfd3JpdGVyQqsznC4AAAAAAAAAxctX+gmoX1ixZ8HaQSojCiEKGnRyYWluX2xvc3Nfc3RlcC9m"
-    "b3JjZXNfbXNlFQAAgD+BcOrNTQAAAAAAAAA9Y9SmCf9gWLFnwdpBKkIKQAonZ3JhZF9jb25mbGljdC9jb3MvZm9y"
-    "Y2VzX21zZX5zdHJlc3NfbXNlQggIASoEAAAAgEoLCgkKB3NjYWxhcnPcfE3kMAAAAAAAAACV9dBfCU5hWLFnwdpB"
-    "EAEqIwohChp0cmFpbl9sb3NzX3N0ZXAvZm9yY2VzX21zZRUAAAA/fFavok8AAAAAAAAAbEdPkwmuYVixZ8HaQRAB"
-    "KkIKQAonZ3JhZF9jb25mbGljdC9jb3MvZm9yY2VzX21zZX5zdHJlc3NfbXNlQggIASoEAACAvkoLCgkKB3NjYWxh"
-    "cnOKL5POMAAAAAAAAACV9dBfCelhWLFnwdpBEAIqIwohChp0cmFpbl9sb3NzX3N0ZXAvZm9yY2VzX21zZRWrqqo+"
-    "klAR708AAAAAAAAAbEdPkwkyYlixZ8HaQRACKkIKQAonZ3JhZF9jb25mbGljdC9jb3MvZm9yY2VzX21zZX5zdHJl"
-    "c3NfbXNlQggIASoEAAAAv0oLCgkKB3NjYWxhcnPuWwvVKwAAAAAAAACGG8NLCWViWLFnwdpBEAIqHgocChV2YWww"
-    "X2Vwb2NoL2ZvcmNlc19tYWUVAAAAPwhLc2c7AAAAAAAAABojrFwJJGNYsWfB2kEqMAouChFub3RlL3RleHRfc3Vt"
-    "bWFyeUIPCAcSBBICCAFCBWhlbGxvSggKBgoEdGV4dDKP4WE="
-)
 
-
-def test_tensorboard_event_files_are_read(tmp_path):
-    tb = tmp_path / "run" / "tb" / "version_0"
-    tb.mkdir(parents=True)
-    (tb / "events.out.tfevents.1.host.1.0").write_bytes(base64.b64decode(EVENTS))
-    logs = load_run(tmp_path / "run")
-    assert set(logs.series) == {
-        "train_loss_step/forces_mse",
-        "grad_conflict/cos/forces_mse~stress_mse",
-        "val0_epoch/forces_mae",
-    }
-    s = logs.series["train_loss_step/forces_mse"]
-    np.testing.assert_array_equal(s.step, [0, 1, 2])
-    np.testing.assert_allclose(s.value, [1, 1 / 2, 1 / 3], rtol=1e-6)
-    np.testing.assert_array_equal(
-        logs.series["grad_conflict/cos/forces_mse~stress_mse"].value, [0, -0.25, -0.5]
+@pytest.fixture(scope="module")
+def tb_run(tmp_path_factory) -> Path:
+    """A real short run logged by Lightning's TensorBoardLogger and CSVLogger at once."""
+    run = tmp_path_factory.mktemp("tb_run")
+    torch.manual_seed(0)
+    module = MultitaskLightningModule(**module_kwargs())
+    tr = trainer(
+        run,
+        max_epochs=2,
+        callbacks=[GradientConflictMonitor("batch", 1), LossCoefficientMonitor("epoch", 1)],
+        logger=[
+            CSVLogger(str(run), name="logs", version=""),
+            TensorBoardLogger(str(run), name="tb", version="", default_hp_metric=False),
+        ],
+        log_every_n_steps=1,
     )
-    result = make_plots(tmp_path / "run", tmp_path / "out")
-    assert {"losses.png", "gradient_conflict.png", "summary.png"} <= set(result.files)
-    cos_ax = result.figures["gradient_conflict.png"].axes[0]
-    assert "forces ↔ stress" in cos_ax.get_lines()[0].get_label()
+    tr.fit(module, datamodule=datamodule(batch_size=2))
+    return run
+
+
+def _event_file(run: Path) -> Path:
+    (path,) = (run / "tb").glob("events.out.tfevents.*")
+    return path
+
+
+def test_tensorboard_event_files_of_a_real_run(tb_run):
+    """TensorBoard's reader gives the values the CSV logger wrote (float32 in the event
+    file), and load_run on the TensorBoard directory alone gives every metric series."""
+    scalars, problem = read_scalars(_event_file(tb_run))
+    assert problem is None
+    columns = [
+        "train_loss_step/forces_mse",
+        "val0_epoch/stress_mae",
+        "grad_conflict/cos/forces_mse~stress_mse",
+        "loss_coeff/forces_mse",
+        "mtl/cos_update/forces_mse",
+    ]
+    for column in columns:
+        steps, values = _csv_column(tb_run, column)
+        assert len(steps) > 0
+        tb_steps, tb_values = np.array(scalars[column]).T
+        np.testing.assert_array_equal(tb_steps, steps)
+        np.testing.assert_allclose(tb_values, values, rtol=1e-6, atol=1e-30)
+    logs = load_run(tb_run / "tb")
+    assert logs.sources == [_event_file(tb_run)] and not logs.notes
+    csv_logs = load_run(tb_run / "logs")
+    assert set(logs.series) == set(csv_logs.series)
+    result = make_plots(tb_run / "tb", tb_run / "tb_plots")
+    assert set(result.files) == set(FIGURES)
+
+
+def test_truncated_event_file_is_not_read_silently(tb_run, tmp_path):
+    """A copy cut off mid-record: reading it raises an error naming the problem; plots
+    use the intact records before the cut (exactly those of the original) with a note."""
+    data = _event_file(tb_run).read_bytes()
+    full, _ = read_scalars(_event_file(tb_run))
+    cut = tmp_path / "cut" / "events.out.tfevents.1.host.1.0"
+    cut.parent.mkdir()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(EventFileError, match=r"is truncated after \d+ intact record"):
+        read_scalars(cut)
+    partial, problem = read_scalars(cut, partial_ok=True)
+    assert "truncated" in problem
+    assert 0 < sum(map(len, partial.values())) < sum(map(len, full.values()))
+    for tag, points in partial.items():
+        assert points == full[tag][: len(points)]  # a prefix of the real data, not garbage
+    logs = load_run(cut.parent)
+    assert any("damaged" in n and "truncated" in n for n in logs.notes), logs.notes
+
+
+def test_corrupt_event_file_fails_its_crc_check(tb_run, tmp_path):
+    data = bytearray(_event_file(tb_run).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit inside a record
+    bad = tmp_path / "bad" / "events.out.tfevents.1.host.1.0"
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(data))
+    with pytest.raises(EventFileError, match="is corrupt after .* crc32 check"):
+        read_scalars(bad)
+    logs = load_run(bad.parent)
+    assert any("damaged" in n and "corrupt" in n for n in logs.notes), logs.notes
+
+
+def test_missing_tensorboard_is_a_clear_error(tb_run, tmp_path):
+    """Without the `tensorboard` package: a TensorBoard-only run is a clear error naming
+    the extra to install; with a CSV next to it, the event files are skipped with a note."""
+    code = (
+        "import sys; sys.modules['tensorboard'] = None\n"
+        "from nequip_mtl.plot.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tb_run / "tb"), "--out", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "nequip-mtl[tensorboard]" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tb_run), "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "note: ignored 1 TensorBoard event file(s)" in res.stdout
+    assert "nequip-mtl[tensorboard]" in res.stdout
 
 
 # ---------------------------------------------------------------- names and units

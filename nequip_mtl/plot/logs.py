@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tfevents import EventFileError, read_scalars
+from .tfevents import INSTALL_HINT, EventFileError, TensorBoardMissingError, read_scalars
 
 __all__ = ["Series", "RunLogs", "NoLogsError", "load_run"]
 
@@ -64,6 +64,11 @@ def load_run(run_dir: str | Path) -> RunLogs:
     holds some add the series the CSV lacks (or all series, without a CSV). Several runs
     below ``run_dir``: the newest is used, and a note says so.
 
+    Event files are read with TensorBoard's reader (the ``tensorboard`` extra), which
+    checks every record's CRCs. A truncated or corrupt file contributes only its intact
+    records before the damage, and a note says so; without ``tensorboard`` installed,
+    event files are ignored with a note (an error if there is no CSV).
+
     Raises:
         NoLogsError: ``run_dir`` does not exist or holds neither kind of log
     """
@@ -88,7 +93,16 @@ def load_run(run_dir: str | Path) -> RunLogs:
     if events:
         newest_dir = events[-1].parent
         tb_files = [p for p in events if p.parent == newest_dir]
-        tb = _read_events(tb_files, notes)
+        try:
+            tb = _read_events(tb_files, notes)
+        except TensorBoardMissingError:
+            if not sources:
+                raise NoLogsError(
+                    f"{str(run_dir)!r} holds TensorBoard event files ('{EVENTS_GLOB}') and "
+                    f"no '{CSV_NAME}'; {INSTALL_HINT}"
+                ) from None
+            notes.append(f"ignored {len(tb_files)} TensorBoard event file(s): {INSTALL_HINT}")
+            tb = {}
         if tb:
             added = {k: s for k, s in tb.items() if k not in series}
             series.update(added)
@@ -133,10 +147,12 @@ def _read_events(files: list[Path], notes: list[str]) -> dict[str, Series]:
     points: dict[str, list[tuple[float, float]]] = {}
     for path in files:
         try:
-            scalars = read_scalars(path)
+            scalars, problem = read_scalars(path, partial_ok=True)
         except (EventFileError, OSError) as err:
             notes.append(f"skipped unreadable TensorBoard file {path}: {err}")
             continue
+        if problem is not None:
+            notes.append(f"TensorBoard file damaged, plotted only its intact part: {problem}")
         for tag, values in scalars.items():
             if tag in _META:
                 continue
