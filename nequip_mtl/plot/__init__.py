@@ -1,6 +1,7 @@
 """Figures of a training run from its logs (``nequip-mtl-plot``): losses per task, loss
 coefficients, gradient conflict and a one-page summary. Pure matplotlib (Agg canvas) and
-CSV / TensorBoard-event reading; no Lightning or nequip imports."""
+CSV reading; TensorBoard event files are read with the ``tensorboard`` package (the
+``tensorboard`` extra) when present. No Lightning or nequip imports."""
 
 from .figures import (
     FIGURES,
