@@ -42,3 +42,14 @@ def test_feature_table_lists_every_public_class():
                 assert f"`{mod.__name__}.{name}`" in readme, (
                     f"{mod.__name__}.{name} missing from README"
                 )
+
+
+def test_readme_says_which_torch_build_each_platform_gets():
+    """`pip install torch==X` is the CUDA build on Linux from PyPI: README must not call
+    it "CPU torch", and must show how to get the CPU build (and a CUDA one) instead."""
+    readme = (REPO / "README.md").read_text()
+    assert "installs CPU torch" not in readme
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme
+    assert re.search(r"--index-url https://download\.pytorch\.org/whl/cu\d+", readme)
+    for platform in ("Linux", "macOS", "Windows"):
+        assert platform in readme
