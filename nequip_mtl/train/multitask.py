@@ -13,6 +13,7 @@ from nequip.train import EMALightningModule, NequIPLightningModule
 from nequip.utils.versions import _TORCH_GE_2_6
 
 from ..aggregators import Aggregator, ConFIG
+from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
 from ._faults import StepFaults
 from ._step import active_indices, training_loss_components
 from ._window import HeldWeights, StepWindow
@@ -136,8 +137,9 @@ class MultitaskLightningModule(NequIPLightningModule):
         **kwargs,
     ):
         if _TORCH_GE_2_6:
-            # several backward passes through one (possibly compiled) graph
-            torch._functorch.config.donated_buffer = False
+            # several backward passes through one (possibly compiled) graph: no donated
+            # buffers, own compile-cache namespace (nequip_mtl compile fix, docs/compile.md)
+            prepare_several_backward_passes()
         super().__init__(**kwargs)
         self.aggregator = _build_aggregator(aggregator)
         if on_nonfinite not in _NONFINITE_POLICIES:
@@ -275,6 +277,7 @@ class MultitaskLightningModule(NequIPLightningModule):
             if isinstance(total, torch.Tensor) and total.requires_grad:
                 storage.backward(0, total * window.factor, retain_graph=False)
                 window.backward_passes += 1
+            release_loss_graph(self.loss)
             return
         # a component that does not depend on the parameters on this batch (e.g. a metric
         # with `ignore_nan` and no labels in the batch) has a zero gradient: nothing to do
@@ -282,6 +285,7 @@ class MultitaskLightningModule(NequIPLightningModule):
         for k, (row, task) in enumerate(rows):
             storage.backward(row, losses[task] * window.factor, retain_graph=k < len(rows) - 1)
             window.backward_passes += 1
+        release_loss_graph(self.loss)
 
     # ------------------------------------------------------------------ aggregation
 
@@ -550,6 +554,19 @@ def check_strategy(strategy) -> None:
             "aggregation training modules; use a single device, "
             "nequip.train.SimpleDDPStrategy, or lightning's DDPStrategy"
         )
+
+
+def release_loss_graph(manager) -> None:
+    """Drop the loss metrics' reference to the micro-batch's loss values.
+
+    torchmetrics keeps the last ``forward`` value (``_forward_cache``) with its autograd
+    graph until the next forward pass. After one backward pass that graph's buffers are
+    freed; after several, the parts only the earlier passes went through (retained with
+    ``retain_graph=True``) would stay alive into the next step's forward pass.
+    """
+    for metric in manager.modules():
+        if getattr(metric, "_forward_cache", None) is not None:
+            metric._forward_cache = None
 
 
 def check_precision(plugin, on_nonfinite: str) -> None:

@@ -101,7 +101,10 @@ class TaskGradients:
         for g in self.groups:
             for p, view in zip(g.params, g.row_views[row]):
                 p.grad = view
-        torch.autograd.backward(loss, retain_graph=retain_graph, inputs=self.params)
+        # no `inputs=`: like a plain `loss.backward()`, every branch of the graph is run
+        # (also the ones that only lead to positions and cell), so the last pass frees
+        # every buffer it can; non-parameter leaves get a batch-local `.grad`, as in nequip
+        torch.autograd.backward(loss, retain_graph=retain_graph)
         self.release_grads()
 
     def release_grads(self) -> None:
