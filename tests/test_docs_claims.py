@@ -133,3 +133,53 @@ def test_differences_repros_print_what_the_page_says(code, expected, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == expected
+
+
+# ---------------------------------------------------------------- API pages
+
+
+def _conf():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_conf", REPO / "docs" / "conf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "target, url",
+    [
+        (
+            "torch.nn.modules.module.Module",
+            "https://docs.pytorch.org/docs/stable/generated/torch.nn.Module.html",
+        ),
+        (
+            "torch.optim.lr_scheduler.CosineAnnealingLR",
+            "https://docs.pytorch.org/docs/stable/generated/"
+            "torch.optim.lr_scheduler.CosineAnnealingLR.html",
+        ),
+        (
+            "lightning.pytorch.callbacks.callback.Callback",
+            "https://lightning.ai/docs/pytorch/stable/api/lightning.pytorch.callbacks.Callback.html",
+        ),
+        (
+            "nequip.train.lightning.NequIPLightningModule",
+            "https://nequip.readthedocs.io/en/latest/api/lightning_module.html"
+            "#nequip.train.NequIPLightningModule",
+        ),
+        ("nequip_mtl.train.ConFIGLightningModule", None),  # ours: resolved inside the docs
+        ("torch.no_such_thing", None),
+    ],
+)
+def test_api_links_to_torch_lightning_and_nequip_resolve_offline(target, url):
+    assert _conf().external_url(target) == url
+
+
+def test_class_pages_list_only_their_own_members():
+    conf = _conf()
+    assert conf.autodoc_inherit_docstrings is False
+    assert "inherited-members" not in conf.autodoc_default_options
+    template = (REPO / "docs" / "_templates" / "autosummary" / "class.rst").read_text()
+    assert ":members:" in template and "inherited" not in template
+    assert "_templates" in conf.templates_path
