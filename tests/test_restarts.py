@@ -18,6 +18,11 @@ MODULES = {
     "ConFIG": ("nequip_mtl.train.ConFIGLightningModule", {}),
     "EMAConFIG": ("nequip_mtl.train.EMAConFIGLightningModule", {"ema_decay": 0.9}),
     "MomentumConFIG": ("nequip_mtl.train.MultitaskLightningModule", {"aggregator": MOMENTUM}),
+    # resumed after step 4 of a 3-step period: the held weights and their age restored
+    "UPGrad-weights_every": (
+        "nequip_mtl.train.MultitaskLightningModule",
+        {"aggregator": {"_target_": "nequip_mtl.aggregators.UPGrad"}, "weights_every": 3},
+    ),
     "EMAMomentumConFIG": (
         "nequip_mtl.train.EMAMultitaskLightningModule",
         {"aggregator": MOMENTUM, "ema_decay": 0.9},
