@@ -55,10 +55,14 @@ def main(spec_path: str, out_dir: str) -> None:
             strategy=strategy,
             callbacks=callbacks,
             use_distributed_sampler=True,
+            accumulate_grad_batches=run.get("accumulate", 1),
         )
         module.world_size = tr.world_size  # as nequip-train does
         # the whole training split is one global batch: per-rank batch n / world
-        dm = datamodule(num_frames=n + 2, train=n, val=2, batch_size=n // world)
+        # (with accumulation: k micro-batches of n / world / k frames per rank)
+        dm = datamodule(
+            num_frames=n + 2, train=n, val=2, batch_size=n // world // run.get("accumulate", 1)
+        )
         collectives.shapes.clear()
         tr.fit(module, datamodule=dm)
         n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)

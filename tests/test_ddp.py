@@ -17,6 +17,15 @@ from tests._ddp import launch
 pytestmark = pytest.mark.ddp
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+MOMENTUM = {"_target_": "nequip_mtl.aggregators.MomentumConFIG"}
+#: rows all-reduced per optimizer step (one collective of the stacked rows per step)
+REDUCED_ROWS = {
+    "momentum_config": [1, 1, 1],
+    "momentum_config_2": [2, 2, 2],
+    "config_null_first": [2, 2, 2],
+    "config_null_middle": [2, 2, 2],
+    "upgrad_weights_every": [3, 1, 3],
+}
 
 RUNS = [
     {"name": "config", "module": "nequip_mtl.train.ConFIGLightningModule"},
@@ -33,7 +42,7 @@ RUNS = [
     {
         "name": "momentum_config",
         "module": "nequip_mtl.train.MultitaskLightningModule",
-        "module_kwargs": {"aggregator": {"_target_": "nequip_mtl.aggregators.MomentumConFIG"}},
+        "module_kwargs": {"aggregator": MOMENTUM},
     },
     *[
         {
@@ -43,6 +52,38 @@ RUNS = [
         }
         for name in ("PCGrad", "UPGrad")
     ],
+    # active rows that are not contiguous in the loss (a null component between them)
+    {
+        "name": "config_null_middle",
+        "module": "nequip_mtl.train.ConFIGLightningModule",
+        "module_kwargs": {
+            "loss": {
+                "_target_": "nequip.train.EnergyForceStressLoss",
+                "coeffs": {"total_energy": 1.0, "forces": None, "stress": 2.0},
+            }
+        },
+    },
+    # two tasks per step: {0,1}, {2,0}, {1,2}: every task is back-propagated
+    {
+        "name": "momentum_config_2",
+        "module": "nequip_mtl.train.MultitaskLightningModule",
+        "module_kwargs": {"aggregator": {**MOMENTUM, "tasks_per_step": 2}},
+    },
+    # refresh, held weights, refresh: the held step reduces one row
+    {
+        "name": "upgrad_weights_every",
+        "module": "nequip_mtl.train.MultitaskLightningModule",
+        "module_kwargs": {
+            "aggregator": {"_target_": "nequip_mtl.aggregators.UPGrad"},
+            "weights_every": 2,
+        },
+    },
+    # two micro-batches per optimizer step, each half of the training split
+    {
+        "name": "config_accumulate",
+        "module": "nequip_mtl.train.ConFIGLightningModule",
+        "accumulate": 2,
+    },
     {"name": "weighted_sum", "module": "nequip.train.NequIPLightningModule"},
     # adaptive weighting: every rank must hold the same coefficients
     {
@@ -97,9 +138,9 @@ def test_two_ranks_match_one_process(strategy, reference, tmp_path):
         assert one["steps"] == two["steps"] == 3  # one global batch per epoch
         if run["module"].startswith("nequip_mtl.train.") and "FAMO" not in run["module"]:
             # one all-reduce of the stacked task-gradient rows per step (not one per task):
-            # all active rows, or the one row MomentumConFIG back-propagated
-            rows = 1 if run["name"] == "momentum_config" else 2 if "null" in run["name"] else 3
-            assert two["task_matrix_reduces"] == [(rows, two["task_matrix_reduces"][0][1])] * 3
+            # the active rows, the rows MomentumConFIG back-propagated, one between refreshes
+            rows = REDUCED_ROWS.get(run["name"], [3, 3, 3])
+            assert [r for r, _ in two["task_matrix_reduces"]] == rows
         moved = (one["params"] - torch.load(reference / "weighted_sum.pt")["params"]).abs().max()
         if run["name"] != "weighted_sum":
             assert moved > 1e-6  # ConFIG's trajectory differs from the weighted sum's
