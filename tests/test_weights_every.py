@@ -23,6 +23,7 @@ class StepRecorder(Callback):
     def __init__(self, aggregator):
         self.aggregator = aggregator
         self.passes, self.updates, self.expected, self.refresh = [], [], [], []
+        self.rows = []  # the direct per-task gradient matrix of every step
         self._batches = []
 
     def on_train_start(self, trainer, pl_module):
@@ -48,6 +49,7 @@ class StepRecorder(Callback):
             for i, name in enumerate(NAMES):
                 g = torch.autograd.grad(losses[name], params, retain_graph=True)
                 rows[i] += torch.cat([x.flatten() for x in g]) / len(self._batches)
+        self.rows.append(rows)
         if window.weights is None:
             coeffs = torch.tensor([pl_module.loss.entries[n].coeff for n in NAMES]).double()
             w = self.aggregator.weights(rows @ rows.T, coeffs)
