@@ -112,6 +112,18 @@ def _methods(interval: str) -> dict[str, Method]:
                 }
             },
         ),
+        "mconfig_adam0": Method(
+            "M-ConFIG + Adam(beta1=0) (no 2nd moment)",
+            MTL,
+            {
+                "aggregator": {
+                    "_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG",
+                    "second_moment": False,
+                }
+            },
+            # the aggregator already averages the gradients: no second momentum in Adam
+            optimizer={"_target_": "torch.optim.Adam", "betas": [0.0, 0.999]},
+        ),
         "mconfig_sgd": Method(
             "M-ConFIG + SGD (2nd moment)",
             MTL,
@@ -165,11 +177,56 @@ def _methods(interval: str) -> dict[str, Method]:
     }
 
 
-def methods(interval: str = "epoch") -> dict[str, Method]:
-    return _methods(interval)
+#: the Gram-based aggregation methods that take ``weights_every`` (issue 12)
+GRAM_METHODS = [
+    "config", "mean", "sum", "pcgrad", "imtlg", "mgda", "upgrad", "dualproj", "alignedmtl", "cagrad"
+]  # fmt: skip
+PERIODS = (2, 4, 8, 16)
 
 
-ALL_METHODS = list(_methods("epoch"))
+def _periodic(table: dict[str, Method]) -> dict[str, Method]:
+    """``<method>_k<k>``: the method with ``weights_every: k``."""
+    out = {}
+    for name in GRAM_METHODS:
+        m = table[name]
+        for k in PERIODS:
+            out[f"{name}_k{k}"] = dataclasses.replace(
+                m, label=f"{m.label}, every {k}", kwargs={**m.kwargs, "weights_every": k}
+            )
+    return out
+
+
+def _calibrated(steps: int) -> dict[str, Method]:
+    """Calibrate-then-freeze on nequip's plain module (``gradnorm`` and UPGrad's weights)."""
+    cb = "nequip_mtl.train.callbacks.CalibrateLossCoefficients"
+    upgrad = {"_target_": "nequip_mtl.aggregators.UPGrad"}
+    return {
+        "calib_gradnorm": Method(
+            "calibrate-then-freeze (gradnorm)",
+            "nequip.train.NequIPLightningModule",
+            callbacks=({"_target_": cb, "steps": steps, "rule": "gradnorm"},),
+            family="weighting",
+        ),
+        "calib_upgrad": Method(
+            "calibrate-then-freeze (UPGrad weights)",
+            "nequip.train.NequIPLightningModule",
+            callbacks=(
+                {"_target_": cb, "steps": steps, "rule": "aggregator", "aggregator": upgrad},
+            ),
+            family="weighting",
+        ),
+    }
+
+
+def methods(interval: str = "epoch", calibration_steps: int = 20) -> dict[str, Method]:
+    """Every method; the calibrate-then-freeze ones calibrate for ``calibration_steps``."""
+    table = _methods(interval)
+    return {**table, **_calibrated(calibration_steps), **_periodic(table)}
+
+
+#: the methods run when none are named
+DEFAULT_METHODS = list(_methods("epoch"))
+ALL_METHODS = list(methods("epoch"))
 
 
 def _resolves(target: str) -> bool:

@@ -32,6 +32,7 @@ Writes ``benchmarks/results/accuracy.{json,md}`` and ``accuracy_curves.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import os
@@ -51,7 +52,7 @@ METRICS = {
     "forces_mae": ("force MAE", 1e3, "meV/Å"),
     "stress_mae": ("stress MAE", 1e3, "meV/Å³"),
 }
-DEFAULT_METHODS = [m for m in C.ALL_METHODS if m != "mean"]  # Mean == Sum for equal coeffs
+DEFAULT_METHODS = [m for m in C.DEFAULT_METHODS if m != "mean"]  # Mean == Sum for equal coeffs
 
 
 # ----------------------------------------------------------------------------- one run
@@ -262,6 +263,35 @@ def _cell(v, metric):
     return f"{mean * f:.1f} ± {sd * f:.1f}"
 
 
+def targets_lines(by_budget, labels) -> list[str]:
+    """The accuracy targets of issue #8, read off the equal-time table."""
+    table_ = C.methods()
+    by = {r["method"]: r for r in by_budget}
+    ours = [
+        r for r in by_budget if not table_[r["method"]].baseline and r["forces_mae"][0] is not None
+    ]
+    if not ours or "config_nequip" not in by or "ws" not in by:
+        return []
+    best = min(ours, key=lambda r: r["forces_mae"][0])
+    f = METRICS["forces_mae"][1]
+
+    def ms(r, k):
+        return f"{r[k][0] * f:.1f} ± {r[k][1] * f:.1f}"
+
+    nc, ws = by["config_nequip"], by["ws"]
+    met_f = best["forces_mae"][0] < nc["forces_mae"][0]
+    met_e = best["per_atom_energy_mae"][0] <= ws["per_atom_energy_mae"][0]
+    return [
+        "Targets at equal training time (mean ± sd over seeds):",
+        "",
+        f"- best of ours by force MAE: {labels[best['method']]}, force MAE {ms(best, 'forces_mae')} "
+        f"meV/Å vs nequip's ConFIG {ms(nc, 'forces_mae')}: {'met' if met_f else 'MISSED'}",
+        f"- its energy MAE {ms(best, 'per_atom_energy_mae')} meV/atom vs the weighted sum's "
+        f"{ms(ws, 'per_atom_energy_mae')}: {'met (no worse)' if met_e else 'MISSED (worse)'}",
+        f"- the weighted sum's force MAE: {ms(ws, 'forces_mae')} meV/Å",
+    ]
+
+
 def table(rows, labels, caption) -> list[str]:
     head = " | ".join(f"{METRICS[k][0]} ({METRICS[k][2]})" for k in METRICS)
     lines = [
@@ -281,7 +311,26 @@ def table(rows, labels, caption) -> list[str]:
     return lines
 
 
+def _mean_curve(rs, metric, grid):
+    import numpy as np
+
+    ys = []
+    for r in rs:
+        pts = sorted((p["clock_s"], p[metric]) for p in r["curve"] if p.get(metric) is not None)
+        if pts:
+            x, y = np.array(pts).T
+            ys.append(np.interp(grid, x, np.log(y), left=np.nan))
+    if not ys:
+        return None
+    ys = np.array(ys)
+    ok = ~np.isnan(ys).any(axis=0)  # only where every seed has a point
+    out = np.full(grid.shape, np.nan)
+    out[ok] = np.exp(ys[:, ok].mean(axis=0))
+    return out
+
+
 def plot_curves(path: Path, runs, methods, labels, budget_s: float, clock: str) -> None:
+    """Two rows (aggregators, loss weighting; the nequip baselines in both) x 3 metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,45 +338,54 @@ def plot_curves(path: Path, runs, methods, labels, budget_s: float, clock: str) 
     import numpy as np
 
     table_ = C.methods()
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(6 * len(METRICS), 5.5))
-    grid = np.linspace(0, budget_s, 60)
-    cmap = plt.get_cmap("tab20")
-    for i, m in enumerate(methods):
-        rs = [r for r in runs if r["method"] == m]
-        style = "-" if table_[m].baseline else ("--" if table_[m].family == "aggregator" else ":")
-        lw = 2.2 if table_[m].baseline else 1.2
-        for ax, metric in zip(axes, METRICS):
-            ys = []
-            for r in rs:
-                pts = [(p["clock_s"], p[metric]) for p in r["curve"] if p.get(metric) is not None]
-                pts.sort()
-                if not pts:
-                    continue
-                x, y = np.array(pts).T
-                yi = np.interp(grid, x, np.log(y), left=np.nan)
-                ys.append(yi)
-            if ys:
-                mean = np.exp(np.nanmean(np.array(ys), axis=0))
-                ax.plot(
-                    grid,
-                    mean * METRICS[metric][1],
-                    style,
-                    lw=lw,
-                    color=cmap(i % 20),
-                    label=labels[m],
+    baselines = [m for m in methods if table_[m].baseline]
+    rows = [
+        (
+            "gradient aggregation (nequip_mtl)",
+            [m for m in methods if table_[m].family == "aggregator"],
+        ),
+        ("loss weighting (nequip_mtl)", [m for m in methods if table_[m].family == "weighting"]),
+    ]
+    rows = [(t, ms) for t, ms in rows if ms]
+    fig, axes = plt.subplots(
+        len(rows), len(METRICS), figsize=(6 * len(METRICS), 5 * len(rows)), squeeze=False
+    )
+    grid = np.linspace(0, budget_s, 80)
+    base_style = {
+        "ws": ("k", "-"),
+        "config_nequip": ("0.45", "-"),
+        "softadapt_nequip": ("0.7", "-"),
+    }
+    cmap = plt.get_cmap("tab10")
+    for (title, ours), ax_row in zip(rows, axes):
+        for j, m in enumerate(baselines + ours):
+            color, style = base_style.get(m, (cmap(j % 10), "--" if j % 20 >= 10 else "-"))
+            if m not in base_style:
+                color, style = (
+                    cmap((j - len(baselines)) % 10),
+                    ("-" if j - len(baselines) < 10 else "--"),
                 )
-    for ax, metric in zip(axes, METRICS):
-        ax.set_yscale("log")
-        ax.set_xlabel(f"training {'CPU' if clock == 'cpu' else 'wall-clock'} time (s)")
-        ax.set_ylabel(f"validation {METRICS[metric][0]} ({METRICS[metric][2]})")
-        ax.grid(alpha=0.3, which="both")
-    axes[-1].legend(fontsize=7, ncol=1, loc="upper right")
+            lw = 2.4 if m in base_style else 1.4
+            rs = [r for r in runs if r["method"] == m]
+            for ax, metric in zip(ax_row, METRICS):
+                y = _mean_curve(rs, metric, grid)
+                if y is not None:
+                    ax.plot(
+                        grid, y * METRICS[metric][1], style, color=color, lw=lw, label=labels[m]
+                    )
+        for ax, metric in zip(ax_row, METRICS):
+            ax.set_yscale("log")
+            ax.set_xlabel(f"training {'CPU' if clock == 'cpu' else 'wall-clock'} time (s)")
+            ax.set_ylabel(f"validation {METRICS[metric][0]} ({METRICS[metric][2]})")
+            ax.set_title(title)
+            ax.grid(alpha=0.3, which="both")
+        ax_row[-1].legend(fontsize=8, loc="upper right")
     fig.suptitle(
-        "Validation error vs training time (geometric mean over seeds; solid: nequip baselines, "
-        "dashed: aggregators, dotted: loss weighting)"
+        "Validation error vs training time (geometric mean over seeds; thick grey/black: nequip's "
+        "weighted sum, ConFIG and SoftAdapt)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -361,7 +419,24 @@ def main(argv=None):
     parser.add_argument("--r-max", type=float, default=4.5)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--out", default=str(C.RESULTS / "accuracy"))
+    parser.add_argument("--from-json", help="only rewrite the md/png outputs from this json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        saved = argparse.Namespace(**{**data["meta"]["args"], "out": args.out})
+        methods = list(dict.fromkeys(r["method"] for r in data["runs"]))
+        methods = [m for m in C.ALL_METHODS if m in methods]
+        info = {**data["meta"]["machine"], "date": data["meta"]["time"]}
+        write_outputs(
+            saved,
+            info,
+            data["meta"]["data"],
+            methods,
+            data["runs"],
+            data["meta"]["elapsed_s"],
+            data["meta"]["missing_methods"],
+        )
+        return
     quick = {"budget_s": 8.0, "epochs": 1, "seeds": [0, 1]}
     full = {"budget_s": 30.0, "epochs": 8, "seeds": [0, 1, 2]}
     for k, v in (quick if args.quick else full).items():
@@ -436,7 +511,7 @@ def write_outputs(args, info, stats, methods, runs, elapsed, missing) -> None:
         "machine": {**info, "loadavg_end": os.getloadavg()},
         "args": vars(args),
         "data": stats,
-        "time": C.now(),
+        "time": info.get("date", C.now()),
         "elapsed_s": elapsed,
         "missing_methods": missing,
     }
@@ -447,11 +522,12 @@ def write_outputs(args, info, stats, methods, runs, elapsed, missing) -> None:
     params = runs[0]["params"] if runs else None
     clock = "CPU" if args.clock == "cpu" else "wall-clock"
     lines = [
-        f"Accuracy on {C.machine_line(info)}; {C.now()}; total {elapsed / 60:.1f} min "
+        f"Accuracy on {C.machine_line(info)}; {info.get('date', C.now())}; total {elapsed / 60:.1f} min "
         f"({args.jobs} run(s) at a time).",
         "",
         f"NequIP model with {params} parameters (l_max={args.l_max}, {args.num_layers} layers, "
-        f"{args.num_features} features), float32, Adam lr {args.lr} (constant), batch {args.batch_size}; "
+        f"{args.num_features} features), float32, Adam (M-ConFIG + SGD: SGD) with constant lr "
+        f"{args.lr}, batch {args.batch_size}; "
         f"{args.n_train} training / {args.frames - args.n_train} validation EMT alloy frames; "
         f"loss coefficients 1:1:1 (per-atom energy, forces, stress MSE). Mean ± sample standard "
         f"deviation over seeds {args.seeds}; sorted by force MAE; the weighted sum is in bold.",
@@ -464,6 +540,7 @@ def write_outputs(args, info, stats, methods, runs, elapsed, missing) -> None:
     )
     lines += [""]
     lines += table(by_epochs, labels, f"**Equal epochs: {args.epochs} epochs per run**")
+    lines += [""] + targets_lines(by_budget, labels)
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
     print(text)

@@ -449,26 +449,103 @@ def _model_argv(args) -> list[str]:
 # ----------------------------------------------------------------------------- profile
 
 
-def profile(args, table) -> None:
-    """torch.profiler over ``--steps`` steps of each requested method (after 2 warm-up runs)."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+# regions labelled in --profile mode: (class path, method, label)
+_REGIONS = (
+    ("nequip.train.NequIPLightningModule", "training_step", "forward + losses"),
+    ("nequip.train.ConFIGLightningModule", "_ConFIG_backwards", "backward passes + aggregation"),
+    ("nequip.train.ConFIGLightningModule", "_ConFIG_training_step", "step"),
+    ("nequip_mtl.train.MultitaskLightningModule", "training_step", "forward + losses"),
+    ("nequip_mtl.train.MultitaskLightningModule", "backward", "backward passes"),
+    ("nequip_mtl.train.MultitaskLightningModule", "_apply_aggregated_update", "aggregation"),
+    ("nequip_mtl.train.UncertaintyWeightingLightningModule", "training_step", "forward + losses"),
+    ("nequip_mtl.train.FAMOLightningModule", "training_step", "forward + losses"),
+    ("lightning.LightningModule", "backward", "backward passes"),
+)
 
+
+def _label_regions() -> None:
+    """Wrap the methods in ``_REGIONS`` in ``record_function`` (profiling only)."""
+    import functools
+
+    from hydra.utils import get_class
+    from torch.profiler import record_function
+
+    for cls_path, name, label in _REGIONS:
+        cls = get_class(cls_path)
+        if name not in vars(cls):
+            continue
+        orig = vars(cls)[name]
+
+        def wrapped(*a, __orig=orig, __label=label, **k):
+            with record_function(f"region: {__label}"):
+                return __orig(*a, **k)
+
+        setattr(cls, name, functools.wraps(orig)(wrapped))
+
+
+def profile(args, table) -> None:
+    """torch.profiler over ``--steps`` training steps of each method (after ``--warmup``
+    steps); writes the per-step CPU time of the labelled regions and the top operators."""
+    import lightning
+    from torch.profiler import ProfilerActivity, profile
+
+    _label_regions()
     setup = Setup(args)
     dtype, num_tasks = args.dtypes[0], args.tasks[0]
+    summary = []
     for m in args.methods:
-        _run(setup, table[m], dtype, num_tasks, 3)  # warm-up
-        with profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False
-        ) as prof:
-            with record_function(f"method:{m}"):
-                t, _ = _run(setup, table[m], dtype, num_tasks, args.mem_steps + 1)
-        times = t["cpu"]
-        txt = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-        path = Path(args.out).parent / f"profile_{m}_{dtype}_{num_tasks}tasks.txt"
+
+        class Window(lightning.Callback):
+            prof = None
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if batch_idx == args.warmup:
+                    self.prof = profile(activities=[ProfilerActivity.CPU])
+                    self.prof.__enter__()
+
+            def on_train_end(self, trainer, pl_module):
+                self.prof.__exit__(None, None, None)
+
+        window = Window()
+        t, _ = _run(setup, table[m], dtype, num_tasks, args.warmup + args.steps, [window])
+        steps = len(t["cpu"]) - args.warmup
+        avg = window.prof.key_averages()
+        regions = {
+            e.key[len("region: ") :]: e.cpu_time_total / 1e3 / steps
+            for e in avg
+            if e.key.startswith("region: ")
+        }
+        step_ms = 1e3 * statistics.fmean(t["cpu"][args.warmup :])
+        if "backward passes + aggregation" in regions:  # nequip's ConFIG: split its regions
+            both = regions.pop("backward passes + aggregation")
+            regions["aggregation"] = both - regions["backward passes"]
+            # its training_step is the whole step: forward = step - backward/aggregation - update
+            update = sum(e.cpu_time_total for e in avg if e.key.startswith("Optimizer.step#"))
+            whole = regions.pop("step")
+            regions["forward + losses"] = whole - both - update / 1e3 / steps
+        keys = ("forward + losses", "backward passes", "aggregation")
+        regions = {k: regions.get(k, 0.0) for k in keys}
+        regions["rest (optimizer update, Lightning, logging, callbacks)"] = step_ms - sum(
+            regions.values()
+        )
+        summary.append(
+            {
+                "method": m,
+                "label": table[m].label,
+                "step_ms_profiled": step_ms,
+                "regions_ms": regions,
+            }
+        )
+        txt = avg.table(sort_by="self_cpu_time_total", row_limit=30)
+        path = Path(args.out).parent / f"profile_{m}_{dtype}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = f"{m} ({table[m].label}) {dtype} {num_tasks} tasks; step CPU times (s): {[round(x, 4) for x in times]}\n"
-        path.write_text(header + txt)
-        print(header + txt[:6000])
+        head = f"{m} ({table[m].label}) {dtype} {num_tasks} tasks, {steps} profiled steps; regions (ms/step): "
+        path.write_text(head + json.dumps(regions) + "\n" + txt)
+        print(
+            head + ", ".join(f"{k} {v:.1f}" for k, v in regions.items()) + f"; step {step_ms:.1f}",
+            flush=True,
+        )
+    C.write_json(Path(args.out).parent / f"profile_{dtype}.json", summary)
 
 
 # ----------------------------------------------------------------------------- output
@@ -747,7 +824,7 @@ def main(argv=None):
     parser.add_argument("--radial-width", type=int, default=64)
     parser.add_argument("--r-max", type=float, default=4.5)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--methods", nargs="+", default=C.ALL_METHODS, choices=C.ALL_METHODS)
+    parser.add_argument("--methods", nargs="+", default=C.DEFAULT_METHODS, choices=C.ALL_METHODS)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurements")
     parser.add_argument("--mem-steps", type=int, default=3)
@@ -769,7 +846,8 @@ def main(argv=None):
         args.steps, args.dtypes, args.mem_steps = 6, ["float32"], 3
         if args.out == str(C.RESULTS / "step_cost"):
             args.out = str(C.TMP / "step_cost_quick")
-    table = C.methods(interval="batch")
+    # calibrate-then-freeze calibrates during the warm-up: the timed steps are after it
+    table = C.methods(interval="batch", calibration_steps=max(args.warmup, 1))
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
         saved = argparse.Namespace(**{**data["meta"]["args"], "out": args.out})
