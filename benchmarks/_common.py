@@ -303,8 +303,11 @@ def datamodule(
     seed: int = 1,
     val_batch: int = 10,
     shuffle: bool = True,
+    type_names: list[str] | None = None,
 ):
     from nequip.data.datamodule import NequIPDataModule
+
+    type_names = list(type_names or TYPE_NAMES)
 
     return NequIPDataModule(
         seed=seed,
@@ -316,8 +319,8 @@ def datamodule(
                 "transforms": [
                     {
                         "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-                        "model_type_names": TYPE_NAMES,
-                        "chemical_species_to_atom_type_map": {s: s for s in TYPE_NAMES},
+                        "model_type_names": type_names,
+                        "chemical_species_to_atom_type_map": {s: s for s in type_names},
                     },
                     {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": r_max},
                 ],
@@ -334,6 +337,53 @@ def datamodule(
     )
 
 
+# --- the real DFT ethanol data (issue 12): /work/shared/data/README.md
+
+#: 100 frames of ethanol (C2H6O, non-periodic), energies in kcal/mol, forces in kcal/mol/Å
+ETHANOL = Path(os.environ.get("NEQUIP_MTL_ETHANOL", "/work/shared/data/ethanol_reduced_100.xyz"))
+ETHANOL_TYPE_NAMES = ["C", "H", "O"]
+#: 1 kcal/mol in meV
+KCAL_MOL_TO_MEV = 43.364
+
+
+def split_statistics(
+    path: Path,
+    n_train: int,
+    n_val: int,
+    r_max: float,
+    type_names: list[str],
+    seed: int = 1,
+) -> dict:
+    """The model constants from the *training split* of :func:`datamodule` (same split,
+    same ``seed``), in the data's own units: the per-atom energy mean as the shift of every
+    type (nequip's ``per_atom_energy_mean``; a composition fit is singular when every frame
+    has the same composition), the force RMS and the mean neighbour count."""
+    import torch
+
+    dm = datamodule(path, n_train, n_val, 1, r_max, seed=seed, type_names=type_names)
+    dm.setup("fit")
+    train = dm.train_dataset[0]  # a list of one dataset (the train Subset)
+    e_per_atom, forces, neighbors, atoms = [], [], [], 0
+    for i in range(len(train)):
+        d = train[i]
+        n = int(d["pos"].shape[0])
+        e_per_atom.append(float(d["total_energy"].reshape(())) / n)
+        forces.append(d["forces"].reshape(-1).double())
+        neighbors.append(d["edge_index"].shape[1])
+        atoms += n
+    forces = torch.cat(forces)
+    mean = float(torch.tensor(e_per_atom, dtype=torch.float64).mean())
+    return {
+        "per_type_energy_shifts": {t: mean for t in type_names},
+        "num_frames": n_train + n_val,
+        "num_train_frames": len(train),
+        "mean_atoms": atoms / len(train),
+        "per_atom_energy_mean": mean,
+        "forces_rms": float(forces.pow(2).mean().sqrt()),
+        "num_neighbors_mean": sum(neighbors) / atoms,
+    }
+
+
 # ----------------------------------------------------------------------------- model/module
 
 
@@ -347,12 +397,13 @@ def model_config(
     r_max: float,
     radial_width: int,
     model_seed: int = 7,
+    type_names: list[str] | None = None,
 ) -> dict:
     return {
         "_target_": "nequip.model.NequIPGNNModel",
         "seed": model_seed,
         "model_dtype": dtype,
-        "type_names": TYPE_NAMES,
+        "type_names": list(type_names or TYPE_NAMES),
         "r_max": r_max,
         "l_max": l_max,
         "parity": True,

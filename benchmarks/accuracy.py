@@ -1,9 +1,14 @@
 """Validation accuracy of every multitask method at equal compute and at equal epochs.
 
-Each (method, seed) trains the same NequIP model on the same offline EMT alloy data
-(energies, forces, stresses; ``nequip-mtl-make-data``) with the same optimizer settings,
-until its *training clock* reaches the budget ``--budget-s``; then the model is
-validated once more. The training clock counts the time from ``on_train_batch_start``
+Each (method, seed) trains the same NequIP model on the same data with the same optimizer
+settings: ``--dataset alloy`` (default) is the offline EMT alloy data (energies, forces,
+stresses; ``nequip-mtl-make-data``), ``--dataset ethanol`` the real DFT ethanol frames
+of ``/work/shared/data/ethanol_reduced_100.xyz`` (100 frames of C2H6O, non-periodic,
+energies and forces in kcal/mol and kcal/mol/Å; 80 training / 20 validation frames;
+env var ``NEQUIP_MTL_ETHANOL`` overrides the path). Ethanol errors are reported in meV
+(1 kcal/mol = 43.364 meV), like the alloy ones; the json keeps the data's own units.
+Each run trains until its *training clock* reaches the budget ``--budget-s``; then the
+model is validated once more. The training clock counts the time from ``on_train_batch_start``
 to ``on_train_batch_end`` of every step (forward, backward passes, aggregation,
 optimizer step, callbacks), not validation. By default it is the CPU time of the single
 compute thread (``--clock cpu``), which on an idle machine equals the wall-clock time
@@ -25,8 +30,10 @@ model initialisation and the batch order; the data split is fixed.
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py                   # full (< 1 h on 2 cores)
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick           # a few minutes
     OMP_NUM_THREADS=1 python benchmarks/accuracy.py --methods ws config mconfig_adam --seeds 0 1
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --dataset ethanol --jobs 2
 
-Writes ``benchmarks/results/accuracy.{json,md}`` and ``accuracy_curves.png``.
+Writes ``benchmarks/results/accuracy.{json,md}`` and ``accuracy_curves.png``
+(``accuracy_ethanol.*`` with ``--dataset ethanol``; ``--out`` to choose).
 """
 
 from __future__ import annotations
@@ -46,12 +53,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-# validation metric names (EnergyForceStressMetrics) -> (column, unit factor, unit)
-METRICS = {
-    "per_atom_energy_mae": ("energy MAE", 1e3, "meV/atom"),
-    "forces_mae": ("force MAE", 1e3, "meV/Å"),
-    "stress_mae": ("stress MAE", 1e3, "meV/Å³"),
+# validation metric names (EnergyForceStressMetrics) -> (column, unit factor, unit):
+# reported value = metric in the data's units x factor
+METRICS_BY_DATASET = {
+    # eV -> meV
+    "alloy": {
+        "per_atom_energy_mae": ("energy MAE", 1e3, "meV/atom"),
+        "forces_mae": ("force MAE", 1e3, "meV/Å"),
+        "stress_mae": ("stress MAE", 1e3, "meV/Å³"),
+    },
+    # kcal/mol -> meV
+    "ethanol": {
+        "per_atom_energy_mae": ("energy MAE", C.KCAL_MOL_TO_MEV, "meV/atom"),
+        "forces_mae": ("force MAE", C.KCAL_MOL_TO_MEV, "meV/Å"),
+    },
 }
+#: the data set's (type names, number of tasks, training frames, frames, description)
+DATASETS = {
+    "alloy": (C.TYPE_NAMES, 3, 150, 200, "EMT alloy"),
+    "ethanol": (C.ETHANOL_TYPE_NAMES, 2, 80, 100, "DFT ethanol (rMD17-style, kcal/mol)"),
+}
+METRICS = METRICS_BY_DATASET["alloy"]  # the data set in use (use_dataset)
+
+
+def use_dataset(name: str) -> None:
+    """Select the metrics and units of data set ``name`` for this process."""
+    global METRICS
+    METRICS = METRICS_BY_DATASET[name]
+
+
 DEFAULT_METHODS = [m for m in C.DEFAULT_METHODS if m != "mean"]  # Mean == Sum for equal coeffs
 
 
@@ -142,6 +172,9 @@ def run_one(task: dict) -> dict:
     set_global_state()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     a = task["args"]
+    dataset = a.get("dataset", "alloy")
+    use_dataset(dataset)
+    type_names, num_tasks = DATASETS[dataset][:2]
     method = C.methods(interval="epoch")[task["method"]]
     seed = task["seed"]
     lightning.seed_everything(seed, workers=True, verbose=False)
@@ -156,6 +189,7 @@ def run_one(task: dict) -> dict:
         r_max=a["r_max"],
         radial_width=a["radial_width"],
         model_seed=seed,
+        type_names=type_names,
     )
     if method.callbacks and any("RandomLossWeighting" in cb["_target_"] for cb in method.callbacks):
         method = C.Method(
@@ -170,9 +204,15 @@ def run_one(task: dict) -> dict:
             method.baseline,
             method.family,
         )
-    module = C.build_module(method, model, 3, lr=a["lr"])
+    module = C.build_module(method, model, num_tasks, lr=a["lr"])
     dm = C.datamodule(
-        Path(task["data"]), a["n_train"], a["n_val"], a["batch_size"], a["r_max"], seed=1
+        Path(task["data"]),
+        a["n_train"],
+        a["n_val"],
+        a["batch_size"],
+        a["r_max"],
+        seed=1,
+        type_names=type_names,
     )
     clock, record = _callbacks(
         a["budget_s"], a["epochs"], math.ceil(a["n_train"] / a["batch_size"]), a["clock"]
@@ -192,6 +232,13 @@ def run_one(task: dict) -> dict:
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     final = _metrics_now(module, dm)
+    if task.get("state_dir"):  # the final model, for independent checks (tests)
+        import torch
+
+        torch.save(
+            module.state_dict(),
+            Path(task["state_dir"]) / f"{task['method']}_seed{seed}.pt",
+        )
     at_epochs = next(
         (
             p
@@ -292,6 +339,40 @@ def targets_lines(by_budget, labels) -> list[str]:
     ]
 
 
+def versus_ws_lines(rows, labels, view: str) -> list[str]:
+    """Which methods beat the weighted sum on *both* force and energy MAE (means), and the
+    best ratios to it otherwise."""
+    by = {r["method"]: r for r in rows}
+    ws = by.get("ws")
+    if ws is None or ws["forces_mae"][0] is None:
+        return []
+    f_ws, e_ws = ws["forces_mae"][0], ws["per_atom_energy_mae"][0]
+    ratios = {
+        m: (r["forces_mae"][0] / f_ws, r["per_atom_energy_mae"][0] / e_ws)
+        for m, r in by.items()
+        if m != "ws" and r["forces_mae"][0] is not None and r["n_reached"] == r["n"]
+    }
+    if not ratios:
+        return []
+    both = sorted((m for m, (f, e) in ratios.items() if f < 1 and e < 1), key=lambda m: ratios[m])
+    best_f = min(ratios, key=lambda m: ratios[m][0])
+    best_e = min(ratios, key=lambda m: ratios[m][1])
+    best_both = min(ratios, key=lambda m: max(ratios[m]))
+
+    def r(m):
+        return f"{labels[m]} (force {ratios[m][0]:.2f}x, energy {ratios[m][1]:.2f}x)"
+
+    return [
+        f"Against nequip's weighted sum at {view} (ratios of mean MAEs; < 1 is better):",
+        "",
+        "- better on both force and energy MAE: "
+        + (", ".join(r(m) for m in both) if both else "none"),
+        f"- best force ratio: {r(best_f)}",
+        f"- best energy ratio: {r(best_e)}",
+        f"- best worse-of-the-two ratio: {r(best_both)}",
+    ]
+
+
 def table(rows, labels, caption) -> list[str]:
     head = " | ".join(f"{METRICS[k][0]} ({METRICS[k][2]})" for k in METRICS)
     lines = [
@@ -346,7 +427,7 @@ def plot_curves(path: Path, runs, methods, labels, budget_s: float, clock: str) 
         ),
         ("loss weighting (nequip_mtl)", [m for m in methods if table_[m].family == "weighting"]),
     ]
-    rows = [(t, ms) for t, ms in rows if ms]
+    rows = [(t, ms) for t, ms in rows if ms] or [("nequip's methods", [])]
     fig, axes = plt.subplots(
         len(rows), len(METRICS), figsize=(6 * len(METRICS), 5 * len(rows)), squeeze=False
     )
@@ -399,6 +480,7 @@ def main(argv=None):
     parser.add_argument(
         "--quick", action="store_true", help="a few minutes: short budget, 2 seeds, few methods"
     )
+    parser.add_argument("--dataset", choices=list(DATASETS), default="alloy")
     parser.add_argument("--methods", nargs="+", default=None, choices=C.ALL_METHODS)
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0 1)"
@@ -409,8 +491,10 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=None, help="the equal-epochs protocol")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
-    parser.add_argument("--frames", type=int, default=200)
-    parser.add_argument("--n-train", type=int, default=150)
+    parser.add_argument(
+        "--frames", type=int, default=None, help="alloy: 200 (generated); ethanol: 100 (all)"
+    )
+    parser.add_argument("--n-train", type=int, default=None, help="alloy: 150; ethanol: 80")
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--num-features", type=int, default=32)
     parser.add_argument("--num-layers", type=int, default=2)
@@ -418,12 +502,17 @@ def main(argv=None):
     parser.add_argument("--radial-width", type=int, default=32)
     parser.add_argument("--r-max", type=float, default=4.5)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--out", default=str(C.RESULTS / "accuracy"))
+    parser.add_argument("--out", default=None, help="default results/accuracy[_ethanol]")
     parser.add_argument("--from-json", help="only rewrite the md/png outputs from this json")
+    parser.add_argument("--save-states", help=argparse.SUPPRESS)  # final models (tests)
     args = parser.parse_args(argv)
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
-        saved = argparse.Namespace(**{**data["meta"]["args"], "out": args.out})
+        saved = argparse.Namespace(
+            **{"dataset": "alloy", **data["meta"]["args"], "out": args.out or args.from_json}
+        )
+        saved.out = str(Path(saved.out).with_suffix(""))
+        use_dataset(saved.dataset)
         methods = list(dict.fromkeys(r["method"] for r in data["runs"]))
         methods = [m for m in C.ALL_METHODS if m in methods]
         info = {**data["meta"]["machine"], "date": data["meta"]["time"]}
@@ -437,11 +526,19 @@ def main(argv=None):
             data["meta"]["missing_methods"],
         )
         return
+    use_dataset(args.dataset)
+    type_names, _, n_train, frames, _ = DATASETS[args.dataset]
+    default_out = C.RESULTS / ("accuracy" if args.dataset == "alloy" else "accuracy_ethanol")
     quick = {"budget_s": 8.0, "epochs": 1, "seeds": [0, 1]}
     full = {"budget_s": 30.0, "epochs": 8, "seeds": [0, 1, 2]}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.frames = args.frames or frames
+    args.n_train = args.n_train or n_train
+    if args.dataset == "ethanol" and args.frames > frames:
+        parser.error(f"the ethanol file has {frames} frames")
+    args.out = args.out or str(C.TMP / "accuracy_quick" if args.quick else default_out)
     if args.quick:
         args.methods = args.methods or [
             "ws",
@@ -451,8 +548,6 @@ def main(argv=None):
             "mconfig_adam",
             "famo",
         ]
-        if args.out == str(C.RESULTS / "accuracy"):
-            args.out = str(C.TMP / "accuracy_quick")
     methods = args.methods or DEFAULT_METHODS
     table_ = C.methods()
     missing = C.missing_methods(methods, table_)
@@ -460,17 +555,37 @@ def main(argv=None):
         print(f"SKIPPING {m}: cannot import {bad}", flush=True)
     methods = [m for m in methods if m not in missing]
 
-    path = C.alloy_data(args.frames, seed=0)
-    stats = C.data_statistics(path, args.r_max)
+    if args.dataset == "alloy":
+        path = C.alloy_data(args.frames, seed=0)
+        stats = C.data_statistics(path, args.r_max)
+    else:
+        # model constants from the training split only (the same split as the runs')
+        path = C.ETHANOL
+        stats = C.split_statistics(
+            path, args.n_train, args.frames - args.n_train, args.r_max, type_names
+        )
     a = {
-        **{k: v for k, v in vars(args).items() if k not in ("methods", "seeds", "out")},
+        **{
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("methods", "seeds", "out", "save_states")
+        },
         "n_val": args.frames - args.n_train,
     }
     tasks = []
     for i, seed in enumerate(args.seeds):
         k = i % len(methods)
         for m in methods[k:] + methods[:k]:
-            tasks.append({"method": m, "seed": seed, "args": a, "stats": stats, "data": str(path)})
+            tasks.append(
+                {
+                    "method": m,
+                    "seed": seed,
+                    "args": a,
+                    "stats": stats,
+                    "data": str(path),
+                    "state_dir": args.save_states,
+                }
+            )
 
     import torch  # noqa: F401  (after OMP_NUM_THREADS)
 
@@ -493,9 +608,10 @@ def main(argv=None):
 
 def _progress(r, i, n, t0):
     b = r["budget"]
+    fe, ff = METRICS["per_atom_energy_mae"][1], METRICS["forces_mae"][1]
     print(
         f"[{i}/{n} {time.perf_counter() - t0:.0f} s] {r['method']} seed {r['seed']}: {r['steps']} steps, "
-        f"force MAE {1e3 * b['forces_mae']:.1f} meV/Å, energy {1e3 * b['per_atom_energy_mae']:.2f} meV/atom "
+        f"force MAE {ff * b['forces_mae']:.1f} meV/Å, energy {fe * b['per_atom_energy_mae']:.2f} meV/atom "
         f"(run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})",
         flush=True,
     )
@@ -521,6 +637,17 @@ def write_outputs(args, info, stats, methods, runs, elapsed, missing) -> None:
     )
     params = runs[0]["params"] if runs else None
     clock = "CPU" if args.clock == "cpu" else "wall-clock"
+    dataset = getattr(args, "dataset", "alloy")
+    description = DATASETS[dataset][4]
+    if dataset == "alloy":
+        loss = "loss coefficients 1:1:1 (per-atom energy, forces, stress MSE)"
+        units = "Errors in meV (the data is in eV)."
+    else:
+        loss = "loss coefficients 1:1 (per-atom energy, forces MSE, in kcal/mol units)"
+        units = (
+            f"Errors converted from the data's kcal/mol and kcal/mol/Å to meV/atom and meV/Å "
+            f"(1 kcal/mol = {C.KCAL_MOL_TO_MEV} meV); the json keeps kcal/mol."
+        )
     lines = [
         f"Accuracy on {C.machine_line(info)}; {info.get('date', C.now())}; total {elapsed / 60:.1f} min "
         f"({args.jobs} run(s) at a time).",
@@ -528,9 +655,10 @@ def write_outputs(args, info, stats, methods, runs, elapsed, missing) -> None:
         f"NequIP model with {params} parameters (l_max={args.l_max}, {args.num_layers} layers, "
         f"{args.num_features} features), float32, Adam (M-ConFIG + SGD: SGD) with constant lr "
         f"{args.lr}, batch {args.batch_size}; "
-        f"{args.n_train} training / {args.frames - args.n_train} validation EMT alloy frames; "
-        f"loss coefficients 1:1:1 (per-atom energy, forces, stress MSE). Mean ± sample standard "
-        f"deviation over seeds {args.seeds}; sorted by force MAE; the weighted sum is in bold.",
+        f"{args.n_train} training / {args.frames - args.n_train} validation {description} frames; "
+        f"{loss}. Mean ± sample standard "
+        f"deviation over seeds {args.seeds}; sorted by force MAE; the weighted sum is in bold. "
+        f"{units}",
         "",
     ]
     lines += table(
@@ -541,6 +669,8 @@ def write_outputs(args, info, stats, methods, runs, elapsed, missing) -> None:
     lines += [""]
     lines += table(by_epochs, labels, f"**Equal epochs: {args.epochs} epochs per run**")
     lines += [""] + targets_lines(by_budget, labels)
+    lines += [""] + versus_ws_lines(by_budget, labels, "equal training time")
+    lines += [""] + versus_ws_lines(by_epochs, labels, "equal epochs")
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
     print(text)
