@@ -101,10 +101,12 @@ class TaskGradients:
         for g in self.groups:
             for p, view in zip(g.params, g.row_views[row]):
                 p.grad = view
-        # no `inputs=`: like a plain `loss.backward()`, every branch of the graph is run
-        # (also the ones that only lead to positions and cell), so the last pass frees
-        # every buffer it can; non-parameter leaves get a batch-local `.grad`, as in nequip
-        torch.autograd.backward(loss, retain_graph=retain_graph)
+        # a pass that keeps the graph runs only what leads to the parameters; the last one
+        # (`retain_graph=False`) runs every branch like a plain `loss.backward()`, also the
+        # ones that only lead to positions and cell, so that it frees every buffer it can
+        # (non-parameter leaves get a batch-local `.grad`, as in nequip)
+        inputs = self.params if retain_graph else None
+        torch.autograd.backward(loss, retain_graph=retain_graph, inputs=inputs)
         self.release_grads()
 
     def release_grads(self) -> None:
