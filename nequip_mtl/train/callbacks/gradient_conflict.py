@@ -14,7 +14,6 @@ from typing import Any
 import lightning
 import torch
 from lightning.pytorch.callbacks import Callback
-from nequip.utils.versions import _TORCH_GE_2_6
 
 from ...diagnostics.conflict import (
     ConflictStatistics,
@@ -22,6 +21,7 @@ from ...diagnostics.conflict import (
     conflict_metrics,
     conflict_statistics,
 )
+from .._compile import prepare_several_backward_passes
 from ._common import active_names, check_interval, check_positive_int, loss_manager
 
 PREFIX = "grad_conflict"
@@ -254,11 +254,11 @@ class TaskGradientProbe:
                 f"{self.who} needs a NequIP training module (with a `model`), got "
                 f"{type(pl_module).__name__}"
             )
-        if _TORCH_GE_2_6 and not hasattr(pl_module, "task_gradient_statistics"):
+        if not hasattr(pl_module, "task_gradient_statistics"):
             # the extra per-task backward passes go through one (possibly compiled) graph
-            # several times; as nequip's ConFIGLightningModule does (memory only, no
-            # effect on the numbers)
-            torch._functorch.config.donated_buffer = False
+            # several times: no donated buffers, and compile caches of our own (see
+            # docs/compile.md); nequip compiles at the first forward, after this
+            prepare_several_backward_passes()
         self._loss_copy = None
         self.reset_window()
 
