@@ -340,7 +340,12 @@ def datamodule(
 # --- the real DFT ethanol data (issue 12): /work/shared/data/README.md
 
 #: 100 frames of ethanol (C2H6O, non-periodic), energies in kcal/mol, forces in kcal/mol/Å
-ETHANOL = Path(os.environ.get("NEQUIP_MTL_ETHANOL", "/work/shared/data/ethanol_reduced_100.xyz"))
+#: (``shared/`` sits beside the repository: here, and in CI's fresh clone)
+ETHANOL = Path(
+    os.environ.get(
+        "NEQUIP_MTL_ETHANOL", ROOT.parent.parent / "shared" / "data" / "ethanol_reduced_100.xyz"
+    )
+)
 ETHANOL_TYPE_NAMES = ["C", "H", "O"]
 #: 1 kcal/mol in meV
 KCAL_MOL_TO_MEV = 43.364
