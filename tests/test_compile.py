@@ -161,19 +161,25 @@ def compile_cache(tmp_path_factory):
     torch._functorch.config.donated_buffer, torch.compiler.config.cache_key_tag = saved
 
 
-def test_prepare_several_backward_passes_sets_no_donation_and_own_cache_tag(monkeypatch):
+def test_prepare_several_backward_passes_sets_no_donation_and_own_cache_tag():
     from nequip_mtl.train._compile import CACHE_KEY_TAG, prepare_several_backward_passes
 
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", True)
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "user-tag")
-    prepare_several_backward_passes()
-    prepare_several_backward_passes()  # idempotent
-    assert torch._functorch.config.donated_buffer is False
-    assert torch.compiler.config.cache_key_tag == f"user-tag+{CACHE_KEY_TAG}"
-    # every gradient-aggregation module calls it before its model is built (compiled)
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "")
-    ConFIGLightningModule(**h.module_kwargs())
-    assert torch.compiler.config.cache_key_tag == CACHE_KEY_TAG
+    # torch's config modules hide an option that pytest's monkeypatch restores by
+    # deleting it: save and restore by hand
+    saved = (torch._functorch.config.donated_buffer, torch.compiler.config.cache_key_tag)
+    try:
+        torch._functorch.config.donated_buffer = True
+        torch.compiler.config.cache_key_tag = "user-tag"
+        prepare_several_backward_passes()
+        prepare_several_backward_passes()  # idempotent
+        assert torch._functorch.config.donated_buffer is False
+        assert torch.compiler.config.cache_key_tag == f"user-tag+{CACHE_KEY_TAG}"
+        # every gradient-aggregation module calls it before its model is built (compiled)
+        torch.compiler.config.cache_key_tag = ""
+        ConFIGLightningModule(**h.module_kwargs())
+        assert torch.compiler.config.cache_key_tag == CACHE_KEY_TAG
+    finally:
+        torch._functorch.config.donated_buffer, torch.compiler.config.cache_key_tag = saved
 
 
 MODULES = {
