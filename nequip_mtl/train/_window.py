@@ -24,7 +24,6 @@ class StepWindow:
         scale: the ``GradScaler``'s loss scale (``1.0`` without one)
         factor: what every back-propagated loss is multiplied by
             (``scale / accumulate_grad_batches``)
-        selected: the aggregator's ``select_tasks`` choice (positions in ``active``), if any
         backward_passes: backward passes run in this window so far
     """
 
@@ -33,7 +32,6 @@ class StepWindow:
     weights: dict[int, float] | None
     scale: float
     factor: float
-    selected: list[int] | None = None
     backward_passes: int = 0
 
 

@@ -248,7 +248,7 @@ class MultitaskLightningModule(NequIPLightningModule):
             return StepWindow(active, [], held.weights_by_index(names), scale, factor)
         selected = self.aggregator.select_tasks(len(active)) if len(active) > 1 else None
         tasks = active if selected is None else [active[j] for j in selected]
-        return StepWindow(active, tasks, None, scale, factor, selected=selected)
+        return StepWindow(active, tasks, None, scale, factor)
 
     def _storage(self, num_rows: int) -> TaskGradients:
         params = [p for p in self.parameters() if p.requires_grad]
