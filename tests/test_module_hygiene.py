@@ -14,6 +14,18 @@ from tests._harness import datamodule, module_kwargs, trainer
 
 MOMENTUM = {"_target_": "nequip_mtl.aggregators.MomentumConFIG"}
 
+#: nequip's plain module next to ours: every step kind (all tasks, one task, held weights)
+SIDE_BY_SIDE = pytest.mark.parametrize(
+    "cls, kw",
+    [
+        (NequIPLightningModule, {}),
+        (mtl.ConFIGLightningModule, {}),
+        (mtl.MultitaskLightningModule, {"aggregator": MOMENTUM}),
+        (mtl.MultitaskLightningModule, {"weights_every": 2}),
+    ],
+    ids=["nequip-plain", "ConFIG", "MomentumConFIG", "ConFIG-weights_every"],
+)
+
 
 class _Saved:
     __slots__ = ("tensor", "__weakref__")
@@ -56,16 +68,7 @@ class SavedTensorCensus(Callback):
         self._count()
 
 
-@pytest.mark.parametrize(
-    "cls, kw",
-    [
-        (NequIPLightningModule, {}),
-        (mtl.ConFIGLightningModule, {}),
-        (mtl.MultitaskLightningModule, {"aggregator": MOMENTUM}),
-        (mtl.MultitaskLightningModule, {"weights_every": 2}),
-    ],
-    ids=["nequip-plain", "ConFIG", "MomentumConFIG", "ConFIG-weights_every"],
-)
+@SIDE_BY_SIDE
 def test_no_autograd_graph_outlives_its_step(tmp_path, cls, kw):
     census = SavedTensorCensus()
     torch.manual_seed(0)
@@ -124,16 +127,7 @@ class GradOfUnused(Callback):
         self.grads.append(pl_module.unused.grad)
 
 
-@pytest.mark.parametrize(
-    "cls, kw",
-    [
-        (NequIPLightningModule, {}),
-        (mtl.ConFIGLightningModule, {}),
-        (mtl.MultitaskLightningModule, {"aggregator": MOMENTUM}),
-        (mtl.MultitaskLightningModule, {"weights_every": 2}),
-    ],
-    ids=["nequip-plain", "ConFIG", "MomentumConFIG", "ConFIG-weights_every"],
-)
+@SIDE_BY_SIDE
 def test_unreached_parameters_get_no_gradient_and_no_weight_decay(tmp_path, cls, kw):
     adamw = {"_target_": "torch.optim.AdamW", "lr": 0.01, "weight_decay": 0.5}
     module = _with_unused_parameter(cls)(**module_kwargs(optimizer=adamw, **kw))

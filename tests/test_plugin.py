@@ -19,6 +19,26 @@ def _run(code: str) -> subprocess.CompletedProcess:
     )
 
 
+def _nequip_train(config: str, out: Path, cwd: Path, **env) -> subprocess.CompletedProcess:
+    """A real `nequip-train` run of ``tests/configs/<config>.yaml`` into ``out``."""
+    return subprocess.run(
+        [
+            str(BIN / "nequip-train"),
+            "-cp",
+            str(REPO / "tests" / "configs"),
+            "-cn",
+            config,
+            f"hydra.run.dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env=dict(os.environ, OMP_NUM_THREADS="1", **env),
+        check=False,
+    )
+
+
 def test_import_nequip_loads_extension_without_circular_import():
     res = _run(
         "import sys, nequip; "
@@ -44,23 +64,7 @@ def test_entry_point_is_registered():
 def test_nequip_train_resolves_our_targets(tmp_path):
     """A real `nequip-train` run of our ConFIG module with a cosine LR schedule."""
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(
-        [
-            str(BIN / "nequip-train"),
-            "-cp",
-            str(REPO / "tests" / "configs"),
-            "-cn",
-            "tiny_emt",
-            f"hydra.run.dir={out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env=env,
-        check=False,
-    )
+    res = _nequip_train("tiny_emt", out, tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
     target = ckpt["hyper_parameters"]["info_dict"]["training_module"]["_target_"]
@@ -113,23 +117,7 @@ def test_nequip_train_with_nan_forces_fails_and_names_forces(tmp_path):
     data = tmp_path / "nan_forces.xyz"
     _nan_forces_xyz(data)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", NAN_FORCES_XYZ=str(data))
-    res = subprocess.run(
-        [
-            str(BIN / "nequip-train"),
-            "-cp",
-            str(REPO / "tests" / "configs"),
-            "-cn",
-            "tiny_nan_forces",
-            f"hydra.run.dir={out}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env=env,
-        check=False,
-    )
+    res = _nequip_train("tiny_nan_forces", out, tmp_path, NAN_FORCES_XYZ=str(data))
     log = res.stdout + res.stderr
     assert res.returncode != 0, log[-3000:]
     assert "SkippedStepsError" in log and "'forces_mse' has a NaN gradient" in log, log[-3000:]
