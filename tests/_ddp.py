@@ -13,6 +13,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def end_process_group() -> None:
+    """Tear down the gloo process group before the interpreter exits (call at the end
+    of every rank's work). Left to interpreter shutdown, gloo's threads are sometimes
+    destroyed while still joinable and the rank dies with ``terminate called without
+    an active exception`` after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def launch(argv: list[str], world: int, cwd=None, timeout: float = 600) -> None:
     """Run ``argv`` once per rank with MASTER_ADDR/PORT, WORLD_SIZE, NODE_RANK and
     LOCAL_RANK set (Lightning then uses these processes instead of spawning its own);

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from hydra.utils import get_class, instantiate  # noqa: E402
 
+from tests._ddp import end_process_group  # noqa: E402
 from tests._harness import datamodule, module_kwargs, trainer  # noqa: E402
 
 
@@ -87,6 +88,7 @@ def main(spec_path: str, out_dir: str) -> None:
                 torch.save(
                     torch.stack(gathered), Path(out_dir) / f"{run['name']}.coeffs_all_ranks.pt"
                 )
+    end_process_group()
 
 
 if __name__ == "__main__":

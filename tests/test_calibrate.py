@@ -439,6 +439,8 @@ def _ddp_worker(out_dir: str) -> None:
     """One rank (or the single reference process) of the DDP comparison."""
     from lightning.pytorch.strategies import DDPStrategy
 
+    from tests._ddp import end_process_group
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     results = {}
@@ -465,6 +467,7 @@ def _ddp_worker(out_dir: str) -> None:
             "on_module": {n: e.coeff for n, e in module.loss.entries.items()},
         }
     torch.save(results, Path(out_dir) / f"calibrate_world{world}_rank{rank}.pt")
+    end_process_group()
 
 
 @pytest.mark.ddp

@@ -405,6 +405,8 @@ def _ddp_worker(out_dir: str) -> None:
 
     from lightning.pytorch.strategies import DDPStrategy
 
+    from tests._ddp import end_process_group
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     results = {}
     for name, cls in (("nequip", NequIPLightningModule), ("mtl", MultitaskLightningModule)):
@@ -426,6 +428,7 @@ def _ddp_worker(out_dir: str) -> None:
         results[name] = {"values": log.values, "source": monitor.last_source}
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         torch.save(results, Path(out_dir) / f"monitor_world{world}.pt")
+    end_process_group()
 
 
 @pytest.mark.ddp
