@@ -45,6 +45,12 @@ class Method:
     optimizer: dict[str, Any] | None = None  # None: the benchmark's default (Adam)
     baseline: bool = False  # one of nequip's built-in choices
     family: str = "aggregator"  # baseline | aggregator | weighting
+    #: loss coefficients of energy and forces (``TASKS`` names); ``None``: 1 each.
+    #: The stress coefficient follows the energy's (both are per-structure targets).
+    coeffs: dict[str, float] | None = None
+    #: two-stage schedule: at the first epoch that starts after ``at`` x the training
+    #: budget, nequip's ``LossCoefficientScheduler`` switches to ``coeffs``
+    two_stage: dict[str, Any] | None = None
 
     def targets(self) -> list[str]:
         out = [self.module]
@@ -177,6 +183,59 @@ def _methods(interval: str) -> dict[str, Method]:
     }
 
 
+#: energy:force ratios of the swept weighted sum (``ws`` itself is 1:1)
+WS_RATIOS = {"ws_e100": (100, 1), "ws_e10": (10, 1), "ws_f10": (1, 10), "ws_f100": (1, 100)}
+
+
+def _weighted_sums() -> dict[str, Method]:
+    """nequip's plain weighted sum at other energy:force(:stress) ratios, and the MACE-style
+    two-stage schedule (forces 100x energy, then energy 10x forces for the last quarter)."""
+    plain = "nequip.train.NequIPLightningModule"
+    out = {
+        name: Method(
+            f"weighted sum {e}:{f}",
+            plain,
+            coeffs={"total_energy": float(e), "forces": float(f)},
+            baseline=True,
+            family="baseline",
+        )
+        for name, (e, f) in WS_RATIOS.items()
+    }
+    out["ws_two_stage"] = Method(
+        "weighted sum 1:100, then 10:1",
+        plain,
+        coeffs={"total_energy": 1.0, "forces": 100.0},
+        two_stage={"at": 0.75, "coeffs": {"total_energy": 10.0, "forces": 1.0}},
+        baseline=True,
+        family="baseline",
+    )
+    return out
+
+
+#: the loss metric names of nequip's EnergyForce(Stress)Loss with per_atom_energy
+LOSS_METRIC_NAMES = {
+    "total_energy": "per_atom_energy_mse",
+    "forces": "forces_mse",
+    "stress": "stress_mse",
+}
+
+
+def task_coeffs(coeffs: dict[str, float] | None, num_tasks: int) -> dict[str, float] | None:
+    """Energy/force coefficients expanded to the data set's tasks (stress = energy's)."""
+    if coeffs is None:
+        return None
+    out = {"total_energy": coeffs["total_energy"], "forces": coeffs["forces"]}
+    if num_tasks == 3:
+        out["stress"] = coeffs["total_energy"]
+    return out
+
+
+def second_stage_coeffs(method: Method, num_tasks: int) -> dict[str, float]:
+    """The second stage's coefficients by loss metric name (LossCoefficientScheduler's keys)."""
+    coeffs = task_coeffs(method.two_stage["coeffs"], num_tasks)
+    return {LOSS_METRIC_NAMES[k]: v for k, v in coeffs.items()}
+
+
 #: the Gram-based aggregation methods that take ``weights_every`` (issue 12)
 GRAM_METHODS = [
     "config", "mean", "sum", "pcgrad", "imtlg", "mgda", "upgrad", "dualproj", "alignedmtl", "cagrad"
@@ -221,7 +280,7 @@ def _calibrated(steps: int) -> dict[str, Method]:
 def methods(interval: str = "epoch", calibration_steps: int = 20) -> dict[str, Method]:
     """Every method; the calibrate-then-freeze ones calibrate for ``calibration_steps``."""
     table = _methods(interval)
-    return {**table, **_calibrated(calibration_steps), **_periodic(table)}
+    return {**table, **_weighted_sums(), **_calibrated(calibration_steps), **_periodic(table)}
 
 
 #: the methods run when none are named

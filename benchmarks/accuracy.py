@@ -39,6 +39,7 @@ Writes ``benchmarks/results/accuracy.{json,md}`` and ``accuracy_curves.png``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -138,6 +139,7 @@ def _callbacks(budget_s: float, min_epochs: int, steps_per_epoch: int, clock: st
                     "epoch": self.clock.steps / steps_per_epoch,
                     "step": self.clock.steps,
                     "clock_s": self.clock.elapsed,
+                    "lr": trainer.optimizers[0].param_groups[0]["lr"],
                     **{k: metrics.get(k) for k in METRICS},
                 }
             )
@@ -161,6 +163,37 @@ def _metrics_now(module, datamodule) -> dict:
     )
     out = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     return {k: float(out[f"val0_epoch/{k}"]) for k in METRICS if f"val0_epoch/{k}" in out}
+
+
+def _cosine_on_clock(clock, budget_s: float, lr: float):
+    """A callback annealing the learning rate from ``lr`` to 0 (cosine) over the
+    training-clock budget, set before every step: the same schedule in time for every
+    method, whatever its step cost."""
+    import lightning
+
+    class CosineOnClock(lightning.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            frac = min(1.0, clock.elapsed / budget_s)
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return CosineOnClock()
+
+
+def _switch_on_clock(clock, scheduler, at_s: float, coeffs: dict, record: dict):
+    """A callback that, at the first epoch starting after ``at_s`` s of training clock,
+    enters that epoch into nequip's ``LossCoefficientScheduler`` (which must come after
+    it in the callback list) with ``coeffs``; ``record`` gets the epoch and clock."""
+    import lightning
+
+    class SwitchOnClock(lightning.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if not record and clock.elapsed >= at_s:
+                scheduler.schedule[trainer.current_epoch] = dict(coeffs)
+                record.update(epoch=trainer.current_epoch, clock_s=clock.elapsed)
+
+    return SwitchOnClock()
 
 
 def run_one(task: dict) -> dict:
@@ -191,20 +224,17 @@ def run_one(task: dict) -> dict:
         model_seed=seed,
         type_names=type_names,
     )
-    if method.callbacks and any("RandomLossWeighting" in cb["_target_"] for cb in method.callbacks):
-        method = C.Method(
-            method.label,
-            method.module,
-            method.kwargs,
-            tuple(
+    if any("RandomLossWeighting" in cb["_target_"] for cb in method.callbacks):
+        method = dataclasses.replace(
+            method,
+            callbacks=tuple(
                 {**cb, "seed": seed} if "RandomLossWeighting" in cb["_target_"] else cb
                 for cb in method.callbacks
             ),
-            method.optimizer,
-            method.baseline,
-            method.family,
         )
-    module = C.build_module(method, model, num_tasks, lr=a["lr"])
+    module = C.build_module(
+        method, model, num_tasks, lr=a["lr"], coeffs=C.task_coeffs(method.coeffs, num_tasks)
+    )
     dm = C.datamodule(
         Path(task["data"]),
         a["n_train"],
@@ -217,6 +247,16 @@ def run_one(task: dict) -> dict:
     clock, record = _callbacks(
         a["budget_s"], a["epochs"], math.ceil(a["n_train"] / a["batch_size"]), a["clock"]
     )
+    extra, switch = [], {}
+    if method.two_stage is not None:
+        from nequip.train.callbacks import LossCoefficientScheduler
+
+        scheduler = LossCoefficientScheduler(schedule={})
+        at_s = method.two_stage["at"] * a["budget_s"]
+        second = C.second_stage_coeffs(method, num_tasks)
+        extra += [_switch_on_clock(clock, scheduler, at_s, second, switch), scheduler]
+    if a.get("lr_schedule", "constant") == "cosine":
+        extra.append(_cosine_on_clock(clock, a["budget_s"], a["lr"]))
     trainer = lightning.Trainer(
         max_epochs=10_000,
         accelerator="cpu",
@@ -225,8 +265,8 @@ def run_one(task: dict) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        check_val_every_n_epoch=1,
-        callbacks=[clock, *C.build_callbacks(method), record],
+        check_val_every_n_epoch=a.get("val_every", 1),
+        callbacks=[clock, *extra, *C.build_callbacks(method), record],
         default_root_dir=str(C.TMP),
     )
     t0 = time.perf_counter()
@@ -275,6 +315,8 @@ def run_one(task: dict) -> dict:
         "clock_s": clock.elapsed,
         "wall_s": time.perf_counter() - t0,
         "skipped_steps": getattr(module, "skipped_steps", 0),
+        "switch": switch or None,
+        "final_coeffs": {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()},
         "params": sum(p.numel() for p in module.model.parameters()),
     }
 

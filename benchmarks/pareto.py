@@ -1,0 +1,489 @@
+"""Each multitask method against a swept weighted sum: the energy-force Pareto front.
+
+A user's alternative to a multitask method is not the weighted sum at 1:1 but a weighted
+sum whose coefficients they tune. This benchmark trains nequip's plain module at five
+energy:force ratios (100:1, 10:1, 1:1, 1:10, 1:100; on the alloy data the stress
+coefficient follows the energy's) and with a MACE-style two-stage schedule (1:100, then
+10:1 for the last quarter of the training time, switched by nequip's
+``LossCoefficientScheduler``), and our methods at their defaults, all with the same
+model, data, optimizer and training-clock budget (the protocol of ``accuracy.py``, whose
+runner it uses: see its docstring for the clock, the data sets and the units).
+
+The weighted-sum points that no other weighted-sum point beats on both energy and force
+MAE (means over seeds) form the empirical front. Each other method is then
+
+- **beyond** the front: no weighted-sum point is better on both, and it is better on both
+  than at least one of them;
+- **on** the front: no weighted-sum point is better on both, and it beats none on both;
+- **dominated**: some weighted-sum point is better on both (named in the table).
+
+Views: equal training time (``--budget-s``), and with the constant learning rate also
+equal epochs (``--epochs``; the two-stage schedule has not switched yet at that point and
+is left out of that view). ``--lr-schedule cosine`` anneals the learning rate to 0 over
+the training clock (the same schedule in time for every method), for budgets long enough
+that the models are trained rather than in early training; it has only the equal-time view.
+
+    OMP_NUM_THREADS=1 python benchmarks/pareto.py --dataset ethanol --jobs 2
+    OMP_NUM_THREADS=1 python benchmarks/pareto.py --dataset alloy --jobs 2
+    OMP_NUM_THREADS=1 python benchmarks/pareto.py --dataset ethanol --budget-s 180 \\
+        --lr-schedule cosine --methods upgrad upgrad_k8 config calib_upgrad calib_gradnorm \\
+        uncertainty --val-every 10 --jobs 36 --out benchmarks/results/pareto_ethanol_long
+    OMP_NUM_THREADS=1 python benchmarks/pareto.py --quick            # about a minute
+
+Writes ``benchmarks/results/pareto_<dataset>.{json,md,png}`` (``--out`` to choose) and
+``..._curves.png`` (validation error against training time, the learning rate below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import accuracy as A  # noqa: E402
+
+#: the weighted-sum sweep, energy-heavy to force-heavy, then the two-stage schedule
+SWEEP = ["ws_e100", "ws_e10", "ws", "ws_f10", "ws_f100"]
+TWO_STAGE = "ws_two_stage"
+BASELINES = SWEEP + [TWO_STAGE]
+#: our methods (and nequip's ConFIG) placed against the front by default
+DEFAULT_METHODS = [
+    "config_nequip",
+    "config",
+    "upgrad",
+    "dualproj",
+    "pcgrad",
+    "upgrad_k8",
+    "calib_upgrad",
+    "calib_gradnorm",
+    "uncertainty",
+    "softadapt",
+]
+E, F = "per_atom_energy_mae", "forces_mae"
+
+
+# ----------------------------------------------------------------------------- front
+
+
+def _better_on_both(a: dict, b: dict) -> bool:
+    """``a`` has lower mean energy and force MAE than ``b``."""
+    return a[E][0] < b[E][0] and a[F][0] < b[F][0]
+
+
+def classify(rows: list[dict]) -> dict[str, dict]:
+    """Front membership of every row (summaries with ``(mean, sd)`` per metric):
+    ``{"status": front|beyond|on|dominated, "by": [...], "beats": [...]}``."""
+    ws = [r for r in rows if r["method"] in BASELINES and r[E][0] is not None]
+    out = {}
+    for r in rows:
+        if r[E][0] is None or r[F][0] is None:
+            out[r["method"]] = {"status": "n/a", "by": [], "beats": []}
+            continue
+        by = [w["method"] for w in ws if w is not r and _better_on_both(w, r)]
+        beats = [w["method"] for w in ws if w is not r and _better_on_both(r, w)]
+        if r["method"] in BASELINES:
+            status = "dominated" if by else "front"
+        else:
+            status = "dominated" if by else ("beyond" if beats else "on")
+        out[r["method"]] = {"status": status, "by": by, "beats": beats}
+    return out
+
+
+def pareto_points(rows: list[dict]) -> list[dict]:
+    """The plotted points, in display units: energy and force MAE mean and sd per method."""
+    fe, ff = A.METRICS[E][1], A.METRICS[F][1]
+    return [
+        {
+            "method": r["method"],
+            "energy": r[E][0] * fe,
+            "energy_sd": r[E][1] * fe,
+            "force": r[F][0] * ff,
+            "force_sd": r[F][1] * ff,
+        }
+        for r in rows
+        if r[E][0] is not None and r[F][0] is not None
+    ]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_pareto(views: list[tuple[str, list[dict]]], labels: dict[str, str], title: str):
+    """One panel per view: our methods and the weighted-sum sweep (joined in ratio order),
+    mean ± sd over seeds, log-log. Returns the figure (the caller saves it); every point
+    is an errorbar whose marker line has its method key as ``gid``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(views), figsize=(8 * len(views), 6.5), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, (view, rows) in zip(axes[0], views):
+        status = classify(rows)
+        points = {p["method"]: p for p in pareto_points(rows)}
+        sweep = [points[m] for m in SWEEP if m in points]
+        ax.plot([p["energy"] for p in sweep], [p["force"] for p in sweep], "-", color="0.6", lw=1)
+        ours = [m for m in points if m not in BASELINES]
+        for m, p in points.items():
+            if m in BASELINES:
+                style = {"fmt": "s" if m != TWO_STAGE else "D", "color": "k", "ms": 7}
+            else:
+                style = {"fmt": "o", "color": cmap(ours.index(m) % 10), "ms": 7}
+            container = ax.errorbar(
+                p["energy"],
+                p["force"],
+                xerr=p["energy_sd"],
+                yerr=p["force_sd"],
+                capsize=3,
+                label=f"{labels[m]} ({status[m]['status']})",
+                **style,
+            )
+            container[0].set_gid(m)  # the data marker's line
+            text = labels[m].replace("weighted sum ", "")
+            ax.annotate(text, (p["energy"], p["force"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"validation {A.METRICS[E][0]} ({A.METRICS[E][2]})")
+        ax.set_ylabel(f"validation {A.METRICS[F][0]} ({A.METRICS[F][2]})")
+        ax.set_title(view)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(path: Path, runs, methods, labels, budget_s: float) -> None:
+    """Validation energy and force MAE against training time (geometric mean over seeds),
+    and the learning rate; weighted sums in black/grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
+    grid = np.linspace(0, budget_s, 100)
+    cmap = plt.get_cmap("tab10")
+    ours = [m for m in methods if m not in BASELINES]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if m in BASELINES:
+            shade = 0.15 + 0.6 * (BASELINES.index(m) / len(BASELINES))
+            color, style = str(shade), ("--" if m == TWO_STAGE else "-")
+        else:
+            color, style = cmap(ours.index(m) % 10), "-"
+        for ax, metric in zip(axes, (E, F)):
+            y = A._mean_curve(rs, metric, grid)
+            if y is not None:
+                ax.plot(grid, y * A.METRICS[metric][1], style, color=color, label=labels[m])
+    for ax, metric in zip(axes, (E, F)):
+        ax.set_yscale("log")
+        ax.set_xlabel("training CPU time (s)")
+        ax.set_ylabel(f"validation {A.METRICS[metric][0]} ({A.METRICS[metric][2]})")
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=7)
+    r0 = next((r for r in runs if r["method"] == "ws"), runs[0])
+    pts = [(p["clock_s"], p["lr"]) for p in r0["curve"] if p.get("lr") is not None]
+    if pts:
+        axes[2].plot(*zip(*pts), "k.-")
+    axes[2].set_xlabel("training CPU time (s)")
+    axes[2].set_ylabel("learning rate (weighted sum 1:1, seed 0)")
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def flattening(runs, budget_s: float) -> dict | None:
+    """How much the 1:1 weighted sum's validation force MAE still fell over the last
+    quarter of the budget (mean over seeds of MAE(3/4 budget) / MAE(budget) - 1)."""
+    import numpy as np
+
+    drops = []
+    for r in (r for r in runs if r["method"] == "ws"):
+        pts = sorted((p["clock_s"], p[F]) for p in r["curve"] if p.get(F) is not None)
+        if len(pts) < 2:
+            continue
+        x, y = np.array(pts).T
+        at = float(np.interp(0.75 * budget_s, x, y))
+        drops.append(at / r["budget"][F] - 1.0)
+    if not drops:
+        return None
+    return {"last_quarter_drop": float(np.mean(drops)), "per_seed": drops}
+
+
+def status_lines(rows, labels, view: str) -> list[str]:
+    status = classify(rows)
+    front = [r["method"] for r in rows if status[r["method"]]["status"] == "front"]
+    lines = [f"Against the weighted-sum front at {view}:", ""]
+    lines.append("- weighted-sum front: " + ", ".join(labels[m] for m in front))
+    for kind in ("beyond", "on", "dominated"):
+        ms = [r["method"] for r in rows if r["method"] not in BASELINES]
+        ms = [m for m in ms if status[m]["status"] == kind]
+        lines.append(f"- {kind}: " + (", ".join(labels[m] for m in ms) if ms else "none"))
+    return lines
+
+
+def table(rows, labels, caption) -> list[str]:
+    status = classify(rows)
+    head = " | ".join(f"{A.METRICS[k][0]} ({A.METRICS[k][2]})" for k in A.METRICS)
+    lines = [
+        caption,
+        "",
+        f"| method | {head} | steps | epochs | vs the weighted-sum front |",
+        "|---" * (len(A.METRICS) + 4) + "|",
+    ]
+    order = sorted(rows, key=lambda r: (r["forces_mae"][0] is None, r["forces_mae"][0] or 0))
+    for r in order:
+        cells = " | ".join(A._cell(r[k], k) for k in A.METRICS)
+        steps = "n/a" if r["steps"] is None else f"{r['steps']:.0f}"
+        epochs = "n/a" if r["epoch"] is None else f"{r['epoch']:.1f}"
+        s = status[r["method"]]
+        where = s["status"]
+        if s["by"]:
+            where += " by " + ", ".join(labels[m].replace("weighted sum ", "") for m in s["by"])
+        elif s["beats"] and r["method"] not in BASELINES:
+            where += (
+                " (beats "
+                + ", ".join(labels[m].replace("weighted sum ", "") for m in s["beats"])
+                + ")"
+            )
+        bold = "**" if r["method"] in BASELINES else ""
+        lines.append(
+            f"| {bold}{labels[r['method']]}{bold} | {cells} | {steps} | {epochs} | {where} |"
+        )
+    return lines
+
+
+def views_of(args, runs, methods) -> list[tuple[str, str, list[dict]]]:
+    """``(key, caption, rows)`` per view."""
+    clock = "CPU" if args.clock == "cpu" else "wall-clock"
+    views = [
+        (
+            "budget",
+            f"equal training time: {args.budget_s:.0f} s of training {clock} time",
+            A.summarize(runs, methods, "budget"),
+        )
+    ]
+    if args.lr_schedule == "constant":
+        no_switch = [m for m in methods if m != TWO_STAGE]
+        views.append(
+            (
+                "epochs",
+                f"equal epochs: {args.epochs} epochs",
+                A.summarize(runs, no_switch, "epochs"),
+            )
+        )
+    return views
+
+
+def write_outputs(args, info, stats, methods, runs, elapsed) -> None:
+    out = Path(args.out)
+    table_ = C.methods()
+    labels = {m: table_[m].label for m in methods} | {"ws": "weighted sum 1:1"}
+    views = views_of(args, runs, methods)
+    flat = flattening(runs, args.budget_s)
+    C.write_json(
+        out.with_suffix(".json"),
+        {
+            "meta": {
+                "machine": {**info, "loadavg_end": os.getloadavg()},
+                "args": vars(args),
+                "command": "python benchmarks/pareto.py " + " ".join(args.argv),
+                "data": stats,
+                "time": info.get("date", C.now()),
+                "elapsed_s": elapsed,
+                "flattening": flat,
+            },
+            "views": {
+                key: {"caption": cap, "rows": rows, "status": classify(rows)}
+                for key, cap, rows in views
+            },
+            "runs": runs,
+        },
+    )
+    dataset_line = A.DATASETS[args.dataset][4]
+    lr = (
+        f"constant lr {args.lr}"
+        if args.lr_schedule == "constant"
+        else f"lr {args.lr} annealed to 0 (cosine) over the {args.budget_s:.0f} s training clock"
+    )
+    units = (
+        "Errors in meV (the data is in eV)."
+        if args.dataset == "alloy"
+        else f"Errors converted from kcal/mol to meV (1 kcal/mol = {C.KCAL_MOL_TO_MEV} meV); "
+        "the json keeps kcal/mol."
+    )
+    params = runs[0]["params"] if runs else None
+    lines = [
+        f"Pareto benchmark on {C.machine_line(info)}; {info.get('date', C.now())}; "
+        f"total {elapsed / 60:.1f} min ({args.jobs} run(s) at a time).",
+        "",
+        f"Command: `python benchmarks/pareto.py {' '.join(args.argv)}`",
+        "",
+        f"NequIP model with {params} parameters (l_max={args.l_max}, {args.num_layers} layers, "
+        f"{args.num_features} features), float32, Adam with {lr}, batch {args.batch_size}; "
+        f"{args.n_train} training / {args.frames - args.n_train} validation {dataset_line} frames. "
+        "Weighted sums: nequip's plain module at energy:force coefficient ratios"
+        + (" (stress = energy's)" if args.dataset == "alloy" else "")
+        + "; our methods at 1:1 coefficients and their defaults. Mean ± sample standard "
+        f"deviation over seeds {args.seeds}. {units}",
+        "",
+    ]
+    if flat is not None:
+        lines += [
+            f"The 1:1 weighted sum's validation force MAE fell by "
+            f"{100 * flat['last_quarter_drop']:.1f}% over the last quarter of the budget "
+            f"(mean over seeds).",
+            "",
+        ]
+    switches = [r["switch"] for r in runs if r.get("switch")]
+    if switches:
+        frac = [s["clock_s"] / args.budget_s for s in switches]
+        lines += [
+            f"The two-stage schedule switched at epoch {min(s['epoch'] for s in switches)}-"
+            f"{max(s['epoch'] for s in switches)}, after {100 * min(frac):.0f}-"
+            f"{100 * max(frac):.0f}% of the training clock.",
+            "",
+        ]
+    for _, cap, rows in views:
+        lines += table(rows, labels, f"**{cap[0].upper() + cap[1:]}**")
+        lines += [""] + status_lines(rows, labels, cap.split(":")[0]) + [""]
+    text = "\n".join(lines)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    fig = plot_pareto(
+        [(cap, rows) for _, cap, rows in views],
+        labels,
+        f"{dataset_line}: validation error of each method against nequip's weighted sum at "
+        f"swept coefficients (mean ± sd over {len(args.seeds)} seeds)",
+    )
+    fig.savefig(out.parent / (out.name + ".png"), dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    plot_curves(out.parent / (out.name + "_curves.png"), runs, methods, labels, args.budget_s)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="a minute: tiny budget, 1 seed")
+    p.add_argument("--dataset", choices=list(A.DATASETS), default="ethanol")
+    p.add_argument("--methods", nargs="+", default=None, choices=C.ALL_METHODS,
+                   help="our methods placed against the front (the sweep always runs)")  # fmt: skip
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    p.add_argument("--budget-s", type=float, default=None, help="training clock per run (s)")
+    p.add_argument("--epochs", type=int, default=None, help="the equal-epochs view")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    p.add_argument("--val-every", type=int, default=None, help="validate every N epochs")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
+    p.add_argument("--batch-size", type=int, default=5)
+    p.add_argument("--num-features", type=int, default=32)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--l-max", type=int, default=1)
+    p.add_argument("--radial-width", type=int, default=32)
+    p.add_argument("--r-max", type=float, default=4.5)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--out", default=None, help="default results/pareto_<dataset>")
+    p.add_argument("--from-json", help="only rewrite the md/png outputs from this json")
+    args = p.parse_args(argv)
+    args.argv = list(argv)
+    if args.from_json:
+        return args
+    quick = {"budget_s": 2.0, "epochs": 1, "seeds": [0], "val_every": 1}
+    full = {"budget_s": 30.0, "epochs": 8, "seeds": [0, 1, 2], "val_every": 4}
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.lr_schedule == "cosine":
+        args.epochs = 1  # no equal-epochs view: a run stops when its budget is spent
+    if args.epochs % args.val_every:
+        p.error(f"--epochs {args.epochs} must be a multiple of --val-every {args.val_every}")
+    _, _, args.n_train, args.frames, _ = A.DATASETS[args.dataset]
+    if args.quick:
+        args.methods = args.methods or ["upgrad"]
+        args.num_features, args.radial_width = 8, 8
+    args.methods = args.methods or DEFAULT_METHODS
+    args.out = args.out or str(
+        (C.TMP if args.quick else C.RESULTS)
+        / f"pareto_{args.dataset}{'_quick' if args.quick else ''}"
+    )
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        saved = argparse.Namespace(**data["meta"]["args"])
+        saved.out = str(Path(args.out or args.from_json).with_suffix(""))
+        A.use_dataset(saved.dataset)
+        methods = list(dict.fromkeys(r["method"] for r in data["runs"]))
+        info = {**data["meta"]["machine"], "date": data["meta"]["time"]}
+        write_outputs(saved, info, data["meta"]["data"], methods, data["runs"],
+                      data["meta"]["elapsed_s"])  # fmt: skip
+        return
+    A.use_dataset(args.dataset)
+    methods = BASELINES + [m for m in args.methods if m not in BASELINES]
+    missing = C.missing_methods(methods, C.methods())
+    if missing:
+        raise SystemExit(f"cannot import {missing}")
+    type_names = A.DATASETS[args.dataset][0]
+    if args.dataset == "alloy":
+        path = C.alloy_data(args.frames, seed=0)
+        stats = C.data_statistics(path, args.r_max)
+    else:
+        path = C.ETHANOL
+        stats = C.split_statistics(
+            path, args.n_train, args.frames - args.n_train, args.r_max, type_names
+        )
+    a = {
+        **{k: v for k, v in vars(args).items() if k not in ("methods", "seeds", "out", "argv")},
+        "n_val": args.frames - args.n_train,
+    }
+    tasks = []
+    for i, seed in enumerate(args.seeds):
+        k = (i * 5) % len(methods)  # rotate the order per seed
+        for m in methods[k:] + methods[:k]:
+            tasks.append({"method": m, "seed": seed, "args": a, "stats": stats, "data": str(path)})
+
+    import torch  # noqa: F401  (after OMP_NUM_THREADS)
+
+    info = C.machine_info()
+    t0 = time.perf_counter()
+    runs = []
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks))) as pool:
+            for r in pool.imap_unordered(A.run_one, tasks):
+                runs.append(r)
+                A._progress(r, len(runs), len(tasks), t0)
+    else:
+        for t in tasks:
+            runs.append(A.run_one(t))
+            A._progress(runs[-1], len(runs), len(tasks), t0)
+    write_outputs(args, info, stats, methods, runs, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()
