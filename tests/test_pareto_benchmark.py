@@ -1,0 +1,145 @@
+"""benchmarks/pareto.py end to end on a tiny budget: files, plotted points == the raw runs,
+units, the two-stage switch through nequip's LossCoefficientScheduler, the front rules."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _common as C  # noqa: E402
+import accuracy as A  # noqa: E402
+import pareto as P  # noqa: E402
+
+KCAL = 43.364  # meV per kcal/mol
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pareto") / "pareto"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pareto.py"), "--quick", "--out", str(out)],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def _raw_mean(runs, method, key, metric):
+    return statistics.fmean(r[key][metric] for r in runs if r["method"] == method)
+
+
+@pytest.mark.slow
+def test_quick_writes_every_file_and_runs_every_method(quick):
+    out, data = quick
+    for path in (
+        out.with_suffix(".md"),
+        out.parent / "pareto.png",
+        out.parent / "pareto_curves.png",
+    ):
+        assert path.stat().st_size > 0, path
+    methods = {r["method"] for r in data["runs"]}
+    assert methods == set(P.BASELINES) | {"upgrad"}
+    # five energy:force ratios spanning 100:1 to 1:100, on nequip's plain module
+    ratios = {C.methods()[m].coeffs["total_energy"] / C.methods()[m].coeffs["forces"]
+              for m in P.SWEEP if C.methods()[m].coeffs} | {1.0}  # fmt: skip
+    assert len(ratios) == 5 and min(ratios) == 0.01 and max(ratios) == 100
+
+
+@pytest.mark.slow
+def test_plotted_points_equal_the_raw_runs_in_mev(quick):
+    """The figure's markers sit at the seed means of the json's raw per-run MAEs (kcal/mol)
+    converted to meV; its axes say meV."""
+    _, data = quick
+    A.use_dataset("ethanol")
+    labels = {m: m for m in P.BASELINES + ["upgrad"]}
+    views = [(v["caption"], v["rows"]) for v in data["views"].values()]
+    fig = P.plot_pareto(views, labels, "t")
+    for ax, key in zip(fig.axes, data["views"]):
+        drawn = {ln.get_gid(): ln.get_xydata()[0] for ln in ax.lines if ln.get_gid()}
+        expected = {r["method"] for r in data["views"][key]["rows"]}
+        assert set(drawn) == expected
+        for method, (x, y) in drawn.items():
+            e = _raw_mean(data["runs"], method, key, "per_atom_energy_mae") * KCAL
+            f = _raw_mean(data["runs"], method, key, "forces_mae") * KCAL
+            assert x == pytest.approx(e, rel=1e-9) and y == pytest.approx(f, rel=1e-9)
+        assert "meV/atom" in ax.get_xlabel() and "meV/Å" in ax.get_ylabel()
+
+
+@pytest.mark.slow
+def test_markdown_cells_are_the_raw_runs_in_mev(quick):
+    out, data = quick
+    md = out.with_suffix(".md").read_text()
+    for method, label in (("ws", "weighted sum 1:1"), ("upgrad", "UPGrad")):
+        row = next(ln for ln in md.splitlines() if ln.startswith(f"| {label} ") or
+                   ln.startswith(f"| **{label}** "))  # fmt: skip
+        energy, force = row.split(" | ")[1:3]
+        e = _raw_mean(data["runs"], method, "budget", "per_atom_energy_mae") * KCAL
+        f = _raw_mean(data["runs"], method, "budget", "forces_mae") * KCAL
+        assert energy.startswith(f"{e:.1f} ± ") and force.startswith(f"{f:.1f} ± ")
+    assert "meV/atom" in md and "meV/Å" in md and "1 kcal/mol = 43.364 meV" in md
+
+
+@pytest.mark.slow
+def test_two_stage_switches_in_the_last_quarter_through_nequips_scheduler(quick):
+    _, data = quick
+    budget = data["meta"]["args"]["budget_s"]
+    for r in (r for r in data["runs"] if r["method"] == P.TWO_STAGE):
+        assert r["switch"]["clock_s"] >= 0.75 * budget
+        # nequip's LossCoefficientScheduler normalises the second stage's 10:1
+        assert r["final_coeffs"]["per_atom_energy_mse"] == pytest.approx(10 / 11)
+        assert r["final_coeffs"]["forces_mse"] == pytest.approx(1 / 11)
+    for r in (r for r in data["runs"] if r["method"] == "ws_f100"):
+        assert r["switch"] is None
+        assert r["final_coeffs"]["forces_mse"] == pytest.approx(100 / 101)
+
+
+def _row(name, e, f):
+    return {"method": name, "per_atom_energy_mae": (e, 0.0), "forces_mae": (f, 0.0)}
+
+
+def test_front_classification():
+    """The weighted-sum points beaten on both MAEs by another weighted sum leave the
+    front; a method is beyond (beats one on both), on (beats none, beaten by none) or
+    dominated (beaten on both by one)."""
+    rows = [
+        _row("ws_e100", 1.0, 10.0),
+        _row("ws", 5.0, 5.0),
+        _row("ws_f100", 10.0, 1.0),
+        _row("ws_e10", 6.0, 6.0),  # beaten by ws
+        _row("beyond", 4.0, 4.0),
+        _row("on", 2.0, 8.0),
+        _row("dominated", 7.0, 7.0),
+    ]
+    s = P.classify(rows)
+    assert [s[m]["status"] for m in ("ws_e100", "ws", "ws_f100", "ws_e10")] == [
+        "front", "front", "front", "dominated"
+    ]  # fmt: skip
+    assert s["ws_e10"]["by"] == ["ws"]
+    assert s["beyond"]["status"] == "beyond" and set(s["beyond"]["beats"]) == {"ws", "ws_e10"}
+    assert s["on"]["status"] == "on" and s["on"]["beats"] == []
+    assert s["dominated"]["status"] == "dominated" and set(s["dominated"]["by"]) == {"ws", "ws_e10"}
+
+
+def test_cosine_on_clock_anneals_over_the_budget():
+    clock = SimpleNamespace(elapsed=0.0)
+    cb = A._cosine_on_clock(clock, budget_s=10.0, lr=0.2)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    trainer = SimpleNamespace(optimizers=[opt])
+    for t, expected in ((0.0, 0.2), (2.5, 0.1 * (1 + math.cos(math.pi / 4))), (5.0, 0.1),
+                        (10.0, 0.0), (12.0, 0.0)):  # fmt: skip
+        clock.elapsed = t
+        cb.on_train_batch_start(trainer, None, None, 0)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-15)
