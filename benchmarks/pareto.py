@@ -470,18 +470,25 @@ def main(argv=None):
 
     import torch  # noqa: F401  (after OMP_NUM_THREADS)
 
-    info = C.machine_info()
+    info = {**C.machine_info(), "date": C.now()}
     t0 = time.perf_counter()
     runs = []
+
+    def done(r):
+        """Keep every finished run: the json so far (``--from-json`` reads it)."""
+        runs.append(r)
+        A._progress(r, len(runs), len(tasks), t0)
+        meta = {"machine": info, "args": vars(args), "data": stats, "time": info["date"],
+                "elapsed_s": time.perf_counter() - t0, "partial": len(runs) < len(tasks)}  # fmt: skip
+        C.write_json(Path(args.out).with_suffix(".json"), {"meta": meta, "runs": runs})
+
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks))) as pool:
             for r in pool.imap_unordered(A.run_one, tasks):
-                runs.append(r)
-                A._progress(r, len(runs), len(tasks), t0)
+                done(r)
     else:
         for t in tasks:
-            runs.append(A.run_one(t))
-            A._progress(runs[-1], len(runs), len(tasks), t0)
+            done(A.run_one(t))
     write_outputs(args, info, stats, methods, runs, time.perf_counter() - t0)
 
 
