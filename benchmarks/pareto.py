@@ -417,7 +417,7 @@ def parse(argv):
             setattr(args, k, v)
     if args.lr_schedule == "cosine":
         args.epochs = 1  # no equal-epochs view: a run stops when its budget is spent
-    if args.epochs % args.val_every:
+    elif args.epochs % args.val_every:
         p.error(f"--epochs {args.epochs} must be a multiple of --val-every {args.val_every}")
     _, _, args.n_train, args.frames, _ = A.DATASETS[args.dataset]
     if args.quick:
