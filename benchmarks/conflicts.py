@@ -252,6 +252,7 @@ def _quantiles(xs: list[float]) -> dict:
     return {
         "n": int(x.size),
         "frac_neg": float(np.mean(x < 0)),
+        "frac_below_half": float(np.mean(x < -0.5)),
         "q1": float(q1),
         "median": float(med),
         "q3": float(q3),
@@ -286,39 +287,42 @@ def ratio_key(num: str, den: str) -> str:
     return f"‖g_{SHORT.get(num, num)}‖/‖g_{SHORT.get(den, den)}‖"
 
 
+def windows(runs: list[dict]) -> tuple[list[int], list[int]]:
+    """The early and the late window of the runs: the first and the last quarter of their
+    epochs (at least one epoch each; the same epoch for a one-epoch run)."""
+    epochs = sorted({rec["epoch"] for r in runs for rec in r["records"]})
+    q = max(1, len(epochs) // 4)
+    return epochs[:q], epochs[-q:]
+
+
 def summarize(runs: list[dict], variants: list[str]) -> dict:
-    """Per variant: cosine distributions per pair (all measured steps, pooled over seeds;
-    also the first and the last epoch), per-seed fractions of negative cosines, the
-    fraction of steps where the update opposes a task, and the norm ratios' medians in
-    the first and the last epoch."""
+    """Per variant: cosine distributions per pair (all measured steps pooled over seeds;
+    also the early and the late window, see :func:`windows`), per-seed fractions of
+    negative cosines, the fraction of steps where the update opposes a task, and the
+    median task-gradient norms and norm ratios in both windows."""
     import numpy as np
 
     tasks = tasks_of(runs)
+    early, late = windows(runs)
     out = {}
     for v in variants:
         rs = [r for r in runs if r["variant"] == v]
         recs = [rec for r in rs for rec in r["records"]]
         if not recs:
             continue
-        first = min(rec["epoch"] for rec in recs)
-        last = max(rec["epoch"] for rec in recs)
-        s: dict = {"steps_measured": len(recs), "first_epoch": first, "last_epoch": last}
+        win = {
+            "early": [rec for rec in recs if rec["epoch"] in early],
+            "late": [rec for rec in recs if rec["epoch"] in late],
+        }
+        s: dict = {"steps_measured": len(recs), "early_epochs": early, "late_epochs": late}
         s["cos"] = {}
         for p in pairs_of(tasks):
-            vals = [rec["cos"][p] for rec in recs if p in rec["cos"]]
-            per_seed = [
-                float(np.mean([rec["cos"][p] < 0 for rec in r["records"] if p in rec["cos"]]))
-                for r in rs
-            ]
             s["cos"][p] = {
-                "all": _quantiles(vals),
-                "first_epoch": _quantiles(
-                    [rec["cos"][p] for rec in recs if rec["epoch"] == first and p in rec["cos"]]
-                ),
-                "last_epoch": _quantiles(
-                    [rec["cos"][p] for rec in recs if rec["epoch"] == last and p in rec["cos"]]
-                ),
-                "frac_neg_per_seed": per_seed,
+                "all": _quantiles([rec["cos"][p] for rec in recs]),
+                **{w: _quantiles([rec["cos"][p] for rec in rw]) for w, rw in win.items()},
+                "frac_neg_per_seed": [
+                    float(np.mean([rec["cos"][p] < 0 for rec in r["records"]])) for r in rs
+                ],
             }
         s["cos_update_frac_neg"] = {
             t: float(np.mean([rec["cos_update"][t] < 0 for rec in recs]))
@@ -326,29 +330,24 @@ def summarize(runs: list[dict], variants: list[str]) -> dict:
             if all(t in rec["cos_update"] for rec in recs)
         }
         s["norm_median"] = {
-            t: {
-                "first_epoch": float(
-                    np.median([rec["norms"][t] for rec in recs if rec["epoch"] == first])
-                ),
-                "last_epoch": float(
-                    np.median([rec["norms"][t] for rec in recs if rec["epoch"] == last])
-                ),
-            }
+            t: {w: float(np.median([rec["norms"][t] for rec in rw])) for w, rw in win.items()}
             for t in tasks
         }
         s["norm_ratio"] = {}
         for num, den in ratios_of(tasks):
-            ratio = [(rec["epoch"], rec["norms"][num] / rec["norms"][den]) for rec in recs]
-            f = float(np.median([x for e, x in ratio if e == first]))
-            la = float(np.median([x for e, x in ratio if e == last]))
-            q1, med, q3 = np.percentile([x for _, x in ratio], [25, 50, 75])
+            ratio = {
+                w: [rec["norms"][num] / rec["norms"][den] for rec in rw]
+                for w, rw in {"all": recs, **win}.items()
+            }
+            q1, med, q3 = np.percentile(ratio["all"], [25, 50, 75])
+            e, la = float(np.median(ratio["early"])), float(np.median(ratio["late"]))
             s["norm_ratio"][ratio_key(num, den)] = {
                 "median": float(med),
                 "q1": float(q1),
                 "q3": float(q3),
-                "first_epoch": f,
-                "last_epoch": la,
-                "drift": la / f,
+                "early": e,
+                "late": la,
+                "drift": la / e,
             }
         s["final_val"] = {
             k: float(np.mean([r["final_val"][k] for r in rs])) for k in rs[0]["final_val"]
@@ -363,6 +362,13 @@ def summarize(runs: list[dict], variants: list[str]) -> dict:
 def _pair_text(p: str) -> str:
     a, b = p.split("~")
     return f"{SHORT.get(a, a)}-{SHORT.get(b, b)}"
+
+
+def _epochs_text(summary: dict, key: str) -> str:
+    epochs = next(iter(summary.values()))[key] if summary else []
+    if not epochs:
+        return "n/a"
+    return str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
 
 
 def markdown(meta: dict, summary: dict, variants: list[str], runs: list[dict]) -> str:
@@ -393,8 +399,13 @@ def markdown(meta: dict, summary: dict, variants: list[str], runs: list[dict]) -
         f"seeds {a['seeds']}. NequIP model with {params} parameters (l_max={a['l_max']}, "
         f"{a['num_layers']} layers, {a['num_features']} features, radial width "
         f"{a['radial_width']}, r_max {a['r_max']} Å), float32, Adam with constant lr {a['lr']}. "
-        f"`GradientConflictMonitor(interval='batch', frequency={a['every']})`: every "
-        f"{'' if a['every'] == 1 else str(a['every']) + '-th '}optimizer step, one gradient per "
+        f"`GradientConflictMonitor(interval='batch', frequency={a['every']})`: on "
+        + (
+            "every optimizer step"
+            if a["every"] == 1
+            else f"optimizer steps 0, {a['every']}, {2 * a['every']}, ..."
+        )
+        + ", one gradient per "
         "loss component of the whole batch with respect to the model parameters, of the "
         "*unweighted* component (the loss coefficients do not enter the gradients measured, "
         "only the trajectory). "
@@ -402,14 +413,47 @@ def markdown(meta: dict, summary: dict, variants: list[str], runs: list[dict]) -
         "gradient norms are in loss units per parameter unit. Norm ratios are unit-free with "
         "respect to the energy unit (every component scales with its square).",
         "",
-        "Cosines of task-gradient pairs, all measured steps of all seeds pooled "
+        f"Early / late: the first / last quarter of the epochs (epochs "
+        f"{_epochs_text(summary, 'early_epochs')} / {_epochs_text(summary, 'late_epochs')}, "
+        "counting from 0).",
+        "",
+        "**Overview.** Per pair of task gradients: the fraction of measured steps with a "
+        "negative cosine (all seeds pooled), with the median cosine in brackets; the median "
+        f"norm ratio {ratio_key(tasks[1], tasks[0])} early → late; the fraction of steps "
+        "whose applied update has a negative cosine with a task gradient (the step makes "
+        "that task worse, to first order).",
+        "",
+        "| variant | "
+        + " | ".join(f"{_pair_text(p)}: cos < 0 (median)" for p in pairs_of(tasks))
+        + f" | {ratio_key(tasks[1], tasks[0])} early → late | update opposes "
+        + " / ".join(SHORT[t] for t in tasks)
+        + " |",
+        "|---" * (3 + len(pairs_of(tasks))) + "|",
+    ]
+    for v in variants:
+        if v not in summary:
+            continue
+        sv = summary[v]
+        cells = " | ".join(
+            f"{c['all']['frac_neg']:.3f} ({c['all']['median']:+.3f})" for c in sv["cos"].values()
+        )
+        nr = sv["norm_ratio"][ratio_key(tasks[1], tasks[0])]
+        opp = " / ".join(
+            f"{sv['cos_update_frac_neg'][t]:.3f}" if t in sv["cos_update_frac_neg"] else "n/a"
+            for t in tasks
+        )
+        lines.append(f"| {labels[v]} | {cells} | {nr['early']:.3g} → {nr['late']:.3g} | {opp} |")
+    lines += [
+        "",
+        "**Cosines** of task-gradient pairs, all measured steps of all seeds pooled "
         "(negative: the two gradients pull the parameters in opposing directions); "
         "'neg' is the fraction of steps with cosine < 0, with the per-seed fractions in "
-        "brackets; first / last epoch: the median in the first and the last epoch.",
+        "brackets, '< -0.5' the fraction with cosine < -0.5 (strong conflict); early / late: "
+        "the same in the early / late window.",
         "",
-        "| variant | pair | steps | neg | per seed | median | Q1 | Q3 | min | "
-        "median, first epoch | median, last epoch |",
-        "|---" * 11 + "|",
+        "| variant | pair | steps | neg | per seed | < -0.5 | median | Q1 | Q3 | min | "
+        "neg early | neg late | median early | median late |",
+        "|---" * 14 + "|",
     ]
     for v in variants:
         if v not in summary:
@@ -419,17 +463,18 @@ def markdown(meta: dict, summary: dict, variants: list[str], runs: list[dict]) -
             seeds = ", ".join(f"{x:.3f}" for x in c["frac_neg_per_seed"])
             lines.append(
                 f"| {labels[v]} | {_pair_text(p)} | {al['n']} | {al['frac_neg']:.3f} | "
-                f"({seeds}) | {al['median']:+.3f} | {al['q1']:+.3f} | {al['q3']:+.3f} | "
-                f"{al['min']:+.3f} | {c['first_epoch']['median']:+.3f} | "
-                f"{c['last_epoch']['median']:+.3f} |"
+                f"({seeds}) | {al['frac_below_half']:.3f} | {al['median']:+.3f} | "
+                f"{al['q1']:+.3f} | {al['q3']:+.3f} | "
+                f"{al['min']:+.3f} | {c['early']['frac_neg']:.3f} | {c['late']['frac_neg']:.3f} | "
+                f"{c['early']['median']:+.3f} | {c['late']['median']:+.3f} |"
             )
     ratio_keys = [ratio_key(n, d) for n, d in ratios_of(tasks)]
     lines += [
         "",
-        "Norm ratios of the unweighted task gradients: median (Q1-Q3) over all measured steps, "
-        "the median over the first and the last epoch, and the drift (last / first).",
+        "**Norm ratios** of the unweighted task gradients: median (Q1-Q3) over all measured "
+        "steps, the median in the early and in the late window, and the drift (late / early).",
         "",
-        "| variant | ratio | median | Q1-Q3 | first epoch | last epoch | drift |",
+        "| variant | ratio | median | Q1-Q3 | early | late | drift |",
         "|---" * 7 + "|",
     ]
     for v in variants:
@@ -439,13 +484,14 @@ def markdown(meta: dict, summary: dict, variants: list[str], runs: list[dict]) -
             n = summary[v]["norm_ratio"][k]
             lines.append(
                 f"| {labels[v]} | {k} | {n['median']:.3g} | {n['q1']:.3g}-{n['q3']:.3g} | "
-                f"{n['first_epoch']:.3g} | {n['last_epoch']:.3g} | {n['drift']:.3g}x |"
+                f"{n['early']:.3g} | {n['late']:.3g} | {n['drift']:.3g}x |"
             )
     lines += [
         "",
-        "Median task-gradient norms in the first and the last epoch (first → last), and "
-        "the fraction of steps whose applied update has a negative cosine with a task "
-        "gradient (the step makes that task worse, to first order).",
+        "**Norms**: median unweighted task-gradient norms in the early and the late window "
+        "(early → late), in loss units per parameter unit, and the fraction of steps whose "
+        "applied update has a negative cosine with a task gradient (the step makes that task "
+        "worse, to first order).",
         "",
         "| variant | "
         + " | ".join(f"norm {SHORT[t]} {units[t]}" for t in tasks)
@@ -459,8 +505,7 @@ def markdown(meta: dict, summary: dict, variants: list[str], runs: list[dict]) -
             continue
         s = summary[v]
         norms = " | ".join(
-            f"{s['norm_median'][t]['first_epoch']:.3g} → {s['norm_median'][t]['last_epoch']:.3g}"
-            for t in tasks
+            f"{s['norm_median'][t]['early']:.3g} → {s['norm_median'][t]['late']:.3g}" for t in tasks
         )
         opp = " | ".join(
             f"{s['cos_update_frac_neg'][t]:.3f}" if t in s["cos_update_frac_neg"] else "n/a"
