@@ -31,7 +31,7 @@ initialisation and the batch order; the data split is fixed. Each run is validat
 once, at its end (validation errors for context only).
 
 The commands that produced ``benchmarks/results/conflicts_{alloy,ethanol}.*`` (about
-20 minutes on 2 shared vCPUs, one run at a time)::
+13 minutes on 2 shared vCPUs, one run at a time: 7.3 min ethanol, 5.5 min alloy)::
 
     OMP_NUM_THREADS=1 python benchmarks/conflicts.py --dataset ethanol --epochs 40 --every 1 --jobs 1
     OMP_NUM_THREADS=1 python benchmarks/conflicts.py --dataset alloy --epochs 8 --every 2 --jobs 1
