@@ -277,10 +277,34 @@ def _calibrated(steps: int) -> dict[str, Method]:
     }
 
 
+def _held_form() -> dict[str, Method]:
+    """Issue 12: ``upgrad_k8`` / ``config_k8`` holding loss-scaled weights between refreshes,
+    ``w_i * sqrt(L_i(ref) / L_i(t))`` (benchmark-only module ``held_form.py``); ``_lsm``:
+    with moving averages of the losses instead of single batches."""
+    target = "held_form.LossScaledHeldWeightsModule"
+    out = {}
+    for name in ("upgrad", "config"):
+        m = _periodic(_methods("epoch"))[f"{name}_k8"]
+        for suffix, kw, what in (("ls", {}, ""), ("lsm", {"loss_ema": 0.9}, ", loss EMA 0.9")):
+            out[f"{name}_k8_{suffix}"] = dataclasses.replace(
+                m,
+                label=f"{m.label}, loss-scaled held weights{what}",
+                module=target,
+                kwargs={**m.kwargs, **kw},
+            )
+    return out
+
+
 def methods(interval: str = "epoch", calibration_steps: int = 20) -> dict[str, Method]:
     """Every method; the calibrate-then-freeze ones calibrate for ``calibration_steps``."""
     table = _methods(interval)
-    return {**table, **_weighted_sums(), **_calibrated(calibration_steps), **_periodic(table)}
+    return {
+        **table,
+        **_weighted_sums(),
+        **_calibrated(calibration_steps),
+        **_periodic(table),
+        **_held_form(),
+    }
 
 
 #: the methods run when none are named
