@@ -505,6 +505,51 @@ def model_config(
     }
 
 
+def run_model(a: dict, stats: dict, seed: int, type_names: list[str]) -> dict:
+    """The accuracy benchmarks' float32 model from a run's arguments ``a`` (num_layers,
+    num_features, l_max, r_max, radial_width), initialised with ``seed``."""
+    return model_config(
+        "float32",
+        stats,
+        num_layers=a["num_layers"],
+        num_features=a["num_features"],
+        l_max=a["l_max"],
+        r_max=a["r_max"],
+        radial_width=a["radial_width"],
+        model_seed=seed,
+        type_names=type_names,
+    )
+
+
+def data_and_statistics(
+    dataset: str, frames: int, n_train: int, r_max: float, type_names: list[str]
+) -> tuple[Path, dict]:
+    """The data file of ``dataset`` (``alloy``: generated; ``ethanol``) and the model
+    constants: the alloy's from the whole file, ethanol's from the training split only."""
+    if dataset == "alloy":
+        path = alloy_data(frames, seed=0)
+        return path, data_statistics(path, r_max)
+    return ETHANOL, split_statistics(ETHANOL, n_train, frames - n_train, r_max, type_names)
+
+
+def validate(module, datamodule) -> dict[str, float]:
+    """One validation pass of ``module`` (the trainer's own loop, no logging): every
+    ``val0_epoch/`` metric by its short name."""
+    import lightning
+
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        inference_mode=False,  # forces are gradients
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(TMP),
+    )
+    out = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    return {k.split("/")[-1]: float(v) for k, v in out.items() if k.startswith("val0_epoch/")}
+
+
 def loss_config(num_tasks: int, coeffs: dict[str, float] | None = None) -> dict:
     coeffs = coeffs or {name: 1.0 for name in TASKS[num_tasks]}
     target = (

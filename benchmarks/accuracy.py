@@ -149,20 +149,8 @@ def _callbacks(budget_s: float, min_epochs: int, steps_per_epoch: int, clock: st
 
 
 def _metrics_now(module, datamodule) -> dict:
-    """One validation pass of ``module`` (the trainer's own loop, no logging)."""
-    import lightning
-
-    trainer = lightning.Trainer(
-        accelerator="cpu",
-        inference_mode=False,  # forces are gradients
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(C.TMP),
-    )
-    out = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    return {k: float(out[f"val0_epoch/{k}"]) for k in METRICS if f"val0_epoch/{k}" in out}
+    """The data set's reported metrics after one validation pass."""
+    return {k: v for k, v in C.validate(module, datamodule).items() if k in METRICS}
 
 
 def _cosine_on_clock(clock, budget_s: float, lr: float):
@@ -213,17 +201,7 @@ def run_one(task: dict) -> dict:
     lightning.seed_everything(seed, workers=True, verbose=False)
 
     stats = task["stats"]
-    model = C.model_config(
-        "float32",
-        stats,
-        num_layers=a["num_layers"],
-        num_features=a["num_features"],
-        l_max=a["l_max"],
-        r_max=a["r_max"],
-        radial_width=a["radial_width"],
-        model_seed=seed,
-        type_names=type_names,
-    )
+    model = C.run_model(a, stats, seed, type_names)
     if any("RandomLossWeighting" in cb["_target_"] for cb in method.callbacks):
         method = dataclasses.replace(
             method,
@@ -597,15 +575,9 @@ def main(argv=None):
         print(f"SKIPPING {m}: cannot import {bad}", flush=True)
     methods = [m for m in methods if m not in missing]
 
-    if args.dataset == "alloy":
-        path = C.alloy_data(args.frames, seed=0)
-        stats = C.data_statistics(path, args.r_max)
-    else:
-        # model constants from the training split only (the same split as the runs')
-        path = C.ETHANOL
-        stats = C.split_statistics(
-            path, args.n_train, args.frames - args.n_train, args.r_max, type_names
-        )
+    path, stats = C.data_and_statistics(
+        args.dataset, args.frames, args.n_train, args.r_max, type_names
+    )
     a = {
         **{
             k: v

@@ -156,22 +156,6 @@ def _recorder(monitor):
     return Record()
 
 
-def _validate(module, dm) -> dict:
-    import lightning
-
-    trainer = lightning.Trainer(
-        accelerator="cpu",
-        inference_mode=False,  # forces are gradients
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(C.TMP),
-    )
-    out = trainer.validate(module, datamodule=dm, verbose=False)[0]
-    return {k.split("/")[-1]: float(v) for k, v in out.items() if k.startswith("val0_epoch/")}
-
-
 def run_one(task: dict) -> dict:
     """Train one (variant, seed) with the monitor; return every measured step (picklable)."""
     import lightning
@@ -188,17 +172,7 @@ def run_one(task: dict) -> dict:
     method = C.methods(interval="epoch")[key]
     seed = task["seed"]
     lightning.seed_everything(seed, workers=True, verbose=False)
-    model = C.model_config(
-        "float32",
-        task["stats"],
-        num_layers=a["num_layers"],
-        num_features=a["num_features"],
-        l_max=a["l_max"],
-        r_max=a["r_max"],
-        radial_width=a["radial_width"],
-        model_seed=seed,
-        type_names=type_names,
-    )
+    model = C.run_model(a, task["stats"], seed, type_names)
     coeffs = coeffs_for(r, num_tasks)
     module = C.build_module(method, model, num_tasks, lr=a["lr"], coeffs=coeffs)
     dm = C.datamodule(
@@ -236,7 +210,7 @@ def run_one(task: dict) -> dict:
         "steps": int(trainer.global_step),
         "wall_s": wall,
         "params": sum(p.numel() for p in module.model.parameters()),
-        "final_val": _validate(module, dm),
+        "final_val": C.validate(module, dm),
         "records": record.records,
     }
 
@@ -796,12 +770,7 @@ def run_dataset(ds: str, args, out_dir: Path, command: str) -> None:
         "r_max": args.r_max,
         "lr": args.lr,
     }
-    if ds == "alloy":
-        path = C.alloy_data(frames, seed=0)
-        stats = C.data_statistics(path, args.r_max)
-    else:
-        path = C.ETHANOL
-        stats = C.split_statistics(path, n_train, frames - n_train, args.r_max, type_names)
+    path, stats = C.data_and_statistics(ds, frames, n_train, args.r_max, type_names)
     tasks = []
     for i, seed in enumerate(seeds):
         k = i % len(args.variants)  # rotate the order per seed

@@ -455,14 +455,9 @@ def main(argv=None):
     if missing:
         raise SystemExit(f"cannot import {missing}")
     type_names = A.DATASETS[args.dataset][0]
-    if args.dataset == "alloy":
-        path = C.alloy_data(args.frames, seed=0)
-        stats = C.data_statistics(path, args.r_max)
-    else:
-        path = C.ETHANOL
-        stats = C.split_statistics(
-            path, args.n_train, args.frames - args.n_train, args.r_max, type_names
-        )
+    path, stats = C.data_and_statistics(
+        args.dataset, args.frames, args.n_train, args.r_max, type_names
+    )
     a = {
         **{k: v for k, v in vars(args).items() if k not in ("methods", "seeds", "out", "argv")},
         "n_val": args.frames - args.n_train,
