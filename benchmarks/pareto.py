@@ -13,8 +13,9 @@ The weighted-sum points that no other weighted-sum point beats on both energy an
 MAE (means over seeds) form the empirical front. Each other method is then
 
 - **beyond** the front: no weighted-sum point is better on both, and it is better on both
-  than at least one of them;
-- **on** the front: no weighted-sum point is better on both, and it beats none on both;
+  than at least one point of the front (it moves the front);
+- **on** the front: no weighted-sum point is better on both, and it beats no front point
+  on both;
 - **dominated**: some weighted-sum point is better on both (named in the table).
 
 Views: equal training time (``--budget-s``), and with the constant learning rate also
@@ -82,15 +83,18 @@ def _better_on_both(a: dict, b: dict) -> bool:
 
 def classify(rows: list[dict]) -> dict[str, dict]:
     """Front membership of every row (summaries with ``(mean, sd)`` per metric):
-    ``{"status": front|beyond|on|dominated, "by": [...], "beats": [...]}``."""
+    ``{"status": front|beyond|on|dominated, "by": [...], "beats": [...]}``; ``by``: the
+    weighted sums better on both MAEs, ``beats``: the *front* points it is better on both
+    than (beating a weighted sum that is itself off the front does not move the front)."""
     ws = [r for r in rows if r["method"] in BASELINES and r[E][0] is not None]
+    front = [w for w in ws if not any(_better_on_both(v, w) for v in ws if v is not w)]
     out = {}
     for r in rows:
         if r[E][0] is None or r[F][0] is None:
             out[r["method"]] = {"status": "n/a", "by": [], "beats": []}
             continue
         by = [w["method"] for w in ws if w is not r and _better_on_both(w, r)]
-        beats = [w["method"] for w in ws if w is not r and _better_on_both(r, w)]
+        beats = [w["method"] for w in front if w is not r and _better_on_both(r, w)]
         if r["method"] in BASELINES:
             status = "dominated" if by else "front"
         else:

@@ -49,6 +49,9 @@ def test_cited_statuses_match_the_results():
         for label in ("UPGrad", "PCGrad", "DualProj"):
             assert status(md, "Equal epochs", label) == "beyond"
     assert status(long, "Equal training time", "UPGrad") == "dominated"
+    assert status(ethanol, "Equal training time", "SoftAdapt (nequip_mtl)") == "beyond"
+    alloy_long = (REPO / "benchmarks" / "results" / "pareto_alloy_long.md").read_text()
+    assert status(alloy_long, "Equal training time", "UPGrad, every 8") == "on"
     assert status(long, "Equal training time", "calibrate-then-freeze (UPGrad weights)") == "on"
     assert status(alloy, "Equal training time", "calibrate-then-freeze (gradnorm)") == "dominated"
 

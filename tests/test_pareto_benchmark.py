@@ -112,8 +112,8 @@ def _row(name, e, f):
 
 def test_front_classification():
     """The weighted-sum points beaten on both MAEs by another weighted sum leave the
-    front; a method is beyond (beats one on both), on (beats none, beaten by none) or
-    dominated (beaten on both by one)."""
+    front; a method is beyond (beats a front point on both), on (beats no front point,
+    beaten by no weighted sum) or dominated (beaten on both by one)."""
     rows = [
         _row("ws_e100", 1.0, 10.0),
         _row("ws", 5.0, 5.0),
@@ -121,6 +121,7 @@ def test_front_classification():
         _row("ws_e10", 6.0, 6.0),  # beaten by ws
         _row("beyond", 4.0, 4.0),
         _row("on", 2.0, 8.0),
+        _row("on_beats_off_front", 4.5, 5.8),  # beats only ws_e10, which is off the front
         _row("dominated", 7.0, 7.0),
     ]
     s = P.classify(rows)
@@ -128,8 +129,9 @@ def test_front_classification():
         "front", "front", "front", "dominated"
     ]  # fmt: skip
     assert s["ws_e10"]["by"] == ["ws"]
-    assert s["beyond"]["status"] == "beyond" and set(s["beyond"]["beats"]) == {"ws", "ws_e10"}
+    assert s["beyond"]["status"] == "beyond" and s["beyond"]["beats"] == ["ws"]
     assert s["on"]["status"] == "on" and s["on"]["beats"] == []
+    assert s["on_beats_off_front"]["status"] == "on" and s["on_beats_off_front"]["beats"] == []
     assert s["dominated"]["status"] == "dominated" and set(s["dominated"]["by"]) == {"ws", "ws_e10"}
 
 
