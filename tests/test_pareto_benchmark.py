@@ -147,7 +147,11 @@ def test_cosine_on_clock_anneals_over_the_budget():
         assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-15)
 
 
-@pytest.mark.parametrize("name", ["pareto_ethanol", "pareto_alloy", "pareto_ethanol_long"])
+@pytest.mark.parametrize(
+    "name",
+    ["pareto_ethanol", "pareto_alloy", "pareto_ethanol_long", "pareto_alloy_long",
+     "pareto_ethanol_more", "pareto_alloy_more"],
+)  # fmt: skip
 def test_committed_tables_are_what_the_committed_json_gives(name, tmp_path):
     """The committed Markdown (which the docs quote) is regenerated exactly from the
     committed raw runs by the documented ``--from-json`` command."""
