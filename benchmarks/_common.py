@@ -521,6 +521,20 @@ def run_model(a: dict, stats: dict, seed: int, type_names: list[str]) -> dict:
     )
 
 
+def run_datamodule(data: str | Path, a: dict, type_names: list[str]):
+    """The accuracy benchmarks' data module: ``data`` split into ``a["n_train"]`` training
+    and ``a["n_val"]`` validation frames (fixed split, seed 1), batches of ``a["batch_size"]``."""
+    return datamodule(
+        Path(data),
+        a["n_train"],
+        a["n_val"],
+        a["batch_size"],
+        a["r_max"],
+        seed=1,
+        type_names=type_names,
+    )
+
+
 def data_and_statistics(
     dataset: str, frames: int, n_train: int, r_max: float, type_names: list[str]
 ) -> tuple[Path, dict]:

@@ -213,15 +213,7 @@ def run_one(task: dict) -> dict:
     module = C.build_module(
         method, model, num_tasks, lr=a["lr"], coeffs=C.task_coeffs(method.coeffs, num_tasks)
     )
-    dm = C.datamodule(
-        Path(task["data"]),
-        a["n_train"],
-        a["n_val"],
-        a["batch_size"],
-        a["r_max"],
-        seed=1,
-        type_names=type_names,
-    )
+    dm = C.run_datamodule(task["data"], a, type_names)
     clock, record = _callbacks(
         a["budget_s"], a["epochs"], math.ceil(a["n_train"] / a["batch_size"]), a["clock"]
     )

@@ -175,15 +175,7 @@ def run_one(task: dict) -> dict:
     model = C.run_model(a, task["stats"], seed, type_names)
     coeffs = coeffs_for(r, num_tasks)
     module = C.build_module(method, model, num_tasks, lr=a["lr"], coeffs=coeffs)
-    dm = C.datamodule(
-        Path(task["data"]),
-        a["n_train"],
-        a["n_val"],
-        a["batch_size"],
-        a["r_max"],
-        seed=1,
-        type_names=type_names,
-    )
+    dm = C.run_datamodule(task["data"], a, type_names)
     monitor = GradientConflictMonitor("batch", a["every"])
     record = _recorder(monitor)
     trainer = lightning.Trainer(
