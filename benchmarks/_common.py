@@ -505,6 +505,18 @@ def model_config(
     }
 
 
+def add_run_arguments(parser) -> None:
+    """The accuracy protocol's model and optimizer options (what :func:`run_model`,
+    :func:`run_datamodule` and :func:`build_module` read), with its defaults."""
+    parser.add_argument("--batch-size", type=int, default=5)
+    parser.add_argument("--num-features", type=int, default=32)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--l-max", type=int, default=1)
+    parser.add_argument("--radial-width", type=int, default=32)
+    parser.add_argument("--r-max", type=float, default=4.5)
+    parser.add_argument("--lr", type=float, default=5e-3)
+
+
 def run_model(a: dict, stats: dict, seed: int, type_names: list[str]) -> dict:
     """The accuracy benchmarks' float32 model from a run's arguments ``a`` (num_layers,
     num_features, l_max, r_max, radial_width), initialised with ``seed``."""

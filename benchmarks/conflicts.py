@@ -698,13 +698,7 @@ def main(argv=None):
     parser.add_argument("--every", type=int, default=None, help="monitor frequency (steps)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
     parser.add_argument("--quick", action="store_true", help="a tiny budget (smoke test)")
-    parser.add_argument("--batch-size", type=int, default=5)
-    parser.add_argument("--num-features", type=int, default=32)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--l-max", type=int, default=1)
-    parser.add_argument("--radial-width", type=int, default=32)
-    parser.add_argument("--r-max", type=float, default=4.5)
-    parser.add_argument("--lr", type=float, default=5e-3)
+    C.add_run_arguments(parser)
     parser.add_argument(
         "--out",
         help="output directory (default benchmarks/results; quick: benchmarks/results/_tmp)",
