@@ -57,7 +57,7 @@ def _one_step(cls, storage: TaskGradients, tasks: list[int], coeffs: torch.Tenso
     agg = cls()
 
     def step():
-        if agg.gram_based:
+        if isinstance(agg, aggregators.GramAggregator):
             gram = storage.gram(tasks)
             storage.apply_weights(tasks, agg.weights(gram, coeffs, source_dtype=storage.dtype))
         else:

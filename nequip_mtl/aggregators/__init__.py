@@ -6,15 +6,15 @@ tested on its own in microseconds.
 from .aligned_mtl import AlignedMTL
 from .base import Aggregator, GramAggregator
 from .cagrad import CAGrad
-from .config import ConFIG
+from .conflict_free import ConFIG
 from .dualproj import DualProj
 from .imtlg import IMTLG
 from .mean import Mean
 from .mgda import MGDA
 from .momentum_config import MomentumConFIG
 from .pcgrad import PCGrad
+from .sum import Sum
 from .upgrad import UPGrad
-from .weighted_sum import Sum
 
 __all__ = [
     "Aggregator",

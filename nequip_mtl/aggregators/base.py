@@ -28,8 +28,8 @@ class Aggregator:
     Gram matrix ``grads @ grads.T``. Such aggregators subclass :class:`GramAggregator`
     and implement :meth:`GramAggregator.weights`; the training module then needs one
     ``m x m`` Gram matrix and one ``m``-term combination per step, whatever the method.
-    Aggregators that need the matrix itself (e.g. stateful momentum methods) override
-    :meth:`aggregate` instead and set ``gram_based = False``.
+    Aggregators that need the matrix itself (e.g. stateful momentum methods) subclass
+    :class:`Aggregator` directly and override :meth:`aggregate`.
 
     Stateful aggregators override :meth:`state_dict` and :meth:`load_state_dict`; the
     training module stores that state in checkpoints.
@@ -43,9 +43,6 @@ class Aggregator:
           aggregator:
             _target_: my_package.MyAggregator   # a subclass of nequip_mtl.aggregators.Aggregator
     """
-
-    #: whether the update is ``weights(gram, coeffs) @ grads``
-    gram_based: bool = False
 
     def __call__(self, grads: torch.Tensor, coeffs: torch.Tensor | None = None) -> torch.Tensor:
         if grads.dim() != 2:
@@ -126,8 +123,6 @@ class GramAggregator(Aggregator):
           aggregator:
             _target_: my_package.MyMean
     """
-
-    gram_based = True
 
     def aggregate(self, grads: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
         gram = gram_matrix(grads, type(self).__name__)  # float64; raises on NaN/inf rows

@@ -8,7 +8,7 @@ import torch
 
 from ._linalg import gram_matrix
 from .base import Aggregator
-from .config import ConFIG
+from .conflict_free import ConFIG
 
 
 class MomentumConFIG(Aggregator):

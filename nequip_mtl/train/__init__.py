@@ -1,7 +1,7 @@
 """Lightning glue: training modules and loss managers for multitask NequIP training."""
 
 from .coefficients import update_coeffs
-from .config import ConFIGLightningModule, EMAConFIGLightningModule
+from .conflict_free import ConFIGLightningModule, EMAConFIGLightningModule
 from .famo import FAMOLightningModule
 from .metrics_manager import (
     EnergyForceLoss,

@@ -10,8 +10,8 @@ import torch
 from nequip.train import NequIPLightningModule
 
 from ..weighting.famo import FAMOLogits
-from ._step import active_indices, positive_active_coeffs, training_loss_components
 from .coefficients import validate_coeffs
+from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
 _CKPT_KEY = "nequip_mtl_famo"
 

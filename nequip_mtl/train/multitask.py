@@ -12,11 +12,11 @@ from hydra.utils import instantiate
 from nequip.train import EMALightningModule, NequIPLightningModule
 from nequip.utils.versions import _TORCH_GE_2_6
 
-from ..aggregators import Aggregator, ConFIG
+from ..aggregators import Aggregator, ConFIG, GramAggregator
 from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
 from ._faults import StepFaults
-from ._step import active_indices, training_loss_components
 from ._window import HeldWeights, StepWindow
+from .loss_components import active_indices, training_loss_components
 from .task_gradients import TaskGradients
 
 _NONFINITE_POLICIES = ("skip", "zero_task", "raise")
@@ -331,7 +331,7 @@ class MultitaskLightningModule(NequIPLightningModule):
             # one active component: its plain gradient (no aggregation)
             weights = torch.ones(1, dtype=torch.float64)
             storage.apply_weights(weights)
-        elif self.aggregator.gram_based:
+        elif isinstance(self.aggregator, GramAggregator):
             weights = self.aggregator.weights(gram, coeffs, source_dtype=storage.dtype)
             if not bool(torch.isfinite(weights).all()):
                 self._skip_step(
@@ -613,7 +613,7 @@ def _grad_scale(plugin) -> float:
 def _check_weights_every(value: Any, aggregator: Aggregator) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`weights_every` must be an integer >= 1, got {value!r}")
-    if value > 1 and not aggregator.gram_based:
+    if value > 1 and not isinstance(aggregator, GramAggregator):
         raise ValueError(
             f"`weights_every`={value} needs an aggregator whose update is a weighted sum of the "
             f"task gradients (a GramAggregator); {type(aggregator).__name__} is not one. Use "

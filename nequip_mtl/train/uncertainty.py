@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from nequip.train import NequIPLightningModule
 
 from ..weighting.uncertainty import uncertainty_weights
-from ._step import active_indices, positive_active_coeffs, training_loss_components
 from .coefficients import validate_coeffs
+from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
 _DEFAULT_PARAM_GROUPS = {"_target_": "nequip.train.lightning._default_param_group_factory"}
 _EXTRA_GROUPS: ContextVar[list[dict[str, Any]] | None] = ContextVar(

@@ -11,7 +11,7 @@ from typing import Any
 import lightning
 import torch
 
-from ...aggregators import Aggregator, Sum
+from ...aggregators import Aggregator, GramAggregator, Sum
 from ...diagnostics.calibration import RULES, GradientCalibration
 from ..coefficients import update_coeffs
 from ._common import (
@@ -429,7 +429,7 @@ def _build_gram_aggregator(rule: str, aggregator: Any) -> Any:
         built = _build_aggregator(aggregator)
     except TypeError as err:
         raise TypeError(f"{WHO}.aggregator: {err}") from err
-    if not built.gram_based:
+    if not isinstance(built, GramAggregator):
         raise ValueError(
             f"{WHO}.aggregator must be a Gram-space aggregator (a GramAggregator, whose "
             f"update is weights @ G); {type(built).__name__} is not"
