@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 import nequip_mtl.aggregators as aggregators  # noqa: E402
-from nequip_mtl.train.task_gradients import TaskGradients  # noqa: E402
+from nequip_mtl.step import TaskGradients  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

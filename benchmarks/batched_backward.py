@@ -329,7 +329,7 @@ def summarize(times: dict) -> dict:
 
 
 def run_case(args, dataset: str, dtype: str, compile_mode: str) -> dict:
-    from nequip_mtl.train.task_gradients import TaskGradients
+    from nequip_mtl.step import TaskGradients
 
     t0 = time.perf_counter()
     module, batch, num_tasks, atoms = build_case(args, dataset, dtype, compile_mode)

@@ -45,7 +45,7 @@ class DirectRecorder(Callback):
         self._batch = (copy.deepcopy(batch), batch_idx)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        window = pl_module._window
+        window = pl_module.engine.window
         refresh = window.weights is None
         self.refresh.append(refresh)
         self.passes.append(window.backward_passes)
@@ -100,7 +100,7 @@ def test_held_steps_apply_loss_scaled_weights(tmp_path, aggregator, loss_ema):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=f"step {step}")
     assert module.skipped_steps == 0
     # the scaling really changes the held steps: raw weights would give another update
-    held_raw = module.held_weights.weights
+    held_raw = module.engine.held.weights
     assert any(not math.isclose(module.scaled_weights[n], held_raw[n], rel_tol=1e-6) for n in NAMES)
     assert module.applied_task_weights == module.scaled_weights
 

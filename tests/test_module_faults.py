@@ -5,7 +5,7 @@ import torch
 
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import ConFIG
-from nequip_mtl.train._faults import SkippedStepsError
+from nequip_mtl.step import SkippedStepsError
 from tests._harness import datamodule, fit, module_kwargs, params
 from tests._harness import trainer as harness_trainer
 

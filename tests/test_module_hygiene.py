@@ -103,7 +103,7 @@ def test_gradient_rows_only_for_back_propagated_tasks(tmp_path, kw, coeffs, rows
     module = mtl.MultitaskLightningModule(**module_kwargs(loss=loss, **kw))
     trainer(tmp_path).fit(module, datamodule=datamodule())
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    storage = module._task_gradients
+    storage = module.engine.rows
     assert storage.num_rows == rows
     assert sum(g.rows.numel() for g in storage.groups) == rows * n_params
 

@@ -35,7 +35,7 @@ class StepRecorder(Callback):
         self._batches.append((copy.deepcopy(batch), batch_idx))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        window = pl_module._window
+        window = pl_module.engine.window
         self.passes.append(window.backward_passes)
         self.refresh.append(window.weights is None)
         params = [p for p in pl_module.model.parameters() if p.requires_grad]
@@ -54,7 +54,7 @@ class StepRecorder(Callback):
             coeffs = torch.tensor([pl_module.loss.entries[n].coeff for n in NAMES]).double()
             w = self.aggregator.weights(rows @ rows.T, coeffs)
         else:
-            held = pl_module.held_weights.weights
+            held = pl_module.engine.held.weights
             w = torch.tensor([held[n] for n in NAMES], dtype=torch.float64)
         self.expected.append(w @ rows)
 
@@ -125,13 +125,13 @@ def test_a_change_of_the_active_set_forces_a_refresh(tmp_path):
 
     class Passes(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            rec.passes.append(pl_module._window.backward_passes)
+            rec.passes.append(pl_module.engine.window.backward_passes)
 
     trainer(tmp_path, max_epochs=2, callbacks=[sched, Passes()]).fit(
         module, datamodule=datamodule()
     )
     assert rec.passes == [3, 2, 1, 1]
-    assert set(module.held_weights.weights) == {"per_atom_energy_mse", "forces_mse"}
+    assert set(module.engine.held.weights) == {"per_atom_energy_mse", "forces_mse"}
 
 
 def test_conflict_monitor_sees_refresh_steps_only(tmp_path):

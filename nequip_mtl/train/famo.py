@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from nequip.train import NequIPLightningModule
 
+from ..step import WindowTracker
 from ..weighting.famo import FAMOLogits
 from .coefficients import validate_coeffs
 from .loss_components import active_indices, positive_active_coeffs, training_loss_components
@@ -114,9 +115,13 @@ class FAMOLightningModule(NequIPLightningModule):
         self._prev_losses: torch.Tensor | None = None
         self._acc_sum = torch.zeros(len(names), dtype=torch.float64)
         self._acc_count = 0
-        self._acc_step: int | None = None
+        self._windows = WindowTracker()
         #: name -> weight of that loss component in the last step's loss (sums to 1)
         self.applied_task_weights: dict[str, float] = {}
+        #: FAMO computes no per-task gradients (``TaskGradientObservable``)
+        self.task_gradient_statistics = None
+
+    measures_task_gradients = False
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""
@@ -134,15 +139,13 @@ class FAMOLightningModule(NequIPLightningModule):
         mask = torch.zeros(len(names), dtype=torch.bool)
         mask[active] = True
 
-        step = int(self.trainer.global_step)
-        if step != self._acc_step:
+        if self._windows.starts(int(self.trainer.global_step)):
             # first micro-batch of a new optimizer step: close the previous step and let
             # the logits see the loss change it produced
             if self._acc_count > 0:
                 self._prev_losses = self._acc_sum / self._acc_count
             self._acc_sum = torch.zeros_like(self._acc_sum)
             self._acc_count = 0
-            self._acc_step = step
             if self._prev_losses is not None:
                 self.famo.update(self._prev_losses, values, mask, self.min_losses, self.eps)
         self._acc_sum = self._acc_sum + values
@@ -165,7 +168,7 @@ class FAMOLightningModule(NequIPLightningModule):
             "prev_losses": None if self._prev_losses is None else self._prev_losses.clone(),
             "acc_sum": self._acc_sum.clone(),
             "acc_count": self._acc_count,
-            "acc_step": self._acc_step,
+            "acc_step": self._windows.step,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -179,4 +182,4 @@ class FAMOLightningModule(NequIPLightningModule):
         self._prev_losses = None if prev is None else torch.as_tensor(prev, dtype=torch.float64)
         self._acc_sum = torch.as_tensor(state["acc_sum"], dtype=torch.float64)
         self._acc_count = int(state["acc_count"])
-        self._acc_step = state["acc_step"]
+        self._windows.step = state["acc_step"]

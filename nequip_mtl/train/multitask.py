@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -13,31 +12,19 @@ from nequip.train import EMALightningModule, NequIPLightningModule
 from nequip.utils.versions import _TORCH_GE_2_6
 
 from ..aggregators import Aggregator, ConFIG, GramAggregator
+from ..step import (
+    NONFINITE_POLICIES,
+    StepEngine,
+    StepFaults,
+    StepOutcome,
+    TaskGradients,
+    TaskGradientStatistics,
+    WindowTracker,
+)
 from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
-from ._faults import StepFaults
-from ._window import HeldWeights, StepWindow
-from .loss_components import active_indices, training_loss_components
-from .task_gradients import TaskGradients
+from .loss_components import training_loss_components
 
-_NONFINITE_POLICIES = ("skip", "zero_task", "raise")
 _CLIP_ALGORITHMS = ("norm", "value")
-
-
-@dataclasses.dataclass
-class TaskGradientStatistics:
-    """What the last aggregation saw: enough to derive every norm and cosine.
-
-    Attributes:
-        names: the loss components that entered the update, in order
-        gram: their ``(m, m)`` float64 Gram matrix ``G @ G.T`` (CPU), after any DDP reduction
-        weights: the update is ``weights @ G`` (``None`` for non-Gram aggregators)
-        global_step: the trainer's ``global_step`` before that optimizer step
-    """
-
-    names: list[str]
-    gram: torch.Tensor
-    weights: torch.Tensor | None
-    global_step: int
 
 
 class MultitaskLightningModule(NequIPLightningModule):
@@ -141,13 +128,12 @@ class MultitaskLightningModule(NequIPLightningModule):
             # buffers, own compile-cache namespace (nequip_mtl compile fix, docs/compile.md)
             prepare_several_backward_passes()
         super().__init__(**kwargs)
-        self.aggregator = _build_aggregator(aggregator)
-        if on_nonfinite not in _NONFINITE_POLICIES:
+        aggregator = _build_aggregator(aggregator)
+        if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
-                f"`on_nonfinite` must be one of {list(_NONFINITE_POLICIES)}, got {on_nonfinite!r}"
+                f"`on_nonfinite` must be one of {list(NONFINITE_POLICIES)}, got {on_nonfinite!r}"
             )
-        self.on_nonfinite = on_nonfinite
-        self.weights_every = _check_weights_every(weights_every, self.aggregator)
+        weights_every = _check_weights_every(weights_every, aggregator)
         if max_consecutive_skips is not None and (
             isinstance(max_consecutive_skips, bool)
             or not isinstance(max_consecutive_skips, int)
@@ -163,20 +149,37 @@ class MultitaskLightningModule(NequIPLightningModule):
         if self.loss is not None and len(self.loss) < 1:
             raise ValueError("`loss` must have at least one loss component")
 
+        #: one optimizer step's life: window, rows, held weights, aggregation (no Lightning)
+        self.engine = self.build_engine(aggregator, weights_every, on_nonfinite)
         self.faults = StepFaults(max_consecutive_skips)
         #: name -> weight of that task's gradient in the last applied update
         self.applied_task_weights: dict[str, float] = {}
-        #: Gram matrix of the task gradients of the last refresh step (for monitors)
+        #: the task gradients of the last step that computed them (for monitors)
         self.task_gradient_statistics: TaskGradientStatistics | None = None
-        #: the weights held between refreshes (``weights_every > 1``)
-        self.held_weights: HeldWeights | None = None
-        self._task_gradients: TaskGradients | None = None
-        #: the current micro-batch's active component losses, until its backward pass
-        self._batch_losses: dict[int, torch.Tensor] = {}
-        #: the current accumulation window, from its first micro-batch to the optimizer step
-        self._window: StepWindow | None = None
-        self._last_active: list[int] | None = None
+        self._windows = WindowTracker()
+        #: the current micro-batch's active task losses, from its forward to its backward
+        self._micro_batch_losses: dict[str, torch.Tensor] = {}
         self._warned: set[str] = set()
+
+    #: this module computes per-task gradients itself (see ``TaskGradientObservable``)
+    measures_task_gradients = True
+
+    def build_engine(self, aggregator: Aggregator, weights_every: int, on_nonfinite: str):
+        """The :class:`~nequip_mtl.step.StepEngine` of this module (a hook for subclasses
+        that change what a step does, e.g. the held weights; see ``benchmarks/held_form.py``)."""
+        return StepEngine(aggregator, weights_every=weights_every, on_nonfinite=on_nonfinite)
+
+    @property
+    def aggregator(self) -> Aggregator:
+        return self.engine.aggregator
+
+    @property
+    def weights_every(self) -> int:
+        return self.engine.weights_every
+
+    @property
+    def on_nonfinite(self) -> str:
+        return self.engine.on_nonfinite
 
     @property
     def skipped_steps(self) -> int:
@@ -195,6 +198,7 @@ class MultitaskLightningModule(NequIPLightningModule):
                 f"{self.module_clip_val} and `trainer.gradient_clip_val`={trainer.gradient_clip_val}; "
                 "set only one (the trainer's is preferred)"
             )
+        self._windows.reset()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # With Lightning's DDPStrategy the model is wrapped in DistributedDataParallel,
@@ -204,90 +208,39 @@ class MultitaskLightningModule(NequIPLightningModule):
         if isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
             ddp_model.require_backward_grad_sync = False
 
-    # ------------------------------------------------------------------ forward / losses
+    # ------------------------------------------------------------------ one step
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""
+        trainer = self.trainer
+        if self._windows.starts(trainer.global_step):
+            # the first micro-batch of an optimizer step: open its window
+            self.engine.begin(
+                {name: entry.coeff for name, entry in self.loss.entries.items()},
+                [p for p in self.parameters() if p.requires_grad],
+                scale=_grad_scale(trainer.precision_plugin),
+                loss_scaled=_active_scaler(trainer.precision_plugin) is not None,
+                accumulate=trainer.accumulate_grad_batches,
+            )
         delim = self.logging_delimiter
         loss_dict = training_loss_components(self, batch, batch_idx, dataloader_idx)
-        names = list(self.loss.keys())
-        active = active_indices(self.loss)
-        if not active:
-            raise RuntimeError(
-                "At least one loss component must have a `coeff` that is not null; all are null"
-            )
         # the world-size factor undoes DDP's averaging, as in nequip (see
         # NequIPLightningModule.training_step): losses are already global-batch means
-        self._batch_losses = {
-            i: loss_dict[f"train_loss_step{delim}{names[i]}"] * self.world_size for i in active
+        self._micro_batch_losses = {
+            name: loss_dict[f"train_loss_step{delim}{name}"] * self.world_size
+            for name in self.engine.window.active
         }
         return loss_dict[f"train_loss_step{delim}weighted_sum"] * self.world_size
 
-    # ------------------------------------------------------------------ the window
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        """"""
-        super().optimizer_zero_grad(epoch, batch_idx, optimizer)
-        # the first micro-batch of an accumulation window (after its training_step,
-        # before its backward): decide what this window back-propagates
-        active = sorted(self._batch_losses)
-        if self._last_active is not None and self._last_active != active:
-            self.aggregator.reset()  # the set of active tasks changed
-        self._last_active = active
-        self._window = self._new_window(active)
-        storage = self._storage(max(len(self._window.tasks), 1))
-        storage.zero_()
-
-    def _new_window(self, active: list[int]) -> StepWindow:
-        names = list(self.loss.keys())
-        scale = _grad_scale(self.trainer.precision_plugin)
-        factor = scale / self.trainer.accumulate_grad_batches
-        coeffs = {names[i]: float(self.loss.entries[names[i]].coeff) for i in active}
-        held = self.held_weights
-        if len(active) > 1 and held is not None and held.valid_for(coeffs, self.weights_every):
-            return StepWindow(active, [], held.weights_by_index(names), scale, factor)
-        selected = self.aggregator.select_tasks(len(active)) if len(active) > 1 else None
-        tasks = active if selected is None else [active[j] for j in selected]
-        return StepWindow(active, tasks, None, scale, factor)
-
-    def _storage(self, num_rows: int) -> TaskGradients:
-        params = [p for p in self.parameters() if p.requires_grad]
-        storage = self._task_gradients
-        if storage is not None and storage.matches(params):
-            # a window between refreshes (one row) uses the first row of the refresh's rows
-            if storage.num_rows == num_rows or (num_rows == 1 and self.held_weights):
-                return storage
-        if storage is not None:
-            storage.close()
-        self._task_gradients = TaskGradients(params, num_rows)
-        return self._task_gradients
-
-    # ------------------------------------------------------------------ backward
-
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        """Accumulate the window's task gradients (or its held-weights sum) into the rows.
+        """Back-propagate the micro-batch's task losses into the engine's rows.
 
-        ``loss`` is what Lightning passes after its own scaling; each component is scaled
+        ``loss`` (Lightning's, after its own scaling) is not used: each task loss is scaled
         by the same factor (``1/accumulate_grad_batches`` times the ``GradScaler``'s scale).
         """
-        window, storage = self._window, self._task_gradients
-        losses, self._batch_losses = self._batch_losses, {}
-        if window.weights is not None:
-            total = sum(w * losses[t] for t, w in window.weights.items() if w != 0.0)
-            if isinstance(total, torch.Tensor) and total.requires_grad:
-                storage.backward(0, total * window.factor, retain_graph=False)
-                window.backward_passes += 1
-            release_loss_graph(self.loss)
-            return
-        # a component that does not depend on the parameters on this batch (e.g. a metric
-        # with `ignore_nan` and no labels in the batch) has a zero gradient: nothing to do
-        rows = [(j, t) for j, t in enumerate(window.tasks) if losses[t].requires_grad]
-        for k, (row, task) in enumerate(rows):
-            storage.backward(row, losses[task] * window.factor, retain_graph=k < len(rows) - 1)
-            window.backward_passes += 1
+        losses, self._micro_batch_losses = self._micro_batch_losses, {}
+        self.engine.add(losses)
         release_loss_graph(self.loss)
-
-    # ------------------------------------------------------------------ aggregation
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """"""
@@ -296,189 +249,70 @@ class MultitaskLightningModule(NequIPLightningModule):
             # runs inside `optimizer.step`, before Lightning's `on_before_optimizer_step`
             # hooks and gradient clipping, which therefore see the aggregated update
             result = optimizer_closure()
-            self._apply_aggregated_update()
+            self._record(self.engine.finish(self.trainer.global_step, _reduce_function()))
             return result
 
         try:
             super().optimizer_step(epoch, batch_idx, optimizer, closure)
         finally:
-            self._window = None  # the window's state ends with its optimizer step
+            self.engine.end()  # the window's state ends with its optimizer step
 
-    def _apply_aggregated_update(self) -> None:
-        window, storage = self._window, self._task_gradients
-        num_rows = 1 if window.weights is not None else len(window.tasks)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                storage.all_reduce_mean_(num_rows)
-        # unscaled units from here on (the rows stay scaled: the GradScaler unscales .grad)
-        gram = storage.gram(num_rows) / window.scale**2
-        if window.weights is not None:
-            self._apply_held_weights(window, storage, gram)
-            return
-
-        names = list(self.loss.keys())
-        tasks, gram, cause = self._usable_tasks(window, storage, gram, names)
-        if cause is not None:
-            self._skip_step(storage, cause)
-            return
-        coeffs = torch.tensor(
-            [self.loss.entries[names[i]].coeff for i in tasks], dtype=torch.float64
-        )
-        rows = [window.tasks.index(t) for t in tasks]
-        if len(rows) < len(window.tasks):
-            gram = gram[rows][:, rows]
-        if len(window.active) == 1:
-            # one active component: its plain gradient (no aggregation)
-            weights = torch.ones(1, dtype=torch.float64)
-            storage.apply_weights(weights)
-        elif isinstance(self.aggregator, GramAggregator):
-            weights = self.aggregator.weights(gram, coeffs, source_dtype=storage.dtype)
-            if not bool(torch.isfinite(weights).all()):
-                self._skip_step(
-                    storage, f"{type(self.aggregator).__name__} returned non-finite weights"
-                )
-                return
-            storage.apply_weights(weights, rows)
-            if self.weights_every > 1:
-                self.held_weights = HeldWeights.from_refresh(
-                    {names[t]: float(w) for t, w in zip(tasks, weights)},
-                    {names[i]: float(self.loss.entries[names[i]].coeff) for i in window.active},
-                )
-        else:
-            matrix = storage.matrix(num_rows)
-            matrix = matrix[rows] if len(rows) < num_rows else matrix
-            if window.scale != 1.0:
-                matrix = matrix / window.scale
-            active_coeffs = torch.tensor(
-                [self.loss.entries[names[i]].coeff for i in window.active], dtype=matrix.dtype
-            ).to(matrix.device)
-            computed = [window.active.index(t) for t in tasks]
-            update = self.aggregator.aggregate_subset(matrix, active_coeffs, computed)
-            if not bool(torch.isfinite(update).all()):
-                self._skip_step(
-                    storage, f"{type(self.aggregator).__name__} returned a non-finite update"
-                )
-                return
-            storage.apply_update(update * window.scale if window.scale != 1.0 else update)
-            weights = None
-        self.faults.applied_step()
-        self._log_task_statistics([names[i] for i in tasks], gram, weights)
-
-    def _apply_held_weights(self, window: StepWindow, storage: TaskGradients, gram) -> None:
-        """A step between refreshes: row 0 holds the gradient of ``sum_i w_i L_i``."""
-        held = self.held_weights
-        sq = float(gram[0, 0])
-        if sq != sq or sq == float("inf"):
-            if self.on_nonfinite == "raise" and self._grad_scaler() is None:
-                raise FloatingPointError(
-                    f"the weighted loss of {sorted(held.weights)} has a non-finite gradient at "
-                    f"global step {self.trainer.global_step} (between weight refreshes, "
-                    "training_module.weights_every; training_module.on_nonfinite=raise)"
-                )
-            self.held_weights = None  # refresh on the next step: per-task gradients name it
-            self._skip_step(
-                storage,
-                f"the weighted loss of {sorted(held.weights)} has a "
-                f"{'NaN' if sq != sq else 'non-finite'} gradient (a step between weight "
-                "refreshes; the next step refreshes and names the component)",
-            )
-            return
-        storage.apply_weights(torch.ones(1, dtype=torch.float64))
-        held.age += 1
-        self.applied_task_weights = dict(held.weights)
-        self.faults.applied_step()
-
-    def _usable_tasks(self, window, storage, gram, names):
-        """Drop zero-gradient tasks and apply ``on_nonfinite``; return the tasks kept, their
-        Gram, and the cause of a skip (``None`` if the step goes ahead)."""
-        sq_norms = gram.diagonal()
-        keep: list[int] = []
-        for row, task in enumerate(window.tasks):
-            sq = float(sq_norms[row])
-            if sq != sq or sq == float("inf"):
-                what = "a NaN" if sq != sq else self._inf_kind(storage, row)
-                cause = (
-                    f"loss component {names[task]!r} has {what} gradient at global step "
-                    f"{self.trainer.global_step}"
-                )
-                if self.on_nonfinite == "raise":
-                    raise FloatingPointError(cause + " (training_module.on_nonfinite=raise)")
-                if self.on_nonfinite == "skip" or self._grad_scaler() is not None:
-                    return [], gram[:0, :0], cause
-                self._warn_once(
-                    "zero_task", cause + "; leaving it out of this step (on_nonfinite=zero_task)"
-                )
-                self.faults.drop(names[task])
-                continue
-            if sq == 0.0:
+    def _record(self, outcome: StepOutcome) -> None:
+        """Count, warn and log what the engine did."""
+        for task, nonfinite in outcome.dropped:
+            self.faults.drop(task)
+            if nonfinite is None:
                 self._warn_once(
                     "zero",
-                    f"loss component {names[task]!r} has a zero gradient on a step; it is left "
-                    "out of that step's aggregation (counted in mtl/dropped/<name>; further "
-                    "cases are not warned about)",
+                    f"loss component {task!r} has a zero gradient on a step; it is left out of "
+                    "that step's aggregation (counted in mtl/dropped/<name>; further cases are "
+                    "not warned about)",
                 )
-                self.faults.drop(names[task])
-                continue
-            keep.append(row)
-        if not keep:
-            return [], gram[:0, :0], "no loss component has a non-zero gradient on this step"
-        return [window.tasks[r] for r in keep], gram, None
+            else:
+                self._warn_once(
+                    "zero_task",
+                    nonfinite + "; leaving it out of this step (on_nonfinite=zero_task)",
+                )
+        self.applied_task_weights = outcome.weights
+        if not outcome.applied:
+            self._skipped(outcome.cause)
+            return
+        self.faults.applied_step()
+        if outcome.statistics is not None:
+            self.task_gradient_statistics = outcome.statistics
+            self._log_statistics(outcome.statistics)
 
-    def _inf_kind(self, storage: TaskGradients, row: int) -> str:
-        if storage.row_is_finite(row):
-            return f"a finite gradient whose squared norm overflows {storage.dtype}; an inf"
-        return "an inf"
-
-    def _grad_scaler(self):
-        return _active_scaler(self.trainer.precision_plugin)
-
-    def _skip_step(self, storage: TaskGradients, cause: str) -> None:
-        scaler = self._grad_scaler()
+    def _skipped(self, cause: str) -> None:
+        scaler = _active_scaler(self.trainer.precision_plugin)
         if scaler is not None:
-            # the GradScaler skips a step with non-finite gradients and lowers its scale
-            storage.apply_nonfinite()
             cause += (
                 f" (16-mixed: the GradScaler skips the step; loss scale {scaler.get_scale():g})"
             )
-        else:
-            storage.release_grads()  # `.grad = None`: optimizers leave every parameter alone
-        self.applied_task_weights = {}
-        self._warn(f"skipping an optimizer step: {cause} (counted in mtl/skipped_steps)")
+        warnings.warn(
+            f"skipping an optimizer step: {cause} (counted in mtl/skipped_steps)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         self.log("mtl/skipped_steps", float(self.faults.skipped + 1))
         trainer = self.trainer
         self.faults.skipped_step(
             cause, last_batch_of_first_epoch=trainer.current_epoch == 0 and trainer.is_last_batch
         )
 
-    def _warn(self, message: str) -> None:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
 
-    def _log_task_statistics(
-        self, names: list[str], gram: torch.Tensor, weights: torch.Tensor | None
-    ) -> None:
-        self.task_gradient_statistics = TaskGradientStatistics(
-            names, gram, weights, self.trainer.global_step
-        )
+    def _log_statistics(self, recorded: TaskGradientStatistics) -> None:
         stats = {"mtl/skipped_steps": float(self.faults.skipped)}
         stats.update({f"mtl/dropped/{n}": float(c) for n, c in self.faults.dropped.items()})
-        if weights is None:
-            self.applied_task_weights = {}
-            self.log_dict(stats, on_step=True, on_epoch=False)
-            return
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        gw = gram @ weights
-        update_norm = (weights @ gw).clamp_min(0).sqrt()
-        cos = gw / (norms * update_norm).clamp_min(torch.finfo(torch.float64).tiny)
-        self.applied_task_weights = {n: float(w) for n, w in zip(names, weights)}
-        for j, name in enumerate(names):
-            stats[f"mtl/grad_norm/{name}"] = float(norms[j])
-            stats[f"mtl/cos_update/{name}"] = float(cos[j])
-            stats[f"mtl/weight/{name}"] = float(weights[j])
+        if recorded.weights is not None:
+            conflict = recorded.statistics()
+            for j, name in enumerate(recorded.names):
+                stats[f"mtl/grad_norm/{name}"] = float(conflict.norms[j])
+                stats[f"mtl/cos_update/{name}"] = float(conflict.cos_update[j])
+                stats[f"mtl/weight/{name}"] = float(recorded.weights[j])
         self.log_dict(stats, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ clipping
@@ -496,22 +330,14 @@ class MultitaskLightningModule(NequIPLightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """"""
-        checkpoint["nequip_mtl"] = {
-            "aggregator": self.aggregator.state_dict(),
-            "faults": self.faults.state_dict(),
-            "held_weights": None if self.held_weights is None else self.held_weights.state_dict(),
-            "last_active": self._last_active,
-        }
+        checkpoint["nequip_mtl"] = {**self.engine.state_dict(), "faults": self.faults.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """"""
         state = checkpoint.get("nequip_mtl")
         if state is not None:
-            self.aggregator.load_state_dict(state["aggregator"])
+            self.engine.load_state_dict(state)
             self.faults.load_state_dict(state["faults"])
-            held = state.get("held_weights")
-            self.held_weights = None if held is None else HeldWeights.from_state(held)
-            self._last_active = state.get("last_active")
 
 
 class EMAMultitaskLightningModule(MultitaskLightningModule, EMALightningModule):
@@ -608,6 +434,15 @@ def _active_scaler(plugin):
 def _grad_scale(plugin) -> float:
     scaler = _active_scaler(plugin)
     return 1.0 if scaler is None else float(scaler.get_scale())
+
+
+def _reduce_function():
+    """The cross-rank mean of the task-gradient rows under DDP, else ``None``."""
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        if distributed.get_world_size() > 1:
+            return TaskGradients.all_reduce_mean_
+    return None
 
 
 def _check_weights_every(value: Any, aggregator: Aggregator) -> int:

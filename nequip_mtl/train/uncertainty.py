@@ -132,6 +132,10 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
         self.log_variances = torch.nn.Parameter(init)
         #: name -> multiplier 0.5 exp(-s) of that loss component in the last step
         self.applied_task_weights: dict[str, float] = {}
+        #: computes no per-task gradients (``TaskGradientObservable``)
+        self.task_gradient_statistics = None
+
+    measures_task_gradients = False
 
     def configure_optimizers(self):
         """The configured optimizer/scheduler, with the log-variances as an extra group."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from ...step import WindowTracker
 from ...weighting.common import check_choice, check_positive_int
 from ..coefficients import current_coeffs
 
@@ -39,25 +40,30 @@ class OptimizerStepCallback(Callback):
     ``on_train_batch_start`` or ``on_fit_start`` must call ``super()``'s.
     """
 
-    _window_step: int | None = None
+    @property
+    def _windows(self) -> WindowTracker:
+        # created on first use: subclasses need not call this class's __init__
+        tracker = self.__dict__.get("_window_tracker")
+        if tracker is None:
+            tracker = self.__dict__["_window_tracker"] = WindowTracker()
+        return tracker
 
     def _window_start(self, trainer: Any, pl_module: Any) -> None:
         """Called at the first micro-batch of every optimizer step (no-op by default)."""
 
     def _optimizer_stepped(self, trainer: Any) -> bool:
         """In ``on_train_batch_end``: did this micro-batch end with an optimizer step?"""
-        return trainer.global_step != self._window_step
+        return self._windows.stepped(trainer.global_step)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         """"""
-        self._window_step = None  # a callback object may be reused for another fit
+        self._windows.reset()  # a callback object may be reused for another fit
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
     ) -> None:
         """"""
-        if trainer.global_step != self._window_step:
-            self._window_step = trainer.global_step
+        if self._windows.starts(trainer.global_step):
             self._window_start(trainer, pl_module)
 
 

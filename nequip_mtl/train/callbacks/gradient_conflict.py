@@ -8,66 +8,20 @@ The measurement itself, one gradient per loss component on one optimizer step, i
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any
 
 import lightning
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ...diagnostics.conflict import (
-    ConflictStatistics,
-    conflict_from_weights,
-    conflict_metrics,
-    conflict_statistics,
-)
+from ...diagnostics.conflict import ConflictStatistics, conflict_metrics
+from ...step import TaskGradientObservable, TaskGradientStatistics, WindowTracker
 from .._compile import prepare_several_backward_passes
 from ._common import active_names, check_interval, check_positive_int, loss_manager
 
 PREFIX = "grad_conflict"
 
-__all__ = ["GradientConflictMonitor", "TaskGradientProbe", "TaskGradientMeasurement"]
-
-
-@dataclasses.dataclass
-class TaskGradientMeasurement:
-    """The task gradients of one optimizer step (one accumulation window), in Gram form.
-
-    Attributes:
-        names: the loss components measured, in row order
-        gram: ``(m, m)`` float64 Gram matrix ``G @ G.T`` of their gradients (of the
-            *unweighted* components, with Lightning's ``1/accumulate_grad_batches`` and
-            summed over the window's micro-batches; of the global batch under DDP)
-        weights: the update is ``weights @ G`` (``source == "module"``), else ``None``
-        update_dots: ``(m,)`` ``G @ u`` for the applied update ``u`` (``"autograd"`` only)
-        update_sq_norm: ``|u|^2`` (``"autograd"`` only)
-        source: ``"module"`` (the training module's own Gram matrix, no extra cost) or
-            ``"autograd"`` (extra per-task passes)
-        global_step: the trainer's ``global_step`` before that optimizer step
-    """
-
-    names: list[str]
-    gram: torch.Tensor
-    weights: torch.Tensor | None
-    update_dots: torch.Tensor | None
-    update_sq_norm: torch.Tensor | None
-    source: str
-    global_step: int
-
-    def statistics(self) -> ConflictStatistics:
-        """Norms and cosines of the task gradients and of the applied update."""
-        if self.weights is not None:
-            return conflict_from_weights(self.gram, self.weights, self.names)
-        return conflict_statistics(self.gram, self.names, self.update_dots, self.update_sq_norm)
-
-    def full_gram(self, names: list[str]) -> torch.Tensor:
-        """The Gram matrix over ``names`` (a superset of :attr:`names`), with zero rows and
-        columns for the components that were not measured (a gradient-aggregation module
-        leaves components with a zero gradient out of a step)."""
-        index = [names.index(n) for n in self.names]
-        full = torch.zeros(len(names), len(names), dtype=torch.float64)
-        full[torch.tensor(index)[:, None], torch.tensor(index)[None, :]] = self.gram.cpu()
-        return full
+__all__ = ["GradientConflictMonitor", "TaskGradientProbe"]
 
 
 class GradientConflictMonitor(Callback):
@@ -241,7 +195,7 @@ class TaskGradientProbe:
     def __init__(self, who: str):
         self.who = who
         self._loss_copy: Any = None
-        self._window_step: int | None = None
+        self._windows = WindowTracker()
         self._window_due = False
         self._window_batches: list[tuple[Any, int]] = []
 
@@ -254,7 +208,7 @@ class TaskGradientProbe:
                 f"{self.who} needs a NequIP training module (with a `model`), got "
                 f"{type(pl_module).__name__}"
             )
-        if not hasattr(pl_module, "task_gradient_statistics"):
+        if not _measures_task_gradients(pl_module):
             # the extra per-task backward passes go through one (possibly compiled) graph
             # several times: no donated buffers, and compile caches of our own (see
             # docs/compile.md); nequip compiles at the first forward, after this
@@ -272,7 +226,7 @@ class TaskGradientProbe:
         self._loss_copy = None
 
     def reset_window(self) -> None:
-        self._window_step = None
+        self._windows.reset()
         self._window_due = False
         self._window_batches = []
 
@@ -281,28 +235,22 @@ class TaskGradientProbe:
     ) -> None:
         """Keep the micro-batches of a step to be measured. ``due`` is called (no
         arguments) once per optimizer step, at its first micro-batch."""
-        # all micro-batches of one accumulation window share the step's `global_step`
-        if self._window_step != trainer.global_step:
-            self._window_step = trainer.global_step
+        if self._windows.starts(trainer.global_step):
             self._window_batches = []
             self._window_due = bool(due())
         if self._window_due:
             # a reference, not a copy: nequip's forward does not modify its input dict
             self._window_batches.append((batch, batch_idx))
 
-    @property
-    def window_due(self) -> bool:
-        return self._window_due
-
     # ------------------------------------------------------------------ measurement
 
     def measure(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
-    ) -> TaskGradientMeasurement | None:
+    ) -> TaskGradientStatistics | None:
         """The task gradients of the step about to be applied (call in
         ``on_before_optimizer_step``); ``None`` if this step is not to be measured or is
         skipped by the module (no gradient, or no aggregation)."""
-        if not self._window_due or self._window_step != trainer.global_step:
+        if not self._window_due or self._windows.step != trainer.global_step:
             return None
         batches = self._window_batches
         self.reset_window()
@@ -310,20 +258,12 @@ class TaskGradientProbe:
         if not params or all(p.grad is None for p in params):
             return None  # a skipped step: nothing is applied
         step = trainer.global_step
-        if hasattr(pl_module, "task_gradient_statistics"):
+        if _measures_task_gradients(pl_module):
             recorded = pl_module.task_gradient_statistics
             if recorded is None or recorded.global_step != step:
                 return None  # the module skipped this step's aggregation
             if recorded.weights is not None:
-                return TaskGradientMeasurement(
-                    list(recorded.names),
-                    recorded.gram.detach().to("cpu", torch.float64),
-                    recorded.weights.detach().to("cpu", torch.float64),
-                    None,
-                    None,
-                    "module",
-                    step,
-                )
+                return recorded
         if not batches:
             return None
         return self._autograd(trainer, pl_module, params, batches, step)
@@ -353,7 +293,7 @@ class TaskGradientProbe:
         params: list[torch.nn.Parameter],
         batches: list[tuple[Any, int]],
         step: int,
-    ) -> TaskGradientMeasurement:
+    ) -> TaskGradientStatistics:
         manager = self._private_loss(pl_module)
         names = active_names(pl_module.loss)
         if not names:
@@ -396,12 +336,17 @@ class TaskGradientProbe:
         update = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
         ).to(torch.float64)
-        return TaskGradientMeasurement(
+        return TaskGradientStatistics(
             names,
             (rows @ rows.T).cpu(),
             None,
-            (rows @ update).cpu(),
-            (update @ update).cpu(),
-            "autograd",
             step,
+            source="autograd",
+            update_dots=(rows @ update).cpu(),
+            update_sq_norm=(update @ update).cpu(),
         )
+
+
+def _measures_task_gradients(pl_module: Any) -> bool:
+    """Whether the module records its own task gradients (``TaskGradientObservable``)."""
+    return isinstance(pl_module, TaskGradientObservable) and pl_module.measures_task_gradients

@@ -1,4 +1,4 @@
-"""Per-task gradient storage for gradient-aggregation training modules.
+"""Per-task gradient rows of the step engine (pure torch).
 
 One flat ``(num_rows, numel)`` buffer per (device, dtype) group of trainable
 parameters is allocated once, with one row per task gradient that is back-propagated

@@ -1,4 +1,4 @@
-"""Bookkeeping of skipped optimizer steps and dropped tasks: counted, logged, bounded.
+"""Bookkeeping of skipped optimizer steps and dropped tasks: counted, bounded (pure Python).
 
 Pure Python: the training module reports what happened on each optimizer step; this
 object keeps the counts, names the first cause of a run of skipped steps, and decides

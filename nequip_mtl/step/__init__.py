@@ -1,0 +1,28 @@
+"""The step engine: one optimizer step's whole life, in pure torch (no Lightning).
+
+- :class:`StepEngine`: begin a window, add task losses, finish into ``.grad``;
+- :class:`TaskGradients`: the preallocated per-task gradient rows;
+- :class:`WindowTracker`: the first micro-batch of every optimizer step;
+- :class:`StepFaults`: skipped steps and dropped tasks, counted and bounded;
+- :class:`TaskGradientStatistics` and :class:`TaskGradientObservable`: what observers read.
+"""
+
+from .engine import NONFINITE_POLICIES, StepEngine, StepOutcome
+from .faults import SkippedStepsError, StepFaults
+from .rows import TaskGradients
+from .statistics import TaskGradientObservable, TaskGradientStatistics
+from .window import HeldWeights, StepWindow, WindowTracker
+
+__all__ = [
+    "NONFINITE_POLICIES",
+    "StepEngine",
+    "StepOutcome",
+    "StepFaults",
+    "SkippedStepsError",
+    "TaskGradients",
+    "TaskGradientObservable",
+    "TaskGradientStatistics",
+    "HeldWeights",
+    "StepWindow",
+    "WindowTracker",
+]
