@@ -25,8 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
+from nequip_mtl.step import StepEngine
 from nequip_mtl.train import MultitaskLightningModule
 
 
@@ -52,6 +51,57 @@ def loss_scale(ref: float | None, now: float) -> float:
     return math.sqrt(ref / now)
 
 
+class LossScaledHeldWeightsEngine(StepEngine):
+    """A :class:`~nequip_mtl.step.StepEngine` whose held steps use loss-scaled weights.
+
+    Uses the engine's public hooks only: :meth:`add` sees each step's losses,
+    :meth:`held_step_weights` gives the weights of a step between refreshes, and
+    :meth:`finish` says whether a refresh was applied.
+    """
+
+    def __init__(self, *args, loss_ema: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_ema = loss_ema
+        #: name -> the (averaged) loss of each task on the step of the held weights' refresh
+        self.reference_losses: dict[str, float] = {}
+        #: name -> the effective weights of the last step between refreshes
+        self.scaled_weights: dict[str, float] = {}
+        self.average: dict[str, float] = {}
+        self._losses: dict[str, float] = {}
+
+    def _step_losses(self, losses) -> dict[str, float]:
+        """This step's (averaged) loss of each active task, as floats."""
+        now = {name: float(x.detach()) for name, x in losses.items()}
+        if self.loss_ema is None:
+            return now
+        beta = self.loss_ema
+        for name, x in now.items():
+            old = self.average.get(name)
+            if math.isfinite(x):  # a non-finite batch is the engine's to skip
+                self.average[name] = x if old is None else beta * old + (1 - beta) * x
+        return {name: self.average.get(name, x) for name, x in now.items()}
+
+    def add(self, losses) -> None:
+        self._losses = self._step_losses(losses)
+        super().add(losses)
+
+    def held_step_weights(self, window, losses):
+        self.scaled_weights = {
+            name: w * loss_scale(self.reference_losses.get(name), self._losses[name])
+            for name, w in window.weights.items()
+        }
+        return self.scaled_weights
+
+    def finish(self, step, reduce=None):
+        before = self.held
+        outcome = super().finish(step, reduce)
+        if self.held is not None and self.held is not before:
+            self.reference_losses = dict(self._losses)  # the refresh was applied
+        if outcome.held and outcome.applied:
+            outcome.weights = dict(self.scaled_weights)  # the weights really applied
+        return outcome
+
+
 class LossScaledHeldWeightsModule(MultitaskLightningModule):
     """``weights_every: k`` holding ``w_i(ref) * sqrt(L_i(ref) / L_i(t))`` between refreshes.
 
@@ -67,64 +117,34 @@ class LossScaledHeldWeightsModule(MultitaskLightningModule):
         super().__init__(**kwargs)
         if loss_ema is not None and not 0.0 < loss_ema < 1.0:
             raise ValueError(f"`loss_ema` must be null or in (0, 1), got {loss_ema!r}")
-        self.loss_ema = loss_ema
-        #: name -> the (averaged) loss of each task on the step of the held weights' refresh
-        self.reference_losses: dict[str, float] = {}
-        #: name -> the effective weights of the last step between refreshes
-        self.scaled_weights: dict[str, float] = {}
-        self._average: dict[str, float] = {}
-        self._pending: dict[str, float] = {}
+        self.engine.loss_ema = loss_ema
+
+    def build_engine(self, aggregator, weights_every, on_nonfinite):
+        return LossScaledHeldWeightsEngine(
+            aggregator, weights_every=weights_every, on_nonfinite=on_nonfinite
+        )
+
+    @property
+    def reference_losses(self) -> dict[str, float]:
+        return self.engine.reference_losses
+
+    @property
+    def scaled_weights(self) -> dict[str, float]:
+        return self.engine.scaled_weights
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_supported(self.trainer)
 
-    def _step_losses(self) -> dict[str, float]:
-        """This step's (averaged) loss of each active task, as floats."""
-        names = list(self.loss.keys())
-        now = {names[i]: float(x.detach()) for i, x in self._batch_losses.items()}
-        if self.loss_ema is None:
-            return now
-        beta = self.loss_ema
-        for name, x in now.items():
-            old = self._average.get(name)
-            if math.isfinite(x):  # a non-finite batch is the parent's to skip
-                self._average[name] = x if old is None else beta * old + (1 - beta) * x
-        return {name: self._average.get(name, x) for name, x in now.items()}
-
-    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
-        window = self._window
-        losses = self._step_losses()
-        if window.weights is None:  # a refresh: its losses become the reference if applied
-            self._pending = losses
-        else:
-            names = list(self.loss.keys())
-            for t, w in window.weights.items():
-                name = names[t]
-                window.weights[t] = w * loss_scale(self.reference_losses.get(name), losses[name])
-            self.scaled_weights = {names[t]: w for t, w in window.weights.items()}
-        super().backward(loss, *args, **kwargs)
-
-    def _apply_aggregated_update(self) -> None:
-        before = self.held_weights
-        super()._apply_aggregated_update()
-        if self.held_weights is not None and self.held_weights is not before:
-            self.reference_losses = dict(self._pending)  # the refresh was applied
-
-    def _apply_held_weights(self, window, storage, gram) -> None:
-        super()._apply_held_weights(window, storage, gram)
-        if self.applied_task_weights:  # not skipped: report the weights really applied
-            self.applied_task_weights = dict(self.scaled_weights)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["held_form"] = {
-            "reference_losses": dict(self.reference_losses),
-            "average": dict(self._average),
+            "reference_losses": dict(self.engine.reference_losses),
+            "average": dict(self.engine.average),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("held_form", {})
-        self.reference_losses = dict(state.get("reference_losses", {}))
-        self._average = dict(state.get("average", {}))
+        self.engine.reference_losses = dict(state.get("reference_losses", {}))
+        self.engine.average = dict(state.get("average", {}))
