@@ -110,7 +110,7 @@ class StepEngine:
         active = {name: float(c) for name, c in coeffs.items() if c is not None}
         if not active:
             raise RuntimeError(
-                "At least one loss component must have a `coeff` that is not null; all are null"
+                "At least one task (loss component) must have a `coeff` that is not null; all are null"
             )
         names = list(active)
         if self.last_active is not None and self.last_active != names:

@@ -129,11 +129,7 @@ class FAMOLightningModule(NequIPLightningModule):
         loss_dict = training_loss_components(self, batch, batch_idx, dataloader_idx)
 
         names = self._names
-        active = active_indices(self.loss)
-        if not active:
-            raise RuntimeError(
-                "at least one loss component must have a coefficient that is not null"
-            )
+        active = active_indices(self.loss, required=True)
         values = torch.stack([loss_dict[f"train_loss_step{delim}{n}"].detach() for n in names])
         values = values.to(device="cpu", dtype=torch.float64)
         mask = torch.zeros(len(names), dtype=torch.bool)

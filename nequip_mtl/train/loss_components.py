@@ -6,10 +6,24 @@ from typing import Any
 
 import torch
 
+NO_ACTIVE_COMPONENT = (
+    "At least one loss component must have a `coeff` that is not null; all are null"
+)
 
-def active_indices(manager: Any) -> list[int]:
-    """Positions of the loss components whose ``coeff`` is not ``None``."""
-    return [i for i, entry in enumerate(manager.entries.values()) if entry.coeff is not None]
+
+def active_indices(manager: Any, required: bool = False) -> list[int]:
+    """Positions of the loss components whose ``coeff`` is not ``None``; with
+    ``required``, a ``RuntimeError`` if there is none."""
+    active = [i for i, entry in enumerate(manager.entries.values()) if entry.coeff is not None]
+    if required and not active:
+        raise RuntimeError(NO_ACTIVE_COMPONENT)
+    return active
+
+
+def active_names(manager: Any) -> list[str]:
+    """Names of the loss components whose ``coeff`` is not ``None``, in loss order."""
+    names = list(manager.keys())
+    return [names[i] for i in active_indices(manager)]
 
 
 def positive_active_coeffs(manager: Any, who: str, what: str) -> dict[int, float]:

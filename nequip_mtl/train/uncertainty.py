@@ -150,11 +150,7 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
         loss_dict = training_loss_components(self, batch, batch_idx, dataloader_idx)
 
         names = list(self.loss.keys())
-        active = active_indices(self.loss)
-        if not active:
-            raise RuntimeError(
-                "at least one loss component must have a coefficient that is not null"
-            )
+        active = active_indices(self.loss, required=True)
         losses = torch.stack([loss_dict[f"train_loss_step{delim}{names[i]}"] for i in active])
         s = self.log_variances[active].to(losses.dtype)
         # DDP averages gradients over ranks; the loss values are already global means, so

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from ...step import WindowTracker
 from ...weighting.common import check_choice, check_positive_int
 from ..coefficients import current_coeffs
+from ..loss_components import active_names
 
 INTERVALS = ("epoch", "batch")
 
@@ -111,10 +112,6 @@ def loss_manager(pl_module: Any, who: str) -> Any:
             f"(e.g. nequip_mtl.train.EnergyForceLoss); got {type(manager).__name__}"
         )
     return manager
-
-
-def active_names(manager: Any) -> list[str]:
-    return [name for name, entry in manager.entries.items() if entry.coeff is not None]
 
 
 def check_names(valid: list[str], names: Iterable[str], where: str) -> None:
