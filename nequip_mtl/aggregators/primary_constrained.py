@@ -39,9 +39,9 @@ class PrimaryConstrained(QPAggregator, SolverAggregator):
     (the minimal change). The update never conflicts with the primary gradient either,
     :math:`u \cdot g_p = \lVert u \rVert^2 \ge 0`, and is no longer than it. With
     several primaries only their sum is protected, not each one. Positively homogeneous
-    (scaling all gradients by :math:`t > 0` scales :math:`u` by :math:`t`); rescaling a
-    constraint's gradient changes nothing (a constraint is a direction); the update does
-    not depend on the order of the tasks. :math:`u = 0` when :math:`g_p` is zero or
+    (scaling all gradients by :math:`t > 0` scales :math:`u` by :math:`t`, at any scale:
+    every tolerance is relative); rescaling a constraint's gradient changes nothing (a
+    constraint is a direction); the update does not depend on the order of the tasks. :math:`u = 0` when :math:`g_p` is zero or
     points straight against the constraints (e.g. antiparallel to one of them). Task
     gradients of (numerically) zero norm impose no constraint and get weight 0.
 
@@ -56,7 +56,8 @@ class PrimaryConstrained(QPAggregator, SolverAggregator):
     :meth:`~nequip_mtl.aggregators.Aggregator.set_tasks`; positions count the tasks in
     the order the aggregator receives them (the loss components with a ``coeff``, in the
     loss's order), and with ``set_tasks`` in the order of its ``names``, whichever tasks
-    a step leaves out. A step on which no primary task has a gradient (e.g. a batch
+    a step leaves out (without it, a task left out of a step for a zero gradient shifts
+    the positions after it; a position beyond the rows is an error). A step on which no primary task has a gradient (e.g. a batch
     without frames of the new dataset) gives :math:`u = 0`.
 
     **Cost.** One gradient per task (``m`` backward passes), plus one QP with one variable
