@@ -33,13 +33,26 @@ from nequip_mtl.aggregators import (
     DualProj,
     Mean,
     PCGrad,
+    PrimaryConstrained,
     Sum,
     UPGrad,
 )
 from nequip_mtl.aggregators._linalg import dependence_tol
 
 f32, f64 = torch.float32, torch.float64
-ALL_CLASSES = [Mean, Sum, PCGrad, IMTLG, MGDA, UPGrad, DualProj, AlignedMTL, CAGrad, ConFIG]
+ALL_CLASSES = [
+    Mean,
+    Sum,
+    PCGrad,
+    IMTLG,
+    MGDA,
+    UPGrad,
+    DualProj,
+    AlignedMTL,
+    CAGrad,
+    ConFIG,
+    PrimaryConstrained,
+]
 # the update is mathematically unique and independent of the task order
 ORDER_FREE = [Mean, Sum, IMTLG, MGDA, UPGrad, DualProj, AlignedMTL, CAGrad, ConFIG]
 
@@ -191,6 +204,7 @@ def test_finite_and_bounded_on_every_kind_of_system(cls, s):
         CAGrad: (c * norms).sum() * (1 + 0.4) / (1 + 0.4**2),
         ConFIG: norms.sum(),  # |u| = sum_i g_i . x_hat
         AlignedMTL: c.norm() * norms.norm(),  # sqrt(lambda_R) |c|, lambda_R <= trace(H)
+        PrimaryConstrained: c[0] * norms[0],  # a projection of the primary c_0 g_0
     }.get(cls)
     if bound is not None:
         assert u.double().norm() <= bound * slack + 1e-30

@@ -31,6 +31,7 @@ from nequip_mtl.aggregators import (
     GramAggregator,
     Mean,
     PCGrad,
+    PrimaryConstrained,
     Sum,
     UPGrad,
 )
@@ -42,7 +43,19 @@ from nequip_mtl.aggregators._linalg import (
 )
 
 f64 = torch.float64
-ALL_CLASSES = [Mean, Sum, PCGrad, IMTLG, MGDA, UPGrad, DualProj, AlignedMTL, CAGrad, ConFIG]
+ALL_CLASSES = [
+    Mean,
+    Sum,
+    PCGrad,
+    IMTLG,
+    MGDA,
+    UPGrad,
+    DualProj,
+    AlignedMTL,
+    CAGrad,
+    ConFIG,
+    PrimaryConstrained,
+]
 
 
 def randn(*shape, seed, dtype=f64):
@@ -168,6 +181,7 @@ def test_single_task_is_its_own_scaled_gradient():
         AlignedMTL: 0.7,
         CAGrad: 0.7 * (1 + 0.4) / (1 + 0.4**2),  # d = g0 + c|g0| g/|g|, rescaled
         ConFIG: 1.0,
+        PrimaryConstrained: 0.7,  # the primary's scaled gradient, nothing constrains
     }
     for cls, scale in expected_scale.items():
         torch.testing.assert_close(cls()(g, c), scale * g[0], msg=cls.__name__)

@@ -13,6 +13,7 @@ from .mean import Mean
 from .mgda import MGDA
 from .momentum_config import MomentumConFIG
 from .pcgrad import PCGrad
+from .primary_constrained import PrimaryConstrained
 from .sum import Sum
 from .upgrad import UPGrad
 
@@ -30,4 +31,5 @@ __all__ = [
     "DualProj",
     "AlignedMTL",
     "CAGrad",
+    "PrimaryConstrained",
 ]

@@ -5,6 +5,7 @@ Pure torch: nothing here imports Lightning or nequip.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -83,6 +84,19 @@ class Aggregator:
 
     def reset(self) -> None:
         """Forget any state (called when the set of active tasks changes)."""
+
+    def set_tasks(self, names: Sequence[str], present: Sequence[int] | None = None) -> None:
+        """Tell the aggregator which tasks the rows of the next calls are (default: ignored).
+
+        A hook for training modules. ``names`` are the names of all the tasks (the active
+        loss components, in the module's order); ``present`` are the positions in
+        ``names`` of the tasks whose gradients are the rows of the next calls, in row
+        order (``None``: all of them, in order). A module that leaves tasks out of a step
+        (a zero or non-finite gradient) calls it before every aggregation, with that
+        step's ``present``. Most aggregators treat all tasks alike and ignore it; those
+        that refer to tasks by name (:class:`~nequip_mtl.aggregators.PrimaryConstrained`)
+        use it.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """State to carry across checkpoint restarts (empty for stateless methods)."""
