@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -72,3 +73,20 @@ def test_applied_update_is_the_projection_of_the_primary_gradient(tmp_path):
         pushed += int(active.any())
     # the run exercised both branches: steps with and without a conflict to remove
     assert 0 < pushed < len(rec.updates), pushed
+
+
+def test_primary_by_name_in_a_real_run_and_a_typo_refused_at_fit_start(tmp_path):
+    """The engine names the tasks: `primary: forces_mse` equals `primary: 1` (the forces
+    are the second component), and an unknown name fails before the first step."""
+    from nequip_mtl.train import MultitaskLightningModule
+    from tests._harness import fit, params
+
+    by = {}
+    for key, primary in (("name", "forces_mse"), ("position", 1)):
+        agg = {"_target_": "nequip_mtl.aggregators.PrimaryConstrained", "primary": primary}
+        module, _ = fit(MultitaskLightningModule, tmp_path / key, aggregator=agg)
+        by[key] = params(module)
+    assert torch.equal(by["name"], by["position"])
+    agg = {"_target_": "nequip_mtl.aggregators.PrimaryConstrained", "primary": "force_mse"}
+    with pytest.raises(ValueError, match="force_mse"):
+        fit(MultitaskLightningModule, tmp_path / "typo", aggregator=agg, data=datamodule())

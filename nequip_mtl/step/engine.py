@@ -212,6 +212,7 @@ class StepEngine:
             weights = torch.ones(1, dtype=torch.float64)  # its plain gradient, as in nequip
             rows.apply_weights(weights)
         elif isinstance(self.aggregator, GramAggregator):
+            self.aggregator.set_tasks(window.active, [window.active.index(t) for t in tasks])
             weights = self.aggregator.weights(gram, coeffs, source_dtype=rows.dtype)
             if not bool(torch.isfinite(weights).all()):
                 return self._skip(outcome, f"{name} returned non-finite weights")

@@ -22,7 +22,7 @@ from ..step import (
     WindowTracker,
 )
 from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
-from .loss_components import training_loss_components
+from .loss_components import active_names, training_loss_components
 
 _CLIP_ALGORITHMS = ("norm", "value")
 
@@ -198,6 +198,8 @@ class MultitaskLightningModule(NequIPLightningModule):
                 f"{self.module_clip_val} and `trainer.gradient_clip_val`={trainer.gradient_clip_val}; "
                 "set only one (the trainer's is preferred)"
             )
+        # an aggregator that names tasks (PrimaryConstrained) checks them before any step
+        self.aggregator.set_tasks(active_names(self.loss))
         self._windows.reset()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
