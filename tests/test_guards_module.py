@@ -38,7 +38,8 @@ class DirectGradients(Callback):
     autograd calls), the coefficients of the step, and the per-task gradient matrix of
     the step's batch computed directly with ``torch.autograd`` at the step's parameters."""
 
-    def __init__(self):
+    def __init__(self, names=NAMES):
+        self.names = list(names)
         self.updates, self.rows, self.coeffs, self.passes = [], [], [], []
         self._batches, self._count, self._counting = [], 0, True
 
@@ -63,15 +64,15 @@ class DirectGradients(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.passes.append(self._count)
         self.updates.append(_flat_grads(pl_module))
-        self.coeffs.append({n: pl_module.loss.entries[n].coeff for n in NAMES})
+        self.coeffs.append({n: pl_module.loss.entries[n].coeff for n in self.names})
         ps = [p for p in pl_module.model.parameters() if p.requires_grad]
-        rows = torch.zeros(len(NAMES), sum(p.numel() for p in ps), dtype=torch.float64)
+        rows = torch.zeros(len(self.names), sum(p.numel() for p in ps), dtype=torch.float64)
         self._counting = False
         try:
             for batch, idx in self._batches:
                 target = pl_module.process_target(copy.deepcopy(batch), idx)
                 losses = self._loss(pl_module(copy.deepcopy(batch)), target)
-                for i, name in enumerate(NAMES):
+                for i, name in enumerate(self.names):
                     g = torch.autograd.grad(losses[name], ps, retain_graph=True, allow_unused=True)
                     flat = [
                         (x if x is not None else torch.zeros_like(p)).flatten()
@@ -83,10 +84,11 @@ class DirectGradients(Callback):
         self.rows.append(rows)
 
     def active(self, step: int) -> list[int]:
-        return [i for i, n in enumerate(NAMES) if self.coeffs[step][n] is not None]
+        return [i for i, n in enumerate(self.names) if self.coeffs[step][n] is not None]
 
     def coeff_tensor(self, step: int) -> torch.Tensor:
-        return torch.tensor([self.coeffs[step][NAMES[i]] for i in self.active(step)]).double()
+        names = self.names
+        return torch.tensor([self.coeffs[step][names[i]] for i in self.active(step)]).double()
 
 
 def _fit(tmp_path, cls=mtl.MultitaskLightningModule, epochs=4, callbacks=(), plugins=None, **kw):
