@@ -14,8 +14,15 @@ set_global_state()
 
 
 def datamodule(
-    num_frames: int = 12, train: int = 8, val: int = 4, batch_size: int = 4, seed: int = 1
+    num_frames: int = 12,
+    train: int = 8,
+    val: int = 4,
+    batch_size: int = 4,
+    seed: int = 1,
+    extra_transforms: list | None = None,
 ):
+    """``extra_transforms``: Hydra configs of data transforms applied after the neighbor
+    list (e.g. a transform that adds a label field)."""
     return NequIPDataModule(
         seed=seed,
         split_dataset={
@@ -28,6 +35,7 @@ def datamodule(
                         "chemical_species_to_atom_type_map": {"Cu": "Cu"},
                     },
                     {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": 4.0},
+                    *(extra_transforms or []),
                 ],
                 "supercell": [2, 2, 2],
                 "seed": seed,
