@@ -20,7 +20,15 @@ from matplotlib.cbook import STEP_LOOKUP_MAP
 from matplotlib.image import imread
 from nequip.train import NequIPLightningModule
 
-from nequip_mtl.plot import FIGURES, NoLogsError, Series, build_figures, load_run, make_plots
+from nequip_mtl.plot import (
+    FIGURES,
+    NoLogsError,
+    Series,
+    build_figures,
+    load_run,
+    make_plots,
+    update_shares,
+)
 from nequip_mtl.plot.cli import main
 from nequip_mtl.plot.figures import NORMALISED_TITLE, SHARE_TITLE, coinciding
 from nequip_mtl.plot.names import axis_label, parse_metric, unit
@@ -353,6 +361,26 @@ def test_negative_weight_share_and_missing_norms(tmp_path):
     assert neg.get_marker() == "x"
     np.testing.assert_array_equal(neg.get_xdata(), [1])
     assert any("1 weight record(s) without gradient norms" in n for n in notes), notes
+
+
+def test_update_shares_with_an_inactive_task():
+    """A task missing from a record (inactive, or dropped that step) has no share there,
+    and the shares of the others sum to one; all-zero terms give no record."""
+    steps = np.array([0.0, 1.0, 2.0])
+    weights = {
+        "a": Series("a", steps, np.array([1.0, 2.0, 1.0])),
+        "b": Series("b", steps[[0, 2]], np.array([3.0, 0.0])),
+    }
+    norms = {
+        "a": Series("a", steps, np.array([1.0, 0.5, 0.0])),
+        "b": Series("b", steps[[0, 2]], np.array([1.0, 4.0])),
+    }
+    shares = update_shares(weights, norms)
+    assert shares.kind == "share"
+    np.testing.assert_array_equal(shares.step, [0.0, 1.0])
+    np.testing.assert_allclose(shares.value["a"], [0.25, 1.0])
+    assert shares.value["b"][0] == 0.75 and np.isnan(shares.value["b"][1])
+    np.testing.assert_array_equal(shares.left_out, [2.0])
 
 
 def test_weights_without_norms_fall_back_to_normalised_weights(tmp_path):

@@ -557,8 +557,9 @@ def _plot_noisy(ax, s: Series, color: str, label: str) -> tuple[int, float]:
 
 
 def _smoothing_note(windows: Sequence[tuple[int, float]]) -> str:
-    """`` (thin: logged values; thick: moving average over 44 logged values, about 44
-    optimizer steps)``; ``""`` without smoothing."""
+    """A second title line, ``(thin: logged values; thick: moving average over 44 logged
+    values, about 44 optimizer steps)``, saying what the thick lines average; ``""``
+    without smoothing."""
     used = [w for w in windows if w[0] > 1]
     if not used:
         return ""
