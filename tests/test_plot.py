@@ -20,9 +20,17 @@ from matplotlib.cbook import STEP_LOOKUP_MAP
 from matplotlib.image import imread
 from nequip.train import NequIPLightningModule
 
-from nequip_mtl.plot import FIGURES, NoLogsError, Series, build_figures, load_run, make_plots
+from nequip_mtl.plot import (
+    FIGURES,
+    NoLogsError,
+    Series,
+    build_figures,
+    load_run,
+    make_plots,
+    update_shares,
+)
 from nequip_mtl.plot.cli import main
-from nequip_mtl.plot.figures import coinciding
+from nequip_mtl.plot.figures import NORMALISED_TITLE, SHARE_TITLE, coinciding
 from nequip_mtl.plot.names import axis_label, parse_metric, unit
 from nequip_mtl.plot.tfevents import EventFileError, read_scalars
 from nequip_mtl.train import MultitaskLightningModule
@@ -187,10 +195,7 @@ def test_conflict_figure_panels_and_data(mtl_run, mtl_figures):
 
 def test_coefficient_and_summary_figures(mtl_run, mtl_figures):
     coeff = _axes_by_title(mtl_figures["loss_coefficients.png"])
-    assert set(coeff) == {
-        "loss coefficients (normalised to sum to 1)",
-        "weight of each task gradient in the update",
-    }
+    assert set(coeff) == {"loss coefficients (normalised to sum to 1)", SHARE_TITLE}
     ax = coeff["loss coefficients (normalised to sum to 1)"]
     assert sorted(ln.get_label() for ln in ax.get_lines()) == [
         "energy per atom",
@@ -205,7 +210,7 @@ def test_coefficient_and_summary_figures(mtl_run, mtl_figures):
     assert "error per task, relative to the first epoch" in axes
     assert "weighted sum of the loss components" in axes
     assert any(t.startswith("cosine similarity of the task gradients") for t in axes)
-    assert "weight of each task gradient in the update" in axes
+    assert SHARE_TITLE in axes
     rel = axes["error per task, relative to the first epoch"]
     line = _line(rel, "forces val MAE")
     steps, values = _csv_column(mtl_run, "val0_epoch/forces_mae")
@@ -252,6 +257,172 @@ def test_partial_and_odd_logs_do_not_crash(tmp_path):
     logs = load_run(run)
     assert "empty_col" not in logs.series
     np.testing.assert_array_equal(logs.series["grad_conflict/norm/forces_mse"].step, [3, 8])
+
+
+# ---------------------------------------------------------------- share of the update
+
+
+def _csv_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "logs" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _share_points(ax, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) drawn for one task in a shares panel: its positive-weight and
+    negative-weight (×) markers together, sorted by step."""
+    lines = [ln for ln in ax.get_lines() if ln.get_label() in (label, f"{label} (weight < 0)")]
+    assert lines, [ln.get_label() for ln in ax.get_lines()]
+    for line in lines:
+        # sparse records: markers only, no line suggesting values between them
+        assert line.get_linestyle() == "None" and line.get_marker() in ("o", "x")
+    x = np.concatenate([np.asarray(ln.get_xdata(), float) for ln in lines])
+    y = np.concatenate([np.asarray(ln.get_ydata(), float) for ln in lines])
+    order = np.argsort(x, kind="stable")
+    return x[order], y[order]
+
+
+def test_update_share_panel_of_a_real_run(mtl_run, mtl_figures):
+    """Both weight panels show each task's share of the update, |w_i| |g_i| / sum_j
+    |w_j| |g_j|, computed here row by row from the logged mtl/weight/* and
+    mtl/grad_norm/* (the raw weights stay in the logs); at every record the shares sum
+    to one."""
+    tasks = {
+        "per_atom_energy_mse": "energy per atom",
+        "forces_mse": "forces",
+        "stress_mse": "stress",
+    }
+    expected: dict[str, tuple[list, list]] = {t: ([], []) for t in tasks}
+    for row in _csv_rows(mtl_run):
+        if not row.get("mtl/weight/forces_mse"):
+            continue
+        terms = {
+            t: abs(float(row[f"mtl/weight/{t}"])) * abs(float(row[f"mtl/grad_norm/{t}"]))
+            for t in tasks
+        }
+        for t in tasks:
+            expected[t][0].append(float(row["step"]))
+            expected[t][1].append(terms[t] / sum(terms.values()))
+    assert len(expected["forces_mse"][0]) == 12  # every step of 3 epochs x 4 batches
+    raw = np.array(
+        [
+            float(r["mtl/weight/stress_mse"])
+            for r in _csv_rows(mtl_run)
+            if r.get("mtl/weight/stress_mse")
+        ]
+    )
+    assert raw.max() > 1.5  # raw weights are not shares: a weak stress gradient gets a large one
+    for fig in ("loss_coefficients.png", "summary.png"):
+        ax = _axes_by_title(mtl_figures[fig])[SHARE_TITLE]
+        assert ax.get_ylabel() == "share of the update"
+        drawn = {}
+        for task, label in tasks.items():
+            x, y = _share_points(ax, label)
+            np.testing.assert_array_equal(x, expected[task][0])
+            np.testing.assert_allclose(y, expected[task][1], rtol=1e-12)
+            drawn[task] = y
+        np.testing.assert_allclose(sum(drawn.values()), 1.0, rtol=1e-12)
+        assert ax.get_yscale() == "linear" and ax.get_ylim() == (-0.03, 1.03)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", *header])
+        for row in rows:
+            writer.writerow(["0", *["" if v is None else v for v in row]])
+
+
+def test_negative_weight_share_and_missing_norms(tmp_path):
+    """A negative weight: the share is the size of its term, |w_i| |g_i| (the update
+    subtracts that gradient), drawn with × and labelled; a record without the norms of
+    every task is left out with a note."""
+    cols = ["mtl/weight/forces_mse", "mtl/weight/stress_mse"]
+    cols += ["mtl/grad_norm/forces_mse", "mtl/grad_norm/stress_mse"]
+    _write_csv(
+        tmp_path / "run" / "metrics.csv",
+        cols,
+        [
+            [0, 1.0, 200.0, 0.2, 0.001],  # terms 0.2, 0.2
+            [1, 1.0, -100.0, 0.3, 0.001],  # terms 0.3, 0.1 (stress subtracted)
+            [2, 2.0, 300.0, 0.1, None],  # no stress norm: not shown
+            [3, 0.5, 600.0, 0.4, 0.0005],  # terms 0.2, 0.3
+        ],
+    )
+    notes: list[str] = []
+    fig = build_figures(load_run(tmp_path / "run"), notes)["loss_coefficients.png"]
+    ax = _axes_by_title(fig)[SHARE_TITLE]
+    x, y = _share_points(ax, "forces")
+    np.testing.assert_array_equal(x, [0, 1, 3])
+    np.testing.assert_allclose(y, [0.5, 0.75, 0.4], rtol=1e-12)
+    x, y = _share_points(ax, "stress")
+    np.testing.assert_allclose(y, [0.5, 0.25, 0.6], rtol=1e-12)
+    (neg,) = [ln for ln in ax.get_lines() if ln.get_label() == "stress (weight < 0)"]
+    assert neg.get_marker() == "x"
+    np.testing.assert_array_equal(neg.get_xdata(), [1])
+    assert any("1 weight record(s) without gradient norms" in n for n in notes), notes
+
+
+def test_update_shares_with_an_inactive_task():
+    """A task missing from a record (inactive, or dropped that step) has no share there,
+    and the shares of the others sum to one; all-zero terms give no record."""
+    steps = np.array([0.0, 1.0, 2.0])
+    weights = {
+        "a": Series("a", steps, np.array([1.0, 2.0, 1.0])),
+        "b": Series("b", steps[[0, 2]], np.array([3.0, 0.0])),
+    }
+    norms = {
+        "a": Series("a", steps, np.array([1.0, 0.5, 0.0])),
+        "b": Series("b", steps[[0, 2]], np.array([1.0, 4.0])),
+    }
+    shares = update_shares(weights, norms)
+    assert shares.kind == "share"
+    np.testing.assert_array_equal(shares.step, [0.0, 1.0])
+    np.testing.assert_allclose(shares.value["a"], [0.25, 1.0])
+    assert shares.value["b"][0] == 0.75 and np.isnan(shares.value["b"][1])
+    np.testing.assert_array_equal(shares.left_out, [2.0])
+
+
+def test_weights_without_norms_fall_back_to_normalised_weights(tmp_path):
+    """task_weight/* (LossCoefficientMonitor; no gradient norms at their steps): the
+    panel shows w_i / sum_j |w_j|, with its sign, and its title and a note say so."""
+    _write_csv(
+        tmp_path / "run" / "metrics.csv",
+        ["task_weight/forces_mse", "task_weight/stress_mse"],
+        [[3, 1.0, 3.0], [7, -1.0, 4.0]],
+    )
+    notes: list[str] = []
+    figures = build_figures(load_run(tmp_path / "run"), notes)
+    for name in ("loss_coefficients.png", "summary.png"):
+        ax = _axes_by_title(figures[name])[NORMALISED_TITLE]
+        assert "no gradient norms logged" in ax.get_title()
+        assert ax.get_ylabel() == "normalised weight"
+        x, y = _share_points(ax, "forces")
+        np.testing.assert_array_equal(x, [3, 7])
+        np.testing.assert_allclose(y, [0.25, -0.2], rtol=1e-12)
+        np.testing.assert_allclose(_share_points(ax, "stress")[1], [0.75, 0.8], rtol=1e-12)
+        assert any(n.startswith(name) and "normalised weights" in n for n in notes), notes
+
+
+def test_moving_average_says_what_it_averages(tmp_path):
+    """The title of a smoothed panel gives the window in logged values and in optimizer
+    steps (records every 2 steps here), and the thick line is that centred average."""
+    steps = np.arange(0, 200, 2)
+    values = np.cos(steps / 7.0)
+    _write_csv(
+        tmp_path / "run" / "metrics.csv",
+        ["grad_conflict/cos/forces_mse~stress_mse"],
+        [[int(s), v] for s, v in zip(steps, values)],
+    )
+    fig = build_figures(load_run(tmp_path / "run"))["gradient_conflict.png"]
+    (ax,) = _axes_by_title(fig).values()
+    assert ax.get_title().endswith(
+        "(thin: logged values; thick: moving average over 5 logged values, about 10 "
+        "optimizer steps)"
+    )
+    thick = _line(ax, "forces ↔ stress")
+    expected = [values[max(0, i - 2) : i + 3].mean() for i in range(len(values))]
+    _same_data(thick, steps, expected)
 
 
 # ---------------------------------------------------------------- honest drawing
@@ -474,7 +645,7 @@ def test_missing_tensorboard_is_a_clear_error(tb_run, tmp_path):
         timeout=300,
     )
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "nequip-mtl[tensorboard]" in res.stderr and "Traceback" not in res.stderr
+    assert 'pip install -e ".[tensorboard]"' in res.stderr and "Traceback" not in res.stderr
     res = subprocess.run(
         [sys.executable, "-c", code, str(tb_run), "--out", str(tmp_path / "b")],
         capture_output=True,
@@ -484,7 +655,45 @@ def test_missing_tensorboard_is_a_clear_error(tb_run, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "note: ignored 1 TensorBoard event file(s)" in res.stdout
-    assert "nequip-mtl[tensorboard]" in res.stdout
+    assert 'pip install -e ".[tensorboard]"' in res.stdout
+
+
+def test_new_style_tensorboard_scalars_are_read(tmp_path):
+    """Scalars that torch's SummaryWriter writes in the tensor encoding (new_style=True,
+    float32 and float64) are read back with the values written, next to classic
+    simple_value scalars; a one-element tensor of another plugin is not a scalar, and a
+    tag's plugin is known from its first value's metadata (writers may omit it later)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.util.tensor_util import make_tensor_proto
+    from torch.utils.tensorboard import SummaryWriter
+
+    values = [0.1 * k + 1 / 3 for k in range(6)]
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    for step, v in enumerate(values):
+        writer.add_scalar("train_loss_step/forces_mse", v, step, new_style=True)
+        writer.add_scalar("val0_epoch/forces_mae", v, step, new_style=True, double_precision=True)
+        writer.add_scalar("train_loss_step/stress_mse", 2 * v, step)
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="custom"))
+        other = Summary.Value(tag="custom/thing", tensor=make_tensor_proto(np.float32(v)))
+        if step == 0:
+            other.metadata.CopyFrom(meta)
+        writer._get_file_writer().add_summary(Summary(value=[other]), step)
+    writer.close()
+    scalars, problem = read_scalars(_event_file(tmp_path))
+    assert problem is None
+    assert set(scalars) == {
+        "train_loss_step/forces_mse",
+        "val0_epoch/forces_mae",
+        "train_loss_step/stress_mse",
+    }
+    steps = list(range(6))
+    assert scalars["train_loss_step/forces_mse"] == [
+        (k, float(np.float32(v))) for k, v in zip(steps, values)
+    ]
+    assert scalars["val0_epoch/forces_mae"] == list(zip(steps, values))  # float64: exact
+    logs = load_run(tmp_path / "tb")
+    np.testing.assert_array_equal(logs.series["val0_epoch/forces_mae"].value, values)
+    np.testing.assert_array_equal(logs.series["train_loss_step/forces_mse"].step, steps)
 
 
 # ---------------------------------------------------------------- names and units

@@ -49,6 +49,11 @@ def _elements(text: str) -> list[str]:
     return elements
 
 
+def _type_names(elements) -> str:
+    """``model_type_names: [Cu, Ni, Pd]``, as written in a YAML config."""
+    return f"model_type_names: [{', '.join(elements)}]"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nequip-mtl-make-data",
@@ -56,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Generate a seeded multitask data set (EMT energies, forces and stresses of "
             "strained, rattled fcc alloys with vacancies and surface slabs) as extended XYZ, "
             "readable by nequip.data.dataset.ASEDataset. Same arguments -> identical file."
+        ),
+        epilog=(
+            "The training config's `model_type_names` must list the same elements as "
+            f"--elements: configs/tutorial.yaml has {_type_names(DEFAULT_ELEMENTS)}, for "
+            "the default elements; change both together when generating other elements."
         ),
     )
     parser.add_argument("output", help="output file, e.g. data/alloy.xyz (extended XYZ)")
@@ -69,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_ELEMENTS),
         help=(
             f"comma-separated alloy elements from {','.join(SUPPORTED_ELEMENTS)} "
-            f"(default: {','.join(DEFAULT_ELEMENTS)})"
+            f"(default: {','.join(DEFAULT_ELEMENTS)}); the config's `model_type_names` "
+            "must list the same elements"
         ),
     )
     parser.add_argument(
@@ -116,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"wrote {len(frames)} frames ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}; "
             f"{min(sizes)}-{max(sizes)} atoms; elements {','.join(args.elements)}) "
-            f"to {args.output} in {time.perf_counter() - start:.1f} s"
+            f"to {args.output} in {time.perf_counter() - start:.1f} s; the training config "
+            f"needs {_type_names(args.elements)}"
         )
     return 0
 

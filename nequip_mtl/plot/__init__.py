@@ -14,6 +14,7 @@ from .figures import (
     summary_figure,
 )
 from .logs import NoLogsError, RunLogs, Series, load_run
+from .shares import UpdateShares, update_shares
 
 __all__ = [
     "make_plots",
@@ -28,4 +29,6 @@ __all__ = [
     "RunLogs",
     "Series",
     "NoLogsError",
+    "update_shares",
+    "UpdateShares",
 ]

@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
             + ", ".join(FIGURES)
             + ". Figures whose series were not logged are skipped with a note."
         ),
+        epilog=(
+            "Reading TensorBoard logs (events.out.tfevents.*) needs the `tensorboard` "
+            'extra: pip install -e ".[tensorboard]" in the nequip-mtl checkout (or pip '
+            "install tensorboard); CSV logs need nothing extra. Without it, event files are "
+            "skipped with a note (an error if the run has no metrics.csv)."
+        ),
     )
     parser.add_argument(
         "run_dir",

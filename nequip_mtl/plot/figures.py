@@ -22,6 +22,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from .logs import RunLogs, Series, load_run
 from .names import KINDS, axis_label, parse_metric, quantity_label, split_prefix, unit
+from .shares import SHARE, UpdateShares, update_shares
 
 __all__ = [
     "PlotResult",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 STEP_LABEL = "optimizer step"
+SHARE_TITLE = "share of each task in the update: |w_i|‖g_i‖ / Σ_j |w_j|‖g_j‖"
+NORMALISED_TITLE = "normalised task weights w_i / Σ_j |w_j| (no gradient norms logged)"
 CONFLICT_HINT = (
     "add `- _target_: nequip_mtl.train.callbacks.GradientConflictMonitor` to "
     "`trainer.callbacks` to log them"
@@ -93,27 +96,14 @@ def _window(n: int) -> int:
     return max(1, n // 20) if n >= 20 else 1
 
 
-def _log_scale(ax, series: Sequence[np.ndarray], require_positive: bool = False) -> None:
-    """Log y axis when there is positive data (non-positive values are masked; with
-    ``require_positive``, only when every value is positive). Tick labels are plain
-    numbers (``0.03``), on minor ticks too when the data span less than two decades."""
+def _log_scale(ax, series: Sequence[np.ndarray]) -> None:
+    """Log y axis when there is positive data (non-positive values are masked). Tick
+    labels are plain numbers (``0.03``), on minor ticks too when the data span less than
+    two decades."""
     values = np.concatenate([np.asarray(s, float) for s in series]) if series else np.array([])
     finite = values[np.isfinite(values)]
     positive = finite[finite > 0]
     if len(positive) == 0:
-        return
-    if require_positive and len(positive) < len(finite):
-        nonzero = np.abs(finite[finite != 0])
-        if np.log10(nonzero.max() / nonzero.min()) >= 2:
-            # mixed signs over several decades: linear near zero, logarithmic beyond
-            linthresh = float(10 ** np.floor(np.log10(np.percentile(nonzero, 10))))
-            ax.set_yscale("symlog", linthresh=linthresh)
-            # plain labels; none at +-linthresh, which would crowd the one at 0
-            ax.yaxis.set_major_formatter(
-                FuncFormatter(
-                    lambda v, _: "0" if v == 0 else "" if abs(v) < 5 * linthresh else _num(v)
-                )
-            )
         return
     ax.set_yscale("log", nonpositive="mask")
     fmt = FuncFormatter(lambda v, _: _num(v))
@@ -426,25 +416,91 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
 # ---------------------------------------------------------------- coefficients
 
 
+def _update_shares(logs: RunLogs) -> UpdateShares | None:
+    """Each task's share of the update from ``mtl/weight/*`` and ``mtl/grad_norm/*``
+    (logged together, at the same step, by the aggregation modules); without those, the
+    normalised ``task_weight/*`` of ``LossCoefficientMonitor`` (their steps are not those
+    of any logged gradient norm). ``None`` if neither was logged."""
+    weights = logs.with_prefix("mtl/weight/")
+    if weights:
+        return update_shares(weights, logs.with_prefix("mtl/grad_norm/"))
+    task_weights = logs.with_prefix("task_weight/")
+    if task_weights:
+        return update_shares(task_weights, {})
+    return None
+
+
+def _share_title(shares: UpdateShares) -> tuple[str, str]:
+    """(title, y label) of a shares panel: which quantity it shows."""
+    if shares.kind == SHARE:
+        return SHARE_TITLE, "share of the update"
+    return NORMALISED_TITLE, "normalised weight"
+
+
+def _plot_shares(ax, shares: UpdateShares, colors: dict[str, str], filename: str, notes) -> None:
+    """One marker per logged record and task (no lines: records are sparse, and nothing
+    is known between them): filled for a positive weight, × for a negative one (the
+    update subtracts that task's gradient)."""
+    n = len(shares.step)
+    ms = 4 if n < 100 else 2.5 if n < 1000 else 1.5
+    for name, values in shares.value.items():
+        color = colors[parse_metric(name).field]
+        neg = shares.negative[name]
+        pos = np.isfinite(values) & ~neg
+        ax.plot(
+            shares.step[pos],
+            values[pos],
+            linestyle="none",
+            marker="o",
+            ms=ms,
+            color=color,
+            label=_task_label(name),
+        )
+        if neg.any():
+            ax.plot(
+                shares.step[neg],
+                values[neg],
+                linestyle="none",
+                marker="x",
+                ms=ms + 2,
+                color=color,
+                label=f"{_task_label(name)} (weight < 0)",
+            )
+    if shares.kind == SHARE:
+        ax.set_ylim(-0.03, 1.03)
+    else:
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_ylim(-1.05, 1.05)
+        notes.append(
+            f"{filename}: the task weights were logged without gradient norms at the same "
+            "step (mtl/grad_norm/*), so the normalised weights w_i / sum_j |w_j| are shown "
+            "instead of each task's share of the update"
+        )
+    if len(shares.left_out):
+        notes.append(
+            f"{filename}: {len(shares.left_out)} weight record(s) without gradient norms "
+            "of every task at the same step are not shown"
+        )
+
+
 def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | None:
-    """Loss coefficients (``loss_coeff/*``) and the weight of each task gradient in the
-    applied update (``mtl/weight/*`` or ``task_weight/*``) over training."""
+    """Loss coefficients (``loss_coeff/*``), and each task's share of the applied update
+    (``|w_i| |g_i| / sum_j |w_j| |g_j|``, from ``mtl/weight/*`` and ``mtl/grad_norm/*``;
+    the normalised weights ``w_i / sum_j |w_j|`` where the norms are not logged, e.g.
+    ``task_weight/*``), over training. See :mod:`nequip_mtl.plot.shares`."""
     notes = notes if notes is not None else []
     coeffs = logs.with_prefix("loss_coeff/")
-    weights = logs.with_prefix("mtl/weight/")
-    alt = logs.with_prefix("task_weight/")
-    if sum(len(s) for s in alt.values()) > sum(len(s) for s in weights.values()):
-        weights = alt
+    shares = _update_shares(logs)
     panels = []
     if coeffs:
-        panels.append(("loss coefficients (normalised to sum to 1)", "coefficient", coeffs))
+        panels.append("coeffs")
     else:
         notes.append(
             "loss_coefficients.png: no loss_coeff/* series (add "
             "nequip_mtl.train.callbacks.LossCoefficientMonitor to log them)"
         )
-    if weights:
-        panels.append(("weight of each task gradient in the update", "weight", weights))
+    if shares is not None:
+        panels.append("shares")
     if not panels:
         notes[-1] = (
             "loss_coefficients.png: skipped, no loss_coeff/*, mtl/weight/* or task_weight/* "
@@ -453,26 +509,24 @@ def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure
         return None
     fig, axes = _figure(1, len(panels), width=5.6 * len(panels), row_height=3.6)
     fig.suptitle(f"Loss coefficients: {logs.run_dir.name}", fontsize=12)
-    colors = _task_colors([n for _, _, group in panels for n in group])
-    for ax, (title, ylabel, group) in zip(axes[0], panels):
-        for name, s in group.items():
-            style = dict(
-                marker="." if len(s) < 50 else None,
-                lw=1.5,
-                color=colors[parse_metric(name).field],
-                label=_task_label(name),
-            )
-            if group is coeffs:
+    colors = _task_colors(list(coeffs) + (list(shares.value) if shares else []))
+    for ax, panel in zip(axes[0], panels):
+        if panel == "coeffs":
+            for name, s in coeffs.items():
                 # coefficients hold between updates: steps, not ramps between logged points
-                _plot_held(ax, s, **style)
-            else:
-                ax.plot(s.step, s.value, "-", **style)
-        if group is weights:
-            # gradient-space weights can differ by orders of magnitude between tasks
-            _log_scale(ax, [s.value for s in group.values()], require_positive=True)
+                _plot_held(
+                    ax,
+                    s,
+                    marker="." if len(s) < 50 else None,
+                    lw=1.5,
+                    color=colors[parse_metric(name).field],
+                    label=_task_label(name),
+                )
+            _note_coinciding(ax, coeffs, "loss coefficients")
+            _finish(ax, "loss coefficients (normalised to sum to 1)", "coefficient", "outside")
         else:
-            _note_coinciding(ax, group, "loss coefficients")
-        _finish(ax, title, ylabel, legend="outside")
+            _plot_shares(ax, shares, colors, "loss_coefficients.png", notes)
+            _finish(ax, *_share_title(shares), legend="outside")
     return fig
 
 
@@ -488,21 +542,35 @@ def _conflict_series(logs: RunLogs) -> dict[str, dict[str, Series]]:
     return {"cos": cos, "cos_update": cos_update, "norm": norms}
 
 
-def _plot_noisy(ax, s: Series, color: str, label: str) -> int:
-    """Every logged value (thin) and, for long series, a moving average (thick).
-    Returns the moving-average window (1: none)."""
+def _plot_noisy(ax, s: Series, color: str, label: str) -> tuple[int, float]:
+    """Every logged value (thin) and, for long series, a centred moving average over
+    ``window`` consecutive logged values (thick). Returns ``(window, steps)``: the window
+    (1: none) and the number of optimizer steps it spans (window x the median spacing of
+    the records)."""
     window = _window(len(s))
     if window > 1:
         ax.plot(s.step, s.value, lw=0.5, alpha=0.3 if len(s) < 200 else 0.15, color=color)
         ax.plot(s.step, _smooth(s.value, window), lw=1.8, color=color, label=label)
-    else:
-        ax.plot(s.step, s.value, "-", marker=".", lw=1.5, color=color, label=label)
-    return window
+        return window, window * float(np.median(np.diff(s.step)))
+    ax.plot(s.step, s.value, "-", marker=".", lw=1.5, color=color, label=label)
+    return 1, 1.0
 
 
-def _smoothing_note(windows: Sequence[int]) -> str:
-    w = max(windows, default=1)
-    return f" (thin: logged values; thick: moving average of {w})" if w > 1 else ""
+def _smoothing_note(windows: Sequence[tuple[int, float]]) -> str:
+    """A second title line, ``(thin: logged values; thick: moving average over 44 logged
+    values, about 44 optimizer steps)``, saying what the thick lines average; ``""``
+    without smoothing."""
+    used = [w for w in windows if w[0] > 1]
+    if not used:
+        return ""
+    sizes = sorted({w for w, _ in used})
+    spans = sorted({round(span) for _, span in used})
+    size = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    span = f"{spans[0]:g}" if len(spans) == 1 else f"{spans[0]:g}-{spans[-1]:g}"
+    return (
+        f"\n(thin: logged values; thick: moving average over {size} logged values, "
+        f"about {span} optimizer steps)"
+    )
 
 
 def _cos_axes(ax) -> None:
@@ -723,31 +791,22 @@ def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
     else:
         _empty(c, "no gradient-conflict logs:\n" + CONFLICT_HINT.replace("` to", "`\nto"))
 
-    # (d) coefficients / weights
-    weights = logs.with_prefix("mtl/weight/") or logs.with_prefix("task_weight/")
+    # (d) each task's share of the update, or the loss coefficients
+    shares = _update_shares(logs)
     coeffs = logs.with_prefix("loss_coeff/")
-    group, title = (
-        (weights, "weight of each task gradient in the update")
-        if weights
-        else (
-            coeffs,
-            "loss coefficients",
+    if shares is not None:
+        colors.update(
+            {k: v for k, v in _task_colors(list(shares.value)).items() if k not in colors}
         )
-    )
-    if group:
-        for name, s in group.items():
-            style = dict(
-                lw=1.5, color=colors.get(parse_metric(name).field), label=_task_label(name)
+        _plot_shares(d, shares, colors, "summary.png", notes)
+        _finish(d, *_share_title(shares), legend="best")
+    elif coeffs:
+        for name, s in coeffs.items():
+            _plot_held(
+                d, s, lw=1.5, color=colors.get(parse_metric(name).field), label=_task_label(name)
             )
-            if weights:
-                d.plot(s.step, s.value, **style)
-            else:
-                _plot_held(d, s, **style)
-        if weights:
-            _log_scale(d, [s.value for s in group.values()], require_positive=True)
-        else:
-            _note_coinciding(d, group, "loss coefficients")
-        _finish(d, title, "weight" if weights else "coefficient")
+        _note_coinciding(d, coeffs, "loss coefficients")
+        _finish(d, "loss coefficients", "coefficient")
     else:
         _empty(d, "no loss-coefficient or task-weight logs")
 

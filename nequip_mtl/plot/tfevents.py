@@ -1,11 +1,15 @@
 """Read scalar values from TensorBoard event files with TensorBoard's own reader.
 
-Needs the ``tensorboard`` package (``pip install "nequip-mtl[tensorboard]"``), which
-Lightning's ``TensorBoardLogger`` requires anyway. Records are read with TensorBoard's
+Needs the ``tensorboard`` package (the ``tensorboard`` extra: ``pip install -e
+".[tensorboard]"`` in the checkout), which Lightning's ``TensorBoardLogger`` requires
+anyway. Records are read with TensorBoard's
 record reader, which checks both CRCs of every record, and decoded as TensorBoard's
 ``Event`` protocol buffers. Scalars written by ``SummaryWriter.add_scalar`` as
-``simple_value`` or as a scalar tensor (``new_style=True``) are returned; text,
-histograms, images and graphs are skipped.
+``simple_value`` or as a one-element numeric tensor (``new_style=True``; TensorFlow 2's
+``tf.summary.scalar``) are returned; a tensor is read as a scalar only if its tag's
+summary metadata, which writers may give on the tag's first value only, names no plugin
+or the ``scalars`` plugin. Text, histograms, images, graphs and other plugins' tensors
+are skipped.
 
 TensorBoard's own ``EventAccumulator`` is not used: it stops at the first truncated or
 corrupt record and reports it only at debug log level, so a damaged file would be read
@@ -21,9 +25,14 @@ from pathlib import Path
 __all__ = ["read_scalars", "EventFileError", "TensorBoardMissingError", "INSTALL_HINT"]
 
 INSTALL_HINT = (
-    "reading TensorBoard event files needs the `tensorboard` package: "
-    "pip install 'nequip-mtl[tensorboard]' (or pip install tensorboard)"
+    "reading TensorBoard event files needs the `tensorboard` package, the `tensorboard` "
+    'extra: pip install -e ".[tensorboard]" in the nequip-mtl checkout (or pip install '
+    "tensorboard)"
 )
+
+
+#: TensorBoard's plugin name of scalar summaries (``tensorboard.plugins.scalar.metadata``)
+SCALARS_PLUGIN = "scalars"
 
 
 class EventFileError(ValueError):
@@ -68,6 +77,7 @@ def read_scalars(
     out: dict[str, list[tuple[int, float]]] = {}
     records = 0
     problem = None
+    plugins: dict[str, str] = {}  # tag -> plugin named by its (first) summary metadata
     try:
         while True:
             try:
@@ -87,7 +97,9 @@ def read_scalars(
                 raise EventFileError(f"{path}: record {records} is not an event: {err}") from err
             records += 1
             for value in event.summary.value:
-                scalar = _scalar(value, make_ndarray)
+                if value.HasField("metadata") and value.tag not in plugins:
+                    plugins[value.tag] = value.metadata.plugin_data.plugin_name
+                scalar = _scalar(value, make_ndarray, plugins.get(value.tag, ""))
                 if scalar is not None:
                     out.setdefault(value.tag, []).append((int(event.step), scalar))
     finally:
@@ -99,11 +111,11 @@ def read_scalars(
     return out, problem
 
 
-def _scalar(value, make_ndarray) -> float | None:
+def _scalar(value, make_ndarray, plugin: str) -> float | None:
     kind = value.WhichOneof("value")
     if kind == "simple_value":
         return float(value.simple_value)
-    if kind == "tensor":
+    if kind == "tensor" and plugin in ("", SCALARS_PLUGIN):
         try:
             array = make_ndarray(value.tensor)
         except Exception:
