@@ -4,6 +4,8 @@ exact mid-epoch restarts; bad configs refused at construction or setup."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -235,3 +237,34 @@ def test_a_dataset_too_small_for_balanced_batches_is_refused_at_setup():
         ValueError, match=r"dataset `b` has 4 frames, fewer than the 5 .*frames_per_batch.b"
     ):
         dm.setup("fit")
+
+
+# ----------------------------------------------------------------- DDP
+
+#: frames of each dataset in one *global* balanced batch (each of 2 ranks takes half)
+GLOBAL_FRAMES = {"a": 4, "b": 2}
+
+
+def test_two_gloo_ranks_split_the_one_process_batches(tmp_path):
+    import sys
+
+    from tests._ddp import launch
+
+    worker = str(Path(__file__).with_name("multi_dataset_ddp_worker.py"))
+    for world in (1, 2):
+        (tmp_path / str(world)).mkdir()
+        launch([sys.executable, worker, str(tmp_path / str(world))], world=world)
+    one = torch.load(tmp_path / "1" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and one["world_size"] == 1
+    assert {r["sampler"] for r in ranks} == {"MultiDatasetSampler"}  # not replaced by Lightning
+    assert len(one["batches"]) == len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 2
+    for t, (idx, e) in enumerate(one["batches"]):
+        assert idx == [0, 0, 0, 0, 1, 1]
+        (i0, e0), (i1, e1) = ranks[0]["batches"][t], ranks[1]["batches"][t]
+        assert i0 == i1 == [0, 0, 1]
+        assert not set(e0) & set(e1)  # disjoint frames
+        assert sorted(e0 + e1) == sorted(e)  # together: the one-process batch
+    # equal atoms per frame: the mean over 2 ranks' batches is the one-process mean
+    assert torch.allclose(ranks[0]["params"], one["params"], rtol=0, atol=1e-10)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
