@@ -14,7 +14,7 @@ from nequip.data.datamodule import NequIPDataModule
 from nequip.train import NequIPLightningModule
 
 from nequip_mtl.data import DATASET_INDEX_KEY, DatasetMetricNames, MultiDatasetDataModule
-from tests._harness import module_kwargs, params, trainer
+from tests._harness import metrics_config, module_kwargs, params, trainer
 
 STATS = {"_target_": "nequip.data.CommonDataStatisticsManager", "type_names": ["Cu"]}
 
@@ -90,7 +90,9 @@ def module(dm) -> NequIPLightningModule:
     torch.manual_seed(0)
     return NequIPLightningModule(
         **module_kwargs(
-            num_datasets=dm.num_datasets, optimizer={"_target_": "torch.optim.Adam", "lr": 0.01}
+            num_datasets=dm.num_datasets,
+            optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+            test_metrics=metrics_config(),
         )
     )
 
@@ -268,3 +270,31 @@ def test_two_gloo_ranks_split_the_one_process_batches(tmp_path):
     # equal atoms per frame: the mean over 2 ranks' batches is the one-process mean
     assert torch.allclose(ranks[0]["params"], one["params"], rtol=0, atol=1e-10)
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+
+
+# ----------------------------------------------------------------- the documented config
+
+
+def test_the_config_in_docs_datasets_trains(tmp_path):
+    import re
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    block = re.search(r"```yaml\n(data:\n.*?)```", page, re.S).group(1)
+    dm = instantiate(OmegaConf.create(block).data, _recursive_=False)  # as nequip-train
+    assert isinstance(dm, MultiDatasetDataModule)
+    rec = BatchRecorder()
+    tr = trainer(tmp_path, max_epochs=1, callbacks=[rec, DatasetMetricNames()])
+    tr.fit(module(dm), datamodule=dm)
+    assert len(rec.batches) == 4  # pretrain: 8 frames, 2 a batch
+    assert all(idx == [0, 0, 1] for idx, _ in rec.batches)
+    assert {"val_pretrain_epoch/forces_mae", "val_new_epoch/forces_mae"} <= set(tr.callback_metrics)
+    tester = trainer(tmp_path, inference_mode=False, callbacks=[DatasetMetricNames()])
+    tester.test(module(dm), datamodule=dm)
+    assert dm.test_dataloader_names == ["pretrain"]  # `new` has no test split
+    assert torch.equal(
+        tester.callback_metrics["test_pretrain_epoch/forces_mae"],
+        tester.callback_metrics["test0_epoch/forces_mae"],
+    )
