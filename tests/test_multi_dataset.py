@@ -298,3 +298,21 @@ def test_the_config_in_docs_datasets_trains(tmp_path):
         tester.callback_metrics["test_pretrain_epoch/forces_mae"],
         tester.callback_metrics["test0_epoch/forces_mae"],
     )
+
+
+def test_the_data_package_stays_cheap_and_the_sampler_pure():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nequip_mtl.data as d\n"
+        "assert not {'torch', 'nequip', 'lightning'} & set(sys.modules), 'eager import'\n"
+        "import nequip_mtl.data.sampling\n"
+        "assert 'lightning' not in sys.modules and 'nequip' not in sys.modules, 'impure sampler'\n"
+        "assert d.MultiDatasetDataModule.__name__ == 'MultiDatasetDataModule'\n"
+        "try:\n    d.NoSuchThing\nexcept AttributeError:\n    print('ok')\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**__import__("os").environ, "PYTHONPATH": root})  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
