@@ -1,6 +1,9 @@
-"""Offline, seeded multitask data: EMT energies, forces and stresses of fcc alloys.
+"""Offline, seeded multitask data (EMT energies, forces and stresses of fcc alloys) and several
+training datasets as one data module.
 
-Only ASE and NumPy are needed (no nequip import), so ``import nequip_mtl.data`` is cheap.
+Only ASE and NumPy are imported eagerly (no nequip, no torch), so ``import nequip_mtl.data`` is
+cheap; :class:`MultiDatasetDataModule`, :class:`DatasetMetricNames` and the sampler are imported
+on first use.
 """
 
 from .emt_alloy import (
@@ -12,12 +15,35 @@ from .emt_alloy import (
     make_dataset,
     write_frames,
 )
+from .keys import DATASET_INDEX_KEY
+
+_LAZY = {
+    "MultiDatasetDataModule": "multi_dataset",
+    "TaggedDataset": "multi_dataset",
+    "DatasetMetricNames": "metric_names",
+    "MultiDatasetSampler": "sampling",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "DATASET_INDEX_KEY",
     "DEFAULT_ELEMENTS",
     "DEFAULT_RATTLE_AMPLITUDES",
     "LATTICE_CONSTANTS",
     "SUPPORTED_ELEMENTS",
+    "DatasetMetricNames",
+    "MultiDatasetDataModule",
+    "MultiDatasetSampler",
+    "TaggedDataset",
     "generate_frames",
     "make_dataset",
     "write_frames",

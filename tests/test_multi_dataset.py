@@ -1,0 +1,318 @@
+"""``MultiDatasetDataModule``: several named EMT datasets through a real nequip module and a real
+Lightning Trainer; splits and statistics side by side with nequip's own ``NequIPDataModule``;
+exact mid-epoch restarts; bad configs refused at construction or setup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from nequip.data import AtomicDataDict
+from nequip.data.datamodule import NequIPDataModule
+from nequip.train import NequIPLightningModule
+
+from nequip_mtl.data import DATASET_INDEX_KEY, DatasetMetricNames, MultiDatasetDataModule
+from tests._harness import metrics_config, module_kwargs, params, trainer
+
+STATS = {"_target_": "nequip.data.CommonDataStatisticsManager", "type_names": ["Cu"]}
+
+
+def emt(seed: int, num_frames: int) -> dict:
+    return {
+        "_target_": "nequip.data.dataset.EMTTestDataset",
+        "transforms": [
+            {
+                "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
+                "model_type_names": ["Cu"],
+                "chemical_species_to_atom_type_map": {"Cu": "Cu"},
+            },
+            {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": 4.0},
+        ],
+        "supercell": [1, 1, 1],
+        "seed": seed,
+        "num_frames": num_frames,
+        "element": "Cu",
+    }
+
+
+#: name -> (EMT seed, train, val): different seeds, sizes and val splits
+SPECS = {"a": (11, 8, 3), "b": (22, 4, 2), "c": (33, 6, 2)}
+
+
+def splits(names) -> dict:
+    return {
+        n: {"split_dataset": {"dataset": emt(SPECS[n][0], sum(SPECS[n][1:])), "train": SPECS[n][1],
+                              "val": SPECS[n][2]}}
+        for n in names
+    }  # fmt: skip
+
+
+def multi(names=("a", "b"), sampling=None, **kw) -> MultiDatasetDataModule:
+    kw.setdefault("train_dataloader", {"batch_size": 3})
+    kw.setdefault("val_dataloader", {"batch_size": 4})
+    return MultiDatasetDataModule(
+        seed=5, datasets=splits(names), sampling=sampling, stats_manager=STATS, **kw
+    )
+
+
+def single(name: str) -> NequIPDataModule:
+    """nequip's own data module on one of the datasets alone, same seed and split."""
+    return NequIPDataModule(
+        seed=5,
+        split_dataset=splits([name])[name]["split_dataset"],
+        train_dataloader={"batch_size": 3},
+        val_dataloader={"batch_size": 4},
+        stats_manager=STATS,
+    )
+
+
+def energies(dataset) -> list[float]:
+    return [float(dataset[i][AtomicDataDict.TOTAL_ENERGY_KEY]) for i in range(len(dataset))]
+
+
+class BatchRecorder(Callback):
+    """(dataset_index list, total_energy list) of every training batch, as the module saw it."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        idx = batch[DATASET_INDEX_KEY]
+        assert idx.dtype == torch.long and idx.shape == (AtomicDataDict.num_frames(batch),)
+        self.batches.append(
+            (idx.tolist(), batch[AtomicDataDict.TOTAL_ENERGY_KEY].flatten().tolist())
+        )
+
+
+def module(dm) -> NequIPLightningModule:
+    torch.manual_seed(0)
+    return NequIPLightningModule(
+        **module_kwargs(
+            num_datasets=dm.num_datasets,
+            optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+            test_metrics=metrics_config(),
+        )
+    )
+
+
+# ----------------------------------------------------------------- frames, splits, statistics
+
+
+def test_frames_carry_their_dataset_and_splits_match_nequip():
+    names = ("a", "b", "c")
+    dm = multi(names)
+    dm.setup("fit")
+    refs = {}
+    for n in names:
+        ref = single(n)
+        ref.setup("fit")
+        refs[n] = (energies(ref.train_dataset[0]), energies(ref.val_dataset[0]))
+    loader = dm.train_dataloader()
+    seen = {n: [] for n in names}
+    for batch in loader:
+        idx = batch[DATASET_INDEX_KEY]
+        assert idx.dtype == torch.long and idx.shape == (AtomicDataDict.num_frames(batch),)
+        for d, e in zip(idx.tolist(), batch[AtomicDataDict.TOTAL_ENERGY_KEY].flatten().tolist()):
+            seen[names[d]].append(e)
+    for n in names:  # proportional, 18 frames in 6 batches of 3: each training frame once
+        assert sorted(seen[n]) == sorted(refs[n][0])
+    assert dm.val_dataloader_names == list(names)
+    for j, val in enumerate(dm.val_dataloader()):
+        frames = [(int(d), float(e)) for b in val for d, e in
+                  zip(b[DATASET_INDEX_KEY], b[AtomicDataDict.TOTAL_ENERGY_KEY].flatten())]  # fmt: skip
+        assert {d for d, _ in frames} == {j}
+        assert sorted(e for _, e in frames) == sorted(refs[names[j]][1])
+    assert dm.num_datasets == {"train": 1, "val": 3, "test": 0, "predict": 0}
+
+
+@pytest.mark.parametrize("primary", [None, "b"])
+def test_statistics_are_nequips_on_the_primary_dataset(primary):
+    got = multi(("a", "b"), primary=primary).get_statistics(dataset="train")
+    want = single(primary or "a").get_statistics(dataset="train")
+    other = single("a" if primary else "b").get_statistics(dataset="train")
+    assert got.keys() == want.keys()
+    for k in want:
+        g, w = (got[k], want[k]) if isinstance(want[k], dict) else ({0: got[k]}, {0: want[k]})
+        assert g.keys() == w.keys(), k
+        assert all(torch.allclose(torch.as_tensor(g[t]), torch.as_tensor(w[t])) for t in w), k
+    assert got["per_atom_energy_mean"] != other["per_atom_energy_mean"]
+
+
+# ----------------------------------------------------------------- training through Lightning
+
+
+@pytest.mark.parametrize(
+    "names,frames_per_batch", [(("a", "b"), [2, 1]), (("a", "b", "c"), [2, 1, 1])], ids=["2", "3"]
+)
+def test_a_real_epoch_has_balanced_batches(tmp_path, names, frames_per_batch):
+    sampling = {"mode": "balanced", "frames_per_batch": dict(zip(names, frames_per_batch))}
+    dm = multi(names, sampling=sampling, train_dataloader={})
+    mod = module(dm)
+    before = params(mod).clone()
+    rec, named = BatchRecorder(), DatasetMetricNames()
+    tr = trainer(tmp_path, max_epochs=1, callbacks=[rec, named])
+    tr.fit(mod, datamodule=dm)
+    # default epoch: every frame of every dataset at least once
+    n_batches = max(-(-SPECS[n][1] // k) for n, k in zip(names, frames_per_batch))
+    assert len(rec.batches) == tr.global_step == n_batches
+    expected = [i for i, k in enumerate(frames_per_batch) for _ in range(k)]
+    assert all(idx == expected for idx, _ in rec.batches)
+    assert not torch.equal(params(mod), before)
+    metrics = tr.callback_metrics
+    for j, n in enumerate(names):  # named copies of each loader's metrics
+        assert torch.equal(
+            metrics[f"val_{n}_epoch/forces_mae"], metrics[f"val{j}_epoch/forces_mae"]
+        )
+    assert metrics["val0_epoch/forces_mae"] != metrics["val1_epoch/forces_mae"]
+
+
+def test_a_run_interrupted_mid_epoch_sees_exactly_the_remaining_batches(tmp_path):
+    sampling = {"mode": "balanced", "frames_per_batch": {"a": 2, "b": 1}}
+
+    def fit(root, ckpt_path=None, **kw):
+        dm = multi(("a", "b"), sampling=sampling, train_dataloader={})
+        rec = BatchRecorder()
+        ckpt = ModelCheckpoint(dirpath=str(root), save_last=True, every_n_train_steps=3)
+        tr = trainer(root, callbacks=[rec, ckpt], enable_checkpointing=True, **kw)
+        tr.fit(module(dm), datamodule=dm, ckpt_path=ckpt_path)
+        return rec.batches, tr
+
+    full, tr = fit(tmp_path / "full", max_epochs=2)
+    assert len(full) == 2 * 4  # 4 batches an epoch (a: 8 frames / 2)
+    first, _ = fit(tmp_path / "part", max_epochs=2, max_steps=3)  # stops in epoch 0
+    rest, tr = fit(
+        tmp_path / "resumed", max_epochs=2, ckpt_path=str(tmp_path / "part" / "last.ckpt")
+    )
+    assert len(first) == 3 and tr.global_step == 8
+    assert first + rest == full
+
+
+# ----------------------------------------------------------------- bad input
+
+
+def _bad(**kw):
+    base = dict(seed=1, datasets=splits(("a", "b")), train_dataloader={"batch_size": 2})
+    base.update(kw)
+    return MultiDatasetDataModule(**base)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"datasets": {}}, r"`data.datasets` is empty"),
+        ({"datasets": {"": splits(["a"])["a"]}}, r"dataset name '' in `data.datasets` is not"),
+        ({"datasets": {"a/b": splits(["a"])["a"]}}, r"name 'a/b' .* not allowed"),
+        (
+            {
+                "datasets": [
+                    {"name": "a", **splits(["a"])["a"]},
+                    {"name": "a", **splits(["b"])["b"]},
+                ]
+            },
+            r"dataset name `a` appears twice",
+        ),
+        ({"datasets": [splits(["a"])["a"]]}, r"`data.datasets\[0\]` needs a `name`"),
+        ({"datasets": {"a": {"splitdataset": {}}}}, r"`data.datasets.a` has unknown key"),
+        (
+            {"sampling": {"mode": "weights", "weights": {"a": 1, "b": 0}}},
+            r"`data.sampling.weights.b` must be a positive number",
+        ),
+        ({"sampling": {"mode": "mixed"}}, r"`data.sampling.mode` is `mixed`; allowed"),
+        ({"sampling": {"mode": "balanced", "frames_per_batch": {"a": 1, "b": 2}}}, r"batch_size"),
+        ({"primary": "z"}, r"`data.primary` is `z`"),
+        ({"train_dataloader": {"batch_size": 2, "sampler": {}}}, r"train_dataloader.sampler"),
+        ({"train_dataloader": {}}, r"`data.train_dataloader.batch_size` is required"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_key(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _bad(**kw)
+
+
+def test_a_dataset_too_small_for_balanced_batches_is_refused_at_setup():
+    dm = _bad(
+        sampling={"mode": "balanced", "frames_per_batch": {"a": 1, "b": 5}}, train_dataloader={}
+    )
+    with pytest.raises(
+        ValueError, match=r"dataset `b` has 4 frames, fewer than the 5 .*frames_per_batch.b"
+    ):
+        dm.setup("fit")
+
+
+# ----------------------------------------------------------------- DDP
+
+#: frames of each dataset in one *global* balanced batch (each of 2 ranks takes half)
+GLOBAL_FRAMES = {"a": 4, "b": 2}
+
+
+def test_two_gloo_ranks_split_the_one_process_batches(tmp_path):
+    import sys
+
+    from tests._ddp import launch
+
+    worker = str(Path(__file__).with_name("multi_dataset_ddp_worker.py"))
+    for world in (1, 2):
+        (tmp_path / str(world)).mkdir()
+        launch([sys.executable, worker, str(tmp_path / str(world))], world=world)
+    one = torch.load(tmp_path / "1" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and one["world_size"] == 1
+    assert {r["sampler"] for r in ranks} == {"MultiDatasetSampler"}  # not replaced by Lightning
+    assert len(one["batches"]) == len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 2
+    for t, (idx, e) in enumerate(one["batches"]):
+        assert idx == [0, 0, 0, 0, 1, 1]
+        (i0, e0), (i1, e1) = ranks[0]["batches"][t], ranks[1]["batches"][t]
+        assert i0 == i1 == [0, 0, 1]
+        assert not set(e0) & set(e1)  # disjoint frames
+        assert sorted(e0 + e1) == sorted(e)  # together: the one-process batch
+    # equal atoms per frame: the mean over 2 ranks' batches is the one-process mean
+    assert torch.allclose(ranks[0]["params"], one["params"], rtol=0, atol=1e-10)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+
+
+# ----------------------------------------------------------------- the documented config
+
+
+def test_the_config_in_docs_datasets_trains(tmp_path):
+    import re
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    block = re.search(r"```yaml\n(data:\n.*?)```", page, re.S).group(1)
+    dm = instantiate(OmegaConf.create(block).data, _recursive_=False)  # as nequip-train
+    assert isinstance(dm, MultiDatasetDataModule)
+    rec = BatchRecorder()
+    tr = trainer(tmp_path, max_epochs=1, callbacks=[rec, DatasetMetricNames()])
+    tr.fit(module(dm), datamodule=dm)
+    assert len(rec.batches) == 4  # pretrain: 8 frames, 2 a batch
+    assert all(idx == [0, 0, 1] for idx, _ in rec.batches)
+    assert {"val_pretrain_epoch/forces_mae", "val_new_epoch/forces_mae"} <= set(tr.callback_metrics)
+    tester = trainer(tmp_path, inference_mode=False, callbacks=[DatasetMetricNames()])
+    tester.test(module(dm), datamodule=dm)
+    assert dm.test_dataloader_names == ["pretrain"]  # `new` has no test split
+    assert torch.equal(
+        tester.callback_metrics["test_pretrain_epoch/forces_mae"],
+        tester.callback_metrics["test0_epoch/forces_mae"],
+    )
+
+
+def test_the_data_package_stays_cheap_and_the_sampler_pure():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nequip_mtl.data as d\n"
+        "assert not {'torch', 'nequip', 'lightning'} & set(sys.modules), 'eager import'\n"
+        "import nequip_mtl.data.sampling\n"
+        "assert 'lightning' not in sys.modules and 'nequip' not in sys.modules, 'impure sampler'\n"
+        "assert d.MultiDatasetDataModule.__name__ == 'MultiDatasetDataModule'\n"
+        "try:\n    d.NoSuchThing\nexcept AttributeError:\n    print('ok')\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         env={**__import__("os").environ, "PYTHONPATH": root})  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
