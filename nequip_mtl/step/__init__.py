@@ -11,6 +11,7 @@ from .engine import NONFINITE_POLICIES, StepEngine, StepOutcome
 from .faults import SkippedStepsError, StepFaults
 from .rows import TaskGradients
 from .statistics import TaskGradientObservable, TaskGradientStatistics
+from .tasks import TASK_KINDS, TaskPlan, plan_tasks
 from .window import HeldWeights, StepWindow, WindowTracker
 
 __all__ = [
@@ -25,4 +26,7 @@ __all__ = [
     "HeldWeights",
     "StepWindow",
     "WindowTracker",
+    "TASK_KINDS",
+    "TaskPlan",
+    "plan_tasks",
 ]

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from .sub_batches import forward_per_dataset
+
 NO_ACTIVE_COMPONENT = (
     "At least one loss component must have a `coeff` that is not null; all are null"
 )
@@ -45,16 +47,22 @@ def positive_active_coeffs(manager: Any, who: str, what: str) -> dict[int, float
 
 
 def training_loss_components(
-    module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0, per_dataset: bool = False
 ) -> dict[str, torch.Tensor]:
     """Forward pass and loss components, logged exactly as nequip's ``training_step`` does.
 
+    With ``per_dataset``, one forward pass per training dataset's frames
+    (:func:`~nequip_mtl.train.sub_batches.forward_per_dataset`), the outputs concatenated.
     Returns the loss ``MetricsManager``'s dict, keyed ``train_loss_step/<name>`` (with the
     module's logging delimiter), including ``weighted_sum``.
     """
     delim = module.logging_delimiter
-    target = module.process_target(batch, batch_idx, dataloader_idx)
-    output = module(batch)
+    if per_dataset:
+        output, batch = forward_per_dataset(module, batch)
+        target = module.process_target(batch, batch_idx, dataloader_idx)
+    else:
+        target = module.process_target(batch, batch_idx, dataloader_idx)
+        output = module(batch)
     if module.train_metrics is not None:
         with torch.no_grad():
             module.log_dict(

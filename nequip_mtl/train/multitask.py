@@ -14,12 +14,15 @@ from nequip.utils.versions import _TORCH_GE_2_6
 from ..aggregators import Aggregator, ConFIG, GramAggregator
 from ..step import (
     NONFINITE_POLICIES,
+    TASK_KINDS,
     StepEngine,
     StepFaults,
     StepOutcome,
     TaskGradients,
     TaskGradientStatistics,
+    TaskPlan,
     WindowTracker,
+    plan_tasks,
 )
 from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
 from .loss_components import active_names, training_loss_components
@@ -105,6 +108,15 @@ class MultitaskLightningModule(NequIPLightningModule):
         max_consecutive_skips (int or None): stop training with an error after this many
             consecutive skipped optimizer steps (default ``25``; ``null``: no limit). A
             first epoch in which every step was skipped always stops the run.
+        tasks (str): what a task is: ``components`` (default; every active loss component,
+            e.g. ``forces_mse`` or, with a per-dataset loss, ``new/forces_mse``) or
+            ``datasets`` (the components of one training dataset together, their
+            coefficient-weighted mean; needs a per-dataset loss,
+            :func:`~nequip_mtl.train.PerDatasetLoss`); see ``docs/datasets.md``
+        forward_per_dataset (bool, optional): forward each training dataset's frames of a
+            batch on their own, so that a dataset's loss depends on its own sub-batch only and
+            its backward pass costs that sub-batch's share (default: on with
+            ``tasks: datasets``); needs ``nequip_mtl.data.MultiDatasetDataModule``
         gradient_clip_val (float, optional): module-level clipping value, accepted for
             compatibility with nequip's ``ConFIGLightningModule``; prefer the trainer's
             ``gradient_clip_val``. Setting both is an error.
@@ -119,6 +131,8 @@ class MultitaskLightningModule(NequIPLightningModule):
         weights_every: int = 1,
         on_nonfinite: str = "skip",
         max_consecutive_skips: int | None = 25,
+        tasks: str = "components",
+        forward_per_dataset: bool | None = None,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
         **kwargs,
@@ -149,6 +163,13 @@ class MultitaskLightningModule(NequIPLightningModule):
         if self.loss is not None and len(self.loss) < 1:
             raise ValueError("`loss` must have at least one loss component")
 
+        self.tasks = tasks
+        self._datasets_of = _datasets_of_components(self.loss, tasks)
+        if forward_per_dataset is None:
+            forward_per_dataset = tasks == "datasets"
+        self.forward_per_dataset = bool(forward_per_dataset)
+        #: the tasks of the current optimizer step (components, or datasets)
+        self._plan: TaskPlan | None = None
         #: one optimizer step's life: window, rows, held weights, aggregation (no Lightning)
         self.engine = self.build_engine(aggregator, weights_every, on_nonfinite)
         self.faults = StepFaults(max_consecutive_skips)
@@ -216,22 +237,30 @@ class MultitaskLightningModule(NequIPLightningModule):
         """"""
         trainer = self.trainer
         if self._windows.starts(trainer.global_step):
-            # the first micro-batch of an optimizer step: open its window
-            self.engine.begin(
+            # the first micro-batch of an optimizer step: its tasks, and its window
+            self._plan = plan_tasks(
                 {name: entry.coeff for name, entry in self.loss.entries.items()},
+                self._datasets_of,
+            )
+            self.engine.begin(
+                self._plan.coeffs,
                 [p for p in self.parameters() if p.requires_grad],
                 scale=_grad_scale(trainer.precision_plugin),
                 loss_scaled=_active_scaler(trainer.precision_plugin) is not None,
                 accumulate=trainer.accumulate_grad_batches,
             )
         delim = self.logging_delimiter
-        loss_dict = training_loss_components(self, batch, batch_idx, dataloader_idx)
+        loss_dict = training_loss_components(
+            self, batch, batch_idx, dataloader_idx, per_dataset=self.forward_per_dataset
+        )
         # the world-size factor undoes DDP's averaging, as in nequip (see
         # NequIPLightningModule.training_step): losses are already global-batch means
-        self._micro_batch_losses = {
+        components = {
             name: loss_dict[f"train_loss_step{delim}{name}"] * self.world_size
-            for name in self.engine.window.active
+            for parts in self._plan.parts.values()
+            for name in parts
         }
+        self._micro_batch_losses = self._plan.losses(components)
         return loss_dict[f"train_loss_step{delim}weighted_sum"] * self.world_size
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
@@ -436,6 +465,27 @@ def _active_scaler(plugin):
 def _grad_scale(plugin) -> float:
     scaler = _active_scaler(plugin)
     return 1.0 if scaler is None else float(scaler.get_scale())
+
+
+def _datasets_of_components(manager, tasks: str) -> dict[str, str] | None:
+    """``{component: dataset}`` for ``tasks: datasets`` (``None`` for components)."""
+    if tasks not in TASK_KINDS:
+        raise ValueError(
+            f"`training_module.tasks` must be one of {list(TASK_KINDS)}, got {tasks!r}"
+        )
+    if tasks == "components" or manager is None:
+        return None
+    datasets = {
+        name: getattr(entry.field, "dataset", None) for name, entry in manager.entries.items()
+    }
+    missing = [name for name, d in datasets.items() if d is None]
+    if missing:
+        raise ValueError(
+            f"`training_module.tasks: datasets` groups the loss components by training dataset, "
+            f"but {missing} belong to no dataset; build the loss with "
+            "nequip_mtl.train.PerDatasetLoss (components named <dataset>/<component>)"
+        )
+    return datasets
 
 
 def _reduce_function():

@@ -1,0 +1,73 @@
+"""One forward pass per training dataset: a mixed batch split into per-dataset sub-batches.
+
+The cost of a NequIP forward and backward pass is linear in the atoms, so forwarding each
+dataset's frames on their own costs about one batch in total; each dataset's loss then
+depends on its own sub-batch's graph only, and back-propagating it costs that sub-batch's
+share of a backward pass instead of a pass over the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from nequip.data import AtomicDataDict, _key_registry
+
+from ..data.keys import DATASET_INDEX_KEY
+
+
+def select_frames(data: AtomicDataDict.Type, frames: torch.Tensor) -> AtomicDataDict.Type:
+    """The batch of the frames ``frames`` (increasing positions) of a batched data dict.
+
+    Equal to nequip's ``batched_from_list([frame_from_batched(data, i) for i in frames])``,
+    in one indexing pass per field.
+    """
+    batch = data[AtomicDataDict.BATCH_KEY]
+    num = AtomicDataDict.num_frames(data)
+    frame_mask = torch.zeros(num, dtype=torch.bool, device=batch.device)
+    frame_mask[frames] = True
+    node_mask = frame_mask[batch]
+    new_node = torch.cumsum(node_mask, 0) - 1
+    new_frame = torch.cumsum(frame_mask, 0) - 1
+    edge_mask = None
+    if AtomicDataDict.EDGE_INDEX_KEY in data:
+        edge_mask = node_mask[data[AtomicDataDict.EDGE_INDEX_KEY][0]]
+    out = {}
+    for key, value in data.items():
+        if value.numel() == 0:
+            continue
+        if key == AtomicDataDict.EDGE_INDEX_KEY:
+            out[key] = new_node[value[:, edge_mask]]
+        elif key == AtomicDataDict.BATCH_KEY:
+            out[key] = new_frame[batch[node_mask]]
+        elif key in _key_registry._GRAPH_FIELDS:
+            out[key] = value[frame_mask]
+        elif key in _key_registry._NODE_FIELDS:
+            out[key] = value[node_mask]
+        elif key in _key_registry._EDGE_FIELDS:
+            out[key] = value[edge_mask]
+        else:
+            raise KeyError(f"Unregistered key {key}")
+    return out
+
+
+def split_by_dataset(data: AtomicDataDict.Type) -> list[AtomicDataDict.Type]:
+    """The per-dataset sub-batches of a batch, in increasing dataset index."""
+    if DATASET_INDEX_KEY not in data:
+        raise KeyError(
+            f"a forward pass per dataset needs the per-frame field `{DATASET_INDEX_KEY}`: use "
+            "nequip_mtl.data.MultiDatasetDataModule as the data module (its frames carry it)"
+        )
+    index = data[DATASET_INDEX_KEY].reshape(-1)
+    datasets = torch.unique(index)
+    if len(datasets) == 1:
+        return [data]
+    return [select_frames(data, (index == d).nonzero().reshape(-1)) for d in datasets]
+
+
+def forward_per_dataset(module, batch: AtomicDataDict.Type):
+    """``(output, inputs)``: the model's output on each dataset's sub-batch, concatenated,
+    and the correspondingly ordered input batch (frames grouped by dataset)."""
+    subs = split_by_dataset(batch)
+    if len(subs) == 1:
+        return module(batch), batch
+    outputs = [module(sub) for sub in subs]
+    return AtomicDataDict.batched_from_list(outputs), AtomicDataDict.batched_from_list(subs)
