@@ -10,6 +10,7 @@ import torch
 from nequip.train import NequIPLightningModule
 
 from ..weighting.famo import FAMOLogits
+from . import setup_checks
 from .coefficients import validate_coeffs
 from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
@@ -75,6 +76,8 @@ class FAMOLightningModule(NequIPLightningModule):
         eps: float = 1e-8,
         **kwargs,
     ):
+        setup_checks.check_module_arguments(type(self), kwargs)
+        setup_checks.check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
         super().__init__(**kwargs)
         cls = type(self).__name__
         if self.loss is None:
@@ -117,6 +120,11 @@ class FAMOLightningModule(NequIPLightningModule):
         self._acc_step: int | None = None
         #: name -> weight of that loss component in the last step's loss (sums to 1)
         self.applied_task_weights: dict[str, float] = {}
+
+    def on_fit_start(self) -> None:
+        """"""
+        super().on_fit_start()
+        setup_checks.log_train_time_compile(self)
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""
