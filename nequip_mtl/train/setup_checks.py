@@ -49,6 +49,13 @@ _PASSED_BY_NEQUIP_TRAIN = ("num_datasets", "info_dict")
 # ---------------------------------------------------------------- module arguments
 
 
+def _closest(word: str, names: list[str], n: int, cutoff: float = 0.6) -> list[str]:
+    """``difflib``'s closest ``names`` to ``word``, ignoring case (``Config`` -> ``ConFIG``)."""
+    by_lower = {name.lower(): name for name in names}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=cutoff)
+    return [by_lower[c] for c in close]
+
+
 def _named_parameters(fn: Any) -> list[str]:
     try:
         params = inspect.signature(fn).parameters.values()
@@ -152,7 +159,7 @@ def check_module_arguments(cls: type, kwargs: Mapping[str, Any], aggregator: Any
         else:
             where = f"{who} uses no aggregator: delete it"
         raise TypeError(f"`training_module.{key}` is {what}, not of {who}: {where}{also}")
-    close = difflib.get_close_matches(key, sorted(accepted), n=3)
+    close = _closest(key, sorted(accepted), n=3)
     hint = f" Did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
     listed = [n for n in nequip if n not in _PASSED_BY_NEQUIP_TRAIN]
     raise TypeError(
@@ -213,8 +220,7 @@ def check_loss_coeffs(loss: Any, who: str) -> None:
 def _import_error(target: str, where: str) -> ValueError:
     names = list(_concrete_aggregators())
     tail = target.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(tail, names, n=3, cutoff=0.5)
-    close += [n for n in names if n.lower() == tail.lower() and n not in close]
+    close = _closest(tail, names, n=3, cutoff=0.5)
     hint = (
         f"closest: {', '.join(f'nequip_mtl.aggregators.{c}' for c in close)}"
         if close
@@ -231,9 +237,12 @@ def _locate(target: str) -> Any:
     ``get_class``, which logs an error before raising)."""
     parts = target.split(".")
     for i in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:i])
         try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and not (module + ".").startswith(err.name + "."):
+                raise  # the module exists, but something it imports does not
             continue
         try:
             for part in parts[i:]:
@@ -289,7 +298,7 @@ def build_aggregator(spec: Mapping | Aggregator | None, where: str) -> Aggregato
                     else n
                     for n in allowed
                 ]
-                close = difflib.get_close_matches(key, allowed, n=1)
+                close = _closest(key, allowed, n=1)
                 hint = f" (did you mean `{close[0]}`?)" if close else ""
                 raise TypeError(
                     f"`{where}.{key}`: the aggregator {cls.__name__} (`{where}._target_`) takes "
