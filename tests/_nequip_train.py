@@ -6,7 +6,7 @@ It is the function the ``nequip-train`` script calls (``nequip.scripts.train:mai
 fresh process, neither part of the config being tested: Hydra's logging set-up is off
 (``hydra/job_logging=none``, so that this process's logging is left alone), and the
 ``training_data_stats`` resolver nequip registers on each run is cleared afterwards (a
-second registration in one process is an error).
+second registration in one process is an error); nequip's workflow state is restored.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ NO_LOGGING_SETUP = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
 def nequip_train(config_dir: Path | str, config_name: str, overrides: list[str]) -> None:
     """``nequip-train --config-path config_dir --config-name config_name *overrides``;
     raises what the run raises (nequip sets ``HYDRA_FULL_ERROR=1``)."""
+    from nequip.scripts import _workflow_utils
     from nequip.scripts.train import main
 
-    argv = sys.argv
+    argv, state = sys.argv, _workflow_utils.get_workflow_state()
     sys.argv = [
         "nequip-train",
         "--config-path",
@@ -38,5 +39,6 @@ def nequip_train(config_dir: Path | str, config_name: str, overrides: list[str])
         main()
     finally:
         sys.argv = argv
+        _workflow_utils.set_workflow_state(state)
         if OmegaConf.has_resolver("training_data_stats"):
             OmegaConf.clear_resolver("training_data_stats")
