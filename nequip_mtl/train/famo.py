@@ -11,6 +11,7 @@ from nequip.train import NequIPLightningModule
 
 from ..step import WindowTracker
 from ..weighting.famo import FAMOLogits
+from . import setup_checks
 from .coefficients import validate_coeffs
 from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
@@ -76,6 +77,8 @@ class FAMOLightningModule(NequIPLightningModule):
         eps: float = 1e-8,
         **kwargs,
     ):
+        setup_checks.check_module_arguments(type(self), kwargs)
+        setup_checks.check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
         super().__init__(**kwargs)
         cls = type(self).__name__
         if self.loss is None:
@@ -122,6 +125,11 @@ class FAMOLightningModule(NequIPLightningModule):
         self.task_gradient_statistics = None
 
     measures_task_gradients = False
+
+    def on_fit_start(self) -> None:
+        """"""
+        super().on_fit_start()
+        setup_checks.log_train_time_compile(self)
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""

@@ -7,11 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from nequip.train import EMALightningModule, NequIPLightningModule
 from nequip.utils.versions import _TORCH_GE_2_6
 
-from ..aggregators import Aggregator, ConFIG, GramAggregator
+from ..aggregators import Aggregator, GramAggregator
 from ..step import (
     NONFINITE_POLICIES,
     TASK_KINDS,
@@ -24,6 +23,7 @@ from ..step import (
     WindowTracker,
     plan_tasks,
 )
+from . import setup_checks
 from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
 from .loss_components import active_names, training_loss_components
 
@@ -141,6 +141,8 @@ class MultitaskLightningModule(NequIPLightningModule):
             # several backward passes through one (possibly compiled) graph: no donated
             # buffers, own compile-cache namespace (nequip_mtl compile fix, docs/compile.md)
             prepare_several_backward_passes()
+        setup_checks.check_module_arguments(type(self), kwargs, aggregator)
+        setup_checks.check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
         super().__init__(**kwargs)
         aggregator = _build_aggregator(aggregator)
         if on_nonfinite not in NONFINITE_POLICIES:
@@ -211,6 +213,7 @@ class MultitaskLightningModule(NequIPLightningModule):
 
     def on_fit_start(self) -> None:
         trainer = self.trainer
+        setup_checks.log_train_time_compile(self)
         check_strategy(trainer.strategy)
         check_precision(trainer.precision_plugin, self.on_nonfinite)
         if self.module_clip_val is not None and trainer.gradient_clip_val is not None:
@@ -510,22 +513,7 @@ def _check_weights_every(value: Any, aggregator: Aggregator) -> int:
 
 
 def _build_aggregator(aggregator: Mapping | Aggregator | None) -> Aggregator:
-    if aggregator is None:
-        return ConFIG()
-    if isinstance(aggregator, Aggregator):
-        return aggregator
-    if not isinstance(aggregator, Mapping) or "_target_" not in aggregator:
-        raise TypeError(
-            "`aggregator` must be a dict with a `_target_` naming a nequip_mtl.aggregators "
-            f"class (e.g. {{_target_: nequip_mtl.aggregators.ConFIG}}), got {aggregator!r}"
-        )
-    built = instantiate(dict(aggregator))
-    if not isinstance(built, Aggregator):
-        raise TypeError(
-            f"`aggregator._target_`={aggregator['_target_']!r} built a {type(built).__name__}, "
-            "which is not a nequip_mtl.aggregators.Aggregator"
-        )
-    return built
+    return setup_checks.build_aggregator(aggregator, "training_module.aggregator")
 
 
 def _validate_clipping(val, algorithm) -> tuple[float | None, str | None]:

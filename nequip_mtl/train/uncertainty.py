@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from nequip.train import NequIPLightningModule
 
 from ..weighting.uncertainty import uncertainty_weights
+from . import setup_checks
 from .coefficients import validate_coeffs
 from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
@@ -102,6 +103,8 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
         log_variance_lr: float | None = None,
         **kwargs,
     ):
+        setup_checks.check_module_arguments(type(self), kwargs)
+        setup_checks.check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
         super().__init__(**kwargs)
         cls = type(self).__name__
         if self.loss is None:
@@ -143,6 +146,11 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
         if self.log_variance_lr is not None:
             group["lr"] = float(self.log_variance_lr)
         return configure_optimizers_with_extra_groups(self, [group], NequIPLightningModule)
+
+    def on_fit_start(self) -> None:
+        """"""
+        super().on_fit_start()
+        setup_checks.log_train_time_compile(self)
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""

@@ -14,6 +14,7 @@ import torch
 from ...aggregators import Aggregator, GramAggregator, Sum
 from ...diagnostics.calibration import RULES, GradientCalibration
 from ..coefficients import update_coeffs
+from ..setup_checks import build_aggregator
 from ._common import (
     WeightingCallback,
     active_names,
@@ -423,12 +424,7 @@ def _build_gram_aggregator(rule: str, aggregator: Any) -> Any:
             f"{WHO}.aggregator is required with `rule: aggregator` (e.g. "
             "{_target_: nequip_mtl.aggregators.UPGrad})"
         )
-    from ..multitask import _build_aggregator
-
-    try:
-        built = _build_aggregator(aggregator)
-    except TypeError as err:
-        raise TypeError(f"{WHO}.aggregator: {err}") from err
+    built = build_aggregator(aggregator, f"{WHO}.aggregator")
     if not isinstance(built, GramAggregator):
         raise ValueError(
             f"{WHO}.aggregator must be a Gram-space aggregator (a GramAggregator, whose "
