@@ -11,6 +11,7 @@ from nequip.train import NequIPLightningModule
 
 from ..weighting.famo import FAMOLogits
 from .coefficients import validate_coeffs
+from .label_checks import check_module_labels
 from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
 _CKPT_KEY = "nequip_mtl_famo"
@@ -117,6 +118,11 @@ class FAMOLightningModule(NequIPLightningModule):
         self._acc_step: int | None = None
         #: name -> weight of that loss component in the last step's loss (sums to 1)
         self.applied_task_weights: dict[str, float] = {}
+
+    def on_fit_start(self) -> None:
+        """"""
+        super().on_fit_start()
+        check_module_labels(self)  # labels the loss needs: present and finite
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""

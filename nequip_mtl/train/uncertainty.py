@@ -13,6 +13,7 @@ from nequip.train import NequIPLightningModule
 
 from ..weighting.uncertainty import uncertainty_weights
 from .coefficients import validate_coeffs
+from .label_checks import check_module_labels
 from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
 _DEFAULT_PARAM_GROUPS = {"_target_": "nequip.train.lightning._default_param_group_factory"}
@@ -139,6 +140,11 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
         if self.log_variance_lr is not None:
             group["lr"] = float(self.log_variance_lr)
         return configure_optimizers_with_extra_groups(self, [group], NequIPLightningModule)
+
+    def on_fit_start(self) -> None:
+        """"""
+        super().on_fit_start()
+        check_module_labels(self)  # labels the loss needs: present and finite
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""
