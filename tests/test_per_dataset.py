@@ -208,6 +208,21 @@ def test_nequip_module_weighted_sum_on_a_batch_without_b_equals_nequip_loss_of_a
     torch.testing.assert_close(harness.params(ours), harness.params(plain), rtol=1e-10, atol=0)
 
 
+def test_nequip_module_batch_without_the_only_trained_dataset_is_a_zero_step(tmp_path):
+    """Only B's components have coefficients; the first batch holds A only: the weighted
+    sum is an exact 0 that still back-propagates (no "does not require grad" error) and
+    plain SGD leaves every parameter as it was."""
+    loss = dict(PER_DATASET, coeffs={"A": {"total_energy": None}, "B": {"forces": 1.0}})
+    torch.manual_seed(0)
+    module = NequIPLightningModule(**_module_kwargs(loss))
+    before = harness.params(module)
+    _fit(module, tmp_path, limit_train_batches=1)
+    assert torch.equal(harness.params(module), before)
+    # the second batch has B: it trains
+    _fit(module, tmp_path, limit_train_batches=2)
+    assert not torch.equal(harness.params(module), before)
+
+
 class _Applied(Callback):
     def __init__(self):
         self.steps: list[dict[str, float]] = []

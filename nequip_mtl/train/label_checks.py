@@ -223,6 +223,8 @@ def check_module_labels(module: Any) -> dict[int | None, LabelCounts] | None:
     dataset = getattr(datamodule, "train_dataset", None)
     if manager is None or not hasattr(manager, "entries") or dataset is None:
         return None
+    if isinstance(dataset, Sequence):  # NequIPDataModule keeps a list of datasets
+        dataset = torch.utils.data.ConcatDataset(list(dataset)) if len(dataset) else []
     names = getattr(datamodule, "datasets", None)
     names = list(names) if isinstance(names, Mapping) else None
     return check_training_labels(manager, dataset, names)
