@@ -295,3 +295,95 @@ def test_softadapt_batch_interval_skips_steps_without_a_dataset(tmp_path):
     for _, coeffs in rec.records:
         assert all(v is not None and math.isfinite(v) for v in coeffs.values())
     assert cb.num_updates > 0
+
+
+# ---------------------------------------------------------------- the docs page
+
+
+def _yaml_blocks(page: str) -> tuple[list[dict], str]:
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / page).read_text()
+    return [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)], text
+
+
+def test_docs_snippets_build_the_components_the_page_names():
+    from hydra.utils import instantiate
+
+    blocks, text = _yaml_blocks("per_dataset_losses.md")
+    module = blocks[0]["training_module"]
+    loss = instantiate(module["loss"])
+    named = [
+        "pretrain/per_atom_energy_mse",
+        "pretrain/forces_mse",
+        "new/per_atom_energy_mse",
+        "new/forces_mse",
+        "new/stress_mse",
+    ]
+    assert list(loss.entries) == named
+    assert all(f"`{n}`" in text for n in named)
+    metrics = instantiate(module["val_metrics"])
+    assert "new/forces_rmse" in metrics.entries and "pretrain/per_atom_energy_mae" in metrics
+    instantiate(module["aggregator"])
+    (callback,) = [instantiate(c) for c in blocks[1]["trainer"]["callbacks"]]
+    assert isinstance(callback, mtl_callbacks.CheckTrainingLabels)
+
+
+# ---------------------------------------------------------------- DDP (gloo, 2 ranks)
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        loss = mtl.PerDatasetLoss(datasets=["A", "B"], coeffs=ALL3)
+        for metric in loss.values():
+            metric.dist_sync_on_step = True  # what NequIPLightningModule sets for the loss
+        # step 1: B only on rank 0; step 2: no B on any rank
+        step1 = loss(*_batch([A[0], B[0]] if rank == 0 else [A[1], A[2]]))
+        step2 = loss(*_batch([A[0]] if rank == 0 else [A[1]]))
+        epoch = loss.compute()
+        record = {
+            "step1": {k: float(v.detach()) for k, v in step1.items()},
+            "step2": {k: float(v.detach()) for k, v in step2.items()},
+            "epoch": {k: float(v) for k, v in epoch.items()},
+        }
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(record, f)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_global_batch_values_and_agree_on_absent_datasets(tmp_path):
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    from tests._ddp import free_port
+
+    ctx = mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:  # ranks waiting in mismatched collectives
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two ranks hung: they did not take the same collective calls")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ref = mtl.PerDatasetLoss(datasets=["A", "B"], coeffs=ALL3)
+    expected = {
+        "step1": {k: float(v) for k, v in ref(*_batch([A[0], B[0], A[1], A[2]])).items()},
+        "step2": {k: float(v) for k, v in ref(*_batch([A[0], A[1]])).items()},
+    }
+    expected["epoch"] = {k: float(v) for k, v in ref.compute().items()}
+    for got in ranks:
+        for when in ("step1", "step2", "epoch"):
+            assert got[when] == pytest.approx(expected[when], rel=1e-12), when
+    assert ranks[0]["step2"]["B/forces_mse"] == 0.0  # absent everywhere: 0, no deadlock

@@ -180,6 +180,17 @@ class _ZeroWhenEmpty(torch.nn.Module):
     def __init__(self, metric: torch.nn.Module) -> None:
         super().__init__()
         self.metric = metric
+        # torchmetrics syncs a step (`dist_sync_on_step`) by gathering every rank's state; a
+        # rank whose selection is empty still holds the *defaults*, which for nequip's
+        # metrics have other dtypes than an updated state (`sum`: int64 vs float64;
+        # `max_error`: float32 vs float64), and gloo/NCCL then gather garbage. Float64
+        # defaults make every rank's state the same dtype, updated or not.
+        defaults = getattr(metric, "_defaults", None)
+        if isinstance(defaults, dict):
+            for name, default in defaults.items():
+                if isinstance(default, torch.Tensor) and not default.is_complex():
+                    defaults[name] = default.to(torch.float64)
+                    setattr(metric, name, getattr(metric, name).to(torch.float64))
         self.seen = False
         self.empty_step = False
 
