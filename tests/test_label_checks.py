@@ -137,6 +137,16 @@ def _stats_setup(extra=NAN_FORCES):
         (mtl.FAMOLightningModule, []),
         (mtl.UncertaintyWeightingLightningModule, []),
         (NequIPLightningModule, [CheckTrainingLabels()]),
+        pytest.param(
+            mtl.MultitaskLightningModule,
+            [],
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="MultitaskLightningModule.on_fit_start does not call "
+                "check_module_labels(self) yet (the lead adds it with the step engine; then "
+                "remove this mark)",
+            ),
+        ),
     ],
 )
 def test_nan_forces_with_usual_statistics_are_named_at_setup(tmp_path, module_cls, callbacks):

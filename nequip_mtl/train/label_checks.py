@@ -185,11 +185,15 @@ def check_training_labels(
                     if nonfinite == c.frames
                     else "absent or non-finite"
                 )
+                fix = (
+                    "Fix the data or remove the component"
+                    if r.dataset_index is None and k is None
+                    else "Fix the data, remove the component, or let it skip that dataset "
+                    "(`ignore_missing` of nequip_mtl.train.PerDatasetLoss)"
+                )
                 problems.append(
                     f"loss component {r.component!r} needs the label `{r.field}`, which "
-                    f"{where} lacks: {how} in all {c.frames} of {c.frames} frames. Remove the "
-                    "component, or let it skip that dataset (`ignore_missing` of "
-                    "nequip_mtl.train.PerDatasetLoss)"
+                    f"{where} lacks: {how} in all {c.frames} of {c.frames} frames. {fix}"
                 )
                 continue
             if bad:
