@@ -1,6 +1,15 @@
-"""Field names this package adds to nequip's data dicts."""
+"""Field names this package adds to nequip's data dicts.
+
+Importing this module registers them with nequip's field registry
+(:func:`nequip.data.register_fields`), so that nequip batches, type-checks and
+(de)serialises them like its own fields.
+"""
+
+from nequip.data import register_fields
 
 #: per-frame (graph) field: the position of the frame's training dataset in
 #: ``MultiDatasetDataModule``'s ``datasets`` (an integer tensor of shape ``(num_frames,)``
 #: in a batch)
 DATASET_INDEX_KEY = "dataset_index"
+
+register_fields(graph_fields=[DATASET_INDEX_KEY], long_fields=[DATASET_INDEX_KEY])

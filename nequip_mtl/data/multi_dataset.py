@@ -10,16 +10,12 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from nequip.data import register_fields
 from nequip.data.datamodule import NequIPDataModule
 from nequip.utils.logger import RankedLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .keys import DATASET_INDEX_KEY
+from .keys import DATASET_INDEX_KEY  # registers it with nequip: a (num_frames,) long field
 from .sampling import MultiDatasetSampler, check_sampling
-
-# a per-frame integer: batches keep it as a (num_frames,) long tensor
-register_fields(graph_fields=[DATASET_INDEX_KEY], long_fields=[DATASET_INDEX_KEY])
 
 logger = RankedLogger(__name__, rank_zero_only=True)
 

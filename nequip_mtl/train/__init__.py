@@ -3,6 +3,7 @@
 from .coefficients import update_coeffs
 from .conflict_free import ConFIGLightningModule, EMAConFIGLightningModule
 from .famo import FAMOLightningModule
+from .label_checks import check_training_labels, nonfinite_model_state
 from .metrics_manager import (
     EnergyForceLoss,
     EnergyForceStressLoss,
@@ -10,6 +11,12 @@ from .metrics_manager import (
     MultitaskMetricsManager,
 )
 from .multitask import EMAMultitaskLightningModule, MultitaskLightningModule
+from .per_dataset import (
+    DatasetModifier,
+    PerDatasetLoss,
+    PerDatasetMetrics,
+    PerDatasetMetricsManager,
+)
 from .uncertainty import UncertaintyWeightingLightningModule
 
 __all__ = [
@@ -24,4 +31,10 @@ __all__ = [
     "EnergyForceLoss",
     "EnergyForceStressLoss",
     "EnergyOnlyLoss",
+    "DatasetModifier",
+    "PerDatasetLoss",
+    "PerDatasetMetrics",
+    "PerDatasetMetricsManager",
+    "check_training_labels",
+    "nonfinite_model_state",
 ]

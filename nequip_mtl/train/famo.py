@@ -13,6 +13,7 @@ from ..step import WindowTracker
 from ..weighting.famo import FAMOLogits
 from . import setup_checks
 from .coefficients import validate_coeffs
+from .label_checks import check_module_labels
 from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
 _CKPT_KEY = "nequip_mtl_famo"
@@ -130,6 +131,7 @@ class FAMOLightningModule(NequIPLightningModule):
         """"""
         super().on_fit_start()
         setup_checks.log_train_time_compile(self)
+        check_module_labels(self)  # labels the loss needs: present and finite
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""

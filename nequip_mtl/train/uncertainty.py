@@ -14,6 +14,7 @@ from nequip.train import NequIPLightningModule
 from ..weighting.uncertainty import uncertainty_weights
 from . import setup_checks
 from .coefficients import validate_coeffs
+from .label_checks import check_module_labels
 from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
 _DEFAULT_PARAM_GROUPS = {"_target_": "nequip.train.lightning._default_param_group_factory"}
@@ -151,6 +152,7 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
         """"""
         super().on_fit_start()
         setup_checks.log_train_time_compile(self)
+        check_module_labels(self)  # labels the loss needs: present and finite
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
         """"""

@@ -10,6 +10,7 @@ Dynamic Weight Average, Random Loss Weighting and calibrate-then-freeze coeffici
 from .calibrate import CalibrateLossCoefficients
 from .dwa import DynamicWeightAverage
 from .gradient_conflict import GradientConflictMonitor
+from .label_check import CheckTrainingLabels
 from .linear_loss_coeff_scheduler import LinearLossCoefficientScheduler
 from .loss_coeff_monitor import LossCoefficientMonitor
 from .loss_coeff_scheduler import LossCoefficientScheduler
@@ -25,4 +26,5 @@ __all__ = [
     "RandomLossWeighting",
     "GradientConflictMonitor",
     "CalibrateLossCoefficients",
+    "CheckTrainingLabels",
 ]

@@ -1,0 +1,181 @@
+"""Labels a dataset lacks (issue 18 item 7) and NaN labels blamed on the wrong component
+(issue 20 item 8): refused at setup, naming the component, dataset, field and frames."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from nequip.data import AtomicDataDict
+from nequip.data.dataset import EMTTestDataset
+from nequip.train import EnergyForceLoss, NequIPLightningModule
+
+import nequip_mtl.train as mtl
+from nequip_mtl.data.keys import DATASET_INDEX_KEY
+from nequip_mtl.train.callbacks import CheckTrainingLabels
+from nequip_mtl.train.label_checks import check_training_labels, nonfinite_model_state
+from tests import _harness as harness
+from tests import _per_dataset as pd
+
+NAN_FORCES = [{"_target_": "tests._per_dataset.NaNLabels", "field": "forces"}]
+
+
+def _frames(n: int, index: int | None = None) -> list[dict]:
+    ds = EMTTestDataset(transforms=[], supercell=(1, 1, 1), num_frames=n, seed=3)
+    out = []
+    for i in range(n):
+        f = dict(ds[i])
+        if index is not None:
+            f[DATASET_INDEX_KEY] = torch.tensor([index])
+        out.append(f)
+    return out
+
+
+# ---------------------------------------------------------------- the check itself
+
+
+def test_partial_nan_labels_are_counted_and_refused_unless_ignore_nan():
+    frames = _frames(5)
+    for i in (1, 3):
+        frames[i][AtomicDataDict.FORCE_KEY] = frames[i][AtomicDataDict.FORCE_KEY].clone()
+        frames[i][AtomicDataDict.FORCE_KEY][0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"'forces_mse'.*`forces` is non-finite .* 2 of 5 frames"):
+        check_training_labels(EnergyForceLoss(), frames)
+    masked = mtl.EnergyForceStressLoss(ignore_nan={"forces": True})
+    counts = check_training_labels(masked, frames)
+    assert counts[None].frames == 5 and counts[None].nonfinite == {"forces": 2}
+
+
+def test_absent_label_is_refused_naming_component_and_field():
+    frames = _frames(3)
+    for f in frames:
+        del f[AtomicDataDict.STRESS_KEY]
+    with pytest.raises(ValueError, match=r"'stress_mse' needs the label `stress`.*absent in all 3"):
+        check_training_labels(mtl.EnergyForceStressLoss(), frames)
+    check_training_labels(EnergyForceLoss(), frames)  # no stress component: fine
+
+
+def test_energy_only_dataset_with_forces_component_names_the_dataset():
+    frames = _frames(4, index=0) + _frames(2, index=1)
+    for f in frames[4:]:  # dataset `new`: energies only (NaN-filled forces in a mixed batch)
+        f[AtomicDataDict.FORCE_KEY] = torch.full_like(f[AtomicDataDict.FORCE_KEY], math.nan)
+    loss = mtl.PerDatasetLoss(datasets=["pretrain", "new"])
+    with pytest.raises(ValueError) as err:
+        check_training_labels(loss, frames)
+    msg = str(err.value)
+    assert "'new/forces_mse' needs the label `forces`, which training dataset 'new' lacks" in msg
+    assert "all 2 of 2 frames" in msg and "pretrain" not in msg.split("\n- ", 1)[1]
+    # ignore_nan alone is not enough: a dataset with no forces at all is not "partial labels"
+    with pytest.raises(ValueError, match="dataset 'new' lacks"):
+        check_training_labels(mtl.PerDatasetLoss(["pretrain", "new"], ignore_nan=True), frames)
+    # the explicit opt-in lets the component skip that dataset
+    ok = mtl.PerDatasetLoss(["pretrain", "new"], ignore_missing={"new": {"forces": True}})
+    check_training_labels(ok, frames)
+    # a plain component over both datasets names the dataset by the data module's names
+    with pytest.raises(ValueError, match="training dataset 'new' lacks"):
+        check_training_labels(EnergyForceLoss(), frames, dataset_names=["pretrain", "new"])
+
+
+def test_per_dataset_loss_without_dataset_index_in_frames_is_refused():
+    with pytest.raises(ValueError, match="carry no `dataset_index`.*MultiDatasetDataModule"):
+        check_training_labels(mtl.PerDatasetLoss(["A", "B"]), _frames(2))
+
+
+def test_ignore_missing_component_skips_an_absent_label_key_in_the_batch():
+    loss = mtl.PerDatasetLoss(
+        ["A"], coeffs={"total_energy": 1.0, "stress": 1.0}, ignore_missing=True
+    )
+    target = AtomicDataDict.batched_from_list(_frames(2, index=0))
+    del target[AtomicDataDict.STRESS_KEY]
+    preds = dict(target)
+    preds[AtomicDataDict.STRESS_KEY] = torch.zeros(2, 3, 3, requires_grad=True)
+    out = loss(preds, target)
+    assert float(out["A/stress_mse"].detach()) == 0.0
+    assert math.isnan(loss.metrics_values_step["A/stress_mse"])
+
+
+def test_nonfinite_model_state_names_parameters_and_buffers():
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("scales", torch.tensor([1.0, 2.0, 3.0]))
+    model.register_buffer("count", torch.tensor([3]))  # integers are never non-finite
+    assert nonfinite_model_state(model) == []
+    model.register_buffer("scales", torch.tensor([1.0, math.nan, math.inf]))
+    with torch.no_grad():
+        model.bias[1] = math.nan
+    assert nonfinite_model_state(model) == [
+        "bias (parameter, 1 of 2 entries non-finite)",
+        "scales (buffer, 2 of 3 entries non-finite)",
+    ]
+
+
+# ---------------------------------------------------------------- nequip's usual setup
+
+
+def _stats_setup(extra=NAN_FORCES):
+    """nequip-train's order: data module set up, statistics computed with nequip's
+    CommonDataStatisticsManager, model built with `${training_data_stats:forces_rms}`
+    as its per-type energy scale."""
+    data = pd.mixed_datamodule(
+        [pd.emt(None, 8, (1, 1, 1), seed=1, extra=extra)],
+        stats_manager={
+            "_target_": "nequip.data.CommonDataStatisticsManager",
+            "type_names": ["Cu"],
+        },
+    )
+    data.prepare_data()
+    data.setup("fit")
+    stats = data.get_statistics(dataset="train")
+    model = harness.model_config()
+    model["per_type_energy_scales"] = {"Cu": float(stats["forces_rms"])}
+    return data, model, stats
+
+
+@pytest.mark.parametrize(
+    "module_cls, callbacks",
+    [
+        (mtl.FAMOLightningModule, []),
+        (mtl.UncertaintyWeightingLightningModule, []),
+        (NequIPLightningModule, [CheckTrainingLabels()]),
+        pytest.param(
+            mtl.MultitaskLightningModule,
+            [],
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="MultitaskLightningModule.on_fit_start does not call "
+                "check_module_labels(self) yet (the lead adds it with the step engine; then "
+                "remove this mark)",
+            ),
+        ),
+    ],
+)
+def test_nan_forces_with_usual_statistics_are_named_at_setup(tmp_path, module_cls, callbacks):
+    data, model, stats = _stats_setup()
+    assert math.isnan(float(stats["forces_rms"]))  # nequip's statistic is poisoned
+    kwargs = harness.module_kwargs(
+        model=model,
+        loss={"_target_": "nequip_mtl.train.EnergyForceLoss"},
+        optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+    )
+    torch.manual_seed(0)
+    module = module_cls(**kwargs)
+    # the per-type scale is NaN, so every output is: the model state names the cause
+    bad = nonfinite_model_state(module.model)
+    assert bad and all("scale" in b for b in bad), bad
+    tr = harness.trainer(tmp_path, callbacks=callbacks)
+    with pytest.raises(ValueError) as err:
+        tr.fit(module, datamodule=data)
+    msg = str(err.value)
+    assert "'forces_mse' needs the label `forces`" in msg
+    assert "non-finite (NaN/inf) in all 8 of 8 frames" in msg
+    assert "per_atom_energy_mse" not in msg
+    assert tr.global_step == 0  # refused before any step
+
+
+def test_finite_labels_with_usual_statistics_pass_the_check(tmp_path):
+    data, model, stats = _stats_setup(extra=())
+    assert math.isfinite(float(stats["forces_rms"]))
+    module = NequIPLightningModule(**harness.module_kwargs(model=model))
+    tr = harness.trainer(tmp_path, callbacks=[CheckTrainingLabels()], limit_train_batches=1)
+    tr.fit(module, datamodule=data)
+    assert tr.global_step == 1
