@@ -140,12 +140,6 @@ def _stats_setup(extra=NAN_FORCES):
         pytest.param(
             mtl.MultitaskLightningModule,
             [],
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="MultitaskLightningModule.on_fit_start does not call "
-                "check_module_labels(self) yet (the lead adds it with the step engine; then "
-                "remove this mark)",
-            ),
         ),
     ],
 )

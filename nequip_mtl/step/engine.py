@@ -109,9 +109,7 @@ class StepEngine:
         """
         active = {name: float(c) for name, c in coeffs.items() if c is not None}
         if not active:
-            raise RuntimeError(
-                "At least one task (loss component) must have a `coeff` that is not null; all are null"
-            )
+            raise RuntimeError(NO_ACTIVE_COMPONENT)
         names = list(active)
         if self.last_active is not None and self.last_active != names:
             self.aggregator.reset()  # the set of active tasks changed

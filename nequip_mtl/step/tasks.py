@@ -15,6 +15,9 @@ from collections.abc import Mapping
 import torch
 
 TASK_KINDS = ("components", "datasets")
+NO_ACTIVE_COMPONENT = (
+    "At least one loss component must have a `coeff` that is not null; all are null"
+)
 
 
 @dataclasses.dataclass

@@ -6,11 +6,8 @@ from typing import Any
 
 import torch
 
+from ..step.tasks import NO_ACTIVE_COMPONENT
 from .sub_batches import forward_per_dataset
-
-NO_ACTIVE_COMPONENT = (
-    "At least one loss component must have a `coeff` that is not null; all are null"
-)
 
 
 def active_indices(manager: Any, required: bool = False) -> list[int]:

@@ -10,10 +10,8 @@ import torch
 from nequip.train import EMALightningModule, NequIPLightningModule
 from nequip.utils.versions import _TORCH_GE_2_6
 
-from ..aggregators import Aggregator, GramAggregator
+from ..aggregators import Aggregator
 from ..step import (
-    NONFINITE_POLICIES,
-    TASK_KINDS,
     StepEngine,
     StepFaults,
     StepOutcome,
@@ -25,9 +23,8 @@ from ..step import (
 )
 from . import setup_checks
 from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
+from .label_checks import check_module_labels, nonfinite_model_state
 from .loss_components import active_names, training_loss_components
-
-_CLIP_ALGORITHMS = ("norm", "value")
 
 
 class MultitaskLightningModule(NequIPLightningModule):
@@ -144,29 +141,15 @@ class MultitaskLightningModule(NequIPLightningModule):
         setup_checks.check_module_arguments(type(self), kwargs, aggregator)
         setup_checks.check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
         super().__init__(**kwargs)
-        aggregator = _build_aggregator(aggregator)
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"`on_nonfinite` must be one of {list(NONFINITE_POLICIES)}, got {on_nonfinite!r}"
-            )
-        weights_every = _check_weights_every(weights_every, aggregator)
-        if max_consecutive_skips is not None and (
-            isinstance(max_consecutive_skips, bool)
-            or not isinstance(max_consecutive_skips, int)
-            or max_consecutive_skips < 1
-        ):
-            raise ValueError(
-                "`max_consecutive_skips` must be an integer >= 1 or null (no limit), got "
-                f"{max_consecutive_skips!r}"
-            )
-        self.module_clip_val, self.module_clip_algorithm = _validate_clipping(
+        aggregator = setup_checks.build_aggregator(aggregator, "training_module.aggregator")
+        setup_checks.check_multitask_arguments(
+            aggregator, weights_every, on_nonfinite, max_consecutive_skips, self.loss
+        )
+        self.module_clip_val, self.module_clip_algorithm = setup_checks.check_clipping(
             gradient_clip_val, gradient_clip_algorithm
         )
-        if self.loss is not None and len(self.loss) < 1:
-            raise ValueError("`loss` must have at least one loss component")
-
         self.tasks = tasks
-        self._datasets_of = _datasets_of_components(self.loss, tasks)
+        self._datasets_of = setup_checks.datasets_of_components(self.loss, tasks)
         if forward_per_dataset is None:
             forward_per_dataset = tasks == "datasets"
         self.forward_per_dataset = bool(forward_per_dataset)
@@ -214,14 +197,10 @@ class MultitaskLightningModule(NequIPLightningModule):
     def on_fit_start(self) -> None:
         trainer = self.trainer
         setup_checks.log_train_time_compile(self)
-        check_strategy(trainer.strategy)
-        check_precision(trainer.precision_plugin, self.on_nonfinite)
-        if self.module_clip_val is not None and trainer.gradient_clip_val is not None:
-            raise ValueError(
-                "gradient clipping is configured twice: `training_module.gradient_clip_val`="
-                f"{self.module_clip_val} and `trainer.gradient_clip_val`={trainer.gradient_clip_val}; "
-                "set only one (the trainer's is preferred)"
-            )
+        setup_checks.check_strategy(trainer.strategy)
+        setup_checks.check_precision(trainer.precision_plugin, self.on_nonfinite)
+        setup_checks.check_clipping_once(self.module_clip_val, trainer.gradient_clip_val)
+        check_module_labels(self)  # the labels the loss needs: present and finite
         # an aggregator that names tasks (PrimaryConstrained) checks them before any step
         self.aggregator.set_tasks(active_names(self.loss))
         self._windows.reset()
@@ -249,7 +228,7 @@ class MultitaskLightningModule(NequIPLightningModule):
                 self._plan.coeffs,
                 [p for p in self.parameters() if p.requires_grad],
                 scale=_grad_scale(trainer.precision_plugin),
-                loss_scaled=_active_scaler(trainer.precision_plugin) is not None,
+                loss_scaled=setup_checks.active_scaler(trainer.precision_plugin) is not None,
                 accumulate=trainer.accumulate_grad_batches,
             )
         delim = self.logging_delimiter
@@ -309,7 +288,14 @@ class MultitaskLightningModule(NequIPLightningModule):
                 )
         self.applied_task_weights = outcome.weights
         if not outcome.applied:
-            self._skipped(outcome.cause)
+            cause = outcome.cause
+            if outcome.all_nonfinite:
+                # every task at once: a fault of the model rather than of one task's labels
+                bad = nonfinite_model_state(self.model)
+                cause += "; every task gradient is non-finite" + (
+                    f", and so is the model's own state: {bad}" if bad else ""
+                )
+            self._skipped(cause)
             return
         self.faults.applied_step()
         if outcome.statistics is not None:
@@ -317,7 +303,7 @@ class MultitaskLightningModule(NequIPLightningModule):
             self._log_statistics(outcome.statistics)
 
     def _skipped(self, cause: str) -> None:
-        scaler = _active_scaler(self.trainer.precision_plugin)
+        scaler = setup_checks.active_scaler(self.trainer.precision_plugin)
         if scaler is not None:
             cause += (
                 f" (16-mixed: the GradScaler skips the step; loss scale {scaler.get_scale():g})"
@@ -398,24 +384,6 @@ class EMAMultitaskLightningModule(MultitaskLightningModule, EMALightningModule):
     """
 
 
-def check_strategy(strategy) -> None:
-    """Reject Lightning strategies whose gradient handling we do not support.
-
-    Supported: single device, and data parallel with replicated parameters
-    (:class:`~nequip.train.SimpleDDPStrategy`, Lightning's ``DDPStrategy``). Sharded
-    strategies (FSDP, DeepSpeed, model parallel) split parameters or gradients across
-    ranks, so no rank holds the full per-task gradient matrix to aggregate.
-    """
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise ValueError(
-            f"`trainer.strategy`={type(strategy).__name__} is not supported by gradient-"
-            "aggregation training modules; use a single device, "
-            "nequip.train.SimpleDDPStrategy, or lightning's DDPStrategy"
-        )
-
-
 def release_loss_graph(manager) -> None:
     """Drop the loss metrics' reference to the micro-batch's loss values.
 
@@ -429,66 +397,9 @@ def release_loss_graph(manager) -> None:
             metric._forward_cache = None
 
 
-def check_precision(plugin, on_nonfinite: str) -> None:
-    """Reject precision plugins whose loss scaling we do not know how to undo.
-
-    Supported: full precision (``32-true``, ``64-true``), ``16-true``/``bf16-true``, and
-    automatic mixed precision (``16-mixed`` with or without a ``GradScaler``,
-    ``bf16-mixed``). With a ``GradScaler`` an overflowing step is always the scaler's to
-    skip, so ``on_nonfinite: zero_task`` (which would apply the other tasks) is refused.
-    """
-    from lightning.pytorch.plugins.precision import (
-        DoublePrecision,
-        HalfPrecision,
-        MixedPrecision,
-        Precision,
-    )
-
-    if type(plugin) not in (Precision, DoublePrecision, HalfPrecision) and not isinstance(
-        plugin, MixedPrecision
-    ):
-        raise ValueError(
-            f"the precision plugin {type(plugin).__name__} (`trainer.precision` / "
-            "`trainer.plugins`) is not supported by gradient-aggregation training modules; use "
-            "32-true, 64-true, 16-mixed or bf16-mixed"
-        )
-    if _active_scaler(plugin) is not None and on_nonfinite == "zero_task":
-        raise ValueError(
-            "`training_module.on_nonfinite`=zero_task cannot be combined with a GradScaler "
-            "(`trainer.precision`=16-mixed): an overflowing task gradient means the loss scale "
-            "is too large, and the scaler must skip the whole step; use on_nonfinite: skip"
-        )
-
-
-def _active_scaler(plugin):
-    scaler = getattr(plugin, "scaler", None)
-    return scaler if scaler is not None and scaler.is_enabled() else None
-
-
 def _grad_scale(plugin) -> float:
-    scaler = _active_scaler(plugin)
+    scaler = setup_checks.active_scaler(plugin)
     return 1.0 if scaler is None else float(scaler.get_scale())
-
-
-def _datasets_of_components(manager, tasks: str) -> dict[str, str] | None:
-    """``{component: dataset}`` for ``tasks: datasets`` (``None`` for components)."""
-    if tasks not in TASK_KINDS:
-        raise ValueError(
-            f"`training_module.tasks` must be one of {list(TASK_KINDS)}, got {tasks!r}"
-        )
-    if tasks == "components" or manager is None:
-        return None
-    datasets = {
-        name: getattr(entry.field, "dataset", None) for name, entry in manager.entries.items()
-    }
-    missing = [name for name, d in datasets.items() if d is None]
-    if missing:
-        raise ValueError(
-            f"`training_module.tasks: datasets` groups the loss components by training dataset, "
-            f"but {missing} belong to no dataset; build the loss with "
-            "nequip_mtl.train.PerDatasetLoss (components named <dataset>/<component>)"
-        )
-    return datasets
 
 
 def _reduce_function():
@@ -498,36 +409,3 @@ def _reduce_function():
         if distributed.get_world_size() > 1:
             return TaskGradients.all_reduce_mean_
     return None
-
-
-def _check_weights_every(value: Any, aggregator: Aggregator) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`weights_every` must be an integer >= 1, got {value!r}")
-    if value > 1 and not isinstance(aggregator, GramAggregator):
-        raise ValueError(
-            f"`weights_every`={value} needs an aggregator whose update is a weighted sum of the "
-            f"task gradients (a GramAggregator); {type(aggregator).__name__} is not one. Use "
-            "weights_every: 1 (its default), or a Gram-based aggregator such as ConFIG or UPGrad"
-        )
-    return value
-
-
-def _build_aggregator(aggregator: Mapping | Aggregator | None) -> Aggregator:
-    return setup_checks.build_aggregator(aggregator, "training_module.aggregator")
-
-
-def _validate_clipping(val, algorithm) -> tuple[float | None, str | None]:
-    if val is None:
-        if algorithm is not None:
-            raise ValueError(
-                f"`gradient_clip_algorithm`={algorithm!r} is set but `gradient_clip_val` is not"
-            )
-        return None, None
-    if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
-        raise ValueError(f"`gradient_clip_val` must be a number > 0, got {val!r}")
-    algorithm = "norm" if algorithm is None else algorithm
-    if algorithm not in _CLIP_ALGORITHMS:
-        raise ValueError(
-            f"`gradient_clip_algorithm` must be one of {list(_CLIP_ALGORITHMS)}, got {algorithm!r}"
-        )
-    return float(val), algorithm

@@ -38,11 +38,13 @@ from hydra.utils import instantiate
 from nequip.train import NequIPLightningModule
 
 from .. import aggregators as _aggregators
-from ..aggregators import Aggregator, ConFIG
+from ..aggregators import Aggregator, ConFIG, GramAggregator
+from ..step import NONFINITE_POLICIES, TASK_KINDS
 
 logger = logging.getLogger(__name__)
 
 #: arguments nequip-train passes itself; accepted, but not listed as config keys
+CLIP_ALGORITHMS = ("norm", "value")
 _PASSED_BY_NEQUIP_TRAIN = ("num_datasets", "info_dict")
 
 
@@ -338,3 +340,143 @@ def log_train_time_compile(module: Any) -> bool:
             type(module).__name__,
         )
     return bool(compiled)
+
+
+# ---------------------------------------------------------------- the multitask module
+
+
+def check_strategy(strategy) -> None:
+    """Reject Lightning strategies whose gradient handling we do not support.
+
+    Supported: single device, and data parallel with replicated parameters
+    (:class:`~nequip.train.SimpleDDPStrategy`, Lightning's ``DDPStrategy``). Sharded
+    strategies (FSDP, DeepSpeed, model parallel) split parameters or gradients across
+    ranks, so no rank holds the full per-task gradient matrix to aggregate.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"`trainer.strategy`={type(strategy).__name__} is not supported by gradient-"
+            "aggregation training modules; use a single device, "
+            "nequip.train.SimpleDDPStrategy, or lightning's DDPStrategy"
+        )
+
+
+def check_precision(plugin, on_nonfinite: str) -> None:
+    """Reject precision plugins whose loss scaling we do not know how to undo.
+
+    Supported: full precision (``32-true``, ``64-true``), ``16-true``/``bf16-true``, and
+    automatic mixed precision (``16-mixed`` with or without a ``GradScaler``,
+    ``bf16-mixed``). With a ``GradScaler`` an overflowing step is always the scaler's to
+    skip, so ``on_nonfinite: zero_task`` (which would apply the other tasks) is refused.
+    """
+    from lightning.pytorch.plugins.precision import (
+        DoublePrecision,
+        HalfPrecision,
+        MixedPrecision,
+        Precision,
+    )
+
+    if type(plugin) not in (Precision, DoublePrecision, HalfPrecision) and not isinstance(
+        plugin, MixedPrecision
+    ):
+        raise ValueError(
+            f"the precision plugin {type(plugin).__name__} (`trainer.precision` / "
+            "`trainer.plugins`) is not supported by gradient-aggregation training modules; use "
+            "32-true, 64-true, 16-mixed or bf16-mixed"
+        )
+    if active_scaler(plugin) is not None and on_nonfinite == "zero_task":
+        raise ValueError(
+            "`training_module.on_nonfinite`=zero_task cannot be combined with a GradScaler "
+            "(`trainer.precision`=16-mixed): an overflowing task gradient means the loss scale "
+            "is too large, and the scaler must skip the whole step; use on_nonfinite: skip"
+        )
+
+
+def datasets_of_components(manager, tasks: str) -> dict[str, str] | None:
+    """``{component: dataset}`` for ``tasks: datasets`` (``None`` for components)."""
+    if tasks not in TASK_KINDS:
+        raise ValueError(
+            f"`training_module.tasks` must be one of {list(TASK_KINDS)}, got {tasks!r}"
+        )
+    if tasks == "components" or manager is None:
+        return None
+    datasets = {
+        name: getattr(entry.field, "dataset", None) for name, entry in manager.entries.items()
+    }
+    missing = [name for name, d in datasets.items() if d is None]
+    if missing:
+        raise ValueError(
+            f"`training_module.tasks: datasets` groups the loss components by training dataset, "
+            f"but {missing} belong to no dataset; build the loss with "
+            "nequip_mtl.train.PerDatasetLoss (components named <dataset>/<component>)"
+        )
+    return datasets
+
+
+def check_weights_every(value: Any, aggregator: Aggregator) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`weights_every` must be an integer >= 1, got {value!r}")
+    if value > 1 and not isinstance(aggregator, GramAggregator):
+        raise ValueError(
+            f"`weights_every`={value} needs an aggregator whose update is a weighted sum of the "
+            f"task gradients (a GramAggregator); {type(aggregator).__name__} is not one. Use "
+            "weights_every: 1 (its default), or a Gram-based aggregator such as ConFIG or UPGrad"
+        )
+    return value
+
+
+def check_clipping(val, algorithm) -> tuple[float | None, str | None]:
+    if val is None:
+        if algorithm is not None:
+            raise ValueError(
+                f"`gradient_clip_algorithm`={algorithm!r} is set but `gradient_clip_val` is not"
+            )
+        return None, None
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not val > 0:
+        raise ValueError(f"`gradient_clip_val` must be a number > 0, got {val!r}")
+    algorithm = "norm" if algorithm is None else algorithm
+    if algorithm not in CLIP_ALGORITHMS:
+        raise ValueError(
+            f"`gradient_clip_algorithm` must be one of {list(CLIP_ALGORITHMS)}, got {algorithm!r}"
+        )
+    return float(val), algorithm
+
+
+def check_clipping_once(module_clip_val: float | None, trainer_clip_val: float | None) -> None:
+    """Module-level and trainer-level clipping together are refused."""
+    if module_clip_val is not None and trainer_clip_val is not None:
+        raise ValueError(
+            "gradient clipping is configured twice: `training_module.gradient_clip_val`="
+            f"{module_clip_val} and `trainer.gradient_clip_val`={trainer_clip_val}; "
+            "set only one (the trainer's is preferred)"
+        )
+
+
+def check_multitask_arguments(
+    aggregator: Aggregator, weights_every: Any, on_nonfinite: Any, max_consecutive_skips: Any, loss
+) -> None:
+    """The ``MultitaskLightningModule`` arguments that need no trainer."""
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"`on_nonfinite` must be one of {list(NONFINITE_POLICIES)}, got {on_nonfinite!r}"
+        )
+    check_weights_every(weights_every, aggregator)
+    if max_consecutive_skips is not None and (
+        isinstance(max_consecutive_skips, bool)
+        or not isinstance(max_consecutive_skips, int)
+        or max_consecutive_skips < 1
+    ):
+        raise ValueError(
+            "`max_consecutive_skips` must be an integer >= 1 or null (no limit), got "
+            f"{max_consecutive_skips!r}"
+        )
+    if loss is not None and len(loss) < 1:
+        raise ValueError("`loss` must have at least one loss component")
+
+
+def active_scaler(plugin):
+    """The precision plugin's enabled ``GradScaler``, or ``None``."""
+    scaler = getattr(plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
