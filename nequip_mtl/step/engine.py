@@ -31,6 +31,7 @@ import torch
 from ..aggregators import Aggregator, GramAggregator
 from .rows import TaskGradients
 from .statistics import TaskGradientStatistics
+from .tasks import NO_ACTIVE_COMPONENT
 from .window import HeldWeights, StepWindow
 
 NONFINITE_POLICIES = ("skip", "zero_task", "raise")
