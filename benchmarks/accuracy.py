@@ -519,8 +519,9 @@ def main(argv=None):
         )
         saved.out = str(Path(saved.out).with_suffix(""))
         use_dataset(saved.dataset)
-        methods = list(dict.fromkeys(r["method"] for r in data["runs"]))
-        methods = [m for m in C.ALL_METHODS if m in methods]
+        ran = {r["method"] for r in data["runs"]}
+        # the run's own method order (the table's tie order); all methods: the registry's
+        methods = [m for m in (saved.methods or C.ALL_METHODS) if m in ran]
         info = {**data["meta"]["machine"], "date": data["meta"]["time"]}
         write_outputs(
             saved,
