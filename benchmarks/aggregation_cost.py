@@ -36,21 +36,21 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _one_step(cls, storage, tasks: list[int], coeffs):
-    """What the training module does per step besides the backward passes."""
+def _one_step(cls, storage, num_tasks: int, coeffs):
+    """What the training module does per step besides the backward passes (the rows of
+    the tasks back-propagated are rows ``0 ..`` of the storage)."""
     import nequip_mtl.aggregators as aggregators
 
     agg = cls()
 
     def step():
         if isinstance(agg, aggregators.GramAggregator):
-            gram = storage.gram(tasks)
-            storage.apply_weights(tasks, agg.weights(gram, coeffs, source_dtype=storage.dtype))
+            gram = storage.gram(num_tasks)
+            storage.apply_weights(agg.weights(gram, coeffs, source_dtype=storage.dtype))
         else:
-            selected = agg.select_tasks(len(tasks)) or list(range(len(tasks)))
-            computed = [tasks[j] for j in selected]
-            storage.gram(computed)  # the module's fault check
-            matrix = storage.matrix(computed)
+            selected = agg.select_tasks(num_tasks) or list(range(num_tasks))
+            storage.gram(len(selected))  # the module's fault check
+            matrix = storage.matrix(len(selected))
             storage.apply_update(agg.aggregate_subset(matrix, coeffs.to(matrix), selected))
 
     return step
@@ -71,13 +71,12 @@ def run(args) -> dict:
             for m in args.tasks:
                 storage = TaskGradients(params, m)
                 gen = torch.Generator().manual_seed(0)
-                tasks = list(range(m))
                 coeffs = torch.full((m,), 1.0 / m, dtype=torch.float64)
                 zero_ms = _median_ms(storage.zero_, args.repeats)  # once per step, any method
                 for g in storage.groups:
                     g.rows.copy_(torch.randn(g.rows.shape, generator=gen, dtype=dtype))
                 for cls in M.aggregator_classes():
-                    ms = zero_ms + _median_ms(_one_step(cls, storage, tasks, coeffs), args.repeats)
+                    ms = zero_ms + _median_ms(_one_step(cls, storage, m, coeffs), args.repeats)
                     row = {
                         "params": n,
                         "dtype": dtype_name,
