@@ -25,8 +25,8 @@ the batched gradients are compared with the sequential ones (max abs diff, max r
 diff per task). Every warning of the batched call is recorded, with vmap's fallback
 warnings switched on (an op without a batching rule runs a slow per-row loop).
 
-    OMP_NUM_THREADS=1 python benchmarks/batched_backward.py
-    OMP_NUM_THREADS=1 python benchmarks/batched_backward.py --compile
+    OMP_NUM_THREADS=1 python -m benchmarks.batched_backward
+    OMP_NUM_THREADS=1 python -m benchmarks.batched_backward --compile
 
 ``--compile`` adds the alloy in float32 with nequip's train-time compile
 (``compile_mode: compile``; its first compile takes minutes on a small CPU, later runs
@@ -38,7 +38,6 @@ Writes ``benchmarks/results/batched_backward.{json,md}`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -49,10 +48,9 @@ import traceback
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from benchmarks import methods as M
+from benchmarks import protocol as P
+from benchmarks import report as R
 
 VARIANTS = ("seq", "pkg", "batched")
 
@@ -60,45 +58,25 @@ VARIANTS = ("seq", "pkg", "batched")
 # ----------------------------------------------------------------------------- setup
 
 
-def _init_torch() -> None:
-    import torch
-    from nequip.utils.global_state import set_global_state
-
-    set_global_state()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
 def build_case(args, dataset: str, dtype: str, compile_mode: str):
     """The training module (our ``MultitaskLightningModule``) and one training batch."""
     import torch
 
-    if dataset == "alloy":
-        path = C.alloy_data(args.frames, seed=0)
-        stats = C.data_statistics(path, args.r_max)
-        type_names, num_tasks, n_train = C.TYPE_NAMES, 3, args.frames - 20
-    else:
-        path = C.ETHANOL
-        type_names, num_tasks, n_train = C.ETHANOL_TYPE_NAMES, 2, 80
-        stats = C.split_statistics(path, n_train, 100 - n_train, args.r_max, type_names)
-    model = C.model_config(
-        dtype,
-        stats,
-        num_layers=args.num_layers,
-        num_features=args.num_features,
-        l_max=args.l_max,
-        r_max=args.r_max,
-        radial_width=args.radial_width,
-        type_names=type_names,
-    )
+    d = P.DATASETS[dataset]
+    # the alloy: 20 validation frames of --frames; ethanol: its own split
+    frames, n_train = (args.frames, args.frames - 20) if dataset == "alloy" else (100, 80)
+    path, stats = P.data_and_statistics(dataset, frames, n_train, args.r_max, d.type_names)
+    type_names, num_tasks = d.type_names, d.num_tasks
+    model = P.model_config(dtype, stats, **P.model_arguments(args), type_names=type_names)
     if compile_mode != "eager":
         model["compile_mode"] = compile_mode
     torch.manual_seed(0)
     # the aggregator does not matter here: only the model, the loss and TaskGradients
-    module = C.build_module(C.methods()["mean"], model, num_tasks, lr=1e-3)
-    dm = C.datamodule(
+    module = P.build_module(M.methods()["mean"], model, num_tasks, lr=1e-3)
+    dm = P.datamodule(
         path,
         n_train,
-        (args.frames if dataset == "alloy" else 100) - n_train,
+        frames - n_train,
         args.batch_size,
         args.r_max,
         shuffle=False,
@@ -390,11 +368,14 @@ def _ratio(r) -> str:
     return f"{r['ratio_of_medians']:.2f} ({r['paired_q25']:.2f}-{r['paired_q75']:.2f})"
 
 
-def markdown(args, info, cases, command: str, elapsed: float) -> str:
+def markdown(data: dict) -> str:
+    meta, cases = data["meta"], data["cases"]
+    args, info = argparse.Namespace(**meta["args"]), meta["machine"]
+    command, elapsed = meta["command"], meta["elapsed_s"]
     lines = [
         "# Batched task-gradient backward (`is_grads_batched=True`) vs sequential passes",
         "",
-        f"{C.machine_line(info)}; {info['date']}; total {elapsed / 60:.1f} min.",
+        f"{R.machine_line(info)}; {info['date']}; total {elapsed / 60:.1f} min.",
         "",
         f"Command: `{command}`",
         "",
@@ -495,6 +476,10 @@ def markdown(args, info, cases, command: str, elapsed: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(data: dict, out: Path) -> None:
+    R.write_text(out.with_suffix(".md"), markdown(data), echo=False)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -508,29 +493,17 @@ def main(argv=None):
     parser.add_argument("--compile-reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=5)
-    parser.add_argument("--frames", type=int, default=200)
-    parser.add_argument("--num-features", type=int, default=32)
-    parser.add_argument("--num-layers", type=int, default=3)
-    parser.add_argument("--l-max", type=int, default=1)
-    parser.add_argument("--radial-width", type=int, default=64)
-    parser.add_argument("--r-max", type=float, default=4.5)
-    parser.add_argument("--out", default=str(C.RESULTS / "batched_backward"))
-    parser.add_argument("--from-json", help="only rewrite the md from this json")
+    P.add_run_arguments(parser, frames=200, num_layers=3, radial_width=64, lr=None)
+    parser.add_argument("--out", default=None, help="default results/batched_backward")
+    R.add_from_json(parser, what="the md")
     args = parser.parse_args(argv)
     if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
-        meta = data["meta"]
-        saved = argparse.Namespace(**meta["args"])
-        md = markdown(saved, meta["machine"], data["cases"], meta["command"], meta["elapsed_s"])
-        Path(args.out).with_suffix(".md").write_text(md)
-        return
-    command = "OMP_NUM_THREADS=1 python benchmarks/batched_backward.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+        return R.from_json(args.from_json, args.out, report)
+    args.out = args.out or str(P.RESULTS / "batched_backward")
+    command = R.command("batched_backward", sys.argv[1:] if argv is None else argv)
 
-    _init_torch()
-    info = C.machine_info()
+    P.init_torch()
+    info = P.machine_info()
     t0 = time.perf_counter()
     plan = [(d, t, "eager") for d in args.datasets for t in args.dtypes]
     if args.compile:
@@ -556,21 +529,11 @@ def main(argv=None):
                 }
             )
     elapsed = time.perf_counter() - t0
-    info = {**info, "loadavg_end": os.getloadavg(), "date": C.now()}
+    info = {**info, "loadavg_end": os.getloadavg(), "date": P.now()}
     out = Path(args.out)
-    C.write_json(
-        out.with_suffix(".json"),
-        {
-            "meta": {
-                "command": command,
-                "args": vars(args),
-                "machine": info,
-                "elapsed_s": elapsed,
-            },
-            "cases": cases,
-        },
-    )
-    out.with_suffix(".md").write_text(markdown(args, info, cases, command, elapsed))
+    meta = {"command": command, "args": vars(args), "machine": info, "elapsed_s": elapsed}
+    R.write_json(out.with_suffix(".json"), {"meta": meta, "cases": cases})
+    report({"meta": meta, "cases": cases}, out)
     print(f"wrote {out.with_suffix('.json')} and .md ({elapsed / 60:.1f} min)", flush=True)
 
 

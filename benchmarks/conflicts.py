@@ -25,7 +25,7 @@ The variants (``--variants``; default all five):
 Data sets (``--dataset``): ``alloy``, the offline EMT alloy data (200 frames generated
 with seed 0, 150 training frames; energies, forces, stresses in eV units; model
 constants from the whole file, as ``benchmarks/accuracy.py``), and ``ethanol``, the
-real DFT ethanol frames (``C.ETHANOL``, 100 frames, kcal/mol and kcal/mol/Å; 80
+real DFT ethanol frames (``protocol.ETHANOL``, 100 frames, kcal/mol and kcal/mol/Å; 80
 training / 20 validation; model constants from the training split). Seeds set the model
 initialisation and the batch order; the data split is fixed. Each run is validated
 once, at its end (validation errors for context only).
@@ -33,17 +33,17 @@ once, at its end (validation errors for context only).
 The commands that produced ``benchmarks/results/conflicts_{alloy,ethanol}.*`` (about
 13 minutes on 2 shared vCPUs, one run at a time: 7.3 min ethanol, 5.5 min alloy)::
 
-    OMP_NUM_THREADS=1 python benchmarks/conflicts.py --dataset ethanol --epochs 40 --every 1 --jobs 1
-    OMP_NUM_THREADS=1 python benchmarks/conflicts.py --dataset alloy --epochs 8 --every 2 --jobs 1
+    OMP_NUM_THREADS=1 python -m benchmarks.conflicts --dataset ethanol --epochs 40 --every 1 --jobs 1
+    OMP_NUM_THREADS=1 python -m benchmarks.conflicts --dataset alloy --epochs 8 --every 2 --jobs 1
 
 Rewrite the tables and figures from a saved json (no training; the json's raw runs and
 meta data are kept, its derived ``summary`` and ``figures`` are recomputed)::
 
-    OMP_NUM_THREADS=1 python benchmarks/conflicts.py --from-json benchmarks/results/conflicts_ethanol.json
+    OMP_NUM_THREADS=1 python -m benchmarks.conflicts --from-json benchmarks/results/conflicts_ethanol.json
 
 A smoke test, well under a minute per data set, writing to ``benchmarks/results/_tmp/``::
 
-    OMP_NUM_THREADS=1 python benchmarks/conflicts.py --quick --dataset ethanol
+    OMP_NUM_THREADS=1 python -m benchmarks.conflicts --quick --dataset ethanol
 
 Writes, into ``--out DIR`` (default ``benchmarks/results``; with ``--quick``
 ``benchmarks/results/_tmp``), ``conflicts_<dataset>.json`` (every measured step of every
@@ -56,60 +56,23 @@ default directory the figures are also copied to ``docs/_static/``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import multiprocessing
 import os
-import shlex
-import shutil
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import methods as M
+from benchmarks import protocol as P
+from benchmarks import report as R
+from benchmarks.methods import VARIANTS, coeffs_for, short_label, variant_label
 
-import _common as C  # noqa: E402
-
-DOCS_STATIC = C.ROOT.parent / "docs" / "_static"
-
-#: the data set's (type names, number of tasks, training frames, frames, description,
-#: energy unit, length unit)
-DATASETS = {
-    "alloy": (C.TYPE_NAMES, 3, 150, 200, "offline EMT alloy (Cu/Ni/Pd)", "eV", "Å"),
-    "ethanol": (C.ETHANOL_TYPE_NAMES, 2, 80, 100, "DFT ethanol (C2H6O)", "kcal/mol", "Å"),
-}
+#: the data sets' descriptions in this study's tables
+DESCRIPTIONS = {"alloy": "offline EMT alloy (Cu/Ni/Pd)", "ethanol": "DFT ethanol (C2H6O)"}
 
 #: the loss components (the monitor's task names) and their short symbols
 SHORT = {"per_atom_energy_mse": "E", "forces_mse": "F", "stress_mse": "S"}
-
-#: variant -> (method key in ``C.methods()``, energy:force ratio r; E:F(:S) = r:1(:r))
-VARIANTS = {
-    "ws_100": ("ws", 100.0),
-    "ws_1": ("ws", 1.0),
-    "ws_0.01": ("ws", 0.01),
-    "upgrad": ("upgrad", 1.0),
-    "config": ("config", 1.0),
-}
-
-
-def ratio_text(r: float, num_tasks: int) -> str:
-    e, f = (f"{r:g}", "1") if r >= 1 else ("1", f"{1 / r:g}")
-    return f"{e}:{f}:{e}" if num_tasks == 3 else f"{e}:{f}"
-
-
-def variant_label(variant: str, num_tasks: int) -> str:
-    key, r = VARIANTS[variant]
-    name = {"ws": "weighted sum", "upgrad": "UPGrad", "config": "ConFIG (nequip_mtl)"}[key]
-    return f"{name} {'E:F:S' if num_tasks == 3 else 'E:F'} = {ratio_text(r, num_tasks)}"
-
-
-def coeffs_for(r: float, num_tasks: int) -> dict[str, float]:
-    out = {"total_energy": r, "forces": 1.0}
-    if num_tasks == 3:
-        out["stress"] = r
-    return out
 
 
 # ----------------------------------------------------------------------------- one run
@@ -159,36 +122,27 @@ def _recorder(monitor):
 def run_one(task: dict) -> dict:
     """Train one (variant, seed) with the monitor; return every measured step (picklable)."""
     import lightning
-    import torch
-    from nequip.utils.global_state import set_global_state
 
     from nequip_mtl.train.callbacks import GradientConflictMonitor
 
-    set_global_state()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    P.init_torch()
     a = task["args"]
-    type_names, num_tasks = DATASETS[a["dataset"]][:2]
+    type_names, num_tasks = P.DATASETS[a["dataset"]].type_names, P.DATASETS[a["dataset"]].num_tasks
     key, r = VARIANTS[task["variant"]]
-    method = C.methods(interval="epoch")[key]
+    method = M.methods(interval="epoch")[key]
     seed = task["seed"]
     lightning.seed_everything(seed, workers=True, verbose=False)
-    model = C.run_model(a, task["stats"], seed, type_names)
+    model = P.run_model(a, task["stats"], seed, type_names)
     coeffs = coeffs_for(r, num_tasks)
-    module = C.build_module(method, model, num_tasks, lr=a["lr"], coeffs=coeffs)
-    dm = C.run_datamodule(task["data"], a, type_names)
+    module = P.build_module(method, model, num_tasks, lr=a["lr"], coeffs=coeffs)
+    dm = P.run_datamodule(task["data"], a, type_names)
     monitor = GradientConflictMonitor("batch", a["every"])
     record = _recorder(monitor)
-    trainer = lightning.Trainer(
+    trainer = P.trainer(
+        [monitor, *P.build_callbacks(method), record],
         max_epochs=a["epochs"],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         check_val_every_n_epoch=a["epochs"] + 1,  # validated once, after training
-        callbacks=[monitor, *C.build_callbacks(method), record],
-        default_root_dir=str(C.TMP),
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -201,8 +155,8 @@ def run_one(task: dict) -> dict:
         "coeffs": coeffs,
         "steps": int(trainer.global_step),
         "wall_s": wall,
-        "params": sum(p.numel() for p in module.model.parameters()),
-        "final_val": C.validate(module, dm),
+        "params": P.num_params(module),
+        "final_val": P.validate(module, dm),
         "records": record.records,
     }
 
@@ -337,10 +291,20 @@ def _epochs_text(summary: dict, key: str) -> str:
     return str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
 
 
-def markdown(meta: dict, summary: dict, variants: list[str], runs: list[dict]) -> str:
+def variants_of(data: dict) -> list[str]:
+    """The variants of a results json that ran, in the order of ``--variants``."""
+    runs = data["runs"]
+    return [v for v in data["meta"]["args"]["variants"] if any(r["variant"] == v for r in runs)]
+
+
+def markdown(data: dict) -> str:
+    meta, runs = data["meta"], data["runs"]
+    variants = variants_of(data)
+    summary = summarize(runs, variants)
     a = meta["args"]
     ds = a["dataset"]
-    _, num_tasks, _, _, description, e_unit, l_unit = DATASETS[ds]
+    dataset, description = P.DATASETS[ds], DESCRIPTIONS[ds]
+    num_tasks, e_unit, l_unit = dataset.num_tasks, dataset.energy_unit, dataset.length_unit
     tasks = tasks_of(runs)
     labels = {v: variant_label(v, num_tasks) for v in variants}
     info = meta["machine"]
@@ -355,7 +319,7 @@ def markdown(meta: dict, summary: dict, variants: list[str], runs: list[dict]) -
     lines = [
         f"# Gradient conflicts: {ds}",
         "",
-        f"Measured on {C.machine_line(info)}; {meta['time']}; total {meta['elapsed_s'] / 60:.1f} "
+        f"Measured on {R.machine_line(info)}; {meta['time']}; total {meta['elapsed_s'] / 60:.1f} "
         f"min ({a['jobs']} run(s) at a time).",
         "",
         f"Command: `{meta['command']}`",
@@ -506,12 +470,6 @@ def tasks_val(runs: list[dict]) -> list[str]:
     return list(runs[0]["final_val"]) if runs else []
 
 
-def short_label(variant: str, num_tasks: int) -> str:
-    key, r = VARIANTS[variant]
-    name = {"ws": "WS", "upgrad": "UPGrad", "config": "ConFIG"}[key]
-    return f"{name}\n{ratio_text(r, num_tasks)}"
-
-
 def _binned(runs, key_fn, bin_steps: int, steps_per_epoch: int):
     """``{bin centre in epochs: [values]}``: the measured steps of all seeds, in bins of
     ``bin_steps`` optimizer steps."""
@@ -527,14 +485,11 @@ def _binned(runs, key_fn, bin_steps: int, steps_per_epoch: int):
 
 def plot(out: Path, meta: dict, runs: list[dict], variants: list[str]) -> tuple[list[Path], dict]:
     """Write the two figures; return their paths and the numbers they show."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = R.pyplot()
     ds = meta["args"]["dataset"]
-    num_tasks = DATASETS[ds][1]
+    num_tasks = P.DATASETS[ds].num_tasks
     tasks = tasks_of(runs)
     pairs = pairs_of(tasks)
     variants = [v for v in variants if any(r["variant"] == v for r in runs)]
@@ -577,8 +532,7 @@ def plot(out: Path, meta: dict, runs: list[dict], variants: list[str]) -> tuple[
     )
     fig.tight_layout()
     paths.append(out.parent / f"{out.name}_cosines.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    R.save(fig, paths[-1])
 
     # 2. evolution over training: cosines per pair, norms per task, norm ratios
     ratios = ratios_of(tasks)
@@ -661,27 +615,23 @@ def plot(out: Path, meta: dict, runs: list[dict], variants: list[str]) -> tuple[
     )
     fig.tight_layout()
     paths.append(out.parent / f"{out.name}_evolution.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    R.save(fig, paths[-1])
     return paths, shown
 
 
-def write_outputs(meta: dict, runs: list[dict], out: Path, copy_to_docs: bool) -> None:
+def report(data: dict, out: Path) -> None:
     """The md and png files, and the json: the raw runs and meta data as given, the
-    summary behind the tables and the numbers the figures show."""
-    variants = [v for v in meta["args"]["variants"] if any(r["variant"] == v for r in runs)]
+    summary behind the tables and the numbers the figures show; the figures also in
+    ``docs/_static`` when ``out`` is in the committed results."""
+    meta, runs = data["meta"], data["runs"]
+    variants = variants_of(data)
     summary = summarize(runs, variants)
-    text = markdown(meta, summary, variants, runs)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+    R.write_text(out.with_suffix(".md"), markdown(data))
     paths, shown = plot(out, meta, runs, variants)
-    C.write_json(
+    R.write_json(
         out.with_suffix(".json"), {"meta": meta, "summary": summary, "figures": shown, "runs": runs}
     )
-    if copy_to_docs:
-        DOCS_STATIC.mkdir(parents=True, exist_ok=True)
-        for p in paths:
-            shutil.copyfile(p, DOCS_STATIC / p.name)
+    R.publish(paths, P.RESULTS, P.DOCS_STATIC)
 
 
 # ----------------------------------------------------------------------------- main
@@ -691,49 +641,37 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataset", choices=[*DATASETS, "both"], default="both")
+    parser.add_argument("--dataset", choices=[*P.DATASETS, "both"], default="both")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1")
     parser.add_argument("--epochs", type=int, default=None, help="alloy 8, ethanol 40; quick 1")
     parser.add_argument("--every", type=int, default=None, help="monitor frequency (steps)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
     parser.add_argument("--quick", action="store_true", help="a tiny budget (smoke test)")
-    C.add_run_arguments(parser)
+    P.add_run_arguments(parser)
     parser.add_argument(
         "--out",
         help="output directory (default benchmarks/results; quick: benchmarks/results/_tmp)",
     )
-    parser.add_argument(
-        "--from-json",
-        nargs="+",
-        help="no training: rewrite the md/png (and the json's derived 'summary' and 'figures') "
-        "from the raw runs of these json files",
+    R.add_from_json(
+        parser,
+        many=True,
+        what="the md/png (and the json's derived 'summary' and 'figures') from the raw runs of",
     )
     args = parser.parse_args(argv)
-    command = "OMP_NUM_THREADS=1 python benchmarks/conflicts.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
-
+    command = R.command("conflicts", sys.argv[1:] if argv is None else argv)
     if args.from_json:
-        for f in args.from_json:
-            data = json.loads(Path(f).read_text())
-            out = Path(args.out) / Path(f).stem if args.out else Path(f).with_suffix("")
-            # the raw runs and the meta data stay as they were measured
-            write_outputs(data["meta"], data["runs"], out, _is_default(out))
-        return
-
-    datasets = list(DATASETS) if args.dataset == "both" else [args.dataset]
-    out_dir = Path(args.out) if args.out else (C.TMP if args.quick else C.RESULTS)
+        # the raw runs and the meta data stay as they were measured
+        return R.from_json(args.from_json, args.out, report, out_is_dir=True)
+    datasets = list(P.DATASETS) if args.dataset == "both" else [args.dataset]
+    out_dir = Path(args.out) if args.out else (P.TMP if args.quick else P.RESULTS)
     for ds in datasets:
-        run_dataset(ds, args, out_dir, command)
+        report(run_dataset(ds, args, command), out_dir / f"conflicts_{ds}")
 
 
-def _is_default(out: Path) -> bool:
-    return out.parent.resolve() == C.RESULTS.resolve()
-
-
-def run_dataset(ds: str, args, out_dir: Path, command: str) -> None:
-    type_names, _, n_train, frames, *_ = DATASETS[ds]
+def run_dataset(ds: str, args, command: str) -> dict:
+    """Every (variant, seed) on data set ``ds``; the results json's content."""
+    dataset = P.DATASETS[ds]
     full = {"alloy": (8, 2), "ethanol": (40, 1)}[ds]
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
     epochs = args.epochs if args.epochs is not None else (1 if args.quick else full[0])
@@ -746,8 +684,8 @@ def run_dataset(ds: str, args, out_dir: Path, command: str) -> None:
         "every": every,
         "jobs": args.jobs,
         "quick": args.quick,
-        "n_train": n_train,
-        "n_val": frames - n_train,
+        "n_train": dataset.n_train,
+        "n_val": dataset.frames - dataset.n_train,
         "batch_size": args.batch_size,
         "num_features": args.num_features,
         "num_layers": args.num_layers,
@@ -756,16 +694,17 @@ def run_dataset(ds: str, args, out_dir: Path, command: str) -> None:
         "r_max": args.r_max,
         "lr": args.lr,
     }
-    path, stats = C.data_and_statistics(ds, frames, n_train, args.r_max, type_names)
-    tasks = []
-    for i, seed in enumerate(seeds):
-        k = i % len(args.variants)  # rotate the order per seed
-        for v in args.variants[k:] + args.variants[:k]:
-            tasks.append({"variant": v, "seed": seed, "args": a, "stats": stats, "data": str(path)})
+    path, stats = P.data_and_statistics(
+        ds, dataset.frames, dataset.n_train, args.r_max, dataset.type_names
+    )
+    tasks = [
+        {"variant": v, "seed": seed, "args": a, "stats": stats, "data": str(path)}
+        for seed, v in P.rotated(args.variants, seeds)  # rotate the order per seed
+    ]
 
     import torch  # noqa: F401  (after OMP_NUM_THREADS)
 
-    info = C.machine_info()
+    info = P.machine_info()
     t0 = time.perf_counter()
     runs = []
 
@@ -778,28 +717,20 @@ def run_dataset(ds: str, args, out_dir: Path, command: str) -> None:
             flush=True,
         )
 
-    if args.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            for r in pool.imap_unordered(run_one, tasks):
-                progress(r)
-    else:
-        for t in tasks:
-            progress(run_one(t))
+    P.run_all(run_one, tasks, args.jobs, progress)
     order = {(t["variant"], t["seed"]): i for i, t in enumerate(tasks)}
     runs.sort(key=lambda r: (args.variants.index(r["variant"]), r["seed"]))
     meta = {
         "machine": {**info, "loadavg_end": os.getloadavg()},
         "args": a,
         "command": command,
-        "time": C.now(),
+        "time": P.now(),
         "elapsed_s": time.perf_counter() - t0,
         "data": {"path": str(path), **stats},
-        "units": {"energy": DATASETS[ds][5], "length": DATASETS[ds][6]},
+        "units": {"energy": dataset.energy_unit, "length": dataset.length_unit},
         "run_order": sorted(order, key=order.get),
     }
-    out = out_dir / f"conflicts_{ds}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_outputs(meta, runs, out, _is_default(out))
+    return {"meta": meta, "runs": runs}
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ losses fall. :class:`LossScaledHeldWeightsModule` trains with that form; everyth
 exponential moving averages over steps (damping batch-to-batch noise) instead of the
 single batch's values.
 
-Only for the accuracy benchmark (``_common._held_form``): it refuses gradient accumulation
-and DDP, where one micro-batch's or one rank's loss is not the step's.
+Only for the accuracy benchmark (``benchmarks.methods._held_form``): it refuses gradient
+accumulation and DDP, where one micro-batch's or one rank's loss is not the step's.
 """
 
 from __future__ import annotations

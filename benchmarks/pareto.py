@@ -7,7 +7,8 @@ coefficient follows the energy's) and with a MACE-style two-stage schedule (1:10
 10:1 for the last quarter of the training time, switched by nequip's
 ``LossCoefficientScheduler``), and our methods at their defaults, all with the same
 model, data, optimizer and training-clock budget (the protocol of ``accuracy.py``, whose
-runner it uses: see its docstring for the clock, the data sets and the units).
+run it uses, ``protocol.train_run``: see its docstring for the clock, the data sets and
+the units).
 
 The weighted-sum points that no other weighted-sum point beats on both energy and force
 MAE (means over seeds) form the empirical front. Each other method is then
@@ -24,12 +25,12 @@ is left out of that view). ``--lr-schedule cosine`` anneals the learning rate to
 the training clock (the same schedule in time for every method), for budgets long enough
 that the models are trained rather than in early training; it has only the equal-time view.
 
-    OMP_NUM_THREADS=1 python benchmarks/pareto.py --dataset ethanol --jobs 2
-    OMP_NUM_THREADS=1 python benchmarks/pareto.py --dataset alloy --jobs 2
-    OMP_NUM_THREADS=1 python benchmarks/pareto.py --dataset ethanol --budget-s 180 \\
+    OMP_NUM_THREADS=1 python -m benchmarks.pareto --dataset ethanol --jobs 2
+    OMP_NUM_THREADS=1 python -m benchmarks.pareto --dataset alloy --jobs 2
+    OMP_NUM_THREADS=1 python -m benchmarks.pareto --dataset ethanol --budget-s 180 \\
         --lr-schedule cosine --methods upgrad upgrad_k8 config calib_upgrad calib_gradnorm \\
         uncertainty --val-every 10 --jobs 36 --out benchmarks/results/pareto_ethanol_long
-    OMP_NUM_THREADS=1 python benchmarks/pareto.py --quick            # about a minute
+    OMP_NUM_THREADS=1 python -m benchmarks.pareto --quick            # about a minute
 
 Writes ``benchmarks/results/pareto_<dataset>.{json,md,png}`` (``--out`` to choose) and
 ``..._curves.png`` (validation error against training time, the learning rate beside);
@@ -40,23 +41,17 @@ the Pareto figure of a run written to ``benchmarks/results/`` is also saved to
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks import accuracy as A
+from benchmarks import methods as M
+from benchmarks import protocol as P
+from benchmarks import report as R
+from benchmarks.methods import BASELINES, SWEEP, TWO_STAGE
 
-import _common as C  # noqa: E402
-import accuracy as A  # noqa: E402
-
-#: the weighted-sum sweep, energy-heavy to force-heavy, then the two-stage schedule
-SWEEP = ["ws_e100", "ws_e10", "ws", "ws_f10", "ws_f100"]
-TWO_STAGE = "ws_two_stage"
-BASELINES = SWEEP + [TWO_STAGE]
 #: our methods (and nequip's ConFIG) placed against the front by default
 DEFAULT_METHODS = [
     "config_nequip",
@@ -103,9 +98,9 @@ def classify(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def pareto_points(rows: list[dict]) -> list[dict]:
+def pareto_points(rows: list[dict], metrics) -> list[dict]:
     """The plotted points, in display units: energy and force MAE mean and sd per method."""
-    fe, ff = A.METRICS[E][1], A.METRICS[F][1]
+    fe, ff = metrics[E][1], metrics[F][1]
     return [
         {
             "method": r["method"],
@@ -122,20 +117,16 @@ def pareto_points(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_pareto(views: list[tuple[str, list[dict]]], labels: dict[str, str], title: str):
+def plot_pareto(views: list[tuple[str, list[dict]]], labels: dict[str, str], title: str, metrics):
     """One panel per view: our methods and the weighted-sum sweep (joined in ratio order),
     mean ± sd over seeds, log-log. Returns the figure (the caller saves it); every point
     is an errorbar whose marker line has its method key as ``gid``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = R.pyplot()
     fig, axes = plt.subplots(1, len(views), figsize=(8 * len(views), 6.5), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for ax, (view, rows) in zip(axes[0], views):
         status = classify(rows)
-        points = {p["method"]: p for p in pareto_points(rows)}
+        points = {p["method"]: p for p in pareto_points(rows, metrics)}
         sweep = [points[m] for m in SWEEP if m in points]
         ax.plot([p["energy"] for p in sweep], [p["force"] for p in sweep], "-", color="0.6", lw=1)
         ours = [m for m in points if m not in BASELINES]
@@ -159,8 +150,8 @@ def plot_pareto(views: list[tuple[str, list[dict]]], labels: dict[str, str], tit
                         textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(f"validation {A.METRICS[E][0]} ({A.METRICS[E][2]})")
-        ax.set_ylabel(f"validation {A.METRICS[F][0]} ({A.METRICS[F][2]})")
+        ax.set_xlabel(f"validation {metrics[E][0]} ({metrics[E][2]})")
+        ax.set_ylabel(f"validation {metrics[F][0]} ({metrics[F][2]})")
         ax.set_title(view)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="best")
@@ -169,15 +160,12 @@ def plot_pareto(views: list[tuple[str, list[dict]]], labels: dict[str, str], tit
     return fig
 
 
-def plot_curves(path: Path, runs, methods, labels, budget_s: float) -> None:
+def plot_curves(path: Path, runs, methods, labels, budget_s: float, metrics) -> None:
     """Validation energy and force MAE against training time (geometric mean over seeds),
     and the learning rate; weighted sums in black/grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = R.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
     grid = np.linspace(0, budget_s, 100)
     cmap = plt.get_cmap("tab10")
@@ -190,13 +178,13 @@ def plot_curves(path: Path, runs, methods, labels, budget_s: float) -> None:
         else:
             color, style = cmap(ours.index(m) % 10), "-"
         for ax, metric in zip(axes, (E, F)):
-            y = A._mean_curve(rs, metric, grid)
+            y = R.mean_curve(rs, metric, grid)
             if y is not None:
-                ax.plot(grid, y * A.METRICS[metric][1], style, color=color, label=labels[m])
+                ax.plot(grid, y * metrics[metric][1], style, color=color, label=labels[m])
     for ax, metric in zip(axes, (E, F)):
         ax.set_yscale("log")
         ax.set_xlabel("training CPU time (s)")
-        ax.set_ylabel(f"validation {A.METRICS[metric][0]} ({A.METRICS[metric][2]})")
+        ax.set_ylabel(f"validation {metrics[metric][0]} ({metrics[metric][2]})")
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=7)
     r0 = next((r for r in runs if r["method"] == "ws"), runs[0])
@@ -207,8 +195,7 @@ def plot_curves(path: Path, runs, methods, labels, budget_s: float) -> None:
     axes[2].set_ylabel("learning rate (weighted sum 1:1, seed 0)")
     axes[2].grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    R.save(fig, path)
 
 
 # ----------------------------------------------------------------------------- report
@@ -244,20 +231,15 @@ def status_lines(rows, labels, view: str) -> list[str]:
     return lines
 
 
-def table(rows, labels, caption) -> list[str]:
+def table(rows, labels, caption, metrics) -> list[str]:
     status = classify(rows)
-    head = " | ".join(f"{A.METRICS[k][0]} ({A.METRICS[k][2]})" for k in A.METRICS)
     lines = [
         caption,
         "",
-        f"| method | {head} | steps | epochs | vs the weighted-sum front |",
-        "|---" * (len(A.METRICS) + 4) + "|",
+        R.md_row(["method", *A.header(metrics), "steps", "epochs", "vs the weighted-sum front"]),
+        R.md_rule(len(metrics) + 4),
     ]
-    order = sorted(rows, key=lambda r: (r["forces_mae"][0] is None, r["forces_mae"][0] or 0))
-    for r in order:
-        cells = " | ".join(A._cell(r[k], k) for k in A.METRICS)
-        steps = "n/a" if r["steps"] is None else f"{r['steps']:.0f}"
-        epochs = "n/a" if r["epoch"] is None else f"{r['epoch']:.1f}"
+    for r in A.by_force(rows):
         s = status[r["method"]]
         where = s["status"]
         if s["by"]:
@@ -269,85 +251,72 @@ def table(rows, labels, caption) -> list[str]:
                 + ")"
             )
         bold = "**" if r["method"] in BASELINES else ""
-        lines.append(
-            f"| {bold}{labels[r['method']]}{bold} | {cells} | {steps} | {epochs} | {where} |"
-        )
+        name = f"{bold}{labels[r['method']]}{bold}"
+        lines.append(R.md_row([name, *A.cells(r, metrics), where]))
     return lines
 
 
-def views_of(args, runs, methods) -> list[tuple[str, str, list[dict]]]:
+def views_of(a: dict, runs, methods, metrics) -> list[tuple[str, str, list[dict]]]:
     """``(key, caption, rows)`` per view."""
-    clock = "CPU" if args.clock == "cpu" else "wall-clock"
+    clock = "CPU" if a["clock"] == "cpu" else "wall-clock"
     views = [
         (
             "budget",
-            f"equal training time: {args.budget_s:.0f} s of training {clock} time",
-            A.summarize(runs, methods, "budget"),
+            f"equal training time: {a['budget_s']:.0f} s of training {clock} time",
+            A.summarize(runs, methods, "budget", metrics),
         )
     ]
-    if args.lr_schedule == "constant":
+    if a["lr_schedule"] == "constant":
         no_switch = [m for m in methods if m != TWO_STAGE]
         views.append(
             (
                 "epochs",
-                f"equal epochs: {args.epochs} epochs",
-                A.summarize(runs, no_switch, "epochs"),
+                f"equal epochs: {a['epochs']} epochs",
+                A.summarize(runs, no_switch, "epochs", metrics),
             )
         )
     return views
 
 
-def write_outputs(args, info, stats, methods, runs, elapsed) -> None:
-    out = Path(args.out)
-    table_ = C.methods()
-    labels = {m: table_[m].label for m in methods} | {"ws": "weighted sum 1:1"}
-    views = views_of(args, runs, methods)
-    flat = flattening(runs, args.budget_s)
-    C.write_json(
-        out.with_suffix(".json"),
-        {
-            "meta": {
-                "machine": {"loadavg_end": os.getloadavg(), **info},
-                "args": vars(args),
-                "command": "python benchmarks/pareto.py " + " ".join(args.argv),
-                "data": stats,
-                "time": info.get("date", C.now()),
-                "elapsed_s": elapsed,
-                "flattening": flat,
-            },
-            "views": {
-                key: {"caption": cap, "rows": rows, "status": classify(rows)}
-                for key, cap, rows in views
-            },
-            "runs": runs,
-        },
-    )
-    dataset_line = A.DATASETS[args.dataset][4]
+def labels_of(methods) -> dict[str, str]:
+    table_ = M.methods()
+    return {m: table_[m].label for m in methods} | {"ws": "weighted sum 1:1"}
+
+
+def markdown(data: dict) -> str:
+    meta, runs = data["meta"], data["runs"]
+    a = meta["args"]
+    metrics = P.reported_metrics(a["dataset"])
+    methods = A.ran_methods(data, first=BASELINES)
+    labels = labels_of(methods)
+    info, elapsed = meta["machine"], meta["elapsed_s"]
+    flat = flattening(runs, a["budget_s"])
+    dataset_line = P.DATASETS[a["dataset"]].description
     lr = (
-        f"constant lr {args.lr}"
-        if args.lr_schedule == "constant"
-        else f"lr {args.lr} annealed to 0 (cosine) over the {args.budget_s:.0f} s training clock"
+        f"constant lr {a['lr']}"
+        if a["lr_schedule"] == "constant"
+        else f"lr {a['lr']} annealed to 0 (cosine) over the {a['budget_s']:.0f} s training clock"
     )
     units = (
         "Errors in meV (the data is in eV)."
-        if args.dataset == "alloy"
-        else f"Errors converted from kcal/mol to meV (1 kcal/mol = {C.KCAL_MOL_TO_MEV} meV); "
+        if a["dataset"] == "alloy"
+        else f"Errors converted from kcal/mol to meV (1 kcal/mol = {P.KCAL_MOL_TO_MEV} meV); "
         "the json keeps kcal/mol."
     )
     params = runs[0]["params"] if runs else None
     lines = [
-        f"Pareto benchmark on {C.machine_line(info)}; {info.get('date', C.now())}; "
-        f"total {elapsed / 60:.1f} min ({args.jobs} run(s) at a time).",
+        f"Pareto benchmark on {R.machine_line(info)}; {meta['time']}; "
+        f"total {elapsed / 60:.1f} min ({a['jobs']} run(s) at a time).",
         "",
-        f"Command: `python benchmarks/pareto.py {' '.join(args.argv)}`",
+        f"Command: `{R.command('pareto', a['argv'], omp=False)}`",
         "",
-        f"NequIP model with {params} parameters (l_max={args.l_max}, {args.num_layers} layers, "
-        f"{args.num_features} features), float32, Adam with {lr}, batch {args.batch_size}; "
-        f"{args.n_train} training / {args.frames - args.n_train} validation {dataset_line} frames. "
+        f"NequIP model with {params} parameters (l_max={a['l_max']}, {a['num_layers']} layers, "
+        f"{a['num_features']} features), float32, Adam with {lr}, batch {a['batch_size']}; "
+        f"{a['n_train']} training / {a['frames'] - a['n_train']} validation {dataset_line} frames. "
         "Weighted sums: nequip's plain module at energy:force coefficient ratios"
-        + (" (stress = energy's)" if args.dataset == "alloy" else "")
+        + (" (stress = energy's)" if a["dataset"] == "alloy" else "")
         + "; our methods at 1:1 coefficients and their defaults. Mean ± sample standard "
-        f"deviation over seeds {args.seeds}. {units}",
+        f"deviation over seeds {a['seeds']}. {units}",
         "",
     ]
     if flat is not None:
@@ -359,32 +328,54 @@ def write_outputs(args, info, stats, methods, runs, elapsed) -> None:
         ]
     switches = [r["switch"] for r in runs if r.get("switch")]
     if switches:
-        frac = [s["clock_s"] / args.budget_s for s in switches]
+        frac = [s["clock_s"] / a["budget_s"] for s in switches]
         lines += [
             f"The two-stage schedule switched at epoch {min(s['epoch'] for s in switches)}-"
             f"{max(s['epoch'] for s in switches)}, after {100 * min(frac):.0f}-"
             f"{100 * max(frac):.0f}% of the training clock.",
             "",
         ]
-    for _, cap, rows in views:
-        lines += table(rows, labels, f"**{cap[0].upper() + cap[1:]}**")
+    for _, cap, rows in views_of(a, runs, methods, metrics):
+        lines += table(rows, labels, f"**{cap[0].upper() + cap[1:]}**", metrics)
         lines += [""] + status_lines(rows, labels, cap.split(":")[0]) + [""]
-    text = "\n".join(lines)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+    return "\n".join(lines)
+
+
+def report(data: dict, out: Path) -> None:
+    """``out``.json (raw runs, meta data, the views), .md, .png (the front) and
+    ``_curves.png``; the front also in ``docs/_static`` when ``out`` is in the results."""
+    meta, runs = data["meta"], data["runs"]
+    a = meta["args"]
+    metrics = P.reported_metrics(a["dataset"])
+    methods = A.ran_methods(data, first=BASELINES)
+    labels = labels_of(methods)
+    views = views_of(a, runs, methods, metrics)
+    meta = {**meta, "flattening": flattening(runs, a["budget_s"])}
+    meta.pop("partial", None)
+    R.write_json(
+        out.with_suffix(".json"),
+        {
+            "meta": meta,
+            "views": {
+                key: {"caption": cap, "rows": rows, "status": classify(rows)}
+                for key, cap, rows in views
+            },
+            "runs": runs,
+        },
+    )
+    R.write_text(out.with_suffix(".md"), markdown(data))
     fig = plot_pareto(
         [(cap, rows) for _, cap, rows in views],
         labels,
-        f"{dataset_line}: validation error of each method against nequip's weighted sum at "
-        f"swept coefficients (mean ± sd over {len(args.seeds)} seeds)",
+        f"{P.DATASETS[a['dataset']].description}: validation error of each method against "
+        f"nequip's weighted sum at swept coefficients (mean ± sd over {len(a['seeds'])} seeds)",
+        metrics,
     )
-    fig.savefig(out.parent / (out.name + ".png"), dpi=100)
-    if out.parent.resolve() == C.RESULTS.resolve():  # the committed results: the docs show it
-        fig.savefig(C.ROOT.parent / "docs" / "_static" / (out.name + ".png"), dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    plot_curves(out.parent / (out.name + "_curves.png"), runs, methods, labels, args.budget_s)
+    png = R.save(fig, out.parent / (out.name + ".png"))
+    R.publish([png], P.RESULTS, P.DOCS_STATIC)  # the committed results: the docs show it
+    plot_curves(
+        out.parent / (out.name + "_curves.png"), runs, methods, labels, a["budget_s"], metrics
+    )
 
 
 # ----------------------------------------------------------------------------- main
@@ -395,8 +386,8 @@ def parse(argv):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="a minute: tiny budget, 1 seed")
-    p.add_argument("--dataset", choices=list(A.DATASETS), default="ethanol")
-    p.add_argument("--methods", nargs="+", default=None, choices=C.ALL_METHODS,
+    p.add_argument("--dataset", choices=list(P.DATASETS), default="ethanol")
+    p.add_argument("--methods", nargs="+", default=None, choices=M.ALL_METHODS,
                    help="our methods placed against the front (the sweep always runs)")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
     p.add_argument("--budget-s", type=float, default=None, help="training clock per run (s)")
@@ -405,9 +396,9 @@ def parse(argv):
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     p.add_argument("--val-every", type=int, default=None, help="validate every N epochs")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
-    C.add_run_arguments(p)
+    P.add_run_arguments(p)
     p.add_argument("--out", default=None, help="default results/pareto_<dataset>")
-    p.add_argument("--from-json", help="only rewrite the md/png outputs from this json")
+    R.add_from_json(p)
     args = p.parse_args(argv)
     args.argv = list(argv)
     if args.from_json:
@@ -421,13 +412,13 @@ def parse(argv):
         args.epochs = 1  # no equal-epochs view: a run stops when its budget is spent
     elif args.epochs % args.val_every:
         p.error(f"--epochs {args.epochs} must be a multiple of --val-every {args.val_every}")
-    _, _, args.n_train, args.frames, _ = A.DATASETS[args.dataset]
+    args.n_train, args.frames = P.DATASETS[args.dataset].n_train, P.DATASETS[args.dataset].frames
     if args.quick:
         args.methods = args.methods or ["upgrad"]
         args.num_features, args.radial_width = 8, 8
     args.methods = args.methods or DEFAULT_METHODS
     args.out = args.out or str(
-        (C.TMP if args.quick else C.RESULTS)
+        (P.TMP if args.quick else P.RESULTS)
         / f"pareto_{args.dataset}{'_quick' if args.quick else ''}"
     )
     return args
@@ -437,57 +428,43 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
-        saved = argparse.Namespace(**data["meta"]["args"])
-        saved.out = str(Path(args.out or args.from_json).with_suffix(""))
-        A.use_dataset(saved.dataset)
-        ran = {r["method"] for r in data["runs"]}
-        methods = [m for m in dict.fromkeys(BASELINES + saved.methods) if m in ran]
-        info = {**data["meta"]["machine"], "date": data["meta"]["time"]}
-        write_outputs(saved, info, data["meta"]["data"], methods, data["runs"],
-                      data["meta"]["elapsed_s"])  # fmt: skip
-        return
-    A.use_dataset(args.dataset)
+        return R.from_json(args.from_json, args.out, report)
     methods = BASELINES + [m for m in args.methods if m not in BASELINES]
-    missing = C.missing_methods(methods, C.methods())
+    missing = M.missing_methods(methods, M.methods())
     if missing:
         raise SystemExit(f"cannot import {missing}")
-    type_names = A.DATASETS[args.dataset][0]
-    path, stats = C.data_and_statistics(
+    type_names = P.DATASETS[args.dataset].type_names
+    path, stats = P.data_and_statistics(
         args.dataset, args.frames, args.n_train, args.r_max, type_names
     )
-    a = {
-        **{k: v for k, v in vars(args).items() if k not in ("methods", "seeds", "out", "argv")},
-        "n_val": args.frames - args.n_train,
-    }
-    tasks = []
-    for i, seed in enumerate(args.seeds):
-        k = (i * 5) % len(methods)  # rotate the order per seed
-        for m in methods[k:] + methods[:k]:
-            tasks.append({"method": m, "seed": seed, "args": a, "stats": stats, "data": str(path)})
+    a = A.run_arguments(args, exclude=("methods", "seeds", "out", "argv"))
+    tasks = [
+        {"method": m, "seed": seed, "args": a, "stats": stats, "data": str(path)}
+        for seed, m in P.rotated(methods, args.seeds, shift=5)  # rotate the order per seed
+    ]
 
     import torch  # noqa: F401  (after OMP_NUM_THREADS)
 
-    info = {**C.machine_info(), "date": C.now()}
+    info = {**P.machine_info(), "date": P.now()}
+    metrics = P.reported_metrics(args.dataset)
     t0 = time.perf_counter()
     runs = []
+
+    def meta():
+        return {"machine": info, "args": vars(args), "command": R.command("pareto", argv, omp=False),
+                "data": stats, "time": info["date"], "elapsed_s": time.perf_counter() - t0}  # fmt: skip
 
     def done(r):
         """Keep every finished run: the json so far (``--from-json`` reads it)."""
         runs.append(r)
-        A._progress(r, len(runs), len(tasks), t0)
-        meta = {"machine": info, "args": vars(args), "data": stats, "time": info["date"],
-                "elapsed_s": time.perf_counter() - t0, "partial": len(runs) < len(tasks)}  # fmt: skip
-        C.write_json(Path(args.out).with_suffix(".json"), {"meta": meta, "runs": runs})
+        A.progress(r, len(runs), len(tasks), t0, metrics)
+        partial = {**meta(), "partial": len(runs) < len(tasks)}
+        R.write_json(Path(args.out).with_suffix(".json"), {"meta": partial, "runs": runs})
 
-    if args.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks))) as pool:
-            for r in pool.imap_unordered(A.run_one, tasks):
-                done(r)
-    else:
-        for t in tasks:
-            done(A.run_one(t))
-    write_outputs(args, info, stats, methods, runs, time.perf_counter() - t0)
+    P.run_all(P.train_run, tasks, args.jobs, done)
+    data = {"meta": meta(), "runs": runs}
+    data["meta"]["machine"] = {"loadavg_end": os.getloadavg(), **info}
+    report(data, Path(args.out))
 
 
 if __name__ == "__main__":

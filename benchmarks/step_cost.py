@@ -22,9 +22,9 @@ gradients, task-gradient buffers, optimizer state; deterministic). With ``--rss`
 the OS view in a fresh process per method: ``VmHWM - VmRSS`` with the high-water mark
 reset at ``on_train_start`` (``/proc/self/clear_refs``).
 
-    OMP_NUM_THREADS=1 python benchmarks/step_cost.py                    # the full run
-    OMP_NUM_THREADS=1 python benchmarks/step_cost.py --quick            # ~1 minute
-    OMP_NUM_THREADS=1 python benchmarks/step_cost.py --profile --methods config --dtypes float64
+    OMP_NUM_THREADS=1 python -m benchmarks.step_cost                    # the full run
+    OMP_NUM_THREADS=1 python -m benchmarks.step_cost --quick            # ~1 minute
+    OMP_NUM_THREADS=1 python -m benchmarks.step_cost --profile --methods config --dtypes float64
 
 Writes ``benchmarks/results/step_cost.{json,md,png}`` (``--out`` to change).
 """
@@ -32,6 +32,7 @@ Writes ``benchmarks/results/step_cost.{json,md,png}`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -41,57 +42,21 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
-
-WS = "ws"
-NEQUIP_CONFIG = "config_nequip"
-
+from benchmarks import methods as M
+from benchmarks import protocol as P
+from benchmarks import report as R
+from benchmarks.methods import NEQUIP_CONFIG, WS
 
 # ----------------------------------------------------------------------------- timing
 
 
-def _timers():
-    import lightning
-
-    class Start(lightning.Callback):
-        def __init__(self):
-            self.t0 = self.c0 = 0.0
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.t0, self.c0 = time.perf_counter(), time.thread_time()
-
-    class End(lightning.Callback):
-        def __init__(self, start):
-            self.start = start
-            self.times: list[float] = []  # wall-clock
-            self.cpu: list[float] = []  # CPU time of this (the only compute) thread
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.cpu.append(time.thread_time() - self.start.c0)
-            self.times.append(time.perf_counter() - self.start.t0)
-
-    start = Start()
-    return start, End(start)
-
-
-def _trainer(callbacks, steps: int, tmp: Path):
-    import lightning
-
-    return lightning.Trainer(
+def _trainer(callbacks, steps: int):
+    return P.trainer(
+        callbacks,
         max_epochs=1,
         limit_train_batches=steps,
         limit_val_batches=0,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=callbacks,
-        default_root_dir=str(tmp),
     )
 
 
@@ -102,15 +67,15 @@ class Setup:
         self.args = args
         n = args.batch_size * max(args.warmup + args.steps, args.mem_steps)
         self.frames = max(n + 1, args.frames)
-        self.path = C.alloy_data(self.frames, seed=0)
-        self.stats = C.data_statistics(self.path, args.r_max)
+        self.path = P.alloy_data(self.frames, seed=0)
+        self.stats = P.data_statistics(self.path, args.r_max)
         self.n_train = n
         self._dm = None
 
     def datamodule(self, fresh: bool = False):
         if self._dm is None or fresh:
             # the same batches, in the same order, for every method
-            self._dm = C.datamodule(
+            self._dm = P.datamodule(
                 self.path,
                 self.n_train,
                 self.frames - self.n_train,
@@ -121,31 +86,26 @@ class Setup:
         return self._dm
 
     def model(self, dtype: str) -> dict:
-        a = self.args
-        return C.model_config(
-            dtype,
-            self.stats,
-            num_layers=a.num_layers,
-            num_features=a.num_features,
-            l_max=a.l_max,
-            r_max=a.r_max,
-            radial_width=a.radial_width,
-        )
+        return P.model_config(dtype, self.stats, **P.model_arguments(self.args))
+
+    def module(self, method: M.Method, dtype: str, num_tasks: int):
+        """A fresh training module (the same initial weights every time)."""
+        import torch
+
+        torch.manual_seed(0)
+        return P.build_module(method, self.model(dtype), num_tasks, lr=self.args.lr)
 
 
 def _run(
-    setup: Setup, method: C.Method, dtype: str, num_tasks: int, steps: int, extra_callbacks=()
+    setup: Setup, method: M.Method, dtype: str, num_tasks: int, steps: int, extra_callbacks=()
 ):
     """Train ``steps`` batches with a fresh module; per-step wall and CPU times (s)."""
-    import torch
-
-    torch.manual_seed(0)
-    module = C.build_module(method, setup.model(dtype), num_tasks, lr=setup.args.lr)
-    start, end = _timers()
-    callbacks = [start, *extra_callbacks, *C.build_callbacks(method), end]
-    _trainer(callbacks, steps, C.TMP).fit(module, datamodule=setup.datamodule())
-    n_params = sum(p.numel() for p in module.model.parameters())
-    return {"wall": end.times, "cpu": end.cpu}, n_params
+    module = setup.module(method, dtype, num_tasks)
+    times = P.StepTimes()
+    start, end = P.step_timers(times)
+    callbacks = [start, *extra_callbacks, *P.build_callbacks(method), end]
+    _trainer(callbacks, steps).fit(module, datamodule=setup.datamodule())
+    return {"wall": times.wall, "cpu": times.cpu}, P.num_params(module)
 
 
 CLOCKS = ("wall", "cpu")
@@ -161,44 +121,31 @@ class _Worker:
     """
 
     def __init__(
-        self, setup: Setup, key: str, method: C.Method, dtype: str, num_tasks: int, total_steps: int
+        self, setup: Setup, key: str, method: M.Method, dtype: str, num_tasks: int, total_steps: int
     ):
         import threading
-
-        import lightning
-        import torch
 
         self.key = key
         self.go = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
+        self.times = P.StepTimes()
         self.params = 0
-        worker = self
 
-        clock = {"t0": 0.0, "c0": 0.0}
+        def before_start(batch_idx):
+            if batch_idx == 0:  # setup finished: report, wait for the first turn
+                self._yield()
 
-        class TurnStart(lightning.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if batch_idx == 0:  # setup finished: report, wait for the first turn
-                    worker._yield()
-                clock["t0"], clock["c0"] = time.perf_counter(), time.thread_time()
-
-        class TurnEnd(lightning.Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                worker.cpu.append(time.thread_time() - clock["c0"])
-                worker.wall.append(time.perf_counter() - clock["t0"])
-                worker._yield()  # also after the last step: teardown waits for its turn
+        # after the clock stopped, also after the last step: teardown waits for its turn
+        start, end = P.step_timers(self.times, before_start, self._yield)
 
         def body():
             try:
-                torch.manual_seed(0)
-                module = C.build_module(method, setup.model(dtype), num_tasks, lr=setup.args.lr)
-                self.params = sum(p.numel() for p in module.model.parameters())
+                module = setup.module(method, dtype, num_tasks)
+                self.params = P.num_params(module)
                 # first at batch start and last at batch end: the method's callbacks are timed
-                callbacks = [TurnStart(), *C.build_callbacks(method), TurnEnd()]
-                trainer = _trainer(callbacks, total_steps, C.TMP)
+                callbacks = [start, *P.build_callbacks(method), end]
+                trainer = _trainer(callbacks, total_steps)
                 trainer.fit(module, datamodule=setup.datamodule(fresh=True))
             except BaseException as e:  # noqa: BLE001 - reported by the scheduler
                 self.error = e
@@ -259,7 +206,8 @@ def time_methods(args, table) -> list[dict]:
             gc.unfreeze()
             n_params = workers[args.methods[0]].params
             times = {
-                c: {m: getattr(workers[m], c)[args.warmup :] for m in args.methods} for c in CLOCKS
+                c: {m: getattr(workers[m].times, c)[args.warmup :] for m in args.methods}
+                for c in CLOCKS
             }
             del workers
             gc.collect()
@@ -359,7 +307,7 @@ def _memory_callback(rss: bool):
 
 def _memory_child(args, table) -> None:
     """Run in a fresh process: one method, one dtype, one task count; print JSON."""
-    _init_torch()
+    P.init_torch()
     setup = Setup(args)
     peak = _memory_callback(rss=True)
     _, n_params = _run(
@@ -380,7 +328,8 @@ def measure_memory(args, table) -> list[dict]:
                 if args.rss:
                     cmd = [
                         sys.executable,
-                        __file__,
+                        "-m",
+                        "benchmarks.step_cost",
                         "--_memory-child",
                         "--method",
                         m,
@@ -388,7 +337,9 @@ def measure_memory(args, table) -> list[dict]:
                         dtype,
                     ]
                     cmd += ["--tasks", str(num_tasks), *_model_argv(args)]
-                    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+                    proc = subprocess.run(
+                        cmd, capture_output=True, text=True, env={**os.environ}, cwd=P.ROOT.parent
+                    )
                     line = [x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")]
                     if proc.returncode != 0 or not line:
                         raise RuntimeError(f"memory run of {m} failed:\n{proc.stderr[-3000:]}")
@@ -545,38 +496,33 @@ def profile(args, table) -> None:
             head + ", ".join(f"{k} {v:.1f}" for k, v in regions.items()) + f"; step {step_ms:.1f}",
             flush=True,
         )
-    C.write_json(Path(args.out).parent / f"profile_{dtype}.json", summary)
+    R.write_json(Path(args.out).parent / f"profile_{dtype}.json", summary)
 
 
 # ----------------------------------------------------------------------------- output
 
 
-def _fmt(x, spec=".2f"):
-    return "n/a" if x is None else format(x, spec)
-
-
-def _ratio(r, clock, key):
-    v = r.get(f"{clock}_{key}")
-    rng = r.get(f"{clock}_{key}_paired_iqr")
-    if v is None:
-        return "n/a"
-    return f"{v:.2f}" + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else "")
+@functools.lru_cache(maxsize=4)
+def _resamples(k: int, n: int, seed: int) -> tuple[tuple[int, ...], ...]:
+    """``n`` seeded resamples (with replacement) of ``k`` step indices: the same for every
+    pair of series of ``k`` steps."""
+    rng = random.Random(seed)
+    return tuple(tuple(rng.randrange(k) for _ in range(k)) for _ in range(n))
 
 
 def _bootstrap(xs, ys, stat, n=2000, seed=0):
     """95% percentile interval of ``stat(xs)/stat(ys)``, resampling paired steps."""
-    rng = random.Random(seed)
-    k = len(xs)
     vals = []
-    for _ in range(n):
-        idx = [rng.randrange(k) for _ in range(k)]
+    for idx in _resamples(len(xs), n, seed):
         vals.append(stat([xs[i] for i in idx]) / stat([ys[i] for i in idx]))
     vals.sort()
     return [vals[int(0.025 * n)], vals[int(0.975 * n) - 1]]
 
 
-def add_intervals(results) -> None:
-    """Bootstrap intervals of the CPU ratios (median and mean) from the raw step times."""
+def with_intervals(results: list[dict]) -> list[dict]:
+    """Copies of the result rows with bootstrap intervals of the CPU ratios (median and
+    mean) from the raw step times."""
+    results = [dict(r) for r in results]
     raw = {
         (r["method"], r["dtype"], r["tasks"]): r["raw_cpu_s"] for r in results if "raw_cpu_s" in r
     }
@@ -587,6 +533,7 @@ def add_intervals(results) -> None:
             if xs and ys and len(xs) == len(ys):
                 r[f"cpu_{key}_ci95"] = _bootstrap(xs, ys, statistics.median)
                 r[f"cpu_mean_{key}_ci95"] = _bootstrap(xs, ys, statistics.fmean)
+    return results
 
 
 def _with_ci(r, key) -> str:
@@ -641,12 +588,15 @@ def targets_lines(results) -> list[str]:
     return lines
 
 
-def markdown(args, info, results, memory, elapsed) -> str:
+def markdown(data: dict) -> str:
+    meta, memory = data["meta"], data["memory"]
+    args, info, elapsed = argparse.Namespace(**meta["args"]), meta["machine"], meta["elapsed_s"]
+    results = with_intervals(data["results"])
     mem = {(r["method"], r["dtype"], r["tasks"]): r for r in memory}
     rss = any("rss_peak_delta_kb" in r for r in memory)
     params = results[0]["params"] if results else (memory[0]["params"] if memory else None)
     lines = [
-        f"Step cost on {C.machine_line(info)}; {info.get('date', C.now())}; total {elapsed / 60:.1f} min.",
+        f"Step cost on {R.machine_line(info)}; {meta['time']}; total {elapsed / 60:.1f} min.",
         "",
         f"NequIP model with {params} parameters (l_max={args.l_max}, {args.num_layers} layers, "
         f"{args.num_features} features, radial MLP 2x{args.radial_width}), batches of "
@@ -680,7 +630,7 @@ def markdown(args, info, results, memory, elapsed) -> str:
             lines.append(
                 f"| {r['dtype']} | {r['tasks']} | {r['label']} | {1e3 * r['cpu_median_s']:.0f} "
                 f"| {_with_ci(r, 'cpu_vs_weighted_sum')} | {_with_ci(r, 'cpu_vs_nequip_config')} "
-                f"| {_with_ci(r, 'cpu_mean_vs_weighted_sum')} | {_fmt(r.get('wall_vs_weighted_sum'))} "
+                f"| {_with_ci(r, 'cpu_mean_vs_weighted_sum')} | {R.fmt(r.get('wall_vs_weighted_sum'))} "
                 + _mem_cells(mm, rss)
             )
         lines += [""] + targets_lines(results)
@@ -698,45 +648,30 @@ def markdown(args, info, results, memory, elapsed) -> str:
 def _mem_cells(mm, rss: bool) -> str:
     mm = mm or {}
     cells = (
-        f"| {_fmt(mm.get('torch_peak_kb') and mm['torch_peak_kb'] / 1024, '.1f')} "
-        f"| {_fmt(mm.get('torch_mem_vs_weighted_sum'))} | {_fmt(mm.get('torch_mem_vs_nequip_config'))} |"
+        f"| {R.fmt(mm.get('torch_peak_kb') and mm['torch_peak_kb'] / 1024, '.1f')} "
+        f"| {R.fmt(mm.get('torch_mem_vs_weighted_sum'))} | {R.fmt(mm.get('torch_mem_vs_nequip_config'))} |"
     )
     if rss:
         cells += (
-            f" {_fmt(mm.get('rss_peak_delta_kb') and mm['rss_peak_delta_kb'] / 1024, '.0f')} "
-            f"| {_fmt(mm.get('rss_mem_vs_weighted_sum'))} |"
+            f" {R.fmt(mm.get('rss_peak_delta_kb') and mm['rss_peak_delta_kb'] / 1024, '.0f')} "
+            f"| {R.fmt(mm.get('rss_mem_vs_weighted_sum'))} |"
         )
     return cells
 
 
-def write_outputs(args, info, results, memory, elapsed) -> None:
-    out = Path(args.out)
-    add_intervals(results)
-    info.setdefault("date", C.now())
-    meta = {
-        "machine": info,
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "time": info["date"],
-        "elapsed_s": elapsed,
-    }
-    C.write_json(out.with_suffix(".json"), {"meta": meta, "results": results, "memory": memory})
-    text = markdown(args, info, results, memory, elapsed)
-    out.with_suffix(".md").write_text(text)
-    print(text)
+def report(data: dict, out: Path) -> None:
+    """``out``.json (meta data, the timing rows with their intervals, the memory rows),
+    .md and .png (with timing rows)."""
+    results = with_intervals(data["results"])
+    R.write_json(out.with_suffix(".json"), {**data, "results": results})
+    R.write_text(out.with_suffix(".md"), markdown(data))
     if results:
-        _plot(
-            out.with_suffix(".png"),
-            results,
-            {(r["method"], r["dtype"], r["tasks"]): r for r in memory},
-        )
+        mem = {(r["method"], r["dtype"], r["tasks"]): r for r in data["memory"]}
+        _plot(out.with_suffix(".png"), results, mem)
 
 
 def _plot(path: Path, results, mem) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = R.pyplot()
     configs = sorted({(r["dtype"], r["tasks"]) for r in results})
     methods = list(dict.fromkeys(r["method"] for r in results))
     labels = {r["method"]: r["label"] for r in results}
@@ -788,19 +723,10 @@ def _plot(path: Path, results, mem) -> None:
         f"Per-step cost relative to nequip's weighted-sum step ({params} parameters, CPU, 1 thread)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    R.save(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def _init_torch():
-    import torch
-    from nequip.utils.global_state import set_global_state
-
-    set_global_state()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def main(argv=None):
@@ -814,17 +740,15 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
-    parser.add_argument("--batch-size", type=int, default=5)
-    parser.add_argument(
-        "--frames", type=int, default=200, help="frames generated (>= batch*(steps+1)+1)"
+    P.add_run_arguments(
+        parser,
+        frames=200,
+        frames_help="frames generated (>= batch*(steps+1)+1)",
+        num_layers=3,
+        radial_width=64,
+        lr=1e-3,
     )
-    parser.add_argument("--num-features", type=int, default=32)
-    parser.add_argument("--num-layers", type=int, default=3)
-    parser.add_argument("--l-max", type=int, default=1)
-    parser.add_argument("--radial-width", type=int, default=64)
-    parser.add_argument("--r-max", type=float, default=4.5)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--methods", nargs="+", default=C.DEFAULT_METHODS, choices=C.ALL_METHODS)
+    parser.add_argument("--methods", nargs="+", default=M.DEFAULT_METHODS, choices=M.ALL_METHODS)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurements")
     parser.add_argument("--mem-steps", type=int, default=3)
@@ -834,27 +758,23 @@ def main(argv=None):
     parser.add_argument(
         "--profile", action="store_true", help="torch.profiler table per method instead"
     )
-    parser.add_argument("--out", default=str(C.RESULTS / "step_cost"))
-    parser.add_argument("--from-json", help="only rewrite the md/png outputs from this json")
+    parser.add_argument("--out", default=None, help="default results/step_cost")
+    R.add_from_json(parser)
     parser.add_argument(
         "--_memory-child", dest="_memory_child", action="store_true", help=argparse.SUPPRESS
     )
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.from_json:
+        return R.from_json(args.from_json, args.out, report)
+    args.out = args.out or str(P.RESULTS / "step_cost")
     if args.quick:
         args.num_features, args.l_max, args.num_layers, args.radial_width = 16, 1, 2, 32
         args.steps, args.dtypes, args.mem_steps = 6, ["float32"], 3
-        if args.out == str(C.RESULTS / "step_cost"):
-            args.out = str(C.TMP / "step_cost_quick")
+        if args.out == str(P.RESULTS / "step_cost"):
+            args.out = str(P.TMP / "step_cost_quick")
     # calibrate-then-freeze calibrates during the warm-up: the timed steps are after it
-    table = C.methods(interval="batch", calibration_steps=max(args.warmup, 1))
-    if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
-        saved = argparse.Namespace(**{**data["meta"]["args"], "out": args.out})
-        info = {**data["meta"]["machine"], "date": data["meta"]["time"]}
-        write_outputs(saved, info, data["results"], data["memory"], data["meta"]["elapsed_s"])
-        return
-
+    table = M.methods(interval="batch", calibration_steps=max(args.warmup, 1))
     if args._memory_child:
         _memory_child(args, table)
         return
@@ -862,26 +782,29 @@ def main(argv=None):
     args.methods = [WS, NEQUIP_CONFIG] + [
         m for m in dict.fromkeys(args.methods) if m not in (WS, NEQUIP_CONFIG)
     ]
-    missing = C.missing_methods(args.methods, table)
+    missing = M.missing_methods(args.methods, table)
     for m, bad in missing.items():
         print(f"SKIPPING {m}: cannot import {bad}", flush=True)
     args.methods = [m for m in args.methods if m not in missing]
 
-    _init_torch()
+    P.init_torch()
     if args.profile:
         profile(args, table)
         return
-    info = C.machine_info()
+    info = P.machine_info()
     t0 = time.perf_counter()
     results = [] if args.memory_only else time_methods(args, table)
     memory = [] if args.no_memory else measure_memory(args, table)
-    write_outputs(
-        args,
-        {**info, "loadavg_end": os.getloadavg(), "missing_methods": missing},
-        results,
-        memory,
-        time.perf_counter() - t0,
-    )
+    elapsed = time.perf_counter() - t0
+    date = P.now()
+    info = {**info, "loadavg_end": os.getloadavg(), "missing_methods": missing, "date": date}
+    meta = {
+        "machine": info,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "time": date,
+        "elapsed_s": elapsed,
+    }
+    report({"meta": meta, "results": results, "memory": memory}, Path(args.out))
 
 
 if __name__ == "__main__":

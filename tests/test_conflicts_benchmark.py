@@ -1,4 +1,4 @@
-"""``benchmarks/conflicts.py`` end to end on a tiny budget: it writes its files, every
+"""``python -m benchmarks.conflicts`` end to end on a tiny budget: it writes its files, every
 number its tables and figures show is what the raw per-step measurements in its json
 give (recomputed here independently), the measurements are valid cosines and norms, and
 the units are stated. The committed results' tables are checked against their json too."""
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "conflicts.py"
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks import conflicts
+from benchmarks import protocol as C
+from benchmarks.methods import variant_label
 
-import _common as C  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 VARIANTS = ["ws_100", "ws_1", "ws_0.01", "upgrad", "config"]
 
@@ -48,7 +48,7 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("conflicts")
     # --quick: 1 epoch (16 steps), every step measured; a small model and 2 seeds, so that
     # pooling over seeds is exercised
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--dataset", "ethanol", "--seeds", "0", "1",
+    cmd = [sys.executable, "-m", "benchmarks.conflicts", "--quick", "--dataset", "ethanol", "--seeds", "0", "1",
            "--num-features", "8", "--radial-width", "8", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -156,15 +156,12 @@ def test_tables_equal_the_raw_measurements(quick):
 
 
 def _label_map():
-    import conflicts
-
-    return {conflicts.variant_label(v, 2): v for v in VARIANTS}
+    return {variant_label(v, 2): v for v in VARIANTS}
 
 
 def test_committed_results_match_their_json():
-    """The committed tables are what ``--from-json`` makes of the committed raw runs."""
-    import conflicts
-
+    """The committed tables and the json's derived summary are what ``--from-json`` makes
+    of the committed raw runs."""
     found = 0
     for ds in ("alloy", "ethanol"):
         path = C.RESULTS / f"conflicts_{ds}.json"
@@ -175,7 +172,7 @@ def test_committed_results_match_their_json():
         variants = list(data["meta"]["args"]["variants"])
         summary = conflicts.summarize(data["runs"], variants)
         assert json.loads(json.dumps(summary)) == data["summary"]
-        md = conflicts.markdown(data["meta"], summary, variants, data["runs"])
+        md = conflicts.markdown(data)
         assert md == path.with_suffix(".md").read_text()
         for fig in ("cosines", "evolution"):
             assert (REPO / "docs" / "_static" / f"conflicts_{ds}_{fig}.png").exists()

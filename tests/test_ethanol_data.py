@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks import accuracy
+from benchmarks import methods as M
+from benchmarks import protocol as C
 
-import _common as C  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not C.ETHANOL.exists(), reason=f"no {C.ETHANOL}")
 
@@ -88,7 +88,7 @@ def _independent_mae(state: Path, meta: dict) -> tuple[float, float]:
         model_seed=0,
         type_names=C.ETHANOL_TYPE_NAMES,
     )
-    module = C.build_module(C.methods()["ws"], model, 2, lr=a["lr"])
+    module = C.build_module(M.methods()["ws"], model, 2, lr=a["lr"])
     module.load_state_dict(torch.load(state))
     dm = C.datamodule(
         C.ETHANOL,
@@ -111,8 +111,6 @@ def _independent_mae(state: Path, meta: dict) -> tuple[float, float]:
 
 
 def test_benchmark_reports_meV(tmp_path, capsys):
-    import accuracy
-
     out = tmp_path / "eth"
     # a tiny budget: the run stops after its one epoch (16 steps), so the equal-time,
     # the equal-epochs and the final validation are all of the same final model

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,13 +14,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import nequip_mtl.train as mtl
+from benchmarks import held_form as H
+from benchmarks import methods as C
 from nequip_mtl.aggregators import ConFIG, UPGrad
 from tests._harness import datamodule, module_kwargs, trainer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import _common as C  # noqa: E402
-import held_form as H  # noqa: E402
 
 NAMES = ["per_atom_energy_mse", "forces_mse", "stress_mse"]
 EMA = 0.9
@@ -128,7 +123,7 @@ def test_benchmark_methods_are_the_k8_methods_with_the_held_form_module():
     for name in ("upgrad", "config"):
         base = table[f"{name}_k8"]
         ls, lsm = table[f"{name}_k8_ls"], table[f"{name}_k8_lsm"]
-        assert ls.module == lsm.module == "held_form.LossScaledHeldWeightsModule"
+        assert ls.module == lsm.module == "benchmarks.held_form.LossScaledHeldWeightsModule"
         assert ls.kwargs == base.kwargs and ls.kwargs["weights_every"] == 8
         assert lsm.kwargs == {**base.kwargs, "loss_ema": 0.9}
         assert not C.missing_methods([f"{name}_k8_ls", f"{name}_k8_lsm"], table)

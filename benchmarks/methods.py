@@ -1,0 +1,353 @@
+"""The method registry: every way of training a study can run, by name.
+
+Every method is selected exactly as a user would select it in a nequip config: by the
+``_target_`` of the training module, of its ``aggregator``, or of a callback on nequip's
+weighted-sum module. :func:`methods` gives the table; :func:`missing_methods` reports any
+whose ``_target_`` does not import in this tree. The studies' own selections (pareto's
+weighted-sum sweep, the conflict study's variants) are here too, by name.
+
+A method as it would stand in a nequip config (``methods()["upgrad_k8"]``)::
+
+    training_module:
+      _target_: nequip_mtl.train.MultitaskLightningModule
+      aggregator:
+        _target_: nequip_mtl.aggregators.UPGrad
+      weights_every: 8
+
+No torch or Lightning import here (the table is read by ``--help`` and ``--from-json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way to train: a training module (+ kwargs) and optional callbacks."""
+
+    label: str
+    module: str
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    callbacks: tuple[dict[str, Any], ...] = ()
+    optimizer: dict[str, Any] | None = None  # None: the benchmark's default (Adam)
+    baseline: bool = False  # one of nequip's built-in choices
+    family: str = "aggregator"  # baseline | aggregator | weighting
+    #: loss coefficients of energy and forces (``TASKS`` names); ``None``: 1 each.
+    #: The stress coefficient follows the energy's (both are per-structure targets).
+    coeffs: dict[str, float] | None = None
+    #: two-stage schedule: at the first epoch that starts after ``at`` x the training
+    #: budget, nequip's ``LossCoefficientScheduler`` switches to ``coeffs``
+    two_stage: dict[str, Any] | None = None
+
+    def targets(self) -> list[str]:
+        out = [self.module]
+        agg = self.kwargs.get("aggregator")
+        if agg:
+            out.append(agg["_target_"])
+        out += [cb["_target_"] for cb in self.callbacks]
+        return out
+
+    def with_seed(self, seed: int) -> Method:
+        """This method with ``seed`` for its seeded callbacks (``RandomLossWeighting``)."""
+        if not any("RandomLossWeighting" in cb["_target_"] for cb in self.callbacks):
+            return self
+        callbacks = tuple(
+            {**cb, "seed": seed} if "RandomLossWeighting" in cb["_target_"] else cb
+            for cb in self.callbacks
+        )
+        return dataclasses.replace(self, callbacks=callbacks)
+
+
+PLAIN = "nequip.train.NequIPLightningModule"
+MTL = "nequip_mtl.train.MultitaskLightningModule"
+#: the benchmark-only module of issue 12 (``benchmarks/held_form.py``)
+HELD_FORM = "benchmarks.held_form.LossScaledHeldWeightsModule"
+
+
+def _agg(name: str, label: str, **kw) -> Method:
+    return Method(label, MTL, {"aggregator": {"_target_": f"nequip_mtl.aggregators.{name}", **kw}})
+
+
+def _baseline(label: str, module: str = PLAIN, **kw) -> Method:
+    return Method(label, module, baseline=True, family="baseline", **kw)
+
+
+def _weighting(label: str, module: str = PLAIN, **kw) -> Method:
+    return Method(label, module, family="weighting", **kw)
+
+
+def _methods(interval: str) -> dict[str, Method]:
+    """All methods; ``interval`` is the update interval of the loss-weighting callbacks."""
+    softadapt = {"beta": 1.1, "interval": interval, "frequency": 2}
+    mconfig = "nequip_mtl.aggregators.MomentumConFIG"
+    return {
+        # --- nequip's built-in choices (the baselines)
+        "ws": _baseline("weighted sum (nequip)"),
+        "config_nequip": _baseline("ConFIG (nequip)", "nequip.train.ConFIGLightningModule"),
+        "softadapt_nequip": _baseline(
+            "SoftAdapt (nequip)",
+            callbacks=({"_target_": "nequip.train.callbacks.SoftAdapt", **softadapt},),
+        ),
+        # --- gradient aggregation (nequip_mtl)
+        "config": Method("ConFIG (nequip_mtl)", "nequip_mtl.train.ConFIGLightningModule"),
+        "mean": _agg("Mean", "Mean"),
+        "sum": _agg("Sum", "Sum"),
+        "pcgrad": _agg("PCGrad", "PCGrad"),
+        "imtlg": _agg("IMTLG", "IMTL-G"),
+        "mgda": _agg("MGDA", "MGDA"),
+        "upgrad": _agg("UPGrad", "UPGrad"),
+        "dualproj": _agg("DualProj", "DualProj"),
+        "alignedmtl": _agg("AlignedMTL", "Aligned-MTL"),
+        "cagrad": _agg("CAGrad", "CAGrad"),
+        "mconfig_adam": Method(
+            "M-ConFIG + Adam (no 2nd moment)",
+            MTL,
+            {"aggregator": {"_target_": mconfig, "second_moment": False}},
+        ),
+        "mconfig_adam0": Method(
+            "M-ConFIG + Adam(beta1=0) (no 2nd moment)",
+            MTL,
+            {
+                "aggregator": {
+                    "_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG",
+                    "second_moment": False,
+                }
+            },
+            # the aggregator already averages the gradients: no second momentum in Adam
+            optimizer={"_target_": "torch.optim.Adam", "betas": [0.0, 0.999]},
+        ),
+        "mconfig_sgd": Method(
+            "M-ConFIG + SGD (2nd moment)",
+            MTL,
+            {"aggregator": {"_target_": mconfig, "second_moment": True}},
+            optimizer={"_target_": "torch.optim.SGD"},
+        ),
+        # --- loss weighting (nequip_mtl)
+        "uncertainty": _weighting(
+            "Uncertainty weighting", "nequip_mtl.train.UncertaintyWeightingLightningModule"
+        ),
+        "famo": _weighting("FAMO", "nequip_mtl.train.FAMOLightningModule"),
+        "softadapt": _weighting(
+            "SoftAdapt (nequip_mtl)",
+            callbacks=({"_target_": "nequip_mtl.train.callbacks.SoftAdapt", **softadapt},),
+        ),
+        "dwa": _weighting(
+            "DWA",
+            callbacks=(
+                {
+                    "_target_": "nequip_mtl.train.callbacks.DynamicWeightAverage",
+                    "temperature": 2.0,
+                    "interval": interval,
+                    "frequency": 1,
+                },
+            ),
+        ),
+        "rlw": _weighting(
+            "RLW",
+            callbacks=(
+                {
+                    "_target_": "nequip_mtl.train.callbacks.RandomLossWeighting",
+                    "interval": "batch",
+                    "frequency": 1,
+                    "seed": 0,
+                },
+            ),
+        ),
+    }
+
+
+#: energy:force ratios of the swept weighted sum (``ws`` itself is 1:1)
+WS_RATIOS = {"ws_e100": (100, 1), "ws_e10": (10, 1), "ws_f10": (1, 10), "ws_f100": (1, 100)}
+
+
+def _weighted_sums() -> dict[str, Method]:
+    """nequip's plain weighted sum at other energy:force(:stress) ratios, and the MACE-style
+    two-stage schedule (forces 100x energy, then energy 10x forces for the last quarter)."""
+    out = {
+        name: _baseline(
+            f"weighted sum {e}:{f}", coeffs={"total_energy": float(e), "forces": float(f)}
+        )
+        for name, (e, f) in WS_RATIOS.items()
+    }
+    out["ws_two_stage"] = _baseline(
+        "weighted sum 1:100, then 10:1",
+        coeffs={"total_energy": 1.0, "forces": 100.0},
+        two_stage={"at": 0.75, "coeffs": {"total_energy": 10.0, "forces": 1.0}},
+    )
+    return out
+
+
+#: the loss metric names of nequip's EnergyForce(Stress)Loss with per_atom_energy
+LOSS_METRIC_NAMES = {
+    "total_energy": "per_atom_energy_mse",
+    "forces": "forces_mse",
+    "stress": "stress_mse",
+}
+
+
+def task_coeffs(coeffs: dict[str, float] | None, num_tasks: int) -> dict[str, float] | None:
+    """Energy/force coefficients expanded to the data set's tasks (stress = energy's)."""
+    if coeffs is None:
+        return None
+    out = {"total_energy": coeffs["total_energy"], "forces": coeffs["forces"]}
+    if num_tasks == 3:
+        out["stress"] = coeffs["total_energy"]
+    return out
+
+
+def second_stage_coeffs(method: Method, num_tasks: int) -> dict[str, float]:
+    """The second stage's coefficients by loss metric name (LossCoefficientScheduler's keys)."""
+    coeffs = task_coeffs(method.two_stage["coeffs"], num_tasks)
+    return {LOSS_METRIC_NAMES[k]: v for k, v in coeffs.items()}
+
+
+#: the Gram-based aggregation methods that take ``weights_every`` (issue 12)
+GRAM_METHODS = [
+    "config", "mean", "sum", "pcgrad", "imtlg", "mgda", "upgrad", "dualproj", "alignedmtl", "cagrad"
+]  # fmt: skip
+PERIODS = (2, 4, 8, 16)
+
+
+def _periodic(table: dict[str, Method]) -> dict[str, Method]:
+    """``<method>_k<k>``: the method with ``weights_every: k``."""
+    out = {}
+    for name in GRAM_METHODS:
+        m = table[name]
+        for k in PERIODS:
+            out[f"{name}_k{k}"] = dataclasses.replace(
+                m, label=f"{m.label}, every {k}", kwargs={**m.kwargs, "weights_every": k}
+            )
+    return out
+
+
+def _calibrated(steps: int) -> dict[str, Method]:
+    """Calibrate-then-freeze on nequip's plain module (``gradnorm`` and UPGrad's weights)."""
+    cb = "nequip_mtl.train.callbacks.CalibrateLossCoefficients"
+    upgrad = {"_target_": "nequip_mtl.aggregators.UPGrad"}
+    return {
+        "calib_gradnorm": _weighting(
+            "calibrate-then-freeze (gradnorm)",
+            callbacks=({"_target_": cb, "steps": steps, "rule": "gradnorm"},),
+        ),
+        "calib_upgrad": _weighting(
+            "calibrate-then-freeze (UPGrad weights)",
+            callbacks=(
+                {"_target_": cb, "steps": steps, "rule": "aggregator", "aggregator": upgrad},
+            ),
+        ),
+    }
+
+
+def _held_form() -> dict[str, Method]:
+    """Issue 12: ``upgrad_k8`` / ``config_k8`` holding loss-scaled weights between refreshes,
+    ``w_i * sqrt(L_i(ref) / L_i(t))`` (benchmark-only module :data:`HELD_FORM`); ``_lsm``:
+    with moving averages of the losses instead of single batches."""
+    out = {}
+    for name in ("upgrad", "config"):
+        m = _periodic(_methods("epoch"))[f"{name}_k8"]
+        for suffix, kw, what in (("ls", {}, ""), ("lsm", {"loss_ema": 0.9}, ", loss EMA 0.9")):
+            out[f"{name}_k8_{suffix}"] = dataclasses.replace(
+                m,
+                label=f"{m.label}, loss-scaled held weights{what}",
+                module=HELD_FORM,
+                kwargs={**m.kwargs, **kw},
+            )
+    return out
+
+
+def methods(interval: str = "epoch", calibration_steps: int = 20) -> dict[str, Method]:
+    """Every method; the calibrate-then-freeze ones calibrate for ``calibration_steps``."""
+    table = _methods(interval)
+    return {
+        **table,
+        **_weighted_sums(),
+        **_calibrated(calibration_steps),
+        **_periodic(table),
+        **_held_form(),
+    }
+
+
+#: the methods run when none are named
+DEFAULT_METHODS = list(_methods("epoch"))
+ALL_METHODS = list(methods("epoch"))
+
+
+def _resolves(target: str) -> bool:
+    module, _, name = target.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except ImportError:
+        return False
+
+
+def missing_methods(keys: list[str], table: dict[str, Method]) -> dict[str, list[str]]:
+    """``{method: [unresolvable _target_s]}`` for the methods that cannot be built here."""
+    out = {}
+    for k in keys:
+        bad = [t for t in table[k].targets() if not _resolves(t)]
+        if bad:
+            out[k] = bad
+    return out
+
+
+# ----------------------------------------------------------------------------- selections
+
+#: the two references of the step-cost studies
+WS, NEQUIP_CONFIG = "ws", "config_nequip"
+
+#: pareto: the weighted-sum sweep, energy-heavy to force-heavy, then the two-stage schedule
+SWEEP = ["ws_e100", "ws_e10", "ws", "ws_f10", "ws_f100"]
+TWO_STAGE = "ws_two_stage"
+BASELINES = SWEEP + [TWO_STAGE]
+
+#: conflicts: variant -> (method key in :func:`methods`, energy:force ratio r; E:F(:S) = r:1(:r))
+VARIANTS = {
+    "ws_100": ("ws", 100.0),
+    "ws_1": ("ws", 1.0),
+    "ws_0.01": ("ws", 0.01),
+    "upgrad": ("upgrad", 1.0),
+    "config": ("config", 1.0),
+}
+
+
+def ratio_text(r: float, num_tasks: int) -> str:
+    e, f = (f"{r:g}", "1") if r >= 1 else ("1", f"{1 / r:g}")
+    return f"{e}:{f}:{e}" if num_tasks == 3 else f"{e}:{f}"
+
+
+def variant_label(variant: str, num_tasks: int) -> str:
+    key, r = VARIANTS[variant]
+    name = {"ws": "weighted sum", "upgrad": "UPGrad", "config": "ConFIG (nequip_mtl)"}[key]
+    return f"{name} {'E:F:S' if num_tasks == 3 else 'E:F'} = {ratio_text(r, num_tasks)}"
+
+
+def short_label(variant: str, num_tasks: int) -> str:
+    key, r = VARIANTS[variant]
+    name = {"ws": "WS", "upgrad": "UPGrad", "config": "ConFIG"}[key]
+    return f"{name}\n{ratio_text(r, num_tasks)}"
+
+
+def coeffs_for(r: float, num_tasks: int) -> dict[str, float]:
+    """The loss coefficients r:1(:r) of a conflict variant."""
+    out = {"total_energy": r, "forces": 1.0}
+    if num_tasks == 3:
+        out["stress"] = r
+    return out
+
+
+def aggregator_classes() -> list[type]:
+    """Every aggregator class of ``nequip_mtl.aggregators`` (the aggregation-cost study)."""
+    import inspect
+
+    import nequip_mtl.aggregators as aggregators
+
+    return [
+        getattr(aggregators, n)
+        for n in aggregators.__all__
+        if inspect.isclass(getattr(aggregators, n))
+        and issubclass(getattr(aggregators, n), aggregators.Aggregator)
+        and n not in ("Aggregator", "GramAggregator")
+    ]

@@ -1,0 +1,65 @@
+"""Every committed benchmark result regenerates from its raw json: each study's report
+(what its ``--from-json`` writes) gives the committed Markdown byte for byte, so the
+tables the docs quote are what the raw runs say, and a change of a report's format or of
+the registry's labels shows up here. The ``--from-json`` command line itself is run by
+tests/test_pareto_benchmark.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import (
+    accuracy,
+    aggregation_cost,
+    batched_backward,
+    conflicts,
+    pareto,
+    protocol,
+    report,
+    step_cost,
+)
+
+RESULTS = protocol.RESULTS
+#: a results json's study, by the start of its name
+STUDIES = {
+    "accuracy": accuracy,
+    "aggregation_cost": aggregation_cost,
+    "batched_backward": batched_backward,
+    "conflicts": conflicts,
+    "pareto": pareto,
+    "step_cost": step_cost,
+}
+#: committed json without a report of their own: the inputs of the hand-written
+#: memory_hygiene.md (step_cost --memory-only runs before and after issue 11)
+NO_REPORT = {"memory_before.json", "memory_after.json"}
+
+
+def _study(path: Path):
+    (study,) = [m for name, m in STUDIES.items() if path.name.startswith(name)]
+    return study
+
+
+JSONS = sorted(p for p in RESULTS.glob("*.json") if p.name not in NO_REPORT)
+
+
+def test_every_committed_json_has_a_study_and_a_table():
+    assert len(JSONS) >= 23
+    assert {p.name for p in RESULTS.glob("*.json")} >= NO_REPORT
+    for path in JSONS:
+        assert _study(path) is not None
+        assert path.with_suffix(".md").exists(), path.name
+
+
+@pytest.mark.parametrize("path", JSONS, ids=[p.stem for p in JSONS])
+def test_committed_table_regenerates_from_its_json(path):
+    md = _study(path).markdown(report.read_json(path))
+    assert md == path.with_suffix(".md").read_text()
+
+
+def test_report_writes_the_same_table(tmp_path):
+    """A study's report writes what its ``markdown`` gives (md-only report: no figures)."""
+    path = RESULTS / "batched_backward.json"
+    report.from_json([str(path)], str(tmp_path), batched_backward.report, out_is_dir=True)
+    assert (tmp_path / "batched_backward.md").read_text() == path.with_suffix(".md").read_text()
