@@ -13,7 +13,7 @@ import torch
 import nequip_mtl.aggregators as aggregators
 from benchmarks import aggregation_cost as AC
 from benchmarks import methods as M
-from nequip_mtl.train.task_gradients import TaskGradients
+from nequip_mtl.step import TaskGradients
 
 GRAM = [c for c in M.aggregator_classes() if issubclass(c, aggregators.GramAggregator)]
 
