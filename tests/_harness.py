@@ -128,3 +128,49 @@ def fit(module_cls, tmp_path, *, max_epochs=1, data=None, trainer_kwargs=None, *
     tr = trainer(tmp_path, max_epochs=max_epochs, **(trainer_kwargs or {}))
     tr.fit(module, datamodule=data or datamodule())
     return module, tr
+
+
+# ---------------------------------------------------------------- several training datasets
+
+STATS = {"_target_": "nequip.data.CommonDataStatisticsManager", "type_names": ["Cu"]}
+
+
+def emt(seed: int, num_frames: int) -> dict:
+    return {
+        "_target_": "nequip.data.dataset.EMTTestDataset",
+        "transforms": [
+            {
+                "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
+                "model_type_names": ["Cu"],
+                "chemical_species_to_atom_type_map": {"Cu": "Cu"},
+            },
+            {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": 4.0},
+        ],
+        "supercell": [1, 1, 1],
+        "seed": seed,
+        "num_frames": num_frames,
+        "element": "Cu",
+    }
+
+
+#: name -> (EMT seed, train, val): different seeds, sizes and val splits
+SPECS = {"a": (11, 8, 3), "b": (22, 4, 2), "c": (33, 6, 2)}
+
+
+def splits(names) -> dict:
+    return {
+        n: {"split_dataset": {"dataset": emt(SPECS[n][0], sum(SPECS[n][1:])), "train": SPECS[n][1],
+                              "val": SPECS[n][2]}}
+        for n in names
+    }  # fmt: skip
+
+
+def multi(names=("a", "b"), sampling=None, **kw):
+    """A ``MultiDatasetDataModule`` of the EMT datasets ``names`` (see ``SPECS``)."""
+    from nequip_mtl.data import MultiDatasetDataModule
+
+    kw.setdefault("train_dataloader", {"batch_size": 3})
+    kw.setdefault("val_dataloader", {"batch_size": 4})
+    return MultiDatasetDataModule(
+        seed=5, datasets=splits(names), sampling=sampling, stats_manager=STATS, **kw
+    )

@@ -14,47 +14,16 @@ from nequip.data.datamodule import NequIPDataModule
 from nequip.train import NequIPLightningModule
 
 from nequip_mtl.data import DATASET_INDEX_KEY, DatasetMetricNames, MultiDatasetDataModule
-from tests._harness import metrics_config, module_kwargs, params, trainer
-
-STATS = {"_target_": "nequip.data.CommonDataStatisticsManager", "type_names": ["Cu"]}
-
-
-def emt(seed: int, num_frames: int) -> dict:
-    return {
-        "_target_": "nequip.data.dataset.EMTTestDataset",
-        "transforms": [
-            {
-                "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-                "model_type_names": ["Cu"],
-                "chemical_species_to_atom_type_map": {"Cu": "Cu"},
-            },
-            {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": 4.0},
-        ],
-        "supercell": [1, 1, 1],
-        "seed": seed,
-        "num_frames": num_frames,
-        "element": "Cu",
-    }
-
-
-#: name -> (EMT seed, train, val): different seeds, sizes and val splits
-SPECS = {"a": (11, 8, 3), "b": (22, 4, 2), "c": (33, 6, 2)}
-
-
-def splits(names) -> dict:
-    return {
-        n: {"split_dataset": {"dataset": emt(SPECS[n][0], sum(SPECS[n][1:])), "train": SPECS[n][1],
-                              "val": SPECS[n][2]}}
-        for n in names
-    }  # fmt: skip
-
-
-def multi(names=("a", "b"), sampling=None, **kw) -> MultiDatasetDataModule:
-    kw.setdefault("train_dataloader", {"batch_size": 3})
-    kw.setdefault("val_dataloader", {"batch_size": 4})
-    return MultiDatasetDataModule(
-        seed=5, datasets=splits(names), sampling=sampling, stats_manager=STATS, **kw
-    )
+from tests._harness import (
+    SPECS,
+    STATS,
+    metrics_config,
+    module_kwargs,
+    multi,
+    params,
+    splits,
+    trainer,
+)
 
 
 def single(name: str) -> NequIPDataModule:

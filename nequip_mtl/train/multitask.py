@@ -24,7 +24,7 @@ from ..step import (
 from . import setup_checks
 from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
 from .label_checks import check_module_labels, nonfinite_model_state
-from .loss_components import active_names, training_loss_components
+from .loss_components import training_loss_components
 
 
 class MultitaskLightningModule(NequIPLightningModule):
@@ -202,7 +202,7 @@ class MultitaskLightningModule(NequIPLightningModule):
         setup_checks.check_clipping_once(self.module_clip_val, trainer.gradient_clip_val)
         check_module_labels(self)  # the labels the loss needs: present and finite
         # an aggregator that names tasks (PrimaryConstrained) checks them before any step
-        self.aggregator.set_tasks(active_names(self.loss))
+        self.aggregator.set_tasks(list(self._task_plan().parts))
         self._windows.reset()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -220,10 +220,7 @@ class MultitaskLightningModule(NequIPLightningModule):
         trainer = self.trainer
         if self._windows.starts(trainer.global_step):
             # the first micro-batch of an optimizer step: its tasks, and its window
-            self._plan = plan_tasks(
-                {name: entry.coeff for name, entry in self.loss.entries.items()},
-                self._datasets_of,
-            )
+            self._plan = self._task_plan()
             self.engine.begin(
                 self._plan.coeffs,
                 [p for p in self.parameters() if p.requires_grad],
@@ -244,6 +241,11 @@ class MultitaskLightningModule(NequIPLightningModule):
         }
         self._micro_batch_losses = self._plan.losses(components)
         return loss_dict[f"train_loss_step{delim}weighted_sum"] * self.world_size
+
+    def _task_plan(self) -> TaskPlan:
+        """The tasks under the loss's current coefficients (components, or datasets)."""
+        coeffs = {name: entry.coeff for name, entry in self.loss.entries.items()}
+        return plan_tasks(coeffs, self._datasets_of)
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         """Back-propagate the micro-batch's task losses into the engine's rows.

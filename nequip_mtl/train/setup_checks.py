@@ -186,13 +186,25 @@ def _check_coeff(value: Any, key: str, who: str) -> None:
         )
 
 
+def _check_coeff_tree(coeffs: Any, key: str, who: str) -> None:
+    """``coeffs`` of a loss: ``{name: coeff}``, or per dataset ``{dataset: {name: coeff}}``
+    (:func:`~nequip_mtl.train.PerDatasetLoss`)."""
+    if not isinstance(coeffs, Mapping):
+        return
+    for name, value in coeffs.items():
+        if isinstance(value, Mapping):
+            _check_coeff_tree(value, f"{key}.{name}", who)
+        else:
+            _check_coeff(value, f"{key}.{name}", who)
+
+
 def check_loss_coeffs(loss: Any, who: str) -> None:
     """Check the coefficients of a ``training_module.loss`` config before nequip builds it.
 
     nequip's ``MetricsManager`` accepts negative coefficients and normalises by their sum
     (so all-negative coefficients turn positive, and a zero sum leaves no loss); our modules
     need each to be finite and ``>= 0``. Checked here: ``loss.coeffs.<name>`` (nequip's
-    ``EnergyForceLoss`` & co., ours) and ``loss.metrics[i].coeff`` (a ``MetricsManager``).
+    ``EnergyForceLoss`` & co., ours), ``loss.coeffs.<dataset>.<name>`` (``PerDatasetLoss``) and ``loss.metrics[i].coeff`` (a ``MetricsManager``).
 
     Raises:
         ValueError: a negative or non-finite coefficient, naming ``who`` (the module class)
@@ -201,10 +213,7 @@ def check_loss_coeffs(loss: Any, who: str) -> None:
     """
     if not isinstance(loss, Mapping):
         return
-    coeffs = loss.get("coeffs")
-    if isinstance(coeffs, Mapping):
-        for name, value in coeffs.items():
-            _check_coeff(value, f"training_module.loss.coeffs.{name}", who)
+    _check_coeff_tree(loss.get("coeffs"), "training_module.loss.coeffs", who)
     metrics = loss.get("metrics")
     if isinstance(metrics, (list, tuple)):
         for i, metric in enumerate(metrics):

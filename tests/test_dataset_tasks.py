@@ -1,0 +1,203 @@
+"""Datasets as tasks: ``tasks: datasets`` with a per-dataset loss and several training
+datasets, through real nequip models and real Lightning trainers.
+
+Expected updates are computed independently: per-dataset task gradients by autograd on
+the whole batch (the frames of the other datasets masked by the per-dataset loss), not on
+the per-dataset sub-batches the module forwards, then the aggregator applied to them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from nequip.train import NequIPLightningModule
+
+import nequip_mtl.train as mtl
+from nequip_mtl.aggregators import UPGrad
+from tests._harness import module_kwargs, multi, params, trainer
+
+BALANCED = {"mode": "balanced", "frames_per_batch": {"a": 2, "b": 1}}
+COEFFS = {"a": {"total_energy": 1.0, "forces": 3.0}, "b": {"total_energy": 2.0, "forces": 2.0}}
+
+
+def loss(names=("a", "b"), coeffs=COEFFS) -> dict:
+    return {
+        "_target_": "nequip_mtl.train.PerDatasetLoss",
+        "datasets": list(names),
+        "coeffs": {n: coeffs[n] for n in names},
+    }
+
+
+def kwargs(**kw) -> dict:
+    kw.setdefault("optimizer", {"_target_": "torch.optim.SGD", "lr": 0.01})
+    kw.setdefault("loss", loss())
+    kw.setdefault("val_metrics", None)
+    return module_kwargs(**kw)
+
+
+def fit(cls, tmp_path, epochs=2, callbacks=(), data=None, trainer_kw=None, **kw):
+    torch.manual_seed(0)
+    module = cls(**kwargs(**kw))
+    tr = trainer(
+        tmp_path,
+        max_epochs=epochs,
+        callbacks=list(callbacks),
+        limit_val_batches=0,
+        **(trainer_kw or {}),
+    )
+    tr.fit(module, datamodule=data or multi(sampling=BALANCED))
+    return module, tr
+
+
+class DatasetGradients(Callback):
+    """Per step: the applied ``.grad`` and the per-dataset task gradients by autograd on the
+    whole batch at the step's parameters (before the update)."""
+
+    def __init__(self):
+        self.grads, self.tasks = [], []
+
+    def on_train_start(self, trainer, pl_module):
+        self._loss = copy.deepcopy(pl_module.loss)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        self._loss.reset()
+        values = self._loss(pl_module(batch), pl_module.process_target(batch, batch_idx))
+        rows = {}
+        for dataset in ("a", "b"):
+            names = [n for n in self._loss.keys() if n.startswith(f"{dataset}/")]
+            coeffs = {n: pl_module.loss.entries[n].coeff for n in names}
+            total = sum(coeffs.values())
+            task = sum(coeffs[n] / total * values[n] for n in names)
+            grads = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
+            rows[dataset] = (
+                total,
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).flatten()
+                        for g, p in zip(grads, params)
+                    ]
+                ),
+            )
+        self.tasks.append(rows)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        self.grads.append(torch.cat([p.grad.flatten() for p in params]).clone())
+
+
+class ForwardCounter(Callback):
+    """Training forward passes of the model (one per sub-batch)."""
+
+    calls = 0
+
+    def on_train_start(self, trainer, pl_module):
+        def count(*_):
+            if pl_module.training:
+                self.calls += 1
+
+        pl_module.register_forward_hook(count)
+
+
+def test_dataset_task_update_is_the_aggregator_on_independent_dataset_gradients(tmp_path):
+    rec, counter = DatasetGradients(), ForwardCounter()
+    module, tr = fit(
+        mtl.MultitaskLightningModule,
+        tmp_path,
+        callbacks=[rec, counter],
+        tasks="datasets",
+        aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
+    )
+    assert tr.global_step == len(rec.grads) >= 4 and module.skipped_steps == 0
+    # by default one forward per dataset's sub-batch (the callback's own forward counts too)
+    assert counter.calls == 3 * tr.global_step
+    assert set(module.applied_task_weights) == {"a", "b"}
+    assert module.task_gradient_statistics.names == ["a", "b"]
+    for grad, rows in zip(rec.grads, rec.tasks):
+        coeffs = torch.tensor([rows["a"][0], rows["b"][0]])
+        matrix = torch.stack([rows["a"][1], rows["b"][1]])
+        torch.testing.assert_close(
+            grad, UPGrad()(matrix, coeffs / coeffs.sum()), rtol=1e-9, atol=1e-12
+        )
+
+
+def test_sum_of_dataset_tasks_is_nequips_weighted_sum(tmp_path):
+    """tasks: datasets with the Sum aggregator trains exactly like nequip's own module on the
+    same per-dataset loss: sum_d C_d L_d is the loss's weighted sum."""
+    ours, _ = fit(
+        mtl.MultitaskLightningModule,
+        tmp_path / "ours",
+        tasks="datasets",
+        aggregator={"_target_": "nequip_mtl.aggregators.Sum"},
+    )
+    nequip, _ = fit(NequIPLightningModule, tmp_path / "nequip")
+    torch.testing.assert_close(params(ours), params(nequip), rtol=0, atol=1e-10)
+    assert (
+        params(ours) - params(fit(NequIPLightningModule, tmp_path / "x", epochs=1)[0])
+    ).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("tasks", ["datasets", "components"])
+def test_forward_per_dataset_changes_nothing_but_the_cost(tmp_path, tasks):
+    """One forward per dataset's sub-batch gives the trajectory of one forward of the batch."""
+    runs, forwards = {}, {}
+    for split in (True, False):
+        counter = ForwardCounter()
+        module, tr = fit(
+            mtl.MultitaskLightningModule,
+            tmp_path / str(split),
+            callbacks=[counter],
+            tasks=tasks,
+            forward_per_dataset=split,
+            aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
+            optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+        )
+        runs[split], forwards[split] = params(module), counter.calls / tr.global_step
+    torch.testing.assert_close(runs[True], runs[False], rtol=0, atol=1e-10)
+    assert forwards == {True: 2.0, False: 1.0}  # balanced batches: both datasets every step
+
+
+def test_a_batch_without_a_dataset_drops_its_task_and_does_not_skip(tmp_path):
+    """Proportional sampling with a batch of 1: most batches hold one dataset only."""
+    data = multi(sampling={"mode": "proportional"}, train_dataloader={"batch_size": 1})
+    module, tr = fit(
+        mtl.MultitaskLightningModule,
+        tmp_path,
+        data=data,
+        epochs=1,
+        tasks="datasets",
+        aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
+    )
+    assert module.skipped_steps == 0 and tr.global_step == 12
+    assert sum(module.faults.dropped.values()) == 12  # every step dropped the absent dataset
+    assert torch.isfinite(params(module)).all()
+
+
+def test_tasks_datasets_needs_a_per_dataset_loss():
+    with pytest.raises(ValueError, match="belong to no dataset.*PerDatasetLoss"):
+        mtl.MultitaskLightningModule(
+            **kwargs(loss={"_target_": "nequip_mtl.train.EnergyForceLoss"}, tasks="datasets")
+        )
+    with pytest.raises(ValueError, match="training_module.tasks"):
+        mtl.MultitaskLightningModule(**kwargs(tasks="dataset"))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"trainer_kw": {"accumulate_grad_batches": 2}},
+        {"weights_every": 2},
+        {"aggregator": {"_target_": "nequip_mtl.aggregators.MomentumConFIG"}},
+        {"aggregator": {"_target_": "nequip_mtl.aggregators.PrimaryConstrained", "primary": "b"}},
+    ],
+    ids=["accumulate", "weights_every", "momentum_config", "primary_constrained"],
+)
+def test_dataset_tasks_in_combination(tmp_path, extra):
+    extra = dict(extra)
+    extra.setdefault("aggregator", {"_target_": "nequip_mtl.aggregators.UPGrad"})
+    module, tr = fit(mtl.MultitaskLightningModule, tmp_path, tasks="datasets", **extra)
+    assert module.skipped_steps == 0 and tr.global_step > 0
+    assert torch.isfinite(params(module)).all()
