@@ -3,7 +3,10 @@ EMT datasets of tests/test_multi_dataset.py, on ``WORLD_SIZE`` gloo ranks (or on
 Lightning's ``use_distributed_sampler=True``. Each rank saves the batches it saw, the sampler
 class Lightning used and the final parameters. Usage:
 
-    python tests/multi_dataset_ddp_worker.py OUT_DIR
+    python tests/multi_dataset_ddp_worker.py OUT_DIR [nequip|dataset_tasks]
+
+``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
+``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
 """
 
 import os
@@ -21,16 +24,40 @@ from tests._harness import params, trainer  # noqa: E402
 from tests.test_multi_dataset import GLOBAL_FRAMES, BatchRecorder, module, multi  # noqa: E402
 
 
-def main(out_dir: str) -> None:
+def dataset_task_module():
+    import nequip_mtl.train as mtl
+    from tests._harness import module_kwargs
+
+    torch.manual_seed(0)
+    loss = {
+        "_target_": "nequip_mtl.train.PerDatasetLoss",
+        "datasets": ["a", "b"],
+        "coeffs": {
+            "a": {"total_energy": 1.0, "forces": 3.0},
+            "b": {"total_energy": 2.0, "forces": 2.0},
+        },
+    }
+    return mtl.MultitaskLightningModule(
+        **module_kwargs(
+            loss=loss,
+            val_metrics=None,
+            tasks="datasets",
+            aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
+        )
+    )
+
+
+def main(out_dir: str, kind: str = "nequip") -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_rank = {name: k // world for name, k in GLOBAL_FRAMES.items()}
     dm = multi(("a", "b"), sampling={"mode": "balanced", "frames_per_batch": per_rank},
                train_dataloader={})  # fmt: skip
-    mod = module(dm)
+    mod = module(dm) if kind == "nequip" else dataset_task_module()
     rec = BatchRecorder()
     strategy = DDPStrategy(process_group_backend="gloo") if world > 1 else "auto"
     tr = trainer(out_dir, max_epochs=1, devices=world, strategy=strategy, callbacks=[rec],
-                 use_distributed_sampler=True)  # fmt: skip
+                 use_distributed_sampler=True,
+                 limit_val_batches=None if kind == "nequip" else 0)  # fmt: skip
     mod.world_size = tr.world_size  # as nequip-train does
     tr.fit(mod, datamodule=dm)
     state = {
@@ -44,4 +71,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -216,7 +216,11 @@ def test_a_dataset_too_small_for_balanced_batches_is_refused_at_setup():
 GLOBAL_FRAMES = {"a": 4, "b": 2}
 
 
-def test_two_gloo_ranks_split_the_one_process_batches(tmp_path):
+@pytest.mark.ddp
+@pytest.mark.parametrize("kind", ["nequip", "dataset_tasks"])
+def test_two_gloo_ranks_split_the_one_process_batches(tmp_path, kind):
+    """nequip's module, and dataset tasks (per-dataset sub-batch forwards, UPGrad on the
+    all-reduced dataset-task rows): 2 ranks train exactly like 1 process on the global batch."""
     import sys
 
     from tests._ddp import launch
@@ -224,7 +228,7 @@ def test_two_gloo_ranks_split_the_one_process_batches(tmp_path):
     worker = str(Path(__file__).with_name("multi_dataset_ddp_worker.py"))
     for world in (1, 2):
         (tmp_path / str(world)).mkdir()
-        launch([sys.executable, worker, str(tmp_path / str(world))], world=world)
+        launch([sys.executable, worker, str(tmp_path / str(world)), kind], world=world)
     one = torch.load(tmp_path / "1" / "rank0.pt")
     ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2] and one["world_size"] == 1
