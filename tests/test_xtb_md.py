@@ -246,3 +246,24 @@ def test_without_tblite_the_error_says_how_to_install(tmp_path, capsys, monkeypa
         xtb_md.main([str(tmp_path / "x.xyz"), "--frames", "2"])
     assert exc.value.code == 2
     assert 'pip install "nequip-mtl[xtb]"' in capsys.readouterr().err
+
+
+def test_module_imports_without_tblite_or_torch():
+    import subprocess
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, nequip_mtl.data as d, nequip_mtl.data.xtb_md\n"
+        "assert d.relabel_frames is nequip_mtl.data.xtb_md.relabel_frames\n"
+        "print(sorted({'tblite', 'torch', 'nequip'} & set(sys.modules)))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**__import__("os").environ, "PYTHONPATH": root},
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

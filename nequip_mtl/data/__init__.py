@@ -18,13 +18,16 @@ from .emt_alloy import (
     write_frames,
 )
 from .keys import DATASET_INDEX_KEY
-from .xtb_md import compare_labels, generate_xtb_md_frames, relabel_frames
 
 _LAZY = {
     "MultiDatasetDataModule": "multi_dataset",
     "TaggedDataset": "multi_dataset",
     "DatasetMetricNames": "metric_names",
     "MultiDatasetSampler": "sampling",
+    # lazy so that ``python -m nequip_mtl.data.xtb_md`` runs without a second import of it
+    "compare_labels": "xtb_md",
+    "generate_xtb_md_frames": "xtb_md",
+    "relabel_frames": "xtb_md",
 }
 
 

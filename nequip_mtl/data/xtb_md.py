@@ -41,8 +41,6 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from .cli import _positive_int
-
 __all__ = [
     "DEFAULT_MOLECULE",
     "DEFAULT_TEMPERATURES",
@@ -304,7 +302,15 @@ def compare_labels(reference: Sequence[Atoms], other: Sequence[Atoms]) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``nequip-mtl-make-xtb-data``: see :func:`build_parser`."""
+    """``nequip-mtl-make-xtb-data``: xTB MD frames (or, with ``--relabel``, xTB labels of a file).
+
+    Example::
+
+        nequip-mtl-make-xtb-data ethanol_xtb.xyz --frames 1200 --temperatures 300,600,900 --seed 0
+        nequip-mtl-make-xtb-data dft_at_xtb.xyz --relabel ethanol_reduced_100.xyz
+
+    Returns the exit status (0); bad arguments or a missing tblite exit with status 2.
+    """
     import ase.io
 
     from .emt_alloy import write_frames
@@ -383,6 +389,8 @@ def _temperatures(text: str) -> list[float]:
 
 def build_parser():
     import argparse
+
+    from .cli import _positive_int
 
     parser = argparse.ArgumentParser(
         prog="nequip-mtl-make-xtb-data",
