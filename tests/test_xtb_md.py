@@ -267,3 +267,29 @@ def test_module_imports_without_tblite_or_torch():
     )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_committed_benchmark_file_is_what_its_readme_command_makes():
+    """benchmarks/data/ethanol_xtb_1200.xyz: 400 frames per temperature, GFN2-xTB labels in
+    kcal/mol, and its first frame is the first frame the documented command samples."""
+    pytest.importorskip("tblite")
+    from pathlib import Path
+
+    import ase.io
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "ethanol_xtb_1200.xyz"
+    frames = ase.io.read(path, index=":")
+    temps = [a.info["temperature_K"] for a in frames]
+    assert [temps.count(t) for t in (300.0, 600.0, 900.0)] == [400, 400, 400]
+    for atoms in (frames[0], frames[700], frames[-1]):
+        energy, forces = _tblite_reference(atoms)
+        np.testing.assert_allclose(
+            atoms.get_potential_energy(), energy * HARTREE_IN_KCAL_MOL, rtol=1e-8
+        )
+        np.testing.assert_allclose(
+            atoms.get_forces(), forces * HARTREE_IN_KCAL_MOL / BOHR_IN_ANGSTROM, atol=5e-3
+        )
+    # the defaults (seed 0, 1000 equilibration steps, stride 20) reproduce the first frame
+    (first,) = xtb_md.sample_md(molecule("CH3CH2OH"), 300.0, 1, seed=0)
+    assert first.info["md_step"] == frames[0].info["md_step"] == 1020
+    np.testing.assert_allclose(first.positions, frames[0].positions, atol=1e-7)
