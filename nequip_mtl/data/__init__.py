@@ -1,5 +1,6 @@
-"""Offline, seeded multitask data (EMT energies, forces and stresses of fcc alloys) and several
-training datasets as one data module.
+"""Offline, seeded multitask data (EMT energies, forces and stresses of fcc alloys; GFN2-xTB
+molecular dynamics of a molecule, with ``tblite``) and several training datasets as one data
+module.
 
 Only ASE and NumPy are imported eagerly (no nequip, no torch), so ``import nequip_mtl.data`` is
 cheap; :class:`MultiDatasetDataModule`, :class:`DatasetMetricNames` and the sampler are imported
@@ -9,6 +10,7 @@ on first use.
 from .emt_alloy import (
     DEFAULT_ELEMENTS,
     DEFAULT_RATTLE_AMPLITUDES,
+    FRAME_KINDS,
     LATTICE_CONSTANTS,
     SUPPORTED_ELEMENTS,
     generate_frames,
@@ -22,6 +24,10 @@ _LAZY = {
     "TaggedDataset": "multi_dataset",
     "DatasetMetricNames": "metric_names",
     "MultiDatasetSampler": "sampling",
+    # lazy so that ``python -m nequip_mtl.data.xtb_md`` runs without a second import of it
+    "compare_labels": "xtb_md",
+    "generate_xtb_md_frames": "xtb_md",
+    "relabel_frames": "xtb_md",
 }
 
 
@@ -38,13 +44,17 @@ __all__ = [
     "DATASET_INDEX_KEY",
     "DEFAULT_ELEMENTS",
     "DEFAULT_RATTLE_AMPLITUDES",
+    "FRAME_KINDS",
     "LATTICE_CONSTANTS",
     "SUPPORTED_ELEMENTS",
     "DatasetMetricNames",
     "MultiDatasetDataModule",
     "MultiDatasetSampler",
     "TaggedDataset",
+    "compare_labels",
     "generate_frames",
+    "generate_xtb_md_frames",
     "make_dataset",
+    "relabel_frames",
     "write_frames",
 ]

@@ -3,6 +3,9 @@
 Example::
 
     nequip-mtl-make-data data/alloy.xyz --frames 150 --seed 0 --elements Cu,Ni,Pd
+    # one family per file, e.g. pretrain on bulk, fine-tune on surfaces:
+    nequip-mtl-make-data data/bulk.xyz --kind bulk --frames 200 --seed 0
+    nequip-mtl-make-data data/slab.xyz --kind slab --frames 200 --seed 1
 """
 
 from __future__ import annotations
@@ -12,7 +15,13 @@ import sys
 import time
 from collections import Counter
 
-from .emt_alloy import DEFAULT_ELEMENTS, SUPPORTED_ELEMENTS, generate_frames, write_frames
+from .emt_alloy import (
+    DEFAULT_ELEMENTS,
+    FRAME_KINDS,
+    SUPPORTED_ELEMENTS,
+    generate_frames,
+    write_frames,
+)
 
 
 def _positive_int(text: str) -> int:
@@ -90,16 +99,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of distinct random compositions (default: 4)",
     )
     parser.add_argument(
+        "--kind",
+        choices=FRAME_KINDS,
+        default="mixed",
+        help=(
+            "mixed: bulk, vacancy and slab frames in one file (default); bulk, vacancy or slab: "
+            "every frame of that family (a vacancy frame loses 1-2 atoms), e.g. a pair of "
+            "files for fine-tuning across a distribution shift"
+        ),
+    )
+    parser.add_argument(
         "--vacancy-fraction",
         type=_fraction,
-        default=0.15,
-        help="fraction of bulk frames with one vacancy (default: 0.15)",
+        default=None,
+        help="with --kind mixed: fraction of bulk frames with vacancies (default: 0.15)",
     )
     parser.add_argument(
         "--slab-fraction",
         type=_fraction,
-        default=0.15,
-        help="fraction of surface-slab frames (default: 0.15)",
+        default=None,
+        help="with --kind mixed: fraction of surface-slab frames (default: 0.15)",
+    )
+    parser.add_argument(
+        "--max-vacancies",
+        type=_positive_int,
+        default=None,
+        help=(
+            "a vacancy frame loses 1 to this many atoms, at most 8 "
+            "(default: 1 with --kind mixed, 2 with --kind vacancy)"
+        ),
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="do not print a summary")
     return parser
@@ -108,8 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.vacancy_fraction + args.slab_fraction > 1.0:
+    fractions = {"--vacancy-fraction": args.vacancy_fraction, "--slab-fraction": args.slab_fraction}
+    if args.kind != "mixed":
+        given = [name for name, value in fractions.items() if value is not None]
+        if given:
+            parser.error(
+                f"{' and '.join(given)} only apply to --kind mixed, not --kind {args.kind}"
+            )
+    elif sum(0.15 if v is None else v for v in fractions.values()) > 1.0:
         parser.error("--vacancy-fraction + --slab-fraction must be <= 1")
+    if args.max_vacancies is not None and args.max_vacancies > 8:
+        parser.error(f"--max-vacancies must be <= 8, got {args.max_vacancies}")
 
     start = time.perf_counter()
     frames = generate_frames(
@@ -119,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         num_compositions=args.compositions,
         vacancy_fraction=args.vacancy_fraction,
         slab_fraction=args.slab_fraction,
+        kind=args.kind,
+        max_vacancies=args.max_vacancies,
     )
     write_frames(frames, args.output)
     if not args.quiet:

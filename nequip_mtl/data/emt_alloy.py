@@ -3,25 +3,36 @@
 Labels come from ASE's toy effective-medium-theory calculator
 (:class:`ase.calculators.emt.EMT`), so everything runs offline in seconds. The
 structures are fcc alloys of a few elements chosen from ``Cu, Ni, Pd, Ag, Au,
-Pt, Al`` (the elements EMT supports) and mix three kinds of frames:
+Pt, Al`` (the elements EMT supports). There are three families of cells:
 
 ``bulk``
     a periodic fcc supercell (8 to 32 atoms) with a random site occupation,
     a random strain (volumetric and shear) and Gaussian "thermal" rattling;
 ``vacancy``
-    the same (16 to 32 sites), with one atom removed;
+    the same (16 to 32 sites), with one atom removed (or, with ``max_vacancies=2``, one or
+    two);
 ``slab``
     an fcc(111) or fcc(100) slab with vacuum along ``z`` (periodic in all three
     directions; the vacuum gap is far larger than both the EMT cut-off and a
     typical model cut-off), strained in-plane only.
 
+``kind="mixed"`` (the default) mixes the three in one file (70/15/15 % by default);
+``kind="bulk"``, ``"vacancy"`` or ``"slab"`` writes one family only, so that a pair of files
+such as ``bulk`` then ``slab`` (or ``vacancy``) is a real distribution shift at the same level
+of theory (pretraining on one, fine-tuning on the other). A ``vacancy`` file removes one or
+two atoms per cell unless ``max_vacancies`` says otherwise.
+
 Each frame gets a :class:`~ase.calculators.singlepoint.SinglePointCalculator`
 with ``energy`` (eV), ``forces`` (eV/Å) and ``stress`` (eV/Å\\ :sup:`3`, ASE's
-sign convention, Voigt order) -- the names and convention that
+sign convention, Voigt order) for every family, slabs included -- the names and convention that
 :func:`nequip.ase.from_ase` (and therefore
 :class:`nequip.data.dataset.ASEDataset`) maps to ``total_energy``, ``forces``
 and ``stress``. ASE's ``atoms.get_stress()`` and nequip's ``stress`` output use
-the same convention, so no sign flip is needed.
+the same convention, so no sign flip is needed. A slab's stress is that of its periodic cell
+(vacuum included): the derivative of the energy with respect to a homogeneous strain of the
+whole cell, divided by the cell volume. nequip's stress output computes the same quantity on
+the same cell, so it is a consistent label, but it is small and scales with 1 / (slab +
+vacuum) thickness; leave the stress loss out on slab data if that is not what is wanted.
 
 The output is deterministic: the same arguments give a byte-identical file.
 """
@@ -42,6 +53,7 @@ __all__ = [
     "DEFAULT_ELEMENTS",
     "DEFAULT_RATTLE_AMPLITUDES",
     "LATTICE_CONSTANTS",
+    "FRAME_KINDS",
     "generate_frames",
     "write_frames",
     "make_dataset",
@@ -77,7 +89,10 @@ _SLAB_SHAPES: tuple[tuple[str, tuple[int, int], int], ...] = (
     ("100", (3, 2), 3),
 )
 _SLAB_VACUUM = 6.0  # Å on each side -> 12 Å gap between periodic images
-_FRAME_KINDS = ("bulk", "vacancy", "slab")
+#: Values of ``generate_frames(kind=...)``: the three families mixed, or one of them.
+FRAME_KINDS: tuple[str, ...] = ("mixed", "bulk", "vacancy", "slab")
+_DEFAULT_VACANCY_FRACTION = 0.15
+_DEFAULT_SLAB_FRACTION = 0.15
 
 
 def _check_elements(elements: Sequence[str]) -> tuple[str, ...]:
@@ -129,6 +144,26 @@ def _label(atoms: Atoms) -> Atoms:
     return atoms
 
 
+def _frame_kinds(kind, num_frames, vacancy_fraction, slab_fraction, rng) -> list[str]:
+    """The family of every frame, in generation order."""
+    if kind != "mixed":
+        return [kind] * num_frames
+    n_vac = int(round(vacancy_fraction * num_frames))
+    n_slab = int(round(slab_fraction * num_frames))
+    n_slab = min(n_slab, num_frames - n_vac)
+    kinds = ["vacancy"] * n_vac + ["slab"] * n_slab + ["bulk"] * (num_frames - n_vac - n_slab)
+    return [kinds[i] for i in rng.permutation(num_frames)]
+
+
+def _remove_vacancies(atoms: Atoms, max_vacancies: int, rng) -> None:
+    if max_vacancies == 1:
+        # one draw, exactly as before ``max_vacancies`` existed (same files for the same seed)
+        del atoms[int(rng.integers(len(atoms)))]
+        return
+    count = int(rng.integers(1, max_vacancies + 1))
+    del atoms[sorted(int(i) for i in rng.choice(len(atoms), size=count, replace=False))]
+
+
 def generate_frames(
     num_frames: int = 150,
     seed: int = 0,
@@ -137,8 +172,10 @@ def generate_frames(
     rattle_amplitudes: Sequence[float] = DEFAULT_RATTLE_AMPLITUDES,
     max_volumetric_strain: float = 0.03,
     max_shear_strain: float = 0.02,
-    vacancy_fraction: float = 0.15,
-    slab_fraction: float = 0.15,
+    vacancy_fraction: float | None = None,
+    slab_fraction: float | None = None,
+    kind: str = "mixed",
+    max_vacancies: int | None = None,
 ) -> list[Atoms]:
     """Generate labelled EMT alloy frames.
 
@@ -151,20 +188,54 @@ def generate_frames(
             Dirichlet distribution); every frame uses one of them.
         rattle_amplitudes: standard deviations (Å) of the Gaussian atomic displacements;
             every frame uses one of them.
-        max_volumetric_strain: bound of the uniform isotropic strain (bulk frames).
+        max_volumetric_strain: bound of the uniform isotropic strain (bulk and vacancy frames).
         max_shear_strain: bound of the uniform independent normal/shear strain components.
-        vacancy_fraction: fraction of frames that are bulk cells with one vacancy.
-        slab_fraction: fraction of frames that are surface slabs.
+        vacancy_fraction: with ``kind="mixed"``, fraction of frames that are bulk cells with
+            vacancies (default 0.15).
+        slab_fraction: with ``kind="mixed"``, fraction of frames that are surface slabs
+            (default 0.15).
+        kind: ``"mixed"`` (the three families in one file, in the proportions above), or
+            ``"bulk"``, ``"vacancy"`` or ``"slab"`` (every frame of that family; the two
+            fractions must then be left unset).
+        max_vacancies: a vacancy frame loses between 1 and ``max_vacancies`` atoms (uniformly
+            drawn); default 1 with ``kind="mixed"`` (as the mixed file always had) and 2
+            with ``kind="vacancy"``. At most 8, so every vacancy frame keeps >= 8 atoms.
 
     Returns:
         a list of :class:`ase.Atoms` with a single-point calculator holding ``energy``,
         ``forces`` and ``stress`` and with ``info`` keys ``config_type`` (``bulk``,
         ``vacancy`` or ``slab``), ``composition`` (e.g. ``"Cu0.50Ni0.25Pd0.25"``),
         ``rattle`` (Å) and ``volumetric_strain`` (relative volume change).
+
+    Example: a bulk file to pretrain on and a surface file to fine-tune on (the same
+    elements, compositions and "temperatures", different environments)::
+
+        generate_frames(num_frames=200, seed=0, kind="bulk")
+        generate_frames(num_frames=200, seed=1, kind="slab")
     """
     num_frames = int(num_frames)
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if kind not in FRAME_KINDS:
+        raise ValueError(f"kind must be one of {list(FRAME_KINDS)}, got {kind!r}")
+    if kind != "mixed":
+        given = [
+            n
+            for n, v in (("vacancy_fraction", vacancy_fraction), ("slab_fraction", slab_fraction))
+            if v is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} only apply to kind='mixed'; kind={kind!r} makes every "
+                f"frame a {kind} frame"
+            )
+    vacancy_fraction = _DEFAULT_VACANCY_FRACTION if vacancy_fraction is None else vacancy_fraction
+    slab_fraction = _DEFAULT_SLAB_FRACTION if slab_fraction is None else slab_fraction
+    if max_vacancies is None:
+        max_vacancies = 2 if kind == "vacancy" else 1
+    if not 1 <= int(max_vacancies) <= 8:
+        raise ValueError(f"max_vacancies must be in [1, 8], got {max_vacancies}")
+    max_vacancies = int(max_vacancies)
     elements = _check_elements(elements)
     if int(num_compositions) < 1:
         raise ValueError(f"num_compositions must be >= 1, got {num_compositions}")
@@ -181,21 +252,17 @@ def generate_frames(
     # the first composition is always the equimolar alloy
     compositions[0] = 1.0 / len(elements)
 
-    n_vac = int(round(vacancy_fraction * num_frames))
-    n_slab = int(round(slab_fraction * num_frames))
-    n_slab = min(n_slab, num_frames - n_vac)
-    kinds = ["vacancy"] * n_vac + ["slab"] * n_slab + ["bulk"] * (num_frames - n_vac - n_slab)
-    kinds = [kinds[i] for i in rng.permutation(num_frames)]
+    kinds = _frame_kinds(kind, num_frames, vacancy_fraction, slab_fraction, rng)
 
     frames = []
-    for kind in kinds:
+    for frame_kind in kinds:
         comp_idx = int(rng.integers(len(compositions)))
         fractions = compositions[comp_idx]
         rattle = rattle_amplitudes[int(rng.integers(len(rattle_amplitudes)))]
         # Vegard's law lattice constant of this composition
         a = float(sum(f * LATTICE_CONSTANTS[e] for f, e in zip(fractions, elements)))
 
-        if kind == "slab":
+        if frame_kind == "slab":
             facet, (nx, ny), layers = _SLAB_SHAPES[int(rng.integers(len(_SLAB_SHAPES)))]
             builder = fcc111 if facet == "111" else fcc100
             atoms = builder(
@@ -206,21 +273,21 @@ def generate_frames(
             eps = _random_strain(rng, 0.0, max_shear_strain, in_plane_only=True)
         else:
             # vacancies only in cells of >= 16 atoms, so every frame keeps >= 8 atoms
-            repeats = _BULK_REPEATS[1:] if kind == "vacancy" else _BULK_REPEATS
+            repeats = _BULK_REPEATS[1:] if frame_kind == "vacancy" else _BULK_REPEATS
             rep = repeats[int(rng.integers(len(repeats)))]
             atoms = bulk(elements[0], "fcc", a=a, cubic=True).repeat(rep)
             eps = _random_strain(rng, max_volumetric_strain, max_shear_strain, False)
 
         atoms.set_chemical_symbols(_symbols_for(len(atoms), fractions, elements, rng))
-        if kind == "vacancy":
-            del atoms[int(rng.integers(len(atoms)))]
+        if frame_kind == "vacancy":
+            _remove_vacancies(atoms, max_vacancies, rng)
 
         volume0 = atoms.get_volume()
         atoms.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
         atoms.positions += rng.normal(0.0, rattle, size=atoms.positions.shape)
         atoms.wrap()
 
-        atoms.info["config_type"] = kind
+        atoms.info["config_type"] = frame_kind
         atoms.info["composition"] = "".join(f"{e}{f:.2f}" for e, f in zip(elements, fractions))
         atoms.info["rattle"] = rattle
         atoms.info["volumetric_strain"] = round(float(atoms.get_volume() / volume0 - 1.0), 6)
