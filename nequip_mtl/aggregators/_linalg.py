@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def symmetrized(gram: torch.Tensor) -> torch.Tensor:
+    """``(G + G^T) / 2``: a Gram matrix computed in floating point is symmetric only to its
+    rounding, and solvers that do not symmetrise themselves (least squares) would leave
+    O(eps) components outside its range. A no-op, bit for bit, on a symmetric matrix."""
+    return 0.5 * (gram + gram.T)
+
+
 def nonfinite_rows(grads: torch.Tensor, sq_norms: torch.Tensor) -> list[int]:
     """The rows of ``grads`` that contain a NaN or inf entry.
 
@@ -140,8 +147,7 @@ class ScaledGram:
     """
 
     def __init__(self, gram: torch.Tensor):
-        gram = gram.to(torch.float64)
-        gram = 0.5 * (gram + gram.T)
+        gram = symmetrized(gram.to(torch.float64))
         norms = gram.diagonal().clamp_min(0.0).sqrt()
         largest = norms.max() if norms.numel() else norms.new_zeros(())
         keep = norms > largest * ZERO_NORM_RTOL

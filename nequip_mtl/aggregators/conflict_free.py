@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import default_rtol, psd_pinv_solve, safe_norms
+from ._linalg import default_rtol, psd_pinv_solve, safe_norms, symmetrized
 from .base import GramAggregator
 
 #: smallest relative negative cosine of the least-squares direction counted as a conflict
@@ -95,7 +95,7 @@ class ConFIG(GramAggregator):
         # least-squares solver (unlike the eigen-decomposition) does not symmetrise it
         # and would then leave O(eps) components outside the numerical range of the
         # matrix, which the normalisation below blows up to a full-length update
-        gram = 0.5 * (gram + gram.T)
+        gram = symmetrized(gram)
         norms = safe_norms(gram, eps)
         unit_gram = gram / (norms[:, None] * norms[None, :])
         b = coeffs / coeffs.norm().clamp_min(eps)

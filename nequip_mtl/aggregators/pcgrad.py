@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ._common import SolverAggregator
-from ._linalg import ZERO_NORM_RTOL
+from ._linalg import ZERO_NORM_RTOL, symmetrized
 
 
 class PCGrad(SolverAggregator):
@@ -70,7 +70,7 @@ class PCGrad(SolverAggregator):
         # one random order per task, drawn on every call whatever the gradients, so the
         # generator advances identically on every rank and after any restart
         orders = [torch.randperm(m, generator=self._generator).tolist() for _ in range(m)]
-        h = (0.5 * (gram + gram.T)).tolist()
+        h = symmetrized(gram).tolist()
         sq = [max(h[j][j], 0.0) for j in range(m)]
         largest = max(sq)
         usable = [s > 0.0 and s > largest * ZERO_NORM_RTOL**2 for s in sq]

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from ..aggregators._linalg import symmetrized
+
 __all__ = ["GradientCalibration", "RULES"]
 
 #: the calibration rules
@@ -97,7 +99,7 @@ class GradientCalibration:
             raise ValueError(f"expected a ({m}, {m}) Gram matrix, got {tuple(gram.shape)}")
         if not bool(torch.isfinite(gram).all()):
             return False
-        gram = 0.5 * (gram + gram.T)
+        gram = symmetrized(gram)
         sq = gram.diagonal().clamp_min(0.0)
         weights = torch.zeros(m, dtype=torch.float64)
         if self.rule == "aggregator":

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..aggregators._linalg import symmetrized
+
 __all__ = [
     "ConflictStatistics",
     "conflict_statistics",
@@ -90,7 +92,7 @@ def conflict_statistics(
         raise ValueError("`update_dots` and `update_sq_norm` must be given together")
 
     # symmetrise (roundoff) and clamp tiny negative squared norms from roundoff to zero
-    gram = 0.5 * (gram + gram.T)
+    gram = symmetrized(gram)
     norms = gram.diagonal().clamp_min(0.0).sqrt()
     cosines = _safe_cos(gram, torch.outer(norms, norms))
 
@@ -137,7 +139,7 @@ def conflict_from_weights(
     w = torch.as_tensor(weights).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
     if w.shape[0] != gram.shape[0]:
         raise ValueError(f"got {w.shape[0]} weights for a {gram.shape[0]} x {gram.shape[0]} Gram")
-    sym = 0.5 * (gram + gram.T)
+    sym = symmetrized(gram)
     gw = sym @ w
     return conflict_statistics(sym, names, gw, w @ gw)
 
