@@ -201,3 +201,36 @@ def test_dataset_tasks_in_combination(tmp_path, extra):
     module, tr = fit(mtl.MultitaskLightningModule, tmp_path, tasks="datasets", **extra)
     assert module.skipped_steps == 0 and tr.global_step > 0
     assert torch.isfinite(params(module)).all()
+
+
+def test_plots_show_dataset_tasks_by_name(tmp_path):
+    """The loss panels draw each dataset's components under the dataset's name, against
+    the logged values, and the share panel names the dataset tasks."""
+    import numpy as np
+    from lightning.pytorch.loggers import CSVLogger
+
+    from nequip_mtl.plot import build_figures, load_run
+
+    torch.manual_seed(0)
+    module = mtl.MultitaskLightningModule(
+        **kwargs(tasks="datasets", aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"})
+    )
+    tr = trainer(
+        tmp_path,
+        max_epochs=2,
+        limit_val_batches=0,
+        logger=CSVLogger(str(tmp_path), name="logs", version=""),
+        log_every_n_steps=1,
+    )
+    tr.fit(module, datamodule=multi(sampling=BALANCED))
+    logs = load_run(tmp_path)
+    figures = build_figures(logs)
+    forces = next(ax for ax in figures["losses.png"].axes if ax.get_title().startswith("forces"))
+    lines = {ln.get_label(): ln for ln in forces.get_lines()}
+    for dataset in ("a", "b"):
+        series = logs.series[f"train_loss_step/{dataset}/forces_mse"]
+        line = lines[f"{dataset}: train (per step)"]
+        np.testing.assert_array_equal(np.asarray(line.get_xdata(), float), series.step)
+        np.testing.assert_allclose(np.asarray(line.get_ydata(), float), series.value, rtol=1e-12)
+    (shares,) = figures["loss_coefficients.png"].axes
+    assert {ln.get_label() for ln in shares.get_lines()} >= {"a", "b"}

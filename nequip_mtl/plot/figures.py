@@ -62,7 +62,8 @@ def _task_label(name: str) -> str:
     if parsed.kind is None:
         return name
     label = quantity_label(parsed.field)
-    return label if parsed.type_name is None else f"{label} ({parsed.type_name})"
+    details = [d for d in (parsed.dataset, parsed.type_name) if d is not None]
+    return label if not details else f"{label} ({', '.join(details)})"
 
 
 def _pair_label(pair: str) -> str:
@@ -74,9 +75,9 @@ def _task_colors(names: Sequence[str]) -> dict[str, str]:
     """One color per physical quantity, stable across figures of a run."""
     colors: dict[str, str] = {}
     for name in names:
-        field = parse_metric(name).field
-        if field not in colors:
-            colors[field] = _COLORS[len(colors) % len(_COLORS)]
+        group = parse_metric(name).group
+        if group not in colors:
+            colors[group] = _COLORS[len(colors) % len(_COLORS)]
     return colors
 
 
@@ -232,7 +233,7 @@ def _metric_groups(logs: RunLogs) -> tuple[dict[str, str], dict[str, dict[str, S
     by_prefix: dict[str, dict[str, Series]] = {}
     for key, series in logs.series.items():
         prefix, sep, metric = key.partition("/")
-        if not sep or "/" in metric or split_prefix(prefix) is None:
+        if not sep or metric.count("/") > 1 or split_prefix(prefix) is None:
             continue
         by_prefix.setdefault(prefix, {})[metric] = series
     losses: dict[str, str] = {}
@@ -321,17 +322,24 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
             else:
                 plotted = []
                 shown_val = False
+                datasets = sorted({parse_metric(n).dataset for n in names} - {None})
                 for name in names:
                     step = by_prefix.get("train_loss_step", {}).get(name)
                     epoch = by_prefix.get("train_loss_epoch", {}).get(name)
+                    # per-dataset components (`new/forces_mse`): one color per dataset
+                    dataset = parse_metric(name).dataset
+                    who = "train" if dataset is None else f"{dataset}: train"
+                    shade = (
+                        None if dataset is None else _COLORS[datasets.index(dataset) % len(_COLORS)]
+                    )
                     if step is not None:
                         ax.plot(
                             step.step,
                             step.value,
                             lw=0.8,
                             alpha=0.35,
-                            color="0.35",
-                            label="train (per step)",
+                            color=shade or "0.35",
+                            label=f"{who} (per step)",
                         )
                         plotted.append(step.value)
                     if epoch is not None:
@@ -341,8 +349,8 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
                             "o-",
                             ms=3,
                             lw=1.5,
-                            color="0.1",
-                            label="train (epoch mean)",
+                            color=shade or "0.1",
+                            label=f"{who} (epoch mean)",
                         )
                         plotted.append(epoch.value)
                     for i, prefix in enumerate(val_prefixes):
@@ -444,7 +452,7 @@ def _plot_shares(ax, shares: UpdateShares, colors: dict[str, str], filename: str
     n = len(shares.step)
     ms = 4 if n < 100 else 2.5 if n < 1000 else 1.5
     for name, values in shares.value.items():
-        color = colors[parse_metric(name).field]
+        color = colors[parse_metric(name).group]
         neg = shares.negative[name]
         pos = np.isfinite(values) & ~neg
         ax.plot(
@@ -519,7 +527,7 @@ def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure
                     s,
                     marker="." if len(s) < 50 else None,
                     lw=1.5,
-                    color=colors[parse_metric(name).field],
+                    color=colors[parse_metric(name).group],
                     label=_task_label(name),
                 )
             _note_coinciding(ax, coeffs, "loss coefficients")
@@ -636,7 +644,7 @@ def conflict_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | N
             )
         elif kind == "cos_update":
             windows = [
-                _plot_noisy(ax, s, colors[parse_metric(name).field], _task_label(name))
+                _plot_noisy(ax, s, colors[parse_metric(name).group], _task_label(name))
                 for name, s in group.items()
             ]
             _cos_axes(ax)
@@ -651,7 +659,7 @@ def conflict_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | N
             windows = []
             for name, s in group.items():
                 windows.append(
-                    _plot_noisy(ax, s, colors[parse_metric(name).field], _task_label(name))
+                    _plot_noisy(ax, s, colors[parse_metric(name).group], _task_label(name))
                 )
             upd = logs.get("grad_conflict/update_norm")
             if upd is not None:
@@ -775,7 +783,7 @@ def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
         )
     elif groups["cos_update"]:
         windows = [
-            _plot_noisy(c, s, colors.get(parse_metric(name).field, "k"), _task_label(name))
+            _plot_noisy(c, s, colors.get(parse_metric(name).group, "k"), _task_label(name))
             for name, s in groups["cos_update"].items()
         ]
         _cos_axes(c)
@@ -803,7 +811,7 @@ def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
     elif coeffs:
         for name, s in coeffs.items():
             _plot_held(
-                d, s, lw=1.5, color=colors.get(parse_metric(name).field), label=_task_label(name)
+                d, s, lw=1.5, color=colors.get(parse_metric(name).group), label=_task_label(name)
             )
         _note_coinciding(d, coeffs, "loss coefficients")
         _finish(d, "loss coefficients", "coefficient")

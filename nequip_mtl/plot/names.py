@@ -52,27 +52,38 @@ _SPLIT = re.compile(
 @dataclasses.dataclass(frozen=True)
 class MetricName:
     """A parsed metric name: ``field`` (``forces``), ``kind`` (``mse``; ``None`` if
-    unrecognised), ``type_name`` (per-type metrics, else ``None``)."""
+    unrecognised), ``type_name`` (per-type metrics, else ``None``), ``dataset`` (the
+    training dataset of a per-dataset component such as ``new/forces_mse``, else
+    ``None``)."""
 
     name: str
     field: str
     kind: str | None
     type_name: str | None = None
+    dataset: str | None = None
 
     @property
     def power(self) -> int | None:
         return KINDS[self.kind][1] if self.kind in KINDS else None
 
+    @property
+    def group(self) -> str:
+        """What one color stands for: the field, per dataset (``new/forces``)."""
+        return self.field if self.dataset is None else f"{self.dataset}/{self.field}"
+
 
 def parse_metric(name: str) -> MetricName:
     """Split ``per_atom_energy_mae`` into field ``per_atom_energy`` and kind ``mae``
-    (``forces_mae_Cu``: field ``forces``, kind ``mae``, type ``Cu``)."""
-    tokens = name.split("_")
+    (``forces_mae_Cu``: field ``forces``, kind ``mae``, type ``Cu``; ``new/forces_mse``:
+    dataset ``new``, field ``forces``, kind ``mse``)."""
+    dataset, sep, rest = name.rpartition("/")
+    dataset = dataset if sep else None
+    tokens = rest.split("_")
     for i in range(len(tokens) - 1, 0, -1):
         if tokens[i] in KINDS:
             field = "_".join(tokens[:i])
-            rest = "_".join(tokens[i + 1 :]) or None
-            return MetricName(name, field, tokens[i], rest)
+            type_name = "_".join(tokens[i + 1 :]) or None
+            return MetricName(name, field, tokens[i], type_name, dataset)
     return MetricName(name, name, None)
 
 
