@@ -234,3 +234,82 @@ def test_plots_show_dataset_tasks_by_name(tmp_path):
         np.testing.assert_allclose(np.asarray(line.get_ydata(), float), series.value, rtol=1e-12)
     (shares,) = figures["loss_coefficients.png"].axes
     assert {ln.get_label() for ln in shares.get_lines()} >= {"a", "b"}
+
+
+def test_a_restart_mid_epoch_resumes_dataset_tasks_exactly(tmp_path):
+    """Interrupted after 3 steps (mid-epoch, between weight refreshes) and resumed: the
+    parameters equal the uninterrupted run's (sampler, held weights, optimizer restored)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, ckpt_path=None, **trainer_kw):
+        torch.manual_seed(0)
+        module = mtl.MultitaskLightningModule(
+            **kwargs(
+                tasks="datasets",
+                weights_every=2,
+                aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
+                optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+            )
+        )
+        ckpt = ModelCheckpoint(dirpath=str(root), save_last=True, every_n_train_steps=3)
+        tr = trainer(
+            root,
+            max_epochs=2,
+            callbacks=[ckpt],
+            enable_checkpointing=True,
+            limit_val_batches=0,
+            **trainer_kw,
+        )
+        tr.fit(module, datamodule=multi(sampling=BALANCED), ckpt_path=ckpt_path)
+        return module, tr
+
+    full, tr = run(tmp_path / "full")
+    assert tr.global_step == 8
+    run(tmp_path / "part", max_steps=3)
+    resumed, tr = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    assert tr.global_step == 8
+    torch.testing.assert_close(params(resumed), params(full), rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_dataset_tasks_under_train_time_compile_match_eager(tmp_path):
+    """`compile_mode: compile` with one forward per dataset's sub-batch (sub-batches of
+    several sizes through one compiled graph) and per-task backward passes."""
+    from tests._harness import model_config
+
+    runs = {}
+    for mode in ("eager", "compile"):
+        model = model_config("float64")
+        model["compile_mode"] = mode
+        module, _ = fit(
+            mtl.MultitaskLightningModule,
+            tmp_path / mode,
+            epochs=1,
+            model=model,
+            tasks="datasets",
+            aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
+        )
+        runs[mode] = params(module)
+    torch.testing.assert_close(runs["compile"], runs["eager"], rtol=0, atol=1e-10)
+
+
+def test_calibration_and_the_conflict_monitor_on_dataset_tasks(tmp_path):
+    """Calibrate-then-freeze sets per-component coefficients (measured per component,
+    though the module's tasks are datasets); the monitor logs the dataset tasks' cosines."""
+    from nequip_mtl.train.callbacks import CalibrateLossCoefficients, GradientConflictMonitor
+
+    calib = CalibrateLossCoefficients(steps=2, rule="gradnorm")
+    monitor = GradientConflictMonitor(interval="batch", frequency=1)
+    module, tr = fit(
+        mtl.MultitaskLightningModule,
+        tmp_path,
+        callbacks=[calib, monitor],
+        tasks="datasets",
+        aggregator={"_target_": "nequip_mtl.aggregators.Sum"},  # calibrating a weighted sum
+    )
+    assert calib.done and module.skipped_steps == 0
+    coeffs = {n: e.coeff for n, e in module.loss.entries.items()}
+    assert set(calib.coefficients) == set(coeffs) and coeffs == pytest.approx(calib.coefficients)
+    assert coeffs != pytest.approx({n: 0.25 for n in coeffs})  # the calibration moved them
+    assert monitor.last_statistics.names == ["a", "b"]
+    assert "grad_conflict/cos/a~b" in monitor.last_metrics

@@ -70,4 +70,8 @@ def forward_per_dataset(module, batch: AtomicDataDict.Type):
     if len(subs) == 1:
         return module(batch), batch
     outputs = [module(sub) for sub in subs]
+    # a compiled model's output holds only the fields it computes, and may differ between
+    # sub-batches in which inputs it passes through: concatenate the fields all of them have
+    common = set.intersection(*(set(o) for o in outputs))
+    outputs = [{k: v for k, v in o.items() if k in common} for o in outputs]
     return AtomicDataDict.batched_from_list(outputs), AtomicDataDict.batched_from_list(subs)

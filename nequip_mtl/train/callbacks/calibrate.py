@@ -154,7 +154,7 @@ class CalibrateLossCoefficients(WeightingCallback):
         self.calibration: GradientCalibration | None = None
         self._start_step: int | None = None
         self._end_step: int | None = None
-        self._probe = TaskGradientProbe(WHO)
+        self._probe = TaskGradientProbe(WHO, per_component=True)
         self._warned_skip = False
 
     @property

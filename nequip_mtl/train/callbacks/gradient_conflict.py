@@ -192,8 +192,11 @@ class TaskGradientProbe:
     i.e. of the global batch, as the update is; every rank gets the same measurement.
     """
 
-    def __init__(self, who: str):
+    def __init__(self, who: str, per_component: bool = False):
         self.who = who
+        #: measure one gradient per loss component even where the module's tasks are
+        #: something else (``tasks: datasets``), as calibration needs
+        self.per_component = per_component
         self._loss_copy: Any = None
         self._windows = WindowTracker()
         self._window_due = False
@@ -262,8 +265,12 @@ class TaskGradientProbe:
             recorded = pl_module.task_gradient_statistics
             if recorded is None or recorded.global_step != step:
                 return None  # the module skipped this step's aggregation
-            if recorded.weights is not None:
+            components = set(active_names(pl_module.loss))
+            if recorded.weights is not None and (
+                not self.per_component or set(recorded.names) <= components
+            ):
                 return recorded
+            # the module's tasks are not loss components (`tasks: datasets`): measure these
         if not batches:
             return None
         return self._autograd(trainer, pl_module, params, batches, step)
