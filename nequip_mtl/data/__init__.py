@@ -17,9 +17,9 @@ from .emt_alloy import (
     make_dataset,
     write_frames,
 )
-from .keys import DATASET_INDEX_KEY
-
 _LAZY = {
+    # importing `keys` registers the field with nequip
+    "DATASET_INDEX_KEY": "keys",
     "MultiDatasetDataModule": "multi_dataset",
     "TaggedDataset": "multi_dataset",
     "DatasetMetricNames": "metric_names",
