@@ -26,22 +26,7 @@ def datamodule(
     return NequIPDataModule(
         seed=seed,
         split_dataset={
-            "dataset": {
-                "_target_": "nequip.data.dataset.EMTTestDataset",
-                "transforms": [
-                    {
-                        "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-                        "model_type_names": ["Cu"],
-                        "chemical_species_to_atom_type_map": {"Cu": "Cu"},
-                    },
-                    {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": 4.0},
-                    *(extra_transforms or []),
-                ],
-                "supercell": [2, 2, 2],
-                "seed": seed,
-                "num_frames": num_frames,
-                "element": "Cu",
-            },
+            "dataset": emt(seed, num_frames, supercell=[2, 2, 2], extra=extra_transforms),
             "train": train,
             "val": val,
         },
@@ -135,7 +120,9 @@ def fit(module_cls, tmp_path, *, max_epochs=1, data=None, trainer_kwargs=None, *
 STATS = {"_target_": "nequip.data.CommonDataStatisticsManager", "type_names": ["Cu"]}
 
 
-def emt(seed: int, num_frames: int) -> dict:
+def emt(seed: int, num_frames: int, supercell=(1, 1, 1), extra: list | None = None) -> dict:
+    """nequip's EMT Cu test dataset config (``extra``: further transforms, after the
+    neighbor list)."""
     return {
         "_target_": "nequip.data.dataset.EMTTestDataset",
         "transforms": [
@@ -145,8 +132,9 @@ def emt(seed: int, num_frames: int) -> dict:
                 "chemical_species_to_atom_type_map": {"Cu": "Cu"},
             },
             {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": 4.0},
+            *(extra or []),
         ],
-        "supercell": [1, 1, 1],
+        "supercell": list(supercell),
         "seed": seed,
         "num_frames": num_frames,
         "element": "Cu",

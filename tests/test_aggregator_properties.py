@@ -38,21 +38,10 @@ from nequip_mtl.aggregators import (
     UPGrad,
 )
 from nequip_mtl.aggregators._linalg import dependence_tol
+from tests._aggregator_classes import GRAM_AGGREGATORS
 
 f32, f64 = torch.float32, torch.float64
-ALL_CLASSES = [
-    Mean,
-    Sum,
-    PCGrad,
-    IMTLG,
-    MGDA,
-    UPGrad,
-    DualProj,
-    AlignedMTL,
-    CAGrad,
-    ConFIG,
-    PrimaryConstrained,
-]
+ALL_CLASSES = GRAM_AGGREGATORS
 # the update is mathematically unique and independent of the task order
 ORDER_FREE = [Mean, Sum, IMTLG, MGDA, UPGrad, DualProj, AlignedMTL, CAGrad, ConFIG]
 

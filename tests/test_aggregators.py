@@ -41,21 +41,10 @@ from nequip_mtl.aggregators._linalg import (
     nnls_gram,
     project_onto_dual_cone,
 )
+from tests._aggregator_classes import GRAM_AGGREGATORS
 
 f64 = torch.float64
-ALL_CLASSES = [
-    Mean,
-    Sum,
-    PCGrad,
-    IMTLG,
-    MGDA,
-    UPGrad,
-    DualProj,
-    AlignedMTL,
-    CAGrad,
-    ConFIG,
-    PrimaryConstrained,
-]
+ALL_CLASSES = GRAM_AGGREGATORS
 
 
 def randn(*shape, seed, dtype=f64):
