@@ -313,3 +313,25 @@ def test_calibration_and_the_conflict_monitor_on_dataset_tasks(tmp_path):
     assert coeffs != pytest.approx({n: 0.25 for n in coeffs})  # the calibration moved them
     assert monitor.last_statistics.names == ["a", "b"]
     assert "grad_conflict/cos/a~b" in monitor.last_metrics
+
+
+def test_the_dataset_task_snippet_in_docs_trains_with_the_pages_data_block(tmp_path):
+    import re
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    data = re.search(r"```yaml\n(data:\n.*?)```", page, re.S).group(1)
+    block = re.search(r"```yaml\n(training_module:\n.*?)```", page, re.S).group(1)
+    snippet = OmegaConf.to_container(OmegaConf.create(block).training_module)
+    dm = instantiate(OmegaConf.create(data).data, _recursive_=False)  # as nequip-train
+    cls = snippet.pop("_target_")
+    assert cls == "nequip_mtl.train.MultitaskLightningModule"
+    torch.manual_seed(0)
+    module = mtl.MultitaskLightningModule(**kwargs(**snippet))
+    tr = trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    tr.fit(module, datamodule=dm)
+    assert tr.global_step == 4 and module.skipped_steps == 0
+    assert set(module.applied_task_weights) == {"pretrain", "new"}
