@@ -1,13 +1,21 @@
-"""Tiny real NequIP training setups for fast tests: EMT data, a small NequIPGNNModel,
-a real Lightning Trainer. Everything is real; only sizes are small."""
+"""Tiny real NequIP training setups for the tests: EMT data (one or several datasets), a
+small NequIPGNNModel, a real Lightning Trainer; and, for the loss-coefficient callbacks,
+:func:`nequip_fit`, :class:`TwoTaskModule` (a synthetic two-task regression whose second
+task is known to lag), :class:`CoeffRecorder` and :class:`MemoryLogger`. Everything is
+real; only sizes are small."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import lightning
 import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from nequip.data.datamodule import NequIPDataModule
+from nequip.train import MeanSquaredError, NequIPLightningModule
 from nequip.utils.global_state import set_global_state
 
 set_global_state()
@@ -162,3 +170,158 @@ def multi(names=("a", "b"), sampling=None, **kw):
     return MultiDatasetDataModule(
         seed=5, datasets=splits(names), sampling=sampling, stats_manager=STATS, **kw
     )
+
+
+# ---------------------------------------------------------------- coefficient-callback runs
+
+LOSS_NAMES = ["per_atom_energy_mse", "forces_mse", "stress_mse"]
+
+
+def mtl_loss_config(
+    coeffs: dict | None = None, target: str = "nequip_mtl.train.EnergyForceStressLoss"
+) -> dict:
+    """:func:`loss_config` with nequip_mtl's loss wrapper (strict coefficient updates)."""
+    return loss_config(coeffs, target=target)
+
+
+def adam_module_kwargs(loss: dict | None = None, lr: float = 0.01, **overrides: Any) -> dict:
+    """:func:`module_kwargs` with Adam and nequip_mtl's loss wrapper."""
+    overrides.setdefault("optimizer", {"_target_": "torch.optim.Adam", "lr": lr})
+    return module_kwargs(loss=loss or mtl_loss_config(), **overrides)
+
+
+class CoeffRecorder(Callback):
+    """Records ``(global_step, {name: coeff})`` for every step, as used by the step's loss."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict[str, float | None]]] = []
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        coeffs = {k: e.coeff for k, e in pl_module.loss.entries.items()}
+        self.records.append((trainer.global_step, coeffs))
+
+    def by_step(self) -> dict[int, dict[str, float | None]]:
+        return dict(self.records)
+
+    def distinct(self) -> list[dict[str, float | None]]:
+        out: list[dict[str, float | None]] = []
+        for _, c in self.records:
+            if not out or out[-1] != c:
+                out.append(c)
+        return out
+
+
+class MemoryLogger(Logger):
+    """A minimal in-memory Lightning logger (a real ``Logger`` subclass)."""
+
+    def __init__(self, name: str = "memory") -> None:
+        super().__init__()
+        self._name = name
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def values(self, key: str) -> list[tuple[int | None, float]]:
+        return [(step, m[key]) for step, m in self.records if key in m]
+
+
+def callback_trainer(
+    tmp_path, callbacks=(), max_epochs: int = 2, checkpoint: bool = False, **kwargs
+) -> lightning.Trainer:
+    """:func:`trainer` with ``callbacks`` and optionally a last-checkpoint callback."""
+    callbacks = list(callbacks)
+    if checkpoint:
+        callbacks.append(ModelCheckpoint(dirpath=str(Path(tmp_path) / "ckpt"), save_last=True))
+    kwargs.setdefault("enable_checkpointing", checkpoint)
+    return trainer(tmp_path, max_epochs=max_epochs, callbacks=callbacks, **kwargs)
+
+
+def nequip_fit(
+    tmp_path,
+    callbacks=(),
+    max_epochs: int = 2,
+    module_cls=NequIPLightningModule,
+    batch_size: int = 4,
+    ckpt_path: str | None = None,
+    checkpoint: bool = False,
+    module_kw: dict | None = None,
+    **trainer_kw: Any,
+):
+    """Build a fresh tiny module, fit it; returns ``(module, trainer)``."""
+    torch.manual_seed(0)
+    module = module_cls(**adam_module_kwargs(**(module_kw or {})))
+    tr = callback_trainer(
+        tmp_path, callbacks, max_epochs=max_epochs, checkpoint=checkpoint, **trainer_kw
+    )
+    tr.fit(module, datamodule=datamodule(batch_size=batch_size), ckpt_path=ckpt_path)
+    return module, tr
+
+
+def last_ckpt(tmp_path) -> str:
+    return str(Path(tmp_path) / "ckpt" / "last.ckpt")
+
+
+# ---------------------------------------------------------------- synthetic two-task problem
+
+
+def two_task_metrics(coeffs=(1.0, 1.0)) -> list[dict]:
+    return [
+        {"name": "task_a", "field": "task_a", "coeff": coeffs[0], "metric": MeanSquaredError()},
+        {"name": "task_b", "field": "task_b", "coeff": coeffs[1], "metric": MeanSquaredError()},
+    ]
+
+
+class TwoTaskModule(lightning.LightningModule):
+    """Two independent scalar regressions of ``y = 2 x`` with equal initial losses: task
+    ``a`` sees the input as is, task ``b`` through a factor ``slow`` (default 0.1), so its
+    parameter must grow 1/slow times further with a gradient ``slow`` times smaller. Its
+    loss falls much more slowly, in absolute and relative terms and stays larger: ``b`` is
+    the lagging task. ``loss`` is a real (nequip or nequip-mtl) MetricsManager."""
+
+    def __init__(self, manager_cls=None, coeffs=(1.0, 1.0), slow: float = 0.1, lr: float = 0.05):
+        super().__init__()
+        if manager_cls is None:
+            from nequip_mtl.train import MultitaskMetricsManager as manager_cls
+        self.loss = manager_cls(two_task_metrics(coeffs))
+        self.theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        self.slow = slow
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        preds = {"task_a": self.theta[0] * x, "task_b": self.theta[1] * self.slow * x}
+        target = {"task_a": 2.0 * x, "task_b": 2.0 * x}
+        loss_dict = self.loss(preds, target, prefix="train_loss_step/")
+        return loss_dict["train_loss_step/weighted_sum"]
+
+    def on_train_epoch_end(self):
+        self.loss.compute()
+        self.loss.reset()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):  # one full batch per epoch: smooth loss histories
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, dtype=torch.float64, generator=g)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64)
+
+
+def two_task_fit(tmp_path, callbacks, max_epochs: int = 10, **module_kw):
+    torch.manual_seed(0)
+    module = TwoTaskModule(**module_kw)
+    tr = callback_trainer(tmp_path, callbacks, max_epochs=max_epochs)
+    tr.fit(module)
+    return module, tr

@@ -23,8 +23,8 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 import nequip_mtl.train.callbacks as mcb
-
-from ._tiny_run import LOSS_NAMES, MemoryLogger, last_ckpt, loss_config, nequip_fit
+from tests._harness import LOSS_NAMES, MemoryLogger, last_ckpt, nequip_fit
+from tests._harness import mtl_loss_config as loss_config
 
 MICRO_BATCHES_PER_EPOCH = 4
 THIRD = 1 / 3

@@ -7,8 +7,7 @@ import pytest
 
 import nequip_mtl.train.callbacks as mcb
 from nequip_mtl.train import UncertaintyWeightingLightningModule
-
-from ._tiny_run import CoeffRecorder, nequip_fit
+from tests._harness import CoeffRecorder, nequip_fit
 
 LINEAR_FINAL = {"forces_mse": 2.0}
 

@@ -13,8 +13,8 @@ import pytest
 import nequip_mtl.train as mt
 import nequip_mtl.train.callbacks as mcb
 from nequip_mtl.train.coefficients import current_coeffs
-
-from ._tiny_run import LOSS_NAMES, CoeffRecorder, MemoryLogger, loss_config, nequip_fit
+from tests._harness import LOSS_NAMES, CoeffRecorder, MemoryLogger, nequip_fit
+from tests._harness import mtl_loss_config as loss_config
 
 NEQUIP_LOSS = loss_config(target="nequip.train.EnergyForceStressLoss")
 

@@ -13,16 +13,15 @@ from lightning.pytorch.loggers import CSVLogger
 
 import nequip_mtl.train.callbacks as mcb
 from nequip_mtl.train import FAMOLightningModule
-
-from ._tiny_run import (
+from tests._harness import (
     LOSS_NAMES,
     CoeffRecorder,
     MemoryLogger,
     last_ckpt,
-    loss_config,
     nequip_fit,
     two_task_fit,
 )
+from tests._harness import mtl_loss_config as loss_config
 
 NEQUIP_LOSS = loss_config(target="nequip.train.EnergyForceStressLoss")
 

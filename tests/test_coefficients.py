@@ -11,8 +11,7 @@ import torch
 
 import nequip_mtl.train as mt
 from nequip_mtl.train.coefficients import current_coeffs, update_coeffs
-
-from ._tiny_run import datamodule
+from tests._harness import datamodule
 
 NAMES = ["per_atom_energy_mse", "forces_mse", "stress_mse"]
 

@@ -20,8 +20,7 @@ from hydra.utils import get_class
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import MomentumConFIG, UPGrad
 from nequip_mtl.train.callbacks import GradientConflictMonitor, SoftAdapt
-from tests._harness import datamodule, module_kwargs, params, trainer
-from tests._tiny_run import CoeffRecorder
+from tests._harness import CoeffRecorder, datamodule, module_kwargs, params, trainer
 from tests.test_guards_module import DirectGradients
 
 PAGE = (Path(__file__).resolve().parents[1] / "docs" / "custom_targets.md").read_text()

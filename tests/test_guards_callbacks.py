@@ -13,8 +13,14 @@ from nequip.train import NequIPLightningModule
 from nequip_mtl.train import FAMOLightningModule
 from nequip_mtl.train.callbacks import CalibrateLossCoefficients
 from nequip_mtl.weighting.famo import FAMOLogits
-from tests._harness import datamodule, loss_config, module_kwargs, trainer
-from tests._tiny_run import CoeffRecorder, MemoryLogger
+from tests._harness import (
+    CoeffRecorder,
+    MemoryLogger,
+    datamodule,
+    loss_config,
+    module_kwargs,
+    trainer,
+)
 
 NAMES = ["per_atom_energy_mse", "forces_mse", "stress_mse"]
 C0 = {"total_energy": 1.0, "forces": 3.0, "stress": 2.0}

@@ -5,8 +5,7 @@ import torch
 
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import ConFIG, UPGrad
-from tests._harness import datamodule, module_kwargs, trainer
-from tests._tiny_run import MemoryLogger
+from tests._harness import MemoryLogger, datamodule, module_kwargs, trainer
 from tests.test_weights_every import NAMES, StepRecorder
 
 

@@ -18,7 +18,7 @@ import nequip_mtl.train.callbacks as mtl_callbacks
 from nequip_mtl.data.keys import DATASET_INDEX_KEY
 from tests import _harness as harness
 from tests import _per_dataset as pd
-from tests._tiny_run import CoeffRecorder
+from tests._harness import CoeffRecorder
 
 ALL3 = {"total_energy": 1.0, "forces": 1.0, "stress": 1.0}
 

@@ -36,8 +36,7 @@ from nequip_mtl.plot.tfevents import EventFileError, read_scalars
 from nequip_mtl.train import MultitaskLightningModule
 from nequip_mtl.train.callbacks import LossCoefficientMonitor, LossCoefficientScheduler
 from nequip_mtl.train.callbacks.gradient_conflict import GradientConflictMonitor
-from tests._harness import datamodule, metrics_config, module_kwargs, trainer
-from tests._tiny_run import CoeffRecorder
+from tests._harness import CoeffRecorder, datamodule, metrics_config, module_kwargs, trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from nequip_mtl.train import FAMOLightningModule, UncertaintyWeightingLightningModule
-
-from ._tiny_run import LOSS_NAMES, last_ckpt, loss_config, nequip_fit
+from tests._harness import LOSS_NAMES, last_ckpt, nequip_fit
+from tests._harness import mtl_loss_config as loss_config
 
 
 class StateRecorder(Callback):
@@ -36,7 +36,7 @@ def _logits(m):
 
 
 def test_uncertainty_init_from_coefficients_and_zero_coefficient_error():
-    from ._tiny_run import module_kwargs
+    from tests._harness import adam_module_kwargs as module_kwargs
 
     m = UncertaintyWeightingLightningModule(
         **module_kwargs(loss=loss_config({"total_energy": 1.0, "forces": 1.0, "stress": 2.0}))
@@ -151,7 +151,7 @@ def test_famo_run_updates_logits_without_extra_passes(tmp_path):
 
 
 def test_famo_validation_and_coefficient_init():
-    from ._tiny_run import module_kwargs
+    from tests._harness import adam_module_kwargs as module_kwargs
 
     m = FAMOLightningModule(
         **module_kwargs(loss=loss_config({"total_energy": 1.0, "forces": 4.0, "stress": None}))

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nequip_mtl.aggregators import DualProj, PrimaryConstrained, Sum
-from tests.test_aggregator_properties import (
+from tests.unit.test_aggregator_properties import (
     EXTREME_SCALES,
     GENERIC,
     SETTINGS,

@@ -38,7 +38,7 @@ from nequip_mtl.aggregators import (
     UPGrad,
 )
 from nequip_mtl.aggregators._linalg import dependence_tol
-from tests._aggregator_classes import GRAM_AGGREGATORS
+from tests.unit._aggregator_classes import GRAM_AGGREGATORS
 
 f32, f64 = torch.float32, torch.float64
 ALL_CLASSES = GRAM_AGGREGATORS

@@ -41,7 +41,7 @@ from nequip_mtl.aggregators._linalg import (
     nnls_gram,
     project_onto_dual_cone,
 )
-from tests._aggregator_classes import GRAM_AGGREGATORS
+from tests.unit._aggregator_classes import GRAM_AGGREGATORS
 
 f64 = torch.float64
 ALL_CLASSES = GRAM_AGGREGATORS
