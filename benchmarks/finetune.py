@@ -350,18 +350,21 @@ def table(rows, pretrained, labels, caption, metrics) -> list[str]:
                 "epochs",
                 "vs replay front (force)",
                 "vs replay front (energy)",
+                "seeds",
             ]
-        ),  # fmt: skip
-        R.md_rule(len(metrics) + 5),
+        ),
+        R.md_rule(len(metrics) + 6),
     ]
     for r in sorted(rows, key=lambda r: (r[BF][0] is None, r[BF][0] or 0)):
         m = r["method"]
         base = m in M.FT_SWEEP
         name = f"**{labels[m]}**" if base else labels[m]
         wf, we = _where(st["force"][m], labels, base), _where(st["energy"][m], labels, base)
-        lines.append(R.md_row([name, *A.cells(r, metrics), wf, we]))
+        lines.append(R.md_row([name, *A.cells(r, metrics), wf, we, r["n_reached"]]))
     for r in pretrained:
-        lines.append(R.md_row([f"*{labels['pretrained']}*", *A.cells(r, metrics), "", ""]))
+        lines.append(
+            R.md_row([f"*{labels['pretrained']}*", *A.cells(r, metrics), "", "", r["n_reached"]])
+        )
     return lines
 
 
@@ -418,6 +421,17 @@ def markdown(data: dict) -> str:
         "(energy); means over seeds, so a place says nothing about the seed spread.",
         "",
     ]
+    expected = len(a["methods"]) * len(a["seeds"])
+    if len(data["runs"]) < expected or len(data["pretrain"]) < len(a["seeds"]):
+        done = sorted({(r["seed"], r["method"]) for r in data["runs"]})
+        lines += [
+            f"**Incomplete**: {len(data['pretrain'])} of {len(a['seeds'])} pretrainings and "
+            f"{len(data['runs'])} of {expected} fine-tunes finished (the `seeds` column counts "
+            f"each row's runs; a row of one seed shows ± 0.0). Finished: "
+            + ", ".join(f"{m} seed {sd}" for sd, m in done)
+            + ".",
+            "",
+        ]
     for key, cap in captions(a).items():
         lines += table(rows[key], rows["pretrained"], labels, f"**{cap[0].upper()}{cap[1:]}**",
                        metrics)  # fmt: skip
@@ -497,7 +511,7 @@ def parse(argv):
         return args
     quick = {"pretrain_s": 3.0, "budget_s": 1.5, "epochs": 1, "seeds": [0], "val_every": 1,
              "calibration_steps": 3}  # fmt: skip
-    full = {"pretrain_s": 30.0, "budget_s": 15.0, "epochs": 8, "seeds": [0, 1, 2],
+    full = {"pretrain_s": 30.0, "budget_s": 8.0, "epochs": 4, "seeds": [0, 1, 2],
             "val_every": 4, "calibration_steps": 20}  # fmt: skip
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
