@@ -584,9 +584,14 @@ def main(argv=None):
               f"(run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
         save()
 
-    P.run_all(pretrain_run, [task(s) for s in args.seeds], args.jobs, pre_done)
+    if args.jobs > 1:  # every pretraining, then every fine-tune
+        P.run_all(pretrain_run, [task(s) for s in args.seeds], args.jobs, pre_done)
+        P.run_all(finetune_run, fine, args.jobs, done)
+    else:  # seed by seed: each finished seed is complete in the json
+        for seed in args.seeds:
+            P.run_all(pretrain_run, [task(seed)], 1, pre_done)
+            P.run_all(finetune_run, [t for t in fine if t["seed"] == seed], 1, done)
     pre.sort(key=lambda r: r["seed"])
-    P.run_all(finetune_run, fine, args.jobs, done)
     data = {"meta": meta(), "pretrain": pre, "runs": runs}
     data["meta"]["machine"] = {"loadavg_end": os.getloadavg(), **info}
     report(data, Path(args.out))
