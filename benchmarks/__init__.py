@@ -4,7 +4,7 @@
 - :mod:`benchmarks.methods`: every method a study can run, by name;
 - :mod:`benchmarks.report`: statistics, Markdown/JSON tables, figures, ``--from-json``;
 - the studies, each ``run -> <out>.json`` and ``report(<out>.json) -> md/png``:
-  ``accuracy``, ``pareto``, ``conflicts``, ``step_cost``, ``aggregation_cost``,
+  ``accuracy``, ``pareto``, ``finetune``, ``conflicts``, ``step_cost``, ``aggregation_cost``,
   ``batched_backward``; ``held_form`` is a benchmark-only training module.
 
 Run a study as a module, e.g.::

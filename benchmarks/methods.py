@@ -41,6 +41,10 @@ class Method:
     #: two-stage schedule: at the first epoch that starts after ``at`` x the training
     #: budget, nequip's ``LossCoefficientScheduler`` switches to ``coeffs``
     two_stage: dict[str, Any] | None = None
+    #: fine-tuning (``benchmarks/finetune.py``): the coefficient of the replayed pretraining
+    #: data relative to the new data's (balanced batches of both); ``None``: no replay, the
+    #: new data alone on nequip's plain data module
+    replay: float | None = None
 
     def targets(self) -> list[str]:
         out = [self.module]
@@ -269,6 +273,42 @@ def methods(interval: str = "epoch", calibration_steps: int = 20) -> dict[str, M
         **_held_form(),
     }
 
+
+#: fine-tuning: the swept replay coefficients (the pretraining data's, the new data's is 1)
+REPLAY_WEIGHTS = (0.1, 0.3, 1.0, 3.0)
+
+
+def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
+    """The fine-tuning strategies (``benchmarks/finetune.py``): the new data alone
+    (``ft_naive``), replay with nequip's weighted sum at the :data:`REPLAY_WEIGHTS`
+    (``ft_replay_<w>``), and replay with the two datasets as tasks (``tasks: datasets``)
+    under UPGrad, PCGrad and ``PrimaryConstrained`` (primary ``new``), or calibrate-then-
+    freeze (UPGrad weights) on nequip's module; all replays but the sweep at 1:1."""
+    out = {"ft_naive": _baseline("naive: new data only (weighted sum)")}
+    for w in REPLAY_WEIGHTS:
+        out[f"ft_replay_{w:g}"] = _baseline(f"replay, weighted sum {w:g}:1", replay=w)
+    for key, name, label, kw in (
+        ("ft_upgrad", "UPGrad", "UPGrad", {}),
+        ("ft_pcgrad", "PCGrad", "PCGrad", {}),
+        (
+            "ft_primary",
+            "PrimaryConstrained",
+            "PrimaryConstrained (primary new)",
+            {"primary": "new"},
+        ),
+    ):
+        m = _agg(name, f"replay, dataset tasks, {label}", **kw)
+        out[key] = dataclasses.replace(m, kwargs={**m.kwargs, "tasks": "datasets"}, replay=1.0)
+    calib = _calibrated(calibration_steps)["calib_upgrad"]
+    out["ft_calib"] = dataclasses.replace(
+        calib, label="replay, calibrate-then-freeze (UPGrad weights)", replay=1.0
+    )
+    return out
+
+
+#: fine-tuning: the replay sweep (the front), and every strategy
+FT_SWEEP = [f"ft_replay_{w:g}" for w in REPLAY_WEIGHTS]
+FT_METHODS = list(finetune_methods())
 
 #: the methods run when none are named
 DEFAULT_METHODS = list(_methods("epoch"))

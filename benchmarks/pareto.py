@@ -71,26 +71,31 @@ E, F = "per_atom_energy_mae", "forces_mae"
 # ----------------------------------------------------------------------------- front
 
 
-def _better_on_both(a: dict, b: dict) -> bool:
-    """``a`` has lower mean energy and force MAE than ``b``."""
-    return a[E][0] < b[E][0] and a[F][0] < b[F][0]
+def _better_on_both(a: dict, b: dict, objectives=(E, F)) -> bool:
+    """``a`` has lower means than ``b`` on both ``objectives`` (energy and force MAE)."""
+    return all(a[k][0] < b[k][0] for k in objectives)
 
 
-def classify(rows: list[dict]) -> dict[str, dict]:
+def classify(rows: list[dict], baselines=BASELINES, objectives=(E, F)) -> dict[str, dict]:
     """Front membership of every row (summaries with ``(mean, sd)`` per metric):
     ``{"status": front|beyond|on|dominated, "by": [...], "beats": [...]}``; ``by``: the
-    weighted sums better on both MAEs, ``beats``: the *front* points it is better on both
-    than (beating a weighted sum that is itself off the front does not move the front)."""
-    ws = [r for r in rows if r["method"] in BASELINES and r[E][0] is not None]
-    front = [w for w in ws if not any(_better_on_both(v, w) for v in ws if v is not w)]
+    weighted sums (``baselines``) better on both ``objectives`` (energy and force MAE),
+    ``beats``: the *front* points it is better on both than (beating a weighted sum that
+    is itself off the front does not move the front)."""
+
+    def better(a, b):
+        return _better_on_both(a, b, objectives)
+
+    ws = [r for r in rows if r["method"] in baselines and r[objectives[0]][0] is not None]
+    front = [w for w in ws if not any(better(v, w) for v in ws if v is not w)]
     out = {}
     for r in rows:
-        if r[E][0] is None or r[F][0] is None:
+        if any(r[k][0] is None for k in objectives):
             out[r["method"]] = {"status": "n/a", "by": [], "beats": []}
             continue
-        by = [w["method"] for w in ws if w is not r and _better_on_both(w, r)]
-        beats = [w["method"] for w in front if w is not r and _better_on_both(r, w)]
-        if r["method"] in BASELINES:
+        by = [w["method"] for w in ws if w is not r and better(w, r)]
+        beats = [w["method"] for w in front if w is not r and better(r, w)]
+        if r["method"] in baselines:
             status = "dominated" if by else "front"
         else:
             status = "dominated" if by else ("beyond" if beats else "on")
@@ -98,41 +103,54 @@ def classify(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def pareto_points(rows: list[dict], metrics) -> list[dict]:
-    """The plotted points, in display units: energy and force MAE mean and sd per method."""
-    fe, ff = metrics[E][1], metrics[F][1]
+def pareto_points(rows: list[dict], metrics, x: str = E, y: str = F) -> list[dict]:
+    """The plotted points, in display units: mean and sd per method of the ``x`` (the
+    energy MAE, as ``energy``) and ``y`` (the force MAE, as ``force``) metrics."""
+    fx, fy = metrics[x][1], metrics[y][1]
     return [
         {
             "method": r["method"],
-            "energy": r[E][0] * fe,
-            "energy_sd": r[E][1] * fe,
-            "force": r[F][0] * ff,
-            "force_sd": r[F][1] * ff,
+            "energy": r[x][0] * fx,
+            "energy_sd": r[x][1] * fx,
+            "force": r[y][0] * fy,
+            "force_sd": r[y][1] * fy,
         }
         for r in rows
-        if r[E][0] is not None and r[F][0] is not None
+        if r[x][0] is not None and r[y][0] is not None
     ]
 
 
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_pareto(views: list[tuple[str, list[dict]]], labels: dict[str, str], title: str, metrics):
-    """One panel per view: our methods and the weighted-sum sweep (joined in ratio order),
-    mean ± sd over seeds, log-log. Returns the figure (the caller saves it); every point
-    is an errorbar whose marker line has its method key as ``gid``."""
+def plot_pareto(
+    views: list[tuple[str, list[dict]]],
+    labels: dict[str, str],
+    title: str,
+    metrics,
+    *,
+    x: str = E,
+    y: str = F,
+    sweep: list[str] = SWEEP,
+    baselines: list[str] = BASELINES,
+    what: str = "validation",
+):
+    """One panel per view: our methods and the weighted-sum sweep (joined in ``sweep``
+    order), mean ± sd over seeds of the ``x`` and ``y`` metrics (energy and force MAE),
+    log-log. Returns the figure (the caller saves it); every point is an errorbar whose
+    marker line has its method key as ``gid``."""
     plt = R.pyplot()
     fig, axes = plt.subplots(1, len(views), figsize=(8 * len(views), 6.5), squeeze=False)
     cmap = plt.get_cmap("tab10")
     for ax, (view, rows) in zip(axes[0], views):
-        status = classify(rows)
-        points = {p["method"]: p for p in pareto_points(rows, metrics)}
-        sweep = [points[m] for m in SWEEP if m in points]
-        ax.plot([p["energy"] for p in sweep], [p["force"] for p in sweep], "-", color="0.6", lw=1)
-        ours = [m for m in points if m not in BASELINES]
+        status = classify(rows, baselines, (x, y))
+        points = {p["method"]: p for p in pareto_points(rows, metrics, x, y)}
+        line = [points[m] for m in sweep if m in points]
+        ax.plot([p["energy"] for p in line], [p["force"] for p in line], "-", color="0.6", lw=1)
+        ours = [m for m in points if m not in baselines]
         for m, p in points.items():
-            if m in BASELINES:
-                style = {"fmt": "s" if m != TWO_STAGE else "D", "color": "k", "ms": 7}
+            if m in baselines:
+                style = {"fmt": "s" if m in sweep else "D", "color": "k", "ms": 7}
             else:
                 style = {"fmt": "o", "color": cmap(ours.index(m) % 10), "ms": 7}
             container = ax.errorbar(
@@ -150,8 +168,8 @@ def plot_pareto(views: list[tuple[str, list[dict]]], labels: dict[str, str], tit
                         textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(f"validation {metrics[E][0]} ({metrics[E][2]})")
-        ax.set_ylabel(f"validation {metrics[F][0]} ({metrics[F][2]})")
+        ax.set_xlabel(f"{what} {metrics[x][0]} ({metrics[x][2]})")
+        ax.set_ylabel(f"{what} {metrics[y][0]} ({metrics[y][2]})")
         ax.set_title(view)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="best")

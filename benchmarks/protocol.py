@@ -125,9 +125,15 @@ def alloy_data(frames: int, seed: int = 0) -> Path:
     return path
 
 
-def data_statistics(path: Path, r_max: float) -> dict[str, float]:
+def data_statistics(
+    path: Path, r_max: float, type_names: list[str] | None = None, shifts: str = "fit"
+) -> dict[str, float]:
     """The data-derived model constants (as nequip's ``training_data_stats`` would give,
-    but over the whole file, so every method gets exactly the same model)."""
+    but over the whole file, so every method gets exactly the same model). ``shifts``:
+    ``fit`` (per-type energy shifts from a composition fit) or ``mean`` (the per-atom energy
+    mean for every type, nequip's ``per_atom_energy_mean``: for data whose frames all have
+    one composition, where the fit is singular)."""
+    type_names = list(type_names or TYPE_NAMES)
     import ase.io
     import numpy as np
     from ase.neighborlist import neighbor_list
@@ -140,19 +146,43 @@ def data_statistics(path: Path, r_max: float) -> dict[str, float]:
     # per-type energy shifts: least-squares fit of E = sum_t n_t mu_t (what a user would
     # take from isolated-atom energies or a linear composition fit)
     counts = np.array(
-        [[a.get_chemical_symbols().count(t) for t in TYPE_NAMES] for a in frames], float
+        [[a.get_chemical_symbols().count(t) for t in type_names] for a in frames], float
     )
     energies = np.array([a.get_potential_energy() for a in frames])
-    shifts, *_ = np.linalg.lstsq(counts, energies, rcond=None)
-    resid = energies - counts @ shifts
+    if shifts == "fit":
+        mu, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    elif shifts == "mean":
+        mu = np.full(len(type_names), float(np.mean(e_per_atom)))
+    else:
+        raise ValueError(f"shifts must be 'fit' or 'mean', got {shifts!r}")
+    resid = energies - counts @ mu
     return {
-        "per_type_energy_shifts": {t: float(x) for t, x in zip(TYPE_NAMES, shifts)},
+        "per_type_energy_shifts": {t: float(x) for t, x in zip(type_names, mu)},
         "energy_residual_rms_per_atom": float(np.sqrt(np.mean((resid / counts.sum(1)) ** 2))),
         "num_frames": len(frames),
         "mean_atoms": atoms / len(frames),
         "per_atom_energy_mean": float(np.mean(e_per_atom)),
         "forces_rms": float(np.sqrt(np.mean(forces**2))),
         "num_neighbors_mean": float(np.average(neighbors, weights=[len(a) for a in frames])),
+    }
+
+
+def ase_dataset(path: Path, r_max: float, type_names: list[str] | None = None) -> dict:
+    """The nequip ``ASEDataset`` config of an extxyz file (species mapped to themselves,
+    neighbour lists with ``r_max``)."""
+    type_names = list(type_names or TYPE_NAMES)
+    return {
+        "_target_": "nequip.data.dataset.ASEDataset",
+        "file_path": str(path),
+        "ase_args": {"format": "extxyz"},
+        "transforms": [
+            {
+                "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
+                "model_type_names": type_names,
+                "chemical_species_to_atom_type_map": {s: s for s in type_names},
+            },
+            {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": r_max},
+        ],
     }
 
 
@@ -169,24 +199,10 @@ def datamodule(
 ):
     from nequip.data.datamodule import NequIPDataModule
 
-    type_names = list(type_names or TYPE_NAMES)
-
     return NequIPDataModule(
         seed=seed,
         split_dataset={
-            "dataset": {
-                "_target_": "nequip.data.dataset.ASEDataset",
-                "file_path": str(path),
-                "ase_args": {"format": "extxyz"},
-                "transforms": [
-                    {
-                        "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-                        "model_type_names": type_names,
-                        "chemical_species_to_atom_type_map": {s: s for s in type_names},
-                    },
-                    {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": r_max},
-                ],
-            },
+            "dataset": ase_dataset(path, r_max, type_names),
             "train": n_train,
             "val": n_val,
         },
@@ -361,8 +377,17 @@ def metrics_config(num_tasks: int) -> dict:
 
 
 def build_module(
-    method: M.Method, model: dict, num_tasks: int, lr: float, coeffs: dict | None = None
+    method: M.Method,
+    model: dict,
+    num_tasks: int,
+    lr: float,
+    coeffs: dict | None = None,
+    loss: dict | None = None,
+    num_val: int = 1,
 ):
+    """``method``'s training module: Adam (or the method's optimizer) at ``lr``, nequip's
+    energy-force(-stress) loss with ``coeffs`` (or the ``loss`` config given) and
+    validation metrics on ``num_val`` validation loaders."""
     from hydra.utils import get_class
 
     optimizer = {"_target_": "torch.optim.Adam", "lr": lr}
@@ -370,9 +395,9 @@ def build_module(
         optimizer = {"lr": lr, **method.optimizer}
     return get_class(method.module)(
         model=model,
-        num_datasets={"train": 1, "val": 1, "test": 0, "predict": 0},
+        num_datasets={"train": 1, "val": num_val, "test": 0, "predict": 0},
         optimizer=optimizer,
-        loss=loss_config(num_tasks, coeffs),
+        loss=loss if loss is not None else loss_config(num_tasks, coeffs),
         val_metrics=metrics_config(num_tasks),
         **method.kwargs,
     )
@@ -416,11 +441,28 @@ def trainer(callbacks=(), **kwargs):
     return lightning.Trainer(callbacks=list(callbacks), **{**settings, **kwargs})
 
 
-def validate(module, datamodule) -> dict[str, float]:
+#: validation loader -> prefix of its metrics' names: one loader, short names
+ONE_LOADER = {"val0_epoch": ""}
+
+
+def loader_metrics(values: dict, loaders: dict[str, str]) -> dict[str, float]:
+    """The metrics of the validation loaders ``loaders`` (``val<j>_epoch`` -> name prefix)
+    among Lightning's logged ``values``, named ``<prefix><metric>``."""
+    out = {}
+    for k, v in values.items():
+        loader, _, short = k.partition("/")
+        if loader in loaders and short:
+            out[loaders[loader] + short] = float(v)
+    return out
+
+
+def validate(module, datamodule, loaders: dict[str, str] = ONE_LOADER) -> dict[str, float]:
     """One validation pass of ``module`` (the trainer's own loop, no logging): every
-    ``val0_epoch/`` metric by its short name."""
+    metric of the loaders ``loaders`` (default ``val0``, by short name; see
+    :func:`loader_metrics`)."""
     out = trainer(inference_mode=False).validate(module, datamodule=datamodule, verbose=False)
-    return {k.split("/")[-1]: float(v) for k, v in out[0].items() if k.startswith("val0_epoch/")}
+    values = {k: v for per_loader in out for k, v in per_loader.items()}
+    return loader_metrics(values, loaders)
 
 
 # ----------------------------------------------------------------------------- clocks
@@ -471,9 +513,10 @@ def step_timers(times: StepTimes, before_start=None, after_stop=None) -> tuple:
 # ----------------------------------------------------------------------------- the run
 
 
-def _budget_callbacks(a: dict, steps_per_epoch: int, metrics):
+def budget_callbacks(a: dict, steps_per_epoch: int, metrics, loaders: dict = ONE_LOADER):
     """The training clock (stops the run once the budget is spent and ``a["epochs"]``
-    epochs are done) and the per-epoch validation record."""
+    epochs are done) and the per-epoch validation record of ``metrics`` (names as
+    :func:`loader_metrics` gives them for ``loaders``)."""
     import lightning
 
     tick = TICKS[a["clock"]]
@@ -514,11 +557,7 @@ def _budget_callbacks(a: dict, steps_per_epoch: int, metrics):
         def on_validation_end(self, trainer, pl_module):
             if trainer.sanity_checking:
                 return
-            values = {
-                k.split("/")[-1]: float(v)
-                for k, v in trainer.callback_metrics.items()
-                if k.startswith("val0_epoch")
-            }
+            values = loader_metrics(trainer.callback_metrics, loaders)
             self.points.append(
                 {
                     "epoch": self.clock.steps / steps_per_epoch,
@@ -564,6 +603,29 @@ def switch_on_clock(clock, scheduler, at_s: float, coeffs: dict, record: dict):
     return SwitchOnClock()
 
 
+def budget_results(a: dict, clock, record, per_epoch: int, final: dict) -> tuple[dict, dict]:
+    """The two results of a run of :func:`budget_callbacks`: at equal time (the state when
+    the budget ran out, ``final`` its validation; if training had to go on to reach
+    ``a["epochs"]``, the last epoch validated within the budget) and at equal epochs (the
+    validation at the end of epoch ``a["epochs"]``, ``None`` if not recorded)."""
+    at_epochs = next((p for p in record.points if p["step"] == a["epochs"] * per_epoch), None)
+    hit = clock.budget_hit_at or {"step": clock.steps}
+    if clock.steps > hit["step"]:
+        within = [p for p in record.points if p["clock_s"] <= a["budget_s"]]
+        budget = {
+            **(within[-1] if within else record.points[0]),
+            "note": "last epoch within budget",
+        }
+    else:
+        budget = {
+            "epoch": clock.steps / per_epoch,
+            "step": clock.steps,
+            "clock_s": clock.elapsed,
+            **final,
+        }
+    return budget, at_epochs
+
+
 def train_run(task: dict) -> dict:
     """The accuracy protocol's run: train one (method, seed) of ``task`` (``method``,
     ``seed``, ``args``, ``stats``, ``data``, optional ``state_dir``) on its training clock
@@ -588,7 +650,7 @@ def train_run(task: dict) -> dict:
     module = build_module(method, model, num_tasks, lr=a["lr"], coeffs=coeffs)
     dm = run_datamodule(task["data"], a, type_names)
     per_epoch = math.ceil(a["n_train"] / a["batch_size"])
-    clock, record = _budget_callbacks(a, per_epoch, metrics)
+    clock, record = budget_callbacks(a, per_epoch, metrics)
     extra, switch = [], {}
     if method.two_stage is not None:
         from nequip.train.callbacks import LossCoefficientScheduler
@@ -610,23 +672,7 @@ def train_run(task: dict) -> dict:
     final = {k: v for k, v in validate(module, dm).items() if k in metrics}
     if task.get("state_dir"):  # the final model, for independent checks (tests)
         torch.save(module.state_dict(), Path(task["state_dir"]) / f"{task['method']}_seed{seed}.pt")
-    at_epochs = next((p for p in record.points if p["step"] == a["epochs"] * per_epoch), None)
-    hit = clock.budget_hit_at or {"step": clock.steps}
-    # the budget result is the state when the budget ran out; if training had to go on
-    # to reach `epochs`, the last epoch validated within the budget is used instead
-    if clock.steps > hit["step"]:
-        within = [p for p in record.points if p["clock_s"] <= a["budget_s"]]
-        budget = {
-            **(within[-1] if within else record.points[0]),
-            "note": "last epoch within budget",
-        }
-    else:
-        budget = {
-            "epoch": clock.steps / per_epoch,
-            "step": clock.steps,
-            "clock_s": clock.elapsed,
-            **final,
-        }
+    budget, at_epochs = budget_results(a, clock, record, per_epoch, final)
     return {
         "method": task["method"],
         "seed": seed,

@@ -15,6 +15,7 @@ from benchmarks import (
     aggregation_cost,
     batched_backward,
     conflicts,
+    finetune,
     pareto,
     protocol,
     report,
@@ -28,6 +29,7 @@ STUDIES = {
     "aggregation_cost": aggregation_cost,
     "batched_backward": batched_backward,
     "conflicts": conflicts,
+    "finetune": finetune,
     "pareto": pareto,
     "step_cost": step_cost,
 }
