@@ -155,6 +155,14 @@ def _split_configs(split: dict, seed: int, where: str) -> dict[str, dict]:
     }
 
 
+def _example_frames_only() -> bool:
+    """Whether nequip's ``nequip-package`` or ``nequip-compile`` is running: they rebuild the
+    data module from a checkpoint only to take example frames from its training loader."""
+    from nequip.scripts._workflow_utils import get_workflow_state
+
+    return get_workflow_state() in ("package", "compile")
+
+
 #: the name of the per-dataset energy references in the ``train`` statistics
 ENERGY_REFERENCES_STAT = "per_dataset_energy_references"
 
@@ -310,7 +318,11 @@ class MultiDatasetDataModule(NequIPDataModule):
                 f"{_CLS}: `data.train_dataloader.batch_size` is required for sampling mode "
                 f"`{self.sampling['mode']}` (only `balanced` derives it from `frames_per_batch`)"
             )
-        if self.sampling["mode"] == "balanced" and "batch_size" in loader:
+        if (
+            self.sampling["mode"] == "balanced"
+            and "batch_size" in loader
+            and not _example_frames_only()
+        ):
             total = sum(self.sampling["frames_per_batch"])
             if loader["batch_size"] != total:
                 raise ValueError(
@@ -473,6 +485,13 @@ class MultiDatasetDataModule(NequIPDataModule):
         """"""
         if hasattr(self, "_train_dataloader"):
             return self._train_dataloader[0]
+        if _example_frames_only():
+            # nequip-package / nequip-compile take example frames from the training loader
+            # with `batch_size: 1` (data_dict_from_checkpoint): give them as nequip does
+            config = dict(self.train_dataloader_config)
+            return self._get_dloader([_ConcatDataset(self.train_dataset)], self.generator, config)[
+                0
+            ]
         world, rank = self._ranks()
         sampler = self.make_sampler(world, rank)
         config = {k: v for k, v in self.train_dataloader_config.items() if k not in _SAMPLER_OWNED}

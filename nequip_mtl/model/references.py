@@ -8,8 +8,8 @@ ASE).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
-from typing import Optional
 
 import torch
 from nequip.data import AtomicDataDict
@@ -25,7 +25,7 @@ _BUILDER = "PerDatasetEnergyReferences"
 _WHERE = "training_module.model"
 
 
-def _type_values(module: PerTypeScaleShift, name: str) -> Optional[list[float]]:
+def _type_values(module: PerTypeScaleShift, name: str) -> list[float] | None:
     """``scales`` / ``shifts`` of nequip's module as one float64 value per type (``None`` when
     the module has none)."""
     values = getattr(module, name).detach().to(torch.float64).reshape(-1).cpu()
@@ -176,6 +176,19 @@ class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
         return model
 
 
+def _builder(target: str):
+    """The function a ``_target_`` names (as nequip's own model loading does, without Hydra,
+    which packaged code must not import)."""
+    module, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"{_BUILDER}: `{_WHERE}.model._target_` is `{target}`, which is not an importable "
+            f"model builder ({err})"
+        ) from err
+
+
 def _graph_models(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if getattr(m, "is_graph_model", False)]
 
@@ -313,12 +326,10 @@ def PerDatasetEnergyReferences(
         trainable: learn the references (default: fixed)
     """
     if isinstance(model, Mapping):
-        from hydra.utils import get_method  # only at training time (never in a package)
-
         config = dict(model)
         if "_target_" not in config:
             raise ValueError(f"{_BUILDER}: `{_WHERE}.model` needs a `_target_` (a model builder)")
-        model = get_method(config.pop("_target_"))(**config)
+        model = _builder(config.pop("_target_"))(**config)
     datasets = list(datasets) if not isinstance(datasets, str) else [datasets]
     if not datasets or len(set(datasets)) != len(datasets):
         raise ValueError(
