@@ -155,6 +155,67 @@ def _split_configs(split: dict, seed: int, where: str) -> dict[str, dict]:
     }
 
 
+def _example_frames_only() -> bool:
+    """Whether nequip's ``nequip-package`` or ``nequip-compile`` is running: they rebuild the
+    data module from a checkpoint only to take example frames from its training loader."""
+    from nequip.scripts._workflow_utils import get_workflow_state
+
+    return get_workflow_state() in ("package", "compile")
+
+
+#: the name of the per-dataset energy references in the ``train`` statistics
+ENERGY_REFERENCES_STAT = "per_dataset_energy_references"
+
+
+class _Statistics(dict):
+    """nequip's statistics dict, plus entries computed only when looked up (nequip's
+    ``training_data_stats`` resolver calls ``.get(name)``)."""
+
+    def __init__(self, stats: Mapping, lazy: dict) -> None:
+        super().__init__(stats)
+        self._lazy = lazy
+
+    def __missing__(self, key):
+        if key not in self._lazy:
+            raise KeyError(key)
+        self[key] = value = self._lazy[key]()
+        return value
+
+    def get(self, key, default=None):
+        if key in self or key in self._lazy:
+            return self[key]
+        return default
+
+
+def _composition_and_energies(dataset, num_types: int, name: str, type_names: list[str]):
+    """Per-type atom counts ``(frames, types)`` and total energies ``(frames,)``, float64."""
+    counts, energies = [], []
+    for i in range(len(dataset)):
+        try:
+            frame = dataset[i]
+        except KeyError as err:  # nequip's ChemicalSpeciesToAtomTypeMapper: unmapped species
+            raise ValueError(
+                f"{_CLS}: frame {i} of training dataset `{name}` could not be read ({err}): "
+                "does it hold a chemical species that is not one of the model's type names "
+                f"{type_names}? Every species of every dataset must be a model type (in "
+                "`chemical_species_to_atom_type_map` and `model_type_names`)"
+            ) from err
+        if "total_energy" not in frame:
+            raise ValueError(
+                f"{_CLS}: frame {i} of training dataset `{name}` has no `total_energy`, so its "
+                f"`{ENERGY_REFERENCES_STAT}` cannot be fitted; give them by hand"
+            )
+        types = frame["atom_types"].reshape(-1)
+        if types.numel() and int(types.max()) >= num_types:
+            raise ValueError(
+                f"{_CLS}: frame {i} of training dataset `{name}` has atom type index "
+                f"{int(types.max())}, beyond the {num_types} type names {type_names}"
+            )
+        counts.append(torch.bincount(types, minlength=num_types).to(torch.float64))
+        energies.append(frame["total_energy"].reshape(()).to(torch.float64))
+    return torch.stack(counts), torch.stack(energies)
+
+
 class MultiDatasetDataModule(NequIPDataModule):
     """Several named training datasets as one training loader, one val/test loader each.
 
@@ -257,7 +318,11 @@ class MultiDatasetDataModule(NequIPDataModule):
                 f"{_CLS}: `data.train_dataloader.batch_size` is required for sampling mode "
                 f"`{self.sampling['mode']}` (only `balanced` derives it from `frames_per_batch`)"
             )
-        if self.sampling["mode"] == "balanced" and "batch_size" in loader:
+        if (
+            self.sampling["mode"] == "balanced"
+            and "batch_size" in loader
+            and not _example_frames_only()
+        ):
             total = sum(self.sampling["frames_per_batch"])
             if loader["batch_size"] != total:
                 raise ValueError(
@@ -420,6 +485,13 @@ class MultiDatasetDataModule(NequIPDataModule):
         """"""
         if hasattr(self, "_train_dataloader"):
             return self._train_dataloader[0]
+        if _example_frames_only():
+            # nequip-package / nequip-compile take example frames from the training loader
+            # with `batch_size: 1` (data_dict_from_checkpoint): give them as nequip does
+            config = dict(self.train_dataloader_config)
+            return self._get_dloader([_ConcatDataset(self.train_dataset)], self.generator, config)[
+                0
+            ]
         world, rank = self._ranks()
         sampler = self.make_sampler(world, rank)
         config = {k: v for k, v in self.train_dataloader_config.items() if k not in _SAMPLER_OWNED}
@@ -437,7 +509,49 @@ class MultiDatasetDataModule(NequIPDataModule):
 
     def get_statistics(self, dataset: str = "train", dataset_idx: int = 0):
         """Statistics as nequip computes them; ``train`` ones on the primary dataset's training
-        split alone."""
+        split alone. The ``train`` statistics also offer ``per_dataset_energy_references``
+        (:meth:`energy_references`), computed only when a config asks for it."""
         if dataset == "train":
             dataset_idx = self.dataset_names.index(self.primary)
-        return super().get_statistics(dataset=dataset, dataset_idx=dataset_idx)
+        stats = super().get_statistics(dataset=dataset, dataset_idx=dataset_idx)
+        if dataset != "train":
+            return stats
+        return _Statistics(stats, {ENERGY_REFERENCES_STAT: self.energy_references})
+
+    def energy_references(self, type_names: list[str] | None = None) -> dict[str, dict]:
+        """Each training dataset's per-type energy references, fitted on its own training
+        split: the minimum-norm least-squares solution ``r`` of ``E_f = sum_t n_ft r_t`` over
+        its frames ``f`` (``n_ft`` atoms of type ``t``; the pseudo-inverse, so a composition
+        shared by every frame, e.g. one molecule, gets the shortest ``r`` that fits). A type
+        that no training frame of a dataset holds gets ``None`` (it cannot be fitted).
+
+        The result, ``{dataset: {type: energy or None}}``, is the statistic
+        ``per_dataset_energy_references`` for ``nequip_mtl.model.PerDatasetEnergyReferences``.
+
+        Args:
+            type_names: the model's type names (default: ``stats_manager.type_names``)
+        """
+        if type_names is None:
+            type_names = (self.stats_manager_cfg or {}).get("type_names")
+        if not type_names:
+            raise ValueError(
+                f"{_CLS}: `{ENERGY_REFERENCES_STAT}` needs the model's type names: set "
+                "`data.stats_manager.type_names` (e.g. `${model_type_names}`)"
+            )
+        type_names = list(type_names)
+        self.prepare_data()
+        self.setup(stage="fit")
+        try:
+            out = {}
+            for name, ds in zip(self.dataset_names, self.train_dataset):
+                counts, energies = _composition_and_energies(ds, len(type_names), name, type_names)
+                fit = torch.linalg.pinv(counts) @ energies
+                present = counts.sum(dim=0) > 0
+                out[name] = {
+                    t: (float(fit[j]) if bool(present[j]) else None)
+                    for j, t in enumerate(type_names)
+                }
+                logger.info(f"{_CLS}: energy references of `{name}` (least squares): {out[name]}")
+        finally:
+            self.teardown(stage="fit")
+        return out

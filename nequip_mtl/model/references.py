@@ -1,0 +1,367 @@
+"""Per-dataset energy references: one shared nequip model trained on datasets computed at
+different levels of theory, each with its own per-type energy zero.
+
+This module is part of packaged models (``nequip-package`` interns its code), so it imports
+only torch and nequip: no Lightning, no Hydra, no ``nequip_mtl.data`` (whose package imports
+ASE).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+
+import torch
+from nequip.data import AtomicDataDict
+from nequip.nn import GraphModuleMixin, PerTypeScaleShift
+from nequip.nn.model_modifier_utils import model_modifier, replace_submodules
+
+#: the per-frame field naming a frame's training dataset (the same string as
+#: ``nequip_mtl.data.keys.DATASET_INDEX_KEY``, written out here so that packaged models do not
+#: import ``nequip_mtl.data``)
+DATASET_INDEX_KEY = "dataset_index"
+
+_BUILDER = "PerDatasetEnergyReferences"
+_WHERE = "training_module.model"
+
+
+def _type_values(module: PerTypeScaleShift, name: str) -> list[float] | None:
+    """``scales`` / ``shifts`` of nequip's module as one float64 value per type (``None`` when
+    the module has none)."""
+    values = getattr(module, name).detach().to(torch.float64).reshape(-1).cpu()
+    if values.numel() == 0:
+        return None
+    if values.numel() == 1:
+        return [float(values[0])] * module.num_types
+    return [float(v) for v in values]
+
+
+class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
+    """nequip's per-type energy scale and shift of the shared model, plus one per-type energy
+    shift per training dataset, chosen for each frame by its ``dataset_index``.
+
+    The per-atom energy of an atom of type ``t`` in a frame of dataset ``d`` is
+    ``base(x)[t] + offsets[d, t]``, where ``base`` is the model's own
+    ``nequip.nn.PerTypeScaleShift``; ``offsets[d] = references[d] - base.shifts`` (float64,
+    like nequip's scale/shift), so that dataset ``d``'s total per-type shift is its own
+    reference. A shift that is constant per atom type changes energies only: forces and
+    stresses come from the shared network.
+
+    Built by :func:`PerDatasetEnergyReferences`; deployed at one dataset's level of theory by
+    the model modifier ``select_fidelity`` (see there).
+    """
+
+    def __init__(
+        self,
+        base: PerTypeScaleShift,
+        dataset_names: Sequence[str],
+        offsets: torch.Tensor,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.dataset_names = list(dataset_names)
+        self.type_names = list(base.type_names)
+        self.field, self.out_field = base.field, base.out_field
+        self.trainable = bool(trainable)
+        offsets = torch.as_tensor(offsets, dtype=base.out_dtype).reshape(
+            len(self.dataset_names), len(self.type_names)
+        )
+        if self.trainable:
+            self.offsets = torch.nn.Parameter(offsets.clone())
+        else:
+            self.register_buffer("offsets", offsets.clone())
+        irreps_in = dict(base.irreps_in)
+        irreps_in[DATASET_INDEX_KEY] = None
+        self._init_irreps(irreps_in=irreps_in, irreps_out=base.irreps_out)
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        """"""
+        if DATASET_INDEX_KEY not in data:
+            raise RuntimeError(
+                f"{type(self).__name__}: the input has no `{DATASET_INDEX_KEY}`: this model "
+                f"predicts at the level of theory of each of its datasets {self.dataset_names}. "
+                "Frames from nequip_mtl.data.MultiDatasetDataModule carry it; to use the model "
+                "at one dataset's level of theory, deploy it with the model modifier "
+                "`select_fidelity` (e.g. `nequip-package modify in.nequip.zip out.nequip.zip "
+                "--modifier select_fidelity dataset=<name>`)."
+            )
+        data = self.base(data)
+        energy = data[self.out_field]
+        frame_dataset = data[DATASET_INDEX_KEY].reshape(-1)
+        if AtomicDataDict.BATCH_KEY in data:
+            atom_dataset = frame_dataset[data[AtomicDataDict.BATCH_KEY].reshape(-1)]
+        else:
+            atom_dataset = frame_dataset.expand(energy.size(0))
+        types = data[AtomicDataDict.ATOM_TYPE_KEY].reshape(-1)
+        # as nequip's PerTypeScaleShift: only the local atoms of an ML-IAP ghost layout
+        atom_dataset, types = atom_dataset[: energy.size(0)], types[: energy.size(0)]
+        data[self.out_field] = energy + self.offsets[atom_dataset, types].unsqueeze(-1)
+        return data
+
+    def references(self) -> dict[str, dict[str, float]]:
+        """Each dataset's total per-type energy shift (the shared shift plus its offset)."""
+        shared = _type_values(self.base, "shifts") or [0.0] * len(self.type_names)
+        offsets = self.offsets.detach().to(torch.float64).cpu()
+        return {
+            name: {t: shared[j] + float(offsets[d, j]) for j, t in enumerate(self.type_names)}
+            for d, name in enumerate(self.dataset_names)
+        }
+
+    def folded(self, dataset: str) -> PerTypeScaleShift:
+        """nequip's own ``PerTypeScaleShift`` predicting what this module predicts for the
+        frames of ``dataset``: the same scales, and the shared shifts plus that dataset's
+        offsets (float64 sums)."""
+        d = self._dataset_position(dataset)
+        base = self.base
+        shared = _type_values(base, "shifts") or [0.0] * len(self.type_names)
+        offsets = self.offsets.detach().to(torch.float64).cpu()[d]
+        shifts = (torch.tensor(shared, dtype=torch.float64) + offsets).tolist()
+        scales = _type_values(base, "scales")
+        if scales is not None and getattr(base, "scales_shortcut", False):
+            scales = scales[0]  # keep nequip's single-value form
+        elif scales is not None:
+            scales = dict(zip(self.type_names, scales))
+        # the class of `base` itself: in a loaded package it is the package's copy of nequip's
+        cls = type(base)
+        new = cls(
+            type_names=list(base.type_names),
+            field=base.field,
+            out_field=base.out_field,
+            scales=scales,
+            shifts=dict(zip(self.type_names, shifts)),
+            scales_trainable=base.scales_trainable,
+            shifts_trainable=base.shifts_trainable,
+            irreps_in=base.irreps_in,
+        )
+        return new.to(base.shifts.device if base.shifts.numel() else self.offsets.device)
+
+    def _dataset_position(self, dataset) -> int:
+        if isinstance(dataset, str) and dataset in self.dataset_names:
+            return self.dataset_names.index(dataset)
+        raise ValueError(
+            f"select_fidelity: `dataset` is {dataset!r}, which is not one of this model's "
+            f"datasets {self.dataset_names} (the `datasets` of {_BUILDER}, in the data "
+            "module's order); name one of them"
+        )
+
+    @model_modifier(persistent=True, private=False)
+    @classmethod
+    def select_fidelity(cls, model, dataset: str):
+        """Deploy the model at the level of theory of one training dataset.
+
+        The per-dataset energy references are folded into nequip's own per-type energy
+        shifts (``shifts[t] + offsets[dataset, t]``, in float64), and ``dataset_index`` is
+        no longer an input: the result is a plain nequip model (the same modules and
+        parameter names as the model given to ``PerDatasetEnergyReferences``) that predicts
+        exactly what the training model predicts for that dataset's frames. Packaged with
+        ``nequip-package``, it loads and compiles without ``nequip_mtl`` installed.
+
+        .. code-block:: bash
+
+            nequip-package build best.ckpt multi.nequip.zip
+            nequip-package modify multi.nequip.zip dft.nequip.zip \\
+                --modifier select_fidelity dataset=dft
+
+        Args:
+            dataset: the name of the training dataset whose level of theory to predict
+        """
+        found = [m for m in model.modules() if isinstance(m, cls)]
+        if not found:
+            raise RuntimeError(f"select_fidelity: the model has no {cls.__name__} module")
+        for module in found:
+            module._dataset_position(dataset)  # refuse an unknown name before changing anything
+        replace_submodules(model, cls, lambda old: old.folded(dataset))
+        _drop_input_field(model, DATASET_INDEX_KEY)
+        return model
+
+
+def _builder(target: str):
+    """The function a ``_target_`` names (as nequip's own model loading does, without Hydra,
+    which packaged code must not import)."""
+    module, _, name = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"{_BUILDER}: `{_WHERE}.model._target_` is `{target}`, which is not an importable "
+            f"model builder ({err})"
+        ) from err
+
+
+def _graph_models(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if getattr(m, "is_graph_model", False)]
+
+
+def _add_input_field(model: torch.nn.Module, key: str) -> None:
+    """Let nequip's ``GraphModel`` pass ``key`` through to the wrapped model (it keeps only
+    the fields in ``model_input_fields``)."""
+    for graph_model in _graph_models(model):
+        graph_model.irreps_in[key] = None
+        if key not in graph_model.model_input_fields:
+            graph_model.model_input_fields.append(key)
+        graph_model.model.irreps_in[key] = None
+
+
+def _drop_input_field(model: torch.nn.Module, key: str) -> None:
+    for graph_model in _graph_models(model):
+        graph_model.irreps_in.pop(key, None)
+        if key in graph_model.model_input_fields:
+            graph_model.model_input_fields.remove(key)
+        graph_model.model.irreps_in.pop(key, None)
+
+
+def _merge_references(references, where: str) -> dict[str, dict]:
+    """``references`` is one mapping ``{dataset: {type: value}}`` or a list of them, later
+    values replacing earlier ones."""
+    layers = references if isinstance(references, (list, tuple)) else [references]
+    merged: dict[str, dict] = {}
+    for k, layer in enumerate(layers):
+        at = f"{where}[{k}]" if isinstance(references, (list, tuple)) else where
+        if not isinstance(layer, Mapping):
+            raise ValueError(
+                f"{_BUILDER}: `{at}` must map dataset names to {{type: energy}} mappings, got "
+                f"{type(layer).__name__}"
+            )
+        for dataset, values in layer.items():
+            if not isinstance(values, Mapping):
+                raise ValueError(
+                    f"{_BUILDER}: `{at}.{dataset}` must map type names to energies, got "
+                    f"{type(values).__name__}"
+                )
+            merged.setdefault(dataset, {}).update(values)
+    return merged
+
+
+def _resolve_references(
+    references, datasets: list[str], type_names: list[str]
+) -> list[list[float]]:
+    where = f"{_WHERE}.references"
+    merged = _merge_references(references, where)
+    unknown = [d for d in merged if d not in datasets]
+    if unknown:
+        raise ValueError(
+            f"{_BUILDER}: `{where}` names dataset(s) {unknown} that are not in `{_WHERE}."
+            f"datasets` {datasets}"
+        )
+    table = []
+    for dataset in datasets:
+        values = merged.get(dataset, {})
+        foreign = [t for t in values if t not in type_names]
+        if foreign:
+            raise ValueError(
+                f"{_BUILDER}: `{where}.{dataset}` has type(s) {foreign} that are not in the "
+                f"model's type_names {type_names}: a dataset's species must all be model types "
+                "(add them to the model's `type_names` and the data's "
+                "`chemical_species_to_atom_type_map`)"
+            )
+        missing = [t for t in type_names if values.get(t) is None]
+        if missing:
+            example = ", ".join(f"{t}: <energy>" for t in missing)
+            raise ValueError(
+                f"{_BUILDER}: no energy reference for type(s) {missing} of dataset "
+                f"`{dataset}`: no training frame of `{dataset}` holds them, so they cannot be "
+                "fitted from its data. Set them by hand, e.g. the isolated-atom energies at "
+                f"that level of theory, by giving `{where}` as a list whose later entries "
+                f"replace earlier ones: [${{training_data_stats:per_dataset_energy_references}}, "
+                f"{{{dataset}: {{{example}}}}}]"
+            )
+        table.append([float(values[t]) for t in type_names])
+    return table
+
+
+def PerDatasetEnergyReferences(
+    model: Mapping | torch.nn.Module,
+    datasets: Sequence[str],
+    references,
+    trainable: bool = False,
+):
+    """Wrap any nequip model with one per-type energy reference per training dataset.
+
+    The wrapped model's own per-type energy scale and shift (nequip's ``PerTypeScaleShift``,
+    set as usual from the primary dataset's statistics) stay as they are; each dataset ``d``
+    gets a per-type shift so that its frames are predicted with the per-type energy zero
+    ``references[d]`` (a :class:`DatasetEnergyShifts` module, choosing per frame by
+    ``dataset_index``). Forces and stresses are unchanged by it.
+
+    ``references`` are fitted from each dataset's own training frames by
+    :class:`~nequip_mtl.data.MultiDatasetDataModule` (``per_dataset_energy_references``: the
+    minimum-norm least-squares fit of frame energies on per-type atom counts), or given by
+    hand, e.g. isolated-atom energies; a list of such mappings is merged in order (later
+    values replace earlier ones). ``trainable: true`` learns them with the model.
+
+    To predict at one dataset's level of theory, apply the model modifier
+    ``select_fidelity`` (``nequip-package modify ... --modifier select_fidelity
+    dataset=<name>``, or ``nequip.model.modify`` in a config): it gives a plain nequip model.
+
+    Example::
+
+        training_module:
+          model:
+            _target_: nequip_mtl.model.PerDatasetEnergyReferences
+            datasets: [dft, xtb]            # the data module's `datasets`, in order
+            references: ${training_data_stats:per_dataset_energy_references}
+            # or by hand, or fitted with some values set by hand:
+            # references:
+            #   - ${training_data_stats:per_dataset_energy_references}
+            #   - {dft: {C: -23.1, H: -0.5, O: -47.3}}
+            trainable: false
+            model:
+              _target_: nequip.model.NequIPGNNModel
+              seed: 123
+              model_dtype: float32
+              type_names: [C, H, O]
+              r_max: 4.5
+              num_layers: 2
+              num_features: 32
+              avg_num_neighbors: ${training_data_stats:num_neighbors_mean}
+              per_type_energy_shifts: ${training_data_stats:per_atom_energy_mean}
+              per_type_energy_scales: ${training_data_stats:forces_rms}
+
+    Args:
+        model: the shared model: a nequip model config (any builder: ``NequIPGNNModel``,
+            Allegro's ``AllegroModel``, ``ModelFromCheckpoint``, ...) or a built model
+        datasets: the training datasets' names, in the data module's order (``dataset_index``)
+        references: ``{dataset: {type: energy}}`` (or a list of them, merged in order)
+        trainable: learn the references (default: fixed)
+    """
+    if isinstance(model, Mapping):
+        config = dict(model)
+        if "_target_" not in config:
+            raise ValueError(f"{_BUILDER}: `{_WHERE}.model` needs a `_target_` (a model builder)")
+        model = _builder(config.pop("_target_"))(**config)
+    datasets = list(datasets) if not isinstance(datasets, str) else [datasets]
+    if not datasets or len(set(datasets)) != len(datasets):
+        raise ValueError(
+            f"{_BUILDER}: `{_WHERE}.datasets` must list the data module's datasets in order, "
+            f"each once; got {datasets}"
+        )
+    if not isinstance(trainable, bool):
+        raise ValueError(f"{_BUILDER}: `{_WHERE}.trainable` must be true or false")
+    graph_models = _graph_models(model)
+    if not graph_models:
+        raise ValueError(f"{_BUILDER}: `{_WHERE}.model` did not build a nequip GraphModel")
+    type_names = list(graph_models[0].type_names)
+    # by class name: a model loaded from a package (`ModelFromPackage`) has the package's copy
+    bases = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child).__name__ == PerTypeScaleShift.__name__
+        and child.out_field == AtomicDataDict.PER_ATOM_ENERGY_KEY
+    ]
+    if len(bases) != 1:
+        raise ValueError(
+            f"{_BUILDER}: the model `{_WHERE}.model` must have exactly one nequip "
+            f"PerTypeScaleShift on `{AtomicDataDict.PER_ATOM_ENERGY_KEY}` (the per-type energy "
+            f"scale/shift of NequIP and Allegro models); found {len(bases)}"
+        )
+    table = torch.tensor(_resolve_references(references, datasets, type_names), dtype=torch.float64)
+    parent, name, base = bases[0]
+    shared = torch.tensor(
+        _type_values(base, "shifts") or [0.0] * len(type_names), dtype=torch.float64
+    )
+    wrapper = DatasetEnergyShifts(base, datasets, table - shared, trainable=trainable)
+    parent._modules[name] = wrapper.to(base.shifts.device if base.shifts.numel() else "cpu")
+    _add_input_field(model, DATASET_INDEX_KEY)
+    return model
