@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from pathlib import Path
+
+#: the repository root: workers run from it, so ``python -m tests.<worker>`` and
+#: ``python -c "from tests... import ..."`` import this checkout's tests and package
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -39,7 +44,12 @@ def launch(argv: list[str], world: int, cwd=None, timeout: float = 600) -> None:
             )
         procs.append(
             subprocess.Popen(
-                argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                argv,
+                env=env,
+                cwd=REPO if cwd is None else cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
         )
     outputs = [p.communicate(timeout=timeout)[0] for p in procs]

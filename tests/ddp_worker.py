@@ -4,7 +4,7 @@ Launched by tests/test_ddp.py once per rank with torchrun-style environment vari
 (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NODE_RANK, LOCAL_RANK), or as a single process
 with --world-size 1 for the reference run. Usage:
 
-    python tests/ddp_worker.py SPEC_JSON OUT_DIR
+    python -m tests.ddp_worker SPEC_JSON OUT_DIR     (from the repository root)
 """
 
 import json
@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from hydra.utils import get_class, instantiate  # noqa: E402

@@ -3,7 +3,7 @@ EMT datasets of tests/test_multi_dataset.py, on ``WORLD_SIZE`` gloo ranks (or on
 Lightning's ``use_distributed_sampler=True``. Each rank saves the batches it saw, the sampler
 class Lightning used and the final parameters. Usage:
 
-    python tests/multi_dataset_ddp_worker.py OUT_DIR [nequip|dataset_tasks]
+    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks]   (from the root)
 
 ``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
 ``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402

@@ -476,10 +476,7 @@ def test_ddp_ranks_choose_identical_coefficients(tmp_path):
     ranks, equal to those of 1 process with batch 8."""
     from tests._ddp import launch
 
-    code = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-        "from tests.test_calibrate import _ddp_worker; _ddp_worker(sys.argv[1])"
-    )
+    code = "import sys; from tests.test_calibrate import _ddp_worker; _ddp_worker(sys.argv[1])"
     for world in (1, 2):
         launch([sys.executable, "-c", code, str(tmp_path)], world, cwd=REPO)
     one = torch.load(tmp_path / "calibrate_world1_rank0.pt")

@@ -16,7 +16,6 @@ from tests._ddp import launch
 
 pytestmark = pytest.mark.ddp
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
 MOMENTUM = {"_target_": "nequip_mtl.aggregators.MomentumConFIG"}
 #: rows all-reduced per optimizer step (one collective of the stacked rows per step)
 REDUCED_ROWS = {
@@ -111,7 +110,7 @@ def _launch(spec: dict, out: Path, world: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    launch([sys.executable, str(WORKER), str(spec_path), str(out)], world)
+    launch([sys.executable, "-m", "tests.ddp_worker", str(spec_path), str(out)], world)
 
 
 @pytest.fixture(scope="module")

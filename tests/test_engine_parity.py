@@ -21,7 +21,6 @@ from tests._ddp import launch
 from tests._harness import datamodule, fit, params
 
 REFERENCE = Path(__file__).with_name("data") / "engine_parity_reference.pt"
-WORKER = Path(__file__).with_name("ddp_worker.py")
 ADAM = {"_target_": "torch.optim.Adam", "lr": 0.01}
 
 RUNS = {
@@ -95,7 +94,7 @@ def run_ddp(out: Path) -> dict[str, torch.Tensor]:
         "strategy": {"_target_": "nequip.train.SimpleDDPStrategy"},
     }
     (out / "spec.json").write_text(json.dumps(spec))
-    launch([sys.executable, str(WORKER), str(out / "spec.json"), str(out)], 2)
+    launch([sys.executable, "-m", "tests.ddp_worker", str(out / "spec.json"), str(out)], 2)
     return {r["name"]: torch.load(out / f"{r['name']}.pt")["params"].double() for r in DDP_RUNS}
 
 

@@ -440,7 +440,9 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     from tests._ddp import launch
 
     repo = Path(__file__).resolve().parents[1]
-    code = f"import sys; sys.path.insert(0, {str(repo)!r}); from tests.test_gradient_conflict import _ddp_worker; _ddp_worker(sys.argv[1])"
+    code = (
+        "import sys; from tests.test_gradient_conflict import _ddp_worker; _ddp_worker(sys.argv[1])"
+    )
     for world in (1, 2):
         launch([sys.executable, "-c", code, str(tmp_path)], world, cwd=repo)
     one = torch.load(tmp_path / "monitor_world1.pt")

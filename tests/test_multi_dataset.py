@@ -225,10 +225,18 @@ def test_two_gloo_ranks_split_the_one_process_batches(tmp_path, kind):
 
     from tests._ddp import launch
 
-    worker = str(Path(__file__).with_name("multi_dataset_ddp_worker.py"))
     for world in (1, 2):
         (tmp_path / str(world)).mkdir()
-        launch([sys.executable, worker, str(tmp_path / str(world)), kind], world=world)
+        launch(
+            [
+                sys.executable,
+                "-m",
+                "tests.multi_dataset_ddp_worker",
+                str(tmp_path / str(world)),
+                kind,
+            ],
+            world=world,
+        )
     one = torch.load(tmp_path / "1" / "rank0.pt")
     ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2] and one["world_size"] == 1
