@@ -112,15 +112,18 @@ def reported_metrics(dataset: str) -> dict[str, tuple[str, float, str]]:
 # ----------------------------------------------------------------------------- data
 
 
-def alloy_data(frames: int, seed: int = 0) -> Path:
-    """The seeded EMT alloy file (``nequip-mtl-make-data``), generated once into ``_tmp``."""
+def alloy_data(frames: int, seed: int = 0, **generator) -> Path:
+    """The seeded EMT alloy file (``nequip-mtl-make-data``), generated once into ``_tmp``;
+    ``generator``: further arguments of :func:`nequip_mtl.data.generate_frames` (e.g.
+    ``slab_fraction``), part of the file name."""
     from nequip_mtl.data import make_dataset
 
-    path = TMP / f"alloy_{frames}f_seed{seed}.xyz"
+    tag = "".join(f"_{k}{v}" for k, v in sorted(generator.items()))
+    path = TMP / f"alloy_{frames}f_seed{seed}{tag}.xyz"
     if not path.exists():
         TMP.mkdir(parents=True, exist_ok=True)
         part = path.with_suffix(f".{os.getpid()}.part.xyz")
-        make_dataset(part, num_frames=frames, seed=seed, elements=TYPE_NAMES)
+        make_dataset(part, num_frames=frames, seed=seed, elements=TYPE_NAMES, **generator)
         part.replace(path)
     return path
 
@@ -156,6 +159,24 @@ def data_statistics(path: Path, r_max: float) -> dict[str, float]:
     }
 
 
+def ase_dataset(path: Path, r_max: float, type_names: list[str] | None = None) -> dict:
+    """The nequip ``ASEDataset`` config of an extxyz file (types = species, neighbour list)."""
+    type_names = list(type_names or TYPE_NAMES)
+    return {
+        "_target_": "nequip.data.dataset.ASEDataset",
+        "file_path": str(path),
+        "ase_args": {"format": "extxyz"},
+        "transforms": [
+            {
+                "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
+                "model_type_names": type_names,
+                "chemical_species_to_atom_type_map": {s: s for s in type_names},
+            },
+            {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": r_max},
+        ],
+    }
+
+
 def datamodule(
     path: Path,
     n_train: int,
@@ -169,24 +190,10 @@ def datamodule(
 ):
     from nequip.data.datamodule import NequIPDataModule
 
-    type_names = list(type_names or TYPE_NAMES)
-
     return NequIPDataModule(
         seed=seed,
         split_dataset={
-            "dataset": {
-                "_target_": "nequip.data.dataset.ASEDataset",
-                "file_path": str(path),
-                "ase_args": {"format": "extxyz"},
-                "transforms": [
-                    {
-                        "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-                        "model_type_names": type_names,
-                        "chemical_species_to_atom_type_map": {s: s for s in type_names},
-                    },
-                    {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": r_max},
-                ],
-            },
+            "dataset": ase_dataset(path, r_max, type_names),
             "train": n_train,
             "val": n_val,
         },
@@ -361,19 +368,27 @@ def metrics_config(num_tasks: int) -> dict:
 
 
 def build_module(
-    method: M.Method, model: dict, num_tasks: int, lr: float, coeffs: dict | None = None
+    method: M.Method,
+    model: dict,
+    num_tasks: int,
+    lr: float,
+    coeffs: dict | None = None,
+    loss: dict | None = None,
 ):
+    """``method``'s training module; ``loss``: this loss config instead of nequip's
+    energy/forces(/stress) loss of ``num_tasks`` components, and then no validation."""
     from hydra.utils import get_class
 
     optimizer = {"_target_": "torch.optim.Adam", "lr": lr}
     if method.optimizer is not None:
         optimizer = {"lr": lr, **method.optimizer}
+    val = 1 if loss is None else 0
     return get_class(method.module)(
         model=model,
-        num_datasets={"train": 1, "val": 1, "test": 0, "predict": 0},
+        num_datasets={"train": 1, "val": val, "test": 0, "predict": 0},
         optimizer=optimizer,
-        loss=loss_config(num_tasks, coeffs),
-        val_metrics=metrics_config(num_tasks),
+        loss=loss_config(num_tasks, coeffs) if loss is None else loss,
+        val_metrics=metrics_config(num_tasks) if val else None,
         **method.kwargs,
     )
 
