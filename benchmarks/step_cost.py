@@ -174,7 +174,8 @@ class _Worker:
 def _interleaved(args, table, setup, dtype: str, num_tasks: int, what: str):
     """Step-level interleaving of ``args.methods`` on ``setup``: step i of every method, in
     a random order per step. Returns ``({clock: {method: step times}}, parameters, load)``
-    (the timed steps only; ``load``: the 1-minute load average every 10 steps)."""
+    (the timed steps only; ``load``: the 1-minute load average every 10 steps and at the
+    end)."""
     import gc
 
     total = args.warmup + args.steps
@@ -191,7 +192,7 @@ def _interleaved(args, table, setup, dtype: str, num_tasks: int, what: str):
         rng.shuffle(order)  # a fresh order per step: no fixed predecessor
         for m in order:
             workers[m].turn()
-        if (i + 1) % 10 == 0:
+        if (i + 1) % 10 == 0 or i + 1 == total:
             load.append(round(os.getloadavg()[0], 2))
             print(
                 f"[{what}] step {i + 1}/{total} ({time.perf_counter() - t_cfg:.0f} s, "
@@ -904,7 +905,7 @@ def datasets_markdown(data: dict) -> str:
         f"Command: `{meta.get('command', 'n/a')}`",
         "",
         "Load average (1 min) of the machine, shared with other work, sampled every 10 "
-        f"interleaved steps: {_load_range(results)}; at the end "
+        f"interleaved steps and after the last: {_load_range(results)}; at the end "
         f"{', '.join(f'{x:.2f}' for x in info.get('loadavg_end', []))}. The clock is the "
         "CPU time of the compute thread, which other processes on the machine slow only "
         "through shared caches and memory bandwidth.",
