@@ -310,6 +310,30 @@ def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
 FT_SWEEP = [f"ft_replay_{w:g}" for w in REPLAY_WEIGHTS]
 FT_METHODS = list(finetune_methods())
 
+
+def dataset_task_methods() -> dict[str, Method]:
+    """The methods of the several-datasets step cost (``step_cost --datasets``), on a
+    per-dataset loss (``nequip_mtl.train.PerDatasetLoss``): nequip's weighted sum of every
+    component, and UPGrad over dataset tasks (one forward per dataset's sub-batch, the
+    default; or ``forward_per_dataset: false``, one forward and ``m`` masked backward passes
+    over the whole batch) or over every (dataset, component) pair."""
+    upgrad = {"aggregator": {"_target_": "nequip_mtl.aggregators.UPGrad"}}
+    return {
+        "ws": _baseline("weighted sum (nequip)"),
+        "upgrad_datasets": Method(
+            "UPGrad, tasks: datasets (sub-batch forwards)", MTL, {**upgrad, "tasks": "datasets"}
+        ),
+        "upgrad_datasets_masked": Method(
+            "UPGrad, tasks: datasets, forward_per_dataset: false",
+            MTL,
+            {**upgrad, "tasks": "datasets", "forward_per_dataset": False},
+        ),
+        "upgrad_components": Method(
+            "UPGrad, tasks: components", MTL, {**upgrad, "tasks": "components"}
+        ),
+    }
+
+
 #: the methods run when none are named
 DEFAULT_METHODS = list(_methods("epoch"))
 ALL_METHODS = list(methods("epoch"))

@@ -112,15 +112,18 @@ def reported_metrics(dataset: str) -> dict[str, tuple[str, float, str]]:
 # ----------------------------------------------------------------------------- data
 
 
-def alloy_data(frames: int, seed: int = 0) -> Path:
-    """The seeded EMT alloy file (``nequip-mtl-make-data``), generated once into ``_tmp``."""
+def alloy_data(frames: int, seed: int = 0, **generator) -> Path:
+    """The seeded EMT alloy file (``nequip-mtl-make-data``), generated once into ``_tmp``;
+    ``generator``: further arguments of :func:`nequip_mtl.data.generate_frames` (e.g.
+    ``slab_fraction``), part of the file name."""
     from nequip_mtl.data import make_dataset
 
-    path = TMP / f"alloy_{frames}f_seed{seed}.xyz"
+    tag = "".join(f"_{k}{v}" for k, v in sorted(generator.items()))
+    path = TMP / f"alloy_{frames}f_seed{seed}{tag}.xyz"
     if not path.exists():
         TMP.mkdir(parents=True, exist_ok=True)
         part = path.with_suffix(f".{os.getpid()}.part.xyz")
-        make_dataset(part, num_frames=frames, seed=seed, elements=TYPE_NAMES)
+        make_dataset(part, num_frames=frames, seed=seed, elements=TYPE_NAMES, **generator)
         part.replace(path)
     return path
 
@@ -387,7 +390,7 @@ def build_module(
 ):
     """``method``'s training module: Adam (or the method's optimizer) at ``lr``, nequip's
     energy-force(-stress) loss with ``coeffs`` (or the ``loss`` config given) and
-    validation metrics on ``num_val`` validation loaders."""
+    validation metrics on ``num_val`` validation loaders (``0``: no validation)."""
     from hydra.utils import get_class
 
     optimizer = {"_target_": "torch.optim.Adam", "lr": lr}
@@ -398,7 +401,7 @@ def build_module(
         num_datasets={"train": 1, "val": num_val, "test": 0, "predict": 0},
         optimizer=optimizer,
         loss=loss if loss is not None else loss_config(num_tasks, coeffs),
-        val_metrics=metrics_config(num_tasks),
+        val_metrics=metrics_config(num_tasks) if num_val else None,
         **method.kwargs,
     )
 

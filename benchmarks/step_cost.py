@@ -22,11 +22,23 @@ gradients, task-gradient buffers, optimizer state; deterministic). With ``--rss`
 the OS view in a fresh process per method: ``VmHWM - VmRSS`` with the high-water mark
 reset at ``on_train_start`` (``/proc/self/clear_refs``).
 
+Several training datasets (``--datasets 2`` or ``3``, issue 18): EMT alloy datasets of
+different frame mixes (:data:`DATASETS`) in a ``MultiDatasetDataModule`` with balanced
+batches of ``--frames-per-dataset`` k frames of each dataset, a ``PerDatasetLoss``
+(per-atom energy and forces MSE per dataset), and the methods of
+:func:`benchmarks.methods.dataset_task_methods`: nequip's weighted sum (the reference) and
+UPGrad with ``tasks: datasets`` (one forward per dataset's sub-batch, or
+``forward_per_dataset: false``) or ``tasks: components``, interleaved as above, once per k
+(timing only). The table is computed from the raw step times in the json.
+
     OMP_NUM_THREADS=1 python -m benchmarks.step_cost                    # the full run
     OMP_NUM_THREADS=1 python -m benchmarks.step_cost --quick            # ~1 minute
     OMP_NUM_THREADS=1 python -m benchmarks.step_cost --profile --methods config --dtypes float64
+    OMP_NUM_THREADS=1 python -m benchmarks.step_cost --datasets 2 --steps 30 --dtypes float32
+    OMP_NUM_THREADS=1 python -m benchmarks.step_cost --datasets 2 --quick  # ~30 s
 
-Writes ``benchmarks/results/step_cost.{json,md,png}`` (``--out`` to change).
+Writes ``benchmarks/results/step_cost.{json,md,png}`` (with ``--datasets``:
+``step_cost_datasets.*``; ``--out`` to change).
 """
 
 from __future__ import annotations
@@ -171,80 +183,216 @@ class _Worker:
             raise RuntimeError(f"{self.key} failed") from self.error
 
 
-def time_methods(args, table) -> list[dict]:
-    """Step-level interleaving: step i of every method, in a random order per step."""
+def _interleaved(args, table, setup, dtype: str, num_tasks: int, what: str):
+    """Step-level interleaving of ``args.methods`` on ``setup``: step i of every method, in
+    a random order per step. Returns ``({clock: {method: step times}}, parameters, load)``
+    (the timed steps only; ``load``: the 1-minute load average every 10 steps and at the
+    end)."""
     import gc
 
-    setup = Setup(args)
     total = args.warmup + args.steps
+    t_cfg = time.perf_counter()
+    workers = {m: _Worker(setup, m, table[m], dtype, num_tasks, total) for m in args.methods}
+    for w in workers.values():  # setups, one after the other, up to step 0
+        w.turn()
+    gc.collect()
+    gc.freeze()  # setup objects out of the collector's way during the steps
+    rng = random.Random(0)
+    load = []
+    for i in range(total):
+        order = list(args.methods)
+        rng.shuffle(order)  # a fresh order per step: no fixed predecessor
+        for m in order:
+            workers[m].turn()
+        if (i + 1) % 10 == 0 or i + 1 == total:
+            load.append(round(os.getloadavg()[0], 2))
+            print(
+                f"[{what}] step {i + 1}/{total} ({time.perf_counter() - t_cfg:.0f} s, "
+                f"load {load[-1]:.2f})",
+                flush=True,
+            )
+    for w in workers.values():  # teardown, one after the other
+        w.turn()
+        w.thread.join()
+    gc.unfreeze()
+    n_params = workers[args.methods[0]].params
+    times = {
+        c: {m: getattr(workers[m].times, c)[args.warmup :] for m in args.methods} for c in CLOCKS
+    }
+    del workers
+    gc.collect()
+    return times, n_params, load
+
+
+def _timing_rows(args, table, times, n_params, **fields) -> list[dict]:
+    """One result row per method: raw step times, medians, means and the ratios to the
+    references (``fields``: the configuration, e.g. ``dtype`` and ``tasks``)."""
+    rows = []
+    for m in args.methods:
+        row = {
+            "raw_cpu_s": [round(x, 5) for x in times["cpu"][m]],
+            "raw_wall_s": [round(x, 5) for x in times["wall"][m]],
+            "method": m,
+            "label": table[m].label,
+            "family": table[m].family,
+            **fields,
+            "params": n_params,
+            "n_steps": len(times["cpu"][m]),
+        }
+        for c in CLOCKS:
+            ts = times[c][m]
+            med = statistics.median(ts)
+            row[f"{c}_median_s"] = med
+            row[f"{c}_mean_s"] = statistics.fmean(ts)
+            for ref, key in ((WS, "vs_weighted_sum"), (NEQUIP_CONFIG, "vs_nequip_config")):
+                if ref not in args.methods:
+                    continue
+                row[f"{c}_{key}"] = med / statistics.median(times[c][ref])
+                row[f"{c}_mean_{key}"] = row[f"{c}_mean_s"] / statistics.fmean(times[c][ref])
+                # the same batch, a few seconds apart: per-step paired ratios
+                paired = [a / b for a, b in zip(ts, times[c][ref])]
+                q = statistics.quantiles(paired, n=4)
+                row[f"{c}_{key}_paired_iqr"] = [q[0], q[2]]
+                row[f"{c}_{key}_paired_median"] = statistics.median(paired)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("raw")}), flush=True)
+    return rows
+
+
+def time_methods(args, table) -> list[dict]:
+    """Every method, interleaved step by step, for every dtype and number of tasks."""
+    setup = Setup(args)
     results = []
     for dtype in args.dtypes:
         for num_tasks in args.tasks:
-            t_cfg = time.perf_counter()
-            workers = {
-                m: _Worker(setup, m, table[m], dtype, num_tasks, total) for m in args.methods
-            }
-            for w in workers.values():  # setups, one after the other, up to step 0
-                w.turn()
-            gc.collect()
-            gc.freeze()  # setup objects out of the collector's way during the steps
-            rng = random.Random(0)
-            for i in range(total):
-                order = list(args.methods)
-                rng.shuffle(order)  # a fresh order per step: no fixed predecessor
-                for m in order:
-                    workers[m].turn()
-                if (i + 1) % 10 == 0:
-                    print(
-                        f"[{dtype} {num_tasks} tasks] step {i + 1}/{total} ({time.perf_counter() - t_cfg:.0f} s, "
-                        f"load {os.getloadavg()[0]:.2f})",
-                        flush=True,
-                    )
-            for w in workers.values():  # teardown, one after the other
-                w.turn()
-                w.thread.join()
-            gc.unfreeze()
-            n_params = workers[args.methods[0]].params
-            times = {
-                c: {m: getattr(workers[m].times, c)[args.warmup :] for m in args.methods}
-                for c in CLOCKS
-            }
-            del workers
-            gc.collect()
-            for m in args.methods:
-                row = {
-                    "raw_cpu_s": [round(x, 5) for x in times["cpu"][m]],
-                    "raw_wall_s": [round(x, 5) for x in times["wall"][m]],
-                    "method": m,
-                    "label": table[m].label,
-                    "family": table[m].family,
-                    "dtype": dtype,
-                    "tasks": num_tasks,
-                    "params": n_params,
-                    "n_steps": len(times["cpu"][m]),
-                }
-                for c in CLOCKS:
-                    ts = times[c][m]
-                    med = statistics.median(ts)
-                    row[f"{c}_median_s"] = med
-                    row[f"{c}_mean_s"] = statistics.fmean(ts)
-                    for ref, key in ((WS, "vs_weighted_sum"), (NEQUIP_CONFIG, "vs_nequip_config")):
-                        if ref not in args.methods:
-                            continue
-                        row[f"{c}_{key}"] = med / statistics.median(times[c][ref])
-                        row[f"{c}_mean_{key}"] = row[f"{c}_mean_s"] / statistics.fmean(
-                            times[c][ref]
-                        )
-                        # the same batch, a few seconds apart: per-step paired ratios
-                        paired = [a / b for a, b in zip(ts, times[c][ref])]
-                        q = statistics.quantiles(paired, n=4)
-                        row[f"{c}_{key}_paired_iqr"] = [q[0], q[2]]
-                        row[f"{c}_{key}_paired_median"] = statistics.median(paired)
-                results.append(row)
-                print(
-                    json.dumps({k: v for k, v in row.items() if not k.startswith("raw")}),
-                    flush=True,
-                )
+            what = f"{dtype} {num_tasks} tasks"
+            times, n_params, _ = _interleaved(args, table, setup, dtype, num_tasks, what)
+            results += _timing_rows(args, table, times, n_params, dtype=dtype, tasks=num_tasks)
+    return results
+
+
+# ----------------------------------------------------------------------------- datasets
+
+#: the training datasets of ``--datasets``, by name: arguments of the seeded EMT alloy
+#: generator (:func:`nequip_mtl.data.generate_frames`, Cu/Ni/Pd; by default 70 % strained
+#: bulk cells, 15 % with a vacancy, 15 % surface slabs): the first is the primary dataset
+#: (model statistics), the others shift the mix of frames and the compositions
+DATASETS = {
+    "bulk": {"seed": 0},
+    "surfaces": {"seed": 1, "slab_fraction": 0.6, "vacancy_fraction": 0.1},
+    "vacancies": {"seed": 2, "slab_fraction": 0.1, "vacancy_fraction": 0.6},
+}
+#: nequip's per-atom energy and forces MSE for every dataset, coefficient 1 each
+DATASET_COEFFS = {"total_energy": 1.0, "forces": 1.0}
+
+
+class DatasetSetup(Setup):
+    """Several EMT alloy training datasets in a ``MultiDatasetDataModule`` with balanced
+    batches of ``frames_per_dataset`` frames of each, and a ``PerDatasetLoss``."""
+
+    def __init__(self, args, frames_per_dataset: int):
+        self.args = args
+        self.k = int(frames_per_dataset)
+        self.names = list(DATASETS)[: args.datasets]
+        # one file per dataset, for every k: enough frames for the largest k without repeats
+        total = args.warmup + args.steps
+        self.n_train = max(args.frames_per_dataset) * max(total, args.mem_steps)
+        # (+ the 2 validation frames nequip's data module requires; validation is off)
+        n = self.n_train + 2
+        self.paths = {name: P.alloy_data(n, **DATASETS[name]) for name in self.names}
+        self.stats = _primary_statistics(self.paths[self.names[0]], args.r_max)
+        self._dm = None
+
+    def datamodule(self, fresh: bool = False):
+        from nequip_mtl.data import MultiDatasetDataModule
+
+        if self._dm is None or fresh:
+            # the sampler's law is a function of the seed: the same batches for every method
+            self._dm = MultiDatasetDataModule(
+                seed=1,
+                datasets={
+                    name: {
+                        "split_dataset": {
+                            "dataset": P.ase_dataset(path, self.args.r_max),
+                            "train": self.n_train,
+                            "val": 2,
+                        }
+                    }
+                    for name, path in self.paths.items()
+                },
+                sampling={
+                    "mode": "balanced",
+                    "frames_per_batch": {n: self.k for n in self.names},
+                },
+                train_dataloader={"_target_": "torch.utils.data.DataLoader"},
+            )
+        return self._dm
+
+    def loss(self) -> dict:
+        return {
+            "_target_": "nequip_mtl.train.PerDatasetLoss",
+            "datasets": list(self.names),
+            "coeffs": dict(DATASET_COEFFS),
+        }
+
+    def module(self, method: M.Method, dtype: str, num_tasks: int):
+        import torch
+
+        torch.manual_seed(0)
+        model = self.model(dtype)
+        return P.build_module(
+            method, model, num_tasks, lr=self.args.lr, loss=self.loss(), num_val=0
+        )
+
+    def atoms_per_sub_batch(self) -> dict[str, float]:
+        """Mean number of atoms of each dataset's part of the timed batches."""
+        from nequip.data import AtomicDataDict
+
+        from nequip_mtl.data.keys import DATASET_INDEX_KEY
+
+        dm = self.datamodule(fresh=True)
+        dm.setup("fit")
+        counts = {n: 0 for n in self.names}
+        warmup, total = self.args.warmup, self.args.warmup + self.args.steps
+        for i, batch in zip(range(total), dm.train_dataloader()):
+            if i < warmup:
+                continue
+            per_frame = batch[AtomicDataDict.NUM_NODES_KEY].reshape(-1)
+            index = batch[DATASET_INDEX_KEY].reshape(-1)
+            for d, n in enumerate(self.names):
+                counts[n] += int(per_frame[index == d].sum())
+        self._dm = None
+        return {n: c / self.args.steps for n, c in counts.items()}
+
+
+@functools.lru_cache(maxsize=2)
+def _primary_statistics(path: Path, r_max: float) -> dict:
+    return P.data_statistics(path, r_max)
+
+
+def time_datasets(args, table) -> list[dict]:
+    """The dataset-task methods on several datasets, interleaved step by step, for every
+    dtype and number of frames per dataset."""
+    results = []
+    for dtype in args.dtypes:
+        for k in args.frames_per_dataset:
+            setup = DatasetSetup(args, k)
+            atoms = setup.atoms_per_sub_batch()
+            tasks = len(setup.names) * len(DATASET_COEFFS)
+            what = f"{dtype} {len(setup.names)} datasets x {k} frames"
+            times, n_params, load = _interleaved(args, table, setup, dtype, tasks, what)
+            results += _timing_rows(
+                args,
+                table,
+                times,
+                n_params,
+                dtype=dtype,
+                tasks=tasks,
+                datasets=setup.names,
+                frames_per_dataset=k,
+                atoms_per_sub_batch=atoms,
+                loadavg=load,
+            )
     return results
 
 
@@ -441,7 +589,7 @@ def profile(args, table) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     _label_regions()
-    setup = Setup(args)
+    setup = DatasetSetup(args, args.frames_per_dataset[0]) if args.datasets else Setup(args)
     dtype, num_tasks = args.dtypes[0], args.tasks[0]
     summary = []
     for m in args.methods:
@@ -519,17 +667,20 @@ def _bootstrap(xs, ys, stat, n=2000, seed=0):
     return [vals[int(0.025 * n)], vals[int(0.975 * n) - 1]]
 
 
+def _config(row: dict, method: str) -> tuple:
+    """The key of ``method``'s row in the configuration of ``row``."""
+    return (method, row["dtype"], row["tasks"], row.get("frames_per_dataset"))
+
+
 def with_intervals(results: list[dict]) -> list[dict]:
     """Copies of the result rows with bootstrap intervals of the CPU ratios (median and
     mean) from the raw step times."""
     results = [dict(r) for r in results]
-    raw = {
-        (r["method"], r["dtype"], r["tasks"]): r["raw_cpu_s"] for r in results if "raw_cpu_s" in r
-    }
+    raw = {_config(r, r["method"]): r["raw_cpu_s"] for r in results if "raw_cpu_s" in r}
     for r in results:
-        xs = raw.get((r["method"], r["dtype"], r["tasks"]))
+        xs = raw.get(_config(r, r["method"]))
         for ref, key in ((WS, "vs_weighted_sum"), (NEQUIP_CONFIG, "vs_nequip_config")):
-            ys = raw.get((ref, r["dtype"], r["tasks"]))
+            ys = raw.get(_config(r, ref))
             if xs and ys and len(xs) == len(ys):
                 r[f"cpu_{key}_ci95"] = _bootstrap(xs, ys, statistics.median)
                 r[f"cpu_mean_{key}_ci95"] = _bootstrap(xs, ys, statistics.fmean)
@@ -589,6 +740,8 @@ def targets_lines(results) -> list[str]:
 
 
 def markdown(data: dict) -> str:
+    if data["meta"]["args"].get("datasets"):
+        return datasets_markdown(data)
     meta, memory = data["meta"], data["memory"]
     args, info, elapsed = argparse.Namespace(**meta["args"]), meta["machine"], meta["elapsed_s"]
     results = with_intervals(data["results"])
@@ -665,7 +818,9 @@ def report(data: dict, out: Path) -> None:
     results = with_intervals(data["results"])
     R.write_json(out.with_suffix(".json"), {**data, "results": results})
     R.write_text(out.with_suffix(".md"), markdown(data))
-    if results:
+    if results and data["meta"]["args"].get("datasets"):
+        _plot_datasets(out.with_suffix(".png"), results)
+    elif results:
         mem = {(r["method"], r["dtype"], r["tasks"]): r for r in data["memory"]}
         _plot(out.with_suffix(".png"), results, mem)
 
@@ -726,6 +881,167 @@ def _plot(path: Path, results, mem) -> None:
     R.save(fig, path, dpi=110)
 
 
+# ----------------------------------------------------------------------------- datasets output
+
+#: issue 18 item 5: with 2 datasets and balanced batches, the dataset-task step (sub-batch
+#: forwards) is at most this many times the weighted-sum step of the same frames
+DATASET_TASK_BOUND = 1.15
+DATASET_TASK_METHOD = "upgrad_datasets"
+
+
+def _raw_ratios(r: dict, ref: dict) -> dict[str, float]:
+    """From the raw step times of the json (what the table shows): the median CPU step (s),
+    the ratios of medians (CPU, wall) and means (CPU) to the reference row ``ref``, and the
+    median and quartiles of the per-step CPU ratios."""
+    cpu, ref_cpu = r["raw_cpu_s"], ref["raw_cpu_s"]
+    paired = [a / b for a, b in zip(cpu, ref_cpu)]
+    q1, _, q3 = statistics.quantiles(paired, n=4)
+    return {
+        "median_s": statistics.median(cpu),
+        "ratio": statistics.median(cpu) / statistics.median(ref_cpu),
+        "mean_ratio": statistics.fmean(cpu) / statistics.fmean(ref_cpu),
+        "wall_ratio": statistics.median(r["raw_wall_s"]) / statistics.median(ref["raw_wall_s"]),
+        "paired_median": statistics.median(paired),
+        "paired_q1": q1,
+        "paired_q3": q3,
+    }
+
+
+def _ci_text(r: dict, key: str) -> str:
+    ci = r.get(f"{key}_ci95")
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
+def _load_range(results) -> str:
+    load = [x for r in results for x in r.get("loadavg", [])]
+    return f"{min(load):.2f}-{max(load):.2f}" if load else "n/a"
+
+
+def datasets_markdown(data: dict) -> str:
+    """The several-datasets table: per dtype and frames per dataset, every method's CPU
+    time per step and its ratios to the weighted-sum step of the same batches."""
+    meta = data["meta"]
+    args, info, elapsed = argparse.Namespace(**meta["args"]), meta["machine"], meta["elapsed_s"]
+    results = with_intervals(data["results"])
+    names = results[0]["datasets"] if results else list(DATASETS)[: args.datasets]
+    mixes = "; ".join(f"`{n}` ({_mix_text(DATASETS[n])})" for n in names)
+    lines = [
+        f"Step cost with {len(names)} training datasets on {R.machine_line(info)}; "
+        f"{meta['time']}; total {elapsed / 60:.1f} min.",
+        "",
+        f"Command: `{meta.get('command', 'n/a')}`",
+        "",
+        "Load average (1 min) of the machine, shared with other work, sampled every 10 "
+        f"interleaved steps and after the last: {_load_range(results)}; at the end "
+        f"{', '.join(f'{x:.2f}' for x in info.get('loadavg_end', []))}. The clock is the "
+        "CPU time of the compute thread, which other processes on the machine slow only "
+        "through shared caches and memory bandwidth.",
+        "",
+        f"NequIP model with {results[0]['params'] if results else '?'} parameters "
+        f"(l_max={args.l_max}, {args.num_layers} layers, {args.num_features} features, radial "
+        f"MLP 2x{args.radial_width}), {args.dtypes and ', '.join(args.dtypes)}. Training data: "
+        f"{len(names)} EMT alloy datasets (Cu/Ni/Pd, 8-32 atoms per frame; {mixes}) in a "
+        "`MultiDatasetDataModule` with balanced batches (k frames of every dataset in every "
+        "batch) and a `PerDatasetLoss` (per-atom energy and forces MSE of every dataset, "
+        f"coefficient 1: {len(names) * len(DATASET_COEFFS)} components). {args.steps} timed "
+        f"steps per method after {args.warmup} warm-up steps, interleaved step by step (step i "
+        "of every method, on the same batch, in a fresh random order for every i). *vs weighted "
+        "sum* = ratio of median CPU step times with a 95% bootstrap interval (paired "
+        "resampling of steps); *paired* = median and interquartile range of the per-step "
+        "ratios (step i of the method over step i of the weighted sum, the same batch); "
+        "*mean* = ratio of mean step times; *wall* = ratio of median wall-clock step times. "
+        "*Atoms per sub-batch*: the mean number of atoms of each dataset's part of a batch.",
+        "",
+        "| dtype | frames per dataset | atoms per sub-batch | method | CPU ms/step "
+        "| vs weighted sum | paired | vs weighted sum (mean) | wall vs weighted sum |",
+        R.md_rule(9),
+    ]
+    refs = {_config(r, r["method"]): r for r in results if r["method"] == WS}
+    cells = []
+    for r in results:
+        x = _raw_ratios(r, refs[_config(r, WS)])
+        atoms = " / ".join(f"{r['atoms_per_sub_batch'][n]:.0f}" for n in names)
+        lines.append(
+            R.md_row(
+                [
+                    r["dtype"],
+                    r["frames_per_dataset"],
+                    atoms,
+                    r["label"],
+                    f"{1e3 * x['median_s']:.0f}",
+                    f"{x['ratio']:.2f}" + _ci_text(r, "cpu_vs_weighted_sum"),
+                    f"{x['paired_median']:.2f} [{x['paired_q1']:.2f}, {x['paired_q3']:.2f}]",
+                    f"{x['mean_ratio']:.2f}" + _ci_text(r, "cpu_mean_vs_weighted_sum"),
+                    f"{x['wall_ratio']:.2f}",
+                ]
+            )
+        )
+        if r["method"] == DATASET_TASK_METHOD:
+            v, ci, bound = x["ratio"], r.get("cpu_vs_weighted_sum_ci95"), DATASET_TASK_BOUND
+            verdict = (
+                "met" if v <= bound else ("within noise" if ci and ci[0] <= bound else "MISSED")
+            )
+            cells.append(
+                f"{r['dtype']}, k = {r['frames_per_dataset']}: {v:.2f}"
+                f"{_ci_text(r, 'cpu_vs_weighted_sum')} ({verdict})"
+            )
+    if cells:
+        lines += [
+            "",
+            f"Target (issue 18 item 5; with {len(names)} datasets): the dataset-task step "
+            f"(UPGrad, `tasks: datasets`, sub-batch forwards) <= {DATASET_TASK_BOUND}x the "
+            "weighted-sum step of the same frames (*met* if the ratio of medians is within the "
+            "bound, *within noise* if only the 95% interval reaches it): " + "; ".join(cells),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _mix_text(generator: dict) -> str:
+    slab = generator.get("slab_fraction", 0.15)
+    vac = generator.get("vacancy_fraction", 0.15)
+    return (
+        f"seed {generator['seed']}, {100 * (1 - slab - vac):.0f} % bulk, "
+        f"{100 * vac:.0f} % vacancy, {100 * slab:.0f} % slab frames"
+    )
+
+
+def _plot_datasets(path: Path, results) -> None:
+    """Ratio to the weighted-sum step per method, grouped by frames per dataset."""
+    plt = R.pyplot()
+    groups = list(dict.fromkeys((r["dtype"], r["frames_per_dataset"]) for r in results))
+    methods = [m for m in dict.fromkeys(r["method"] for r in results) if m != WS]
+    labels = {r["method"]: r["label"] for r in results}
+    by = {(r["method"], r["dtype"], r["frames_per_dataset"]): r for r in results}
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) * len(methods) / 2 + 3, 4.2))
+    w = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * w for i in range(len(groups))]
+        rows = [by[(m, *g)] for g in groups]
+        vals = [r["cpu_vs_weighted_sum"] for r in rows]
+        cis = [r.get("cpu_vs_weighted_sum_ci95", [v, v]) for r, v in zip(rows, vals)]
+        err = [
+            [max(0.0, v - c[0]) for v, c in zip(vals, cis)],
+            [max(0.0, c[1] - v) for v, c in zip(vals, cis)],
+        ]
+        ax.bar(xs, vals, width=w, yerr=err, error_kw={"lw": 0.8}, label=labels[m])
+    ax.set_xticks(
+        range(len(groups)),
+        [f"{d}, {k} frames/dataset\n({len(results[0]['datasets'])} datasets)" for d, k in groups],
+    )
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(DATASET_TASK_BOUND, color="tab:red", ls="--", lw=0.8, label="1.15x (target)")
+    top = max(r["cpu_vs_weighted_sum_ci95"][1] for r in results if "cpu_vs_weighted_sum_ci95" in r)
+    ax.set_ylim(0, 1.45 * top)  # room for the legend above the bars
+    ax.set_ylabel("median step CPU time / weighted-sum step")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(
+        f"Dataset tasks vs nequip's weighted sum ({results[0]['params']} parameters, CPU, 1 thread)"
+    )
+    fig.tight_layout()
+    R.save(fig, path, dpi=110)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -748,7 +1064,29 @@ def main(argv=None):
         radial_width=64,
         lr=1e-3,
     )
-    parser.add_argument("--methods", nargs="+", default=M.DEFAULT_METHODS, choices=M.ALL_METHODS)
+    dataset_methods = list(M.dataset_task_methods())
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=list(dict.fromkeys(M.ALL_METHODS + dataset_methods)),
+        help=f"default: {' '.join(M.DEFAULT_METHODS)}; with --datasets: {' '.join(dataset_methods)}",
+    )
+    parser.add_argument(
+        "--datasets",
+        type=int,
+        default=None,
+        choices=[2, 3],
+        help="several training datasets (balanced batches, per-dataset loss): the dataset-task "
+        "methods against nequip's weighted sum; writes results/step_cost_datasets by default",
+    )
+    parser.add_argument(
+        "--frames-per-dataset",
+        type=int,
+        nargs="+",
+        default=[4, 8, 16],
+        help="with --datasets: frames of each dataset per batch, one configuration each",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurements")
     parser.add_argument("--mem-steps", type=int, default=3)
@@ -764,9 +1102,13 @@ def main(argv=None):
         "--_memory-child", dest="_memory_child", action="store_true", help=argparse.SUPPRESS
     )
     parser.add_argument("--method", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.from_json:
         return R.from_json(args.from_json, args.out, report)
+    if args.datasets:
+        return _main_datasets(parser, args, argv)
+    args.methods = args.methods or M.DEFAULT_METHODS
     args.out = args.out or str(P.RESULTS / "step_cost")
     if args.quick:
         args.num_features, args.l_max, args.num_layers, args.radial_width = 16, 1, 2, 32
@@ -805,6 +1147,46 @@ def main(argv=None):
         "elapsed_s": elapsed,
     }
     report({"meta": meta, "results": results, "memory": memory}, Path(args.out))
+
+
+def _main_datasets(parser, args, argv: list[str]) -> None:
+    """``--datasets``: the dataset-task methods on several training datasets."""
+    for flag in ("memory_only", "rss", "_memory_child"):
+        if getattr(args, flag):
+            parser.error(f"--{flag.strip('_').replace('_', '-')} does not apply with --datasets")
+    table = M.dataset_task_methods()
+    wrong = [m for m in args.methods or [] if m not in table]
+    if wrong:
+        parser.error(
+            f"--methods {wrong} are not dataset-task methods; with --datasets: {list(table)}"
+        )
+    # the reference first, whatever was asked for
+    args.methods = [WS] + [m for m in dict.fromkeys(args.methods or table) if m != WS]
+    args.no_memory = True  # the timing only (the memory study is the single-dataset one)
+    default_out = str(P.RESULTS / "step_cost_datasets")
+    args.out = args.out or default_out
+    if args.quick:
+        args.num_features, args.l_max, args.num_layers, args.radial_width = 16, 1, 2, 32
+        args.steps, args.dtypes, args.frames_per_dataset = 6, ["float32"], [2, 4]
+        if args.out == default_out:
+            args.out = str(P.TMP / "step_cost_datasets_quick")
+    P.init_torch()
+    if args.profile:
+        profile(args, table)
+        return
+    info = P.machine_info()
+    t0 = time.perf_counter()
+    results = time_datasets(args, table)
+    elapsed = time.perf_counter() - t0
+    date = P.now()
+    meta = {
+        "machine": {**info, "loadavg_end": os.getloadavg(), "date": date},
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "command": R.command("step_cost", argv),
+        "time": date,
+        "elapsed_s": elapsed,
+    }
+    report({"meta": meta, "results": results, "memory": []}, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from .emt_alloy import (
     make_dataset,
     write_frames,
 )
+
 _LAZY = {
     # importing `keys` registers the field with nequip
     "DATASET_INDEX_KEY": "keys",

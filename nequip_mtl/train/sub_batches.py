@@ -4,6 +4,12 @@ The cost of a NequIP forward and backward pass is linear in the atoms, so forwar
 dataset's frames on their own costs about one batch in total; each dataset's loss then
 depends on its own sub-batch's graph only, and back-propagating it costs that sub-batch's
 share of a backward pass instead of a pass over the whole batch.
+
+The sub-batches' outputs are concatenated into one output dict for the loss; a plain
+``torch.cat`` would hand every sub-batch a (zero) gradient slice in every backward pass,
+and autograd would run each sub-batch's whole backward graph on zeros. The outputs that
+carry gradients are therefore concatenated by :func:`cat_isolated`, whose backward gives
+no gradient to a part whose slice is exactly zero.
 """
 
 from __future__ import annotations
@@ -63,9 +69,52 @@ def split_by_dataset(data: AtomicDataDict.Type) -> list[AtomicDataDict.Type]:
     return [select_frames(data, (index == d).nonzero().reshape(-1)) for d in datasets]
 
 
+class _IsolatedCat(torch.autograd.Function):
+    """``torch.cat(parts)`` along the first dimension; in the backward pass a part whose
+    slice of the incoming gradient is exactly zero gets no gradient (``None``), so autograd
+    does not run that part's graph on zeros. If every slice is zero, every part gets its
+    (zero) slice, as with ``torch.cat``."""
+
+    @staticmethod
+    def forward(ctx, *parts):
+        ctx.sizes = [p.shape[0] for p in parts]
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        slices = grad.split(ctx.sizes, 0)
+        nonzero = [bool(s.any()) for s in slices]  # NaN counts as non-zero
+        if not any(nonzero):
+            return slices
+        return tuple(s if nz else None for s, nz in zip(slices, nonzero))
+
+
+def cat_isolated(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, 0)``, with the same values and the same gradients, whose backward
+    pass skips the parts that receive an exactly zero gradient (see :class:`_IsolatedCat`):
+    a loss that reads only one part's rows back-propagates through that part's graph only."""
+    return _IsolatedCat.apply(*parts)
+
+
+def batched_outputs(outputs: list[AtomicDataDict.Type]) -> AtomicDataDict.Type:
+    """nequip's ``batched_from_list`` of the sub-batches' outputs, the fields that carry a
+    gradient concatenated by :func:`cat_isolated`."""
+    grad_keys = {
+        k for k, v in outputs[0].items() if any(o[k].requires_grad for o in outputs)
+    }  # fmt: skip
+    plain = AtomicDataDict.batched_from_list(
+        [{k: v for k, v in o.items() if k not in grad_keys} for o in outputs]
+    )
+    out = {}
+    for k in outputs[0]:  # the outputs' key order
+        out[k] = cat_isolated([o[k] for o in outputs]) if k in grad_keys else plain[k]
+    return out
+
+
 def forward_per_dataset(module, batch: AtomicDataDict.Type):
     """``(output, inputs)``: the model's output on each dataset's sub-batch, concatenated,
-    and the correspondingly ordered input batch (frames grouped by dataset)."""
+    and the correspondingly ordered input batch (frames grouped by dataset). Back-propagating
+    a loss that reads one dataset's frames runs that dataset's sub-batch graph only."""
     subs = split_by_dataset(batch)
     if len(subs) == 1:
         return module(batch), batch
@@ -74,4 +123,4 @@ def forward_per_dataset(module, batch: AtomicDataDict.Type):
     # sub-batches in which inputs it passes through: concatenate the fields all of them have
     common = set.intersection(*(set(o) for o in outputs))
     outputs = [{k: v for k, v in o.items() if k in common} for o in outputs]
-    return AtomicDataDict.batched_from_list(outputs), AtomicDataDict.batched_from_list(subs)
+    return batched_outputs(outputs), AtomicDataDict.batched_from_list(subs)
