@@ -281,3 +281,27 @@ def test_compile_and_run_the_fine_tuned_model(walked):
     xyz = launch / "data/new.xyz"
     out = _evaluate([compiled], xyz, launch, hide_mtl=True)
     _assert_same_prediction(out[compiled], _reference(launch / "outputs/finetune/best.ckpt", xyz))
+
+
+def test_packaging_takes_single_example_frames_from_balanced_sampling(walked):
+    """nequip's ``data_dict_from_checkpoint`` (``nequip-package``, ``nequip-compile``)
+    rebuilds the checkpoint's data module with ``batch_size: 1`` for an example frame;
+    balanced sampling (5 frames a batch) then gives it one frame. In training, the same
+    disagreement is refused."""
+    from nequip.data import AtomicDataDict
+    from nequip.model.saved_models.checkpoint import data_dict_from_checkpoint
+    from nequip.scripts._workflow_utils import get_workflow_state, set_workflow_state
+
+    launch, _ = walked
+    ckpt = launch / "outputs/finetune/best.ckpt"
+    state = get_workflow_state()
+    try:
+        for workflow in ("package", "compile"):
+            set_workflow_state(workflow)
+            data = data_dict_from_checkpoint(str(ckpt))
+            assert AtomicDataDict.num_frames(data) == 1
+        set_workflow_state("train")
+        with pytest.raises(Exception, match="batch_size` is 1, but balanced batches hold"):
+            data_dict_from_checkpoint(str(ckpt))
+    finally:
+        set_workflow_state(state)
