@@ -1,0 +1,307 @@
+"""``docs/finetuning.md`` runs as written: pretraining, packaging, fine-tuning with replay,
+the per-dataset metrics and the deployed model in ASE.
+
+The page's commands run in the page's order, from a fresh directory that is not the
+repository (``$(pwd)/configs`` is read as the repository's ``configs``, every other path
+as the page gives it), each with tiny overrides appended (few frames, a 1-layer model,
+one or two epochs). ``nequip-train`` runs in this process through nequip's real entry point
+(``tests/_nequip_train.py``); every other command runs in bash, ``python`` blocks in a
+fresh interpreter. The compile step and its ASE block take minutes on 2 CPU cores and run
+in a test marked ``slow``.
+
+What is checked beyond "every command succeeds":
+
+- the fine-tuning run starts from the pretrained weights: the parameters of its model at
+  the first training batch are the pretraining checkpoint's, tensor for tensor, and the
+  pretrained model evaluated by the fine-tuning config on A's test split gives the
+  errors the pretraining run gave on its own test split (the same frames: both data
+  modules split A with the same seed);
+- both datasets' validation and test metrics are logged under their names;
+- the fine-tuned package predicts in ASE, in a process without nequip_mtl and without the
+  pretrained package, what the fine-tuned checkpoint predicts, and not what the
+  pretrained model predicts.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import lightning
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from tests._nequip_train import nequip_train
+from tests.test_deployment import _assert_same_prediction, _evaluate, _reference
+
+REPO = Path(__file__).resolve().parents[1]
+PAGE = REPO / "docs" / "finetuning.md"
+BIN = Path(sys.executable).parent
+ENV = dict(
+    os.environ,
+    OMP_NUM_THREADS="1",
+    MKL_NUM_THREADS="1",
+    PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+)
+
+# appended to the page's commands: (pattern the command matches, extra arguments); frame
+# counts replace the page's `--frames`
+FRAMES = {"data/pretrain.xyz": 12, "data/new.xyz": 10}
+TINY = {
+    "--config-name pretrain": [
+        "train_split=8",
+        "val_split=2",
+        "test_split=2",
+        "num_layers=1",
+        "num_features=4",
+        "training_module.model.radial_mlp_width=8",
+        "trainer.max_epochs=1",
+        "run=[train,test]",
+    ],
+    "--config-name finetune_replay": [
+        "pretrain_train=8",
+        "pretrain_val=2",
+        "pretrain_test=2",
+        "new_train=6",
+        "new_val=2",
+        "new_test=2",
+        "batches_per_epoch=2",
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+    ],
+}
+METRICS = ("per_atom_energy_mae", "forces_mae", "stress_mae")
+
+
+def page_steps(text: str) -> list[tuple[str, str]]:
+    """``(kind, code)`` of the page in order: ``("bash", one command)`` per command of the
+    ```bash blocks (continuations joined, comments dropped), ``("python", block)``."""
+    steps = []
+    for m in re.finditer(r"```(bash|python)\n(.*?)```", text, flags=re.S):
+        kind, code = m.groups()
+        if kind == "python":
+            steps.append((kind, code))
+            continue
+        code = re.sub(r"\\\n", " ", code)
+        for line in code.splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                steps.append((kind, line))
+    return steps
+
+
+def is_slow(step: tuple[str, str]) -> bool:
+    return "nequip-compile" in step[1] or ".pt2" in step[1]
+
+
+def tiny(command: str, launch: Path) -> str:
+    command = command.replace("$(pwd)/configs", str(REPO / "configs"))
+    command = command.replace("$(pwd)", str(launch)).replace("$PWD", str(launch))
+    for path, frames in FRAMES.items():
+        if "nequip-mtl-make-data" in command and path in command:
+            command = re.sub(r"--frames \d+", f"--frames {frames} -q", command)
+    for pattern, extra in TINY.items():
+        if "nequip-train" in command and pattern in command:
+            command += " " + " ".join(extra)
+    return command
+
+
+class FirstBatchParameters(Callback):
+    """The model's parameters at the start of the first training batch."""
+
+    def __init__(self):
+        self.params = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.params is None:
+            self.params = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def make_data(argv: list[str]) -> None:
+    """``nequip-mtl-make-data`` in this process: the function its console script calls."""
+    (entry,) = entry_points(group="console_scripts", name="nequip-mtl-make-data")
+    assert entry.load()(argv) == 0
+
+
+def run_step(step: tuple[str, str], launch: Path, monkeypatch, first_batch: dict) -> None:
+    """One step of the page in ``launch``: ``nequip-train`` and ``nequip-mtl-make-data`` in
+    this process, ``python`` blocks too (``exec``), other commands in bash."""
+    kind, code = step
+    monkeypatch.chdir(launch)
+    if kind == "python":
+        exec(compile(code, str(PAGE), "exec"), {"__name__": "__main__"})
+        return
+    command = tiny(code, launch)
+    argv = shlex.split(command)
+    argv = argv[1:] if argv[0].startswith("OMP_NUM_THREADS=") else argv
+    if argv[0] == "nequip-mtl-make-data":
+        make_data(argv[1:])
+    elif argv[0] == "nequip-train":
+        options, overrides, it = {}, [], iter(argv[1:])
+        for arg in it:
+            if arg in ("--config-path", "--config-name"):
+                options[arg] = next(it)
+            else:
+                overrides.append(arg)
+        run_dir = next(a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir="))
+        callback = FirstBatchParameters()
+        fit = lightning.Trainer.fit
+
+        def fit_recording(trainer, *args, **kwargs):
+            trainer.callbacks.append(callback)
+            return fit(trainer, *args, **kwargs)
+
+        monkeypatch.setattr(lightning.Trainer, "fit", fit_recording)
+        nequip_train(options["--config-path"], options["--config-name"], overrides)
+        monkeypatch.setattr(lightning.Trainer, "fit", fit)
+        first_batch[run_dir] = callback.params
+    else:
+        res = subprocess.run(
+            ["bash", "-c", command], cwd=launch, env=ENV, capture_output=True, text=True
+        )
+        assert res.returncode == 0, f"{command}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+
+
+STEPS = page_steps(PAGE.read_text())
+
+
+@pytest.fixture(scope="module")
+def walked(tmp_path_factory) -> tuple[Path, dict]:
+    """A directory where the page's commands (but the compile step) ran; the first-batch
+    parameters of each training run, by run directory."""
+    launch = tmp_path_factory.mktemp("finetune_user")
+    first_batch = {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for step in STEPS:
+            if not is_slow(step):
+                run_step(step, launch, monkeypatch, first_batch)
+    return launch, first_batch
+
+
+def last_values(run: Path) -> dict[str, float]:
+    """The last non-empty value of every column of a run's ``metrics.csv``."""
+    out = {}
+    with open(run / "logs" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            out.update({k: float(v) for k, v in row.items() if v != ""})
+    return out
+
+
+def test_the_page_is_read():
+    commands = [code for kind, code in STEPS if kind == "bash"]
+    tools = [shlex.split(c)[1 if c.startswith("OMP") else 0] for c in commands]
+    assert tools.count("nequip-mtl-make-data") == 2
+    assert tools.count("nequip-package") == 2 and tools.count("nequip-compile") == 1
+    names = [c.split("--config-name ")[1].split()[0] for c in commands if "--config-name" in c]
+    assert names[:3] == ["pretrain", "finetune_replay", "finetune_replay"]
+    assert sum(kind == "python" for kind, _ in STEPS) == 3
+
+
+def test_fine_tuning_starts_from_the_pretrained_weights(walked):
+    launch, first_batch = walked
+    ckpt = torch.load(launch / "outputs/pretrain/best.ckpt", map_location="cpu", weights_only=False)
+    pretrained = {
+        k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
+    started = first_batch["outputs/finetune"]
+    assert started and set(started) <= set(pretrained)
+    for name, value in started.items():
+        assert torch.equal(value, pretrained[name]), name
+    # and training moved them
+    tuned = torch.load(
+        launch / "outputs/finetune/last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert any(not torch.equal(tuned["state_dict"][f"model.{n}"], v) for n, v in started.items())
+    # the pretrained model, through the fine-tuning config, on A's test split (run=[val,test],
+    # no training) gives the pretraining run's own test errors: same frames, same weights
+    pretrain, before = (
+        last_values(launch / "outputs/pretrain"),
+        last_values(launch / "outputs/before"),
+    )
+    for metric in METRICS:
+        assert math.isclose(
+            before[f"test_pretrain_epoch/{metric}"], pretrain[f"test0_epoch/{metric}"], rel_tol=1e-5
+        ), metric
+
+
+def test_both_datasets_metrics_are_logged_under_their_names(walked):
+    launch, _ = walked
+    values = last_values(launch / "outputs/finetune")
+    for split in ("val", "test"):
+        for j, dataset in enumerate(("pretrain", "new")):
+            for metric in (*METRICS, "weighted_sum"):
+                named = values[f"{split}_{dataset}_epoch/{metric}"]
+                assert math.isfinite(named)
+                assert named == values[f"{split}{j}_epoch/{metric}"]
+    # the two datasets are the two tasks
+    for dataset in ("pretrain", "new"):
+        assert f"mtl/weight/{dataset}" in values
+        assert values[f"train_loss_epoch/{dataset}/forces_mse"] > 0
+    assert values["mtl/weight/pretrain"] >= 0  # PrimaryConstrained: replay only constrains
+
+
+def test_the_fine_tuned_package_predicts_in_ase_without_nequip_mtl(walked, tmp_path):
+    launch, _ = walked
+    package = launch / "models/finetuned.nequip.zip"
+    pretrained = launch / "models/pretrained.nequip.zip"
+    xyz = launch / "data/new.xyz"
+    ref = _reference(launch / "outputs/finetune/best.ckpt", xyz)
+    before = _reference(launch / "outputs/pretrain/best.ckpt", xyz)
+    # the deployed package needs neither nequip_mtl nor the pretrained package
+    hidden = tmp_path / pretrained.name
+    pretrained.rename(hidden)
+    try:
+        out = _evaluate([package], xyz, tmp_path, hide_mtl=True)
+    finally:
+        hidden.rename(pretrained)
+    assert not out["nequip_mtl_loaded"]
+    _assert_same_prediction(out[package], ref)
+    assert np.abs(np.array(out[package]["forces"]) - np.array(before["forces"])).max() > 1e-6
+
+
+@pytest.mark.slow
+def test_compile_and_run_the_fine_tuned_model(walked):
+    """The page's ``nequip-compile`` command and its ASE/MD block (minutes of compiling)."""
+    launch, first_batch = walked
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for step in STEPS:
+            if is_slow(step):
+                run_step(step, launch, monkeypatch, first_batch)
+    compiled = launch / "models/finetuned.nequip.pt2"
+    xyz = launch / "data/new.xyz"
+    out = _evaluate([compiled], xyz, launch, hide_mtl=True)
+    _assert_same_prediction(out[compiled], _reference(launch / "outputs/finetune/best.ckpt", xyz))
+
+
+def test_packaging_takes_single_example_frames_from_balanced_sampling(walked):
+    """nequip's ``data_dict_from_checkpoint`` (``nequip-package``, ``nequip-compile``)
+    rebuilds the checkpoint's data module with ``batch_size: 1`` for an example frame;
+    balanced sampling (5 frames a batch) then gives it one frame. In training, the same
+    disagreement is refused."""
+    from nequip.data import AtomicDataDict
+    from nequip.model.saved_models.checkpoint import data_dict_from_checkpoint
+    from nequip.scripts._workflow_utils import get_workflow_state, set_workflow_state
+
+    launch, _ = walked
+    ckpt = launch / "outputs/finetune/best.ckpt"
+    state = get_workflow_state()
+    try:
+        for workflow in ("package", "compile"):
+            set_workflow_state(workflow)
+            data = data_dict_from_checkpoint(str(ckpt))
+            assert AtomicDataDict.num_frames(data) == 1
+        set_workflow_state("train")
+        with pytest.raises(Exception, match="batch_size` is 1, but balanced batches hold"):
+            data_dict_from_checkpoint(str(ckpt))
+    finally:
+        set_workflow_state(state)
