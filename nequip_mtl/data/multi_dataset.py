@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from nequip.data.datamodule import NequIPDataModule
-from nequip.scripts._workflow_utils import get_workflow_state
 from nequip.utils.logger import RankedLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -314,15 +313,6 @@ class MultiDatasetDataModule(NequIPDataModule):
                 f"`{_DEFAULT_LOADER}` is allowed (the training loader must count its batches "
                 "to resume mid-epoch)"
             )
-        if (
-            self.sampling["mode"] == "balanced"
-            and loader.get("batch_size", None) not in (None, sum(self.sampling["frames_per_batch"]))
-            and get_workflow_state() in ("package", "compile")
-        ):
-            # `nequip-package` and `nequip-compile` rebuild the training data of a checkpoint
-            # with `batch_size: 1` to take example frames (nequip's `data_dict_from_checkpoint`):
-            # give them single frames, as from a plain nequip data module
-            self.sampling = check_sampling({}, self.dataset_names, where="data.sampling")
         if self.sampling["mode"] != "balanced" and "batch_size" not in loader:
             raise ValueError(
                 f"{_CLS}: `data.train_dataloader.batch_size` is required for sampling mode "
