@@ -228,17 +228,7 @@ def _fit(module, dm, a: dict, per_epoch: int, metrics, callbacks=()) -> dict:
     t0 = time.perf_counter()
     fit.fit(module, datamodule=dm)
     final = {k: v for k, v in P.validate(module, dm, LOADERS).items() if k in metrics}
-    budget, at_epochs = P.budget_results(a, clock, record, per_epoch, final)
-    return {
-        "budget": budget,
-        "epochs": at_epochs,
-        "curve": record.points
-        + [{"epoch": None, "step": clock.steps, "clock_s": clock.elapsed, **final}],
-        "steps": clock.steps,
-        "clock_s": clock.elapsed,
-        "wall_s": time.perf_counter() - t0,
-        "params": P.num_params(module),
-    }
+    return P.run_results(a, clock, record, per_epoch, final, t0, module)
 
 
 def pretrain_args(a: dict) -> dict:

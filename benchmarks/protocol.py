@@ -629,6 +629,22 @@ def budget_results(a: dict, clock, record, per_epoch: int, final: dict) -> tuple
     return budget, at_epochs
 
 
+def run_results(a: dict, clock, record, per_epoch: int, final: dict, t0: float, module) -> dict:
+    """What every study keeps of a run on the protocol's clock: the equal-time and
+    equal-epochs results (:func:`budget_results`), the curve, steps, clocks, parameters."""
+    budget, at_epochs = budget_results(a, clock, record, per_epoch, final)
+    return {
+        "budget": budget,
+        "epochs": at_epochs,
+        "curve": record.points
+        + [{"epoch": None, "step": clock.steps, "clock_s": clock.elapsed, **final}],
+        "steps": clock.steps,
+        "clock_s": clock.elapsed,
+        "wall_s": time.perf_counter() - t0,
+        "params": num_params(module),
+    }
+
+
 def train_run(task: dict) -> dict:
     """The accuracy protocol's run: train one (method, seed) of ``task`` (``method``,
     ``seed``, ``args``, ``stats``, ``data``, optional ``state_dir``) on its training clock
@@ -675,21 +691,13 @@ def train_run(task: dict) -> dict:
     final = {k: v for k, v in validate(module, dm).items() if k in metrics}
     if task.get("state_dir"):  # the final model, for independent checks (tests)
         torch.save(module.state_dict(), Path(task["state_dir"]) / f"{task['method']}_seed{seed}.pt")
-    budget, at_epochs = budget_results(a, clock, record, per_epoch, final)
     return {
         "method": task["method"],
         "seed": seed,
-        "budget": budget,
-        "epochs": at_epochs,
-        "curve": record.points
-        + [{"epoch": None, "step": clock.steps, "clock_s": clock.elapsed, **final}],
-        "steps": clock.steps,
-        "clock_s": clock.elapsed,
-        "wall_s": time.perf_counter() - t0,
+        **run_results(a, clock, record, per_epoch, final, t0, module),
         "skipped_steps": getattr(module, "skipped_steps", 0),
         "switch": switch or None,
         "final_coeffs": {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()},
-        "params": num_params(module),
     }
 
 
