@@ -23,6 +23,8 @@ NAMES = ["lo", "hi"]
 #: deliberately off the fitted values (-3.5 and -7.5 per atom), so trainable references move
 REFS = {"lo": {"Cu": -2.5}, "hi": {"Cu": -6.25}}
 COEFFS = {"lo": {"total_energy": 1.0, "forces": 3.0}, "hi": {"total_energy": 2.0, "forces": 2.0}}
+#: the offsets the references start at: reference - the inner model's shared shift (-3)
+START = torch.tensor([[REFS[n]["Cu"] + 3.0] for n in NAMES], dtype=torch.float64)
 #: bitwise-equal runs are expected; float32 sums in another order differ by rounding only
 ATOL = {"float64": 1e-10, "float32": 1e-6}
 
@@ -53,8 +55,8 @@ def kwargs(dtype="float64", trainable=True, inner=None, **kw) -> dict:
 
 
 def data(per_dataset: int = 1, **kw):
-    """Balanced batches of ``per_dataset`` frames of each dataset (lo: 6 training frames of one
-    Cu atom, hi: 4 of two atoms)."""
+    """Balanced batches of ``per_dataset`` frames of each dataset (lo: 6 training frames of 2
+    Cu atoms, hi: 4 of 4 atoms)."""
     sampling = {"mode": "balanced", "frames_per_batch": {n: per_dataset for n in NAMES}}
     return F.data_module(sampling=sampling, train_dataloader={}, **kw)
 
@@ -83,10 +85,9 @@ def test_the_wrapper_is_trained_with_both_datasets_as_tasks(tmp_path):
     assert any(p is offsets for p in module.model.parameters())
     assert tr.global_step == 12 and module.skipped_steps == 0
     assert set(module.applied_task_weights) == set(NAMES)
-    start = torch.tensor([[REFS[n]["Cu"] + 3.0] for n in NAMES], dtype=torch.float64)
-    assert (offsets.detach() - start).abs().min() > 1e-4  # both datasets' references moved
+    assert (offsets.detach() - START).abs().min() > 1e-4  # both datasets' references moved
     fixed, _ = fit(tmp_path / "f", trainable=False)
-    assert torch.equal(shifts(fixed).offsets, start)
+    assert torch.equal(shifts(fixed).offsets, START)
     assert not any(p is shifts(fixed).offsets for p in fixed.model.parameters())
 
 
@@ -140,3 +141,25 @@ def test_a_restart_mid_epoch_resumes_exactly_with_trainable_references(tmp_path,
     torch.testing.assert_close(params(resumed), params(full), rtol=0, atol=1e-12)
     torch.testing.assert_close(shifts(resumed).offsets, shifts(full).offsets, rtol=0, atol=1e-12)
     assert (shifts(part).offsets - shifts(full).offsets).abs().max() > 1e-6
+
+
+# ------------------------------------------------------------------ train-time compile
+
+
+@pytest.mark.slow
+def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
+    """`compile_mode: compile` on the wrapped model, ``dataset_index`` an input of the compiled
+    graph: the trajectory, references included, is eager's. Batches of 2+2 frames, so that each
+    dataset's sub-batch has 2 frames (nequip's ``CompileGraphModel`` runs eager on 1 frame)."""
+    runs = {}
+    for mode in ("eager", "compile"):
+        module, _ = fit(tmp_path / mode, per_dataset=2, epochs=1, inner={"compile_mode": mode})
+        runs[mode] = (params(module), shifts(module).offsets.detach().clone())
+    graph = module.model.sole_model
+    assert type(graph).__name__ == "CompileGraphModel"
+    assert "dataset_index" in graph.model_input_fields
+    (signature,) = graph._compiled_cache[0]  # the compiled path ran (nequip's own cache)
+    assert "dataset_index" in signature
+    torch.testing.assert_close(runs["compile"][0], runs["eager"][0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(runs["compile"][1], runs["eager"][1], rtol=0, atol=1e-10)
+    assert (runs["eager"][1] - START).abs().min() > 1e-6  # the references were trained
