@@ -3,10 +3,12 @@ EMT datasets of tests/test_multi_dataset.py, on ``WORLD_SIZE`` gloo ranks (or on
 Lightning's ``use_distributed_sampler=True``. Each rank saves the batches it saw, the sampler
 class Lightning used and the final parameters. Usage:
 
-    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks]   (from the root)
+    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity]
 
-``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
+(from the root). ``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
 ``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
+``multifidelity``: the same with the model wrapped by ``PerDatasetEnergyReferences`` (trainable
+references), on the two "levels of theory" of tests/_mfid.py (``lo``, ``hi``).
 """
 
 import os
@@ -46,12 +48,28 @@ def dataset_task_module():
     )
 
 
+#: global balanced frames per batch of the ``multifidelity`` kind
+MFID_GLOBAL_FRAMES = {"lo": 2, "hi": 2}
+
+
+def multifidelity(world: int):
+    import nequip_mtl.train as mtl
+    from tests.test_multifidelity_matrix import data, kwargs
+
+    dm = data(per_dataset=MFID_GLOBAL_FRAMES["lo"] // world)
+    torch.manual_seed(0)
+    return dm, mtl.MultitaskLightningModule(**kwargs(trainable=True))
+
+
 def main(out_dir: str, kind: str = "nequip") -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_rank = {name: k // world for name, k in GLOBAL_FRAMES.items()}
-    dm = multi(("a", "b"), sampling={"mode": "balanced", "frames_per_batch": per_rank},
-               train_dataloader={})  # fmt: skip
-    mod = module(dm) if kind == "nequip" else dataset_task_module()
+    if kind == "multifidelity":
+        dm, mod = multifidelity(world)
+    else:
+        per_rank = {name: k // world for name, k in GLOBAL_FRAMES.items()}
+        dm = multi(("a", "b"), sampling={"mode": "balanced", "frames_per_batch": per_rank},
+                   train_dataloader={})  # fmt: skip
+        mod = module(dm) if kind == "nequip" else dataset_task_module()
     rec = BatchRecorder()
     strategy = DDPStrategy(process_group_backend="gloo") if world > 1 else "auto"
     tr = trainer(out_dir, max_epochs=1, devices=world, strategy=strategy, callbacks=[rec],
@@ -64,6 +82,8 @@ def main(out_dir: str, kind: str = "nequip") -> None:
         "sampler": type(tr.train_dataloader.sampler).__name__,
         "params": params(mod),
         "world_size": tr.world_size,
+        # the per-dataset references (``multifidelity``), as a tensor to compare
+        "offsets": [m.offsets.detach().clone() for m in mod.modules() if hasattr(m, "offsets")],
     }
     torch.save(state, Path(out_dir) / f"rank{tr.global_rank}.pt")
     end_process_group()

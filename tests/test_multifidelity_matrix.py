@@ -163,3 +163,34 @@ def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
     torch.testing.assert_close(runs["compile"][0], runs["eager"][0], rtol=0, atol=1e-10)
     torch.testing.assert_close(runs["compile"][1], runs["eager"][1], rtol=0, atol=1e-10)
     assert (runs["eager"][1] - START).abs().min() > 1e-6  # the references were trained
+
+
+# ------------------------------------------------------------------ DDP
+
+
+@pytest.mark.ddp
+def test_two_gloo_ranks_train_like_one_process(tmp_path):
+    """Balanced batches of 2+2 frames in one process against 1+1 per rank on 2 gloo ranks
+    (``tests/multi_dataset_ddp_worker.py multifidelity``): the ranks hold disjoint halves of the
+    one-process batch, and the parameters, the trainable references included, are the same."""
+    import sys
+
+    from tests._ddp import launch
+
+    for world in (1, 2):
+        (tmp_path / str(world)).mkdir()
+        argv = [sys.executable, "-m", "tests.multi_dataset_ddp_worker", str(tmp_path / str(world))]
+        launch([*argv, "multifidelity"], world=world)
+    one = torch.load(tmp_path / "1" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and one["world_size"] == 1
+    assert len(one["batches"]) == len(ranks[0]["batches"]) == 3
+    for t, (idx, e) in enumerate(one["batches"]):
+        assert idx == [0, 0, 1, 1]
+        (i0, e0), (i1, e1) = ranks[0]["batches"][t], ranks[1]["batches"][t]
+        assert i0 == i1 == [0, 1] and sorted(e0 + e1) == sorted(e)
+    torch.testing.assert_close(ranks[0]["params"], one["params"], rtol=0, atol=1e-10)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    (offsets,) = one["offsets"]
+    torch.testing.assert_close(ranks[0]["offsets"][0], offsets, rtol=0, atol=1e-10)
+    assert (offsets - START).abs().min() > 1e-6  # the references were trained
