@@ -285,6 +285,11 @@ def test_dataset_tasks_under_train_time_compile_match_eager(tmp_path):
             mtl.MultitaskLightningModule,
             tmp_path / mode,
             epochs=1,
+            # >= 2 frames of each dataset: nequip runs a sub-batch of one frame eagerly
+            data=multi(
+                sampling={"mode": "balanced", "frames_per_batch": {"a": 2, "b": 2}},
+                train_dataloader={},
+            ),
             model=model,
             tasks="datasets",
             aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
