@@ -113,12 +113,14 @@ def _nan_forces_xyz(path: Path, frames: int = 16) -> None:
 
 def test_nequip_train_with_nan_forces_fails_and_names_forces(tmp_path):
     """Forces NaN in every frame: every step would be skipped. The run must exit non-zero,
-    name the forces loss, and leave no checkpoint of an untrained model."""
+    name the forces loss, and leave no checkpoint of an untrained model; the label check
+    refuses it at fit start, before any step (issue 20 item 8)."""
     data = tmp_path / "nan_forces.xyz"
     _nan_forces_xyz(data)
     out = tmp_path / "run"
     res = _nequip_train("tiny_nan_forces", out, tmp_path, NAN_FORCES_XYZ=str(data))
     log = res.stdout + res.stderr
     assert res.returncode != 0, log[-3000:]
-    assert "SkippedStepsError" in log and "'forces_mse' has a NaN gradient" in log, log[-3000:]
+    assert "'forces_mse' needs the label `forces`" in log, log[-3000:]
+    assert "non-finite (NaN/inf) in all" in log and "per_atom_energy_mse" not in log, log[-3000:]
     assert not list(out.rglob("*.ckpt"))
