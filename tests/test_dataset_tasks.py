@@ -20,7 +20,11 @@ from nequip_mtl.aggregators import UPGrad
 from tests._harness import module_kwargs, multi, params, trainer
 
 BALANCED = {"mode": "balanced", "frames_per_batch": {"a": 2, "b": 1}}
-COEFFS = {"a": {"total_energy": 1.0, "forces": 3.0}, "b": {"total_energy": 2.0, "forces": 2.0}}
+COEFFS = {
+    "a": {"total_energy": 1.0, "forces": 3.0},
+    "b": {"total_energy": 2.0, "forces": 2.0},
+    "c": {"total_energy": 0.5, "forces": 1.0},
+}
 
 
 def loss(names=("a", "b"), coeffs=COEFFS) -> dict:
@@ -56,7 +60,8 @@ class DatasetGradients(Callback):
     """Per step: the applied ``.grad`` and the per-dataset task gradients by autograd on the
     whole batch at the step's parameters (before the update)."""
 
-    def __init__(self):
+    def __init__(self, datasets=("a", "b")):
+        self.datasets = datasets
         self.grads, self.tasks = [], []
 
     def on_train_start(self, trainer, pl_module):
@@ -67,7 +72,7 @@ class DatasetGradients(Callback):
         self._loss.reset()
         values = self._loss(pl_module(batch), pl_module.process_target(batch, batch_idx))
         rows = {}
-        for dataset in ("a", "b"):
+        for dataset in self.datasets:
             names = [n for n in self._loss.keys() if n.startswith(f"{dataset}/")]
             coeffs = {n: pl_module.loss.entries[n].coeff for n in names}
             total = sum(coeffs.values())
@@ -102,23 +107,36 @@ class ForwardCounter(Callback):
         pl_module.register_forward_hook(count)
 
 
-def test_dataset_task_update_is_the_aggregator_on_independent_dataset_gradients(tmp_path):
-    rec, counter = DatasetGradients(), ForwardCounter()
+@pytest.mark.parametrize(
+    "names, frames",
+    [(("a", "b"), {"a": 2, "b": 1}), (("a", "b", "c"), {"a": 2, "b": 1, "c": 1})],
+    ids=["2_datasets", "3_datasets"],
+)
+def test_dataset_task_update_is_the_aggregator_on_independent_dataset_gradients(
+    tmp_path, names, frames
+):
+    rec, counter = DatasetGradients(names), ForwardCounter()
     module, tr = fit(
         mtl.MultitaskLightningModule,
         tmp_path,
         callbacks=[rec, counter],
+        data=multi(
+            names,
+            sampling={"mode": "balanced", "frames_per_batch": frames},
+            train_dataloader={},
+        ),
+        loss=loss(names),
         tasks="datasets",
         aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
     )
     assert tr.global_step == len(rec.grads) >= 4 and module.skipped_steps == 0
     # by default one forward per dataset's sub-batch (the callback's own forward counts too)
-    assert counter.calls == 3 * tr.global_step
-    assert set(module.applied_task_weights) == {"a", "b"}
-    assert module.task_gradient_statistics.names == ["a", "b"]
+    assert counter.calls == (len(names) + 1) * tr.global_step
+    assert set(module.applied_task_weights) == set(names)
+    assert module.task_gradient_statistics.names == list(names)
     for grad, rows in zip(rec.grads, rec.tasks):
-        coeffs = torch.tensor([rows["a"][0], rows["b"][0]])
-        matrix = torch.stack([rows["a"][1], rows["b"][1]])
+        coeffs = torch.tensor([rows[n][0] for n in names])
+        matrix = torch.stack([rows[n][1] for n in names])
         torch.testing.assert_close(
             grad, UPGrad()(matrix, coeffs / coeffs.sum()), rtol=1e-9, atol=1e-12
         )
