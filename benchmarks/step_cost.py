@@ -555,7 +555,7 @@ _REGIONS = (
     ("nequip.train.ConFIGLightningModule", "_ConFIG_training_step", "step"),
     ("nequip_mtl.train.MultitaskLightningModule", "training_step", "forward + losses"),
     ("nequip_mtl.train.MultitaskLightningModule", "backward", "backward passes"),
-    ("nequip_mtl.train.MultitaskLightningModule", "_apply_aggregated_update", "aggregation"),
+    ("nequip_mtl.step.StepEngine", "finish", "aggregation"),
     ("nequip_mtl.train.UncertaintyWeightingLightningModule", "training_step", "forward + losses"),
     ("nequip_mtl.train.FAMOLightningModule", "training_step", "forward + losses"),
     ("lightning.LightningModule", "backward", "backward passes"),
