@@ -277,9 +277,10 @@ class MultitaskLightningModule(NequIPLightningModule):
         for task, nonfinite in outcome.dropped:
             self.faults.drop(task)
             if nonfinite is None:
+                kind = "dataset" if self.tasks == "datasets" else "loss component"
                 self._warn_once(
                     "zero",
-                    f"loss component {task!r} has a zero gradient on a step; it is left out of "
+                    f"{kind} {task!r} has a zero gradient on a step; it is left out of "
                     "that step's aggregation (counted in mtl/dropped/<name>; further cases are "
                     "not warned about)",
                 )
