@@ -358,3 +358,32 @@ def test_the_dataset_task_snippet_in_docs_trains_with_the_pages_data_block(tmp_p
     tr.fit(module, datamodule=dm)
     assert tr.global_step == 4 and module.skipped_steps == 0
     assert set(module.applied_task_weights) == {"pretrain", "new"}
+
+
+class NanForcesOfB(mtl.MultitaskLightningModule):
+    """NaN force labels on the frames of dataset ``b`` (``dataset_index`` 1) at step 1."""
+
+    def process_target(self, batch, batch_idx, dataloader_idx=0):
+        target = super().process_target(batch, batch_idx, dataloader_idx)
+        if self.training and self.trainer.global_step == 1:
+            frame_of_atom = target["batch"].reshape(-1)
+            in_b = target["dataset_index"].reshape(-1)[frame_of_atom] == 1
+            target["forces"] = torch.where(in_b[:, None], float("nan"), target["forces"])
+        return target
+
+
+@pytest.mark.parametrize("policy", ["skip", "zero_task"])
+def test_a_nonfinite_dataset_task_is_named_as_a_dataset(tmp_path, policy):
+    """The skip (or drop) names the dataset whose gradient is NaN, as a dataset."""
+    with pytest.warns(RuntimeWarning, match=r"dataset 'b' has a NaN gradient") as record:
+        module, tr = fit(
+            NanForcesOfB,
+            tmp_path,
+            epochs=1,
+            tasks="datasets",
+            on_nonfinite=policy,
+            aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
+        )
+    assert not [w for w in record if "loss component 'b'" in str(w.message)]
+    assert module.skipped_steps == (1 if policy == "skip" else 0)
+    assert module.faults.dropped.get("b", 0) == (0 if policy == "skip" else 1)

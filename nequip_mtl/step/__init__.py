@@ -11,7 +11,7 @@ from .engine import NONFINITE_POLICIES, StepEngine, StepOutcome
 from .faults import SkippedStepsError, StepFaults
 from .rows import TaskGradients
 from .statistics import TaskGradientObservable, TaskGradientStatistics
-from .tasks import TASK_KINDS, TaskPlan, plan_tasks
+from .tasks import TASK_KINDS, TASK_NOUNS, TaskPlan, plan_tasks
 from .window import HeldWeights, StepWindow, WindowTracker
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "StepWindow",
     "WindowTracker",
     "TASK_KINDS",
+    "TASK_NOUNS",
     "TaskPlan",
     "plan_tasks",
 ]

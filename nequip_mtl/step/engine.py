@@ -87,6 +87,8 @@ class StepEngine:
         #: the task-gradient rows (allocated once, reused by every window)
         self.rows: TaskGradients | None = None
         self.last_active: list[str] | None = None
+        #: what a task is called in the causes of skips and drops (see ``TASK_NOUNS``)
+        self.task_noun = "loss component"
 
     # ------------------------------------------------------------------ window
 
@@ -257,7 +259,7 @@ class StepEngine:
                 outcome,
                 f"the weighted loss of {sorted(held.weights)} has a "
                 f"{'NaN' if sq != sq else 'non-finite'} gradient (a step between weight "
-                "refreshes; the next step refreshes and names the component)",
+                f"refreshes; the next step refreshes and names the {self.task_noun})",
             )
         self.rows.apply_weights(torch.ones(1, dtype=torch.float64))
         held.age += 1
@@ -276,7 +278,7 @@ class StepEngine:
             sq = float(sq_norms[row])
             if sq != sq or sq == float("inf"):
                 what = "a NaN" if sq != sq else self._inf_kind(row)
-                cause = f"loss component {task!r} has {what} gradient at global step {step}"
+                cause = f"{self.task_noun} {task!r} has {what} gradient at global step {step}"
                 if self.on_nonfinite == "raise":
                     raise FloatingPointError(cause + " (training_module.on_nonfinite=raise)")
                 if self.on_nonfinite == "skip" or window.loss_scaled:
@@ -290,7 +292,7 @@ class StepEngine:
             keep.append(task)
         if not keep:
             outcome.all_nonfinite = self._all_nonfinite(sq_norms)
-            return [], "no loss component has a non-zero gradient on this step"
+            return [], f"no {self.task_noun} has a non-zero gradient on this step"
         return keep, None
 
     @staticmethod

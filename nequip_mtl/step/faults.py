@@ -25,10 +25,12 @@ class StepFaults:
 
     Args:
         max_consecutive: the limit on consecutive skipped steps, or ``None``
+        task_noun: what a task is called in the messages (``"loss component"``, ``"dataset"``)
     """
 
-    def __init__(self, max_consecutive: int | None):
+    def __init__(self, max_consecutive: int | None, task_noun: str = "loss component"):
         self.max_consecutive = max_consecutive
+        self.task_noun = task_noun
         self.skipped = 0  #: skipped optimizer steps in the whole run
         self.applied = 0  #: applied optimizer steps in the whole run
         self.consecutive = 0  #: skipped steps since the last applied one
@@ -55,13 +57,13 @@ class StepFaults:
                 f"(training_module.max_consecutive_skips={self.max_consecutive}; "
                 f"{self.skipped} skipped and {self.applied} applied in this run). The first "
                 f"of them: {self.first_cause}. Last: {cause}. Check the data and labels of "
-                "that loss component, or lower the learning rate."
+                f"that {self.task_noun}, or lower the learning rate."
             )
         if last_batch_of_first_epoch and self.applied == 0:
             raise SkippedStepsError(
                 f"every optimizer step of the first epoch was skipped ({self.skipped} of "
                 f"{self.skipped}): the model has not trained at all. The first cause: "
-                f"{self.first_cause}. Check the data and labels of that loss component."
+                f"{self.first_cause}. Check the data and labels of that {self.task_noun}."
             )
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import torch
 
 TASK_KINDS = ("components", "datasets")
+#: what one task is called in messages, for each of ``TASK_KINDS``
+TASK_NOUNS = {"components": "loss component", "datasets": "dataset"}
 NO_ACTIVE_COMPONENT = (
     "At least one loss component must have a `coeff` that is not null; all are null"
 )

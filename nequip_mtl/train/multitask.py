@@ -12,6 +12,7 @@ from nequip.utils.versions import _TORCH_GE_2_6
 
 from ..aggregators import Aggregator
 from ..step import (
+    TASK_NOUNS,
     StepEngine,
     StepFaults,
     StepOutcome,
@@ -157,7 +158,8 @@ class MultitaskLightningModule(NequIPLightningModule):
         self._plan: TaskPlan | None = None
         #: one optimizer step's life: window, rows, held weights, aggregation (no Lightning)
         self.engine = self.build_engine(aggregator, weights_every, on_nonfinite)
-        self.faults = StepFaults(max_consecutive_skips)
+        self.engine.task_noun = TASK_NOUNS[tasks]
+        self.faults = StepFaults(max_consecutive_skips, task_noun=TASK_NOUNS[tasks])
         #: name -> weight of that task's gradient in the last applied update
         self.applied_task_weights: dict[str, float] = {}
         #: the task gradients of the last step that computed them (for monitors)
@@ -277,10 +279,9 @@ class MultitaskLightningModule(NequIPLightningModule):
         for task, nonfinite in outcome.dropped:
             self.faults.drop(task)
             if nonfinite is None:
-                kind = "dataset" if self.tasks == "datasets" else "loss component"
                 self._warn_once(
                     "zero",
-                    f"{kind} {task!r} has a zero gradient on a step; it is left out of "
+                    f"{TASK_NOUNS[self.tasks]} {task!r} has a zero gradient on a step; it is left out of "
                     "that step's aggregation (counted in mtl/dropped/<name>; further cases are "
                     "not warned about)",
                 )
