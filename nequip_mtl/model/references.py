@@ -181,8 +181,9 @@ class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
         found = [m for m in model.modules() if isinstance(m, cls)]
         if not found:
             raise RuntimeError(f"select_fidelity: the model has no {cls.__name__} module")
-        heads = [m for m in model.modules() if isinstance(m, DatasetReadoutHeads)]
-        for module in found + heads:  # refuse an unknown name before changing anything
+        # refuse an unknown name before changing anything (readout heads, built with the
+        # same `datasets`, are checked by these)
+        for module in found:
             _dataset_position(module.dataset_names, dataset)
         replace_submodules(model, cls, lambda old: old.folded(dataset))
         replace_submodules(model, DatasetReadoutHeads, lambda old: old.folded(dataset))
