@@ -308,11 +308,10 @@ def main(argv=None):
     files = split_files({k: getattr(args, k) for k in SPLITS})
     stats = P.data_statistics(Path(files["dft_train"]), args.r_max, args.type_names, "mean")
     a = {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "argv")}
+    P.init_torch()  # nequip's float64 data, as nequip-train has when it fits them
     references = datamodule(files, a, seed=0).energy_references()
     base = {"args": a, "stats": stats, "files": files, "references": references}
     tasks = [{**base, "seed": s, "variant": v} for s, v in P.rotated(list(VARIANTS), args.seeds)]
-
-    import torch  # noqa: F401  (after OMP_NUM_THREADS)
 
     info = {**P.machine_info(), "date": P.now()}
     t0 = time.perf_counter()
