@@ -5,7 +5,7 @@
 - :mod:`benchmarks.report`: statistics, Markdown/JSON tables, figures, ``--from-json``;
 - the studies, each ``run -> <out>.json`` and ``report(<out>.json) -> md/png``:
   ``accuracy``, ``pareto``, ``finetune``, ``conflicts``, ``step_cost``, ``aggregation_cost``,
-  ``batched_backward``; ``held_form`` is a benchmark-only training module.
+  ``batched_backward``, ``readout_heads``; ``held_form`` is a benchmark-only training module.
 
 Run a study as a module, e.g.::
 

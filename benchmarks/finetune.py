@@ -149,15 +149,6 @@ def pair_files(pair: str) -> dict[str, str]:
     return {k: str(v) for k, v in files.items()}
 
 
-def _loader(batch_size: int | None = None, shuffle: bool | None = None) -> dict:
-    out = {"_target_": "torch.utils.data.DataLoader"}
-    if batch_size is not None:
-        out["batch_size"] = batch_size
-    if shuffle is not None:
-        out["shuffle"] = shuffle
-    return out
-
-
 def datamodule(files: dict, a: dict, seed: int, train: str, replay: bool = False):
     """nequip's plain data module training on ``train`` (``A`` or ``B``), or with
     ``replay`` a ``MultiDatasetDataModule`` of ``pretrain`` (A) and ``new`` (B) with
@@ -167,7 +158,7 @@ def datamodule(files: dict, a: dict, seed: int, train: str, replay: bool = False
     def ds(key):
         return P.ase_dataset(Path(files[key]), r, types)
 
-    val = _loader(10)
+    val = P.loader(10)
     if not replay:
         from nequip.data.datamodule import NequIPDataModule
 
@@ -175,7 +166,7 @@ def datamodule(files: dict, a: dict, seed: int, train: str, replay: bool = False
             seed=seed,
             train_dataset=ds(f"{train}_train"),
             val_dataset=[ds("A_test"), ds("B_test")],
-            train_dataloader=_loader(a["batch_size"], shuffle=True),
+            train_dataloader=P.loader(a["batch_size"], shuffle=True),
             val_dataloader=val,
         )
     from nequip_mtl.data import MultiDatasetDataModule
@@ -192,7 +183,7 @@ def datamodule(files: dict, a: dict, seed: int, train: str, replay: bool = False
             "frames_per_batch": {"pretrain": k, "new": k},
             "batches_per_epoch": math.ceil(a["n_b_train"] / k),
         },
-        train_dataloader=_loader(),
+        train_dataloader=P.loader(),
         val_dataloader=val,
     )
 
@@ -214,21 +205,6 @@ def finetune_loss(method: M.Method) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- runs
-
-
-def _fit(module, dm, a: dict, per_epoch: int, metrics, callbacks=()) -> dict:
-    """Train on the protocol's clock; the equal-time and equal-epochs results, the curve."""
-    clock, record = P.budget_callbacks(a, per_epoch, metrics, LOADERS)
-    fit = P.trainer(
-        [clock, *callbacks, record],
-        max_epochs=10_000,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=a["val_every"],
-    )
-    t0 = time.perf_counter()
-    fit.fit(module, datamodule=dm)
-    final = {k: v for k, v in P.validate(module, dm, LOADERS).items() if k in metrics}
-    return P.run_results(a, clock, record, per_epoch, final, t0, module)
 
 
 def pretrain_args(a: dict) -> dict:
@@ -265,7 +241,7 @@ def pretrain_run(task: dict) -> dict:
     result = {
         "method": "pretrained",
         "seed": seed,
-        **_fit(module, dm, a, per_epoch, task["metrics"]),
+        **P.fit_on_clock(module, dm, a, per_epoch, task["metrics"], LOADERS),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_suffix(f".{os.getpid()}.part")
@@ -288,7 +264,9 @@ def finetune_run(task: dict) -> dict:
     module.model.load_state_dict(torch.load(task["cache"], weights_only=False)["model"])
     dm = datamodule(task["files"], a, seed, train="B", replay=method.replay is not None)
     per_epoch = math.ceil(a["n_b_train"] / a["batch_size"])
-    out = _fit(module, dm, a, per_epoch, task["metrics"], P.build_callbacks(method))
+    out = P.fit_on_clock(
+        module, dm, a, per_epoch, task["metrics"], LOADERS, P.build_callbacks(method)
+    )
     coeffs = {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()}
     return {"method": task["method"], "seed": seed, **out, "final_coeffs": coeffs}
 

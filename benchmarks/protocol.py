@@ -267,6 +267,16 @@ def data_and_statistics(
     return ETHANOL, split_statistics(ETHANOL, n_train, frames - n_train, r_max, type_names)
 
 
+def loader(batch_size: int | None = None, shuffle: bool | None = None) -> dict:
+    """A ``torch.utils.data.DataLoader`` config (nequip's defaults where not given)."""
+    out = {"_target_": "torch.utils.data.DataLoader"}
+    if batch_size is not None:
+        out["batch_size"] = batch_size
+    if shuffle is not None:
+        out["shuffle"] = shuffle
+    return out
+
+
 def run_datamodule(data: str | Path, a: dict, type_names: list[str]):
     """The accuracy benchmarks' data module: ``data`` split into ``a["n_train"]`` training
     and ``a["n_val"]`` validation frames (fixed split, seed 1), batches of ``a["batch_size"]``."""
@@ -643,6 +653,29 @@ def run_results(a: dict, clock, record, per_epoch: int, final: dict, t0: float, 
         "wall_s": time.perf_counter() - t0,
         "params": num_params(module),
     }
+
+
+def fit_on_clock(
+    module, dm, a: dict, per_epoch: int, metrics, loaders: dict = ONE_LOADER, callbacks=()
+) -> dict:
+    """Train ``module`` on ``dm`` on the protocol's clock (:func:`budget_callbacks`,
+    validating every ``a["val_every"]`` epochs; with ``a["lr_schedule"] == "cosine"`` the
+    learning rate annealed over the budget, :func:`cosine_on_clock`), then validate it once
+    more: its :func:`run_results` (``metrics`` named as :func:`loader_metrics` gives them
+    for ``loaders``)."""
+    clock, record = budget_callbacks(a, per_epoch, metrics, loaders)
+    if a.get("lr_schedule", "constant") == "cosine":
+        callbacks = [cosine_on_clock(clock, a["budget_s"], a["lr"]), *callbacks]
+    fit = trainer(
+        [clock, *callbacks, record],
+        max_epochs=10_000,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=a["val_every"],
+    )
+    t0 = time.perf_counter()
+    fit.fit(module, datamodule=dm)
+    final = {k: v for k, v in validate(module, dm, loaders).items() if k in metrics}
+    return run_results(a, clock, record, per_epoch, final, t0, module)
 
 
 def train_run(task: dict) -> dict:

@@ -18,6 +18,7 @@ from benchmarks import (
     finetune,
     pareto,
     protocol,
+    readout_heads,
     report,
     step_cost,
 )
@@ -31,6 +32,7 @@ STUDIES = {
     "conflicts": conflicts,
     "finetune": finetune,
     "pareto": pareto,
+    "readout_heads": readout_heads,
     "step_cost": step_cost,
 }
 #: committed json without a report of their own: the inputs of the hand-written

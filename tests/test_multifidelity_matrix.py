@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nequip_mtl.train as mtl
-from nequip_mtl.model import DatasetEnergyShifts
+from nequip_mtl.model import DatasetEnergyShifts, DatasetReadoutHeads
 from tests import _mfid as F
 from tests._harness import module_kwargs, params, trainer
 
@@ -29,7 +29,7 @@ START = torch.tensor([[REFS[n]["Cu"] + 3.0] for n in NAMES], dtype=torch.float64
 ATOL = {"float64": 1e-10, "float32": 1e-6}
 
 
-def model(dtype: str = "float64", trainable: bool = True, **inner) -> dict:
+def model(dtype: str = "float64", trainable: bool = True, heads: bool = False, **inner) -> dict:
     config = F.model_config(dtype)
     config.update(inner)
     return {
@@ -37,16 +37,17 @@ def model(dtype: str = "float64", trainable: bool = True, **inner) -> dict:
         "datasets": NAMES,
         "references": REFS,
         "trainable": trainable,
+        "readout_heads": heads,
         "model": config,
     }
 
 
-def kwargs(dtype="float64", trainable=True, inner=None, **kw) -> dict:
+def kwargs(dtype="float64", trainable=True, inner=None, heads=False, **kw) -> dict:
     kw.setdefault("optimizer", {"_target_": "torch.optim.SGD", "lr": 0.01})
     kw.setdefault("aggregator", {"_target_": "nequip_mtl.aggregators.UPGrad"})
     return module_kwargs(
         dtype,
-        model=model(dtype, trainable, **(inner or {})),
+        model=model(dtype, trainable, heads, **(inner or {})),
         loss={"_target_": "nequip_mtl.train.PerDatasetLoss", "datasets": NAMES, "coeffs": COEFFS},
         val_metrics=None,
         tasks="datasets",
@@ -117,17 +118,18 @@ def test_accumulating_two_batches_is_one_batch_of_their_union(tmp_path, dtype, t
 # ------------------------------------------------------------------ restart
 
 
+@pytest.mark.parametrize("heads", [False, True], ids=["shifts", "heads"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_a_restart_mid_epoch_resumes_exactly_with_trainable_references(tmp_path, dtype):
+def test_a_restart_mid_epoch_resumes_exactly_with_trainable_references(tmp_path, dtype, heads):
     """Interrupted after 3 of 12 steps (mid-epoch) and resumed from the checkpoint: parameters,
-    the trainable references included, equal the uninterrupted run's (Adam, whose state is
-    restored, and the sampler's position)."""
+    the trainable references (and per-dataset readout heads) included, equal the
+    uninterrupted run's (Adam, whose state is restored, and the sampler's position)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(root, ckpt_path=None, **trainer_kw):
         ckpt = ModelCheckpoint(dirpath=str(root), save_last=True, every_n_train_steps=3)
         return fit(
-            root, dtype=dtype, callbacks=[ckpt], ckpt_path=ckpt_path,
+            root, dtype=dtype, callbacks=[ckpt], ckpt_path=ckpt_path, heads=heads,
             optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
             trainer_kw={"enable_checkpointing": True, **trainer_kw},
         )  # fmt: skip
@@ -141,6 +143,11 @@ def test_a_restart_mid_epoch_resumes_exactly_with_trainable_references(tmp_path,
     torch.testing.assert_close(params(resumed), params(full), rtol=0, atol=1e-12)
     torch.testing.assert_close(shifts(resumed).offsets, shifts(full).offsets, rtol=0, atol=1e-12)
     assert (shifts(part).offsets - shifts(full).offsets).abs().max() > 1e-6
+    found = [m for m in full.model.modules() if isinstance(m, DatasetReadoutHeads)]
+    assert len(found) == heads
+    if heads:  # trained apart by each dataset's own frames
+        lo, hi = (p.detach() for p in found[0].heads.parameters())
+        assert (lo - hi).abs().max() > 1e-6
 
 
 # ------------------------------------------------------------------ train-time compile

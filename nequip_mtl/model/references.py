@@ -8,6 +8,7 @@ ASE).
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Mapping, Sequence
 
@@ -34,6 +35,36 @@ def _type_values(module: PerTypeScaleShift, name: str) -> list[float] | None:
     if values.numel() == 1:
         return [float(values[0])] * module.num_types
     return [float(v) for v in values]
+
+
+def _require_dataset_index(module: torch.nn.Module, data: AtomicDataDict.Type) -> None:
+    if DATASET_INDEX_KEY not in data:
+        raise RuntimeError(
+            f"{type(module).__name__}: the input has no `{DATASET_INDEX_KEY}`: this model "
+            f"predicts at the level of theory of each of its datasets {module.dataset_names}. "
+            "Frames from nequip_mtl.data.MultiDatasetDataModule carry it; to use the model "
+            "at one dataset's level of theory, deploy it with the model modifier "
+            "`select_fidelity` (e.g. `nequip-package modify in.nequip.zip out.nequip.zip "
+            "--modifier select_fidelity dataset=<name>`)."
+        )
+
+
+def _atom_datasets(data: AtomicDataDict.Type, num_atoms: int) -> torch.Tensor:
+    """The training dataset of each atom: its frame's ``dataset_index``."""
+    frame_dataset = data[DATASET_INDEX_KEY].reshape(-1)
+    if AtomicDataDict.BATCH_KEY in data:
+        return frame_dataset[data[AtomicDataDict.BATCH_KEY].reshape(-1)]
+    return frame_dataset.expand(num_atoms)
+
+
+def _dataset_position(dataset_names: list[str], dataset) -> int:
+    if isinstance(dataset, str) and dataset in dataset_names:
+        return dataset_names.index(dataset)
+    raise ValueError(
+        f"select_fidelity: `dataset` is {dataset!r}, which is not one of this model's "
+        f"datasets {dataset_names} (the `datasets` of {_BUILDER}, in the data "
+        "module's order); name one of them"
+    )
 
 
 class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
@@ -77,22 +108,10 @@ class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
 
     def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
         """"""
-        if DATASET_INDEX_KEY not in data:
-            raise RuntimeError(
-                f"{type(self).__name__}: the input has no `{DATASET_INDEX_KEY}`: this model "
-                f"predicts at the level of theory of each of its datasets {self.dataset_names}. "
-                "Frames from nequip_mtl.data.MultiDatasetDataModule carry it; to use the model "
-                "at one dataset's level of theory, deploy it with the model modifier "
-                "`select_fidelity` (e.g. `nequip-package modify in.nequip.zip out.nequip.zip "
-                "--modifier select_fidelity dataset=<name>`)."
-            )
+        _require_dataset_index(self, data)
         data = self.base(data)
         energy = data[self.out_field]
-        frame_dataset = data[DATASET_INDEX_KEY].reshape(-1)
-        if AtomicDataDict.BATCH_KEY in data:
-            atom_dataset = frame_dataset[data[AtomicDataDict.BATCH_KEY].reshape(-1)]
-        else:
-            atom_dataset = frame_dataset.expand(energy.size(0))
+        atom_dataset = _atom_datasets(data, energy.size(0))
         types = data[AtomicDataDict.ATOM_TYPE_KEY].reshape(-1)
         # as nequip's PerTypeScaleShift: only the local atoms of an ML-IAP ghost layout
         atom_dataset, types = atom_dataset[: energy.size(0)], types[: energy.size(0)]
@@ -112,7 +131,7 @@ class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
         """nequip's own ``PerTypeScaleShift`` predicting what this module predicts for the
         frames of ``dataset``: the same scales, and the shared shifts plus that dataset's
         offsets (float64 sums)."""
-        d = self._dataset_position(dataset)
+        d = _dataset_position(self.dataset_names, dataset)
         base = self.base
         shared = _type_values(base, "shifts") or [0.0] * len(self.type_names)
         offsets = self.offsets.detach().to(torch.float64).cpu()[d]
@@ -136,26 +155,19 @@ class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
         )
         return new.to(base.shifts.device if base.shifts.numel() else self.offsets.device)
 
-    def _dataset_position(self, dataset) -> int:
-        if isinstance(dataset, str) and dataset in self.dataset_names:
-            return self.dataset_names.index(dataset)
-        raise ValueError(
-            f"select_fidelity: `dataset` is {dataset!r}, which is not one of this model's "
-            f"datasets {self.dataset_names} (the `datasets` of {_BUILDER}, in the data "
-            "module's order); name one of them"
-        )
-
     @model_modifier(persistent=True, private=False)
     @classmethod
     def select_fidelity(cls, model, dataset: str):
         """Deploy the model at the level of theory of one training dataset.
 
         The per-dataset energy references are folded into nequip's own per-type energy
-        shifts (``shifts[t] + offsets[dataset, t]``, in float64), and ``dataset_index`` is
-        no longer an input: the result is a plain nequip model (the same modules and
-        parameter names as the model given to ``PerDatasetEnergyReferences``) that predicts
-        exactly what the training model predicts for that dataset's frames. Packaged with
-        ``nequip-package``, it loads and compiles without ``nequip_mtl`` installed.
+        shifts (``shifts[t] + offsets[dataset, t]``, in float64), per-dataset readout heads
+        (``readout_heads: true``) into nequip's own readout with that dataset's last layer,
+        and ``dataset_index`` is no longer an input: the result is a plain nequip model (the
+        same modules and parameter names as the model given to
+        ``PerDatasetEnergyReferences``) that predicts exactly what the training model
+        predicts for that dataset's frames. Packaged with ``nequip-package``, it loads and
+        compiles without ``nequip_mtl`` installed.
 
         .. code-block:: bash
 
@@ -169,11 +181,103 @@ class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
         found = [m for m in model.modules() if isinstance(m, cls)]
         if not found:
             raise RuntimeError(f"select_fidelity: the model has no {cls.__name__} module")
+        # refuse an unknown name before changing anything (readout heads, built with the
+        # same `datasets`, are checked by these)
         for module in found:
-            module._dataset_position(dataset)  # refuse an unknown name before changing anything
+            _dataset_position(module.dataset_names, dataset)
         replace_submodules(model, cls, lambda old: old.folded(dataset))
+        replace_submodules(model, DatasetReadoutHeads, lambda old: old.folded(dataset))
         _drop_input_field(model, DATASET_INDEX_KEY)
         return model
+
+
+def _is_a(module: torch.nn.Module, class_name: str) -> bool:
+    """``module`` is an instance of a class named ``class_name`` (by name: a model loaded
+    from a package has the package's copy of nequip's classes; a parametrized layer is a
+    subclass)."""
+    return any(c.__name__ == class_name for c in type(module).__mro__)
+
+
+class DatasetReadoutHeads(GraphModuleMixin, torch.nn.Module):
+    """One copy per training dataset of the last linear layer of the model's per-atom
+    energy readout (nequip's ``ScalarMLP`` on ``per_atom_energy``), chosen for each atom by
+    its frame's ``dataset_index``; the layers before it are shared.
+
+    Each copy starts equal to the model's own last layer, so a model with heads predicts at
+    initialisation exactly what it predicts without them; each dataset's frames then train
+    only their own copy. Built by :func:`PerDatasetEnergyReferences` with
+    ``readout_heads: true``; ``select_fidelity`` folds one copy back into nequip's readout
+    (:meth:`folded`).
+
+    Args:
+        readout: the model's ``ScalarMLP`` readout (its ``mlp_module.mlp`` a
+            ``torch.nn.Sequential`` ending in a ``ScalarLinearLayer``)
+        dataset_names: the training datasets, in ``dataset_index`` order
+    """
+
+    def __init__(self, readout: torch.nn.Module, dataset_names: Sequence[str]) -> None:
+        super().__init__()
+        self.dataset_names = list(dataset_names)
+        layers = readout.mlp_module.mlp
+        last = layers[-1]
+        # the shared layers stay in `readout`; its last layer is taken out (an identity)
+        self.heads = torch.nn.ModuleList(copy.deepcopy(last) for _ in self.dataset_names)
+        layers[-1] = torch.nn.Identity()
+        self.readout = readout
+        self.field, self.out_field = readout.field, readout.out_field
+        irreps_in = dict(readout.irreps_in)
+        irreps_in[DATASET_INDEX_KEY] = None
+        self._init_irreps(irreps_in=irreps_in, irreps_out=readout.irreps_out)
+
+    def forward(self, data: AtomicDataDict.Type) -> AtomicDataDict.Type:
+        """"""
+        _require_dataset_index(self, data)
+        hidden = self.readout.mlp_module(data[self.field])
+        atom_dataset = _atom_datasets(data, hidden.size(0)).unsqueeze(-1)
+        out = self.heads[0](hidden)
+        for d in range(1, len(self.heads)):
+            out = torch.where(atom_dataset == d, self.heads[d](hidden), out)
+        data[self.out_field] = out
+        return data
+
+    def folded(self, dataset: str) -> torch.nn.Module:
+        """The model's own readout (its class, its shared layers) with ``dataset``'s last
+        layer: nequip's readout predicting what this module predicts for that dataset."""
+        d = _dataset_position(self.dataset_names, dataset)
+        readout = copy.deepcopy(self.readout)
+        readout.mlp_module.mlp[-1] = copy.deepcopy(self.heads[d])
+        return readout
+
+    @classmethod
+    def readout_of(cls, model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Module]:
+        """``(parent, name, readout)`` of the one per-atom energy readout of ``model`` whose
+        last linear layer can be copied per dataset; refused with the reason otherwise."""
+        where = f"{_WHERE}.readout_heads"
+        found = [
+            (parent, name, child)
+            for parent in model.modules()
+            for name, child in parent.named_children()
+            if _is_a(child, "ScalarMLP")
+            and getattr(child, "out_field", None) == AtomicDataDict.PER_ATOM_ENERGY_KEY
+        ]
+        if len(found) != 1:
+            raise ValueError(
+                f"{_BUILDER}: `{where}: true` needs the model's per-atom energy readout, one "
+                f"nequip ScalarMLP writing `{AtomicDataDict.PER_ATOM_ENERGY_KEY}` (NequIP "
+                f"models' `per_atom_energy_readout`); the model `{_WHERE}.model` has "
+                f"{len(found)}. Models without one (e.g. Allegro, whose energies are read out "
+                f"per edge) are not supported: set `{where}: false`"
+            )
+        layers = getattr(found[0][2].mlp_module, "mlp", None)
+        if not (isinstance(layers, torch.nn.Sequential) and _is_a(layers[-1], "ScalarLinearLayer")):
+            raise ValueError(
+                f"{_BUILDER}: `{where}: true`: the readout's layers are "
+                f"{type(layers).__name__}, not a torch.nn.Sequential ending in nequip's "
+                "ScalarLinearLayer (a readout with hidden layers and no nonlinearity is one "
+                "fused matrix product, which has no last layer to copy): give the readout a "
+                f"nonlinearity (`readout_mlp_nonlinearity`) or set `{where}: false`"
+            )
+        return found[0]
 
 
 def _builder(target: str):
@@ -275,6 +379,7 @@ def PerDatasetEnergyReferences(
     datasets: Sequence[str],
     references,
     trainable: bool = False,
+    readout_heads: bool = False,
 ):
     """Wrap any nequip model with one per-type energy reference per training dataset.
 
@@ -289,6 +394,11 @@ def PerDatasetEnergyReferences(
     minimum-norm least-squares fit of frame energies on per-type atom counts), or given by
     hand, e.g. isolated-atom energies; a list of such mappings is merged in order (later
     values replace earlier ones). ``trainable: true`` learns them with the model.
+
+    ``readout_heads: true`` also gives each dataset its own copy of the last linear layer of
+    the model's per-atom energy readout (:class:`DatasetReadoutHeads`; NequIP models), each
+    starting equal to the model's own; see ``docs/multifidelity.md`` for what it was
+    measured to do.
 
     To predict at one dataset's level of theory, apply the model modifier
     ``select_fidelity`` (``nequip-package modify ... --modifier select_fidelity
@@ -306,6 +416,7 @@ def PerDatasetEnergyReferences(
             #   - ${training_data_stats:per_dataset_energy_references}
             #   - {dft: {C: -23.1, H: -0.5, O: -47.3}}
             trainable: false
+            readout_heads: false            # true: a per-dataset last readout layer
             model:
               _target_: nequip.model.NequIPGNNModel
               seed: 123
@@ -324,6 +435,7 @@ def PerDatasetEnergyReferences(
         datasets: the training datasets' names, in the data module's order (``dataset_index``)
         references: ``{dataset: {type: energy}}`` (or a list of them, merged in order)
         trainable: learn the references (default: fixed)
+        readout_heads: one last readout layer per dataset (default: one shared readout)
     """
     if isinstance(model, Mapping):
         config = dict(model)
@@ -336,8 +448,9 @@ def PerDatasetEnergyReferences(
             f"{_BUILDER}: `{_WHERE}.datasets` must list the data module's datasets in order, "
             f"each once; got {datasets}"
         )
-    if not isinstance(trainable, bool):
-        raise ValueError(f"{_BUILDER}: `{_WHERE}.trainable` must be true or false")
+    for key, value in (("trainable", trainable), ("readout_heads", readout_heads)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{_BUILDER}: `{_WHERE}.{key}` must be true or false, got {value!r}")
     graph_models = _graph_models(model)
     if not graph_models:
         raise ValueError(f"{_BUILDER}: `{_WHERE}.model` did not build a nequip GraphModel")
@@ -356,6 +469,8 @@ def PerDatasetEnergyReferences(
             f"PerTypeScaleShift on `{AtomicDataDict.PER_ATOM_ENERGY_KEY}` (the per-type energy "
             f"scale/shift of NequIP and Allegro models); found {len(bases)}"
         )
+    # refused before anything is changed
+    readout = DatasetReadoutHeads.readout_of(model) if readout_heads else None
     table = torch.tensor(_resolve_references(references, datasets, type_names), dtype=torch.float64)
     parent, name, base = bases[0]
     shared = torch.tensor(
@@ -363,5 +478,8 @@ def PerDatasetEnergyReferences(
     )
     wrapper = DatasetEnergyShifts(base, datasets, table - shared, trainable=trainable)
     parent._modules[name] = wrapper.to(base.shifts.device if base.shifts.numel() else "cpu")
+    if readout is not None:
+        parent, name, module = readout
+        parent._modules[name] = DatasetReadoutHeads(module, datasets)
     _add_input_field(model, DATASET_INDEX_KEY)
     return model
