@@ -98,7 +98,10 @@ class Setup:
         return self._dm
 
     def model(self, dtype: str) -> dict:
-        return P.model_config(dtype, self.stats, **P.model_arguments(self.args))
+        model = P.model_config(dtype, self.stats, **P.model_arguments(self.args))
+        if getattr(self.args, "compile", False):
+            model["compile_mode"] = "compile"  # nequip's train-time compile
+        return model
 
     def module(self, method: M.Method, dtype: str, num_tasks: int):
         """A fresh training module (the same initial weights every time)."""
@@ -939,7 +942,8 @@ def datasets_markdown(data: dict) -> str:
         "",
         f"NequIP model with {results[0]['params'] if results else '?'} parameters "
         f"(l_max={args.l_max}, {args.num_layers} layers, {args.num_features} features, radial "
-        f"MLP 2x{args.radial_width}), {args.dtypes and ', '.join(args.dtypes)}. Training data: "
+        f"MLP 2x{args.radial_width}), {args.dtypes and ', '.join(args.dtypes)}"
+        f"{_compile_text(args)}. Training data: "
         f"{len(names)} EMT alloy datasets (Cu/Ni/Pd, 8-32 atoms per frame; {mixes}) in a "
         "`MultiDatasetDataModule` with balanced batches (k frames of every dataset in every "
         "batch) and a `PerDatasetLoss` (per-atom energy and forces MSE of every dataset, "
@@ -994,6 +998,15 @@ def datasets_markdown(data: dict) -> str:
             "bound, *within noise* if only the 95% interval reaches it): " + "; ".join(cells),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _compile_text(args) -> str:
+    if not getattr(args, "compile", False):
+        return ", eager (no train-time compile)"
+    return (
+        ", under nequip's train-time compile (`compile_mode: compile`; each method's model "
+        "compiled during its warm-up steps)"
+    )
 
 
 def _mix_text(generator: dict) -> str:
@@ -1086,6 +1099,12 @@ def main(argv=None):
         nargs="+",
         default=[4, 8, 16],
         help="with --datasets: frames of each dataset per batch, one configuration each",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="train-time compile (the model's `compile_mode: compile`); compiled during the "
+        "warm-up steps, which are not timed",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument("--memory-only", action="store_true", help="only the memory measurements")
