@@ -1,5 +1,6 @@
 """Per-dataset energy references (issue 19) under the several-datasets matrix: the
-``PerDatasetEnergyReferences`` wrapper (fixed and trainable references) trained by
+``PerDatasetEnergyReferences`` wrapper (fixed and trainable references, with and without
+per-dataset readout heads) trained by
 ``MultitaskLightningModule(tasks: datasets)`` on two EMT Cu "levels of theory" whose energies
 differ by -4 per atom (``tests/_mfid.py``), under gradient accumulation, a mid-epoch restart,
 train-time compile and two gloo DDP ranks, in float32 and float64.
@@ -96,22 +97,27 @@ def test_the_wrapper_is_trained_with_both_datasets_as_tasks(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("trainable", [True, False], ids=["trainable", "fixed"])
-def test_accumulating_two_batches_is_one_batch_of_their_union(tmp_path, dtype, trainable):
+@pytest.mark.parametrize(
+    "trainable, heads", [(True, False), (False, False), (True, True)],
+    ids=["trainable", "fixed", "trainable_heads"],
+)  # fmt: skip
+def test_accumulating_two_batches_is_one_batch_of_their_union(tmp_path, dtype, trainable, heads):
     """Balanced batches of 1+1 frames accumulated in pairs against batches of 2+2: the sampler
     reads each dataset's frames in the same order either way, so each big batch is the union
     of two micro-batches; per-dataset losses are means over equal-sized frames, so the window's
     summed task gradients are the big batch's, and UPGrad (nonlinear in them) gives one update."""
     acc, tr_acc = fit(
-        tmp_path / "acc", dtype=dtype, trainable=trainable,
+        tmp_path / "acc", dtype=dtype, trainable=trainable, heads=heads,
         trainer_kw={"accumulate_grad_batches": 2},
     )  # fmt: skip
-    big, tr_big = fit(tmp_path / "big", per_dataset=2, dtype=dtype, trainable=trainable)
+    big, tr_big = fit(
+        tmp_path / "big", per_dataset=2, dtype=dtype, trainable=trainable, heads=heads
+    )
     assert tr_acc.global_step == tr_big.global_step == 6
     assert next(acc.model.parameters()).dtype == getattr(torch, dtype)
     torch.testing.assert_close(params(acc), params(big), rtol=0, atol=ATOL[dtype])
     # the check can fail: the same micro-batches without accumulation (twice the steps) differ
-    small, _ = fit(tmp_path / "small", dtype=dtype, trainable=trainable)
+    small, _ = fit(tmp_path / "small", dtype=dtype, trainable=trainable, heads=heads)
     assert (params(small) - params(big)).abs().max() > 100 * ATOL[dtype]
 
 
@@ -155,13 +161,17 @@ def test_a_restart_mid_epoch_resumes_exactly_with_trainable_references(tmp_path,
 
 @pytest.mark.slow
 def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
-    """`compile_mode: compile` on the wrapped model, ``dataset_index`` an input of the compiled
-    graph: the trajectory, references included, is eager's. Batches of 2+2 frames, so that each
-    dataset's sub-batch has 2 frames (nequip's ``CompileGraphModel`` runs eager on 1 frame)."""
+    """`compile_mode: compile` on the wrapped model with readout heads, ``dataset_index`` an
+    input of the compiled graph: the trajectory, references and heads included, is eager's.
+    Batches of 2+2 frames, so that each dataset's sub-batch has 2 frames (nequip's
+    ``CompileGraphModel`` runs eager on 1 frame)."""
     runs = {}
     for mode in ("eager", "compile"):
-        module, _ = fit(tmp_path / mode, per_dataset=2, epochs=1, inner={"compile_mode": mode})
+        module, _ = fit(
+            tmp_path / mode, per_dataset=2, epochs=1, heads=True, inner={"compile_mode": mode}
+        )
         runs[mode] = (params(module), shifts(module).offsets.detach().clone())
+    assert any(isinstance(m, DatasetReadoutHeads) for m in module.model.modules())
     graph = module.model.sole_model
     assert type(graph).__name__ == "CompileGraphModel"
     assert "dataset_index" in graph.model_input_fields
@@ -179,7 +189,8 @@ def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
 def test_two_gloo_ranks_train_like_one_process(tmp_path):
     """Balanced batches of 2+2 frames in one process against 1+1 per rank on 2 gloo ranks
     (``tests/multi_dataset_ddp_worker.py multifidelity``): the ranks hold disjoint halves of the
-    one-process batch, and the parameters, the trainable references included, are the same."""
+    one-process batch, and the parameters, the trainable references and the per-dataset
+    readout heads included, are the same."""
     import sys
 
     from tests._ddp import launch
