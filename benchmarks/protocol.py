@@ -30,6 +30,8 @@ set (``benchmarks/__init__.py``) before torch is first imported.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -62,6 +64,8 @@ ETHANOL = Path(
     )
 )
 ETHANOL_TYPE_NAMES = ["C", "H", "O"]
+#: 1200 frames of GFN2-xTB ethanol MD at 300/600/900 K, kcal/mol (benchmarks/data/README.md)
+XTB_ETHANOL = ROOT / "data" / "ethanol_xtb_1200.xyz"
 #: 1 kcal/mol in meV
 KCAL_MOL_TO_MEV = 43.364
 
@@ -168,6 +172,34 @@ def data_statistics(
         "forces_rms": float(np.sqrt(np.mean(forces**2))),
         "num_neighbors_mean": float(np.average(neighbors, weights=[len(a) for a in frames])),
     }
+
+
+def write_frames(path: Path, frames) -> None:
+    """Write ASE ``frames`` to the extxyz file ``path`` atomically (a part file, renamed)."""
+    from nequip_mtl.data.emt_alloy import write_frames as write
+
+    part = path.with_suffix(f".{os.getpid()}.part.xyz")
+    write(frames, part)
+    part.replace(path)
+
+
+def loader_config(batch_size: int | None = None, shuffle: bool | None = None) -> dict:
+    """A ``torch.utils.data.DataLoader`` config (``None``: the option left out)."""
+    out = {"_target_": "torch.utils.data.DataLoader"}
+    if batch_size is not None:
+        out["batch_size"] = batch_size
+    if shuffle is not None:
+        out["shuffle"] = shuffle
+    return out
+
+
+def cache_path(folder: str, a: dict, keys, *extra, seed: int) -> Path:
+    """``_tmp/<folder>/seed<seed>_<digest>.pt``: the cache file of a model that depends on
+    the run arguments ``keys`` of ``a``, the model options and ``extra`` (json-able)."""
+    keys = (*keys, *model_arguments(a))
+    blob = json.dumps([{k: a[k] for k in keys}, *extra, seed], sort_keys=True, default=str)
+    digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
+    return TMP / folder / f"seed{seed}_{digest}.pt"
 
 
 def ase_dataset(path: Path, r_max: float, type_names: list[str] | None = None) -> dict:
@@ -643,6 +675,23 @@ def run_results(a: dict, clock, record, per_epoch: int, final: dict, t0: float, 
         "wall_s": time.perf_counter() - t0,
         "params": num_params(module),
     }
+
+
+def fit_on_clock(module, dm, a: dict, per_epoch: int, metrics, loaders, callbacks=()) -> dict:
+    """Train ``module`` on ``dm`` on the training clock (:func:`budget_callbacks`), validating
+    the ``loaders`` every ``a["val_every"]`` epochs; :func:`run_results` of the run, the final
+    validation of ``metrics`` in it."""
+    clock, record = budget_callbacks(a, per_epoch, metrics, loaders)
+    fit = trainer(
+        [clock, *callbacks, record],
+        max_epochs=10_000,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=a["val_every"],
+    )
+    t0 = time.perf_counter()
+    fit.fit(module, datamodule=dm)
+    final = {k: v for k, v in validate(module, dm, loaders).items() if k in metrics}
+    return run_results(a, clock, record, per_epoch, final, t0, module)
 
 
 def train_run(task: dict) -> dict:

@@ -16,6 +16,7 @@ from benchmarks import (
     batched_backward,
     conflicts,
     finetune,
+    multifidelity,
     pareto,
     protocol,
     report,
@@ -30,6 +31,7 @@ STUDIES = {
     "batched_backward": batched_backward,
     "conflicts": conflicts,
     "finetune": finetune,
+    "multifidelity": multifidelity,
     "pareto": pareto,
     "step_cost": step_cost,
 }
