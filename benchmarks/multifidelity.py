@@ -497,8 +497,8 @@ def cosine_lines(data: dict) -> list[str]:
         f"**Gradient cosine between the DFT and xTB dataset tasks** (per-atom energy + force "
         f"MSE of each dataset, 1:1), on the first {a['cosine_steps']} balanced batches "
         f"({a['batch_size']} + {a['batch_size']} frames, the {cos[0]['n_dft']} DFT training "
-        "frames), the model held fixed; median over batches and seeds [min, max], and the "
-        "fraction of batches with a negative cosine. *references*: per-dataset energy "
+        "frames), the model held fixed; the median, smallest and largest over batches and "
+        "seeds, and the fraction of batches with a negative cosine. *references*: per-dataset energy "
         "references (the joint runs' model); *one shared shift*: the plain model (at "
         "initialisation DFT's per-atom energy mean, pretrained: the pretrained model's own "
         "xTB one), as a concatenation of the two files would train.",
@@ -536,7 +536,11 @@ def markdown(data: dict) -> str:
         f"Multi-fidelity benchmark on {R.machine_line(meta['machine'])}; {meta['time']}; "
         f"total {meta['elapsed_s'] / 60:.1f} min (1 run at a time).",
         "",
-        f"Command: `{R.command('multifidelity', a['argv'], omp=False)}`",
+        f"Command: `{R.command('multifidelity', a['argv'], omp=False)}`"
+        + "".join(
+            f"; resumed with `{R.command('multifidelity', v, omp=False)}`"
+            for v in a.get("resumed_argv", [])
+        ),
         "",
         f"High fidelity: DFT ethanol (`{Path(str(P.ETHANOL)).name}`), {N_DFT_TEST} frames held "
         f"out as the test set (never used for any choice), DFT training sets of "
@@ -764,6 +768,7 @@ def main(argv=None):
         for key in ("methods", "reduction_methods", "seeds", "dft_train"):
             a[key] = list(dict.fromkeys([*prev[key], *a[key]]))
         a["argv"] = prev["argv"]
+        a["resumed_argv"] = [*prev.get("resumed_argv", []), list(argv)]
     a["skipped"] = skipped
     a["expected_runs"] = len(runs) + len(todo)
     base = {"args": a, "stats": stats, "files": files}
