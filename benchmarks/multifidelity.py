@@ -70,8 +70,8 @@ F, E = "forces_mae", "per_atom_energy_mae"
 METRICS = {E: ("DFT energy MAE", P.KCAL_MOL_TO_MEV, "meV/atom"),
            F: ("DFT force MAE", P.KCAL_MOL_TO_MEV, "meV/Å")}  # fmt: skip
 PRETRAIN_METRICS = {f"{d}/{k}": v for d in ("dft", "xtb") for k, v in METRICS.items()}
-#: the reduced DFT sizes run these (the baselines, a priori picks of the sweep, UPGrad)
-REDUCTION_METHODS = ["mf_dft_only", "mf_pretrain_ft", "mf_joint_1", "mf_joint_3", "mf_upgrad"]
+#: the reduced DFT sizes run these (the baselines, the whole weighted-sum sweep, UPGrad)
+REDUCTION_METHODS = ["mf_dft_only", "mf_pretrain_ft", *M.MF_SWEEP, "mf_upgrad"]
 QUICK_METHODS = ["mf_dft_only", "mf_pretrain_ft", "mf_joint_1", "mf_upgrad", "mf_joint_heads"]
 #: the states and variants of the gradient-cosine measurement
 COSINE_STATES = ("init", "pretrained")
@@ -591,7 +591,7 @@ def markdown(data: dict) -> str:
         for key in ("budget", "epochs"):
             cap = captions(a)[key]
             lines += [f"**Reducing the DFT frames ({cap})**: the methods run at several sizes "
-                      f"({', '.join(REDUCTION_METHODS)} by default)", ""]  # fmt: skip
+                      f"(`--reduction-methods` {' '.join(a['reduction_methods'])})", ""]  # fmt: skip
             lines += reduction_table(data, key) + [""]
     for n in sizes:
         rows = summaries(data, n)
