@@ -49,8 +49,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import sys
@@ -63,7 +61,7 @@ from benchmarks import pareto
 from benchmarks import protocol as P
 from benchmarks import report as R
 
-XTB_ETHANOL = P.ROOT / "data" / "ethanol_xtb_1200.xyz"
+XTB_ETHANOL = P.XTB_ETHANOL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,14 +106,6 @@ def metrics_of(pair: str) -> dict[str, tuple[str, float, str]]:
 # ----------------------------------------------------------------------------- data
 
 
-def _write(path: Path, frames) -> None:
-    from nequip_mtl.data.emt_alloy import write_frames
-
-    part = path.with_suffix(f".{os.getpid()}.part.xyz")
-    write_frames(frames, part)
-    part.replace(path)
-
-
 def pair_files(pair: str) -> dict[str, str]:
     """The four extxyz files of ``pair`` (A and B, train and test), written once."""
     import numpy as np
@@ -142,10 +132,10 @@ def pair_files(pair: str) -> dict[str, str]:
             b = [f for f in frames if f.info["temperature_K"] == 900.0]
         a = [a[i] for i in rng.permutation(len(a))]
         b = [b[i] for i in rng.permutation(len(b))]
-        _write(files["A_train"], a[: p.n_a_train])
-        _write(files["A_test"], a[p.n_a_train : p.n_a_train + p.n_a_test])
-        _write(files["B_train"], b[: p.n_b_train])
-        _write(files["B_test"], b[p.n_b_train : p.n_b_train + p.n_b_test])
+        P.write_frames(files["A_train"], a[: p.n_a_train])
+        P.write_frames(files["A_test"], a[p.n_a_train : p.n_a_train + p.n_a_test])
+        P.write_frames(files["B_train"], b[: p.n_b_train])
+        P.write_frames(files["B_test"], b[p.n_b_train : p.n_b_train + p.n_b_test])
     return {k: str(v) for k, v in files.items()}
 
 
@@ -158,7 +148,7 @@ def datamodule(files: dict, a: dict, seed: int, train: str, replay: bool = False
     def ds(key):
         return P.ase_dataset(Path(files[key]), r, types)
 
-    val = P.loader(10)
+    val = P.loader_config(10)
     if not replay:
         from nequip.data.datamodule import NequIPDataModule
 
@@ -166,7 +156,7 @@ def datamodule(files: dict, a: dict, seed: int, train: str, replay: bool = False
             seed=seed,
             train_dataset=ds(f"{train}_train"),
             val_dataset=[ds("A_test"), ds("B_test")],
-            train_dataloader=P.loader(a["batch_size"], shuffle=True),
+            train_dataloader=P.loader_config(a["batch_size"], shuffle=True),
             val_dataloader=val,
         )
     from nequip_mtl.data import MultiDatasetDataModule
@@ -183,7 +173,7 @@ def datamodule(files: dict, a: dict, seed: int, train: str, replay: bool = False
             "frames_per_batch": {"pretrain": k, "new": k},
             "batches_per_epoch": math.ceil(a["n_b_train"] / k),
         },
-        train_dataloader=P.loader(),
+        train_dataloader=P.loader_config(),
         val_dataloader=val,
     )
 
@@ -215,11 +205,8 @@ def pretrain_args(a: dict) -> dict:
 
 def pretrained_path(a: dict, stats: dict, seed: int) -> Path:
     """The cache file of the pretrained model of ``seed`` (keyed by everything it depends on)."""
-    keys = ("pair", "pretrain_s", "pretrain_lr", "batch_size", "clock", "type_names",
-            *P.model_arguments(a))  # fmt: skip
-    blob = json.dumps([{k: a[k] for k in keys}, stats, seed], sort_keys=True, default=str)
-    digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
-    return P.TMP / f"finetune_{a['pair']}_pretrained" / f"seed{seed}_{digest}.pt"
+    keys = ("pair", "pretrain_s", "pretrain_lr", "batch_size", "clock", "type_names")
+    return P.cache_path(f"finetune_{a['pair']}_pretrained", a, keys, stats, seed=seed)
 
 
 def pretrain_run(task: dict) -> dict:

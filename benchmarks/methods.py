@@ -45,6 +45,11 @@ class Method:
     #: data relative to the new data's (balanced batches of both); ``None``: no replay, the
     #: new data alone on nequip's plain data module
     replay: float | None = None
+    #: multi-fidelity (``benchmarks/multifidelity.py``): how the two levels of theory are
+    #: used, ``{"mode": "dft_only" | "pretrain" | "joint", "dft": w, "heads": bool}``
+    #: (``joint``: balanced batches of both, the DFT loss coefficients ``w`` x the xTB ones;
+    #: ``heads``: per-dataset readout heads); ``None``: not a multi-fidelity method
+    fidelity: dict[str, Any] | None = None
 
     def targets(self) -> list[str]:
         out = [self.module]
@@ -287,21 +292,29 @@ def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
     out = {"ft_naive": _baseline("naive: new data only (weighted sum)")}
     for w in REPLAY_WEIGHTS:
         out[f"ft_replay_{w:g}"] = _baseline(f"replay, weighted sum {w:g}:1", replay=w)
-    for key, name, label, kw in (
-        ("ft_upgrad", "UPGrad", "UPGrad", {}),
-        ("ft_pcgrad", "PCGrad", "PCGrad", {}),
-        (
-            "ft_primary",
-            "PrimaryConstrained",
-            "PrimaryConstrained (primary new)",
-            {"primary": "new"},
-        ),
-    ):
-        m = _agg(name, f"replay, dataset tasks, {label}", **kw)
-        out[key] = dataclasses.replace(m, kwargs={**m.kwargs, "tasks": "datasets"}, replay=1.0)
+    out.update(_dataset_tasks("ft", "replay, ", "new", calibration_steps, replay=1.0))
+    return out
+
+
+def _dataset_tasks(prefix: str, what: str, primary: str, calibration_steps: int, **kw):
+    """Two datasets as tasks on a 1:1 per-dataset loss (``tasks: datasets``): UPGrad,
+    PCGrad and ``PrimaryConstrained`` (``primary``) as ``<prefix>_upgrad``, ``_pcgrad``,
+    ``_primary``; calibrate-then-freeze (UPGrad weights) on nequip's module as
+    ``<prefix>_calib``. ``what`` starts the labels; ``kw``: further :class:`Method` fields."""
+    out = {}
+    for key, name, label, agg in (
+        ("upgrad", "UPGrad", "UPGrad", {}),
+        ("pcgrad", "PCGrad", "PCGrad", {}),
+        ("primary", "PrimaryConstrained", f"PrimaryConstrained (primary {primary})",
+         {"primary": primary}),
+    ):  # fmt: skip
+        m = _agg(name, f"{what}dataset tasks, {label}", **agg)
+        out[f"{prefix}_{key}"] = dataclasses.replace(
+            m, kwargs={**m.kwargs, "tasks": "datasets"}, **kw
+        )
     calib = _calibrated(calibration_steps)["calib_upgrad"]
-    out["ft_calib"] = dataclasses.replace(
-        calib, label="replay, calibrate-then-freeze (UPGrad weights)", replay=1.0
+    out[f"{prefix}_calib"] = dataclasses.replace(
+        calib, label=f"{what}calibrate-then-freeze (UPGrad weights)", **kw
     )
     return out
 
@@ -309,6 +322,40 @@ def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
 #: fine-tuning: the replay sweep (the front), and every strategy
 FT_SWEEP = [f"ft_replay_{w:g}" for w in REPLAY_WEIGHTS]
 FT_METHODS = list(finetune_methods())
+
+#: multi-fidelity: the swept DFT:xTB loss coefficient ratios of joint training (xTB's is 1)
+MF_WEIGHTS = (10.0, 3.0, 1.0, 0.3)
+
+
+def multifidelity_methods(calibration_steps: int = 20) -> dict[str, Method]:
+    """The multi-fidelity strategies (``benchmarks/multifidelity.py``), DFT the high fidelity
+    and xTB the low: DFT alone (``mf_dft_only``), xTB pretraining then DFT fine-tuning
+    (``mf_pretrain_ft``), joint training with per-dataset energy references and nequip's
+    weighted sum at the DFT:xTB ratios :data:`MF_WEIGHTS` (``mf_joint_<w>``), the two
+    datasets as tasks (UPGrad, PCGrad, ``PrimaryConstrained`` with primary ``dft``,
+    calibrate-then-freeze; 1:1), and the 1:1 weighted sum with per-dataset readout heads
+    (``mf_joint_heads``)."""
+    out = {
+        "mf_dft_only": _baseline("DFT only (weighted sum)", fidelity={"mode": "dft_only"}),
+        "mf_pretrain_ft": _baseline(
+            "xTB pretraining, then DFT fine-tuning", fidelity={"mode": "pretrain"}
+        ),
+    }
+    joint = {"mode": "joint", "dft": 1.0, "heads": False}
+    for w in MF_WEIGHTS:
+        out[f"mf_joint_{w:g}"] = _baseline(
+            f"joint, weighted sum DFT:xTB {w:g}:1", fidelity={**joint, "dft": w}
+        )
+    out.update(_dataset_tasks("mf", "joint, ", "dft", calibration_steps, fidelity=joint))
+    out["mf_joint_heads"] = _baseline(
+        "joint, weighted sum 1:1, per-dataset readout heads", fidelity={**joint, "heads": True}
+    )
+    return out
+
+
+#: multi-fidelity: the weighted-sum sweep (the front), and every strategy
+MF_SWEEP = [f"mf_joint_{w:g}" for w in MF_WEIGHTS]
+MF_METHODS = list(multifidelity_methods())
 
 
 def dataset_task_methods() -> dict[str, Method]:

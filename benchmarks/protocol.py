@@ -30,6 +30,8 @@ set (``benchmarks/__init__.py``) before torch is first imported.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -62,6 +64,8 @@ ETHANOL = Path(
     )
 )
 ETHANOL_TYPE_NAMES = ["C", "H", "O"]
+#: 1200 frames of GFN2-xTB ethanol MD at 300/600/900 K, kcal/mol (benchmarks/data/README.md)
+XTB_ETHANOL = ROOT / "data" / "ethanol_xtb_1200.xyz"
 #: 1 kcal/mol in meV
 KCAL_MOL_TO_MEV = 43.364
 
@@ -170,6 +174,34 @@ def data_statistics(
     }
 
 
+def write_frames(path: Path, frames) -> None:
+    """Write ASE ``frames`` to the extxyz file ``path`` atomically (a part file, renamed)."""
+    from nequip_mtl.data.emt_alloy import write_frames as write
+
+    part = path.with_suffix(f".{os.getpid()}.part.xyz")
+    write(frames, part)
+    part.replace(path)
+
+
+def loader_config(batch_size: int | None = None, shuffle: bool | None = None) -> dict:
+    """A ``torch.utils.data.DataLoader`` config (``None``: the option left out)."""
+    out = {"_target_": "torch.utils.data.DataLoader"}
+    if batch_size is not None:
+        out["batch_size"] = batch_size
+    if shuffle is not None:
+        out["shuffle"] = shuffle
+    return out
+
+
+def cache_path(folder: str, a: dict, keys, *extra, seed: int) -> Path:
+    """``_tmp/<folder>/seed<seed>_<digest>.pt``: the cache file of a model that depends on
+    the run arguments ``keys`` of ``a``, the model options and ``extra`` (json-able)."""
+    keys = (*keys, *model_arguments(a))
+    blob = json.dumps([{k: a[k] for k in keys}, *extra, seed], sort_keys=True, default=str)
+    digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
+    return TMP / folder / f"seed{seed}_{digest}.pt"
+
+
 def ase_dataset(path: Path, r_max: float, type_names: list[str] | None = None) -> dict:
     """The nequip ``ASEDataset`` config of an extxyz file (species mapped to themselves,
     neighbour lists with ``r_max``)."""
@@ -265,16 +297,6 @@ def data_and_statistics(
         path = alloy_data(frames, seed=0)
         return path, data_statistics(path, r_max)
     return ETHANOL, split_statistics(ETHANOL, n_train, frames - n_train, r_max, type_names)
-
-
-def loader(batch_size: int | None = None, shuffle: bool | None = None) -> dict:
-    """A ``torch.utils.data.DataLoader`` config (nequip's defaults where not given)."""
-    out = {"_target_": "torch.utils.data.DataLoader"}
-    if batch_size is not None:
-        out["batch_size"] = batch_size
-    if shuffle is not None:
-        out["shuffle"] = shuffle
-    return out
 
 
 def run_datamodule(data: str | Path, a: dict, type_names: list[str]):

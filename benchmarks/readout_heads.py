@@ -37,7 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import finetune as FT
 from benchmarks import methods as M
 from benchmarks import protocol as P
 from benchmarks import report as R
@@ -76,14 +75,14 @@ def split_files(splits: dict[str, int]) -> dict[str, str]:
     files = {k: folder / f"{k}.xyz" for k in SPLITS}
     if not all(f.exists() for f in files.values()):
         folder.mkdir(parents=True, exist_ok=True)
-        for name, path in (("dft", P.ETHANOL), ("xtb", FT.XTB_ETHANOL)):
+        for name, path in (("dft", P.ETHANOL), ("xtb", P.XTB_ETHANOL)):
             frames = ase.io.read(path, index=":")
             frames = [frames[i] for i in np.random.default_rng(0).permutation(len(frames))]
             n_train, n_test = splits[f"{name}_train"], splits[f"{name}_test"]
             if n_train + n_test > len(frames):
                 raise SystemExit(f"{path} has {len(frames)} frames, fewer than {n_train + n_test}")
-            FT._write(files[f"{name}_train"], frames[:n_train])
-            FT._write(files[f"{name}_test"], frames[n_train : n_train + n_test])
+            P.write_frames(files[f"{name}_train"], frames[:n_train])
+            P.write_frames(files[f"{name}_test"], frames[n_train : n_train + n_test])
     return {k: str(v) for k, v in files.items()}
 
 
@@ -107,8 +106,8 @@ def datamodule(files: dict, a: dict, seed: int):
             "frames_per_batch": {name: k for name in NAMES},
             "batches_per_epoch": per_epoch(a),
         },
-        train_dataloader=P.loader(),
-        val_dataloader=P.loader(20),
+        train_dataloader=P.loader_config(),
+        val_dataloader=P.loader_config(20),
         stats_manager={
             "_target_": "nequip.data.CommonDataStatisticsManager",
             "type_names": list(a["type_names"]),

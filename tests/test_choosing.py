@@ -1,6 +1,7 @@
 """docs/choosing.md cites only committed results, and its config snippets train.
 
-- every "mean ± sd" on the page is a cell of a committed Pareto or fine-tuning result table;
+- every "mean ± sd" on the page is a cell of a committed Pareto, fine-tuning or
+  multi-fidelity result table;
 - every YAML snippet builds its training module and callbacks through hydra, as
   ``nequip-train`` would, and trains one epoch on a tiny model with a real Lightning trainer;
 - README links the page from its top.
@@ -20,7 +21,9 @@ from tests._harness import datamodule, module_kwargs, trainer
 REPO = Path(__file__).resolve().parents[1]
 PAGE = (REPO / "docs" / "choosing.md").read_text()
 RESULTS = sorted(
-    p for s in ("pareto", "finetune") for p in (REPO / "benchmarks" / "results").glob(f"{s}_*.md")
+    p
+    for s in ("pareto_", "finetune_", "multifidelity")
+    for p in (REPO / "benchmarks" / "results").glob(f"{s}*.md")
 )
 CELL = re.compile(r"\d+\.\d ± \d+\.\d")
 SNIPPETS = re.findall(r"```yaml\n(.*?)```", PAGE, flags=re.S)
