@@ -447,15 +447,11 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="about a minute: tiny budgets, 1 seed")
     p.add_argument("--pair", choices=list(PAIRS), default="alloy")
     p.add_argument("--methods", nargs="+", default=None, choices=M.FT_METHODS)
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    P.add_budget_arguments(p)
     p.add_argument("--pretrain-s", type=float, default=None, help="pretraining clock (s)")
     p.add_argument("--pretrain-lr", type=float, default=5e-3)
-    p.add_argument("--budget-s", type=float, default=None, help="fine-tuning clock per run (s)")
-    p.add_argument("--epochs", type=int, default=None, help="the equal-epochs view")
     p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
     p.add_argument("--calibration-steps", type=int, default=None)
-    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
-    p.add_argument("--val-every", type=int, default=None, help="evaluate every N epochs")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
     P.add_run_arguments(p, batch_size=4, lr=None)
     p.add_argument("--out", default=None, help="default results/finetune_<pair>")
@@ -468,9 +464,7 @@ def parse(argv):
              "calibration_steps": 3}  # fmt: skip
     full = {"pretrain_s": 30.0, "budget_s": 8.0, "epochs": 4, "seeds": [0, 1, 2],
             "val_every": 4, "calibration_steps": 20}  # fmt: skip
-    for k, v in (quick if args.quick else full).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    P.fill_defaults(args, quick, full)
     if args.epochs % args.val_every:
         p.error(f"--epochs {args.epochs} must be a multiple of --val-every {args.val_every}")
     if args.quick:

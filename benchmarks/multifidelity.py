@@ -671,16 +671,12 @@ def parse(argv):
     p.add_argument("--reduction-methods", nargs="+", default=None, choices=M.MF_METHODS,
                    help=f"at the smaller DFT sizes (default: {' '.join(REDUCTION_METHODS)})")  # fmt: skip
     p.add_argument("--dft-train", type=int, nargs="+", default=None, help="default 80 40 20")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    P.add_budget_arguments(p)
     p.add_argument("--pretrain-s", type=float, default=None, help="xTB pretraining clock (s)")
     p.add_argument("--pretrain-lr", type=float, default=5e-3)
-    p.add_argument("--budget-s", type=float, default=None, help="training clock per run (s)")
-    p.add_argument("--epochs", type=int, default=None, help="the equal-epochs view")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--calibration-steps", type=int, default=None)
     p.add_argument("--cosine-steps", type=int, default=None, help="batches of the cosines")
-    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
-    p.add_argument("--val-every", type=int, default=None, help="evaluate every N epochs")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs in the output json; run only the missing ones")  # fmt: skip
     P.add_run_arguments(p, batch_size=4, lr=None)
@@ -695,9 +691,7 @@ def parse(argv):
     full = {"pretrain_s": 45.0, "budget_s": 15.0, "epochs": 10, "seeds": [0, 1, 2],
             "val_every": 10, "calibration_steps": 20, "cosine_steps": 8,
             "dft_train": [80, 40, 20]}  # fmt: skip
-    for k, v in (quick if args.quick else full).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    P.fill_defaults(args, quick, full)
     if args.epochs % args.val_every:
         p.error(f"--epochs {args.epochs} must be a multiple of --val-every {args.val_every}")
     if args.quick:

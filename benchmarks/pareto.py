@@ -407,12 +407,8 @@ def parse(argv):
     p.add_argument("--dataset", choices=list(P.DATASETS), default="ethanol")
     p.add_argument("--methods", nargs="+", default=None, choices=M.ALL_METHODS,
                    help="our methods placed against the front (the sweep always runs)")  # fmt: skip
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
-    p.add_argument("--budget-s", type=float, default=None, help="training clock per run (s)")
-    p.add_argument("--epochs", type=int, default=None, help="the equal-epochs view")
+    P.add_budget_arguments(p)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
-    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
-    p.add_argument("--val-every", type=int, default=None, help="validate every N epochs")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
     P.add_run_arguments(p)
     p.add_argument("--out", default=None, help="default results/pareto_<dataset>")
@@ -423,9 +419,7 @@ def parse(argv):
         return args
     quick = {"budget_s": 2.0, "epochs": 1, "seeds": [0], "val_every": 1}
     full = {"budget_s": 30.0, "epochs": 8, "seeds": [0, 1, 2], "val_every": 4}
-    for k, v in (quick if args.quick else full).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    P.fill_defaults(args, quick, full)
     if args.lr_schedule == "cosine":
         args.epochs = 1  # no equal-epochs view: a run stops when its budget is spent
     elif args.epochs % args.val_every:

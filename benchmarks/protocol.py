@@ -383,6 +383,26 @@ def add_run_arguments(
         parser.add_argument("--lr", type=float, default=lr)
 
 
+def add_budget_arguments(parser, *, epochs: bool = True) -> None:
+    """The clock options of a study that trains to a budget (what :func:`fill_defaults`
+    fills): ``--seeds``, ``--budget-s``, ``--epochs`` (the equal-epochs view; ``epochs=False``:
+    none), ``--clock`` and ``--val-every``."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    parser.add_argument("--budget-s", type=float, default=None, help="training clock per run (s)")
+    if epochs:
+        parser.add_argument("--epochs", type=int, default=None, help="the equal-epochs view")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    parser.add_argument("--val-every", type=int, default=None, help="evaluate every N epochs")
+
+
+def fill_defaults(args, quick: dict, full: dict) -> None:
+    """Every option of ``args`` left unset (``None``) takes its value in ``quick`` (with
+    ``--quick``) or ``full``."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def run_model(a: dict, stats: dict, seed: int, type_names: list[str]) -> dict:
     """The accuracy benchmarks' float32 model from a run's arguments ``a``, initialised
     with ``seed``."""

@@ -270,10 +270,7 @@ def parse(argv):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="a few seconds a run, 1 seed")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
-    p.add_argument("--budget-s", type=float, default=None, help="training clock per run (s)")
-    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
-    p.add_argument("--val-every", type=int, default=None, help="evaluate every N epochs")
+    P.add_budget_arguments(p, epochs=False)
     for key, n in SPLITS.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=n)
     P.add_run_arguments(p, batch_size=4)
@@ -285,9 +282,7 @@ def parse(argv):
         return args
     quick = {"budget_s": 2.0, "seeds": [0], "val_every": 1}
     full = {"budget_s": 60.0, "seeds": [0, 1, 2], "val_every": 10}
-    for k, v in (quick if args.quick else full).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    P.fill_defaults(args, quick, full)
     if args.quick:
         args.num_features, args.radial_width, args.num_layers = 8, 8, 1
     args.type_names = list(P.ETHANOL_TYPE_NAMES)
