@@ -142,6 +142,34 @@ def test_dataset_task_update_is_the_aggregator_on_independent_dataset_gradients(
         )
 
 
+def test_a_dataset_absent_from_a_forwarded_apart_batch_is_dropped_exactly(tmp_path):
+    """3 datasets, proportional batches of 2 frames: most batches hold 2 of the 3 datasets,
+    forwarded one sub-batch each; the absent dataset's task has no graph and is dropped, and
+    the update is UPGrad on the present datasets' independently computed gradients."""
+    names = ("a", "b", "c")
+    rec = DatasetGradients(names)
+    module, tr = fit(
+        mtl.MultitaskLightningModule,
+        tmp_path,
+        callbacks=[rec],
+        data=multi(names, sampling={"mode": "proportional"}, train_dataloader={"batch_size": 2}),
+        loss=loss(names),
+        tasks="datasets",
+        aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
+    )
+    assert tr.global_step == len(rec.grads) >= 8 and module.skipped_steps == 0
+    two = 0
+    for grad, rows in zip(rec.grads, rec.tasks):
+        present = [n for n in names if rows[n][1].abs().sum() > 0]
+        two += len(present) == 2
+        # the loss's coefficients (nequip normalises them over all three datasets): an
+        # absent dataset contributes nothing, as in the weighted sum
+        coeffs = torch.tensor([rows[n][0] for n in present])
+        matrix = torch.stack([rows[n][1] for n in present])
+        torch.testing.assert_close(grad, UPGrad()(matrix, coeffs), rtol=1e-9, atol=1e-12)
+    assert two >= 2  # the case this test is about happened
+
+
 def test_sum_of_dataset_tasks_is_nequips_weighted_sum(tmp_path):
     """tasks: datasets with the Sum aggregator trains exactly like nequip's own module on the
     same per-dataset loss: sum_d C_d L_d is the loss's weighted sum."""

@@ -121,6 +121,56 @@ def test_a_dataset_loss_back_propagates_through_its_own_sub_batch_only():
                 torch.testing.assert_close(g, e, rtol=0, atol=1e-14)
 
 
+class _OpaqueNode(torch.autograd.Function):
+    """The identity, as one custom autograd node over a sub-batch's outputs: like the
+    compiled model's ``CompiledFunction``, its backward runs (on materialised zero
+    gradients) whenever autograd reaches it, whether or not a gradient arrives."""
+
+    @staticmethod
+    def forward(ctx, calls, sub, *values):
+        ctx.calls, ctx.sub = calls, sub
+        return tuple(v.clone() for v in values)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.calls.append(ctx.sub)
+        return (None, None, *grads)
+
+
+def test_a_dataset_loss_never_reaches_another_sub_batchs_graph():
+    """Each dataset's per-dataset loss components read their own sub-batch's output
+    (``SubBatchOutput.parts``), so the backward pass of one dataset's loss does not even
+    reach the other sub-batch's graph: an opaque node there (as train-time compile makes
+    the whole model) is never run. Its gradient equals the one through ``torch.cat``."""
+    batch, module = _batch_and_model()
+    params = [p for p in module.parameters() if p.requires_grad]
+    calls: list[int] = []
+
+    def model(sub):  # the module, its outputs behind one opaque node per sub-batch
+        out = module(sub)
+        keys = [k for k, v in out.items() if v.requires_grad]
+        d = int(sub["dataset_index"].reshape(-1)[0])
+        return {**out, **dict(zip(keys, _OpaqueNode.apply(calls, d, *(out[k] for k in keys))))}
+
+    output, inputs = forward_per_dataset(model, batch)
+    plain = AtomicDataDict.batched_from_list([module(sub) for sub in split_by_dataset(batch)])
+    module.loss.reset()
+    values = module.loss(output, inputs)
+    module.loss.reset()
+    ref_values = module.loss(plain, inputs)
+    for d, name in enumerate(("a", "b")):
+        task = values[f"{name}/per_atom_energy_mse"] + values[f"{name}/forces_mse"]
+        ref = ref_values[f"{name}/per_atom_energy_mse"] + ref_values[f"{name}/forces_mse"]
+        calls.clear()
+        ours = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
+        assert calls == [d]  # its own sub-batch's node only
+        expected = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
+        for g, e in zip(ours, expected):
+            assert (g is None) == (e is None)
+            if g is not None:
+                torch.testing.assert_close(g, e, rtol=0, atol=1e-14)
+
+
 def test_no_autograd_graph_outlives_a_dataset_task_step(tmp_path):
     census = SavedTensorCensus()
     torch.manual_seed(0)

@@ -53,6 +53,15 @@ def training_loss_components(
     Returns the loss ``MetricsManager``'s dict, keyed ``train_loss_step/<name>`` (with the
     module's logging delimiter), including ``weighted_sum``.
     """
+    return training_losses_and_output(module, batch, batch_idx, dataloader_idx, per_dataset)[0]
+
+
+def training_losses_and_output(
+    module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0, per_dataset: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`training_loss_components` and the model's output it was computed from (a
+    :class:`~nequip_mtl.train.sub_batches.SubBatchOutput` when the batch was forwarded one
+    dataset at a time)."""
     delim = module.logging_delimiter
     if per_dataset:
         output, batch = forward_per_dataset(module, batch)
@@ -67,4 +76,4 @@ def training_loss_components(
             )
     loss_dict = module.loss(output, target, prefix=f"train_loss_step{delim}")
     module.log_dict(loss_dict)
-    return loss_dict
+    return loss_dict, output

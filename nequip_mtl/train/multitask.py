@@ -25,7 +25,8 @@ from ..step import (
 from . import setup_checks
 from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
 from .label_checks import check_module_labels, nonfinite_model_state
-from .loss_components import training_loss_components
+from .loss_components import training_losses_and_output
+from .sub_batches import SubBatchOutput
 
 
 class MultitaskLightningModule(NequIPLightningModule):
@@ -167,6 +168,8 @@ class MultitaskLightningModule(NequIPLightningModule):
         self._windows = WindowTracker()
         #: the current micro-batch's active task losses, from its forward to its backward
         self._micro_batch_losses: dict[str, torch.Tensor] = {}
+        #: whether each of those losses has a graph of its own (one sub-batch each)
+        self._micro_batch_graphs_apart = False
         self._warned: set[str] = set()
 
     #: this module computes per-task gradients itself (see ``TaskGradientObservable``)
@@ -231,7 +234,7 @@ class MultitaskLightningModule(NequIPLightningModule):
                 accumulate=trainer.accumulate_grad_batches,
             )
         delim = self.logging_delimiter
-        loss_dict = training_loss_components(
+        loss_dict, output = training_losses_and_output(
             self, batch, batch_idx, dataloader_idx, per_dataset=self.forward_per_dataset
         )
         # the world-size factor undoes DDP's averaging, as in nequip (see
@@ -242,6 +245,11 @@ class MultitaskLightningModule(NequIPLightningModule):
             for name in parts
         }
         self._micro_batch_losses = self._plan.losses(components)
+        # dataset tasks on a batch forwarded one dataset at a time: each task's loss is on
+        # its own sub-batch's graph (DatasetModifier reads that sub-batch's output)
+        self._micro_batch_graphs_apart = self.tasks == "datasets" and isinstance(
+            output, SubBatchOutput
+        )
         return loss_dict[f"train_loss_step{delim}weighted_sum"] * self.world_size
 
     def _task_plan(self) -> TaskPlan:
@@ -256,7 +264,11 @@ class MultitaskLightningModule(NequIPLightningModule):
         by the same factor (``1/accumulate_grad_batches`` times the ``GradScaler``'s scale).
         """
         losses, self._micro_batch_losses = self._micro_batch_losses, {}
-        self.engine.add(losses)
+        if self._micro_batch_graphs_apart:
+            for task, task_loss in losses.items():  # one graph each, freed by its pass
+                self.engine.add({task: task_loss})
+        else:
+            self.engine.add(losses)
         release_loss_graph(self.loss)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:

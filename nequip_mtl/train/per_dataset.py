@@ -53,6 +53,7 @@ from nequip.train import MeanAbsoluteError, MeanSquaredError, RootMeanSquaredErr
 from ..data.keys import DATASET_INDEX_KEY
 from .coefficients import validate_coeffs
 from .metrics_manager import MultitaskMetricsManager
+from .sub_batches import SubBatchOutput, sub_batch_part
 
 __all__ = [
     "DatasetModifier",
@@ -155,15 +156,27 @@ class DatasetModifier(BaseModifier):
         raise ValueError(f"DatasetModifier: unsupported field type {kind!r} of {self.inner}")
 
     def __call__(self, data1: AtomicDataDict.Type, data2: AtomicDataDict.Type | None = None):
+        # a batch forwarded one dataset at a time: the predictions of this dataset's own
+        # sub-batch (the same values as the masked concatenation), whose graph holds that
+        # sub-batch only (see nequip_mtl.train.sub_batches)
+        # sub-batch only (see nequip_mtl.train.sub_batches); a dataset without frames in
+        # such a batch selects nothing, connected to no sub-batch's graph
+        part = sub_batch_part(data1, self.dataset_index)
+        apart = isinstance(data1, SubBatchOutput)
         if data2 is None:
-            return self.inner(data1)[self._mask(data1)]
+            if part is not None:
+                return self.inner(part)
+            preds = self.inner(data1)[self._mask(data1)]
+            return preds.detach() if apart else preds
         mask = self._mask(data2)
         if self.missing_ok and label_key(self.inner) not in data2:
             preds = self.inner(data1)
             empty = preds[torch.zeros_like(mask)]
-            return empty, empty.detach()
+            return (empty.detach() if apart else empty), empty.detach()
         preds, target = self.inner(data1, data2)
-        return preds[mask], target[mask]
+        if part is not None:
+            return self.inner(part), target[mask]
+        return (preds[mask].detach() if apart else preds[mask]), target[mask]
 
 
 class _ZeroWhenEmpty(torch.nn.Module):

@@ -5,11 +5,15 @@ dataset's frames on their own costs about one batch in total; each dataset's los
 depends on its own sub-batch's graph only, and back-propagating it costs that sub-batch's
 share of a backward pass instead of a pass over the whole batch.
 
-The sub-batches' outputs are concatenated into one output dict for the loss; a plain
-``torch.cat`` would hand every sub-batch a (zero) gradient slice in every backward pass,
-and autograd would run each sub-batch's whole backward graph on zeros. The outputs that
-carry gradients are therefore concatenated by :func:`cat_isolated`, whose backward gives
-no gradient to a part whose slice is exactly zero.
+The sub-batches' outputs are concatenated into one output dict for the loss and the
+metrics, a :class:`SubBatchOutput` that also keeps each dataset's own output: a per-dataset
+loss component (:class:`~nequip_mtl.train.DatasetModifier`) reads its dataset's part there,
+so its graph holds that sub-batch only, and back-propagating it never reaches another
+sub-batch. (Reaching it through the concatenation would run that sub-batch's backward on
+zeros: under train-time compile the whole compiled backward graph, one autograd node that
+materialises zero gradients.) Readers of the concatenated fields themselves go through
+:func:`cat_isolated`, whose backward gives no gradient to a part whose slice is exactly
+zero, so that eager autograd skips that part's graph.
 """
 
 from __future__ import annotations
@@ -55,18 +59,41 @@ def select_frames(data: AtomicDataDict.Type, frames: torch.Tensor) -> AtomicData
     return out
 
 
-def split_by_dataset(data: AtomicDataDict.Type) -> list[AtomicDataDict.Type]:
-    """The per-dataset sub-batches of a batch, in increasing dataset index."""
+def sub_batches(data: AtomicDataDict.Type) -> dict[int, AtomicDataDict.Type]:
+    """``{dataset index: sub-batch}`` of the datasets in a batch, in increasing index."""
     if DATASET_INDEX_KEY not in data:
         raise KeyError(
             f"a forward pass per dataset needs the per-frame field `{DATASET_INDEX_KEY}`: use "
             "nequip_mtl.data.MultiDatasetDataModule as the data module (its frames carry it)"
         )
     index = data[DATASET_INDEX_KEY].reshape(-1)
-    datasets = torch.unique(index)
+    datasets = [int(d) for d in torch.unique(index)]
     if len(datasets) == 1:
-        return [data]
-    return [select_frames(data, (index == d).nonzero().reshape(-1)) for d in datasets]
+        return {datasets[0]: data}
+    return {d: select_frames(data, (index == d).nonzero().reshape(-1)) for d in datasets}
+
+
+def split_by_dataset(data: AtomicDataDict.Type) -> list[AtomicDataDict.Type]:
+    """The per-dataset sub-batches of a batch, in increasing dataset index."""
+    return list(sub_batches(data).values())
+
+
+class SubBatchOutput(dict):
+    """The model's output on a batch forwarded one dataset at a time: the concatenated
+    output dict (an ``AtomicDataDict``, frames grouped by dataset), with each dataset's own
+    sub-batch output in ``parts`` (``{dataset index: output dict}``; a copy of the dict is a
+    plain dict without them)."""
+
+    def __init__(self, output: AtomicDataDict.Type, parts: dict[int, AtomicDataDict.Type]):
+        super().__init__(output)
+        self.parts = parts
+
+
+def sub_batch_part(data: AtomicDataDict.Type, dataset_index: int) -> AtomicDataDict.Type | None:
+    """Dataset ``dataset_index``'s own sub-batch output when ``data`` is a
+    :class:`SubBatchOutput` holding it, else ``None``."""
+    parts = getattr(data, "parts", None) if isinstance(data, SubBatchOutput) else None
+    return None if parts is None else parts.get(dataset_index)
 
 
 class _IsolatedCat(torch.autograd.Function):
@@ -112,15 +139,17 @@ def batched_outputs(outputs: list[AtomicDataDict.Type]) -> AtomicDataDict.Type:
 
 
 def forward_per_dataset(module, batch: AtomicDataDict.Type):
-    """``(output, inputs)``: the model's output on each dataset's sub-batch, concatenated,
-    and the correspondingly ordered input batch (frames grouped by dataset). Back-propagating
-    a loss that reads one dataset's frames runs that dataset's sub-batch graph only."""
-    subs = split_by_dataset(batch)
+    """``(output, inputs)``: the model's output on each dataset's sub-batch, concatenated (a
+    :class:`SubBatchOutput`), and the correspondingly ordered input batch (frames grouped by
+    dataset). Back-propagating a loss that reads one dataset's frames (through its part, or
+    through the concatenation) runs that dataset's sub-batch graph only."""
+    subs = sub_batches(batch)
     if len(subs) == 1:
         return module(batch), batch
-    outputs = [module(sub) for sub in subs]
+    parts = {d: module(sub) for d, sub in subs.items()}
     # a compiled model's output holds only the fields it computes, and may differ between
     # sub-batches in which inputs it passes through: concatenate the fields all of them have
-    common = set.intersection(*(set(o) for o in outputs))
-    outputs = [{k: v for k, v in o.items() if k in common} for o in outputs]
-    return batched_outputs(outputs), AtomicDataDict.batched_from_list(subs)
+    common = set.intersection(*(set(o) for o in parts.values()))
+    outputs = [{k: v for k, v in o.items() if k in common} for o in parts.values()]
+    output = SubBatchOutput(batched_outputs(outputs), parts)
+    return output, AtomicDataDict.batched_from_list(list(subs.values()))
