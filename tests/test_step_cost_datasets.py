@@ -41,6 +41,7 @@ def test_every_cell_is_the_raw_measurements(quick):
     ]
     cells = _table(md)
     assert len(cells) == len(results)
+    ratios = {}  # (k, method) -> the ratio of medians from the raw step times
     for r, row in zip(results, cells):
         ref = next(
             x
@@ -50,6 +51,7 @@ def test_every_cell_is_the_raw_measurements(quick):
         cpu, ref_cpu = r["raw_cpu_s"], ref["raw_cpu_s"]
         assert len(cpu) == len(ref_cpu) == 6 and all(t > 0 for t in cpu)
         ratio = statistics.median(cpu) / statistics.median(ref_cpu)
+        ratios[r["frames_per_dataset"], r["method"]] = ratio
         paired = [a / b for a, b in zip(cpu, ref_cpu)]
         q1, _, q3 = statistics.quantiles(paired, n=4)
         mean = statistics.fmean(cpu) / statistics.fmean(ref_cpu)
@@ -70,7 +72,10 @@ def test_every_cell_is_the_raw_measurements(quick):
     (target,) = [line for line in md.splitlines() if line.startswith("Target (issue 18")]
     for r in results:
         if r["method"] == "upgrad_datasets":
-            v, (lo, _) = r["cpu_vs_weighted_sum"], r["cpu_vs_weighted_sum_ci95"]
+            # the ratio from the raw times (what the table prints; they are stored rounded to
+            # 10 us, so the run's own ratio agrees to ~1e-3 and may print another last digit)
+            v, (lo, _) = ratios[r["frames_per_dataset"], r["method"]], r["cpu_vs_weighted_sum_ci95"]
+            assert abs(v / r["cpu_vs_weighted_sum"] - 1) < 2e-3
             verdict = "met" if v <= 1.15 else ("within noise" if lo <= 1.15 else "MISSED")
             assert f"k = {r['frames_per_dataset']}: {v:.2f} " in target
             assert f"{_ci(r, 'cpu_vs_weighted_sum')} ({verdict})" in target
