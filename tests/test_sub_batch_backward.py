@@ -171,14 +171,18 @@ def test_a_dataset_loss_never_reaches_another_sub_batchs_graph():
                 torch.testing.assert_close(g, e, rtol=0, atol=1e-14)
 
 
-def test_no_autograd_graph_outlives_a_dataset_task_step(tmp_path):
+@pytest.mark.parametrize("tasks", ["datasets", "components"])
+def test_no_autograd_graph_outlives_a_dataset_task_step(tmp_path, tasks):
+    """One forward per dataset's sub-batch (also with ``tasks: components``, whose tasks of
+    one dataset share its sub-batch's graph): every graph is freed by the step."""
     census = SavedTensorCensus()
     torch.manual_seed(0)
     module = mtl.MultitaskLightningModule(
         **module_kwargs(
             loss=LOSS,
             val_metrics=None,
-            tasks="datasets",
+            tasks=tasks,
+            forward_per_dataset=True,
             aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"},
         )
     )

@@ -152,6 +152,9 @@ class MultitaskLightningModule(NequIPLightningModule):
         )
         self.tasks = tasks
         self._datasets_of = setup_checks.datasets_of_components(self.loss, tasks)
+        #: ``{component: dataset}`` when every loss component is one dataset's (then, with
+        #: one forward per dataset, each reads its own sub-batch's output), else ``None``
+        self._component_datasets = setup_checks.component_datasets(self.loss)
         if forward_per_dataset is None:
             forward_per_dataset = tasks == "datasets"
         self.forward_per_dataset = bool(forward_per_dataset)
@@ -168,8 +171,8 @@ class MultitaskLightningModule(NequIPLightningModule):
         self._windows = WindowTracker()
         #: the current micro-batch's active task losses, from its forward to its backward
         self._micro_batch_losses: dict[str, torch.Tensor] = {}
-        #: whether each of those losses has a graph of its own (one sub-batch each)
-        self._micro_batch_graphs_apart = False
+        #: those tasks grouped by the sub-batch graph they are on (``None``: one graph)
+        self._micro_batch_graphs: list[list[str]] | None = None
         self._warned: set[str] = set()
 
     #: this module computes per-task gradients itself (see ``TaskGradientObservable``)
@@ -235,7 +238,12 @@ class MultitaskLightningModule(NequIPLightningModule):
             )
         delim = self.logging_delimiter
         loss_dict, output = training_losses_and_output(
-            self, batch, batch_idx, dataloader_idx, per_dataset=self.forward_per_dataset
+            self,
+            batch,
+            batch_idx,
+            dataloader_idx,
+            per_dataset=self.forward_per_dataset,
+            keep_parts=self._component_datasets is not None,
         )
         # the world-size factor undoes DDP's averaging, as in nequip (see
         # NequIPLightningModule.training_step): losses are already global-batch means
@@ -245,12 +253,21 @@ class MultitaskLightningModule(NequIPLightningModule):
             for name in parts
         }
         self._micro_batch_losses = self._plan.losses(components)
-        # dataset tasks on a batch forwarded one dataset at a time: each task's loss is on
-        # its own sub-batch's graph (DatasetModifier reads that sub-batch's output)
-        self._micro_batch_graphs_apart = self.tasks == "datasets" and isinstance(
-            output, SubBatchOutput
-        )
+        self._micro_batch_graphs = self._graphs_of(output)
         return loss_dict[f"train_loss_step{delim}weighted_sum"] * self.world_size
+
+    def _graphs_of(self, output) -> list[list[str]] | None:
+        """The micro-batch's tasks grouped by the graph their losses are on: on a batch
+        forwarded one dataset at a time, every loss component reads its own dataset's
+        sub-batch (``DatasetModifier``), so the tasks of one dataset share that sub-batch's
+        graph and no other; ``None``: one graph."""
+        if not isinstance(output, SubBatchOutput):
+            return None
+        groups: dict[str, list[str]] = {}
+        for task, parts in self._plan.parts.items():
+            (dataset,) = {self._component_datasets[name] for name in parts}
+            groups.setdefault(dataset, []).append(task)
+        return list(groups.values())
 
     def _task_plan(self) -> TaskPlan:
         """The tasks under the loss's current coefficients (components, or datasets)."""
@@ -264,11 +281,11 @@ class MultitaskLightningModule(NequIPLightningModule):
         by the same factor (``1/accumulate_grad_batches`` times the ``GradScaler``'s scale).
         """
         losses, self._micro_batch_losses = self._micro_batch_losses, {}
-        if self._micro_batch_graphs_apart:
-            for task, task_loss in losses.items():  # one graph each, freed by its pass
-                self.engine.add({task: task_loss})
-        else:
+        if self._micro_batch_graphs is None:
             self.engine.add(losses)
+        else:  # one sub-batch graph per group, freed by the group's last pass
+            for tasks in self._micro_batch_graphs:
+                self.engine.add({t: losses[t] for t in tasks if t in losses})
         release_loss_graph(self.loss)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:

@@ -403,6 +403,20 @@ def check_precision(plugin, on_nonfinite: str) -> None:
         )
 
 
+def _entry_datasets(manager) -> dict[str, str | None]:
+    """``{component: the dataset whose frames it keeps, or None}``."""
+    return {name: getattr(entry.field, "dataset", None) for name, entry in manager.entries.items()}
+
+
+def component_datasets(manager) -> dict[str, str] | None:
+    """``{component: dataset}`` when every loss component keeps one dataset's frames (a
+    ``PerDatasetLoss``), else ``None``."""
+    if manager is None:
+        return None
+    datasets = _entry_datasets(manager)
+    return None if any(d is None for d in datasets.values()) else datasets
+
+
 def datasets_of_components(manager, tasks: str) -> dict[str, str] | None:
     """``{component: dataset}`` for ``tasks: datasets`` (``None`` for components)."""
     if tasks not in TASK_KINDS:
@@ -411,9 +425,7 @@ def datasets_of_components(manager, tasks: str) -> dict[str, str] | None:
         )
     if tasks == "components" or manager is None:
         return None
-    datasets = {
-        name: getattr(entry.field, "dataset", None) for name, entry in manager.entries.items()
-    }
+    datasets = _entry_datasets(manager)
     missing = [name for name, d in datasets.items() if d is None]
     if missing:
         raise ValueError(

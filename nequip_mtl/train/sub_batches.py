@@ -138,11 +138,12 @@ def batched_outputs(outputs: list[AtomicDataDict.Type]) -> AtomicDataDict.Type:
     return out
 
 
-def forward_per_dataset(module, batch: AtomicDataDict.Type):
+def forward_per_dataset(module, batch: AtomicDataDict.Type, keep_parts: bool = True):
     """``(output, inputs)``: the model's output on each dataset's sub-batch, concatenated (a
     :class:`SubBatchOutput`), and the correspondingly ordered input batch (frames grouped by
     dataset). Back-propagating a loss that reads one dataset's frames (through its part, or
-    through the concatenation) runs that dataset's sub-batch graph only."""
+    through the concatenation) runs that dataset's sub-batch graph only. ``keep_parts:
+    false``: a plain output dict (every loss reads the concatenation)."""
     subs = sub_batches(batch)
     if len(subs) == 1:
         return module(batch), batch
@@ -151,5 +152,7 @@ def forward_per_dataset(module, batch: AtomicDataDict.Type):
     # sub-batches in which inputs it passes through: concatenate the fields all of them have
     common = set.intersection(*(set(o) for o in parts.values()))
     outputs = [{k: v for k, v in o.items() if k in common} for o in parts.values()]
-    output = SubBatchOutput(batched_outputs(outputs), parts)
+    output = batched_outputs(outputs)
+    if keep_parts:
+        output = SubBatchOutput(output, parts)
     return output, AtomicDataDict.batched_from_list(list(subs.values()))
