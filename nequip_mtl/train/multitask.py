@@ -310,8 +310,8 @@ class MultitaskLightningModule(NequIPLightningModule):
             if nonfinite is None:
                 self._warn_once(
                     "zero",
-                    f"{TASK_NOUNS[self.tasks]} {task!r} has a zero gradient on a step; it is left out of "
-                    "that step's aggregation (counted in mtl/dropped/<name>; further cases are "
+                    f"{TASK_NOUNS[self.tasks]} {task!r} has a zero gradient on a step; it is "
+                    "left out of that step's aggregation (counted in mtl/dropped/<name>; further cases are "
                     "not warned about)",
                 )
             else:

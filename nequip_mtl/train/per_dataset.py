@@ -158,7 +158,6 @@ class DatasetModifier(BaseModifier):
     def __call__(self, data1: AtomicDataDict.Type, data2: AtomicDataDict.Type | None = None):
         # a batch forwarded one dataset at a time: the predictions of this dataset's own
         # sub-batch (the same values as the masked concatenation), whose graph holds that
-        # sub-batch only (see nequip_mtl.train.sub_batches)
         # sub-batch only (see nequip_mtl.train.sub_batches); a dataset without frames in
         # such a batch selects nothing, connected to no sub-batch's graph
         part = sub_batch_part(data1, self.dataset_index)

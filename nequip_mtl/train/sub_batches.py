@@ -92,8 +92,7 @@ class SubBatchOutput(dict):
 def sub_batch_part(data: AtomicDataDict.Type, dataset_index: int) -> AtomicDataDict.Type | None:
     """Dataset ``dataset_index``'s own sub-batch output when ``data`` is a
     :class:`SubBatchOutput` holding it, else ``None``."""
-    parts = getattr(data, "parts", None) if isinstance(data, SubBatchOutput) else None
-    return None if parts is None else parts.get(dataset_index)
+    return data.parts.get(dataset_index) if isinstance(data, SubBatchOutput) else None
 
 
 class _IsolatedCat(torch.autograd.Function):
