@@ -87,6 +87,31 @@ def _batch_and_model():
     return batch, module
 
 
+def _dataset_losses(module, output, inputs, batch) -> dict[str, tuple]:
+    """``{dataset: (its loss from output, the same loss from the sub-batches' outputs
+    concatenated by torch.cat)}``: per-atom energy + forces MSE."""
+    plain = AtomicDataDict.batched_from_list([module(sub) for sub in split_by_dataset(batch)])
+    module.loss.reset()
+    values = module.loss(output, inputs)
+    module.loss.reset()
+    ref_values = module.loss(plain, inputs)
+    return {
+        name: tuple(
+            v[f"{name}/per_atom_energy_mse"] + v[f"{name}/forces_mse"] for v in (values, ref_values)
+        )
+        for name in ("a", "b")
+    }
+
+
+def _assert_grads_equal(ref, params, ours) -> None:
+    """``ours`` (a loss's gradients on ``params``) equal the gradients of ``ref``."""
+    expected = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
+    for g, e in zip(ours, expected):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-14)
+
+
 def test_a_dataset_loss_back_propagates_through_its_own_sub_batch_only():
     batch, module = _batch_and_model()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -100,25 +125,13 @@ def test_a_dataset_loss_back_propagates_through_its_own_sub_batch_only():
     output, inputs = forward_per_dataset(model, batch)
     assert len(positions) == 2 and all(p.requires_grad for p in positions)
     # the same outputs concatenated by torch.cat: the reference gradients
-    subs = split_by_dataset(batch)
-    plain = AtomicDataDict.batched_from_list([module(sub) for sub in subs])
-    module.loss.reset()
-    values = module.loss(output, inputs)
-    module.loss.reset()
-    ref_values = module.loss(plain, inputs)
-    for d, name in enumerate(("a", "b")):
-        task = values[f"{name}/per_atom_energy_mse"] + values[f"{name}/forces_mse"]
-        ref = ref_values[f"{name}/per_atom_energy_mse"] + ref_values[f"{name}/forces_mse"]
+    for d, (task, ref) in enumerate(_dataset_losses(module, output, inputs, batch).values()):
         *ours, own, other = torch.autograd.grad(
             task, [*params, positions[d], positions[1 - d]], retain_graph=True, allow_unused=True
         )
         # the other dataset's graph got no gradient down to its positions: none of it ran
         assert other is None and own is not None and own.abs().sum() > 0
-        expected = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
-        for g, e in zip(ours, expected):
-            assert (g is None) == (e is None)
-            if g is not None:
-                torch.testing.assert_close(g, e, rtol=0, atol=1e-14)
+        _assert_grads_equal(ref, params, ours)
 
 
 class _OpaqueNode(torch.autograd.Function):
@@ -153,22 +166,11 @@ def test_a_dataset_loss_never_reaches_another_sub_batchs_graph():
         return {**out, **dict(zip(keys, _OpaqueNode.apply(calls, d, *(out[k] for k in keys))))}
 
     output, inputs = forward_per_dataset(model, batch)
-    plain = AtomicDataDict.batched_from_list([module(sub) for sub in split_by_dataset(batch)])
-    module.loss.reset()
-    values = module.loss(output, inputs)
-    module.loss.reset()
-    ref_values = module.loss(plain, inputs)
-    for d, name in enumerate(("a", "b")):
-        task = values[f"{name}/per_atom_energy_mse"] + values[f"{name}/forces_mse"]
-        ref = ref_values[f"{name}/per_atom_energy_mse"] + ref_values[f"{name}/forces_mse"]
+    for d, (task, ref) in enumerate(_dataset_losses(module, output, inputs, batch).values()):
         calls.clear()
         ours = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
         assert calls == [d]  # its own sub-batch's node only
-        expected = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
-        for g, e in zip(ours, expected):
-            assert (g is None) == (e is None)
-            if g is not None:
-                torch.testing.assert_close(g, e, rtol=0, atol=1e-14)
+        _assert_grads_equal(ref, params, ours)
 
 
 @pytest.mark.parametrize("tasks", ["datasets", "components"])
