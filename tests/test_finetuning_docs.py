@@ -133,6 +133,30 @@ def make_data(argv: list[str]) -> None:
     assert entry.load()(argv) == 0
 
 
+def train_in_process(argv: list[str], monkeypatch, callbacks=()) -> str:
+    """``nequip-train`` (``argv`` after the program name) in this process, with ``callbacks``
+    added to its trainer; returns its ``hydra.run.dir``."""
+    options, overrides, it = {}, [], iter(argv)
+    for arg in it:
+        if arg in ("--config-path", "--config-name"):
+            options[arg] = next(it)
+        else:
+            overrides.append(arg)
+    run_dir = next(a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir="))
+    fit = lightning.Trainer.fit
+
+    def fit_recording(trainer, *args, **kwargs):
+        trainer.callbacks.extend(callbacks)
+        return fit(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(lightning.Trainer, "fit", fit_recording)
+    try:
+        nequip_train(options["--config-path"], options["--config-name"], overrides)
+    finally:
+        monkeypatch.setattr(lightning.Trainer, "fit", fit)
+    return run_dir
+
+
 def run_step(step: tuple[str, str], launch: Path, monkeypatch, first_batch: dict) -> None:
     """One step of the page in ``launch``: ``nequip-train`` and ``nequip-mtl-make-data`` in
     this process, ``python`` blocks too (``exec``), other commands in bash."""
@@ -147,23 +171,8 @@ def run_step(step: tuple[str, str], launch: Path, monkeypatch, first_batch: dict
     if argv[0] == "nequip-mtl-make-data":
         make_data(argv[1:])
     elif argv[0] == "nequip-train":
-        options, overrides, it = {}, [], iter(argv[1:])
-        for arg in it:
-            if arg in ("--config-path", "--config-name"):
-                options[arg] = next(it)
-            else:
-                overrides.append(arg)
-        run_dir = next(a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir="))
         callback = FirstBatchParameters()
-        fit = lightning.Trainer.fit
-
-        def fit_recording(trainer, *args, **kwargs):
-            trainer.callbacks.append(callback)
-            return fit(trainer, *args, **kwargs)
-
-        monkeypatch.setattr(lightning.Trainer, "fit", fit_recording)
-        nequip_train(options["--config-path"], options["--config-name"], overrides)
-        monkeypatch.setattr(lightning.Trainer, "fit", fit)
+        run_dir = train_in_process(argv[1:], monkeypatch, [callback])
         first_batch[run_dir] = callback.params
     else:
         res = subprocess.run(
@@ -267,6 +276,47 @@ def test_the_fine_tuned_package_predicts_in_ase_without_nequip_mtl(walked, tmp_p
     assert not out["nequip_mtl_loaded"]
     _assert_same_prediction(out[package], ref)
     assert np.abs(np.array(out[package]["forces"]) - np.array(before["forces"])).max() > 1e-6
+
+
+def _fine_tune_with(launch: Path, overrides: list[str], callbacks=()) -> str:
+    """The page's fine-tuning command with ``overrides`` appended, in this process."""
+    _, code = next(s for s in STEPS if "--config-name finetune_replay" in s[1])
+    argv = shlex.split(tiny(code, launch))
+    argv = argv[1:] if argv[0].startswith("OMP_NUM_THREADS=") else argv
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(launch)
+        return train_in_process([*argv[1:], *overrides], monkeypatch, callbacks)
+
+
+def test_swapped_dataset_names_bind_by_name_end_to_end(walked):
+    """The shipped config with the loss's two datasets swapped: every per-dataset forces
+    component of every step is the MSE over the frames of the dataset of its name (computed
+    independently), and the primary task is the new data. Fails if names bind by position."""
+    from tests.test_dataset_binding import ComponentsReadTheirDatasets
+
+    launch, _ = walked
+    check = ComponentsReadTheirDatasets()
+    _fine_tune_with(
+        launch,
+        ["training_module.loss.datasets=[new,pretrain]", "hydra.run.dir=outputs/swapped"],
+        [check],
+    )
+    assert check.checked >= 2
+
+
+def test_a_misspelt_dataset_name_is_refused_end_to_end(walked):
+    """A typo in the shipped config's loss datasets stops the run at setup, blaming the
+    misspelt name (not `aggregator.primary`) and naming the closest dataset."""
+    launch, _ = walked
+    with pytest.raises(ValueError) as err:
+        _fine_tune_with(
+            launch,
+            ["training_module.loss.datasets=[pretrain,neww]", "hydra.run.dir=outputs/typo"],
+        )
+    message = str(err.value)
+    assert "`training_module.loss.datasets` names the dataset 'neww'" in message
+    assert "did you mean 'new'?" in message
+    assert not (launch / "outputs/typo/last.ckpt").exists()
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ _LAZY = {
     "MultiDatasetDataModule": "multi_dataset",
     "TaggedDataset": "multi_dataset",
     "DatasetMetricNames": "metric_names",
+    "bind_dataset_names": "binding",
     "MultiDatasetSampler": "sampling",
     # lazy so that ``python -m nequip_mtl.data.xtb_md`` runs without a second import of it
     "compare_labels": "xtb_md",
@@ -52,6 +53,7 @@ __all__ = [
     "MultiDatasetDataModule",
     "MultiDatasetSampler",
     "TaggedDataset",
+    "bind_dataset_names",
     "compare_labels",
     "generate_frames",
     "generate_xtb_md_frames",

@@ -14,6 +14,7 @@ from nequip.data.datamodule import NequIPDataModule
 from nequip.utils.logger import RankedLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .binding import bind_dataset_names
 from .keys import DATASET_INDEX_KEY  # registers it with nequip: a (num_frames,) long field
 from .sampling import MultiDatasetSampler, check_sampling
 
@@ -444,6 +445,12 @@ class MultiDatasetDataModule(NequIPDataModule):
             setattr(self, f"{split}_dataset", datasets)
         if stage == "fit":
             self._check_sizes([len(d) for d in self.train_dataset])
+        # the training module's dataset names (loss, metrics, references, heads) are bound to
+        # these datasets by name, whatever their order; an unknown name is refused here
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if module is not None:
+            bind_dataset_names(module, self.dataset_names)
 
     def _check_sizes(self, sizes: list[int]) -> None:
         for name, n in zip(self.dataset_names, sizes):

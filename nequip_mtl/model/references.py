@@ -9,6 +9,7 @@ ASE).
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib
 from collections.abc import Mapping, Sequence
 
@@ -49,12 +50,43 @@ def _require_dataset_index(module: torch.nn.Module, data: AtomicDataDict.Type) -
         )
 
 
-def _atom_datasets(data: AtomicDataDict.Type, num_atoms: int) -> torch.Tensor:
-    """The training dataset of each atom: its frame's ``dataset_index``."""
-    frame_dataset = data[DATASET_INDEX_KEY].reshape(-1)
-    if AtomicDataDict.BATCH_KEY in data:
-        return frame_dataset[data[AtomicDataDict.BATCH_KEY].reshape(-1)]
-    return frame_dataset.expand(num_atoms)
+class _DatasetRows(torch.nn.Module):
+    """A module with one row of parameters per name in ``dataset_names``, bound to the data
+    module's datasets by name.
+
+    A frame's ``dataset_index`` is its dataset's position in the data module; ``dataset_rows``
+    (a non-persistent buffer, the identity until bound) maps it to this module's row of the
+    dataset of that name, so ``datasets`` may list the data module's datasets in any order.
+    """
+
+    def _init_rows(self, dataset_names: Sequence[str]) -> None:
+        self.dataset_names = list(dataset_names)
+        rows = torch.arange(len(self.dataset_names), dtype=torch.long)
+        self.register_buffer("dataset_rows", rows, persistent=False)
+
+    def bind_datasets(self, names: Sequence[str], where: str = _WHERE) -> None:
+        """Read the frames of the data module's datasets ``names`` (in ``dataset_index``
+        order) with the rows of the same names; refuses a dataset this module has no row for
+        (called by the data module at setup)."""
+        for name in names:
+            if name not in self.dataset_names:
+                close = difflib.get_close_matches(name, self.dataset_names, n=1)
+                hint = f"; is {close[0]!r} meant to be {name!r}?" if close else ""
+                raise ValueError(
+                    f"the data module's dataset {name!r} (`data.datasets`) is not one of the "
+                    f"datasets {self.dataset_names} of `{where}.datasets` "
+                    f"({type(self).__name__}), so its frames have no energy reference or "
+                    f"readout head{hint}"
+                )
+        rows = [self.dataset_names.index(n) for n in names]
+        self.dataset_rows = torch.tensor(rows, dtype=torch.long, device=self.dataset_rows.device)
+
+    def _atom_rows(self, data: AtomicDataDict.Type, num_atoms: int) -> torch.Tensor:
+        """Each atom's row: that of its frame's dataset."""
+        frame_row = self.dataset_rows[data[DATASET_INDEX_KEY].reshape(-1)]
+        if AtomicDataDict.BATCH_KEY in data:
+            return frame_row[data[AtomicDataDict.BATCH_KEY].reshape(-1)]
+        return frame_row.expand(num_atoms)
 
 
 def _dataset_position(dataset_names: list[str], dataset) -> int:
@@ -67,7 +99,7 @@ def _dataset_position(dataset_names: list[str], dataset) -> int:
     )
 
 
-class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
+class DatasetEnergyShifts(GraphModuleMixin, _DatasetRows):
     """nequip's per-type energy scale and shift of the shared model, plus one per-type energy
     shift per training dataset, chosen for each frame by its ``dataset_index``.
 
@@ -91,7 +123,7 @@ class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
     ) -> None:
         super().__init__()
         self.base = base
-        self.dataset_names = list(dataset_names)
+        self._init_rows(dataset_names)
         self.type_names = list(base.type_names)
         self.field, self.out_field = base.field, base.out_field
         self.trainable = bool(trainable)
@@ -111,7 +143,7 @@ class DatasetEnergyShifts(GraphModuleMixin, torch.nn.Module):
         _require_dataset_index(self, data)
         data = self.base(data)
         energy = data[self.out_field]
-        atom_dataset = _atom_datasets(data, energy.size(0))
+        atom_dataset = self._atom_rows(data, energy.size(0))
         types = data[AtomicDataDict.ATOM_TYPE_KEY].reshape(-1)
         # as nequip's PerTypeScaleShift: only the local atoms of an ML-IAP ghost layout
         atom_dataset, types = atom_dataset[: energy.size(0)], types[: energy.size(0)]
@@ -198,7 +230,7 @@ def _is_a(module: torch.nn.Module, class_name: str) -> bool:
     return any(c.__name__ == class_name for c in type(module).__mro__)
 
 
-class DatasetReadoutHeads(GraphModuleMixin, torch.nn.Module):
+class DatasetReadoutHeads(GraphModuleMixin, _DatasetRows):
     """One copy per training dataset of the last linear layer of the model's per-atom
     energy readout (nequip's ``ScalarMLP`` on ``per_atom_energy``), chosen for each atom by
     its frame's ``dataset_index``; the layers before it are shared.
@@ -217,7 +249,7 @@ class DatasetReadoutHeads(GraphModuleMixin, torch.nn.Module):
 
     def __init__(self, readout: torch.nn.Module, dataset_names: Sequence[str]) -> None:
         super().__init__()
-        self.dataset_names = list(dataset_names)
+        self._init_rows(dataset_names)
         layers = readout.mlp_module.mlp
         last = layers[-1]
         # the shared layers stay in `readout`; its last layer is taken out (an identity)
@@ -233,7 +265,7 @@ class DatasetReadoutHeads(GraphModuleMixin, torch.nn.Module):
         """"""
         _require_dataset_index(self, data)
         hidden = self.readout.mlp_module(data[self.field])
-        atom_dataset = _atom_datasets(data, hidden.size(0)).unsqueeze(-1)
+        atom_dataset = self._atom_rows(data, hidden.size(0)).unsqueeze(-1)
         out = self.heads[0](hidden)
         for d in range(1, len(self.heads)):
             out = torch.where(atom_dataset == d, self.heads[d](hidden), out)
@@ -409,7 +441,7 @@ def PerDatasetEnergyReferences(
         training_module:
           model:
             _target_: nequip_mtl.model.PerDatasetEnergyReferences
-            datasets: [dft, xtb]            # the data module's `datasets`, in order
+            datasets: [dft, xtb]            # the data module's `datasets`, bound by name
             references: ${training_data_stats:per_dataset_energy_references}
             # or by hand, or fitted with some values set by hand:
             # references:
@@ -432,7 +464,8 @@ def PerDatasetEnergyReferences(
     Args:
         model: the shared model: a nequip model config (any builder: ``NequIPGNNModel``,
             Allegro's ``AllegroModel``, ``ModelFromCheckpoint``, ...) or a built model
-        datasets: the training datasets' names, in the data module's order (``dataset_index``)
+        datasets: the training datasets' names, in any order (bound by name to the data
+            module's datasets when training starts)
         references: ``{dataset: {type: energy}}`` (or a list of them, merged in order)
         trainable: learn the references (default: fixed)
         readout_heads: one last readout layer per dataset (default: one shared readout)
@@ -445,7 +478,7 @@ def PerDatasetEnergyReferences(
     datasets = list(datasets) if not isinstance(datasets, str) else [datasets]
     if not datasets or len(set(datasets)) != len(datasets):
         raise ValueError(
-            f"{_BUILDER}: `{_WHERE}.datasets` must list the data module's datasets in order, "
+            f"{_BUILDER}: `{_WHERE}.datasets` must list the data module's datasets, "
             f"each once; got {datasets}"
         )
     for key, value in (("trainable", trainable), ("readout_heads", readout_heads)):

@@ -50,6 +50,7 @@ import torch
 from nequip.data import AtomicDataDict, BaseModifier, PerAtomModifier
 from nequip.train import MeanAbsoluteError, MeanSquaredError, RootMeanSquaredError
 
+from ..data.binding import unknown_dataset_message
 from ..data.keys import DATASET_INDEX_KEY
 from .coefficients import validate_coeffs
 from .metrics_manager import MultitaskMetricsManager
@@ -88,16 +89,24 @@ class DatasetModifier(BaseModifier):
           field:
             _target_: nequip_mtl.train.DatasetModifier
             field: forces
-            dataset_index: 1      # position of `new` in the data module's `datasets`
-            dataset: new          # its name, for messages
+            dataset: new          # the data module's dataset `new`, bound by name
           coeff: 1.0
           metric:
             _target_: nequip.train.MeanSquaredError
 
+    **Bound by name.** A modifier with a ``dataset`` name reads that dataset's frames,
+    wherever it stands in the data module's ``datasets``: when a trainer sets up
+    :class:`~nequip_mtl.data.MultiDatasetDataModule`, the manager holding the modifier
+    resolves the name to its position (:meth:`bind`), and a name the data module lacks is
+    refused there. ``dataset_index`` is used as given only without a ``dataset`` name, or
+    outside a trainer before any binding.
+
     Args:
         field (str or BaseModifier): the field, or a nequip modifier of it
-        dataset_index (int): the dataset's position in the data module's ``datasets``
-        dataset (str, optional): the dataset's name (messages and ``str``)
+        dataset_index (int, optional): the dataset's position in the data module's
+            ``datasets`` (a name's position is taken from the data module at setup)
+        dataset (str, optional): the dataset's name (the default: ``str(dataset_index)``,
+            bound to nothing)
         missing_ok (bool): when the labels have no such field at all, give an empty
             selection instead of an error (default ``False``; see ``ignore_missing`` of
             :func:`PerDatasetLoss`)
@@ -106,7 +115,7 @@ class DatasetModifier(BaseModifier):
     def __init__(
         self,
         field: str | BaseModifier,
-        dataset_index: int,
+        dataset_index: int | None = None,
         dataset: str | None = None,
         missing_ok: bool = False,
     ) -> None:
@@ -116,15 +125,33 @@ class DatasetModifier(BaseModifier):
                 f"DatasetModifier.field must be a field name or a nequip field modifier, "
                 f"got {field!r}"
             )
-        if isinstance(dataset_index, bool) or not isinstance(dataset_index, int):
-            raise TypeError(f"DatasetModifier.dataset_index must be an int, got {dataset_index!r}")
-        if dataset_index < 0:
-            raise ValueError(f"DatasetModifier.dataset_index must be >= 0, got {dataset_index}")
+        if dataset_index is None and dataset is None:
+            raise ValueError("DatasetModifier needs a `dataset` name (or a `dataset_index`)")
+        if dataset_index is not None:
+            if isinstance(dataset_index, bool) or not isinstance(dataset_index, int):
+                raise TypeError(
+                    f"DatasetModifier.dataset_index must be an int, got {dataset_index!r}"
+                )
+            if dataset_index < 0:
+                raise ValueError(f"DatasetModifier.dataset_index must be >= 0, got {dataset_index}")
         super().__init__(inner.field)
         self.inner = inner
         self.dataset_index = dataset_index
-        self.dataset = str(dataset_index) if dataset is None else dataset
+        #: the name binds; without one the modifier keeps its index
+        self.named = dataset is not None
+        self.dataset = str(dataset_index) if dataset is None else str(dataset)
         self.missing_ok = bool(missing_ok)
+
+    def bind(self, names: Sequence[str]) -> bool:
+        """Read the frames of the data module's dataset of this modifier's name: its
+        position in ``names`` (the data module's datasets). ``False`` if ``names`` lacks it
+        (a modifier without a name keeps its index and is always bound)."""
+        if not self.named:
+            return True
+        if self.dataset not in names:
+            return False
+        self.dataset_index = list(names).index(self.dataset)
+        return True
 
     @property
     def type(self) -> str:
@@ -139,6 +166,13 @@ class DatasetModifier(BaseModifier):
                 f"the loss/metric component {self} keeps the frames of dataset "
                 f"{self.dataset!r}, but the batch has no `{DATASET_INDEX_KEY}` field: use "
                 "nequip_mtl.data.MultiDatasetDataModule (whose frames carry it) as the data module"
+            )
+        if self.dataset_index is None:
+            raise RuntimeError(
+                f"the loss/metric component {self} keeps the frames of dataset "
+                f"{self.dataset!r}, but no data module has bound that name to a dataset: "
+                "train with nequip_mtl.data.MultiDatasetDataModule, or call the manager's "
+                "`bind_datasets(names)` first"
             )
         frames = data[DATASET_INDEX_KEY].reshape(-1) == self.dataset_index
         kind = self.type
@@ -265,12 +299,12 @@ class PerDatasetMetricsManager(MultitaskMetricsManager):
             metrics:
               - name: pretrain/forces_mse
                 field: {_target_: nequip_mtl.train.DatasetModifier, field: forces,
-                        dataset_index: 0, dataset: pretrain}
+                        dataset: pretrain}
                 coeff: 1.0
                 metric: {_target_: nequip.train.MeanSquaredError}
               - name: new/forces_mse
                 field: {_target_: nequip_mtl.train.DatasetModifier, field: forces,
-                        dataset_index: 1, dataset: new}
+                        dataset: new}
                 coeff: 1.0
                 metric: {_target_: nequip.train.MeanSquaredError}
 
@@ -293,6 +327,37 @@ class PerDatasetMetricsManager(MultitaskMetricsManager):
                 metric["metric"] = _ZeroWhenEmpty(metric["metric"])
             wrapped.append(metric)
         super().__init__(wrapped, type_names=type_names)
+
+    #: the key under the manager's config that names its datasets (for messages):
+    #: ``datasets`` when built by :func:`PerDatasetLoss` / :func:`PerDatasetMetrics`
+    datasets_key = "metrics"
+
+    def bind_datasets(self, names: Sequence[str], where: str = "training_module.loss") -> None:
+        """Bind every per-dataset component to the data module's datasets ``names`` by name
+        (the data module calls this at setup, see :mod:`nequip_mtl.data.binding`).
+
+        Refuses a dataset name the data module lacks (naming ``where``, the component and the
+        closest dataset) and, for the loss (``where`` ending in ``.loss``) whose components
+        are all per-dataset, a training dataset that no component reads.
+        """
+        fields = {name: entry.field for name, entry in self.entries.items()}
+        per = {n: f for n, f in fields.items() if isinstance(f, DatasetModifier)}
+        for component, field in per.items():
+            if not field.bind(names):
+                raise ValueError(
+                    unknown_dataset_message(f"{where}.{self.datasets_key}", field.dataset, names)
+                    + f" (loss/metric component {component!r})"
+                )
+        if where.endswith(".loss") and per and len(per) == len(fields):
+            read = {f.dataset_index for f in per.values()}
+            unread = [n for i, n in enumerate(names) if i not in read]
+            if unread:
+                raise ValueError(
+                    f"`data.datasets` has the training dataset(s) {unread}, which no component "
+                    f"of `{where}` reads (its datasets: "
+                    f"{list(dict.fromkeys(f.dataset for f in per.values()))}): add them to "
+                    f"`{where}.{self.datasets_key}` or remove them from `data.datasets`"
+                )
 
     def _per_dataset(self) -> dict[str, _ZeroWhenEmpty]:
         return {name: self[name] for name in self.entries if isinstance(self[name], _ZeroWhenEmpty)}
@@ -348,8 +413,8 @@ _LOSS_KEYS = {
 def _check_datasets(datasets: Any, who: str) -> list[str]:
     if isinstance(datasets, str) or not isinstance(datasets, Sequence) or not datasets:
         raise ValueError(
-            f"{who}: `datasets` must be a non-empty list of dataset names, in the order of the "
-            f"data module's `datasets`, got {datasets!r}"
+            f"{who}: `datasets` must be a non-empty list of the data module's dataset names, "
+            f"got {datasets!r}"
         )
     names = [str(d) for d in datasets]
     for d in names:
@@ -490,7 +555,7 @@ def PerDatasetLoss(
           _target_: nequip_mtl.train.MultitaskLightningModule
           loss:
             _target_: nequip_mtl.train.PerDatasetLoss
-            datasets: [pretrain, new]      # the data module's `datasets`, in order
+            datasets: [pretrain, new]      # the data module's `datasets`, bound by name
             coeffs:
               pretrain: {total_energy: 1.0, forces: 1.0}
               new: {total_energy: 1.0, forces: 1.0, stress: 1.0}
@@ -499,8 +564,9 @@ def PerDatasetLoss(
             # ignore_missing: {pretrain: {forces: true}}
 
     Args:
-        datasets (list of str): the training datasets' names, in the order of the data
-            module's ``datasets`` (the frame's ``dataset_index`` is the position here)
+        datasets (list of str): the training datasets' names, in any order: each is bound by
+            name to the data module's dataset of that name when training starts (a name the
+            data module lacks, or a training dataset missing here, is refused)
         coeffs (dict): the components and their coefficients (default: energy and forces,
             1:1, for every dataset)
         per_atom_energy (bool): normalise the energy by the number of atoms (default ``True``)
@@ -524,7 +590,14 @@ def PerDatasetLoss(
         raise ValueError(
             f"PerDatasetLoss: at least one coefficient in `coeffs` must be positive, got {coeffs}"
         )
-    return PerDatasetMetricsManager([*entries, *(extra_metrics or [])], type_names=type_names)
+    return _named(
+        PerDatasetMetricsManager([*entries, *(extra_metrics or [])], type_names=type_names)
+    )
+
+
+def _named(manager: PerDatasetMetricsManager) -> PerDatasetMetricsManager:
+    manager.datasets_key = "datasets"
+    return manager
 
 
 def PerDatasetMetrics(
@@ -580,4 +653,6 @@ def PerDatasetMetrics(
         )
     except ValueError as err:
         raise ValueError(str(err).replace("`coeffs`", "`fields`")) from None
-    return PerDatasetMetricsManager([*entries, *(extra_metrics or [])], type_names=type_names)
+    return _named(
+        PerDatasetMetricsManager([*entries, *(extra_metrics or [])], type_names=type_names)
+    )
