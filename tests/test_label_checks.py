@@ -47,6 +47,32 @@ def test_partial_nan_labels_are_counted_and_refused_unless_ignore_nan():
     assert counts[None].frames == 5 and counts[None].nonfinite == {"forces": 2}
 
 
+def test_infinite_labels_are_refused_even_with_ignore_nan():
+    """nequip's `ignore_nan` masks NaN labels only: an inf label would give an inf loss.
+    With `ignore_nan` (or `ignore_missing`, which implies it) a NaN force label is
+    accepted, an inf one refused, naming the component, field, dataset and frames."""
+    frames = _frames(4, index=0) + _frames(3, index=1)
+    for i, bad in ((5, math.nan), (6, -math.inf)):  # dataset `new`: a NaN and an inf frame
+        frames[i][AtomicDataDict.FORCE_KEY] = frames[i][AtomicDataDict.FORCE_KEY].clone()
+        frames[i][AtomicDataDict.FORCE_KEY][0, 1] = bad
+    masked = mtl.PerDatasetLoss(["pretrain", "new"], ignore_nan={"new": {"forces": True}})
+    with pytest.raises(
+        ValueError,
+        match=r"'new/forces_mse': the label `forces` is infinite in 1 of 3 frames of training "
+        r"dataset 'new'; `ignore_nan` masks NaN labels only",
+    ):
+        check_training_labels(masked, frames)
+    frames[6][AtomicDataDict.FORCE_KEY][0, 1] = math.nan  # NaN instead: masked, accepted
+    counts = check_training_labels(masked, frames)
+    assert counts[1].nonfinite == {"forces": 2} and counts[1].infinite == {}
+    # a dataset whose forces are all inf does not lack them: `ignore_missing` refuses too
+    for f in frames[4:]:
+        f[AtomicDataDict.FORCE_KEY] = torch.full_like(f[AtomicDataDict.FORCE_KEY], math.inf)
+    skip = mtl.PerDatasetLoss(["pretrain", "new"], ignore_missing={"new": {"forces": True}})
+    with pytest.raises(ValueError, match=r"`forces` is infinite in 3 of 3 frames of training"):
+        check_training_labels(skip, frames)
+
+
 def test_absent_label_is_refused_naming_component_and_field():
     frames = _frames(3)
     for f in frames:

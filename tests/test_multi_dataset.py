@@ -14,9 +14,12 @@ from nequip.data.datamodule import NequIPDataModule
 from nequip.train import NequIPLightningModule
 
 from nequip_mtl.data import DATASET_INDEX_KEY, DatasetMetricNames, MultiDatasetDataModule
+from nequip_mtl.data.multi_dataset import ResumableDataLoader
+from nequip_mtl.data.sampling import MultiDatasetSampler
 from tests._harness import (
     SPECS,
     STATS,
+    emt,
     metrics_config,
     module_kwargs,
     multi,
@@ -96,6 +99,37 @@ def test_frames_carry_their_dataset_and_splits_match_nequip():
     assert dm.num_datasets == {"train": 1, "val": 3, "test": 0, "predict": 0}
 
 
+def test_frames_are_tagged_by_dataset_when_a_middle_dataset_has_no_val_split():
+    """`b` has no validation or test split: the validation loaders are those of `a` and
+    `c`, whose frames carry dataset_index 0 and 2 (their positions in `datasets`), not
+    the loader positions 0 and 1; likewise `c`'s test frames carry 2.
+
+    Fails if a split's frames are tagged by their loader position (``TaggedDataset(d, j)``
+    instead of ``owners[j]``)."""
+    datasets = {
+        **splits(["a"]),
+        "b": {"split_dataset": {"dataset": emt(22, 4), "train": 4}},
+        "c": {"split_dataset": {"dataset": emt(33, 9), "train": 6, "val": 2, "test": 1}},
+    }
+    dm = MultiDatasetDataModule(
+        seed=5,
+        datasets=datasets,
+        train_dataloader={"batch_size": 3},
+        val_dataloader={"batch_size": 4},
+        test_dataloader={"batch_size": 4},
+        stats_manager=STATS,
+    )
+    assert dm.val_dataloader_names == ["a", "c"] and dm.test_dataloader_names == ["c"]
+
+    def tags(loaders):
+        return [{int(i) for b in loader for i in b[DATASET_INDEX_KEY]} for loader in loaders]
+
+    dm.setup("fit")
+    assert tags(dm.val_dataloader()) == [{0}, {2}]
+    dm.setup("test")
+    assert tags(dm.test_dataloader()) == [{2}]
+
+
 @pytest.mark.parametrize("primary", [None, "b"])
 def test_statistics_are_nequips_on_the_primary_dataset(primary):
     got = multi(("a", "b"), primary=primary).get_statistics(dataset="train")
@@ -156,6 +190,35 @@ def test_a_run_interrupted_mid_epoch_sees_exactly_the_remaining_batches(tmp_path
     )
     assert len(first) == 3 and tr.global_step == 8
     assert first + rest == full
+
+
+def test_a_second_restart_replays_no_batch():
+    """The loader resumed at batch 1 counts on from there: after two more batches its state
+    says 3 done, so a second restart sees exactly the last batch (Trainer-free: the
+    module's own loader and sampler over a list of frame ids).
+
+    Fails if a resumed loader counts its batches from 0 (``self._done = 0`` in
+    ``ResumableDataLoader.__iter__``): the second restart replays batch 2."""
+
+    def loader():
+        sampler = MultiDatasetSampler([8, 4], mode="balanced", frames_per_batch=[2, 1], seed=3)
+        return ResumableDataLoader(list(range(12)), sampler=sampler, batch_size=3, drop_last=True)
+
+    full = [b.tolist() for b in loader()]
+    assert len(full) == 4
+    first = loader()
+    it = iter(first)
+    seen = [next(it).tolist()]
+    second = loader()
+    second.load_state_dict(first.state_dict())
+    it = iter(second)
+    seen += [next(it).tolist(), next(it).tolist()]
+    state = second.state_dict()
+    assert state["epoch"] == 0 and state["batches_done"] == 3
+    third = loader()
+    third.load_state_dict(state)
+    seen += [b.tolist() for b in third]
+    assert seen == full
 
 
 # ----------------------------------------------------------------- bad input

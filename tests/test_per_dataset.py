@@ -126,6 +126,27 @@ def test_components_are_named_per_dataset_and_configurable_per_dataset():
     }
 
 
+def test_ignore_missing_also_masks_the_nan_labels_of_that_component():
+    """A dataset without stresses holds NaN stress labels once batched with frames that
+    have them: `ignore_missing` for B's stress masks them, so B/stress_mse is the exact 0
+    of an empty selection and the weighted sum is A's three components and B's other two
+    (equal coefficients 1/6); A's stress component, without the flag, keeps unmasked.
+
+    Fails if ``ignore_missing`` does not imply ``ignore_nan`` for its component (``or
+    skip`` dropped in ``_expand``): B/stress_mse and the weighted sum are NaN."""
+    loss = mtl.PerDatasetLoss(
+        datasets=["A", "B"], coeffs=ALL3, ignore_missing={"B": {"stress": True}}
+    )
+    assert loss.entries["B/stress_mse"].ignore_nan and not loss.entries["A/stress_mse"].ignore_nan
+    b = [(dict(f, stress=torch.full_like(f["stress"], math.nan)), p) for f, p in B]
+    out = loss(*_batch([A[0], b[0], A[1], b[1]]))
+    assert float(out["B/stress_mse"].detach()) == 0.0
+    comps = ("per_atom_energy_mse", "forces_mse", "stress_mse")
+    terms = [f"A/{c}" for c in comps] + ["B/per_atom_energy_mse", "B/forces_mse"]
+    expected = sum(float(out[t].detach()) for t in terms) / 6
+    assert float(out["weighted_sum"].detach()) == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -67,11 +67,13 @@ class LabelRequirement:
 
 @dataclasses.dataclass
 class LabelCounts:
-    """Frames of one dataset, and how many lack a label or have non-finite values in it."""
+    """Frames of one dataset, and how many lack a label, have non-finite values in it, or
+    (among those) infinite ones."""
 
     frames: int = 0
     missing: dict[str, int] = dataclasses.field(default_factory=dict)
     nonfinite: dict[str, int] = dataclasses.field(default_factory=dict)
+    infinite: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def label_requirements(manager: Any) -> list[LabelRequirement]:
@@ -104,7 +106,7 @@ def _frame_index(frame: Mapping[str, Any]) -> int | None:
 
 def scan_labels(dataset: Any, fields: Sequence[str]) -> dict[int | None, LabelCounts]:
     """Count, per dataset index (``None`` for frames without one), the frames that lack
-    each field or have a non-finite value in it."""
+    each field, have a non-finite value in it, or an infinite one."""
     counts: dict[int | None, LabelCounts] = {}
     fields = list(dict.fromkeys(fields))
     for i in range(len(dataset)):
@@ -114,8 +116,12 @@ def scan_labels(dataset: Any, fields: Sequence[str]) -> dict[int | None, LabelCo
         for f in fields:
             if f not in frame:
                 c.missing[f] = c.missing.get(f, 0) + 1
-            elif not bool(torch.isfinite(torch.as_tensor(frame[f])).all()):
+                continue
+            value = torch.as_tensor(frame[f])
+            if not bool(torch.isfinite(value).all()):
                 c.nonfinite[f] = c.nonfinite.get(f, 0) + 1
+                if bool(torch.isinf(value).any()):
+                    c.infinite[f] = c.infinite.get(f, 0) + 1
     return counts
 
 
@@ -175,6 +181,15 @@ def check_training_labels(
             where = _where(k, names)
             bad = c.missing.get(r.field, 0)
             nonfinite = c.nonfinite.get(r.field, 0)
+            infinite = c.infinite.get(r.field, 0)
+            if infinite and (r.ignore_nan or r.ignore_missing):
+                # nequip's `ignore_nan` masks NaN only: an infinite label is an infinite loss
+                problems.append(
+                    f"loss component {r.component!r}: the label `{r.field}` is infinite in "
+                    f"{infinite} of {c.frames} frames of {where}; `ignore_nan` masks NaN "
+                    "labels only: fix the data"
+                )
+                continue
             if bad + nonfinite == c.frames:  # not one finite value: the dataset lacks it
                 if r.ignore_missing:
                     continue

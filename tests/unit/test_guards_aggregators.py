@@ -55,6 +55,28 @@ def test_gram_matrix_is_accurate_at_every_float32_scale():
         assert err < 1e-6, f"scale 1e{k}: relative error {err:.2e}"
 
 
+def test_float32_gram_with_subnormal_entries_matches_float64():
+    """float32 gradients near 2^-70, whose products (and squared norms, ~1e-40) lie in the
+    subnormal range, where float32 keeps only a few significant bits: the Gram must be
+    formed from power-of-two rescaled rows. Then each entry is a float32 dot product of
+    the exactly rescaled rows, within ``gamma_n |g_i| |g_j|`` (``gamma_n = n u / (1 - n
+    u)``, ``u = 2^-24``, Cauchy-Schwarz) of the float64 one, itself exact to ``n 2^-53``.
+    Computed in float32 as is, the entries are off by ~1e-2 of that.
+
+    Fails if the rescaling floor is lowered into the subnormal range (e.g. ``lo = n *
+    tiny * eps`` instead of ``n * tiny / eps``, or ``diag > 0`` instead of ``diag >= lo``)."""
+    n = 8
+    g = torch.randn(3, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g32 = (g * torch.tensor([2.0**-68, 2.0**-70, 2.0**-72], dtype=torch.float64)[:, None]).float()
+    exact = g32.double() @ g32.double().T  # products of float32 values are exact in float64
+    assert float(exact.diagonal().max()) < torch.finfo(torch.float32).tiny  # subnormal scale
+    got = gram_matrix(g32, "test")
+    norms = exact.diagonal().sqrt()
+    u = 2.0**-24
+    bound = (n * u / (1 - n * u) + n * 2.0**-53) * norms[:, None] * norms[None, :]
+    assert bool(((got - exact).abs() <= bound).all()), (got - exact).abs() / bound
+
+
 @pytest.mark.parametrize(
     "aggregator",
     [UPGrad, DualProj, MGDA, IMTLG, CAGrad, AlignedMTL, PCGrad, Sum, Mean],

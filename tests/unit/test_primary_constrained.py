@@ -329,6 +329,26 @@ def test_names_resolve_through_set_tasks_and_follow_dropped_tasks():
     assert (by_name.weights(g[keep] @ g[keep].T, c[keep]) == 0).all()
 
 
+def test_the_primary_row_counts_the_present_tasks_only():
+    """Tasks [a, b, new, c], `a` absent this step: the rows are b, new, c and `new` is row 1
+    (its task position is 2, which is c's row). Constraints b = e1 and c = e2 are
+    orthogonal, so the update decouples (each conflicting constraint's component is
+    removed): g_new = (-1, 0.5, 1) conflicts with b only, u = c_new (0, 0.5, 1), i.e.
+    weights (c_new, c_new, 0) on (b, new, c).
+
+    Fails if the primary's row is taken as its task position (``t`` for ``row`` in
+    ``_primary_rows``), which makes `c` the primary."""
+    g = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.5, 1.0], [0.0, 1.0, 0.0]], dtype=f64)
+    c = torch.tensor([0.2, 0.5, 0.3], dtype=f64)
+    agg = PrimaryConstrained(primary="new")
+    agg.set_tasks(["a", "b", "new", "c"], present=[1, 2, 3])
+    w = agg.weights(g @ g.T, c)
+    # O(1) exact inputs, a handful of float64 operations: a few eps of 0.5
+    torch.testing.assert_close(w, torch.tensor([0.5, 0.5, 0.0], dtype=f64), rtol=0, atol=1e-15)
+    expected = 0.5 * torch.tensor([0.0, 0.5, 1.0], dtype=f64)
+    torch.testing.assert_close(w @ g, expected, rtol=0, atol=1e-15)
+
+
 @pytest.mark.parametrize(
     "make, exc, words",
     [

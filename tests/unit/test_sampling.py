@@ -116,6 +116,19 @@ def test_balanced_every_batch_holds_the_fixed_counts():
         assert sorted(first.tolist()) == list(range(30))  # 10 batches x 3 = one pass
 
 
+def test_balanced_default_epoch_shows_every_frame_of_the_largest_dataset():
+    """The docstring's example: sizes 40 and 10, 3 + 1 frames a batch. 40 / 3 is not whole,
+    so the default epoch is ceil(40 / 3) = 14 batches (42 draws of dataset 0): all 40 of
+    its frames, and every frame of the 10-frame dataset too.
+
+    Fails if the default epoch rounds down (``n // (b W)``: 13 batches, 39 of the 40)."""
+    s = MultiDatasetSampler([40, 10], mode="balanced", frames_per_batch=[3, 1], seed=0)
+    assert s.num_batches == math.ceil(40 / 3) == 14
+    batches = torch.tensor(list(s)).view(14, 4)
+    assert set(batches[:, :3].flatten().tolist()) == set(range(40))
+    assert set(batches[:, 3].tolist()) == set(range(40, 50))
+
+
 def test_balanced_refuses_a_dataset_smaller_than_its_share():
     with pytest.raises(ValueError, match="dataset 2 has 6 training frames, fewer than"):
         MultiDatasetSampler(SIZES, mode="balanced", frames_per_batch=[1, 1, 4], num_replicas=2)

@@ -229,6 +229,89 @@ def test_held_weights_between_refreshes():
     assert kinds == ["refresh", "held", "held", "refresh"]
 
 
+def test_a_refresh_with_a_zero_task_gradient_still_holds_the_next_steps():
+    """weights_every=3; on the refresh `stress` has an exactly zero gradient (no labels in
+    the batch) and is dropped: the next two steps are still held, one backward pass each,
+    on the weights of the two tasks that entered, applied to their own gradients.
+
+    Fails if the dropped task invalidates the held weights (e.g. ``HeldWeights`` keeping
+    the coefficients of the kept tasks only, so ``valid_for`` never matches: a refresh,
+    three backward passes, every step)."""
+    params = make_params(5)
+    engine = StepEngine(UPGrad(), weights_every=3)
+    kinds, passes, held_weights = [], [], None
+    for s, x in enumerate([1.0, 0.7, -0.3, 0.2]):
+        window = engine.begin(COEFFS, params)
+        losses = task_losses(params, x)
+        if s == 0:
+            losses["stress"] = losses["stress"].detach() * 0
+        engine.add(losses)
+        outcome = engine.finish(s)
+        update = grad_vector(params)
+        engine.end()
+        kinds.append("held" if outcome.held else "refresh")
+        passes.append(window.backward_passes)
+        if s == 0:
+            assert outcome.dropped == [("stress", None)]
+            held_weights = outcome.weights
+        elif outcome.held:
+            names = ["energy", "forces"]
+            w = torch.tensor([held_weights[n] for n in names])
+            expected = w @ expected_matrix(params, xs=(x,), names=names)
+            torch.testing.assert_close(update, expected, rtol=1e-12, atol=1e-14)
+    assert kinds == ["refresh", "held", "held", "refresh"]
+    assert passes == [2, 1, 1, 3]
+
+
+def test_a_nonfinite_held_step_forces_a_refresh_that_names_the_task():
+    """A held step's single gradient cannot say which task is non-finite: the step is
+    skipped and the next step refreshes, whose per-task gradients name `forces`.
+
+    Fails if the held weights survive the non-finite held step (``self.held = None``
+    removed from ``_finish_held``): the next step is held again and names no task."""
+    params = make_params(6)
+    engine = StepEngine(UPGrad(), weights_every=4)
+    first, _ = step(engine, params)
+    assert not first.held and first.applied
+
+    def nan_forces(s):
+        engine.begin(COEFFS, params)
+        losses = task_losses(params)
+        losses["forces"] = losses["forces"] * float("nan")
+        engine.add(losses)
+        outcome = engine.finish(s)
+        engine.end()
+        return outcome
+
+    held = nan_forces(1)
+    assert held.held and not held.applied and "the next step refreshes" in held.cause
+    assert all(p.grad is None for p in params)
+    refresh = nan_forces(2)
+    assert not refresh.held and not refresh.applied
+    assert "loss component 'forces' has a NaN gradient at global step 2" in refresh.cause
+
+
+def test_zero_forgets_which_parameters_the_last_window_reached():
+    """A parameter the last window reached but this one does not gets ``.grad = None``
+    (as after a plain ``loss.backward()``), not a zero gradient that weight decay and
+    momentum would act on.
+
+    Fails if ``TaskGradients.zero_()`` keeps the reached flags of the last window."""
+    params = make_params()
+    a, b = params
+    rows = TaskGradients(params, 1)
+    rows.zero_()
+    rows.backward(0, a.sum() * b.sum(), retain_graph=False)
+    rows.apply_weights(torch.ones(1))
+    assert a.grad is not None and b.grad is not None
+    rows.zero_()
+    rows.backward(0, (a**2).sum(), retain_graph=False)  # does not reach b
+    rows.apply_weights(torch.ones(1))
+    assert b.grad is None
+    torch.testing.assert_close(a.grad, 2 * a.detach(), rtol=0, atol=0)
+    rows.close()
+
+
 @pytest.mark.parametrize(
     "change",
     [
