@@ -30,12 +30,14 @@ START = torch.tensor([[REFS[n]["Cu"] + 3.0] for n in NAMES], dtype=torch.float64
 ATOL = {"float64": 1e-10, "float32": 1e-6}
 
 
-def model(dtype: str = "float64", trainable: bool = True, heads: bool = False, **inner) -> dict:
+def model(
+    dtype: str = "float64", trainable: bool = True, heads: bool = False, names=NAMES, **inner
+) -> dict:
     config = F.model_config(dtype)
     config.update(inner)
     return {
         "_target_": "nequip_mtl.model.PerDatasetEnergyReferences",
-        "datasets": NAMES,
+        "datasets": list(names),
         "references": REFS,
         "trainable": trainable,
         "readout_heads": heads,
@@ -43,12 +45,12 @@ def model(dtype: str = "float64", trainable: bool = True, heads: bool = False, *
     }
 
 
-def kwargs(dtype="float64", trainable=True, inner=None, heads=False, **kw) -> dict:
+def kwargs(dtype="float64", trainable=True, inner=None, heads=False, names=NAMES, **kw) -> dict:
     kw.setdefault("optimizer", {"_target_": "torch.optim.SGD", "lr": 0.01})
     kw.setdefault("aggregator", {"_target_": "nequip_mtl.aggregators.UPGrad"})
     return module_kwargs(
         dtype,
-        model=model(dtype, trainable, heads, **(inner or {})),
+        model=model(dtype, trainable, heads, names, **(inner or {})),
         loss={"_target_": "nequip_mtl.train.PerDatasetLoss", "datasets": NAMES, "coeffs": COEFFS},
         val_metrics=None,
         tasks="datasets",
@@ -164,11 +166,18 @@ def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
     """`compile_mode: compile` on the wrapped model with readout heads, ``dataset_index`` an
     input of the compiled graph: the trajectory, references and heads included, is eager's.
     Batches of 2+2 frames, so that each dataset's sub-batch has 2 frames (nequip's
-    ``CompileGraphModel`` runs eager on 1 frame)."""
+    ``CompileGraphModel`` runs eager on 1 frame). The model lists the datasets in the other
+    order than the data module, so the compiled graph maps ``dataset_index`` to its rows by
+    name (the bound ``dataset_rows``)."""
     runs = {}
     for mode in ("eager", "compile"):
         module, _ = fit(
-            tmp_path / mode, per_dataset=2, epochs=1, heads=True, inner={"compile_mode": mode}
+            tmp_path / mode,
+            per_dataset=2,
+            epochs=1,
+            heads=True,
+            names=NAMES[::-1],
+            inner={"compile_mode": mode},
         )
         runs[mode] = (params(module), shifts(module).offsets.detach().clone())
     assert any(isinstance(m, DatasetReadoutHeads) for m in module.model.modules())
@@ -179,7 +188,9 @@ def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
     assert "dataset_index" in signature
     torch.testing.assert_close(runs["compile"][0], runs["eager"][0], rtol=0, atol=1e-10)
     torch.testing.assert_close(runs["compile"][1], runs["eager"][1], rtol=0, atol=1e-10)
-    assert (runs["eager"][1] - START).abs().min() > 1e-6  # the references were trained
+    assert shifts(module).dataset_rows.tolist() == [1, 0]
+    # the references were trained (the model's rows are in its own order: hi, lo)
+    assert (runs["eager"][1] - START.flip(0)).abs().min() > 1e-6
 
 
 # ------------------------------------------------------------------ DDP

@@ -546,8 +546,8 @@ def PerDatasetLoss(
     (:func:`nequip_mtl.train.label_checks.check_training_labels`): a component whose
     dataset has no such label at all is refused, naming the dataset and the field, unless
     ``ignore_missing`` is set for it (then the component skips that dataset: it is always
-    0 and never trains); a dataset with some non-finite labels is refused unless
-    ``ignore_nan`` is set for it (nequip's masking of NaN labels).
+    0 and never trains); a dataset with some NaN labels is refused unless ``ignore_nan`` is
+    set for it (nequip's masking of NaN labels); infinite labels are always refused.
 
     .. code-block:: yaml
 
