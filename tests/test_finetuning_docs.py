@@ -280,7 +280,7 @@ def test_the_fine_tuned_package_predicts_in_ase_without_nequip_mtl(walked, tmp_p
 
 def _fine_tune_with(launch: Path, overrides: list[str], callbacks=()) -> str:
     """The page's fine-tuning command with ``overrides`` appended, in this process."""
-    _, code = next(s for s in STEPS if "--config-name finetune_replay" in s[1])
+    _, code = next(s for s in STEPS if "hydra.run.dir=outputs/finetune" in s[1].split())
     argv = shlex.split(tiny(code, launch))
     argv = argv[1:] if argv[0].startswith("OMP_NUM_THREADS=") else argv
     with pytest.MonkeyPatch.context() as monkeypatch:
