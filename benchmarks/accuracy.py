@@ -3,9 +3,9 @@
 Each (method, seed) trains the same NequIP model on the same data with the same optimizer
 settings: ``--dataset alloy`` (default) is the offline EMT alloy data (energies, forces,
 stresses; ``nequip-mtl-make-data``), ``--dataset ethanol`` the real DFT ethanol frames
-of ``/work/shared/data/ethanol_reduced_100.xyz`` (100 frames of C2H6O, non-periodic,
-energies and forces in kcal/mol and kcal/mol/Å; 80 training / 20 validation frames;
-env var ``NEQUIP_MTL_ETHANOL`` overrides the path). Ethanol errors are reported in meV
+of ``benchmarks/data/ethanol_reduced_100.xyz`` (100 frames of C2H6O, non-periodic,
+energies and forces in kcal/mol and kcal/mol/Å; 80 training / 20 validation frames).
+Ethanol errors are reported in meV
 (1 kcal/mol = 43.364 meV), like the alloy ones; the json keeps the data's own units.
 Each run trains until its *training clock* reaches the budget ``--budget-s``; then the
 model is validated once more. The training clock counts the time from ``on_train_batch_start``

@@ -54,15 +54,10 @@ TYPE_NAMES = ["Cu", "Ni", "Pd"]
 # the three tasks of the alloy data, by the coefficient keys of nequip's loss builders
 TASKS = {2: ["total_energy", "forces"], 3: ["total_energy", "forces", "stress"]}
 
-# --- the real DFT ethanol data (issue 12): /work/shared/data/README.md
+# --- the real DFT ethanol data, shipped in benchmarks/data/ (its README: source, license)
 
 #: 100 frames of ethanol (C2H6O, non-periodic), energies in kcal/mol, forces in kcal/mol/Å
-#: (``shared/`` sits beside the repository: here, and in CI's fresh clone)
-ETHANOL = Path(
-    os.environ.get(
-        "NEQUIP_MTL_ETHANOL", ROOT.parent.parent / "shared" / "data" / "ethanol_reduced_100.xyz"
-    )
-)
+ETHANOL = ROOT / "data" / "ethanol_reduced_100.xyz"
 ETHANOL_TYPE_NAMES = ["C", "H", "O"]
 #: 1200 frames of GFN2-xTB ethanol MD at 300/600/900 K, kcal/mol (benchmarks/data/README.md)
 XTB_ETHANOL = ROOT / "data" / "ethanol_xtb_1200.xyz"

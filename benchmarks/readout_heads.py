@@ -1,8 +1,8 @@
 """Per-dataset readout heads: does a per-dataset last readout layer help over per-dataset
 energy references alone? (issue 19 item 2)
 
-One NequIP model is trained jointly on the DFT ethanol frames (``$NEQUIP_MTL_ETHANOL``,
-kcal/mol; 80 training frames, 20 held out as the DFT test set) and GFN2-xTB ethanol frames
+One NequIP model is trained jointly on the DFT ethanol frames
+(``benchmarks/data/ethanol_reduced_100.xyz``, kcal/mol; 80 training frames, 20 held out as the DFT test set) and GFN2-xTB ethanol frames
 (``benchmarks/data/ethanol_xtb_1200.xyz``; 600 training, 100 test), balanced batches of a
 :class:`~nequip_mtl.data.MultiDatasetDataModule`, a
 :class:`~nequip_mtl.train.PerDatasetLoss` at 1:1 (per-atom energy and force MSE of each
@@ -297,8 +297,6 @@ def main(argv=None):
     args = parse(argv)
     if args.from_json:
         return R.from_json(args.from_json, args.out, report)
-    if not P.ETHANOL.exists():
-        raise SystemExit(f"no DFT ethanol file at {P.ETHANOL} (set NEQUIP_MTL_ETHANOL)")
     files = split_files({k: getattr(args, k) for k in SPLITS})
     stats = P.data_statistics(Path(files["dft_train"]), args.r_max, args.type_names, "mean")
     a = {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "argv")}

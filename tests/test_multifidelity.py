@@ -138,9 +138,10 @@ def test_a_species_outside_the_model_types_is_refused_naming_the_dataset():
         PerDatasetEnergyReferences(
             F.model_config(), ["lo", "hi"], {"lo": {"Cu": 1.0, "Ni": 0.0}, "hi": {"Cu": 0.0}}
         )
-    # a dataset holding a species the model's type mapper does not know: the fit names it
+    # a dataset holding a species the model's type mapper does not know: the data module's
+    # set-up for the fit refuses it, naming the dataset
     dm = F.data_module(unmapped="hi")
-    with pytest.raises(ValueError, match=r"training dataset `hi` could not be read"):
+    with pytest.raises(ValueError, match=r"\(dataset `hi`\) has no model type: add Cu"):
         dm.energy_references()
 
 

@@ -7,13 +7,13 @@ one directory; from *another* one, ``nequip-package build`` packages the checkpo
 fidelity, and each deployed package is evaluated through nequip's ASE calculator in a process
 where ``nequip_mtl`` cannot be imported. It must predict what the training model predicts for
 that dataset's frames: the checkpoint's model through the same calculator, given the frame's
-``dataset_index``. The DFT file is ``$NEQUIP_MTL_ETHANOL`` or ``shared/data/`` beside the
-repository (skipped when absent, as the benchmarks do).
+``dataset_index``. The DFT and xTB files are the ones shipped in ``benchmarks/data/``, found
+by the config's own defaults (the run is launched from a copy of the repository root).
 """
 
 from __future__ import annotations
 
-import os
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -26,18 +26,11 @@ from tests.test_deployment import _assert_same_prediction, _evaluate, _run
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DFT = Path(
-    os.environ.get(
-        "NEQUIP_MTL_ETHANOL", REPO.parent / "shared" / "data" / "ethanol_reduced_100.xyz"
-    )
-).resolve()
-XTB = REPO / "benchmarks" / "data" / "ethanol_xtb_1200.xyz"
-
-pytestmark = pytest.mark.skipif(not DFT.exists(), reason=f"no DFT ethanol file at {DFT}")
+#: the config's default data files, relative to the launch directory
+DATA_FILES = ["benchmarks/data/ethanol_reduced_100.xyz", "benchmarks/data/ethanol_xtb_1200.xyz"]
+DFT = REPO / DATA_FILES[0]
 
 TINY = [
-    f"dft_file={DFT}",
-    f"xtb_file={XTB}",
     "dft_train=6",
     "dft_val=2",
     "dft_test=92",
@@ -61,7 +54,12 @@ def heads(request) -> bool:
 
 @pytest.fixture(scope="module")
 def trained(heads, tmp_path_factory) -> Path:
+    # a launch directory holding only the shipped data files, where a fresh clone's root has
+    # them: the config's default file paths are the ones used
     launch = tmp_path_factory.mktemp("launch")
+    for name in DATA_FILES:
+        (launch / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / name, launch / name)
     cmd = [str(BIN / "nequip-train"), "--config-path", str(REPO / "configs")]
     _run([*cmd, "--config-name", "multifidelity", *TINY, f"readout_heads={str(heads).lower()}"],
          launch)  # fmt: skip

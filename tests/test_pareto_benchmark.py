@@ -22,7 +22,7 @@ from benchmarks import protocol
 REPO = Path(__file__).resolve().parents[1]
 
 KCAL = 43.364  # meV per kcal/mol
-#: the real ethanol data where this checkout has it (``../shared``), else the generated alloy
+#: the real ethanol data shipped in ``benchmarks/data/`` (the generated alloy, were it absent)
 DATASET = "ethanol" if protocol.ETHANOL.exists() else "alloy"
 #: reported meV per unit of the json's raw values (kcal/mol, or eV)
 FACTOR = {"ethanol": KCAL, "alloy": 1000.0}[DATASET]

@@ -1,10 +1,10 @@
 """Offline, seeded multitask data (EMT energies, forces and stresses of fcc alloys; GFN2-xTB
 molecular dynamics of a molecule, with ``tblite``) and several training datasets as one data
-module.
+module; nequip's data module with setup-time checks of the data files and species.
 
 Only ASE and NumPy are imported eagerly (no nequip, no torch), so ``import nequip_mtl.data`` is
-cheap; :class:`MultiDatasetDataModule`, :class:`DatasetMetricNames` and the sampler are imported
-on first use.
+cheap; :class:`NequIPDataModule`, :class:`MultiDatasetDataModule`, :class:`DatasetMetricNames`
+and the sampler are imported on first use.
 """
 
 from .emt_alloy import (
@@ -21,6 +21,9 @@ from .emt_alloy import (
 _LAZY = {
     # importing `keys` registers the field with nequip
     "DATASET_INDEX_KEY": "keys",
+    "NequIPDataModule": "datamodule",
+    "check_data_files": "datamodule",
+    "check_chemical_species": "datamodule",
     "MultiDatasetDataModule": "multi_dataset",
     "TaggedDataset": "multi_dataset",
     "DatasetMetricNames": "metric_names",
@@ -52,8 +55,11 @@ __all__ = [
     "DatasetMetricNames",
     "MultiDatasetDataModule",
     "MultiDatasetSampler",
+    "NequIPDataModule",
     "TaggedDataset",
     "bind_dataset_names",
+    "check_chemical_species",
+    "check_data_files",
     "compare_labels",
     "generate_frames",
     "generate_xtb_md_frames",

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from nequip.data.datamodule import NequIPDataModule
 from nequip.utils.logger import RankedLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .binding import bind_dataset_names
+from .datamodule import NequIPDataModule  # nequip's, plus setup-time checks of the data
 from .keys import DATASET_INDEX_KEY  # registers it with nequip: a (num_frames,) long field
 from .sampling import MultiDatasetSampler, check_sampling
 
@@ -295,10 +295,12 @@ class MultiDatasetDataModule(NequIPDataModule):
 
         splits = {"train": [], "val": [], "test": []}
         self._split_owner = {"train": [], "val": [], "test": []}
+        origins = {"train": [], "val": [], "test": [], "predict": []}
         for index, (name, entry) in enumerate(entries):
             for key, config in self._entry_configs(name, entry, seed).items():
                 splits[key].append(config)
                 self._split_owner[key].append(index)
+                origins[key].append((self._entry_key(name, entry, key), f"dataset `{name}`"))
 
         loader = _to_container(train_dataloader) or {}
         for key in _REFUSED_LOADER_KEYS:
@@ -344,6 +346,8 @@ class MultiDatasetDataModule(NequIPDataModule):
         )
         # nequip's lightning module takes exactly one training loader: ours
         self.num_datasets["train"] = 1
+        # where each dataset config is in `data.datasets`, for the setup-time checks
+        self.dataset_origins = origins
         logger.info(self.describe())
 
     # ------------------------------------------------------------------ config parsing
@@ -406,6 +410,17 @@ class MultiDatasetDataModule(NequIPDataModule):
         return {
             key: dict(entry[f"{key}_dataset"]) for key in _SPLIT_KEYS if f"{key}_dataset" in entry
         }
+
+    @staticmethod
+    def _entry_key(name: str, entry: Mapping, split: str) -> str:
+        """The config key of dataset ``name``'s ``split`` config (of a split entry: the
+        ``split_dataset``, whose ``dataset`` is the data)."""
+        where = f"data.datasets.{name}"
+        if "_target_" in entry:
+            return where
+        if "split_dataset" in entry:
+            return f"{where}.split_dataset"
+        return f"{where}.{split}_dataset"
 
     # ------------------------------------------------------------------ names
 

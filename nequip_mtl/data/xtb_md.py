@@ -7,8 +7,8 @@ equilibration, then every ``stride``-th step is kept. Each kept frame carries th
 energy and forces of that very MD step (no extra call).
 
 **Units.** Energies and forces are written in ``kcal/mol`` and ``kcal/mol/Å`` by default,
-the units of the DFT ethanol file (``/work/shared/data/ethanol_reduced_100.xyz``, revised
-MD17 style, PBE), so that both sets can be mixed in one run; ``energy_unit="eV"`` writes
+the units of the DFT ethanol file (``benchmarks/data/ethanol_reduced_100.xyz`` of the
+repository, revised MD17 style, PBE), so that both sets can be mixed in one run; ``energy_unit="eV"`` writes
 ASE's eV and eV/Å instead. The absolute energies of the two levels of theory differ by a
 large constant (about -7.1e3 kcal/mol for GFN2-xTB against -9.7e4 kcal/mol for PBE
 ethanol): give each dataset its own energy reference.
@@ -26,7 +26,8 @@ Command line (``nequip-mtl-make-xtb-data --help``)::
 
     nequip-mtl-make-xtb-data benchmarks/data/ethanol_xtb_1200.xyz --frames 1200 \\
         --temperatures 300,600,900 --seed 0
-    nequip-mtl-make-xtb-data dft_geometries_xtb.xyz --relabel ethanol_reduced_100.xyz
+    nequip-mtl-make-xtb-data dft_geometries_xtb.xyz \\
+        --relabel benchmarks/data/ethanol_reduced_100.xyz
 
 tblite is imported only when a calculation is made, so this module imports without it.
 """
