@@ -35,9 +35,6 @@ STUDIES = {
     "readout_heads": readout_heads,
     "step_cost": step_cost,
 }
-#: committed json without a report of their own: the inputs of the hand-written
-#: memory_hygiene.md (step_cost --memory-only runs before and after issue 11)
-NO_REPORT = {"memory_before.json", "memory_after.json"}
 
 
 def _study(path: Path):
@@ -45,12 +42,11 @@ def _study(path: Path):
     return study
 
 
-JSONS = sorted(p for p in RESULTS.glob("*.json") if p.name not in NO_REPORT)
+JSONS = sorted(RESULTS.glob("*.json"))
 
 
 def test_every_committed_json_has_a_study_and_a_table():
     assert len(JSONS) >= 23
-    assert {p.name for p in RESULTS.glob("*.json")} >= NO_REPORT
     for path in JSONS:
         assert _study(path) is not None
         assert path.with_suffix(".md").exists(), path.name
