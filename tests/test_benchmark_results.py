@@ -6,6 +6,7 @@ tests/test_pareto_benchmark.py."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from benchmarks import (
 )
 
 RESULTS = protocol.RESULTS
+DOCS = RESULTS.parents[1] / "docs"
 #: a results json's study, by the start of its name
 STUDIES = {
     "accuracy": accuracy,
@@ -63,3 +65,21 @@ def test_report_writes_the_same_table(tmp_path):
     path = RESULTS / "aggregation_cost.json"
     report.from_json([str(path)], str(tmp_path), aggregation_cost.report, out_is_dir=True)
     assert (tmp_path / "aggregation_cost.md").read_text() == path.with_suffix(".md").read_text()
+
+
+def test_docs_show_the_committed_figures_not_copies():
+    """The docs' benchmark figures are read from ``benchmarks/results/`` (Sphinx copies an
+    image into the build); no copy of a results figure lies under ``docs/``."""
+    shown = [
+        (page, path)
+        for page in DOCS.glob("*.md")
+        for path in re.findall(r"^```\{image\} (\S+)", page.read_text(), flags=re.M)
+    ]
+    from_results = [path for _, path in shown if path.startswith("../benchmarks/results/")]
+    assert len(from_results) >= 11
+    for page, path in shown:
+        assert (page.parent / path).is_file(), (page.name, path)
+    figures = {p.read_bytes() for p in RESULTS.glob("*.png")}
+    sources = [p for p in DOCS.rglob("*.png") if "_build" not in p.relative_to(DOCS).parts]
+    copies = [p for p in sources if p.read_bytes() in figures]
+    assert not copies, f"copies of benchmarks/results figures under docs/: {copies}"
