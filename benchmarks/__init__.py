@@ -4,8 +4,8 @@
 - :mod:`benchmarks.methods`: every method a study can run, by name;
 - :mod:`benchmarks.report`: statistics, Markdown/JSON tables, figures, ``--from-json``;
 - the studies, each ``run -> <out>.json`` and ``report(<out>.json) -> md/png``:
-  ``accuracy``, ``pareto``, ``finetune``, ``conflicts``, ``step_cost``, ``aggregation_cost``,
-  ``batched_backward``, ``readout_heads``; ``held_form`` is a benchmark-only training module.
+  ``accuracy``, ``pareto``, ``finetune``, ``conflicts``, ``multifidelity``, ``step_cost``,
+  ``aggregation_cost``, ``readout_heads``.
 
 Run a study as a module, e.g.::
 

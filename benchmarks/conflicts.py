@@ -49,8 +49,8 @@ Writes, into ``--out DIR`` (default ``benchmarks/results``; with ``--quick``
 ``benchmarks/results/_tmp``), ``conflicts_<dataset>.json`` (every measured step of every
 run; the meta data: machine, arguments, command line; the summary behind the tables and
 the numbers the figures show), ``conflicts_<dataset>.md`` (tables) and
-``conflicts_<dataset>_cosines.png``, ``conflicts_<dataset>_evolution.png``; with the
-default directory the figures are also copied to ``docs/_static/``.
+``conflicts_<dataset>_cosines.png``, ``conflicts_<dataset>_evolution.png`` (the docs show
+the committed figures from there).
 """
 
 from __future__ import annotations
@@ -621,17 +621,15 @@ def plot(out: Path, meta: dict, runs: list[dict], variants: list[str]) -> tuple[
 
 def report(data: dict, out: Path) -> None:
     """The md and png files, and the json: the raw runs and meta data as given, the
-    summary behind the tables and the numbers the figures show; the figures also in
-    ``docs/_static`` when ``out`` is in the committed results."""
+    summary behind the tables and the numbers the figures show."""
     meta, runs = data["meta"], data["runs"]
     variants = variants_of(data)
     summary = summarize(runs, variants)
     R.write_text(out.with_suffix(".md"), markdown(data))
-    paths, shown = plot(out, meta, runs, variants)
+    _, shown = plot(out, meta, runs, variants)
     R.write_json(
         out.with_suffix(".json"), {"meta": meta, "summary": summary, "figures": shown, "runs": runs}
     )
-    R.publish(paths, P.RESULTS, P.DOCS_STATIC)
 
 
 # ----------------------------------------------------------------------------- main

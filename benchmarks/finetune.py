@@ -41,8 +41,7 @@ Data pairs (both offline, written once into ``_tmp``):
     python -m benchmarks.finetune --from-json benchmarks/results/finetune_alloy.json
 
 Writes ``benchmarks/results/finetune_<pair>.{json,md,png}`` (``--out`` to choose); the json
-is rewritten after every finished run. The figure of a run written to the results is also
-saved to ``docs/_static/``.
+is rewritten after every finished run.
 """
 
 from __future__ import annotations
@@ -419,8 +418,7 @@ def plot(data: dict, path: Path) -> Path:
 
 
 def report(data: dict, out: Path) -> None:
-    """``out``.json (raw runs, meta, the summaries and places), .md and .png; the figure
-    also in ``docs/_static`` when ``out`` is in the results."""
+    """``out``.json (raw runs, meta, the summaries and places), .md and .png."""
     rows = summaries(data)
     meta = {k: v for k, v in data["meta"].items() if k != "partial"}
     views = {
@@ -433,8 +431,7 @@ def report(data: dict, out: Path) -> None:
          "pretrain": data["pretrain"], "runs": data["runs"]},
     )  # fmt: skip
     R.write_text(out.with_suffix(".md"), markdown(data))
-    png = plot(data, out.parent / (out.name + ".png"))
-    R.publish([png], P.RESULTS, P.DOCS_STATIC)
+    plot(data, out.parent / (out.name + ".png"))
 
 
 # ----------------------------------------------------------------------------- main

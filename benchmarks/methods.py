@@ -72,8 +72,6 @@ class Method:
 
 PLAIN = "nequip.train.NequIPLightningModule"
 MTL = "nequip_mtl.train.MultitaskLightningModule"
-#: the benchmark-only module of issue 12 (``benchmarks/held_form.py``)
-HELD_FORM = "benchmarks.held_form.LossScaledHeldWeightsModule"
 
 
 def _agg(name: str, label: str, **kw) -> Method:
@@ -250,23 +248,6 @@ def _calibrated(steps: int) -> dict[str, Method]:
     }
 
 
-def _held_form() -> dict[str, Method]:
-    """Issue 12: ``upgrad_k8`` / ``config_k8`` holding loss-scaled weights between refreshes,
-    ``w_i * sqrt(L_i(ref) / L_i(t))`` (benchmark-only module :data:`HELD_FORM`); ``_lsm``:
-    with moving averages of the losses instead of single batches."""
-    out = {}
-    for name in ("upgrad", "config"):
-        m = _periodic(_methods("epoch"))[f"{name}_k8"]
-        for suffix, kw, what in (("ls", {}, ""), ("lsm", {"loss_ema": 0.9}, ", loss EMA 0.9")):
-            out[f"{name}_k8_{suffix}"] = dataclasses.replace(
-                m,
-                label=f"{m.label}, loss-scaled held weights{what}",
-                module=HELD_FORM,
-                kwargs={**m.kwargs, **kw},
-            )
-    return out
-
-
 def methods(interval: str = "epoch", calibration_steps: int = 20) -> dict[str, Method]:
     """Every method; the calibrate-then-freeze ones calibrate for ``calibration_steps``."""
     table = _methods(interval)
@@ -275,7 +256,6 @@ def methods(interval: str = "epoch", calibration_steps: int = 20) -> dict[str, M
         **_weighted_sums(),
         **_calibrated(calibration_steps),
         **_periodic(table),
-        **_held_form(),
     }
 
 

@@ -641,8 +641,7 @@ def plot(data: dict, path: Path) -> Path:
 
 
 def report(data: dict, out: Path) -> None:
-    """``out``.json (raw runs, meta, the summaries), .md and .png; the figure also in
-    ``docs/_static`` when ``out`` is in the results."""
+    """``out``.json (raw runs, meta, the summaries), .md and .png."""
     meta = {k: v for k, v in data["meta"].items() if k != "partial"}
     views = {
         str(n): {key: summaries(data, n)[key] for key in ("budget", "epochs")}
@@ -654,8 +653,7 @@ def report(data: dict, out: Path) -> None:
          "cosines": data["cosines"], "runs": data["runs"]},
     )  # fmt: skip
     R.write_text(out.with_suffix(".md"), markdown(data))
-    png = plot(data, out.parent / (out.name + ".png"))
-    R.publish([png], P.RESULTS, P.DOCS_STATIC)
+    plot(data, out.parent / (out.name + ".png"))
 
 
 # ----------------------------------------------------------------------------- main

@@ -33,9 +33,8 @@ that the models are trained rather than in early training; it has only the equal
     OMP_NUM_THREADS=1 python -m benchmarks.pareto --quick            # about a minute
 
 Writes ``benchmarks/results/pareto_<dataset>.{json,md,png}`` (``--out`` to choose) and
-``..._curves.png`` (validation error against training time, the learning rate beside);
-the Pareto figure of a run written to ``benchmarks/results/`` is also saved to
-``docs/_static/`` for the docs. ``--from-json`` rewrites all of them from a results json.
+``..._curves.png`` (validation error against training time, the learning rate beside).
+``--from-json`` rewrites all of them from a results json.
 """
 
 from __future__ import annotations
@@ -361,7 +360,7 @@ def markdown(data: dict) -> str:
 
 def report(data: dict, out: Path) -> None:
     """``out``.json (raw runs, meta data, the views), .md, .png (the front) and
-    ``_curves.png``; the front also in ``docs/_static`` when ``out`` is in the results."""
+    ``_curves.png``."""
     meta, runs = data["meta"], data["runs"]
     a = meta["args"]
     metrics = P.reported_metrics(a["dataset"])
@@ -389,8 +388,7 @@ def report(data: dict, out: Path) -> None:
         f"nequip's weighted sum at swept coefficients (mean ± sd over {len(a['seeds'])} seeds)",
         metrics,
     )
-    png = R.save(fig, out.parent / (out.name + ".png"))
-    R.publish([png], P.RESULTS, P.DOCS_STATIC)  # the committed results: the docs show it
+    R.save(fig, out.parent / (out.name + ".png"))
     plot_curves(
         out.parent / (out.name + "_curves.png"), runs, methods, labels, a["budget_s"], metrics
     )

@@ -46,8 +46,6 @@ from benchmarks import methods as M
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 TMP = RESULTS / "_tmp"  # gitignored: generated data, Lightning scratch
-#: the docs' figures (studies writing into RESULTS copy theirs here)
-DOCS_STATIC = ROOT.parent / "docs" / "_static"
 
 TYPE_NAMES = ["Cu", "Ni", "Pd"]
 

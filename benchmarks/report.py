@@ -17,7 +17,6 @@ import json
 import math
 import platform
 import shlex
-import shutil
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -162,11 +161,3 @@ def save(fig, path: Path, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
-
-
-def publish(paths: list[Path], results: Path, docs: Path) -> None:
-    """Copy figures written into the committed ``results`` folder to the docs' ``docs``."""
-    for p in paths:
-        if p.parent.resolve() == results.resolve():
-            docs.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, docs / p.name)

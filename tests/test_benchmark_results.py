@@ -6,6 +6,7 @@ tests/test_pareto_benchmark.py."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,6 @@ import pytest
 from benchmarks import (
     accuracy,
     aggregation_cost,
-    batched_backward,
     conflicts,
     finetune,
     multifidelity,
@@ -25,11 +25,11 @@ from benchmarks import (
 )
 
 RESULTS = protocol.RESULTS
+DOCS = RESULTS.parents[1] / "docs"
 #: a results json's study, by the start of its name
 STUDIES = {
     "accuracy": accuracy,
     "aggregation_cost": aggregation_cost,
-    "batched_backward": batched_backward,
     "conflicts": conflicts,
     "finetune": finetune,
     "multifidelity": multifidelity,
@@ -37,9 +37,6 @@ STUDIES = {
     "readout_heads": readout_heads,
     "step_cost": step_cost,
 }
-#: committed json without a report of their own: the inputs of the hand-written
-#: memory_hygiene.md (step_cost --memory-only runs before and after issue 11)
-NO_REPORT = {"memory_before.json", "memory_after.json"}
 
 
 def _study(path: Path):
@@ -47,12 +44,11 @@ def _study(path: Path):
     return study
 
 
-JSONS = sorted(p for p in RESULTS.glob("*.json") if p.name not in NO_REPORT)
+JSONS = sorted(RESULTS.glob("*.json"))
 
 
 def test_every_committed_json_has_a_study_and_a_table():
     assert len(JSONS) >= 23
-    assert {p.name for p in RESULTS.glob("*.json")} >= NO_REPORT
     for path in JSONS:
         assert _study(path) is not None
         assert path.with_suffix(".md").exists(), path.name
@@ -66,6 +62,24 @@ def test_committed_table_regenerates_from_its_json(path):
 
 def test_report_writes_the_same_table(tmp_path):
     """A study's report writes what its ``markdown`` gives (md-only report: no figures)."""
-    path = RESULTS / "batched_backward.json"
-    report.from_json([str(path)], str(tmp_path), batched_backward.report, out_is_dir=True)
-    assert (tmp_path / "batched_backward.md").read_text() == path.with_suffix(".md").read_text()
+    path = RESULTS / "aggregation_cost.json"
+    report.from_json([str(path)], str(tmp_path), aggregation_cost.report, out_is_dir=True)
+    assert (tmp_path / "aggregation_cost.md").read_text() == path.with_suffix(".md").read_text()
+
+
+def test_docs_show_the_committed_figures_not_copies():
+    """The docs' benchmark figures are read from ``benchmarks/results/`` (Sphinx copies an
+    image into the build); no copy of a results figure lies under ``docs/``."""
+    shown = [
+        (page, path)
+        for page in DOCS.glob("*.md")
+        for path in re.findall(r"^```\{image\} (\S+)", page.read_text(), flags=re.M)
+    ]
+    from_results = [path for _, path in shown if path.startswith("../benchmarks/results/")]
+    assert len(from_results) >= 11
+    for page, path in shown:
+        assert (page.parent / path).is_file(), (page.name, path)
+    figures = {p.read_bytes() for p in RESULTS.glob("*.png")}
+    sources = [p for p in DOCS.rglob("*.png") if "_build" not in p.relative_to(DOCS).parts]
+    copies = [p for p in sources if p.read_bytes() in figures]
+    assert not copies, f"copies of benchmarks/results figures under docs/: {copies}"

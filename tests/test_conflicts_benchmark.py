@@ -175,7 +175,7 @@ def test_committed_results_match_their_json():
         md = conflicts.markdown(data)
         assert md == path.with_suffix(".md").read_text()
         for fig in ("cosines", "evolution"):
-            assert (REPO / "docs" / "_static" / f"conflicts_{ds}_{fig}.png").exists()
+            assert (C.RESULTS / f"conflicts_{ds}_{fig}.png").exists()
     if not found:
         pytest.skip("no committed conflict results")
 
@@ -201,4 +201,4 @@ def test_docs_tables_are_the_committed_tables():
         command = re.search(r"^Command: `(.*)`$", md, re.M).group(1)
         assert command in page, ds
         for fig in ("cosines", "evolution"):
-            assert f"_static/conflicts_{ds}_{fig}.png" in page
+            assert f"../benchmarks/results/conflicts_{ds}_{fig}.png" in page

@@ -151,8 +151,8 @@ class StepEngine:
         """
         window, rows = self.window, self.rows
         if window.held:
-            weights = self.held_step_weights(window, losses)
-            total = sum(w * losses[t] for t, w in weights.items() if w != 0.0 and t in losses)
+            held = window.weights
+            total = sum(w * losses[t] for t, w in held.items() if w != 0.0 and t in losses)
             if isinstance(total, torch.Tensor) and total.requires_grad:
                 rows.backward(0, total * window.factor, retain_graph=False)
                 window.backward_passes += 1
@@ -165,17 +165,6 @@ class StepEngine:
         for k, (row, task) in enumerate(todo):
             rows.backward(row, losses[task] * window.factor, retain_graph=k < len(todo) - 1)
             window.backward_passes += 1
-
-    def held_step_weights(
-        self, window: StepWindow, losses: Mapping[str, torch.Tensor]
-    ) -> Mapping[str, float]:
-        """The weights ``w`` of ``sum_i w_i L_i`` on a step between refreshes.
-
-        A hook: the default is the held weights of the last refresh
-        (``window.weights``); a subclass may derive others from this micro-batch's
-        losses (``benchmarks/held_form.py`` does).
-        """
-        return window.weights
 
     def end(self) -> None:
         """Close the window (after its optimizer step): its state is dropped."""

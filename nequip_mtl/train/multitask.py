@@ -161,7 +161,7 @@ class MultitaskLightningModule(NequIPLightningModule):
         #: the tasks of the current optimizer step (components, or datasets)
         self._plan: TaskPlan | None = None
         #: one optimizer step's life: window, rows, held weights, aggregation (no Lightning)
-        self.engine = self.build_engine(aggregator, weights_every, on_nonfinite)
+        self.engine = StepEngine(aggregator, weights_every=weights_every, on_nonfinite=on_nonfinite)
         self.engine.task_noun = TASK_NOUNS[tasks]
         self.faults = StepFaults(max_consecutive_skips, task_noun=TASK_NOUNS[tasks])
         #: name -> weight of that task's gradient in the last applied update
@@ -177,11 +177,6 @@ class MultitaskLightningModule(NequIPLightningModule):
 
     #: this module computes per-task gradients itself (see ``TaskGradientObservable``)
     measures_task_gradients = True
-
-    def build_engine(self, aggregator: Aggregator, weights_every: int, on_nonfinite: str):
-        """The :class:`~nequip_mtl.step.StepEngine` of this module (a hook for subclasses
-        that change what a step does, e.g. the held weights; see ``benchmarks/held_form.py``)."""
-        return StepEngine(aggregator, weights_every=weights_every, on_nonfinite=on_nonfinite)
 
     @property
     def aggregator(self) -> Aggregator:
