@@ -257,19 +257,95 @@ def test_load_state_dict_validation():
 def test_homogeneity(scale, dtype):
     """Without the second moment the update is linear in the gradients (degree 1); with it,
     scale-free (degree 0, up to `eps`), along the same history of gradients. The absolute
-    floors `eps` and `norm_eps` (nequip's ConFIG floor) are set below every norm here."""
+    floors `eps` and `norm_eps` (nequip's ConFIG floor) are set below every norm here.
+
+    float64: the scaled run against the plain one, to 1e-12. float32: the scaled float32
+    run against the exact answer, the float64 run on the same (float32) gradients times
+    the scale, within a bound of float32's rounding (:class:`_Float32Bound`)."""
     coeffs = torch.full((3,), 1 / 3, dtype=dtype)
-    tol = dict(rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=0)
     for second_moment in (False, True):
         kwargs = dict(beta_1=0.9, second_moment=second_moment, eps=1e-30, norm_eps=1e-30)
         plain, scaled = MomentumConFIG(**kwargs), MomentumConFIG(**kwargs)
+        bound = _Float32Bound(kwargs)
+        degree = 0 if second_moment else 1
         for seed in range(5):
             G = _grads(seed=seed, dtype=dtype)
             sel = plain.select_tasks(3)
             assert scaled.select_tasks(3) == sel
-            u = plain.aggregate_subset(G[sel], coeffs, sel)
             u_s = scaled.aggregate_subset(G[sel] * scale, coeffs, sel)
-            torch.testing.assert_close(u_s, u if second_moment else u * scale, **tol)
+            if dtype == torch.float64:
+                u = plain.aggregate_subset(G[sel], coeffs, sel)
+                torch.testing.assert_close(u_s, u * scale**degree, rtol=1e-12, atol=0)
+                continue
+            # float32: the plain run in float64 is the exact answer for these gradients
+            exact = plain.aggregate_subset(G[sel].double(), coeffs.double(), sel)
+            tol = bound.step(plain, G[sel].double(), sel, exact)
+            diff = (u_s.double() - exact * scale**degree).abs()
+            assert bool((diff <= tol * scale**degree).all()), float((diff / tol).max())
+            # the bound is far below the update (a few 1e-3 of it, up to 6e-2): an error of
+            # the update's size, such as a wrong power of the scale, would show
+            assert float((tol / exact.abs()).median()) < 1e-2
+
+
+class _Float32Bound:
+    """A first-order bound, per entry, on how far MomentumConFIG's update computed in
+    float32 (unit roundoff ``u = 2**-24``) is from the exact one on the same gradients
+    (times the scale), from the exact run's state after each step. Operation counts:
+
+    - the input ``G * scale``: one rounding, ``u |g|``; a momentum update
+      ``m + (1 - beta_1) (g - m)``: three roundings of terms at most ``max|g|`` (a momentum
+      is a convex combination of its gradients), so a momentum updated ``t`` times is off
+      by at most ``(1 + 3 t) u max|g|``; the bias correction scales that;
+    - the Gram matrix of the ``m`` seen momenta, ``N = 40`` terms: ``N u |m_i||m_j|`` per
+      entry, ``m N u`` on the cosine matrix in norm (plus the momenta's own errors,
+      relative to their norms), moving ConFIG's weights by ``kappa`` (the cosine matrix's
+      condition number) times that relative to their norm, and the final normalisation as
+      much again; the ``m``-term sum of the update and the weights' cast to float32:
+      ``(m + 1) u sum_i |w_i m_ik|``;
+    - the second moment divides by ``s + eps``, ``s`` the root mean square (weights
+      summing to 1) of the pseudo-gradients ``(p_t - beta_1 p_{t-1}) / (1 - beta_1)``:
+      an error ``d`` of the updates so far moves them by ``(1 + beta_1) / (1 - beta_1) d =
+      19 d`` and ``s`` by as much, the result by ``(d + 19 d |out|) / (s + eps)``, plus a
+      few roundings of its own (``8 u |out|``).
+    """
+
+    u = 2.0**-24
+
+    def __init__(self, kwargs):
+        self.beta_1 = kwargs["beta_1"]
+        self.second_moment = kwargs["second_moment"]
+        self.max_g: torch.Tensor | None = None  # per task and entry, over its gradients
+        self.history: torch.Tensor | None = None  # largest bound of the updates so far
+
+    def step(self, exact: MomentumConFIG, grads, tasks, out: torch.Tensor) -> torch.Tensor:
+        u, state = self.u, exact.state_dict()
+        momenta, counts = state["momenta"], state["counts"]
+        if self.max_g is None:
+            self.max_g = torch.zeros_like(momenta)
+        for row, task in enumerate(tasks):
+            self.max_g[task] = torch.maximum(self.max_g[task], grads[row].abs())
+        seen = [i for i in range(len(counts)) if counts[i] > 0]
+        corr = torch.tensor([1 / (1 - self.beta_1 ** counts[i]) for i in seen])[:, None]
+        rows = momenta[seen] * corr
+        err = torch.stack([(1 + 3 * counts[i]) * u * self.max_g[i] for i in seen]) * corr
+        if len(seen) == 1:
+            bound = err[0] + 2 * u * rows[0].abs()
+        else:
+            w = ConFIG(norm_eps=1e-30).weights(rows @ rows.T, torch.ones(len(seen)) / len(seen))
+            m, n = rows.shape
+            norms = rows.norm(dim=1)
+            cos = (rows @ rows.T) / (norms[:, None] * norms[None, :])
+            rel = n * u + 2 * float((err.norm(dim=1) / norms).max())
+            kappa = float(torch.linalg.cond(cos))
+            bound = (w.abs()[:, None] * (err + (m + 1) * u * rows.abs())).sum(0)
+            scale = float((w.abs() * norms).max())
+            bound += 2 * kappa * m**1.5 * rel * scale * (rows.abs() / norms[:, None]).sum(0)
+        if not self.second_moment:
+            return bound
+        self.history = bound if self.history is None else torch.maximum(self.history, bound)
+        t = state["steps"]
+        s = (state["second"] / (1 - exact.beta_2**t)).sqrt()
+        return (bound + 19 * self.history * out.abs()) / (s + exact.eps) + 8 * u * out.abs()
 
 
 def test_momenta_gram_does_not_overflow():
