@@ -17,7 +17,13 @@ from nequip.train import NequIPLightningModule
 
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import UPGrad
-from tests._harness import module_kwargs, multi, params, trainer
+from tests._harness import (
+    module_kwargs,
+    multi,
+    params,
+    skip_inductor_under_default_capability,
+    trainer,
+)
 
 BALANCED = {"mode": "balanced", "frames_per_batch": {"a": 2, "b": 1}}
 COEFFS = {
@@ -318,6 +324,7 @@ def test_a_restart_mid_epoch_resumes_dataset_tasks_exactly(tmp_path):
 
 
 @pytest.mark.slow
+@skip_inductor_under_default_capability
 def test_dataset_tasks_under_train_time_compile_match_eager(tmp_path):
     """`compile_mode: compile` with one forward per dataset's sub-batch (sub-batches of
     several sizes through one compiled graph) and per-task backward passes."""

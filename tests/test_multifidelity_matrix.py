@@ -18,7 +18,7 @@ import torch
 import nequip_mtl.train as mtl
 from nequip_mtl.model import DatasetEnergyShifts, DatasetReadoutHeads
 from tests import _mfid as F
-from tests._harness import module_kwargs, params, trainer
+from tests._harness import module_kwargs, params, skip_inductor_under_default_capability, trainer
 
 NAMES = ["lo", "hi"]
 #: deliberately off the fitted values (-3.5 and -7.5 per atom), so trainable references move
@@ -162,6 +162,7 @@ def test_a_restart_mid_epoch_resumes_exactly_with_trainable_references(tmp_path,
 
 
 @pytest.mark.slow
+@skip_inductor_under_default_capability
 def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
     """`compile_mode: compile` on the wrapped model with readout heads, ``dataset_index`` an
     input of the compiled graph: the trajectory, references and heads included, is eager's.
