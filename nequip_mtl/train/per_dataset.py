@@ -413,7 +413,7 @@ _LOSS_KEYS = {
 def _check_datasets(datasets: Any, who: str) -> list[str]:
     if isinstance(datasets, str) or not isinstance(datasets, Sequence) or not datasets:
         raise ValueError(
-            f"{who}: `datasets` must be a non-empty list of the data module's dataset names, "
+            f"{who}: `datasets` must be a non-empty list of dataset names (the data module's), "
             f"got {datasets!r}"
         )
     names = [str(d) for d in datasets]
