@@ -3,7 +3,7 @@
 What a gradient-aggregation step adds on top of its backward passes: zeroing the task
 rows, the m x m Gram matrix, the aggregator's weights, and writing the combined update,
 for every aggregator, 2 and 3 tasks, float32 and float64, 1e5 and 1e6 parameters.
-Compare with the step times in ``step_cost.md`` (issue target: < 5% of a step).
+Compare with the step times in ``step_cost.md`` (target: < 5% of a step).
 
     OMP_NUM_THREADS=1 python -m benchmarks.aggregation_cost
 

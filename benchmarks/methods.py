@@ -211,7 +211,7 @@ def second_stage_coeffs(method: Method, num_tasks: int) -> dict[str, float]:
     return {LOSS_METRIC_NAMES[k]: v for k, v in coeffs.items()}
 
 
-#: the Gram-based aggregation methods that take ``weights_every`` (issue 12)
+#: the Gram-based aggregation methods that take ``weights_every``
 GRAM_METHODS = [
     "config", "mean", "sum", "pcgrad", "imtlg", "mgda", "upgrad", "dualproj", "alignedmtl", "cagrad"
 ]  # fmt: skip

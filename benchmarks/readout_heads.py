@@ -1,5 +1,5 @@
 """Per-dataset readout heads: does a per-dataset last readout layer help over per-dataset
-energy references alone? (issue 19 item 2)
+energy references alone?
 
 One NequIP model is trained jointly on the DFT ethanol frames
 (``benchmarks/data/ethanol_reduced_100.xyz``, kcal/mol; 80 training frames, 20 held out as the DFT test set) and GFN2-xTB ethanol frames

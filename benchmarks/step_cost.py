@@ -22,7 +22,7 @@ gradients, task-gradient buffers, optimizer state; deterministic). With ``--rss`
 the OS view in a fresh process per method: ``VmHWM - VmRSS`` with the high-water mark
 reset at ``on_train_start`` (``/proc/self/clear_refs``).
 
-Several training datasets (``--datasets 2`` or ``3``, issue 18): EMT alloy datasets of
+Several training datasets (``--datasets 2`` or ``3``): EMT alloy datasets of
 different frame mixes (:data:`DATASETS`) in a ``MultiDatasetDataModule`` with balanced
 batches of ``--frames-per-dataset`` k frames of each dataset, a ``PerDatasetLoss``
 (per-atom energy and forces MSE per dataset), and the methods of
@@ -886,7 +886,7 @@ def _plot(path: Path, results, mem) -> None:
 
 # ----------------------------------------------------------------------------- datasets output
 
-#: issue 18 item 5: with 2 datasets and balanced batches, the dataset-task step (sub-batch
+#: the target: with 2 datasets and balanced batches, the dataset-task step (sub-batch
 #: forwards) is at most this many times the weighted-sum step of the same frames
 DATASET_TASK_BOUND = 1.15
 DATASET_TASK_METHOD = "upgrad_datasets"

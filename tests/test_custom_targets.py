@@ -1,4 +1,4 @@
-"""Custom targets (issue 20, item 7): a loss component on nequip's ``virial`` field and a
+"""Custom targets: a loss component on nequip's ``virial`` field and a
 ``field: null`` metric of the whole data dict are tasks like any other, in every module
 and callback of ours. The snippets are those of ``docs/custom_targets.md``: its Python
 block is written to a module ``my_targets``, its ``loss:`` block pasted into a tiny

@@ -1,5 +1,5 @@
-"""Behaviours of the coefficient callbacks and FAMO that earlier tests let through
-(issue 20): calibration length with gradient accumulation, calibrated coefficients
+"""Behaviours of the coefficient callbacks and FAMO that earlier tests let
+through: calibration length with gradient accumulation, calibrated coefficients
 re-applied after ``load_state_dict``, and FAMO's logit rule replayed from the logged
 losses through :class:`~nequip_mtl.weighting.famo.FAMOLogits`."""
 

@@ -1,4 +1,4 @@
-"""Behaviours of ``MultitaskLightningModule`` that earlier tests let through (issue 20).
+"""Behaviours of ``MultitaskLightningModule`` that earlier tests let through.
 
 Everything here goes through public behaviour only: the parameters after each step, the
 ``.grad`` an optimizer sees (a callback's ``on_before_optimizer_step``), the number of

@@ -1,5 +1,4 @@
-"""Labels a dataset lacks (issue 18 item 7) and NaN labels blamed on the wrong component
-(issue 20 item 8): refused at setup, naming the component, dataset, field and frames."""
+"""Labels a dataset lacks and NaN labels blamed on the wrong component: refused at setup, naming the component, dataset, field and frames."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-dataset energy references (issue 19): ``nequip_mtl.model.PerDatasetEnergyReferences``,
+"""Per-dataset energy references: ``nequip_mtl.model.PerDatasetEnergyReferences``,
 its ``select_fidelity`` model modifier and the least-squares references of
 ``MultiDatasetDataModule``, on tiny real nequip models.
 

@@ -1,4 +1,4 @@
-"""Per-dataset readout heads (issue 19 item 2): ``PerDatasetEnergyReferences(...,
+"""Per-dataset readout heads: ``PerDatasetEnergyReferences(...,
 readout_heads=True)`` gives each dataset its own copy of the last linear layer of the NequIP
 model's per-atom energy readout (``DatasetReadoutHeads``), and ``select_fidelity`` folds one
 copy back into nequip's own readout.

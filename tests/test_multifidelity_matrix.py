@@ -1,4 +1,4 @@
-"""Per-dataset energy references (issue 19) under the several-datasets matrix: the
+"""Per-dataset energy references under the several-datasets matrix: the
 ``PerDatasetEnergyReferences`` wrapper (fixed and trainable references, with and without
 per-dataset readout heads) trained by
 ``MultitaskLightningModule(tasks: datasets)`` on two EMT Cu "levels of theory" whose energies

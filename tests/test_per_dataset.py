@@ -1,4 +1,4 @@
-"""Per-dataset loss components and metrics (issue 18 item 2): exactness against nequip's
+"""Per-dataset loss components and metrics: exactness against nequip's
 own loss on each dataset's sub-batch, absent datasets, and every kind of training module
 and coefficient callback."""
 

@@ -114,7 +114,7 @@ def _nan_forces_xyz(path: Path, frames: int = 16) -> None:
 def test_nequip_train_with_nan_forces_fails_and_names_forces(tmp_path):
     """Forces NaN in every frame: every step would be skipped. The run must exit non-zero,
     name the forces loss, and leave no checkpoint of an untrained model; the label check
-    refuses it at fit start, before any step (issue 20 item 8)."""
+    refuses it at fit start, before any step."""
     data = tmp_path / "nan_forces.xyz"
     _nan_forces_xyz(data)
     out = tmp_path / "run"

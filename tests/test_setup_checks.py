@@ -1,5 +1,5 @@
 """Config mistakes a new user makes are refused at setup, in a short message that names the
-config key, the class the user wrote and what it accepts (issue 20, items 1, 3, 4, 6).
+config key, the class the user wrote and what it accepts.
 
 - a misplaced aggregator argument (ConFIG's ``lsqr`` left in ``training_module``) says
   where it goes; any other unknown key lists the module's keys and nequip's;

@@ -1,4 +1,4 @@
-"""What a new user copies from the docs works as written (issue 20, items 1, 2 and 6).
+"""What a new user copies from the docs works as written.
 
 - every YAML snippet of ``docs/choosing.md``, pasted into ``configs/tutorial.yaml`` as a
   user would, trains one epoch through nequip's real ``nequip-train`` entry point (tiny

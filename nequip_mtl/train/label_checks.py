@@ -2,11 +2,11 @@
 
 Two failures this catches early, with a message that names the cause:
 
-- **a label a dataset lacks** (issue 18): e.g. an energy-only dataset with a forces loss
+- **a label a dataset lacks**: e.g. an energy-only dataset with a forces loss
   component. The error names the component, the dataset and the field. A per-dataset
   component built with ``ignore_missing`` (:func:`~nequip_mtl.train.PerDatasetLoss`) skips
   such a dataset instead.
-- **non-finite labels** (issue 20): e.g. forces that are NaN in every frame. With nequip's
+- **non-finite labels**: e.g. forces that are NaN in every frame. With nequip's
   usual ``CommonDataStatisticsManager`` they also make the forces RMS, hence the model's
   per-type scale, NaN, so *every* output and every task gradient is NaN and the first
   component checked (``per_atom_energy_mse``) gets the blame. The error names the field

@@ -1,4 +1,4 @@
-"""Tolerances of the Gram-space aggregators are relative (issue 20).
+"""Tolerances of the Gram-space aggregators are relative.
 
 An absolute tolerance (a zero-norm test, an eigenvalue cut-off, a conflict test) passes
 at the scale it was written for and breaks at another; MLIP task gradients differ by
