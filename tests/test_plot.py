@@ -459,6 +459,27 @@ def test_several_loaders_without_dataset_names(tmp_path):
     assert any("no validation before training" in n for n in notes), notes
 
 
+def test_a_series_without_a_value_before_training_says_its_reference(tmp_path):
+    """A run that validated before training, but one dataset's metric was first logged
+    later: that line is relative to its first value, and its label and the title say so;
+    the others stay relative to before training."""
+    _write_csv(
+        tmp_path / "run" / "metrics.csv",
+        ["train_loss_epoch/a/forces_mse", "val_optimizer_steps", "val_a_epoch/forces_mae",
+         "val_b_epoch/forces_mae"],
+        [[0, None, 0, 0.5, None], [3, 1.0, 4, 0.25, 0.8], [7, 0.5, 8, 1.0, 0.4]],
+    )  # fmt: skip
+    fig = build_figures(load_run(tmp_path / "run"))["summary.png"]
+    (title,) = [t for t in _axes_by_title(fig) if "relative to" in t]
+    assert title.startswith("validation error per task, relative to before training (step 0)")
+    ax = _axes_by_title(fig)[title]
+    a, b = _line(ax, "a: forces"), _line(ax, "b: forces")
+    assert a.get_label() == "a: forces val MAE: 0.5 → 1 eV/Å"
+    assert b.get_label() == "b: forces val MAE: 0.8 → 0.4 eV/Å (relative to step 3)"
+    _same_data(a, [0, 3, 7], [1.0, 0.5, 2.0])
+    _same_data(b, [3, 7], [1.0, 0.5])
+
+
 # ---------------------------------------------------------------- units
 
 

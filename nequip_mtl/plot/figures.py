@@ -908,6 +908,8 @@ def _relative_panel(ax, logs: RunLogs, losses, by_prefix, notes: list[str]) -> N
             f"{who + ': ' if who and several else ''}{quantity_label(field)} {source} "
             f"{KINDS[kind][0]}: {ref:.3g} → {s.last:.3g}{' ' + u if u else ''}"
         )
+        if before and not is_before:  # not logged before training: says its reference
+            label += f" (relative to step {_num(float(s.step[first]))})"
         if dataset in dcolors and several:
             marker, linestyle = _FIELD_STYLES[fields.index(field) % len(_FIELD_STYLES)]
             style = dict(color=dcolors[dataset], marker=marker, linestyle=linestyle)
@@ -933,6 +935,13 @@ def _relative_panel(ax, logs: RunLogs, losses, by_prefix, notes: list[str]) -> N
         title += "\n(1 = the validation at step 0, before any optimizer step; above 1: worse)"
         ylabel = "error / error before training"
         ax.axhline(1.0, color="0.3", lw=0.8, ls=":", label="before training")
+    elif before:
+        title = (
+            "validation error per task, relative to before training (step 0) where it was "
+            "logged,\nelse to its first logged value (the legend says from which step)"
+        )
+        ylabel = "error / reference value"
+        ax.axhline(1.0, color="0.3", lw=0.8, ls=":")
     else:
         val_steps = sorted({step for source, step in firsts if source == "val"})
         what = (
