@@ -517,3 +517,22 @@ def test_a_validation_before_training_is_logged_at_step_0(tmp_path):
         _column(rows_off, "val_a_epoch/forces_mae") == _column(rows, "val_a_epoch/forces_mae")[1:]
     )
     assert torch.equal(params(mod), params(mod_off))
+
+
+@pytest.mark.ddp
+def test_dataset_metric_names_under_two_gloo_ranks(tmp_path):
+    """Under DDP every rank computes (and syncs) each loader's metrics at that loader's last
+    batch, and the validation before training runs on every rank: no rank waits for
+    another, and every rank logs the same values under the same names (the per-dataset
+    metrics of the dataset's own loader only)."""
+    import sys
+
+    from tests._ddp import launch
+
+    launch([sys.executable, "-m", "tests.multi_dataset_ddp_worker", str(tmp_path), "named"], 2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["val"] == ranks[1]["val"]
+    names = set(ranks[0]["val"])
+    assert {"val_a_epoch/forces_mae", "val_b_epoch/forces_rmse", "val0_epoch/a/forces_mae"} <= names
+    assert "val0_epoch/weighted_sum" in names and "val_optimizer_steps" in names
+    assert not [n for n in names if "epoch/b/" in n and n.startswith(("val0", "val_a"))]

@@ -957,8 +957,9 @@ def _relative_panel(ax, logs: RunLogs, losses, by_prefix, notes: list[str]) -> N
         if any(source == "val" for source, _ in firsts):
             notes.append(
                 "summary.png: the run logged no validation before training, so each error "
-                "is relative to its first validation, after training began (the "
-                "nequip_mtl.data.DatasetMetricNames callback logs one at step 0)"
+                "is relative to its first validation, after training began (with a "
+                "MultiDatasetDataModule, the nequip_mtl.data.DatasetMetricNames callback "
+                "logs one at step 0)"
             )
     _finish(ax, title, ylabel, legend="best")
 
