@@ -3,12 +3,15 @@ EMT datasets of tests/test_multi_dataset.py, on ``WORLD_SIZE`` gloo ranks (or on
 Lightning's ``use_distributed_sampler=True``. Each rank saves the batches it saw, the sampler
 class Lightning used and the final parameters. Usage:
 
-    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity]
+    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named]
 
 (from the root). ``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
 ``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
 ``multifidelity``: the same with the model wrapped by ``PerDatasetEnergyReferences`` (trainable
 references and per-dataset readout heads), on the two "levels of theory" of tests/_mfid.py (``lo``, ``hi``).
+``named``: nequip's module with ``PerDatasetMetrics`` as validation metrics and the
+``DatasetMetricNames`` callback (each loader's metrics computed, synced and logged at its last
+batch; a validation before training); each rank also saves its validation metrics.
 """
 
 import os
@@ -69,12 +72,31 @@ def main(out_dir: str, kind: str = "nequip") -> None:
         per_rank = {name: k // world for name, k in GLOBAL_FRAMES.items()}
         dm = multi(("a", "b"), sampling={"mode": "balanced", "frames_per_batch": per_rank},
                    train_dataloader={})  # fmt: skip
-        mod = module(dm) if kind == "nequip" else dataset_task_module()
+        mod = module(dm) if kind in ("nequip", "named") else dataset_task_module()
     rec = BatchRecorder()
+    callbacks = [rec]
+    if kind == "named":
+        from nequip.train import NequIPLightningModule
+
+        from nequip_mtl.data import DatasetMetricNames
+        from tests._harness import module_kwargs
+
+        torch.manual_seed(0)
+        mod = NequIPLightningModule(
+            **module_kwargs(
+                num_datasets=dm.num_datasets,
+                loss={"_target_": "nequip_mtl.train.PerDatasetLoss", "datasets": ["a", "b"]},
+                val_metrics={
+                    "_target_": "nequip_mtl.train.PerDatasetMetrics",
+                    "datasets": ["a", "b"],
+                },
+            )
+        )
+        callbacks.append(DatasetMetricNames())
     strategy = DDPStrategy(process_group_backend="gloo") if world > 1 else "auto"
-    tr = trainer(out_dir, max_epochs=1, devices=world, strategy=strategy, callbacks=[rec],
+    tr = trainer(out_dir, max_epochs=1, devices=world, strategy=strategy, callbacks=callbacks,
                  use_distributed_sampler=True,
-                 limit_val_batches=None if kind == "nequip" else 0)  # fmt: skip
+                 limit_val_batches=None if kind in ("nequip", "named") else 0)  # fmt: skip
     mod.world_size = tr.world_size  # as nequip-train does
     tr.fit(mod, datamodule=dm)
     state = {
@@ -84,6 +106,7 @@ def main(out_dir: str, kind: str = "nequip") -> None:
         "world_size": tr.world_size,
         # the per-dataset references (``multifidelity``), as a tensor to compare
         "offsets": [m.offsets.detach().clone() for m in mod.modules() if hasattr(m, "offsets")],
+        "val": {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith("val")},
     }
     torch.save(state, Path(out_dir) / f"rank{tr.global_rank}.pt")
     end_process_group()

@@ -104,6 +104,44 @@ def test_model_loss_logger_and_data_match_the_config():
     assert f"split {splits} %" in _bullet("Data")
 
 
+def test_weighted_sum_is_the_mean_of_the_validation_metrics_as_the_page_says():
+    """The page calls the printed `weighted_sum` the mean of the three MAEs: so it is in
+    the table the page prints, and so nequip's `MetricsManager` computes it with the
+    config's `val_metrics` (1 : 1 : 1) on a batch.
+
+    Fails if the page says "sum" (it is not the sum: nequip divides the coefficients by
+    their sum)."""
+    from hydra.utils import instantiate
+    from nequip.data import AtomicDataDict
+
+    text = " ".join(TUTORIAL.split())
+    assert "`weighted_sum` is the coefficient-weighted *mean* of the metrics" in text
+    assert "the sum of the per-atom energy, force and stress MAEs" not in text
+    table = dict(re.findall(r"test0_epoch/(\w+)\s+([-+.\de]+)", TUTORIAL))
+    maes = ("per_atom_energy_mae", "forces_mae", "stress_mae")
+    mean = sum(float(table[m]) for m in maes) / 3
+    assert float(table["weighted_sum"]) == pytest.approx(mean, rel=1e-12)
+    val_metrics = CONFIG["training_module"]["val_metrics"]
+    assert set(val_metrics["coeffs"]) == set(maes) and set(val_metrics["coeffs"].values()) == {1.0}
+    manager = instantiate(val_metrics)
+    torch.manual_seed(0)
+    n = 5
+    labels = {
+        AtomicDataDict.POSITIONS_KEY: torch.randn(n, 3, dtype=torch.float64),
+        AtomicDataDict.FORCE_KEY: torch.randn(n, 3, dtype=torch.float64),
+        AtomicDataDict.TOTAL_ENERGY_KEY: torch.randn(1, 1, dtype=torch.float64),
+        AtomicDataDict.STRESS_KEY: torch.randn(1, 3, 3, dtype=torch.float64),
+        AtomicDataDict.NUM_NODES_KEY: torch.tensor([n]),
+        AtomicDataDict.BATCH_KEY: torch.zeros(n, dtype=torch.long),
+    }
+    preds = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in labels.items()}  # fmt: skip
+    out = manager(preds, labels)
+    assert float(out["weighted_sum"]) == pytest.approx(
+        sum(float(out[m]) for m in maes) / 3, rel=1e-12
+    )
+
+
 # ---------------------------------------------------------------- differences page
 
 

@@ -81,6 +81,7 @@ TINY = {
     ],
 }
 METRICS = ("per_atom_energy_mae", "forces_mae", "stress_mae")
+FINE_TUNE = "--config-name finetune_replay"
 
 
 def page_steps(text: str) -> list[tuple[str, str]]:
@@ -279,8 +280,9 @@ def test_the_fine_tuned_package_predicts_in_ase_without_nequip_mtl(walked, tmp_p
 
 
 def _fine_tune_with(launch: Path, overrides: list[str], callbacks=()) -> str:
-    """The page's fine-tuning command with ``overrides`` appended, in this process."""
-    _, code = next(s for s in STEPS if "hydra.run.dir=outputs/finetune" in s[1].split())
+    """The page's fine-tuning command with ``overrides`` appended, in this process (the
+    training one: the page first runs the same config with ``run=[val,test]``)."""
+    _, code = next(s for s in STEPS if FINE_TUNE in s[1] and "run=" not in s[1])
     argv = shlex.split(tiny(code, launch))
     argv = argv[1:] if argv[0].startswith("OMP_NUM_THREADS=") else argv
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -305,14 +307,27 @@ def test_swapped_dataset_names_bind_by_name_end_to_end(walked):
 
 
 def test_a_misspelt_dataset_name_is_refused_end_to_end(walked):
-    """A typo in the shipped config's loss datasets stops the run at setup, blaming the
-    misspelt name (not `aggregator.primary`) and naming the closest dataset."""
+    """A typo in the shipped config's loss datasets stops the run before training. The
+    per-dataset coefficients name the datasets too, so the loss refuses it when it is built,
+    naming both names; misspelt there too, it reaches setup, where the binding blames the
+    misspelt name (not `aggregator.primary`) and names the closest dataset."""
     launch, _ = walked
+    typo = "training_module.loss.datasets=[pretrain,neww]"
+    with pytest.raises(Exception) as err:
+        _fine_tune_with(launch, [typo, "hydra.run.dir=outputs/typo"])
+    cause = err.value
+    while cause.__cause__ is not None:  # through Hydra's instantiation errors
+        cause = cause.__cause__
+    message = str(cause)
+    assert "PerDatasetLoss: `coeffs` must map" in message
+    assert "dataset names ['pretrain', 'neww']" in message and "unknown keys: ['new']" in message
+    # the same typo in the coefficients' key too
+    coeffs = [
+        "~training_module.loss.coeffs.new",
+        "+training_module.loss.coeffs.neww={total_energy: 1.0, forces: 1.0, stress: 1.0}",
+    ]
     with pytest.raises(ValueError) as err:
-        _fine_tune_with(
-            launch,
-            ["training_module.loss.datasets=[pretrain,neww]", "hydra.run.dir=outputs/typo"],
-        )
+        _fine_tune_with(launch, [typo, *coeffs, "hydra.run.dir=outputs/typo"])
     message = str(err.value)
     assert "`training_module.loss.datasets` names the dataset 'neww'" in message
     assert "did you mean 'new'?" in message
@@ -355,3 +370,76 @@ def test_packaging_takes_single_example_frames_from_balanced_sampling(walked):
             data_dict_from_checkpoint(str(ckpt))
     finally:
         set_workflow_state(state)
+
+
+def _csv_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "logs" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_fine_tuning_plots_show_each_dataset_against_the_pretrained_model(walked):
+    """The page's `nequip-mtl-plot outputs/finetune` on the real fine-tuning run: the
+    summary draws every dataset, named, relative to the validation before training,
+    which is the pretrained model's own validation (the `before` run's values); each
+    dataset has one color (the config's order: pretrain blue), the units come from the
+    run's config as nequip-train saved it; and no logged column is all-NaN or names its
+    dataset twice."""
+    from nequip_mtl.plot import build_figures, load_run
+
+    launch, _ = walked
+    run = launch / "outputs/finetune"
+    assert (run / "plots" / "summary.png").is_file()
+    logs = load_run(run)
+    assert logs.config_path == run / ".hydra" / "config.yaml"  # written by nequip-train (Hydra)
+    assert logs.dataset_order == ["pretrain", "new"]
+    assert (logs.units.energy, logs.units.length, logs.units.assumed) == ("eV", "Å", False)
+    rows = _csv_rows(run)
+    first = next(r for r in rows if r.get("val_optimizer_steps"))
+    assert first["step"] == "0" and float(first["val_optimizer_steps"]) == 0
+    before = last_values(launch / "outputs/before")
+    for dataset in ("pretrain", "new"):
+        for metric in METRICS:
+            key = f"val_{dataset}_epoch/{metric}"
+            assert math.isclose(float(first[key]), before[key], rel_tol=1e-6), key
+    figures = build_figures(logs)
+    axes = {ax.get_title(): ax for ax in figures["summary.png"].axes if ax.axison}
+    (title,) = [t for t in axes if "relative to before training" in t]
+    colors: dict[str, set] = {}
+    for line in axes[title].get_lines():
+        dataset, sep, _ = line.get_label().partition(": ")
+        if sep:
+            colors.setdefault(dataset, set()).add(line.get_color())
+    assert colors == {"pretrain": {"#1f77b4"}, "new": {"#d62728"}}
+    columns = list(rows[0])
+    assert not [c for c in columns if not any(r[c] not in ("", "nan") for r in rows)]
+    assert not [c for c in columns for d in ("pretrain", "new") if c.count(d) > 1]
+
+
+@pytest.mark.parametrize(
+    "config, override, component, coeff",
+    [
+        ("finetune_replay", "training_module.loss.coeffs.new.forces=3.0", "new/forces_mse", 3 / 8),
+        (
+            "finetune_replay",
+            "training_module.loss.coeffs.pretrain.stress=0",
+            "new/stress_mse",
+            1 / 5,
+        ),
+        ("multifidelity", "training_module.loss.coeffs.xtb.forces=0.5", "dft/forces_mse", 1 / 3.5),
+    ],
+)
+def test_each_dataset_coefficient_is_a_plain_override(config, override, component, coeff):
+    """Hydra composes the shipped config with a plain `key=value` override of one
+    dataset's coefficient (no `+`: the key exists), and the loss it builds weights the
+    components accordingly (nequip normalises the coefficients to sum to 1).
+
+    Fails with one mapping for every dataset (`coeffs: {total_energy: 1.0, ...}`):
+    `coeffs.new` is not a key, and Hydra refuses the override."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose(config_name=config, overrides=[override])
+    loss = instantiate(OmegaConf.to_container(cfg.training_module.loss, resolve=True))
+    assert loss.entries[component].coeff == pytest.approx(coeff, rel=1e-12)

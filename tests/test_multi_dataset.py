@@ -360,3 +360,179 @@ def test_the_data_package_stays_cheap_and_the_sampler_pure():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                          env={**__import__("os").environ, "PYTHONPATH": root})  # fmt: skip
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+# ----------------------------------------------------------------- metrics by dataset name
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _column(rows, key) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def test_each_printed_table_holds_its_own_dataset(tmp_path):
+    """`trainer.validate`/`trainer.test` return the dicts Lightning prints as the
+    "DataLoader j" columns: each holds the metrics of loader j's dataset only, under
+    nequip's `val{j}_epoch/` names and the dataset's `val_<name>_epoch/` names, with equal
+    values; the fit's checkpoint monitor `val0_epoch/weighted_sum` still works.
+
+    Fails if the callback logs at the end of the epoch (where nequip logs, and Lightning
+    gives every loader every metric), or leaves nequip's own epoch-end logging on."""
+    datasets = {
+        n: {"split_dataset": {"dataset": emt(SPECS[n][0], sum(SPECS[n][1:]) + 2),
+                              "train": SPECS[n][1], "val": SPECS[n][2], "test": 2}}
+        for n in ("a", "b")
+    }  # fmt: skip
+    dm = MultiDatasetDataModule(
+        seed=5, datasets=datasets, stats_manager=STATS, val_dataloader={"batch_size": 4},
+        test_dataloader={"batch_size": 4},
+        sampling={"mode": "balanced", "frames_per_batch": {"a": 2, "b": 1}},
+    )  # fmt: skip
+    mod = module(dm)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val0_epoch/weighted_sum")
+    tr = trainer(tmp_path, max_epochs=2, callbacks=[DatasetMetricNames(), ckpt],
+                 enable_checkpointing=True, inference_mode=False)  # fmt: skip
+    tr.fit(mod, datamodule=dm)
+    assert ckpt.best_model_path and ckpt.best_model_score is not None
+    for split, run in (("val", tr.validate), ("test", tr.test)):
+        tables = run(mod, datamodule=dm, verbose=False)
+        names = getattr(dm, f"{split}_dataloader_names")
+        assert len(tables) == len(names) == 2
+        for j, (table, name) in enumerate(zip(tables, names)):
+            mine = {
+                k for k in table if k.startswith((f"{split}{j}_epoch/", f"{split}_{name}_epoch/"))
+            }
+            assert mine == set(table), sorted(set(table) - mine)
+            assert f"{split}{j}_epoch/weighted_sum" in table
+            for key, value in table.items():
+                if key.startswith(f"{split}{j}_epoch/"):
+                    metric = key.split("/", 1)[1]
+                    assert value == table[f"{split}_{name}_epoch/{metric}"], key
+    assert tables[0]["test0_epoch/forces_mae"] > 0
+
+
+def test_per_dataset_metrics_log_no_nan_and_no_doubled_name(tmp_path):
+    """`PerDatasetMetrics` on each dataset's own loader (the multi-fidelity config): no
+    column of metrics.csv is all-NaN, no metric name holds its dataset twice, the named
+    metrics are the dataset's own components, and `val{j}_epoch/weighted_sum` (the
+    checkpoint monitor) is the mean of that dataset's RMSEs, equal to its named copy.
+
+    Fails if the other datasets' components are logged (`val0_epoch/xtb/*`: NaN), if the
+    dataset prefix is kept in the named copy (`val_dft_epoch/dft/forces_mae`), or if the
+    weighted sum keeps nequip's coefficients normalised over both datasets (half the mean)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    names = {"dft": "a", "xtb": "b"}  # the EMT specs of tests._harness
+    datasets = {n: splits([s])[s] for n, s in names.items()}
+    dm = MultiDatasetDataModule(
+        seed=5, datasets=datasets, stats_manager=STATS, val_dataloader={"batch_size": 4},
+        sampling={"mode": "balanced", "frames_per_batch": {"dft": 2, "xtb": 1}},
+    )  # fmt: skip
+    per_dataset = {"_target_": "nequip_mtl.train.PerDatasetMetrics", "datasets": ["dft", "xtb"]}
+    torch.manual_seed(0)
+    mod = NequIPLightningModule(
+        **module_kwargs(
+            num_datasets=dm.num_datasets,
+            loss={"_target_": "nequip_mtl.train.PerDatasetLoss", "datasets": ["dft", "xtb"]},
+            val_metrics=per_dataset,
+            optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+        )
+    )
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val0_epoch/weighted_sum")
+    logger = CSVLogger(str(tmp_path), name="logs", version="")
+    tr = trainer(tmp_path, max_epochs=2, callbacks=[DatasetMetricNames(), ckpt],
+                 enable_checkpointing=True, logger=logger)  # fmt: skip
+    tr.fit(mod, datamodule=dm)
+    assert ckpt.best_model_score is not None
+    rows = _csv(tmp_path / "logs" / "metrics.csv")
+    columns = list(rows[0])
+    empty = [c for c in columns if not any(r[c] not in ("", "nan") for r in rows)]
+    assert not empty, empty
+    for c in columns:
+        for d in names:
+            assert c.count(d) <= 1, c
+    fields = ("per_atom_energy_mae", "per_atom_energy_rmse", "forces_mae", "forces_rmse")
+    for j, d in enumerate(names):
+        named = {c for c in columns if c.startswith(f"val_{d}_epoch/")}
+        assert named == {f"val_{d}_epoch/{f}" for f in (*fields, "weighted_sum")}
+        indexed = {c for c in columns if c.startswith(f"val{j}_epoch/")}
+        assert indexed == {f"val{j}_epoch/{d}/{f}" for f in fields} | {f"val{j}_epoch/weighted_sum"}
+        for f in fields:
+            assert _column(rows, f"val_{d}_epoch/{f}") == _column(rows, f"val{j}_epoch/{d}/{f}")
+        total = _column(rows, f"val{j}_epoch/weighted_sum")
+        assert total == _column(rows, f"val_{d}_epoch/weighted_sum")
+        assert len(total) == 3  # before training and after each of the 2 epochs
+        energy = dict(_column(rows, f"val_{d}_epoch/per_atom_energy_rmse"))
+        forces = dict(_column(rows, f"val_{d}_epoch/forces_rmse"))
+        for step, value in total:
+            assert value == pytest.approx((energy[step] + forces[step]) / 2, rel=1e-12)
+
+
+def test_a_validation_before_training_is_logged_at_step_0(tmp_path):
+    """The first validation of a fit is the initial model's: logged at step 0 with
+    `val_optimizer_steps` 0, with exactly the values `trainer.validate` gives for an
+    identically initialised module; later validations log the optimizer steps taken. The
+    training itself is the same as without it; `validate_before_training=False` logs none.
+
+    Fails if the validation before training is not run (or not logged)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    sampling = {"mode": "balanced", "frames_per_batch": {"a": 2, "b": 1}}
+
+    def fit(root, **kw):
+        dm = multi(("a", "b"), sampling=sampling, train_dataloader={})
+        mod = module(dm)
+        tr = trainer(root, max_epochs=2, callbacks=[DatasetMetricNames(**kw)],
+                     logger=CSVLogger(str(root), name="logs", version=""))  # fmt: skip
+        tr.fit(mod, datamodule=dm)
+        return mod, tr, _csv(root / "logs" / "metrics.csv")
+
+    mod, tr, rows = fit(tmp_path / "with")
+    steps = _column(rows, "val_optimizer_steps")
+    per_epoch = tr.global_step // 2
+    assert steps == [(0, 0.0), (per_epoch - 1, per_epoch), (2 * per_epoch - 1, 2 * per_epoch)]
+    dm = multi(("a", "b"), sampling=sampling, train_dataloader={})
+    fresh = trainer(tmp_path / "fresh", callbacks=[DatasetMetricNames()], inference_mode=False)
+    (table_a, table_b) = fresh.validate(module(dm), datamodule=dm, verbose=False)
+    before = {**table_a, **table_b}
+    for key in (
+        "val_a_epoch/forces_mae",
+        "val_b_epoch/per_atom_energy_rmse",
+        "val1_epoch/weighted_sum",
+    ):
+        first_step, first = _column(rows, key)[0]
+        assert first_step == 0 and first == pytest.approx(float(before[key]), rel=1e-12), key
+    mod_off, _, rows_off = fit(tmp_path / "without", validate_before_training=False)
+    assert [s for s, _ in _column(rows_off, "val_optimizer_steps")] == [
+        per_epoch - 1,
+        2 * per_epoch - 1,
+    ]
+    assert (
+        _column(rows_off, "val_a_epoch/forces_mae") == _column(rows, "val_a_epoch/forces_mae")[1:]
+    )
+    assert torch.equal(params(mod), params(mod_off))
+
+
+@pytest.mark.ddp
+def test_dataset_metric_names_under_two_gloo_ranks(tmp_path):
+    """Under DDP every rank computes (and syncs) each loader's metrics at that loader's last
+    batch, and the validation before training runs on every rank: no rank waits for
+    another, and every rank logs the same values under the same names (the per-dataset
+    metrics of the dataset's own loader only)."""
+    import sys
+
+    from tests._ddp import launch
+
+    launch([sys.executable, "-m", "tests.multi_dataset_ddp_worker", str(tmp_path), "named"], 2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["val"] == ranks[1]["val"]
+    names = set(ranks[0]["val"])
+    assert {"val_a_epoch/forces_mae", "val_b_epoch/forces_rmse", "val0_epoch/a/forces_mae"} <= names
+    assert "val0_epoch/weighted_sum" in names and "val_optimizer_steps" in names
+    assert not [n for n in names if "epoch/b/" in n and n.startswith(("val0", "val_a"))]

@@ -31,7 +31,7 @@ from nequip_mtl.plot import (
 )
 from nequip_mtl.plot.cli import main
 from nequip_mtl.plot.figures import NORMALISED_TITLE, SHARE_TITLE, coinciding
-from nequip_mtl.plot.names import axis_label, parse_metric, unit
+from nequip_mtl.plot.names import Units, axis_label, parse_metric, parse_units, unit
 from nequip_mtl.plot.tfevents import EventFileError, read_scalars
 from nequip_mtl.train import MultitaskLightningModule
 from nequip_mtl.train.callbacks import LossCoefficientMonitor, LossCoefficientScheduler
@@ -206,11 +206,17 @@ def test_coefficient_and_summary_figures(mtl_run, mtl_figures):
     summary = mtl_figures["summary.png"]
     axes = _axes_by_title(summary)
     assert len(axes) == 4
-    assert "error per task, relative to the first epoch" in axes
+    # no validation before training in a plain run: the reference is said to be the first
+    # validation, after the first epoch's 4 steps (logged at the last batch's step, 3)
+    (rel_title,) = [t for t in axes if t.startswith("error per task, relative to")]
+    assert rel_title == (
+        "error per task, relative to its first validation (step 3, after training began)\n"
+        "(no validation before training was logged; 1 = that first value)"
+    )
     assert "weighted sum of the loss components" in axes
     assert any(t.startswith("cosine similarity of the task gradients") for t in axes)
     assert SHARE_TITLE in axes
-    rel = axes["error per task, relative to the first epoch"]
+    rel = axes[rel_title]
     line = _line(rel, "forces val MAE")
     steps, values = _csv_column(mtl_run, "val0_epoch/forces_mae")
     _same_data(line, steps, values / values[0])
@@ -256,6 +262,319 @@ def test_partial_and_odd_logs_do_not_crash(tmp_path):
     logs = load_run(run)
     assert "empty_col" not in logs.series
     np.testing.assert_array_equal(logs.series["grad_conflict/norm/forces_mse"].step, [3, 8])
+
+
+# ---------------------------------------------------------------- several datasets
+
+
+def _forgetting_run(run: Path, **callback_kw) -> Path:
+    """A fine-tuning that forgets, through the real data module and callback: dataset `old`
+    (EMT Cu as is) and `new` (the same kind of frames, energies 1 eV/atom lower), a model
+    whose energy shift fits `old`, trained on `new` alone (`old`'s component has no
+    coefficient), both validated (before training too). `old`'s energy error rises."""
+    from nequip_mtl.data import DatasetMetricNames, MultiDatasetDataModule
+    from tests._harness import STATS, emt, model_config
+
+    new = emt(22, 6)
+    new["transforms"].append({"_target_": "tests._mfid.ShiftEnergy", "per_atom": -1.0})
+    dm = MultiDatasetDataModule(
+        seed=5,
+        datasets={
+            "old": {"split_dataset": {"dataset": emt(11, 8), "train": 6, "val": 2}},
+            "new": {"split_dataset": {"dataset": new, "train": 4, "val": 2}},
+        },
+        sampling={"mode": "balanced", "frames_per_batch": {"old": 1, "new": 1}},
+        val_dataloader={"batch_size": 4},
+        stats_manager=STATS,
+    )
+    model = dict(model_config(), per_type_energy_shifts={"Cu": 0.0})
+    loss = {
+        "_target_": "nequip_mtl.train.PerDatasetLoss",
+        "datasets": ["old", "new"],
+        "coeffs": {"old": {"total_energy": None}, "new": {"total_energy": 1.0, "forces": 1.0}},
+    }
+    torch.manual_seed(0)
+    module = NequIPLightningModule(
+        **module_kwargs(
+            num_datasets=dm.num_datasets,
+            model=model,
+            loss=loss,
+            optimizer={"_target_": "torch.optim.Adam", "lr": 0.05},
+        )
+    )
+    tr = trainer(
+        run,
+        max_epochs=3,
+        callbacks=[DatasetMetricNames(**callback_kw)],
+        logger=CSVLogger(str(run), name="logs", version=""),
+        log_every_n_steps=1,
+    )
+    tr.fit(module, datamodule=dm)
+    return run
+
+
+def _hydra_config(run: Path, config) -> None:
+    """``config`` saved as Hydra saves a run's config (``OmegaConf.save``)."""
+    from omegaconf import OmegaConf
+
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, run / ".hydra" / "config.yaml")
+
+
+@pytest.fixture(scope="module")
+def forget_run(tmp_path_factory) -> Path:
+    run = _forgetting_run(tmp_path_factory.mktemp("forget_run"))
+    # the data module's order as the run's config gives it: `old` first (alphabetically
+    # it comes second)
+    _hydra_config(run, {"data": {"datasets": {"old": {}, "new": {}}}})
+    return run
+
+
+@pytest.fixture(scope="module")
+def forget_figures(forget_run):
+    return build_figures(load_run(forget_run))
+
+
+def _labelled(fig) -> list:
+    return [ln for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+
+
+def test_summary_shows_every_dataset_against_its_value_before_training(forget_run, forget_figures):
+    """Each dataset's validation error of each quantity, divided by its value at the
+    validation before training (step 0, `val_optimizer_steps` 0): what fine-tuning
+    forgets is a rise above 1, what it gains a fall. Legends name the datasets.
+
+    Fails if the reference is the first validation after training began (the old data's
+    energy error would read as a smaller rise: it had already risen 10x by then), or if
+    the lines do not name their datasets."""
+    (title,) = [t for t in _axes_by_title(forget_figures["summary.png"]) if "relative to" in t]
+    assert title == (
+        "validation error per dataset and quantity, relative to before training\n"
+        "(1 = the validation at step 0, before any optimizer step; above 1: worse)"
+    )
+    ax = _axes_by_title(forget_figures["summary.png"])[title]
+    steps, optimizer_steps = _csv_column(forget_run, "val_optimizer_steps")
+    assert steps[0] == 0 and optimizer_steps[0] == 0  # the first validation: before training
+    ratios = {}
+    for dataset in ("old", "new"):
+        for field, label, unit_str in [
+            ("per_atom_energy", "energy per atom", "eV/atom"),
+            ("forces", "forces", "eV/Å"),
+        ]:
+            x, values = _csv_column(forget_run, f"val_{dataset}_epoch/{field}_mae")
+            assert x[0] == 0 and len(x) == 4  # before training, and after each epoch
+            line = _line(ax, f"{dataset}: {label} val MAE")
+            assert line.get_label() == (
+                f"{dataset}: {label} val MAE: {values[0]:.3g} → {values[-1]:.3g} {unit_str}"
+            )
+            _same_data(line, x, values / values[0])
+            ratios[dataset, field] = values[-1] / values[0]
+    assert ratios["old", "per_atom_energy"] > 5  # forgotten: a rise
+    assert ratios["new", "per_atom_energy"] < 1  # learnt: a fall
+    # first validation after training began: old's energy error had already risen
+    _, energy = _csv_column(forget_run, "val_old_epoch/per_atom_energy_mae")
+    assert energy[1] / energy[0] > 5
+
+
+def test_losses_and_summary_have_one_color_per_dataset(forget_run, forget_figures):
+    """Every labelled line of losses.png and of the summary's error panels names its
+    dataset, and a dataset has one color in all of them, in the data module's order of the
+    run's config (`old` first: blue); what is drawn is what was logged under the dataset's
+    name (nequip's `val<j>_epoch/*` copies are not drawn again).
+
+    Fails if validation lines take the color of their loader or of the sorted names
+    (`new` would be blue in one panel, red in another) or are labelled `val0`/`val1`."""
+    losses = forget_figures["losses.png"]
+    summary_axes = _axes_by_title(forget_figures["summary.png"])
+    summary_lines = [
+        ln
+        for title, ax in summary_axes.items()
+        if "relative to" in title or title.startswith("weighted sum")
+        for ln in ax.get_lines()
+        if not ln.get_label().startswith("_") and ":" in ln.get_label()
+    ]
+    colors: dict[str, set] = {}
+    for line in _labelled(losses) + summary_lines:
+        dataset, sep, _ = line.get_label().partition(": ")
+        assert sep and dataset in ("old", "new"), line.get_label()
+        colors.setdefault(dataset, set()).add(line.get_color())
+    assert colors == {"old": {"#1f77b4"}, "new": {"#d62728"}}
+    axes = _axes_by_title(losses)
+    assert set(axes) == {
+        "forces: training loss (MSE)",
+        "forces: validation error",
+        "energy per atom: training loss (MSE)",
+        "energy per atom: validation error",
+        "total energy: validation error",
+        "stress: validation error",
+    }
+    errors = axes["forces: validation error"]
+    for dataset in ("old", "new"):
+        for kind, label in (("mae", "MAE"), ("rmse", "RMSE")):
+            _same_data(
+                _line(errors, f"{dataset}: validation {label}"),
+                *_csv_column(forget_run, f"val_{dataset}_epoch/forces_{kind}"),
+            )
+    assert len(errors.get_lines()) == 4  # not again as val0/val1
+    loss_ax = axes["energy per atom: training loss (MSE)"]
+    for dataset in ("old", "new"):
+        _same_data(
+            _line(loss_ax, f"{dataset}: train (per step)"),
+            *_csv_column(forget_run, f"train_loss_step/{dataset}/per_atom_energy_mse"),
+        )
+    # alphabetical without the run's config: `new` first
+    bare = forget_run.parent / "forget_bare"
+    (bare / "logs").mkdir(parents=True)
+    (bare / "logs" / "metrics.csv").write_bytes((forget_run / "logs" / "metrics.csv").read_bytes())
+    fig = build_figures(load_run(bare))["losses.png"]
+    line = _line(_axes_by_title(fig)["forces: validation error"], "new: validation MAE")
+    assert line.get_color() == "#1f77b4"
+
+
+def test_several_loaders_without_dataset_names(tmp_path):
+    """Logs without `DatasetMetricNames` (nequip's names only): each loader is drawn as
+    `val0`, `val1` in its own color; a per-dataset metric there (`b/forces_mae`) is that
+    dataset's, and a series without a finite value (another dataset's component on a
+    loader, always NaN) is left out with a note; the summary says its reference is the
+    first validation, after training began."""
+    _write_csv(
+        tmp_path / "run" / "metrics.csv",
+        ["train_loss_epoch/a/forces_mse", "val0_epoch/a/forces_mae", "val0_epoch/b/forces_mae",
+         "val1_epoch/a/forces_mae", "val1_epoch/b/forces_mae"],
+        [[3, 1.0, 0.5, "nan", "nan", 0.8], [7, 0.5, 0.25, "nan", "nan", 0.4]],
+    )  # fmt: skip
+    notes: list[str] = []
+    figures = build_figures(load_run(tmp_path / "run"), notes)
+    ax = _axes_by_title(figures["losses.png"])["forces: validation error"]
+    assert sorted(ln.get_label() for ln in ax.get_lines()) == [
+        "a: validation MAE",
+        "b: validation MAE",
+    ]
+    _same_data(_line(ax, "a: validation MAE"), [3, 7], [0.5, 0.25])
+    _same_data(_line(ax, "b: validation MAE"), [3, 7], [0.8, 0.4])
+    assert any("2 validation series without a finite value" in n for n in notes), notes
+    summary = _axes_by_title(figures["summary.png"])
+    (title,) = [t for t in summary if "relative to" in t]
+    assert title.startswith("error per task, relative to its first validation (step 3")
+    assert any("no validation before training" in n for n in notes), notes
+
+
+def test_a_series_without_a_value_before_training_says_its_reference(tmp_path):
+    """A run that validated before training, but one dataset's metric was first logged
+    later: that line is relative to its first value, and its label and the title say so;
+    the others stay relative to before training."""
+    _write_csv(
+        tmp_path / "run" / "metrics.csv",
+        ["train_loss_epoch/a/forces_mse", "val_optimizer_steps", "val_a_epoch/forces_mae",
+         "val_b_epoch/forces_mae"],
+        [[0, None, 0, 0.5, None], [3, 1.0, 4, 0.25, 0.8], [7, 0.5, 8, 1.0, 0.4]],
+    )  # fmt: skip
+    fig = build_figures(load_run(tmp_path / "run"))["summary.png"]
+    (title,) = [t for t in _axes_by_title(fig) if "relative to" in t]
+    assert title.startswith("validation error per task, relative to before training (step 0)")
+    ax = _axes_by_title(fig)[title]
+    a, b = _line(ax, "a: forces"), _line(ax, "b: forces")
+    assert a.get_label() == "a: forces val MAE: 0.5 → 1 eV/Å"
+    assert b.get_label() == "b: forces val MAE: 0.8 → 0.4 eV/Å (relative to step 3)"
+    _same_data(a, [0, 3, 7], [1.0, 0.5, 2.0])
+    _same_data(b, [3, 7], [1.0, 0.5])
+
+
+# ---------------------------------------------------------------- units
+
+
+def _copy_logs(run: Path, to: Path) -> Path:
+    (to / "logs").mkdir(parents=True)
+    (to / "logs" / "metrics.csv").write_bytes((run / "logs" / "metrics.csv").read_bytes())
+    return to
+
+
+def test_units_come_from_the_run_config_or_the_command_line(forget_run, tmp_path, capsys):
+    """The ethanol config's `units` (kcal/mol, Å), saved in the run directory as Hydra
+    saves the composed config, label every axis; `--units` overrides them; without
+    either, the figures say that eV and Å are assumed.
+
+    Fails if the run's config is not read (the labels say eV)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        config = compose(config_name="ethanol")
+    assert dict(config.units) == {"energy": "kcal/mol", "length": "Å"}
+    run = _copy_logs(forget_run, tmp_path / "ethanol_run")
+    _hydra_config(run, config)
+    logs = load_run(run)
+    assert (logs.units.energy, logs.units.length, logs.units.assumed) == ("kcal/mol", "Å", False)
+    assert logs.config_path == run / ".hydra" / "config.yaml"
+    figures = build_figures(logs)
+    axes = _axes_by_title(figures["losses.png"])
+    assert axes["forces: validation error"].get_ylabel() == "forces error [kcal/mol/Å]"
+    assert axes["energy per atom: training loss (MSE)"].get_ylabel() == (
+        "energy per atom MSE [(kcal/mol/atom)²]"
+    )
+    for name in ("losses.png", "summary.png"):
+        assert (
+            figures[name]
+            .get_suptitle()
+            .endswith("units: kcal/mol and Å (from `units` in the run's .hydra/config.yaml)")
+        )
+    (title,) = [t for t in _axes_by_title(figures["summary.png"]) if "relative to" in t]
+    labels = [ln.get_label() for ln in _axes_by_title(figures["summary.png"])[title].get_lines()]
+    assert any(lb.startswith("old: forces val MAE") and lb.endswith(" kcal/mol/Å") for lb in labels)
+
+    assert main([str(run), "--out", str(tmp_path / "a"), "--units", "energy=eV,length=nm"]) == 0
+    assert "units: eV and nm (from --units)" in capsys.readouterr().out
+    fig = build_figures(load_run(run, units="meV"))["losses.png"]
+    assert _axes_by_title(fig)["forces: validation error"].get_ylabel() == "forces error [meV/Å]"
+
+    bare = build_figures(load_run(_copy_logs(forget_run, tmp_path / "bare")))
+    for name in ("losses.png", "summary.png"):
+        assert (
+            bare[name]
+            .get_suptitle()
+            .endswith("units assumed: eV and Å (neither the run's config nor --units gives them)")
+        )
+    assert _axes_by_title(bare["losses.png"])["forces: validation error"].get_ylabel() == (
+        "forces error [eV/Å]"
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, energy, length",
+    [
+        ("kcal/mol", "kcal/mol", "Å"),
+        ("energy=kcal/mol,length=Å", "kcal/mol", "Å"),
+        ("length=A", "eV", "Å"),
+        (" energy = meV ; length = Bohr ", "meV", "Bohr"),
+        ({"energy": "Ha", "length": "angstrom"}, "Ha", "Å"),
+    ],
+)
+def test_units_are_parsed(spec, energy, length):
+    units = parse_units(spec, source="test")
+    assert (units.energy, units.length, units.source) == (energy, length, "test")
+    assert units.of("forces") == f"{energy}/{length}"
+    assert units.of("stress") == f"{energy}/{length}³"
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("", "empty units"),
+        ("energy=", "non-empty string"),
+        ("mass=kg", r"unknown unit key\(s\) \['mass'\]"),
+        ("energy=eV,oops", "is not `key=unit`"),
+        (3, "must be a mapping"),
+    ],
+)
+def test_bad_units_are_refused(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_units(spec)
+
+
+def test_bad_units_option_is_a_usage_error(plain_run, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(plain_run), "--units", "mass=kg"])
+    assert info.value.code == 2
+    assert "unknown unit key(s) ['mass']" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- share of the update
@@ -722,3 +1041,17 @@ def test_metric_names_and_units(name, field, kind, type_name, unit_str, label):
     assert (parsed.field, parsed.kind, parsed.type_name) == (field, kind, type_name)
     assert unit(field, kind) == unit_str
     assert axis_label(field, kind) == label
+
+
+@pytest.mark.parametrize(
+    "field, kind, unit_str",
+    [
+        ("forces", "mae", "kcal/mol/Å"),
+        ("forces", "mse", "(kcal/mol/Å)²"),
+        ("per_atom_energy", "rmse", "kcal/mol/atom"),
+        ("total_energy", "mse", "(kcal/mol)²"),
+        ("stress", "mae", "kcal/mol/Å³"),
+    ],
+)
+def test_units_of_kcal_per_mol_data(field, kind, unit_str):
+    assert unit(field, kind, Units("kcal/mol", "Å", "test")) == unit_str

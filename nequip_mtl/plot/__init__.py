@@ -14,6 +14,7 @@ from .figures import (
     summary_figure,
 )
 from .logs import NoLogsError, RunLogs, Series, load_run
+from .names import Units, parse_units
 from .shares import UpdateShares, update_shares
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "RunLogs",
     "Series",
     "NoLogsError",
+    "Units",
+    "parse_units",
     "update_shares",
     "UpdateShares",
 ]

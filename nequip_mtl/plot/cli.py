@@ -1,4 +1,4 @@
-"""``nequip-mtl-plot RUN_DIR [--out DIR]``: figures of a training run's logs."""
+"""``nequip-mtl-plot RUN_DIR [--out DIR] [--units UNITS]``: figures of a training run's logs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .figures import FIGURES, make_plots
 from .logs import NoLogsError
+from .names import parse_units
 
 __all__ = ["main", "build_parser"]
 
@@ -41,20 +42,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the PNG files (default: RUN_DIR/plots)",
     )
     parser.add_argument("--dpi", type=int, default=90, help="PNG resolution (default: 90)")
+    parser.add_argument(
+        "--units",
+        metavar="UNITS",
+        default=None,
+        help=(
+            "the energy and length units of the run's data, for the axis labels: "
+            "`energy=kcal/mol,length=Å`, or an energy unit alone (`kcal/mol`, `meV`; length "
+            "Å). Default: the `units` key of the run's config (.hydra/config.yaml in the run "
+            "directory, e.g. `units: {energy: kcal/mol, length: Å}`), else eV and Å, and the "
+            "figures say the units are assumed"
+        ),
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    units = None
+    if args.units is not None:
+        try:
+            units = parse_units(args.units)
+        except ValueError as err:
+            parser.error(str(err))
     try:
-        result = make_plots(args.run_dir, args.out, dpi=args.dpi)
+        result = make_plots(args.run_dir, args.out, dpi=args.dpi, units=units)
     except NoLogsError as err:
         parser.exit(2, f"nequip-mtl-plot: error: {err}\n")
     for note in result.notes:
         print(f"note: {note}")
     out = Path(args.out) if args.out is not None else Path(args.run_dir) / "plots"
     print(f"read {', '.join(str(p) for p in result.logs.sources)}")
+    print(f"units: {result.logs.units.describe()}")
     print(f"wrote {len(result.files)} figure(s) to {out}:")
     for path in result.files.values():
         print(f"  {path}")

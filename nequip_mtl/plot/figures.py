@@ -20,8 +20,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from .logs import RunLogs, Series, load_run
-from .names import KINDS, axis_label, parse_metric, quantity_label, split_prefix, unit
+from .logs import OPTIMIZER_STEPS, RunLogs, Series, load_run
+from .names import (
+    KINDS,
+    Units,
+    axis_label,
+    parse_metric,
+    parse_prefix,
+    quantity_label,
+    unit,
+)
 from .shares import SHARE, UpdateShares, update_shares
 
 __all__ = [
@@ -43,7 +51,6 @@ CONFLICT_HINT = (
     "`trainer.callbacks` to log them"
 )
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
-_SPLIT_STYLE = {"train": dict(color="#555555"), "val": dict(color="#1f77b4")}
 
 
 # ---------------------------------------------------------------- helpers
@@ -71,14 +78,36 @@ def _pair_label(pair: str) -> str:
     return f"{_task_label(a)} ↔ {_task_label(b)}"
 
 
-def _task_colors(names: Sequence[str]) -> dict[str, str]:
-    """One color per physical quantity, stable across figures of a run."""
+def _other_colors(dataset_colors: dict[str, str]) -> list[str]:
+    """The palette less the datasets' colors (for lines that are not a dataset)."""
+    used = set(dataset_colors.values())
+    return [c for c in _COLORS if c not in used] or _COLORS
+
+
+def _task_colors(
+    names: Sequence[str], dataset_colors: dict[str, str] | None = None
+) -> dict[str, str]:
+    """One color per physical quantity, stable across figures of a run; a task that is a
+    dataset (``tasks: datasets``) has its dataset's color, and other tasks take the colors
+    no dataset has."""
+    dataset_colors = dataset_colors or {}
+    palette = _other_colors(dataset_colors)
     colors: dict[str, str] = {}
+    n = 0
     for name in names:
         group = parse_metric(name).group
-        if group not in colors:
-            colors[group] = _COLORS[len(colors) % len(_COLORS)]
+        if group in colors:
+            continue
+        if name in dataset_colors:
+            colors[group] = dataset_colors[name]
+        else:
+            colors[group] = palette[n % len(palette)]
+            n += 1
     return colors
+
+
+def _run_dataset_colors(logs: RunLogs) -> dict[str, str]:
+    return _dataset_colors(_datasets(logs, _metric_groups(logs)[1]))
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -233,7 +262,7 @@ def _metric_groups(logs: RunLogs) -> tuple[dict[str, str], dict[str, dict[str, S
     by_prefix: dict[str, dict[str, Series]] = {}
     for key, series in logs.series.items():
         prefix, sep, metric = key.partition("/")
-        if not sep or metric.count("/") > 1 or split_prefix(prefix) is None:
+        if not sep or metric.count("/") > 1 or parse_prefix(prefix) is None:
             continue
         by_prefix.setdefault(prefix, {})[metric] = series
     losses: dict[str, str] = {}
@@ -250,6 +279,117 @@ def _is_task_metric(metric: str) -> bool:
     return parsed.kind is not None and parsed.type_name is None
 
 
+# ---------------------------------------------------------------- datasets
+
+
+def _datasets(logs: RunLogs, by_prefix: dict[str, dict[str, Series]]) -> list[str]:
+    """The training/validation datasets the logs name: ``val_<name>_epoch/*`` (and test)
+    prefixes, per-dataset components (``<name>/forces_mse``) and dataset tasks
+    (``mtl/weight/<name>`` where ``<name>`` is one of those). In the data module's order
+    when the run's config gives it, else sorted."""
+    found: set[str] = set()
+    for prefix, metrics in by_prefix.items():
+        parsed = parse_prefix(prefix)
+        if parsed.dataset is not None:
+            found.add(parsed.dataset)
+        for metric in metrics:
+            dataset = parse_metric(metric).dataset
+            if dataset is not None:
+                found.add(dataset)
+    order = [d for d in logs.dataset_order if d in found]
+    return order + sorted(found - set(order))
+
+
+def _dataset_colors(datasets: Sequence[str]) -> dict[str, str]:
+    """One color per dataset, the same in every panel and figure of a run."""
+    return {d: _COLORS[i % len(_COLORS)] for i, d in enumerate(datasets)}
+
+
+@dataclasses.dataclass
+class _Val:
+    """One validation series of one task: ``who`` names it in legends (the dataset, or the
+    loader ``val0`` when no dataset is known), ``dataset`` is its dataset if known."""
+
+    who: str
+    dataset: str | None
+    loader: int
+    field: str
+    kind: str
+    metric: str
+    series: Series
+
+
+def _val_prefixes(
+    by_prefix: dict[str, dict[str, Series]], split: str = "val", order: Sequence[str] = ()
+) -> list[str]:
+    """The validation prefixes to draw: by dataset name if logged so (in ``order``, then
+    alphabetical), else by loader."""
+    named = sorted(
+        (p for p in by_prefix if parse_prefix(p).split == split and parse_prefix(p).dataset),
+        key=lambda p: (
+            list(order).index(parse_prefix(p).dataset)
+            if parse_prefix(p).dataset in order
+            else len(order),
+            parse_prefix(p).dataset,
+        ),
+    )
+    indexed = sorted(
+        (
+            p
+            for p in by_prefix
+            if parse_prefix(p).split == split and parse_prefix(p).index is not None
+        ),
+        key=lambda p: parse_prefix(p).index,
+    )
+    return named or indexed
+
+
+def _val_entries(
+    by_prefix: dict[str, dict[str, Series]],
+    notes: list[str],
+    figure: str,
+    split: str = "val",
+    order: Sequence[str] = (),
+) -> list[_Val]:
+    """The per-task validation series, by dataset when the run logged them under dataset
+    names (``val_<name>_epoch/*``, :class:`~nequip_mtl.data.DatasetMetricNames`: the same
+    values as nequip's ``val<j>_epoch/*``, which are then not drawn twice), else by loader
+    (``val<j>_epoch/*``; a per-dataset metric ``<name>/forces_mae`` there is dataset
+    ``<name>``), datasets in ``order``. Series without a finite value are left out with a
+    note."""
+    out: list[_Val] = []
+    empty: list[str] = []
+    for loader, prefix in enumerate(_val_prefixes(by_prefix, split, order)):
+        parsed = parse_prefix(prefix)
+        for metric, series in by_prefix[prefix].items():
+            name = parse_metric(metric)
+            if not _is_task_metric(metric):
+                continue
+            if not np.isfinite(series.value).any():
+                empty.append(f"{prefix}/{metric}")
+                continue
+            dataset = parsed.dataset or name.dataset
+            who = dataset if dataset is not None else prefix.split("_")[0]
+            index = parsed.index if parsed.index is not None else loader
+            out.append(_Val(who, dataset, index, name.field, name.kind, metric, series))
+    if empty:
+        notes.append(
+            f"{figure}: {len(empty)} validation series without a finite value not drawn "
+            f"({', '.join(empty[:4])}{', ...' if len(empty) > 4 else ''})"
+        )
+    return out
+
+
+def _units_line(units: Units) -> str:
+    """The figure's statement of its units."""
+    if units.assumed:
+        return (
+            f"units assumed: {units.energy} and {units.length} (neither the run's config nor "
+            "--units gives them)"
+        )
+    return f"units: {units.energy} and {units.length} (from {units.source})"
+
+
 # ---------------------------------------------------------------- losses
 
 
@@ -260,25 +400,30 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
     training loss component (per step, thin; per epoch, markers) and the same metric on
     the validation set(s) if it is logged there. Right column: validation errors in the
     quantity's units (MAE, RMSE) and the same training metrics, if logged.
+
+    With several datasets, each dataset has one color in every panel (its training loss
+    components, its validation errors), and legends name the datasets.
     """
     notes = notes if notes is not None else []
+    units = logs.units
     losses, by_prefix = _metric_groups(logs)
-    val_prefixes = sorted(p for p in by_prefix if split_prefix(p)[0] == "val")
+    datasets = _datasets(logs, by_prefix)
+    vals = _val_entries(by_prefix, notes, "losses.png", order=datasets)
+    dcolors = _dataset_colors(datasets)
     error_kinds = ("mae", "rmse")
+    train_metrics = {
+        m: s for m, s in by_prefix.get("train_metric_epoch", {}).items() if _is_task_metric(m)
+    }
 
     fields: list[str] = []
     for metric in losses:
         if parse_metric(metric).field not in fields:
             fields.append(parse_metric(metric).field)
-    for prefix in val_prefixes + ["train_metric_epoch"]:
-        for metric in by_prefix.get(prefix, {}):
-            parsed = parse_metric(metric)
-            if (
-                _is_task_metric(metric)
-                and parsed.kind in error_kinds
-                and parsed.field not in fields
-            ):
-                fields.append(parsed.field)
+    for field in [v.field for v in vals if v.kind in error_kinds] + [
+        parse_metric(m).field for m in train_metrics if parse_metric(m).kind in error_kinds
+    ]:
+        if field not in fields:
+            fields.append(field)
     if not fields:
         notes.append(
             "losses.png: skipped, no per-task series (train_loss_*/<name>, val<k>_epoch/<name>)"
@@ -286,52 +431,53 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
         return None
     if not losses:
         notes.append("losses.png: no training loss series (train_loss_step/*, train_loss_epoch/*)")
-    if not val_prefixes:
+    if not vals:
         notes.append("losses.png: no validation series (val<k>_epoch/*)")
     skipped_kinds = sorted(
-        {
-            parse_metric(m).kind
-            for p in val_prefixes
-            for m in by_prefix[p]
-            if _is_task_metric(m)
-            and parse_metric(m).kind not in error_kinds + tuple(losses.values())
-        }
+        {v.kind for v in vals if v.kind not in error_kinds + tuple(losses.values())}
     )
     if skipped_kinds:
         notes.append(
             f"losses.png: {', '.join(skipped_kinds)} metrics are not plotted (MAE, RMSE and the loss are)"
         )
 
-    has_errors = any(
-        parse_metric(m).kind in error_kinds and _is_task_metric(m)
-        for p in val_prefixes + ["train_metric_epoch"]
-        for m in by_prefix.get(p, {})
+    has_errors = any(v.kind in error_kinds for v in vals) or any(
+        parse_metric(m).kind in error_kinds for m in train_metrics
     )
     ncols = (1 if losses else 0) + (1 if has_errors else 0)
     fig, axes = _figure(len(fields), ncols, width=5.6 * ncols)
-    fig.suptitle(f"Loss and error per task: {logs.run_dir.name}", fontsize=12)
+    fig.suptitle(f"Loss and error per task: {logs.run_dir.name}\n{_units_line(units)}", fontsize=11)
+
+    def val_color(v: _Val) -> str:
+        return dcolors[v.dataset] if v.dataset in dcolors else _COLORS[v.loader % len(_COLORS)]
+
+    def label(who: str | None, what: str) -> str:
+        return what if who is None else f"{who}: {what}"
 
     for row, field in enumerate(fields):
         col = 0
         if losses:
             ax = axes[row][col]
             col += 1
-            names = [m for m in losses if parse_metric(m).field == field]
+            names = sorted(
+                (m for m in losses if parse_metric(m).field == field),
+                key=lambda m: (
+                    datasets.index(parse_metric(m).dataset)
+                    if parse_metric(m).dataset in datasets
+                    else -1
+                ),
+            )
             if not names:
                 _empty(ax, f"{quantity_label(field)}: not a training loss component")
             else:
                 plotted = []
                 shown_val = False
-                datasets = sorted({parse_metric(n).dataset for n in names} - {None})
                 for name in names:
                     step = by_prefix.get("train_loss_step", {}).get(name)
                     epoch = by_prefix.get("train_loss_epoch", {}).get(name)
-                    # per-dataset components (`new/forces_mse`): one color per dataset
+                    # per-dataset components (`new/forces_mse`): the dataset's color
                     dataset = parse_metric(name).dataset
-                    who = "train" if dataset is None else f"{dataset}: train"
-                    shade = (
-                        None if dataset is None else _COLORS[datasets.index(dataset) % len(_COLORS)]
-                    )
+                    shade = dcolors.get(dataset)
                     if step is not None:
                         ax.plot(
                             step.step,
@@ -339,7 +485,7 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
                             lw=0.8,
                             alpha=0.35,
                             color=shade or "0.35",
-                            label=f"{who} (per step)",
+                            label=label(dataset, "train (per step)"),
                         )
                         plotted.append(step.value)
                     if epoch is not None:
@@ -350,60 +496,65 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
                             ms=3,
                             lw=1.5,
                             color=shade or "0.1",
-                            label=f"{who} (epoch mean)",
+                            label=label(dataset, "train (epoch mean)"),
                         )
                         plotted.append(epoch.value)
-                    for i, prefix in enumerate(val_prefixes):
-                        val = by_prefix[prefix].get(name)
-                        if val is not None:
-                            ax.plot(
-                                val.step,
-                                val.value,
-                                "s-",
-                                ms=3,
-                                lw=1.5,
-                                color=_COLORS[i % len(_COLORS)],
-                                label=prefix.split("_")[0],
-                            )
-                            plotted.append(val.value)
-                            shown_val = True
-                _log_scale(ax, plotted)
                 kind = losses[names[0]]
+                for v in vals:
+                    if v.field == field and v.kind == kind:
+                        ax.plot(
+                            v.series.step,
+                            v.series.value,
+                            "s--",
+                            ms=3,
+                            lw=1.5,
+                            color=val_color(v),
+                            label=label(v.who, "validation") if v.dataset else v.who,
+                        )
+                        plotted.append(v.series.value)
+                        shown_val = True
+                _log_scale(ax, plotted)
                 title = f"{quantity_label(field)}: training loss ({KINDS[kind][0]})"
                 if shown_val:
                     title += f" and validation {KINDS[kind][0]}"
-                _finish(ax, title, axis_label(field, kind))
+                _finish(ax, title, axis_label(field, kind, units))
         if has_errors:
             ax = axes[row][col]
             plotted = []
             shown: list[str] = []
             styles = {"mae": "-", "rmse": "--"}
             for kind in error_kinds:
-                name = f"{field}_{kind}"
-                for i, prefix in enumerate(val_prefixes):
-                    val = by_prefix[prefix].get(name)
-                    if val is not None:
-                        ax.plot(
-                            val.step,
-                            val.value,
-                            styles[kind],
-                            marker="s",
-                            ms=3,
-                            color=_COLORS[i % len(_COLORS)],
-                            label=f"{prefix.split('_')[0]} {KINDS[kind][0]}",
-                        )
-                        plotted.append(val.value)
-                        shown.append("validation")
-                tr = by_prefix.get("train_metric_epoch", {}).get(name)
-                if tr is not None:
+                for v in vals:
+                    if v.field != field or v.kind != kind:
+                        continue
+                    ax.plot(
+                        v.series.step,
+                        v.series.value,
+                        styles[kind],
+                        marker="s",
+                        ms=3,
+                        color=val_color(v),
+                        label=(
+                            f"{v.who}: validation {KINDS[kind][0]}"
+                            if v.dataset
+                            else f"{v.who} {KINDS[kind][0]}"
+                        ),
+                    )
+                    plotted.append(v.series.value)
+                    shown.append("validation")
+                for metric, tr in train_metrics.items():
+                    parsed = parse_metric(metric)
+                    if parsed.field != field or parsed.kind != kind:
+                        continue
                     ax.plot(
                         tr.step,
                         tr.value,
                         styles[kind],
                         marker="o",
                         ms=3,
-                        color="0.2",
-                        label=f"train {KINDS[kind][0]}",
+                        alpha=0.6 if parsed.dataset else 1.0,
+                        color=dcolors.get(parsed.dataset, "0.2"),
+                        label=label(parsed.dataset, f"train {KINDS[kind][0]}"),
                     )
                     plotted.append(tr.value)
                     shown.append("training")
@@ -411,7 +562,7 @@ def losses_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | Non
                 _empty(ax, f"{quantity_label(field)}: no validation MAE/RMSE logged")
             else:
                 _log_scale(ax, plotted)
-                u = unit(field, "mae")
+                u = unit(field, "mae", units)
                 splits = [x for x in ("validation", "training") if x in shown]
                 _finish(
                     ax,
@@ -517,7 +668,9 @@ def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure
         return None
     fig, axes = _figure(1, len(panels), width=5.6 * len(panels), row_height=3.6)
     fig.suptitle(f"Loss coefficients: {logs.run_dir.name}", fontsize=12)
-    colors = _task_colors(list(coeffs) + (list(shares.value) if shares else []))
+    colors = _task_colors(
+        list(coeffs) + (list(shares.value) if shares else []), _run_dataset_colors(logs)
+    )
     for ax, panel in zip(axes[0], panels):
         if panel == "coeffs":
             for name, s in coeffs.items():
@@ -626,7 +779,9 @@ def conflict_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | N
     fig, axes = _figure(len(panels), 1, width=9.0, row_height=3.0)
     fig.suptitle(f"Gradient conflict between tasks: {logs.run_dir.name}", fontsize=12)
     tasks = list(groups["norm"]) + list(groups["cos_update"])
-    colors = _task_colors(tasks)
+    dataset_colors = _run_dataset_colors(logs)
+    colors = _task_colors(tasks, dataset_colors)
+    pair_colors = _other_colors(dataset_colors)
     for ax, kind in zip(axes[:, 0], panels):
         group = groups[kind]
         if kind == "cos":
@@ -634,7 +789,7 @@ def conflict_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | N
             for i, (pair, s) in enumerate(group.items()):
                 mean, frac = conflict_stats(s)
                 label = f"{_pair_label(pair)}\nmean {mean:+.2f}, < 0 on {frac:.0%} of steps"
-                windows.append(_plot_noisy(ax, s, _COLORS[i % len(_COLORS)], label))
+                windows.append(_plot_noisy(ax, s, pair_colors[i % len(pair_colors)], label))
             _cos_axes(ax)
             _finish(
                 ax,
@@ -679,59 +834,155 @@ def conflict_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure | N
 # ---------------------------------------------------------------- summary
 
 
-def _headline_val(by_prefix: dict[str, dict[str, Series]], field: str, losses: dict[str, str]):
-    val = by_prefix.get("val0_epoch", {})
-    for kind in ("mae", "rmse", *losses.values()):
-        s = val.get(f"{field}_{kind}")
-        if s is not None and len(s):
-            return s, kind
-    return None, None
+#: what the line of a quantity looks like when colors stand for datasets
+_FIELD_STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1)))]
 
 
-def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
-    """One page: relative validation error per task, the total loss, the pairwise
-    gradient cosines and the loss coefficients / task weights, with a text summary of
-    how often each pair of tasks conflicted."""
-    notes = notes if notes is not None else []
-    losses, by_prefix = _metric_groups(logs)
-    fig, axes = _figure(2, 2, width=12.0, row_height=3.6)
-    fig.suptitle(f"Training summary: {logs.run_dir.name}", fontsize=13)
-    (a, b), (c, d) = axes
+def _before_training(logs: RunLogs) -> tuple[bool, float | None]:
+    """Whether the run logged a validation before its first optimizer step
+    (``val_optimizer_steps`` 0 at its first validation, from
+    :class:`~nequip_mtl.data.DatasetMetricNames`), and the logged step of that validation."""
+    steps = logs.get(OPTIMIZER_STEPS)
+    if steps is None or not len(steps) or steps.value[0] != 0:
+        return False, None
+    return True, float(steps.step[0])
 
-    # (a) validation error per task, relative to its first value (comparable on one axis)
-    fields = []
+
+def _relative_panel(ax, logs: RunLogs, losses, by_prefix, notes: list[str]) -> None:
+    """Each task's validation error (per dataset and quantity) divided by its value
+    before training, or by its first logged value where no validation before training
+    was logged (the title says which)."""
+    units = logs.units
+    datasets = _datasets(logs, by_prefix)
+    vals = _val_entries(by_prefix, [], "summary.png", order=datasets)
+    dcolors = _dataset_colors(datasets)
+    several = len({v.who for v in vals}) > 1 or len(dcolors) > 1
+    fields: list[str] = []
     for metric in losses:
         field = parse_metric(metric).field
         if field not in fields:
             fields.append(field)
-    colors = _task_colors(list(losses))
-    plotted = []
+    field_colors = _task_colors(list(losses))
+    before, before_step = _before_training(logs)
+    headline = ("mae", "rmse", *losses.values())
+
+    # (who, dataset, loader, field) -> (series, kind, source)
+    chosen: dict[tuple, tuple[Series, str, str]] = {}
     for field in fields:
-        s, kind = _headline_val(by_prefix, field, losses)
-        source = "val"
-        if s is None:
-            metric = next(m for m in losses if parse_metric(m).field == field)
-            s, kind, source = (
-                by_prefix.get("train_loss_epoch", {}).get(metric),
-                losses[metric],
-                "train",
-            )
-        if s is None or not np.isfinite(s.value[0]) or s.value[0] == 0:
+        for v in vals:
+            if v.field != field or v.kind not in headline:
+                continue
+            key = (v.who, v.dataset, v.loader, field)
+            if key not in chosen or headline.index(v.kind) < headline.index(chosen[key][1]):
+                chosen[key] = (v.series, v.kind, "val")
+        if not any(k[3] == field for k in chosen):  # not validated: the epoch training loss
+            for metric, kind in losses.items():
+                name = parse_metric(metric)
+                s = by_prefix.get("train_loss_epoch", {}).get(metric)
+                if name.field == field and s is not None:
+                    key = (name.dataset or "", name.dataset, 0, field)
+                    chosen.setdefault(key, (s, kind, "train"))
+
+    plotted, firsts, reference_before = [], [], []
+
+    def legend_order(key: tuple) -> tuple:
+        who, dataset, loader, field = key
+        rank = datasets.index(dataset) if dataset in datasets else len(datasets)
+        return (rank, loader, fields.index(field))
+
+    for (who, dataset, loader, field), (s, kind, source) in sorted(
+        chosen.items(), key=lambda item: legend_order(item[0])
+    ):
+        finite = np.isfinite(s.value)
+        if not finite.any():
             continue
-        u = unit(field, kind)
+        first = int(np.argmax(finite))
+        ref = s.value[first]
+        if ref == 0:
+            continue
+        is_before = source == "val" and before and first == 0 and s.step[0] == before_step
+        reference_before.append(is_before)
+        firsts.append((source, float(s.step[first])))
+        u = unit(field, kind, units)
         label = (
-            f"{quantity_label(field)} {source} {KINDS[kind][0]}: "
-            f"{s.value[0]:.3g} → {s.last:.3g}{' ' + u if u else ''}"
+            f"{who + ': ' if who and several else ''}{quantity_label(field)} {source} "
+            f"{KINDS[kind][0]}: {ref:.3g} → {s.last:.3g}{' ' + u if u else ''}"
         )
-        ax_values = s.value / s.value[0]
-        a.plot(s.step, ax_values, "o-", ms=3, color=colors.get(field), label=label)
-        plotted.append(ax_values)
-    if plotted:
-        _log_scale(a, plotted)
-        _finish(a, "error per task, relative to the first epoch", "error / first value")
-    else:
-        _empty(a, "no per-task validation or epoch loss series")
+        if before and not is_before:  # not logged before training: says its reference
+            label += f" (relative to step {_num(float(s.step[first]))})"
+        if dataset in dcolors and several:
+            marker, linestyle = _FIELD_STYLES[fields.index(field) % len(_FIELD_STYLES)]
+            style = dict(color=dcolors[dataset], marker=marker, linestyle=linestyle)
+        elif several:
+            marker, linestyle = _FIELD_STYLES[fields.index(field) % len(_FIELD_STYLES)]
+            style = dict(color=_COLORS[loader % len(_COLORS)], marker=marker, linestyle=linestyle)
+        else:
+            style = dict(color=field_colors.get(field), marker="o", linestyle="-")
+        values = s.value / ref
+        ax.plot(s.step, values, ms=3, label=label, **style)
+        plotted.append(values)
+    if not plotted:
+        _empty(ax, "no per-task validation or epoch loss series")
         notes.append("summary.png: no per-task validation or epoch loss series")
+        return
+    _log_scale(ax, plotted + [np.array([1.0])])
+    if all(reference_before):
+        title = (
+            "validation error per dataset and quantity, relative to before training"
+            if several
+            else "validation error per task, relative to before training"
+        )
+        title += "\n(1 = the validation at step 0, before any optimizer step; above 1: worse)"
+        ylabel = "error / error before training"
+        ax.axhline(1.0, color="0.3", lw=0.8, ls=":", label="before training")
+    elif before:
+        title = (
+            "validation error per task, relative to before training (step 0) where it was "
+            "logged,\nelse to its first logged value (the legend says from which step)"
+        )
+        ylabel = "error / reference value"
+        ax.axhline(1.0, color="0.3", lw=0.8, ls=":")
+    else:
+        val_steps = sorted({step for source, step in firsts if source == "val"})
+        what = (
+            "its first validation"
+            + (f" (step {_num(val_steps[0])}, after training began)" if val_steps else "")
+            if any(source == "val" for source, _ in firsts)
+            else "its first epoch"
+        )
+        title = f"error per task, relative to {what}"
+        title += "\n(no validation before training was logged; 1 = that first value)"
+        ylabel = "error / first logged value"
+        ax.axhline(1.0, color="0.3", lw=0.8, ls=":")
+        if any(source == "val" for source, _ in firsts):
+            notes.append(
+                "summary.png: the run logged no validation before training, so each error "
+                "is relative to its first validation, after training began (with a "
+                "MultiDatasetDataModule, the nequip_mtl.data.DatasetMetricNames callback "
+                "logs one at step 0)"
+            )
+    _finish(ax, title, ylabel, legend="best")
+
+
+def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
+    """One page: relative validation error per task (per dataset and quantity with
+    several datasets), the total loss, the pairwise gradient cosines and the loss
+    coefficients / task weights, with a text summary of how often each pair of tasks
+    conflicted."""
+    notes = notes if notes is not None else []
+    losses, by_prefix = _metric_groups(logs)
+    fig, axes = _figure(2, 2, width=12.0, row_height=3.8)
+    fig.suptitle(f"Training summary: {logs.run_dir.name}\n{_units_line(logs.units)}", fontsize=12)
+    (a, b), (c, d) = axes
+    dcolors = _dataset_colors(_datasets(logs, by_prefix))
+    groups = _conflict_series(logs)
+    shares = _update_shares(logs)
+    tasks = list(groups["norm"]) + list(groups["cos_update"])
+    tasks += list(shares.value) if shares is not None else []
+    colors = _task_colors(list(losses) + tasks, dcolors)
+
+    # (a) validation error per task, relative to its value before training
+    _relative_panel(a, logs, losses, by_prefix, notes)
 
     # (b) total loss
     plotted = []
@@ -746,16 +997,29 @@ def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
             dict(marker="o", ms=3, color="0.1"),
             "train (epoch mean)",
         ),
-        (
-            "val0_epoch/weighted_sum",
-            dict(marker="s", ms=3, color=_COLORS[0]),
-            "val0 (weighted metrics)",
-        ),
     ):
         s = logs.get(key)
         if s is not None:
             b.plot(s.step, s.value, label=label, **style)
             plotted.append(s.value)
+    for i, prefix in enumerate(_val_prefixes(by_prefix, order=list(dcolors))):
+        s = by_prefix[prefix].get("weighted_sum")
+        if s is None:
+            continue
+        dataset = parse_prefix(prefix).dataset
+        b.plot(
+            s.step,
+            s.value,
+            marker="s",
+            ms=3,
+            color=dcolors.get(dataset, _COLORS[i % len(_COLORS)]),
+            label=(
+                f"{dataset}: validation (weighted metrics)"
+                if dataset
+                else f"{prefix.split('_')[0]} (weighted metrics)"
+            ),
+        )
+        plotted.append(s.value)
     if plotted:
         _log_scale(b, plotted)
         _finish(b, "weighted sum of the loss components", "weighted sum (mixed units)")
@@ -763,13 +1027,13 @@ def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
         _empty(b, "no weighted_sum series")
 
     # (c) gradient conflict
-    groups = _conflict_series(logs)
     lines = []
     if groups["cos"]:
         windows = []
         for i, (pair, s) in enumerate(groups["cos"].items()):
             mean, frac = conflict_stats(s)
-            windows.append(_plot_noisy(c, s, _COLORS[i % len(_COLORS)], _pair_label(pair)))
+            pair_colors = _other_colors(dcolors)
+            windows.append(_plot_noisy(c, s, pair_colors[i % len(pair_colors)], _pair_label(pair)))
             lines.append(
                 f"{_pair_label(pair)}: mean cos {mean:+.2f}, conflicting (cos < 0) on "
                 f"{frac:.0%} of {np.isfinite(s.value).sum()} monitored steps"
@@ -800,12 +1064,8 @@ def summary_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure:
         _empty(c, "no gradient-conflict logs:\n" + CONFLICT_HINT.replace("` to", "`\nto"))
 
     # (d) each task's share of the update, or the loss coefficients
-    shares = _update_shares(logs)
     coeffs = logs.with_prefix("loss_coeff/")
     if shares is not None:
-        colors.update(
-            {k: v for k, v in _task_colors(list(shares.value)).items() if k not in colors}
-        )
         _plot_shares(d, shares, colors, "summary.png", notes)
         _finish(d, *_share_title(shares), legend="best")
     elif coeffs:
@@ -847,14 +1107,21 @@ class PlotResult:
     notes: list[str]
 
 
-def make_plots(run_dir: str | Path, out_dir: str | Path | None = None, dpi: int = 90) -> PlotResult:
+def make_plots(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    dpi: int = 90,
+    units: Units | str | dict | None = None,
+) -> PlotResult:
     """Read ``run_dir``'s logs and write every figure that has data to ``out_dir``
-    (default ``run_dir/plots``).
+    (default ``run_dir/plots``). ``units``: the data's units (see
+    :func:`~nequip_mtl.plot.logs.load_run`; default: from the run's config, else eV and Å,
+    assumed).
 
     Raises:
         NoLogsError: ``run_dir`` holds no logs
     """
-    logs = load_run(run_dir)
+    logs = load_run(run_dir, units=units)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
     notes = list(logs.notes)
     figures = build_figures(logs, notes)

@@ -1,5 +1,7 @@
 """Load the logged metrics of a training run: Lightning ``CSVLogger`` files
-(``metrics.csv``) and TensorBoard event files (``events.out.tfevents.*``)."""
+(``metrics.csv``) and TensorBoard event files (``events.out.tfevents.*``); and from the
+run's config as Hydra saved it (``.hydra/config.yaml``, which ``nequip-train`` writes to
+the run directory), the units of its data and the order of its datasets."""
 
 from __future__ import annotations
 
@@ -8,12 +10,21 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from .names import DEFAULT_UNITS, Units, parse_units
 from .tfevents import INSTALL_HINT, EventFileError, TensorBoardMissingError, read_scalars
 
-__all__ = ["Series", "RunLogs", "NoLogsError", "load_run"]
+__all__ = ["Series", "RunLogs", "NoLogsError", "load_run", "OPTIMIZER_STEPS"]
 
 CSV_NAME = "metrics.csv"
+#: logged with every validation of a fit by nequip_mtl.data.DatasetMetricNames: the
+#: optimizer steps taken before it (0: the validation before training)
+OPTIMIZER_STEPS = "val_optimizer_steps"
+#: the run's config as Hydra saves it in the run directory
+CONFIG_NAME = ".hydra/config.yaml"
+#: how many directories above a log file are searched for the run's config
+_CONFIG_LEVELS = 4
 EVENTS_GLOB = "events.out.tfevents.*"
 # columns / tags that are bookkeeping, not metrics
 _META = {"step", "epoch", "created_at", "wall_time"}
@@ -47,6 +58,12 @@ class RunLogs:
     sources: list[Path]
     series: dict[str, Series]
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: the energy and length units of the data (``units.assumed``: nothing said)
+    units: Units = DEFAULT_UNITS
+    #: the run's Hydra config file, if found
+    config_path: Path | None = None
+    #: the data module's dataset names in its order, if the config gives them
+    dataset_order: list[str] = dataclasses.field(default_factory=list)
 
     def get(self, name: str) -> Series | None:
         return self.series.get(name)
@@ -57,8 +74,14 @@ class RunLogs:
         return {k[len(prefix) :]: s for k, s in self.series.items() if k.startswith(prefix)}
 
 
-def load_run(run_dir: str | Path) -> RunLogs:
+def load_run(run_dir: str | Path, units: Units | str | dict | None = None) -> RunLogs:
     """Read a run's logs from ``run_dir`` (searched recursively).
+
+    The units of the data are ``units`` if given (a :class:`~nequip_mtl.plot.names.Units`,
+    or what :func:`~nequip_mtl.plot.names.parse_units` reads, e.g. ``"kcal/mol"``), else the
+    top-level ``units`` key of the run's config (``.hydra/config.yaml`` in the directory of
+    the log file or up to three above it), e.g. ``units: {energy: kcal/mol, length: Å}``;
+    else eV and Å are assumed, and ``units.assumed`` says so.
 
     Uses the newest ``metrics.csv``; TensorBoard event files in the newest directory that
     holds some add the series the CSV lacks (or all series, without a CSV). Several runs
@@ -116,7 +139,71 @@ def load_run(run_dir: str | Path) -> RunLogs:
         )
     if not series:
         raise NoLogsError(f"the logs in {str(run_dir)!r} contain no metric values: {sources}")
-    return RunLogs(run_dir, sources, series, notes)
+    config_path = _find_config(sources[0])
+    config = _read_config(config_path, notes) if config_path is not None else {}
+    if units is None:
+        units = _config_units(config, config_path, notes)
+    elif not isinstance(units, Units):
+        units = parse_units(units, source="the `units` argument")
+    return RunLogs(
+        run_dir,
+        sources,
+        series,
+        notes,
+        units=units,
+        config_path=config_path,
+        dataset_order=_dataset_order(config),
+    )
+
+
+def _find_config(log_file: Path) -> Path | None:
+    for directory in [log_file.parent, *log_file.parent.parents][:_CONFIG_LEVELS]:
+        path = directory / CONFIG_NAME
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_config(path: Path, notes: list[str]) -> dict:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        notes.append(f"could not read the run's config {path}: {err}")
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _config_units(config: dict, path: Path | None, notes: list[str]) -> Units:
+    spec = config.get("units")
+    if spec is None:
+        return DEFAULT_UNITS
+    if (
+        isinstance(spec, str)
+        and "${" in spec
+        or isinstance(spec, dict)
+        and any(isinstance(v, str) and "${" in v for v in spec.values())
+    ):
+        notes.append(
+            f"the `units` of {path} are an interpolation ({spec!r}), not read: eV and Å are "
+            "assumed (give them as plain values, or pass --units)"
+        )
+        return DEFAULT_UNITS
+    try:
+        return parse_units(spec, source="`units` in the run's .hydra/config.yaml")
+    except ValueError as err:
+        notes.append(f"{err} ({path}): eV and Å are assumed")
+        return DEFAULT_UNITS
+
+
+def _dataset_order(config: dict) -> list[str]:
+    """The dataset names of a ``MultiDatasetDataModule`` config, in its order."""
+    data = config.get("data")
+    datasets = data.get("datasets") if isinstance(data, dict) else None
+    if isinstance(datasets, dict):
+        return [str(k) for k in datasets]
+    if isinstance(datasets, list):
+        return [str(d["name"]) for d in datasets if isinstance(d, dict) and "name" in d]
+    return []
 
 
 def _mtime(path: Path) -> tuple[float, str]:
