@@ -310,6 +310,24 @@ def test_reusing_the_module_gram_costs_no_forward_pass(tmp_path):
     assert counts["NequIPLightningModule", True] == counts["NequIPLightningModule", False] + 2
 
 
+def test_a_disabled_monitor_costs_nothing_and_logs_nothing(tmp_path):
+    """``enabled: false`` (a config's ``monitor_conflicts=false``): on nequip's weighted-sum
+    module, as many forward passes as without the monitor and no ``grad_conflict/*``
+    column. Fails if a disabled monitor still measures."""
+    counts = {}
+    for watch in (None, False):
+        counter = ForwardCounter()
+        monitor = None if watch is None else GradientConflictMonitor("batch", 1, enabled=False)
+        _run(tmp_path / str(watch), NequIPLightningModule, monitor=monitor, extra=[counter])
+        counts[watch] = counter.count
+        if monitor is not None:
+            assert monitor.last_metrics == {} and monitor.last_source is None
+    assert counts[False] == counts[None]
+    assert _logged(tmp_path / "False") == {}
+    with pytest.raises(TypeError, match="GradientConflictMonitor.enabled"):
+        GradientConflictMonitor("batch", 1, enabled="no")
+
+
 class ForwardsPerBatch(Callback):
     """Forward passes of the model between consecutive micro-batch ends, and the
     ``global_step`` at each micro-batch's start."""

@@ -74,18 +74,24 @@ class GradientConflictMonitor(Callback):
     update without changing its direction, so the cosines are the same either way; only
     ``update_norm`` differs. Steps that a module skips (no gradient) are not logged.
 
-    Example:
+    Example (``enabled`` read from a top-level key, so that a run can switch the monitor
+    off with ``monitor_conflicts=false`` without knowing its position in the list):
 
     .. code-block:: yaml
 
-        callbacks:
-          - _target_: nequip_mtl.train.callbacks.GradientConflictMonitor
-            interval: batch
-            frequency: 10
+        monitor_conflicts: true
+        trainer:
+          callbacks:
+            - _target_: nequip_mtl.train.callbacks.GradientConflictMonitor
+              interval: batch
+              frequency: 10
+              enabled: ${monitor_conflicts}
 
     Args:
         interval (str): ``batch`` or ``epoch``
         frequency (int): number of intervals between monitored steps (>= 1)
+        enabled (bool): ``false``: the callback does nothing (no extra pass, nothing
+            logged; default ``true``)
 
     Attributes:
         last_statistics (ConflictStatistics): the statistics of the last monitored step
@@ -95,9 +101,14 @@ class GradientConflictMonitor(Callback):
             ``"autograd"`` (extra backward passes)
     """
 
-    def __init__(self, interval: str, frequency: int):
+    def __init__(self, interval: str, frequency: int, enabled: bool = True):
         self.interval = check_interval(interval, "GradientConflictMonitor.interval")
         self.frequency = check_positive_int(frequency, "GradientConflictMonitor.frequency")
+        if not isinstance(enabled, bool):
+            raise TypeError(
+                f"GradientConflictMonitor.enabled must be true or false, got {enabled!r}"
+            )
+        self.enabled = enabled
         self.last_statistics: ConflictStatistics | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_step: int | None = None
@@ -109,14 +120,15 @@ class GradientConflictMonitor(Callback):
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str
     ) -> None:
         """"""
-        if stage == "fit":
+        if stage == "fit" and self.enabled:
             self._probe.setup(pl_module)
 
     def on_train_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
     ) -> None:
         """"""
-        self._probe.on_train_start(pl_module)
+        if self.enabled:
+            self._probe.on_train_start(pl_module)
 
     def teardown(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule, stage: str
@@ -138,7 +150,10 @@ class GradientConflictMonitor(Callback):
         batch_idx: int,
     ) -> None:
         """"""
-        self._probe.on_train_batch_start(trainer, batch, batch_idx, lambda: self._is_due(trainer))
+        if self.enabled:
+            self._probe.on_train_batch_start(
+                trainer, batch, batch_idx, lambda: self._is_due(trainer)
+            )
 
     def on_train_epoch_end(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
@@ -153,7 +168,7 @@ class GradientConflictMonitor(Callback):
         optimizer: torch.optim.Optimizer,
     ) -> None:
         """"""
-        measured = self._probe.measure(trainer, pl_module)
+        measured = self._probe.measure(trainer, pl_module) if self.enabled else None
         if measured is None:
             return
         self._monitored_epoch = trainer.current_epoch
