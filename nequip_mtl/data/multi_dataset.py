@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from nequip.utils.logger import RankedLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..distributed import rank, world_size
 from .binding import bind_dataset_names
 from .datamodule import NequIPDataModule  # nequip's, plus setup-time checks of the data
 from .keys import DATASET_INDEX_KEY  # registers it with nequip: a (num_frames,) long field
@@ -483,9 +484,7 @@ class MultiDatasetDataModule(NequIPDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             return trainer.world_size, trainer.global_rank
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
+        return world_size(), rank()
 
     def make_sampler(self, num_replicas: int = 1, rank: int = 0) -> MultiDatasetSampler:
         """The training sampler for ``num_replicas`` ranks (after ``setup("fit")``)."""

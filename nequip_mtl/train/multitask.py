@@ -11,6 +11,7 @@ from nequip.train import EMALightningModule, NequIPLightningModule
 from nequip.utils.versions import _TORCH_GE_2_6
 
 from ..aggregators import Aggregator
+from ..distributed import several_ranks
 from ..step import (
     TASK_NOUNS,
     StepEngine,
@@ -432,8 +433,4 @@ def _grad_scale(plugin) -> float:
 
 def _reduce_function():
     """The cross-rank mean of the task-gradient rows under DDP, else ``None``."""
-    distributed = torch.distributed
-    if distributed.is_available() and distributed.is_initialized():
-        if distributed.get_world_size() > 1:
-            return TaskGradients.all_reduce_mean_
-    return None
+    return TaskGradients.all_reduce_mean_ if several_ranks() else None

@@ -52,6 +52,7 @@ from nequip.train import MeanAbsoluteError, MeanSquaredError, RootMeanSquaredErr
 
 from ..data.binding import unknown_dataset_message
 from ..data.keys import DATASET_INDEX_KEY
+from ..distributed import several_ranks
 from .coefficients import validate_coeffs
 from .metrics_manager import MultitaskMetricsManager
 from .sub_batches import SubBatchOutput, sub_batch_part
@@ -249,12 +250,7 @@ class _ZeroWhenEmpty(torch.nn.Module):
         self.metric.dist_sync_on_step = value
 
     def _global_count(self, local: int, device: torch.device) -> int:
-        if (
-            self.dist_sync_on_step
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1
-        ):
+        if self.dist_sync_on_step and several_ranks():
             n = torch.tensor([local], dtype=torch.long, device=device)
             torch.distributed.all_reduce(n)
             return int(n.item())
@@ -387,11 +383,7 @@ class PerDatasetMetricsManager(MultitaskMetricsManager):
 
 def _seen_anywhere(metric: _ZeroWhenEmpty) -> bool:
     seen = metric.seen
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
+    if several_ranks():
         flag = torch.tensor([int(seen)], dtype=torch.long)
         if torch.distributed.get_backend() == "nccl":
             flag = flag.cuda()

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ...diagnostics.conflict import ConflictStatistics, conflict_metrics
+from ...distributed import several_ranks
 from ...step import TaskGradientObservable, TaskGradientStatistics, WindowTracker
 from .._compile import prepare_several_backward_passes
 from ._common import active_names, check_interval, check_positive_int, loss_manager
@@ -350,11 +351,10 @@ class TaskGradientProbe:
                     rows[j] += flat.to(torch.float64) * scale
                 del output, values
         manager.reset()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                # loss values are global means (synced metrics); each rank's autograd sees
-                # its own samples, so the global-batch gradient is the sum over ranks
-                torch.distributed.all_reduce(rows)
+        if several_ranks():
+            # loss values are global means (synced metrics); each rank's autograd sees
+            # its own samples, so the global-batch gradient is the sum over ranks
+            torch.distributed.all_reduce(rows)
         update = torch.cat(
             [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
         ).to(torch.float64)
