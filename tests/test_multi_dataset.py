@@ -474,6 +474,15 @@ def test_per_dataset_metrics_log_no_nan_and_no_doubled_name(tmp_path):
             assert value == pytest.approx((energy[step] + forces[step]) / 2, rel=1e-12)
 
 
+def test_the_plot_reads_the_column_the_callback_logs():
+    """The optimizer-steps column is named twice, in the callback that logs it and in the
+    plot that reads it (the plot imports no Lightning, the callback no matplotlib)."""
+    from nequip_mtl.data import metric_names
+    from nequip_mtl.plot import logs
+
+    assert metric_names.OPTIMIZER_STEPS == logs.OPTIMIZER_STEPS
+
+
 def test_a_validation_before_training_is_logged_at_step_0(tmp_path):
     """The first validation of a fit is the initial model's: logged at step 0 with
     `val_optimizer_steps` 0, with exactly the values `trainer.validate` gives for an
