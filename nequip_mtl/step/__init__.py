@@ -4,14 +4,25 @@
 - :class:`TaskGradients`: the preallocated per-task gradient rows;
 - :class:`WindowTracker`: the first micro-batch of every optimizer step;
 - :class:`StepFaults`: skipped steps and dropped tasks, counted and bounded;
-- :class:`TaskGradientStatistics` and :class:`TaskGradientObservable`: what observers read.
+- :class:`TaskGradientStatistics` and :class:`TaskGradientObservable`: what observers read;
+- :class:`TaskKind` (:class:`ComponentTasks`, :class:`DatasetTasks`) and :class:`TaskPlan`:
+  which losses form which task, and which forward graphs each reaches.
 """
 
 from .engine import NONFINITE_POLICIES, StepEngine, StepOutcome
 from .faults import SkippedStepsError, StepFaults
 from .rows import TaskGradients
 from .statistics import TaskGradientObservable, TaskGradientStatistics
-from .tasks import TASK_KINDS, TASK_NOUNS, TaskPlan, plan_tasks
+from .tasks import (
+    EVERY_GRAPH,
+    TASK_KINDS,
+    TASK_NOUNS,
+    ComponentTasks,
+    DatasetTasks,
+    TaskKind,
+    TaskPlan,
+    plan_tasks,
+)
 from .window import HeldWeights, StepWindow, WindowTracker
 
 __all__ = [
@@ -29,5 +40,9 @@ __all__ = [
     "TASK_KINDS",
     "TASK_NOUNS",
     "TaskPlan",
+    "TaskKind",
+    "ComponentTasks",
+    "DatasetTasks",
+    "EVERY_GRAPH",
     "plan_tasks",
 ]

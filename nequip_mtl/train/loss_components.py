@@ -62,15 +62,14 @@ def training_losses_and_output(
     batch_idx: int,
     dataloader_idx: int = 0,
     per_dataset: bool = False,
-    keep_parts: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """:func:`training_loss_components` and the model's output it was computed from; with
-    ``per_dataset`` and ``keep_parts`` a
-    :class:`~nequip_mtl.train.sub_batches.SubBatchOutput` when the batch held several
-    datasets (each per-dataset loss component then reads its own sub-batch's output)."""
+    ``per_dataset`` a :class:`~nequip_mtl.train.sub_batches.SubBatchOutput` when the batch
+    held several datasets (each per-dataset loss component then reads its own sub-batch's
+    output)."""
     delim = module.logging_delimiter
     if per_dataset:
-        output, batch = forward_per_dataset(module, batch, keep_parts=keep_parts)
+        output, batch = forward_per_dataset(module, batch)
         target = module.process_target(batch, batch_idx, dataloader_idx)
     else:
         target = module.process_target(batch, batch_idx, dataloader_idx)

@@ -13,21 +13,22 @@ from nequip.utils.versions import _TORCH_GE_2_6
 from ..aggregators import Aggregator
 from ..distributed import several_ranks
 from ..step import (
-    TASK_NOUNS,
+    EVERY_GRAPH,
     StepEngine,
     StepFaults,
     StepOutcome,
     TaskGradients,
     TaskGradientStatistics,
+    TaskKind,
     TaskPlan,
     WindowTracker,
-    plan_tasks,
 )
 from . import setup_checks
 from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
 from .label_checks import check_module_labels, nonfinite_model_state
 from .loss_components import training_losses_and_output
 from .sub_batches import SubBatchOutput
+from .task_kinds import build_task_kind, check_task_datasets, component_datasets
 
 
 class MultitaskLightningModule(NequIPLightningModule):
@@ -108,11 +109,12 @@ class MultitaskLightningModule(NequIPLightningModule):
         max_consecutive_skips (int or None): stop training with an error after this many
             consecutive skipped optimizer steps (default ``25``; ``null``: no limit). A
             first epoch in which every step was skipped always stops the run.
-        tasks (str): what a task is: ``components`` (default; every active loss component,
-            e.g. ``forces_mse`` or, with a per-dataset loss, ``new/forces_mse``) or
-            ``datasets`` (the components of one training dataset together, their
-            coefficient-weighted mean; needs a per-dataset loss,
-            :func:`~nequip_mtl.train.PerDatasetLoss`); see ``docs/datasets.md``
+        tasks (str, dict or TaskKind): what a task is: ``components`` (default; every
+            active loss component, e.g. ``forces_mse`` or, with a per-dataset loss,
+            ``new/forces_mse``) or ``datasets`` (the components of one training dataset
+            together, their coefficient-weighted mean; needs a per-dataset loss,
+            :func:`~nequip_mtl.train.PerDatasetLoss`), or a ``_target_`` dict of any
+            :class:`~nequip_mtl.step.TaskKind`; see ``docs/datasets.md``
         forward_per_dataset (bool, optional): forward each training dataset's frames of a
             batch on their own, so that a dataset's loss depends on its own sub-batch only and
             its backward pass costs that sub-batch's share (default: on with
@@ -131,7 +133,7 @@ class MultitaskLightningModule(NequIPLightningModule):
         weights_every: int = 1,
         on_nonfinite: str = "skip",
         max_consecutive_skips: int | None = 25,
-        tasks: str = "components",
+        tasks: str | Mapping | TaskKind = "components",
         forward_per_dataset: bool | None = None,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
@@ -151,20 +153,21 @@ class MultitaskLightningModule(NequIPLightningModule):
         self.module_clip_val, self.module_clip_algorithm = setup_checks.check_clipping(
             gradient_clip_val, gradient_clip_algorithm
         )
-        self.tasks = tasks
-        self._datasets_of = setup_checks.datasets_of_components(self.loss, tasks)
-        #: ``{component: dataset}`` when every loss component is one dataset's (then, with
-        #: one forward per dataset, each reads its own sub-batch's output), else ``None``
-        self._component_datasets = setup_checks.component_datasets(self.loss)
+        #: which losses form which task (components, datasets, ...)
+        self.task_kind = build_task_kind(tasks)
+        self.tasks = self.task_kind.name or type(self.task_kind).__name__
+        #: ``{component: the dataset whose frames it keeps, or None}``
+        self._component_datasets = component_datasets(self.loss)
+        check_task_datasets(self.task_kind, self._component_datasets)
         if forward_per_dataset is None:
-            forward_per_dataset = tasks == "datasets"
+            forward_per_dataset = self.task_kind.needs_datasets
         self.forward_per_dataset = bool(forward_per_dataset)
-        #: the tasks of the current optimizer step (components, or datasets)
+        #: the tasks of the current optimizer step
         self._plan: TaskPlan | None = None
         #: one optimizer step's life: window, rows, held weights, aggregation (no Lightning)
         self.engine = StepEngine(aggregator, weights_every=weights_every, on_nonfinite=on_nonfinite)
-        self.engine.task_noun = TASK_NOUNS[tasks]
-        self.faults = StepFaults(max_consecutive_skips, task_noun=TASK_NOUNS[tasks])
+        self.engine.task_noun = self.task_kind.noun
+        self.faults = StepFaults(max_consecutive_skips, task_noun=self.task_kind.noun)
         #: name -> weight of that task's gradient in the last applied update
         self.applied_task_weights: dict[str, float] = {}
         #: the task gradients of the last step that computed them (for monitors)
@@ -239,7 +242,6 @@ class MultitaskLightningModule(NequIPLightningModule):
             batch_idx,
             dataloader_idx,
             per_dataset=self.forward_per_dataset,
-            keep_parts=self._component_datasets is not None,
         )
         # the world-size factor undoes DDP's averaging, as in nequip (see
         # NequIPLightningModule.training_step): losses are already global-batch means
@@ -249,26 +251,25 @@ class MultitaskLightningModule(NequIPLightningModule):
             for name in parts
         }
         self._micro_batch_losses = self._plan.losses(components)
-        self._micro_batch_graphs = self._graphs_of(output)
+        self._micro_batch_graphs = self._plan.graph_groups(self._graph_of(output))
         return loss_dict[f"train_loss_step{delim}weighted_sum"] * self.world_size
 
-    def _graphs_of(self, output) -> list[list[str]] | None:
-        """The micro-batch's tasks grouped by the graph their losses are on: on a batch
-        forwarded one dataset at a time, every loss component reads its own dataset's
-        sub-batch (``DatasetModifier``), so the tasks of one dataset share that sub-batch's
-        graph and no other; ``None``: one graph."""
+    def _graph_of(self, output) -> dict[str, Any] | None:
+        """``{component: the forward graph its loss reaches}`` (``None``: one graph). On a
+        batch forwarded one dataset at a time, a per-dataset component reads its dataset's
+        own sub-batch (see :mod:`nequip_mtl.train.sub_batches`), any other reaches every
+        sub-batch."""
         if not isinstance(output, SubBatchOutput):
             return None
-        groups: dict[str, list[str]] = {}
-        for task, parts in self._plan.parts.items():
-            (dataset,) = {self._component_datasets[name] for name in parts}
-            groups.setdefault(dataset, []).append(task)
-        return list(groups.values())
+        return {
+            name: EVERY_GRAPH if dataset is None else dataset
+            for name, dataset in self._component_datasets.items()
+        }
 
     def _task_plan(self) -> TaskPlan:
-        """The tasks under the loss's current coefficients (components, or datasets)."""
+        """The tasks under the loss's current coefficients."""
         coeffs = {name: entry.coeff for name, entry in self.loss.entries.items()}
-        return plan_tasks(coeffs, self._datasets_of)
+        return self.task_kind.plan(coeffs, self._component_datasets)
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         """Back-propagate the micro-batch's task losses into the engine's rows.
@@ -306,7 +307,7 @@ class MultitaskLightningModule(NequIPLightningModule):
             if nonfinite is None:
                 self._warn_once(
                     "zero",
-                    f"{TASK_NOUNS[self.tasks]} {task!r} has a zero gradient on a step; it is "
+                    f"{self.task_kind.noun} {task!r} has a zero gradient on a step; it is "
                     "left out of that step's aggregation (counted in mtl/dropped/<name>; further cases are "
                     "not warned about)",
                 )

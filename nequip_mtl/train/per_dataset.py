@@ -55,7 +55,7 @@ from ..data.keys import DATASET_INDEX_KEY
 from ..distributed import several_ranks
 from .coefficients import validate_coeffs
 from .metrics_manager import MultitaskMetricsManager
-from .sub_batches import SubBatchOutput, sub_batch_part
+from .sub_batches import dataset_part
 
 __all__ = [
     "DatasetModifier",
@@ -191,26 +191,15 @@ class DatasetModifier(BaseModifier):
         raise ValueError(f"DatasetModifier: unsupported field type {kind!r} of {self.inner}")
 
     def __call__(self, data1: AtomicDataDict.Type, data2: AtomicDataDict.Type | None = None):
-        # a batch forwarded one dataset at a time: the predictions of this dataset's own
-        # sub-batch (the same values as the masked concatenation), whose graph holds that
-        # sub-batch only (see nequip_mtl.train.sub_batches); a dataset without frames in
-        # such a batch selects nothing, connected to no sub-batch's graph
-        part = sub_batch_part(data1, self.dataset_index)
-        apart = isinstance(data1, SubBatchOutput)
+        # which graph the selection reaches is the sub-batch contract's (dataset_part)
         if data2 is None:
-            if part is not None:
-                return self.inner(part)
-            preds = self.inner(data1)[self._mask(data1)]
-            return preds.detach() if apart else preds
+            return dataset_part(self.inner, data1, self.dataset_index, self._mask(data1))
         mask = self._mask(data2)
         if self.missing_ok and label_key(self.inner) not in data2:
-            preds = self.inner(data1)
-            empty = preds[torch.zeros_like(mask)]
-            return (empty.detach() if apart else empty), empty.detach()
-        preds, target = self.inner(data1, data2)
-        if part is not None:
-            return self.inner(part), target[mask]
-        return (preds[mask].detach() if apart else preds[mask]), target[mask]
+            empty = dataset_part(self.inner, data1, None, torch.zeros_like(mask))
+            return empty, empty.detach()
+        target = self.inner(data1, data2)[1]
+        return dataset_part(self.inner, data1, self.dataset_index, mask), target[mask]
 
 
 class _ZeroWhenEmpty(torch.nn.Module):

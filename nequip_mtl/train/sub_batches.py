@@ -1,22 +1,36 @@
-"""One forward pass per training dataset: a mixed batch split into per-dataset sub-batches.
+"""One forward pass per training dataset, and the contract every per-dataset loss keeps.
 
 The cost of a NequIP forward and backward pass is linear in the atoms, so forwarding each
-dataset's frames on their own costs about one batch in total; each dataset's loss then
-depends on its own sub-batch's graph only, and back-propagating it costs that sub-batch's
-share of a backward pass instead of a pass over the whole batch.
+dataset's frames on their own (:func:`forward_per_dataset`) costs about one batch in total;
+each dataset's loss then depends on its own sub-batch's graph only, and back-propagating it
+costs that sub-batch's share of a backward pass instead of a pass over the whole batch.
 
-The sub-batches' outputs are concatenated into one output dict for the loss and the
-metrics, a :class:`SubBatchOutput` that also keeps each dataset's own output: a per-dataset
-loss component (:class:`~nequip_mtl.train.DatasetModifier`) reads its dataset's part there,
-so its graph holds that sub-batch only, and back-propagating it never reaches another
-sub-batch. (Reaching it through the concatenation would run that sub-batch's backward on
-zeros: under train-time compile the whole compiled backward graph, one autograd node that
-materialises zero gradients.) Readers of the concatenated fields themselves go through
-:func:`cat_isolated`, whose backward gives no gradient to a part whose slice is exactly
-zero, so that eager autograd skips that part's graph.
+**The contract** (here, and only here; property tests in ``tests/test_sub_batch_contract.py``):
+
+1. *Forward.* A batch holding several datasets is forwarded one dataset at a time; the
+   outputs are concatenated (frames grouped by dataset, the labels reordered to match) into
+   a :class:`SubBatchOutput`, which also keeps each dataset's own output in ``parts``.
+2. *Isolation.* The concatenated fields that carry a gradient are joined by
+   :func:`cat_isolated`, whose backward gives no gradient to a part whose slice is exactly
+   zero: a reader of the concatenation back-propagates through the parts it read only.
+3. *Selection* (:func:`dataset_part`, what :class:`~nequip_mtl.train.DatasetModifier`
+   calls): a per-dataset loss reads its dataset's own part, so its graph holds that
+   sub-batch only; a dataset without frames in the batch selects an empty, detached
+   tensor, connected to no sub-batch's graph (its metric is an exact zero that no backward
+   pass runs into). On a plain output (one forward pass, nequip's weighted sum) a loss
+   reads the masked rows of the one graph, and an absent dataset is an exact zero with an
+   exactly zero gradient.
+
+Reaching another sub-batch's graph, even with zeros, would run that sub-batch's backward
+pass for nothing: under train-time compile its whole compiled backward graph, one autograd
+node that materialises zero gradients. So the training module groups the tasks by the
+sub-batch graphs their losses reach (:meth:`~nequip_mtl.step.TaskPlan.graph_groups`) and
+back-propagates each group on its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from nequip.data import AtomicDataDict, _key_registry
@@ -89,10 +103,32 @@ class SubBatchOutput(dict):
         self.parts = parts
 
 
-def sub_batch_part(data: AtomicDataDict.Type, dataset_index: int) -> AtomicDataDict.Type | None:
-    """Dataset ``dataset_index``'s own sub-batch output when ``data`` is a
-    :class:`SubBatchOutput` holding it, else ``None``."""
-    return data.parts.get(dataset_index) if isinstance(data, SubBatchOutput) else None
+def dataset_part(
+    read: Callable[[AtomicDataDict.Type], torch.Tensor],
+    output: AtomicDataDict.Type,
+    dataset_index: int | None,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """One dataset's rows of ``read(output)`` (rule 3 of the module's contract).
+
+    Args:
+        read: reads a field of an output dict (e.g. a nequip field modifier)
+        output: the model's output; a :class:`SubBatchOutput` on a batch forwarded one
+            dataset at a time
+        dataset_index: the dataset (``None``: select nothing)
+        mask: the dataset's rows of ``read(output)`` in the concatenated output
+
+    Returns ``read`` of the dataset's own part when ``output`` holds it (graph: that
+    sub-batch only); on a :class:`SubBatchOutput` without it, the empty selection,
+    detached (graph: none); on a plain output, ``read(output)[mask]`` (graph: the batch's).
+    """
+    if isinstance(output, SubBatchOutput):
+        part = output.parts.get(dataset_index)
+        if part is not None:
+            return read(part)
+        empty = read(output)[torch.zeros_like(mask)]
+        return empty.detach()
+    return read(output)[mask]
 
 
 class _IsolatedCat(torch.autograd.Function):
@@ -137,12 +173,12 @@ def batched_outputs(outputs: list[AtomicDataDict.Type]) -> AtomicDataDict.Type:
     return out
 
 
-def forward_per_dataset(module, batch: AtomicDataDict.Type, keep_parts: bool = True):
+def forward_per_dataset(module, batch: AtomicDataDict.Type):
     """``(output, inputs)``: the model's output on each dataset's sub-batch, concatenated (a
     :class:`SubBatchOutput`), and the correspondingly ordered input batch (frames grouped by
     dataset). Back-propagating a loss that reads one dataset's frames (through its part, or
-    through the concatenation) runs that dataset's sub-batch graph only. ``keep_parts:
-    false``: a plain output dict (every loss reads the concatenation)."""
+    through the concatenation) runs that dataset's sub-batch graph only. A batch of one
+    dataset is forwarded as it is (a plain output dict)."""
     subs = sub_batches(batch)
     if len(subs) == 1:
         return module(batch), batch
@@ -151,7 +187,5 @@ def forward_per_dataset(module, batch: AtomicDataDict.Type, keep_parts: bool = T
     # sub-batches in which inputs it passes through: concatenate the fields all of them have
     common = set.intersection(*(set(o) for o in parts.values()))
     outputs = [{k: v for k, v in o.items() if k in common} for o in parts.values()]
-    output = batched_outputs(outputs)
-    if keep_parts:
-        output = SubBatchOutput(output, parts)
+    output = SubBatchOutput(batched_outputs(outputs), parts)
     return output, AtomicDataDict.batched_from_list(list(subs.values()))
