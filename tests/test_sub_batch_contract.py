@@ -35,7 +35,7 @@ def test_a_datasets_selection_reaches_its_own_part_only():
     selected = dataset_part(read, output, 1, mask)
     assert selected is parts[1]["forces"]  # the part itself, not the masked concatenation
     torch.testing.assert_close(selected, output["forces"][mask], rtol=0, atol=0)
-    own, other = torch.autograd.grad(selected.sum(), leaves, allow_unused=True)
+    other, own = torch.autograd.grad(selected.sum(), leaves, allow_unused=True)
     assert other is None and torch.equal(own, torch.full_like(own, 2.0))
 
 
