@@ -2,6 +2,7 @@
 
 from .coefficients import update_coeffs
 from .conflict_free import ConFIGLightningModule, EMAConFIGLightningModule
+from .dataset_modifier import DatasetModifier
 from .famo import FAMOLightningModule
 from .label_checks import check_training_labels, nonfinite_model_state
 from .metrics_manager import (
@@ -11,12 +12,8 @@ from .metrics_manager import (
     MultitaskMetricsManager,
 )
 from .multitask import EMAMultitaskLightningModule, MultitaskLightningModule
-from .per_dataset import (
-    DatasetModifier,
-    PerDatasetLoss,
-    PerDatasetMetrics,
-    PerDatasetMetricsManager,
-)
+from .per_dataset import PerDatasetLoss, PerDatasetMetrics
+from .per_dataset_manager import PerDatasetMetricsManager
 from .uncertainty import UncertaintyWeightingLightningModule
 
 __all__ = [

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from ..data.keys import DATASET_INDEX_KEY
-from .per_dataset import DatasetModifier, label_key
+from .dataset_modifier import DatasetModifier, label_key
 
 __all__ = [
     "LabelRequirement",
