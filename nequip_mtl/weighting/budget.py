@@ -1,0 +1,113 @@
+"""A loss budget as a constraint: the multiplier of ``ratio <= 1 + tolerance`` by dual ascent.
+
+Fine-tuning with replay asks for ``min L_new(theta)`` subject to
+``L_replay(theta) <= (1 + tolerance) * L_replay(theta_0)``: improve on the new data, and
+lose at most ``tolerance`` of what the pretrained model ``theta_0`` knew. Its Lagrangian,
+``L_new + lambda * (L_replay - (1 + tolerance) L_replay(theta_0))``, has the gradient of the
+weighted sum ``L_new + lambda L_replay``: the replay weight *is* the multiplier. Training the
+weighted sum while moving ``lambda`` up when the constraint is violated and down when it is
+slack is dual ascent (primal-dual gradient descent-ascent).
+
+The multiplier moves in log space, ``log lambda += step_size * (ratio / (1 + tolerance) - 1)``
+(exponentiated gradient ascent on the dual): the step is relative, so it needs no knowledge
+of the loss's scale, and ``lambda`` stays positive without a projection. At a fixed point
+either the constraint is active (``ratio = 1 + tolerance``) or ``lambda`` sits at its lower
+bound with the constraint slack (the replay costs nothing: fine-tuning alone keeps the
+budget). ``ratio`` is the mean of the observed ratios since the last update, so that one
+noisy batch does not move the multiplier.
+
+Pure Python (no torch, no Lightning); the Lightning glue is
+:class:`~nequip_mtl.train.callbacks.ForgettingBudget`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class DualAscentMultiplier:
+    """The multiplier of one budget constraint ``ratio <= 1 + tolerance``.
+
+    Args:
+        tolerance: allowed relative rise of the constrained loss (``0.05``: 5 %), ``> 0``
+        step_size: log-space step per unit of relative violation (default ``1.0``: a ratio
+            10 % over the budget multiplies ``lambda`` by ``e^0.1`` per update)
+        every: update the multiplier after this many observations (default ``10``)
+        initial: the multiplier's starting value (default ``1.0``: the configured weight)
+        bounds: ``(min, max)`` of the multiplier (default ``(1e-3, 1e3)``)
+    """
+
+    def __init__(
+        self,
+        tolerance: float,
+        step_size: float = 1.0,
+        every: int = 10,
+        initial: float = 1.0,
+        bounds: tuple[float, float] = (1e-3, 1e3),
+    ) -> None:
+        low, high = (float(b) for b in bounds)
+        if not (isinstance(tolerance, (int, float)) and tolerance > 0):
+            raise ValueError(f"`tolerance` must be a number > 0, got {tolerance!r}")
+        if not step_size > 0:
+            raise ValueError(f"`step_size` must be > 0, got {step_size!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"`every` must be an integer >= 1, got {every!r}")
+        if not 0 < low <= high:
+            raise ValueError(f"`bounds` must be (min, max) with 0 < min <= max, got {bounds!r}")
+        if not low <= initial <= high:
+            raise ValueError(f"`initial` must lie within `bounds` {bounds!r}, got {initial!r}")
+        self.tolerance = float(tolerance)
+        self.step_size = float(step_size)
+        self.every = every
+        self.bounds = (low, high)
+        self.multiplier = float(initial)
+        #: the sum and number of the ratios observed since the last update
+        self._sum = 0.0
+        self._count = 0
+        #: the mean ratio of the last update (``nan`` before the first)
+        self.last_ratio = math.nan
+        self.updates = 0
+
+    def observe(self, ratio: float) -> bool:
+        """Record one observed ratio (a non-finite one is ignored); update the multiplier
+        once ``every`` ratios are in. Returns whether it was updated."""
+        ratio = float(ratio)
+        if not math.isfinite(ratio):
+            return False
+        self._sum += ratio
+        self._count += 1
+        if self._count < self.every:
+            return False
+        self.update()
+        return True
+
+    def update(self) -> None:
+        """One dual-ascent step from the mean of the ratios observed since the last one."""
+        if self._count == 0:
+            return
+        mean = self._sum / self._count
+        violation = mean / (1.0 + self.tolerance) - 1.0
+        low, high = self.bounds
+        self.multiplier = min(
+            high, max(low, self.multiplier * math.exp(self.step_size * violation))
+        )
+        self.last_ratio = mean
+        self._sum, self._count = 0.0, 0
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "multiplier": self.multiplier,
+            "sum": self._sum,
+            "count": self._count,
+            "last_ratio": self.last_ratio,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.multiplier = float(state["multiplier"])
+        self._sum = float(state["sum"])
+        self._count = int(state["count"])
+        self.last_ratio = float(state["last_ratio"])
+        self.updates = int(state["updates"])

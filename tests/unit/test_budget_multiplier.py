@@ -1,0 +1,94 @@
+"""The budget multiplier (``nequip_mtl.weighting.budget``) on problems whose constrained
+optimum is known in closed form.
+
+Two quadratics in the plane, ``f = |theta - a|^2 / 2`` (the new data) and
+``g = |theta - b|^2 / 2`` (the replayed data), start from ``theta_0`` near ``b`` (the
+pretrained model). The budget ``g(theta) <= (1 + tol) g(theta_0) = c`` is active when ``a``
+lies outside it; the constrained optimum is then the point of the budget circle towards
+``a``, ``theta* = b + sqrt(2c) (a - b)/|a - b|``, where the weighted sum ``f + lambda g`` is
+minimised by ``(a + lambda b)/(1 + lambda)``, so ``lambda* = |a - b| / sqrt(2c) - 1``.
+Gradient descent on the weighted sum with the multiplier driven by the observed ratio
+``g/g(theta_0)`` must reach both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from nequip_mtl.weighting.budget import DualAscentMultiplier
+
+
+def _descend(a, b, theta0, tol, steps=20000, lr=0.02, every=1, step_size=0.5):
+    g = lambda t: 0.5 * sum((x - y) ** 2 for x, y in zip(t, b))  # noqa: E731
+    g0 = g(theta0)
+    dual = DualAscentMultiplier(tol, step_size=step_size, every=every)
+    theta = list(theta0)
+    for _ in range(steps):
+        lam = dual.multiplier
+        theta = [t - lr * ((t - x) + lam * (t - y)) for t, x, y in zip(theta, a, b)]
+        dual.observe(g(theta) / g0)
+    return theta, dual, g(theta) / g0, g0
+
+
+@pytest.mark.parametrize("tol", [0.05, 0.5, 2.0])
+@pytest.mark.parametrize("every", [1, 10])
+def test_an_active_budget_reaches_the_constrained_optimum(tol, every):
+    a, b, theta0 = (1.0, 0.5), (0.0, 0.0), (0.1, -0.05)
+    theta, dual, ratio, g0 = _descend(a, b, theta0, tol, every=every)
+    c = (1 + tol) * g0
+    dist = math.dist(a, b)
+    expected_lambda = dist / math.sqrt(2 * c) - 1
+    expected_theta = [y + math.sqrt(2 * c) * (x - y) / dist for x, y in zip(a, b)]
+    assert ratio == pytest.approx(1 + tol, rel=1e-4)
+    assert dual.multiplier == pytest.approx(expected_lambda, rel=1e-3)
+    assert theta == pytest.approx(expected_theta, rel=1e-4, abs=1e-6)
+
+
+def test_a_slack_budget_lets_the_multiplier_fall_to_its_bound():
+    """``a`` inside the budget: the unconstrained optimum keeps it, replay costs nothing."""
+    a, b, theta0 = (0.05, 0.0), (0.0, 0.0), (0.1, 0.0)  # g(a) = g(theta0)/4
+    theta, dual, ratio, _ = _descend(a, b, theta0, tol=0.05)
+    assert dual.multiplier == dual.bounds[0]
+    assert ratio < 1.05 and theta == pytest.approx([a[0] / (1 + 1e-3), 0.0], rel=1e-6)
+
+
+def test_the_multiplier_moves_in_log_space_by_the_mean_of_the_window():
+    dual = DualAscentMultiplier(0.1, step_size=2.0, every=3, initial=1.0)
+    assert not dual.observe(1.0) and not dual.observe(float("nan")) and not dual.observe(1.3)
+    assert dual.multiplier == 1.0  # two finite observations: no update yet
+    assert dual.observe(1.6)
+    assert dual.multiplier == pytest.approx(math.exp(2.0 * (1.3 / 1.1 - 1)), rel=1e-15)
+    assert dual.last_ratio == pytest.approx(1.3, rel=1e-15)
+
+
+def test_a_restored_multiplier_continues_exactly():
+    ratios = [1.0 + 0.1 * math.sin(i) for i in range(37)]
+    whole = DualAscentMultiplier(0.05, every=4)
+    for r in ratios:
+        whole.observe(r)
+    first = DualAscentMultiplier(0.05, every=4)
+    for r in ratios[:18]:  # stops mid-window
+        first.observe(r)
+    resumed = DualAscentMultiplier(0.05, every=4)
+    resumed.load_state_dict(first.state_dict())
+    for r in ratios[18:]:
+        resumed.observe(r)
+    assert resumed.state_dict() == whole.state_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tolerance": 0.0}, "tolerance"),
+        ({"tolerance": -0.1}, "tolerance"),
+        ({"tolerance": 0.1, "every": 0}, "every"),
+        ({"tolerance": 0.1, "step_size": 0}, "step_size"),
+        ({"tolerance": 0.1, "bounds": (0.0, 1.0)}, "bounds"),
+        ({"tolerance": 0.1, "initial": 1e4}, "initial"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DualAscentMultiplier(**kwargs)
