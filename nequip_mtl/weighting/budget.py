@@ -33,7 +33,8 @@ class DualAscentMultiplier:
         tolerance: allowed relative rise of the constrained loss (``0.05``: 5 %), ``> 0``
         step_size: log-space step per unit of relative violation (default ``1.0``: a ratio
             10 % over the budget multiplies ``lambda`` by ``e^0.1`` per update)
-        every: update the multiplier after this many observations (default ``10``)
+        every: update the multiplier every this many optimizer steps (:meth:`step`;
+            default ``10``)
         initial: the multiplier's starting value (default ``1.0``: the configured weight)
         bounds: ``(min, max)`` of the multiplier (default ``(1e-3, 1e3)``)
     """
@@ -68,16 +69,21 @@ class DualAscentMultiplier:
         #: the mean ratio of the last update (``nan`` before the first)
         self.last_ratio = math.nan
         self.updates = 0
+        self.steps = 0
 
-    def observe(self, ratio: float) -> bool:
-        """Record one observed ratio (a non-finite one is ignored); update the multiplier
-        once ``every`` ratios are in. Returns whether it was updated."""
+    def observe(self, ratio: float) -> None:
+        """Record one observed ratio (a non-finite one, e.g. of a batch without the
+        constrained data, is ignored)."""
         ratio = float(ratio)
-        if not math.isfinite(ratio):
-            return False
-        self._sum += ratio
-        self._count += 1
-        if self._count < self.every:
+        if math.isfinite(ratio):
+            self._sum += ratio
+            self._count += 1
+
+    def step(self) -> bool:
+        """One optimizer step has passed: update the multiplier on every ``every``-th step
+        from the ratios observed since the last update (if any). Returns whether it did."""
+        self.steps += 1
+        if self.steps % self.every or self._count == 0:
             return False
         self.update()
         return True
@@ -103,6 +109,7 @@ class DualAscentMultiplier:
             "count": self._count,
             "last_ratio": self.last_ratio,
             "updates": self.updates,
+            "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -111,3 +118,4 @@ class DualAscentMultiplier:
         self._count = int(state["count"])
         self.last_ratio = float(state["last_ratio"])
         self.updates = int(state["updates"])
+        self.steps = int(state["steps"])

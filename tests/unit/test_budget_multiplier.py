@@ -29,6 +29,7 @@ def _descend(a, b, theta0, tol, steps=20000, lr=0.02, every=1, step_size=0.5):
         lam = dual.multiplier
         theta = [t - lr * ((t - x) + lam * (t - y)) for t, x, y in zip(theta, a, b)]
         dual.observe(g(theta) / g0)
+        dual.step()
     return theta, dual, g(theta) / g0, g0
 
 
@@ -56,11 +57,19 @@ def test_a_slack_budget_lets_the_multiplier_fall_to_its_bound():
 
 def test_the_multiplier_moves_in_log_space_by_the_mean_of_the_window():
     dual = DualAscentMultiplier(0.1, step_size=2.0, every=3, initial=1.0)
-    assert not dual.observe(1.0) and not dual.observe(float("nan")) and not dual.observe(1.3)
-    assert dual.multiplier == 1.0  # two finite observations: no update yet
-    assert dual.observe(1.6)
+    for ratio in (1.0, float("nan")):  # a NaN (no constrained data) is not observed
+        dual.observe(ratio)
+        assert not dual.step()
+    assert dual.multiplier == 1.0  # two optimizer steps of three: no update yet
+    dual.observe(1.6)
+    dual.observe(1.3)  # several observations in one step (accumulated micro-batches)
+    # the update uses the mean of the three finite ratios since the last one: 1.3
+    assert dual.step() and dual.updates == 1
     assert dual.multiplier == pytest.approx(math.exp(2.0 * (1.3 / 1.1 - 1)), rel=1e-15)
     assert dual.last_ratio == pytest.approx(1.3, rel=1e-15)
+    for _ in range(3):  # a window without observations leaves it alone
+        dual.step()
+    assert dual.updates == 1
 
 
 def test_a_restored_multiplier_continues_exactly():
@@ -68,13 +77,16 @@ def test_a_restored_multiplier_continues_exactly():
     whole = DualAscentMultiplier(0.05, every=4)
     for r in ratios:
         whole.observe(r)
+        whole.step()
     first = DualAscentMultiplier(0.05, every=4)
     for r in ratios[:18]:  # stops mid-window
         first.observe(r)
+        first.step()
     resumed = DualAscentMultiplier(0.05, every=4)
     resumed.load_state_dict(first.state_dict())
     for r in ratios[18:]:
         resumed.observe(r)
+        resumed.step()
     assert resumed.state_dict() == whole.state_dict()
 
 
