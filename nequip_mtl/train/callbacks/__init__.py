@@ -9,6 +9,7 @@ Dynamic Weight Average, Random Loss Weighting and calibrate-then-freeze coeffici
 
 from .calibrate import CalibrateLossCoefficients
 from .dwa import DynamicWeightAverage
+from .forgetting_budget import ForgettingBudget
 from .gradient_conflict import GradientConflictMonitor
 from .label_check import CheckTrainingLabels
 from .linear_loss_coeff_scheduler import LinearLossCoefficientScheduler
@@ -26,5 +27,6 @@ __all__ = [
     "RandomLossWeighting",
     "GradientConflictMonitor",
     "CalibrateLossCoefficients",
+    "ForgettingBudget",
     "CheckTrainingLabels",
 ]

@@ -1,0 +1,245 @@
+"""Fine-tuning with a forgetting budget: the replay weight adapted to keep the replayed
+dataset's loss within a tolerance of the pretrained model's."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from nequip.data import AtomicDataDict
+
+from ...distributed import several_ranks
+from ...weighting.budget import DualAscentMultiplier
+from ..coefficients import current_coeffs, update_coeffs
+from ._common import (
+    OptimizerStepCallback,
+    WeightingCallback,
+    check_coeff_writer_allowed,
+    loss_manager,
+    single_adaptive_callback,
+)
+
+_WHO = "ForgettingBudget"
+
+
+class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
+    """Keep the replayed dataset's loss within ``tolerance`` of the pretrained model's.
+
+    Replay fine-tuning trains ``L_new + w L_replay``, and the replay weight ``w`` is a
+    trade-off a user otherwise finds by a sweep. Here the user states the trade-off
+    instead: "improve on my data, and let the replayed data's loss rise at most 5 % above
+    the pretrained model's". The replay weight becomes the Lagrange multiplier of that
+    constraint, moved by dual ascent
+    (:class:`~nequip_mtl.weighting.budget.DualAscentMultiplier`): up while the replay loss is
+    over the budget, down while it is under, every ``every`` optimizer steps, from the mean
+    of the observed ratios since the last update.
+
+    - **The reference** is the pretrained model's replay loss, measured once when training
+      starts (before the first step; restored, not re-measured, on a restart) on up to
+      ``reference_frames`` frames of the replayed dataset's training split, with the loss's
+      own replay components at their configured coefficients.
+    - **The ratio** of a step is the replay components' loss on its batch (the same
+      weighted combination; under DDP the loss's step values are already global means)
+      over the reference; a batch without replay frames is not observed.
+    - **The coefficients** of the replay components are their configured values times the
+      multiplier (then normalised with the others, as every coefficient update is); the
+      others keep theirs. Every micro-batch of an optimizer step sees the same
+      coefficients.
+    - **Logged** every optimizer step: ``budget/<dataset>/multiplier`` and
+      ``budget/<dataset>/ratio`` (the mean ratio of the last update).
+
+    Works with :class:`~nequip.train.NequIPLightningModule` (the weighted sum) and with
+    :class:`~nequip_mtl.train.MultitaskLightningModule`; needs a per-dataset loss
+    (:func:`~nequip_mtl.train.PerDatasetLoss`) and
+    :class:`~nequip_mtl.data.MultiDatasetDataModule`.
+
+    .. code-block:: yaml
+
+        callbacks:
+          - _target_: nequip_mtl.train.callbacks.ForgettingBudget
+            dataset: pretrain        # the replayed dataset
+            tolerance: 0.05          # its loss may rise at most 5 % above the pretrained model's
+            # every: 10              # optimizer steps between multiplier updates
+            # step_size: 1.0         # log-space step per unit of relative violation
+            # reference_frames: 256  # frames the reference loss is measured on
+
+    Args:
+        dataset (str): the replayed dataset's name (the data module's and the loss's)
+        tolerance (float): allowed relative rise of its loss (``> 0``)
+        every (int): optimizer steps between multiplier updates (default ``10``)
+        step_size (float): dual-ascent step in log space (default ``1.0``)
+        initial (float): the multiplier's start (default ``1.0``: the configured weights)
+        bounds (list of float): ``[min, max]`` of the multiplier (default ``[1e-3, 1e3]``)
+        reference_frames (int): frames of the replayed training split to measure the
+            reference on (default ``256``; all, if it has fewer)
+        reference_batch_size (int): frames per forward pass of that measurement (default 16)
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        tolerance: float,
+        every: int = 10,
+        step_size: float = 1.0,
+        initial: float = 1.0,
+        bounds: tuple[float, float] | list[float] = (1e-3, 1e3),
+        reference_frames: int = 256,
+        reference_batch_size: int = 16,
+    ) -> None:
+        if not isinstance(dataset, str) or not dataset:
+            raise ValueError(f"{_WHO}.dataset must be a dataset name, got {dataset!r}")
+        for key, value in (
+            ("reference_frames", reference_frames),
+            ("reference_batch_size", reference_batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{_WHO}.{key} must be an integer >= 1, got {value!r}")
+        try:
+            self.dual = DualAscentMultiplier(
+                tolerance, step_size=step_size, every=every, initial=initial, bounds=tuple(bounds)
+            )
+        except ValueError as err:
+            raise ValueError(f"{_WHO}: {err}") from None
+        self.dataset = dataset
+        self.reference_frames = reference_frames
+        self.reference_batch_size = reference_batch_size
+        #: the pretrained model's replay loss (``None`` until measured)
+        self.reference: float | None = None
+        #: the configured coefficients, captured at setup
+        self.base_coeffs: dict[str, float | None] | None = None
+        #: the replayed dataset's active loss components
+        self.components: list[str] = []
+
+    @property
+    def state_key(self) -> str:
+        return f"{_WHO}[{self.dataset}]"
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Check the dataset, the loss and the module before any step."""
+        if stage != "fit":
+            return
+        manager = loss_manager(pl_module, _WHO)
+        check_coeff_writer_allowed(pl_module, _WHO)
+        single_adaptive_callback(trainer, self, WeightingCallback)
+        names = list(getattr(trainer.datamodule, "dataset_names", None) or [])
+        if not names:
+            raise ValueError(
+                f"{_WHO}(dataset={self.dataset!r}) needs several training datasets: use "
+                "nequip_mtl.data.MultiDatasetDataModule as `data`"
+            )
+        if self.dataset not in names:
+            raise ValueError(
+                f"{_WHO}.dataset is {self.dataset!r}, which is not one of the data module's "
+                f"datasets {names}"
+            )
+        if len(names) < 2:
+            raise ValueError(
+                f"{_WHO}.dataset {self.dataset!r} is the only training dataset: a budget "
+                "trades a replayed dataset against new data; add the new data to `data.datasets`"
+            )
+        coeffs = current_coeffs(manager)
+        fields = {name: entry.field for name, entry in manager.entries.items()}
+        mine = [n for n, f in fields.items() if getattr(f, "dataset", None) == self.dataset]
+        self.components = [n for n in mine if coeffs[n] is not None]
+        if not self.components:
+            raise ValueError(
+                f"{_WHO}.dataset {self.dataset!r} is not replayed: `training_module.loss` has "
+                f"no active component of it (its components: {mine or 'none'}); build the "
+                "loss with nequip_mtl.train.PerDatasetLoss listing the dataset"
+            )
+        others = [n for n, c in coeffs.items() if c and n not in self.components]
+        if not others:
+            raise ValueError(
+                f"{_WHO}: every active loss component is of {self.dataset!r}; the budget needs "
+                "new data to trade against"
+            )
+        if self.base_coeffs is None:
+            self.base_coeffs = coeffs
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Measure the reference (once: a restored callback keeps its own)."""
+        if self.reference is None:
+            self.reference = self._measure_reference(trainer, pl_module)
+            if not (math.isfinite(self.reference) and self.reference > 0):
+                raise ValueError(
+                    f"{_WHO}: the pretrained model's loss on dataset {self.dataset!r} is "
+                    f"{self.reference!r}; a budget relative to it needs a finite, positive value"
+                )
+
+    def _replay_loss(self, values: dict[str, Any]) -> float:
+        """The replay components' weighted combination (configured coefficients)."""
+        total = 0.0
+        for name in self.components:
+            value = values.get(name)
+            value = math.nan if value is None else float(value)
+            total += self.base_coeffs[name] * value
+        return total
+
+    def _measure_reference(self, trainer: Any, pl_module: Any) -> float:
+        datamodule = trainer.datamodule
+        position = datamodule.dataset_names.index(self.dataset)
+        (dataset,) = [d for d in datamodule.train_dataset if getattr(d, "index", None) == position]
+        count = min(len(dataset), self.reference_frames)
+        frames = [dataset[i] for i in range(count)]
+        manager = copy.deepcopy(pl_module.loss)
+        for metric in manager.modules():
+            if hasattr(metric, "dist_sync_on_step"):
+                metric.dist_sync_on_step = False  # every rank measures the same frames
+        manager.reset()
+        with torch.no_grad():  # the model computes its forces with autograd itself
+            for start in range(0, count, self.reference_batch_size):
+                batch = AtomicDataDict.batched_from_list(
+                    frames[start : start + self.reference_batch_size]
+                )
+                batch = {k: v.to(pl_module.device) for k, v in batch.items()}
+                target = pl_module.process_target(batch, 0)
+                manager(pl_module(batch), target)
+        values = {name: float(v) for name, v in manager.compute().items()}
+        return self._replay_loss(values)
+
+    # ------------------------------------------------------------------ steps
+
+    def _window_start(self, trainer: Any, pl_module: Any) -> None:
+        multiplier = self.dual.multiplier
+        coeffs = {
+            n: (c * multiplier if n in self.components and c is not None else c)
+            for n, c in self.base_coeffs.items()
+        }
+        update_coeffs(pl_module.loss, coeffs, f"{_WHO}(dataset={self.dataset!r})")
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """"""
+        ratio = self._replay_loss(pl_module.loss.metrics_values_step) / self.reference
+        if several_ranks():  # the same ratio on every rank, whatever its loss holds
+            value = torch.tensor([ratio], dtype=torch.float64, device=pl_module.device)
+            torch.distributed.all_reduce(value)
+            ratio = float(value) / torch.distributed.get_world_size()
+        self.dual.observe(ratio)
+        if self._optimizer_stepped(trainer):
+            self.dual.step()
+            pl_module.log(f"budget/{self.dataset}/multiplier", self.dual.multiplier)
+            if math.isfinite(self.dual.last_ratio):  # after the first update
+                pl_module.log(f"budget/{self.dataset}/ratio", self.dual.last_ratio)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """"""
+        return {
+            "dual": self.dual.state_dict(),
+            "reference": self.reference,
+            "base_coeffs": None if self.base_coeffs is None else dict(self.base_coeffs),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """"""
+        self.dual.load_state_dict(state_dict["dual"])
+        self.reference = state_dict["reference"]
+        base = state_dict["base_coeffs"]
+        self.base_coeffs = None if base is None else dict(base)

@@ -1,0 +1,165 @@
+"""The forgetting budget (``ForgettingBudget``) on real NequIP models and Lightning trainers.
+
+Checked against independent computations in the same process: the reference is the
+pretrained model's replay loss computed by hand (per-atom energy and force MSE over the
+replayed frames); every step's coefficients are those a :class:`DualAscentMultiplier`
+fed with the ratios of the recorded step losses gives (the multiplier's own maths is
+checked on closed forms in ``tests/unit/test_budget_multiplier.py``); a resumed run equals
+the uninterrupted one; bad settings are refused before any step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from nequip.data import AtomicDataDict
+from nequip.train import NequIPLightningModule
+
+import nequip_mtl.train as mtl
+from nequip_mtl.train.callbacks import ForgettingBudget
+from nequip_mtl.weighting.budget import DualAscentMultiplier
+from tests._harness import multi, params, trainer
+from tests.test_dataset_tasks import BALANCED, COEFFS, kwargs, loss
+
+BUDGET = {"dataset": "a", "tolerance": 0.01, "every": 1, "step_size": 20.0}
+
+
+class Recorder(Callback):
+    """Per micro-batch: the loss coefficients it trained with, and its step losses."""
+
+    def __init__(self):
+        self.coeffs, self.values = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.coeffs.append({n: e.coeff for n, e in pl_module.loss.entries.items()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(dict(pl_module.loss.metrics_values_step))
+
+
+def run(
+    root,
+    module_cls=NequIPLightningModule,
+    budget=None,
+    epochs=3,
+    ckpt=None,
+    ckpt_path=None,
+    **trainer_kw,
+):
+    torch.manual_seed(0)
+    module = module_cls(**kwargs(optimizer={"_target_": "torch.optim.Adam", "lr": 0.02}))
+    start = copy.deepcopy(module)
+    cb, rec = ForgettingBudget(**(budget or BUDGET)), Recorder()
+    callbacks = [cb, rec, *([ckpt] if ckpt else [])]
+    tr = trainer(
+        root,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        limit_val_batches=0,
+        enable_checkpointing=ckpt is not None,
+        **trainer_kw,
+    )
+    data = multi(sampling=BALANCED)
+    tr.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, start, cb, rec, data, tr
+
+
+def _by_hand(model, frames, coeffs) -> float:
+    """The replay components' loss by hand: sum_c coeff_c * MSE_c over all ``frames``."""
+    energy, forces = [], []
+    for frame in frames:
+        out = model(AtomicDataDict.batched_from_list([frame]))
+        n = frame[AtomicDataDict.POSITIONS_KEY].shape[0]
+        e_true = frame[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1)
+        energy.append(((out[AtomicDataDict.TOTAL_ENERGY_KEY].reshape(-1) - e_true) / n).detach())
+        forces.append((out[AtomicDataDict.FORCE_KEY] - frame[AtomicDataDict.FORCE_KEY]).detach())
+    e_mse = torch.cat(energy).pow(2).mean()
+    f_mse = torch.cat(forces).pow(2).mean()
+    return float(coeffs["a/per_atom_energy_mse"] * e_mse + coeffs["a/forces_mse"] * f_mse)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_replay_weight_is_the_multiplier_of_the_budget(tmp_path, accumulate):
+    module, start, cb, rec, data, tr = run(tmp_path, accumulate_grad_batches=accumulate)
+    base = {n: c for n, c in rec.coeffs[0].items()}
+    # the reference: the pretrained model's replay loss on the replayed training frames
+    fresh = multi(sampling=BALANCED)  # the same split (the data module frees its own)
+    fresh.prepare_data()
+    fresh.setup("fit")
+    (replayed,) = [d for d in fresh.train_dataset if d.index == 0]
+    frames = [replayed[i] for i in range(len(replayed))]
+    assert cb.reference == pytest.approx(_by_hand(start, frames, base), rel=1e-10)
+    # every micro-batch trained with the coefficients the multiplier gives
+    dual = DualAscentMultiplier(0.01, every=1, step_size=20.0)
+    replay = ["a/per_atom_energy_mse", "a/forces_mse"]
+    for i, (coeffs, values) in enumerate(zip(rec.coeffs, rec.values)):
+        scaled = {n: (c * dual.multiplier if n in replay else c) for n, c in base.items()}
+        total = sum(scaled.values())
+        assert coeffs == pytest.approx({n: c / total for n, c in scaled.items()}, rel=1e-12)
+        dual.observe(sum(base[n] * values[n] for n in replay) / cb.reference)
+        if (i + 1) % accumulate == 0:
+            dual.step()
+    assert cb.dual.state_dict() == pytest.approx(dual.state_dict(), rel=1e-12, nan_ok=True)
+    assert dual.updates >= 4 and dual.multiplier != 1.0  # the budget acted
+    assert tr.global_step == len(rec.coeffs) // accumulate
+
+
+def test_a_resumed_budget_continues_exactly(tmp_path):
+    """Interrupted mid-run and resumed: the reference is restored, not re-measured on the
+    fine-tuned model, and the multiplier, the coefficients and the parameters equal the
+    uninterrupted run's."""
+    full, _, full_cb, full_rec, _, _ = run(tmp_path / "full")
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "part"), save_last=True, every_n_train_steps=3)
+    run(tmp_path / "part", ckpt=ckpt, max_steps=3)
+    resumed, _, cb, rec, _, tr = run(
+        tmp_path / "resumed", ckpt_path=str(tmp_path / "part" / "last.ckpt")
+    )
+    assert cb.reference == full_cb.reference
+    assert cb.dual.state_dict() == full_cb.dual.state_dict()
+    assert rec.coeffs == full_rec.coeffs[-len(rec.coeffs) :]
+    torch.testing.assert_close(params(resumed), params(full), rtol=0, atol=1e-12)
+
+
+def test_the_budget_works_with_an_aggregation_module(tmp_path):
+    module, _, cb, rec, _, tr = run(tmp_path, module_cls=mtl.MultitaskLightningModule, epochs=2)
+    assert cb.dual.updates >= 4 and module.skipped_steps == 0
+    assert len({round(c["a/forces_mse"], 12) for c in rec.coeffs}) > 1
+
+
+@pytest.mark.parametrize(
+    "budget, data, match",
+    [
+        ({"dataset": "x", "tolerance": 0.1}, None, r"dataset is 'x'.*\['a', 'b'\]"),
+        ({"dataset": "c", "tolerance": 0.1}, ("a", "b", "c"), "'c' is not replayed"),
+        ({"dataset": "a", "tolerance": 0.1}, ("a",), "only training dataset"),
+    ],
+)
+def test_a_budget_on_a_dataset_that_is_not_replayed_is_refused_before_any_step(
+    tmp_path, budget, data, match
+):
+    torch.manual_seed(0)
+    names = data or ("a", "b")
+    # `c` is computed but not trained on (null coefficients): not replayed
+    coeffs = {**COEFFS, "c": {"total_energy": None, "forces": None}}
+    module = NequIPLightningModule(**kwargs(loss=loss(names, coeffs)))
+    tr = trainer(tmp_path, callbacks=[ForgettingBudget(**budget)], limit_val_batches=0)
+    with pytest.raises(ValueError, match=match):
+        tr.fit(module, datamodule=multi(names, sampling={"mode": "proportional"}))
+    assert tr.global_step == 0
+
+
+@pytest.mark.parametrize("tolerance", [0.0, -0.05])
+def test_a_tolerance_that_is_not_positive_is_refused(tolerance):
+    with pytest.raises(ValueError, match="ForgettingBudget: `tolerance` must be a number > 0"):
+        ForgettingBudget(dataset="a", tolerance=tolerance)
+
+
+def test_a_module_that_ignores_coefficients_is_refused(tmp_path):
+    torch.manual_seed(0)
+    module = mtl.UncertaintyWeightingLightningModule(**kwargs())
+    tr = trainer(tmp_path, callbacks=[ForgettingBudget(**BUDGET)], limit_val_batches=0)
+    with pytest.raises(ValueError, match="ForgettingBudget changes loss coefficients"):
+        tr.fit(module, datamodule=multi(sampling=BALANCED))
