@@ -29,6 +29,7 @@ _LAZY = {
     "DatasetMetricNames": "metric_names",
     "bind_dataset_names": "binding",
     "MultiDatasetSampler": "sampling",
+    "PseudolabelledDataset": "pseudolabels",
     # lazy so that ``python -m nequip_mtl.data.xtb_md`` runs without a second import of it
     "compare_labels": "xtb_md",
     "generate_xtb_md_frames": "xtb_md",
@@ -56,6 +57,7 @@ __all__ = [
     "MultiDatasetDataModule",
     "MultiDatasetSampler",
     "NequIPDataModule",
+    "PseudolabelledDataset",
     "TaggedDataset",
     "bind_dataset_names",
     "check_chemical_species",
