@@ -195,3 +195,30 @@ class GradientCalibration:
         self.num_steps = int(state["num_steps"])
         self.sum_norms = torch.as_tensor(state["sum_norms"], dtype=torch.float64).clone()
         self.sum_weights = torch.as_tensor(state["sum_weights"], dtype=torch.float64).clone()
+
+
+#: how calibrated coefficients treat the loss's datasets (``CalibrateLossCoefficients.datasets``)
+DATASET_SHARES = ("within", "across")
+
+
+def keep_group_shares(
+    chosen: dict[str, float], initial: dict[str, float], group_of: dict[str, object]
+) -> dict[str, float]:
+    """Rescale ``chosen`` within each group so that every group keeps its ``initial`` share.
+
+    ``group_of`` maps each name to its group (e.g. its dataset); the result's values in
+    group ``g`` are ``chosen`` times ``sum_initial(g) / sum_chosen(g)``: the calibration
+    decides the ratios inside a group, the configuration the weights between groups. A
+    group whose chosen coefficients are all zero keeps them.
+    """
+    out = dict(chosen)
+    groups: dict[object, list[str]] = {}
+    for name in chosen:
+        groups.setdefault(group_of.get(name), []).append(name)
+    for names in groups.values():
+        total = sum(chosen[n] for n in names)
+        if total > 0:
+            share = sum(initial[n] for n in names)
+            for n in names:
+                out[n] = chosen[n] * share / total
+    return out

@@ -12,7 +12,12 @@ import lightning
 import torch
 
 from ...aggregators import Aggregator, GramAggregator, Sum
-from ...diagnostics.calibration import RULES, GradientCalibration
+from ...diagnostics.calibration import (
+    DATASET_SHARES,
+    RULES,
+    GradientCalibration,
+    keep_group_shares,
+)
 from ..coefficients import update_coeffs
 from ..setup_checks import build_aggregator
 from ._common import (
@@ -79,6 +84,14 @@ class CalibrateLossCoefficients(WeightingCallback):
     window (as ``.grad``); under DDP of the global batch, and rank 0's choice is broadcast
     so every rank sets identical coefficients.
 
+    **Several datasets** (a per-dataset loss, e.g. replay fine-tuning): with
+    ``datasets: within`` (the default) the rule balances the components *of each dataset*
+    (``new/forces_mse`` against ``new/per_atom_energy_mse``) and every dataset keeps the
+    share of the configured coefficients it had (the replay weight stays the user's
+    choice); ``datasets: across`` applies the rule to all (dataset, component) parts at
+    once, which also reweights the datasets against each other. Components of no dataset
+    form one group of their own. With one dataset both are the same.
+
     **Which modules**: the calibrated coefficients are the weights of a weighted-sum
     update, so the module must train the weighted sum: nequip's ``NequIPLightningModule``
     and ``EMALightningModule`` (recommended: the weighted sum at its own cost after
@@ -126,6 +139,8 @@ class CalibrateLossCoefficients(WeightingCallback):
         aggregator (dict or Aggregator): for ``rule: aggregator`` only: a Hydra
             ``_target_`` dict (or instance) of a Gram-space
             :class:`nequip_mtl.aggregators.GramAggregator`
+        datasets (str): ``within`` (default: calibrate inside each dataset, keep the
+            datasets' configured shares) or ``across`` (calibrate all parts together)
 
     Attributes:
         coefficients (dict): the chosen coefficients (``None`` until calibrated)
@@ -138,8 +153,10 @@ class CalibrateLossCoefficients(WeightingCallback):
         steps: int | None = None,
         epochs: int | None = None,
         aggregator: Mapping | Aggregator | None = None,
+        datasets: str = "within",
     ):
         self.rule = check_choice(rule, RULES, f"{WHO}.rule")
+        self.datasets = check_choice(datasets, DATASET_SHARES, f"{WHO}.datasets")
         if (steps is None) == (epochs is None):
             raise ValueError(
                 f"{WHO}: give exactly one of `steps` (optimizer steps) and `epochs`; got "
@@ -174,6 +191,7 @@ class CalibrateLossCoefficients(WeightingCallback):
             "steps": self.steps,
             "epochs": self.epochs,
             "aggregator": self._aggregator_name,
+            "datasets": self.datasets,
         }
 
     # ------------------------------------------------------------------ setup
@@ -337,6 +355,11 @@ class CalibrateLossCoefficients(WeightingCallback):
         """Choose the coefficients (identical on every rank: rank 0's are broadcast), set
         them, log them, and stop all work."""
         chosen = self.calibration.coefficients(WHO)
+        if self.datasets == "within":
+            fields = {n: e.field for n, e in pl_module.loss.entries.items()}
+            initial = dict(zip(self.calibration.names, self.calibration.initial_coeffs.tolist()))
+            group_of = {n: getattr(fields[n], "dataset", None) for n in chosen}
+            chosen = keep_group_shares(chosen, initial, group_of)
         chosen = trainer.strategy.broadcast(chosen, src=0)
         self.coefficients = update_coeffs(pl_module.loss, chosen, WHO)
         self._probe.teardown()  # drop the private loss copy: nothing more to measure
@@ -380,7 +403,9 @@ class CalibrateLossCoefficients(WeightingCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """"""
-        config = state_dict["config"]
+        config = dict(state_dict["config"])
+        # checkpoints written before `datasets` existed: the configured setting applies
+        config.setdefault("datasets", self.datasets)
         done = state_dict["coefficients"] is not None
         if config != self._config():
             if not done:
