@@ -163,3 +163,27 @@ def test_a_module_that_ignores_coefficients_is_refused(tmp_path):
     tr = trainer(tmp_path, callbacks=[ForgettingBudget(**BUDGET)], limit_val_batches=0)
     with pytest.raises(ValueError, match="ForgettingBudget changes loss coefficients"):
         tr.fit(module, datamodule=multi(sampling=BALANCED))
+
+
+def test_the_budget_is_logged_and_plotted(tmp_path):
+    """``nequip-mtl-plot``'s coefficient figure draws the logged multiplier and ratio
+    (their values, step for step) and the limit ``1 + tolerance``."""
+    import numpy as np
+    from lightning.pytorch.loggers import CSVLogger
+
+    from nequip_mtl.plot import build_figures, load_run
+
+    logger = CSVLogger(str(tmp_path), name="logs", version="")
+    run(tmp_path, epochs=2, logger=logger, log_every_n_steps=1)
+    logs = load_run(tmp_path)
+    figure = build_figures(logs)["loss_coefficients.png"]
+    axes = {ax.get_title(): ax for ax in figure.axes}
+    multiplier = axes["forgetting budget: replay-weight multiplier"]
+    ratio = axes["replayed loss / pretrained model's"]
+    for ax, key in ((multiplier, "multiplier"), (ratio, "ratio")):
+        series = logs.series[f"budget/a/{key}"]
+        (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "a"]
+        ys = np.asarray(line.get_ydata(), float)
+        assert set(np.round(ys, 12)) == set(np.round(series.value, 12))
+    (limit,) = [ln for ln in ratio.get_lines() if ln.get_label() == "a: limit"]
+    assert float(np.asarray(limit.get_ydata())[0]) == pytest.approx(1.01, rel=1e-12)

@@ -650,6 +650,7 @@ def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure
     notes = notes if notes is not None else []
     coeffs = logs.with_prefix("loss_coeff/")
     shares = _update_shares(logs)
+    budget = logs.with_prefix("budget/")
     panels = []
     if coeffs:
         panels.append("coeffs")
@@ -660,6 +661,8 @@ def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure
         )
     if shares is not None:
         panels.append("shares")
+    if budget:
+        panels += ["multiplier", "ratio"]
     if not panels:
         notes[-1] = (
             "loss_coefficients.png: skipped, no loss_coeff/*, mtl/weight/* or task_weight/* "
@@ -685,10 +688,30 @@ def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure
                 )
             _note_coinciding(ax, coeffs, "loss coefficients")
             _finish(ax, "loss coefficients (normalised to sum to 1)", "coefficient", "outside")
-        else:
+        elif panel == "shares":
             _plot_shares(ax, shares, colors, "loss_coefficients.png", notes)
             _finish(ax, *_share_title(shares), legend="outside")
+        else:
+            _budget_panel(ax, budget, panel, _run_dataset_colors(logs))
     return fig
+
+
+def _budget_panel(ax, budget: dict[str, Series], panel: str, colors: dict[str, str]) -> None:
+    """The forgetting budget (``budget/<dataset>/*``): its multiplier (the replay weight's
+    factor), or the replayed loss over the pretrained model's against its limit."""
+    fallback = iter(_other_colors(colors))
+    for name, s in budget.items():
+        dataset, _, what = name.rpartition("/")
+        color = colors.get(dataset) or next(fallback)
+        if what == panel:
+            _plot_held(ax, s, lw=1.5, color=color, label=dataset)
+        elif panel == "ratio" and what == "limit":
+            ax.axhline(float(s.value[-1]), ls="--", lw=1, color=color, label=f"{dataset}: limit")
+    if panel == "multiplier":
+        ax.set_yscale("log")
+        _finish(ax, "forgetting budget: replay-weight multiplier", "multiplier", "outside")
+    else:
+        _finish(ax, "replayed loss / pretrained model's", "ratio", "outside")
 
 
 # ---------------------------------------------------------------- conflict

@@ -47,8 +47,10 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
       multiplier (then normalised with the others, as every coefficient update is); the
       others keep theirs. Every micro-batch of an optimizer step sees the same
       coefficients.
-    - **Logged** every optimizer step: ``budget/<dataset>/multiplier`` and
-      ``budget/<dataset>/ratio`` (the mean ratio of the last update).
+    - **Logged** every optimizer step: ``budget/<dataset>/multiplier``,
+      ``budget/<dataset>/ratio`` (the mean ratio of the last update) and
+      ``budget/<dataset>/limit`` (``1 + tolerance``); ``nequip-mtl-plot`` draws them in
+      ``loss_coefficients.png``.
 
     Works with :class:`~nequip.train.NequIPLightningModule` (the weighted sum) and with
     :class:`~nequip_mtl.train.MultitaskLightningModule`; needs a per-dataset loss
@@ -224,6 +226,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         if self._optimizer_stepped(trainer):
             self.dual.step()
             pl_module.log(f"budget/{self.dataset}/multiplier", self.dual.multiplier)
+            pl_module.log(f"budget/{self.dataset}/limit", 1.0 + self.dual.tolerance)
             if math.isfinite(self.dual.last_ratio):  # after the first update
                 pl_module.log(f"budget/{self.dataset}/ratio", self.dual.last_ratio)
 
