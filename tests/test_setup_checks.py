@@ -22,7 +22,8 @@ from nequip.train import NequIPLightningModule
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import UPGrad
 from nequip_mtl.train.callbacks import CalibrateLossCoefficients
-from nequip_mtl.train.setup_checks import build_aggregator, module_arguments
+from nequip_mtl.train.aggregator_spec import build_aggregator
+from nequip_mtl.train.arguments import module_arguments
 from tests._harness import loss_config, model_config, module_kwargs, trainer
 
 ALL_MODULES = [
@@ -114,8 +115,10 @@ def test_negative_loss_coefficient_is_refused_at_construction(cls, coeffs):
     with pytest.raises(ValueError) as info:
         cls(**module_kwargs(loss=loss_config(coeffs)))
     message = _short(info.value)
-    assert message.startswith(f"{cls.__name__}: `training_module.loss.coeffs.{bad}`=")
-    assert "finite and >= 0" in message
+    assert message.startswith(
+        f"{cls.__name__}: `training_module.loss.coeffs`: coefficient of {bad!r} must be "
+        "finite and >= 0 (or null), got "
+    )
 
 
 def test_nequip_itself_accepts_them():
@@ -135,7 +138,7 @@ def test_metrics_list_coefficient_names_its_entry(cls):
         ],
     }
     with pytest.raises(
-        ValueError, match=r"`training_module.loss.metrics\[1\].coeff \(component 'f'\)`"
+        ValueError, match=r"`training_module.loss.metrics\[1\].coeff`: coefficient of 'f' must"
     ):
         cls(**module_kwargs(loss=loss))
 

@@ -1,8 +1,8 @@
 """Lightning glue: training modules and loss managers for multitask NequIP training."""
 
 from .coefficients import update_coeffs
-from .conflict_free import ConFIGLightningModule, EMAConFIGLightningModule
-from .famo import FAMOLightningModule
+from .config_modules import ConFIGLightningModule, EMAConFIGLightningModule
+from .famo_module import FAMOLightningModule
 from .label_checks import check_training_labels, nonfinite_model_state
 from .metrics_manager import (
     EnergyForceLoss,
@@ -17,7 +17,7 @@ from .per_dataset import (
     PerDatasetMetrics,
     PerDatasetMetricsManager,
 )
-from .uncertainty import UncertaintyWeightingLightningModule
+from .uncertainty_module import UncertaintyWeightingLightningModule
 
 __all__ = [
     "update_coeffs",

@@ -11,10 +11,16 @@ from nequip.train import NequIPLightningModule
 
 from ..step import WindowTracker
 from ..weighting.famo import FAMOLogits
-from . import setup_checks
-from .coefficients import validate_coeffs
+from ._compile import log_train_time_compile
+from .arguments import check_module_arguments
+from .coefficients import (
+    active_indices,
+    check_loss_coeffs,
+    positive_active_coeffs,
+    validate_coeffs,
+)
+from .forward_losses import training_loss_components
 from .label_checks import check_module_labels
-from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
 _CKPT_KEY = "nequip_mtl_famo"
 
@@ -78,8 +84,8 @@ class FAMOLightningModule(NequIPLightningModule):
         eps: float = 1e-8,
         **kwargs,
     ):
-        setup_checks.check_module_arguments(type(self), kwargs)
-        setup_checks.check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
+        check_module_arguments(type(self), kwargs)
+        check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
         super().__init__(**kwargs)
         cls = type(self).__name__
         if self.loss is None:
@@ -130,7 +136,7 @@ class FAMOLightningModule(NequIPLightningModule):
     def on_fit_start(self) -> None:
         """"""
         super().on_fit_start()
-        setup_checks.log_train_time_compile(self)
+        log_train_time_compile(self)
         check_module_labels(self)  # labels the loss needs: present and finite
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):

@@ -1,4 +1,9 @@
-"""The loss part of a training step, shared by the modules that replace the weighted sum."""
+"""The forward pass and the loss components of a training step, logged as nequip logs them.
+
+Shared by the training modules that replace nequip's weighted sum (the gradient-aggregation
+modules, FAMO, uncertainty weighting): they need the loss components one by one, where
+nequip's ``training_step`` returns only their weighted sum.
+"""
 
 from __future__ import annotations
 
@@ -6,41 +11,7 @@ from typing import Any
 
 import torch
 
-from ..step.tasks import NO_ACTIVE_COMPONENT
 from .sub_batches import forward_per_dataset
-
-
-def active_indices(manager: Any, required: bool = False) -> list[int]:
-    """Positions of the loss components whose ``coeff`` is not ``None``; with
-    ``required``, a ``RuntimeError`` if there is none."""
-    active = [i for i, entry in enumerate(manager.entries.values()) if entry.coeff is not None]
-    if required and not active:
-        raise RuntimeError(NO_ACTIVE_COMPONENT)
-    return active
-
-
-def active_names(manager: Any) -> list[str]:
-    """Names of the loss components whose ``coeff`` is not ``None``, in loss order."""
-    names = list(manager.keys())
-    return [names[i] for i in active_indices(manager)]
-
-
-def positive_active_coeffs(manager: Any, who: str, what: str) -> dict[int, float]:
-    """``{position: coeff}`` of the active loss components; every one must be > 0.
-
-    ``what`` names the quantity the coefficients initialise, for the error message.
-    """
-    names = list(manager.keys())
-    coeffs = {}
-    for i in active_indices(manager):
-        c = manager.entries[names[i]].coeff
-        if not c > 0:
-            raise ValueError(
-                f"{who}: loss component {names[i]!r} has coefficient {c}; a zero coefficient "
-                f"cannot initialise {what} (use null to exclude the term)"
-            )
-        coeffs[i] = c
-    return coeffs
 
 
 def training_loss_components(

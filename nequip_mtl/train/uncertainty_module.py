@@ -12,10 +12,16 @@ from hydra.utils import instantiate
 from nequip.train import NequIPLightningModule
 
 from ..weighting.uncertainty import uncertainty_weights
-from . import setup_checks
-from .coefficients import validate_coeffs
+from ._compile import log_train_time_compile
+from .arguments import check_module_arguments
+from .coefficients import (
+    active_indices,
+    check_loss_coeffs,
+    positive_active_coeffs,
+    validate_coeffs,
+)
+from .forward_losses import training_loss_components
 from .label_checks import check_module_labels
-from .loss_components import active_indices, positive_active_coeffs, training_loss_components
 
 _DEFAULT_PARAM_GROUPS = {"_target_": "nequip.train.lightning._default_param_group_factory"}
 _EXTRA_GROUPS: ContextVar[list[dict[str, Any]] | None] = ContextVar(
@@ -104,8 +110,8 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
         log_variance_lr: float | None = None,
         **kwargs,
     ):
-        setup_checks.check_module_arguments(type(self), kwargs)
-        setup_checks.check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
+        check_module_arguments(type(self), kwargs)
+        check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
         super().__init__(**kwargs)
         cls = type(self).__name__
         if self.loss is None:
@@ -151,7 +157,7 @@ class UncertaintyWeightingLightningModule(NequIPLightningModule):
     def on_fit_start(self) -> None:
         """"""
         super().on_fit_start()
-        setup_checks.log_train_time_compile(self)
+        log_train_time_compile(self)
         check_module_labels(self)  # labels the loss needs: present and finite
 
     def training_step(self, batch, batch_idx: int, dataloader_idx: int = 0):

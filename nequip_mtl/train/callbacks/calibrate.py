@@ -13,8 +13,8 @@ import torch
 
 from ...aggregators import Aggregator, GramAggregator, Sum
 from ...diagnostics.calibration import RULES, GradientCalibration
+from ..aggregator_spec import build_aggregator
 from ..coefficients import update_coeffs
-from ..setup_checks import build_aggregator
 from ._common import (
     WeightingCallback,
     active_names,
