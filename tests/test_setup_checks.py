@@ -21,9 +21,9 @@ from nequip.train import NequIPLightningModule
 
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import UPGrad
-from nequip_mtl.train.callbacks import CalibrateLossCoefficients
 from nequip_mtl.train.aggregator_spec import build_aggregator
 from nequip_mtl.train.arguments import module_arguments
+from nequip_mtl.train.callbacks import CalibrateLossCoefficients
 from tests._harness import loss_config, model_config, module_kwargs, trainer
 
 ALL_MODULES = [
