@@ -69,8 +69,7 @@ CASES = {
             },
         ),
         ValueError,
-        f"FAMOLightningModule: `training_module.loss.metrics[0].coeff`: coefficient of 'f' "
-        f"{F} nan",
+        f"FAMOLightningModule: `training_module.loss.metrics[0].coeff`: coefficient of 'f' {F} nan",
     ),
     "manager_metric": (
         lambda: mtl.MultitaskMetricsManager(
