@@ -197,6 +197,24 @@ def test_calibration_callback_uses_the_same_checks():
     assert isinstance(cal.aggregator, UPGrad)
 
 
+def test_the_target_locator(tmp_path, monkeypatch):
+    """``nequip_mtl.targets.locate``, the one ``_target_`` locator: attributes of a module
+    (nested ones too), ``None`` for a name that does not exist, and the real error of a
+    module that exists but cannot be imported. Fails if the locator hides that error as
+    "not found" or stops at the first importable prefix's attribute."""
+    from nequip_mtl.aggregators import ConFIG
+    from nequip_mtl.targets import locate
+
+    assert locate("nequip_mtl.aggregators.ConFIG") is ConFIG
+    assert locate("nequip_mtl.aggregators.ConFIG.weights") is ConFIG.weights
+    for missing in ("nequip_mtl.aggregators.Nope", "nequip_mtl.nope.ConFIG", "UPGrad"):
+        assert locate(missing) is None, missing
+    (tmp_path / "needs_absent_dep.py").write_text("import surely_absent_package_xyz\nX = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="surely_absent_package_xyz"):
+        locate("needs_absent_dep.X")
+
+
 # ---------------------------------------------------------------- 6. train-time compile
 
 
