@@ -89,7 +89,10 @@ def test_multitask_manager_validates_initial_coeffs():
             "unknown: \\['virial'\\]",
         ),
         ({"total_energy": 1.0, "forces": -1.0, "stress": 1.0}, "finite and >= 0"),
-        ({"total_energy": 0.0, "forces": 0.0, "stress": None}, "at least one entry"),
+        (
+            {"total_energy": 0.0, "forces": 0.0, "stress": None},
+            "EnergyForceStressLoss.coeffs: at least one loss coefficient must be positive",
+        ),
     ],
 )
 def test_wrapper_coeffs_are_strict(coeffs, match):

@@ -184,7 +184,7 @@ def test_sharded_strategies_are_rejected():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
     from nequip.train import SimpleDDPStrategy
 
-    from nequip_mtl.train.setup_checks import check_strategy
+    from nequip_mtl.train.trainer_checks import check_strategy
 
     for ok in (SingleDeviceStrategy("cpu"), DDPStrategy(), SimpleDDPStrategy()):
         check_strategy(ok)

@@ -21,8 +21,9 @@ from nequip.train import NequIPLightningModule
 
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import UPGrad
+from nequip_mtl.train.aggregator_spec import build_aggregator
+from nequip_mtl.train.arguments import module_arguments
 from nequip_mtl.train.callbacks import CalibrateLossCoefficients
-from nequip_mtl.train.setup_checks import build_aggregator, module_arguments
 from tests._harness import loss_config, model_config, module_kwargs, trainer
 
 ALL_MODULES = [
@@ -114,8 +115,10 @@ def test_negative_loss_coefficient_is_refused_at_construction(cls, coeffs):
     with pytest.raises(ValueError) as info:
         cls(**module_kwargs(loss=loss_config(coeffs)))
     message = _short(info.value)
-    assert message.startswith(f"{cls.__name__}: `training_module.loss.coeffs.{bad}`=")
-    assert "finite and >= 0" in message
+    assert message.startswith(
+        f"{cls.__name__}: `training_module.loss.coeffs`: coefficient of {bad!r} must be "
+        "finite and >= 0 (or null), got "
+    )
 
 
 def test_nequip_itself_accepts_them():
@@ -135,7 +138,7 @@ def test_metrics_list_coefficient_names_its_entry(cls):
         ],
     }
     with pytest.raises(
-        ValueError, match=r"`training_module.loss.metrics\[1\].coeff \(component 'f'\)`"
+        ValueError, match=r"`training_module.loss.metrics\[1\].coeff`: coefficient of 'f' must"
     ):
         cls(**module_kwargs(loss=loss))
 
@@ -192,6 +195,24 @@ def test_calibration_callback_uses_the_same_checks():
         CalibrateLossCoefficients(steps=2, rule="aggregator", aggregator={**UPGRAD, "seed": 1})
     cal = CalibrateLossCoefficients(steps=2, rule="aggregator", aggregator=UPGRAD)
     assert isinstance(cal.aggregator, UPGrad)
+
+
+def test_the_target_locator(tmp_path, monkeypatch):
+    """``nequip_mtl.targets.locate``, the one ``_target_`` locator: attributes of a module
+    (nested ones too), ``None`` for a name that does not exist, and the real error of a
+    module that exists but cannot be imported. Fails if the locator hides that error as
+    "not found" or stops at the first importable prefix's attribute."""
+    from nequip_mtl.aggregators import ConFIG
+    from nequip_mtl.targets import locate
+
+    assert locate("nequip_mtl.aggregators.ConFIG") is ConFIG
+    assert locate("nequip_mtl.aggregators.ConFIG.weights") is ConFIG.weights
+    for missing in ("nequip_mtl.aggregators.Nope", "nequip_mtl.nope.ConFIG", "UPGrad"):
+        assert locate(missing) is None, missing
+    (tmp_path / "needs_absent_dep.py").write_text("import surely_absent_package_xyz\nX = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="surely_absent_package_xyz"):
+        locate("needs_absent_dep.X")
 
 
 # ---------------------------------------------------------------- 6. train-time compile

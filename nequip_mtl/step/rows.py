@@ -14,6 +14,11 @@ parameters' ``.grad``.
 A parameter that no backward pass of the window reached gets ``.grad = None``, as
 with a plain ``loss.backward()`` (so optimizers with weight decay leave it alone);
 reachability is recorded by a post-accumulate-grad hook per parameter.
+
+An observer that must leave the training's ``.grad`` alone (the gradient-conflict probe)
+fills the same rows with :meth:`TaskGradients.add_gradient` (``torch.autograd.grad``,
+added into the row) and reads them with :meth:`~TaskGradients.gram` and
+:meth:`~TaskGradients.dots`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from ..distributed import world_size
 
 
 class _Group:
@@ -56,9 +63,14 @@ class TaskGradients:
     Args:
         params: the trainable parameters (``requires_grad=True``), in a fixed order
         num_rows: number of rows (task gradients back-propagated separately per window)
+        track_reach: record which parameters a :meth:`backward` pass reached (a hook per
+            parameter); ``False`` for rows filled only by :meth:`add_gradient`, which
+            then registers nothing on the parameters
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], num_rows: int):
+    def __init__(
+        self, params: Sequence[torch.nn.Parameter], num_rows: int, track_reach: bool = True
+    ):
         self.params = list(params)
         self.num_rows = num_rows
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -69,10 +81,14 @@ class TaskGradients:
         ]
         self.dtype = max((g.rows.dtype for g in self.groups), key=lambda d: torch.finfo(d).bits)
         self._reached = [False] * len(self.params)
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(self._reach_hook(i))
-            for i, p in enumerate(self.params)
-        ]
+        self._hooks = (
+            [
+                p.register_post_accumulate_grad_hook(self._reach_hook(i))
+                for i, p in enumerate(self.params)
+            ]
+            if track_reach
+            else []
+        )
 
     def _reach_hook(self, i: int):
         def hook(_: torch.Tensor) -> None:
@@ -109,6 +125,17 @@ class TaskGradients:
         torch.autograd.backward(loss, retain_graph=retain_graph, inputs=inputs)
         self.release_grads()
 
+    def add_gradient(self, row: int, loss: torch.Tensor, retain_graph: bool) -> None:
+        """Add the gradient of ``loss`` into row ``row`` with ``torch.autograd.grad``:
+        unlike :meth:`backward`, no ``.grad`` (of a parameter or any other leaf) is read
+        or written and no parameter hook runs, so the training's own gradients and
+        reachability are untouched. Parameters ``loss`` does not reach add nothing."""
+        grads = torch.autograd.grad(loss, self.params, retain_graph=retain_graph, allow_unused=True)
+        for g in self.groups:
+            for i, view in zip(g.index, g.row_views[row]):
+                if grads[i] is not None:
+                    view.add_(grads[i])
+
     def release_grads(self) -> None:
         """Detach the parameters from the buffers (``.grad = None``)."""
         for p in self.params:
@@ -123,6 +150,21 @@ class TaskGradients:
             total = part if total is None else total + part
         return total.cpu()
 
+    def dots(self, num: int, vector: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``(num,)`` dot products of rows ``0 .. num-1`` with a vector given per parameter
+        (``vector[i]`` for ``params[i]``, ``None``: zero; e.g. the parameters' ``.grad``),
+        in float64 on the CPU (computed in the rows' dtype, as :meth:`gram`)."""
+        total = torch.zeros(num, dtype=torch.float64)
+        for g in self.groups:
+            flat = torch.cat(
+                [
+                    (vector[i] if vector[i] is not None else torch.zeros_like(p)).reshape(-1)
+                    for i, p in zip(g.index, g.params)
+                ]
+            ).to(g.rows.dtype)
+            total += (g.rows[:num] @ flat).double().cpu()
+        return total
+
     def row_is_finite(self, row: int) -> bool:
         """Whether every entry of a row is finite (a slow check for error messages)."""
         return all(bool(torch.isfinite(g.rows[row]).all()) for g in self.groups)
@@ -135,11 +177,20 @@ class TaskGradients:
     def all_reduce_mean_(self, num: int) -> None:
         """Average rows ``0 .. num-1`` over the DDP ranks, in place (one collective per
         parameter group), and take the union of the parameters reached on any rank."""
-        world = torch.distributed.get_world_size()
+        self._all_reduce(num, mean=True)
+
+    def all_reduce_sum_(self, num: int) -> None:
+        """Sum rows ``0 .. num-1`` over the DDP ranks, in place: the gradient of a loss
+        that is already a global mean, of which each rank back-propagated its own part."""
+        self._all_reduce(num, mean=False)
+
+    def _all_reduce(self, num: int, mean: bool) -> None:
+        world = world_size()
         for g in self.groups:
             block = g.rows[:num]
             torch.distributed.all_reduce(block, op=torch.distributed.ReduceOp.SUM)
-            block.div_(world)
+            if mean:
+                block.div_(world)
         # reachability is decided per rank; the update must be identical on all of them
         device = self.groups[0].rows.device
         flags = torch.tensor(self._reached, dtype=torch.uint8, device=device)

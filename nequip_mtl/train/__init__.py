@@ -1,9 +1,9 @@
 """Lightning glue: training modules and loss managers for multitask NequIP training."""
 
 from .coefficients import update_coeffs
-from .conflict_free import ConFIGLightningModule, EMAConFIGLightningModule
+from .config_modules import ConFIGLightningModule, EMAConFIGLightningModule
 from .dataset_modifier import DatasetModifier
-from .famo import FAMOLightningModule
+from .famo_module import FAMOLightningModule
 from .label_checks import check_training_labels, nonfinite_model_state
 from .metrics_manager import (
     EnergyForceLoss,
@@ -14,7 +14,7 @@ from .metrics_manager import (
 from .multitask import EMAMultitaskLightningModule, MultitaskLightningModule
 from .per_dataset import PerDatasetLoss, PerDatasetMetrics
 from .per_dataset_manager import PerDatasetMetricsManager
-from .uncertainty import UncertaintyWeightingLightningModule
+from .uncertainty_module import UncertaintyWeightingLightningModule
 
 __all__ = [
     "update_coeffs",

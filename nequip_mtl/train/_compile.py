@@ -16,12 +16,18 @@ several-backward key, so the fault persists across later runs.
 :func:`prepare_several_backward_passes` disables donation *and* moves every compile of
 this process into its own cache namespace (``torch.compiler.config.cache_key_tag``),
 where only donation-free backward graphs are ever stored. See ``docs/compile.md``.
+:func:`log_train_time_compile` confirms at fit start that the model is compiled.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 from nequip.utils.versions import _TORCH_GE_2_6
+
+logger = logging.getLogger(__name__)
 
 #: the tag appended to ``torch.compiler.config.cache_key_tag`` (``TORCH_COMPILE_CACHE_KEY_TAG``)
 CACHE_KEY_TAG = "nequip_mtl-no-donated-buffers"
@@ -47,3 +53,22 @@ def prepare_several_backward_passes() -> None:
     else:  # pragma: no cover - torch versions without a cache key tag: no compile caches
         torch._inductor.config.fx_graph_cache = False
         torch._functorch.config.enable_autograd_cache = False
+
+
+def log_train_time_compile(module: Any) -> bool:
+    """Log one INFO line when ``module``'s model is compiled for training; return whether.
+
+    nequip builds a ``CompileGraphModel`` for ``model.compile_mode: compile`` and compiles
+    it lazily, at the first forward pass, without saying so; this line confirms the
+    setting took effect.
+    """
+    models = getattr(module, "model", None)
+    models = list(models.values()) if isinstance(models, torch.nn.ModuleDict) else [models]
+    compiled = [m for m in models if getattr(m, "is_compile_graph_model", False)]
+    if compiled:
+        logger.info(
+            "%s: train-time compile is on (model.compile_mode: compile); the model is "
+            "compiled with torch.compile at the first training step",
+            type(module).__name__,
+        )
+    return bool(compiled)

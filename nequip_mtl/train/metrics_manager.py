@@ -56,7 +56,9 @@ class MultitaskMetricsManager(MetricsManager):
     def __init__(self, metrics: list[dict[str, Any]], type_names: list[str] | None = None):
         for i, metric in enumerate(metrics):
             label = metric.get("name", f"metrics[{i}]")
-            validate_coeffs([label], {label: metric.get("coeff")}, f"`coeff` of {label!r}")
+            validate_coeffs(
+                None, {label: metric.get("coeff")}, f"{type(self).__name__}.metrics[{i}]"
+            )
         super().__init__(metrics, type_names=type_names)
         self._strict_coeffs = True
 
@@ -84,27 +86,6 @@ class MultitaskMetricsManager(MetricsManager):
             super().set_extra_state(state)
         finally:
             self._strict_coeffs = True
-
-
-def _check_coeffs(
-    coeffs: Mapping[str, Any], allowed: tuple[str, ...], wrapper: str
-) -> dict[str, float | None]:
-    if not isinstance(coeffs, Mapping):
-        raise TypeError(f"{wrapper}: `coeffs` must be a mapping, got {coeffs!r}")
-    unknown = [k for k in coeffs if k not in allowed]
-    missing = [k for k in allowed if k not in coeffs]
-    if unknown or missing:
-        raise ValueError(
-            f"{wrapper}: `coeffs` must have exactly the keys {list(allowed)}"
-            + (f"; unknown: {unknown}" if unknown else "")
-            + (f"; missing: {missing}" if missing else "")
-        )
-    checked = validate_coeffs(list(allowed), coeffs, f"{wrapper}.coeffs")
-    if not sum(v for v in checked.values() if v is not None) > 0:
-        raise ValueError(
-            f"{wrapper}: at least one entry of `coeffs` must be positive for a loss, got {dict(coeffs)}"
-        )
-    return checked
 
 
 def _energy_entry(per_atom_energy: bool, coeff: float | None, ignore_nan: bool) -> dict[str, Any]:
@@ -175,7 +156,9 @@ def EnergyForceLoss(
         per_type_forces_coeffs (dict, optional): per-type forces weights, as in nequip
         extra_metrics (list of dict, optional): further metric entries
     """
-    c = _check_coeffs(coeffs, ("total_energy", "forces"), "EnergyForceLoss")
+    c = validate_coeffs(
+        ("total_energy", "forces"), coeffs, "EnergyForceLoss.coeffs", exact=True, positive=True
+    )
     metrics = [
         _energy_entry(per_atom_energy, c["total_energy"], False),
         _forces_entry(c["forces"], per_type_forces_coeffs, False),
@@ -224,7 +207,13 @@ def EnergyForceStressLoss(
         ignore_nan (dict, optional): ``{field: bool}`` NaN masking per field, as in nequip
         extra_metrics (list of dict, optional): further metric entries
     """
-    c = _check_coeffs(coeffs, ("total_energy", "forces", "stress"), "EnergyForceStressLoss")
+    c = validate_coeffs(
+        ("total_energy", "forces", "stress"),
+        coeffs,
+        "EnergyForceStressLoss.coeffs",
+        exact=True,
+        positive=True,
+    )
     ignore_nan = dict(ignore_nan or {})
     unknown = [k for k in ignore_nan if k not in ("total_energy", "forces", "stress")]
     if unknown:

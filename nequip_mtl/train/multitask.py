@@ -23,10 +23,10 @@ from ..step import (
     TaskPlan,
     WindowTracker,
 )
-from . import setup_checks
-from ._compile import prepare_several_backward_passes  # nequip_mtl compile fix
+from . import aggregator_spec, arguments, coefficients, trainer_checks
+from ._compile import log_train_time_compile, prepare_several_backward_passes
+from .forward_losses import training_losses_and_output
 from .label_checks import check_module_labels, nonfinite_model_state
-from .loss_components import training_losses_and_output
 from .sub_batches import SubBatchOutput
 from .task_kinds import build_task_kind, check_task_datasets, component_datasets
 
@@ -143,14 +143,14 @@ class MultitaskLightningModule(NequIPLightningModule):
             # several backward passes through one (possibly compiled) graph: no donated
             # buffers, own compile-cache namespace (nequip_mtl compile fix, docs/compile.md)
             prepare_several_backward_passes()
-        setup_checks.check_module_arguments(type(self), kwargs, aggregator)
-        setup_checks.check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
+        arguments.check_module_arguments(type(self), kwargs, aggregator)
+        coefficients.check_loss_coeffs(kwargs.get("loss"), type(self).__name__)
         super().__init__(**kwargs)
-        aggregator = setup_checks.build_aggregator(aggregator, "training_module.aggregator")
-        setup_checks.check_multitask_arguments(
+        aggregator = aggregator_spec.build_aggregator(aggregator, "training_module.aggregator")
+        arguments.check_multitask_arguments(
             aggregator, weights_every, on_nonfinite, max_consecutive_skips, self.loss
         )
-        self.module_clip_val, self.module_clip_algorithm = setup_checks.check_clipping(
+        self.module_clip_val, self.module_clip_algorithm = trainer_checks.check_clipping(
             gradient_clip_val, gradient_clip_algorithm
         )
         #: which losses form which task (components, datasets, ...)
@@ -203,10 +203,10 @@ class MultitaskLightningModule(NequIPLightningModule):
 
     def on_fit_start(self) -> None:
         trainer = self.trainer
-        setup_checks.log_train_time_compile(self)
-        setup_checks.check_strategy(trainer.strategy)
-        setup_checks.check_precision(trainer.precision_plugin, self.on_nonfinite)
-        setup_checks.check_clipping_once(self.module_clip_val, trainer.gradient_clip_val)
+        log_train_time_compile(self)
+        trainer_checks.check_strategy(trainer.strategy)
+        trainer_checks.check_precision(trainer.precision_plugin, self.on_nonfinite)
+        trainer_checks.check_clipping_once(self.module_clip_val, trainer.gradient_clip_val)
         check_module_labels(self)  # the labels the loss needs: present and finite
         # an aggregator that names tasks (PrimaryConstrained) checks them before any step
         self.aggregator.set_tasks(list(self._task_plan().parts))
@@ -232,7 +232,7 @@ class MultitaskLightningModule(NequIPLightningModule):
                 self._plan.coeffs,
                 [p for p in self.parameters() if p.requires_grad],
                 scale=_grad_scale(trainer.precision_plugin),
-                loss_scaled=setup_checks.active_scaler(trainer.precision_plugin) is not None,
+                loss_scaled=trainer_checks.active_scaler(trainer.precision_plugin) is not None,
                 accumulate=trainer.accumulate_grad_batches,
             )
         delim = self.logging_delimiter
@@ -333,7 +333,7 @@ class MultitaskLightningModule(NequIPLightningModule):
             self._log_statistics(outcome.statistics)
 
     def _skipped(self, cause: str) -> None:
-        scaler = setup_checks.active_scaler(self.trainer.precision_plugin)
+        scaler = trainer_checks.active_scaler(self.trainer.precision_plugin)
         if scaler is not None:
             cause += (
                 f" (16-mixed: the GradScaler skips the step; loss scale {scaler.get_scale():g})"
@@ -428,7 +428,7 @@ def release_loss_graph(manager) -> None:
 
 
 def _grad_scale(plugin) -> float:
-    scaler = setup_checks.active_scaler(plugin)
+    scaler = trainer_checks.active_scaler(plugin)
     return 1.0 if scaler is None else float(scaler.get_scale())
 
 

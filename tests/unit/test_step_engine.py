@@ -387,3 +387,35 @@ def test_state_dict_round_trip_keeps_held_weights():
     assert restored.held == engine.held and restored.last_active == NAMES
     outcome, _ = step(restored, params)
     assert outcome.held
+
+
+def test_observer_rows_equal_autograd_and_leave_grad_alone():
+    """``add_gradient`` (the gradient-conflict probe's path) fills the engine's rows with
+    the task gradients, summed over calls, across parameter groups of two dtypes; ``gram``
+    and ``dots`` equal the products of independently computed vectors; no ``.grad`` is
+    read or written and, with ``track_reach=False``, no hook is left on a parameter.
+    Fails if ``add_gradient`` writes ``.grad`` or skips a group, or ``dots`` pairs a
+    group's rows with another group's entries."""
+    a, b = make_params()
+    c = torch.nn.Parameter(torch.tensor([0.5, -1.5], dtype=torch.float32))
+    params = [a, c, b]  # groups: (a, b) float64, (c,) float32: row order != param order
+    before = [torch.full_like(p, 7.0) for p in params]
+    for p, g in zip(params, before):
+        p.grad = g
+    rows = TaskGradients(params, 2, track_reach=False)
+    expected = torch.zeros(2, 7)
+    for x in (1.0, -0.5):  # two micro-batches
+        losses = task_losses([a, b], x)
+        losses = [losses["energy"] + (c.double() ** 2).sum(), losses["stress"]]
+        for j, loss in enumerate(losses):
+            expected[j] += grads_of(loss, params)
+            rows.add_gradient(j, loss, retain_graph=j == 0)
+    for p, g in zip(params, before):
+        assert p.grad is g and torch.equal(g, torch.full_like(p, 7.0))
+    u = [torch.randn(p.shape, dtype=p.dtype) for p in params]
+    u[1] = None  # no update for c: zero
+    flat_u = torch.cat([torch.zeros(2) if v is None else v.double() for v in u])
+    assert torch.allclose(rows.gram(2), expected @ expected.T, rtol=1e-6)
+    assert torch.allclose(rows.dots(2, u), expected @ flat_u, rtol=1e-6)
+    assert not any(p._post_accumulate_grad_hooks for p in params)
+    rows.close()

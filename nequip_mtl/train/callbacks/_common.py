@@ -1,16 +1,16 @@
-"""Validation helpers shared by the loss-coefficient callbacks."""
+"""What the loss-coefficient callbacks share: optimizer-step windows, intervals, the loss
+manager, and who may write coefficients (their values are checked by
+:func:`nequip_mtl.train.coefficients.validate_coeffs`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
 from ...step import WindowTracker
 from ...weighting.common import check_choice, check_positive_int
-from ..coefficients import current_coeffs
-from ..loss_components import active_names
+from ..coefficients import active_names, current_coeffs
 
 INTERVALS = ("epoch", "batch")
 
@@ -24,7 +24,6 @@ __all__ = [
     "check_interval",
     "loss_manager",
     "active_names",
-    "check_names",
     "check_coeff_writer_allowed",
     "current_coeffs",
 ]
@@ -112,12 +111,6 @@ def loss_manager(pl_module: Any, who: str) -> Any:
             f"(e.g. nequip_mtl.train.EnergyForceLoss); got {type(manager).__name__}"
         )
     return manager
-
-
-def check_names(valid: list[str], names: Iterable[str], where: str) -> None:
-    for name in names:
-        if name not in valid:
-            raise ValueError(f"{where}: unknown loss component {name!r}; valid names are {valid}")
 
 
 def check_coeff_writer_allowed(pl_module: Any, who: str) -> None:

@@ -18,8 +18,8 @@ from ...diagnostics.calibration import (
     GradientCalibration,
     keep_group_shares,
 )
+from ..aggregator_spec import build_aggregator
 from ..coefficients import update_coeffs
-from ..setup_checks import build_aggregator
 from ._common import (
     WeightingCallback,
     active_names,

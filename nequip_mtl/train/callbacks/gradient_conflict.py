@@ -16,7 +16,12 @@ from lightning.pytorch.callbacks import Callback
 
 from ...diagnostics.conflict import ConflictStatistics, conflict_metrics
 from ...distributed import several_ranks
-from ...step import TaskGradientObservable, TaskGradientStatistics, WindowTracker
+from ...step import (
+    TaskGradientObservable,
+    TaskGradients,
+    TaskGradientStatistics,
+    WindowTracker,
+)
 from .._compile import prepare_several_backward_passes
 from ._common import active_names, check_interval, check_positive_int, loss_manager
 
@@ -325,48 +330,43 @@ class TaskGradientProbe:
         # automatic optimization (also in a last, incomplete window of an epoch); manual
         # optimization (nequip's ConFIG) has no accumulation
         scale = 1.0 / trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1.0
-        device = params[0].device
-        sizes = [p.numel() for p in params]
-        rows = torch.zeros(len(names), sum(sizes), dtype=torch.float64, device=device)
-        cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=cuda):
-            for batch, batch_idx in batches:
-                manager.reset()
-                target = pl_module.process_target(batch, batch_idx, 0)
-                output = pl_module(batch)
-                values = manager(output, target)
-                for j, name in enumerate(names):
-                    loss = values[name]
-                    if not loss.requires_grad:
-                        continue  # e.g. `ignore_nan` and no labels in this batch: zero gradient
-                    grads = torch.autograd.grad(
-                        loss, params, retain_graph=j < len(names) - 1, allow_unused=True
-                    )
-                    flat = torch.cat(
-                        [
-                            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                            for g, p in zip(grads, params)
-                        ]
-                    )
-                    rows[j] += flat.to(torch.float64) * scale
-                del output, values
-        manager.reset()
-        if several_ranks():
-            # loss values are global means (synced metrics); each rank's autograd sees
-            # its own samples, so the global-batch gradient is the sum over ranks
-            torch.distributed.all_reduce(rows)
-        update = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-        ).to(torch.float64)
-        return TaskGradientStatistics(
-            names,
-            (rows @ rows.T).cpu(),
-            None,
-            step,
-            source="autograd",
-            update_dots=(rows @ update).cpu(),
-            update_sq_norm=(update @ update).cpu(),
-        )
+        # the step engine's rows, filled with `torch.autograd.grad`: the training's `.grad`
+        # (the update about to be applied) is left alone, and no hook goes on a parameter
+        rows = TaskGradients(params, len(names), track_reach=False)
+        try:
+            cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+            with torch.random.fork_rng(devices=cuda):
+                for batch, batch_idx in batches:
+                    manager.reset()
+                    target = pl_module.process_target(batch, batch_idx, 0)
+                    output = pl_module(batch)
+                    values = manager(output, target)
+                    for j, name in enumerate(names):
+                        loss = values[name]
+                        if not loss.requires_grad:
+                            continue  # e.g. `ignore_nan` and no labels in this batch: zero gradient
+                        rows.add_gradient(j, loss * scale, retain_graph=j < len(names) - 1)
+                    del output, values
+            manager.reset()
+            if several_ranks():
+                # loss values are global means (synced metrics); each rank's autograd sees
+                # its own samples, so the global-batch gradient is the sum over ranks
+                rows.all_reduce_sum_(len(names))
+            update = [p.grad for p in params]
+            update_sq_norm = sum(
+                (float((g.double() ** 2).sum()) for g in update if g is not None), 0.0
+            )
+            return TaskGradientStatistics(
+                names,
+                rows.gram(len(names)),
+                None,
+                step,
+                source="autograd",
+                update_dots=rows.dots(len(names), update),
+                update_sq_norm=torch.tensor(update_sq_norm, dtype=torch.float64),
+            )
+        finally:
+            rows.close()
 
 
 def _measures_task_gradients(pl_module: Any) -> bool:

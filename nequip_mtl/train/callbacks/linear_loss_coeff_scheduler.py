@@ -15,7 +15,6 @@ from ._common import (
     check_choice,
     check_coeff_writer_allowed,
     check_interval,
-    check_names,
     current_coeffs,
     loss_manager,
 )
@@ -130,17 +129,13 @@ class LinearLossCoefficientScheduler(IntervalCallback):
             raise ValueError(
                 f"{cls}.final_coeffs must be a non-empty mapping, got {final_coeffs!r}"
             )
-        checked = validate_coeffs(list(final_coeffs), final_coeffs, f"{cls}.final_coeffs")
-        nulls = [k for k, v in checked.items() if v is None]
+        nulls = [k for k, v in final_coeffs.items() if v is None]
         if nulls:
             raise ValueError(
                 f"{cls}.final_coeffs: {nulls} are null; a transition needs a target value "
                 "(use LossCoefficientScheduler to remove a term)"
             )
-        if not sum(checked.values()) > 0:
-            raise ValueError(
-                f"{cls}.final_coeffs: at least one value must be positive, got {checked}"
-            )
+        checked = validate_coeffs(None, final_coeffs, f"{cls}.final_coeffs", positive=True)
         self.final_coeffs: dict[str, float] = checked  # type: ignore[assignment]
         self.captured: dict[str, float | None] | None = None
         self.finished = False
@@ -167,7 +162,7 @@ class LinearLossCoefficientScheduler(IntervalCallback):
         cls = "LinearLossCoefficientScheduler"
         manager = loss_manager(pl_module, cls)
         check_coeff_writer_allowed(pl_module, cls)
-        check_names(list(manager.entries), self.final_coeffs, f"{cls}.final_coeffs")
+        validate_coeffs(list(manager.entries), self.final_coeffs, f"{cls}.final_coeffs")
         for cb in trainer.callbacks:
             if cb is self or not isinstance(cb, LinearLossCoefficientScheduler):
                 continue

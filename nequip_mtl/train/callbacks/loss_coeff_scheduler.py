@@ -81,7 +81,7 @@ class LossCoefficientScheduler(IntervalCallback):
                     f"{where} must be a non-empty mapping of loss names to coefficients"
                 )
             # values are checked now; names once the loss is known (setup)
-            validate_coeffs(list(coeffs), coeffs, where)
+            validate_coeffs(None, coeffs, where)
             parsed[at] = dict(coeffs)
         self.schedule = dict(sorted(parsed.items()))
 
