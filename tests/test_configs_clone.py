@@ -39,6 +39,8 @@ WRITERS = [
     re.compile(r"nequip-mtl-make-data\s+(\S+)"),
     re.compile(r"nequip-mtl-make-xtb-data\s+(\S+)"),
     re.compile(r"nequip-package\s+build\s+\S+\s+(\S+)"),
+    # a file the run itself writes and later runs reuse (e.g. a cache of pseudolabels)
+    re.compile(r"the run writes\s+(\S+)"),
 ]
 
 

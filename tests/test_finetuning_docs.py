@@ -56,7 +56,7 @@ ENV = dict(
 
 # appended to the page's commands: (pattern the command matches, extra arguments); frame
 # counts replace the page's `--frames`
-FRAMES = {"data/pretrain.xyz": 12, "data/new.xyz": 10}
+FRAMES = {"data/pretrain.xyz": 12, "data/new.xyz": 10, "data/structures.xyz": 10}
 TINY = {
     "--config-name pretrain": [
         "train_split=8",
@@ -78,6 +78,17 @@ TINY = {
         "batches_per_epoch=2",
         "trainer.max_epochs=1",
         "trainer.log_every_n_steps=1",
+    ],
+    "--config-name finetune_foundation": [
+        "structures_train=8",
+        "structures_val=2",
+        "new_train=6",
+        "new_val=2",
+        "new_test=2",
+        "batches_per_epoch=2",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "budget_every=1",
     ],
 }
 METRICS = ("per_atom_energy_mae", "forces_mae", "stress_mae")
@@ -210,10 +221,11 @@ def last_values(run: Path) -> dict[str, float]:
 def test_the_page_is_read():
     commands = [code for kind, code in STEPS if kind == "bash"]
     tools = [shlex.split(c)[1 if c.startswith("OMP") else 0] for c in commands]
-    assert tools.count("nequip-mtl-make-data") == 2
-    assert tools.count("nequip-package") == 2 and tools.count("nequip-compile") == 1
+    assert tools.count("nequip-mtl-make-data") == 3
+    assert tools.count("nequip-package") == 3 and tools.count("nequip-compile") == 1
     names = [c.split("--config-name ")[1].split()[0] for c in commands if "--config-name" in c]
     assert names[:3] == ["pretrain", "finetune_replay", "finetune_replay"]
+    assert names[-1] == "finetune_foundation"
     assert sum(kind == "python" for kind, _ in STEPS) == 3
 
 
@@ -277,6 +289,37 @@ def test_the_fine_tuned_package_predicts_in_ase_without_nequip_mtl(walked, tmp_p
     assert not out["nequip_mtl_loaded"]
     _assert_same_prediction(out[package], ref)
     assert np.abs(np.array(out[package]["forces"]) - np.array(before["forces"])).max() > 1e-6
+
+
+def test_the_foundation_config_fine_tunes_on_pseudolabels_within_a_budget(walked, tmp_path):
+    """``configs/finetune_foundation.yaml`` offline end to end: the replayed structures are
+    labelled by the pretrained package (cached), the budget acts and is logged, fine-tuning
+    starts from the pretrained weights, and the deployed package predicts in ASE, without
+    nequip_mtl and without the pretrained package, what the fine-tuned checkpoint does."""
+    launch, first_batch = walked
+    assert (launch / "data/structures.xyz.pseudolabels.pt").is_file()
+    values = last_values(launch / "outputs/foundation")
+    assert values["budget/replay/limit"] == pytest.approx(1.05, rel=1e-6)  # logged as fp32
+    assert math.isfinite(values["budget/replay/multiplier"])
+    assert math.isfinite(values["budget/replay/ratio"])
+    for dataset in ("replay", "new"):
+        assert math.isfinite(values[f"val_{dataset}_epoch/forces_mae"])
+    ckpt = torch.load(launch / "outputs/pretrain/best.ckpt", map_location="cpu", weights_only=False)
+    pretrained = {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    for name, value in first_batch["outputs/foundation"].items():
+        assert torch.equal(value, pretrained[name]), name
+    package = launch / "models/foundation_finetuned.nequip.zip"
+    pretrained_package = launch / "models/pretrained.nequip.zip"
+    xyz = launch / "data/new.xyz"
+    ref = _reference(launch / "outputs/foundation/best.ckpt", xyz)
+    hidden = tmp_path / pretrained_package.name
+    pretrained_package.rename(hidden)
+    try:
+        out = _evaluate([package], xyz, tmp_path, hide_mtl=True)
+    finally:
+        hidden.rename(pretrained_package)
+    assert not out["nequip_mtl_loaded"]
+    _assert_same_prediction(out[package], ref)
 
 
 def _fine_tune_with(launch: Path, overrides: list[str], callbacks=()) -> str:
