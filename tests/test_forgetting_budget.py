@@ -93,7 +93,7 @@ def test_the_replay_weight_is_the_multiplier_of_the_budget(tmp_path, accumulate)
     frames = [replayed[i] for i in range(len(replayed))]
     assert cb.reference == pytest.approx(_by_hand(start, frames, base), rel=1e-10)
     # every micro-batch trained with the coefficients the multiplier gives
-    dual = DualAscentMultiplier(0.01, every=1, step_size=20.0)
+    dual = DualAscentMultiplier(1.01, every=1, step_size=20.0)
     replay = ["a/per_atom_energy_mse", "a/forces_mse"]
     for i, (coeffs, values) in enumerate(zip(rec.coeffs, rec.values)):
         scaled = {n: (c * dual.multiplier if n in replay else c) for n, c in base.items()}
@@ -155,6 +155,24 @@ def test_a_budget_on_a_dataset_that_is_not_replayed_is_refused_before_any_step(
 def test_a_tolerance_that_is_not_positive_is_refused(tolerance):
     with pytest.raises(ValueError, match="ForgettingBudget: `tolerance` must be a number > 0"):
         ForgettingBudget(dataset="a", tolerance=tolerance)
+    with pytest.raises(ValueError, match="ForgettingBudget: `limit` must be a number > 0"):
+        ForgettingBudget(dataset="a", limit=tolerance)
+    with pytest.raises(ValueError, match="exactly one of `tolerance`.*and `limit`"):
+        ForgettingBudget(dataset="a", tolerance=0.1, limit=1.0)
+
+
+def test_an_absolute_limit_bounds_the_loss_itself(tmp_path):
+    """``limit``: the ratio is the replay loss over the limit, bounded by 1."""
+    budget = {"dataset": "a", "limit": 1e-3, "every": 1, "step_size": 2.0}
+    module, start, cb, rec, data, tr = run(tmp_path, budget=budget, epochs=2)
+    assert cb.reference == 1e-3 and cb.dual.bound == 1.0
+    dual = DualAscentMultiplier(1.0, every=1, step_size=2.0)
+    replay = ["a/per_atom_energy_mse", "a/forces_mse"]
+    base = rec.coeffs[0]
+    for values in rec.values:
+        dual.observe(sum(base[n] * values[n] for n in replay) / 1e-3)
+        dual.step()
+    assert cb.dual.state_dict() == pytest.approx(dual.state_dict(), rel=1e-12, nan_ok=True)
 
 
 def test_a_module_that_ignores_coefficients_is_refused(tmp_path):

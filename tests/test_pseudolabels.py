@@ -138,8 +138,9 @@ def test_a_missing_model_file_is_named(tmp_path):
 
 
 def test_replay_with_pseudolabels_and_a_budget_trains(checkpoint, tmp_path):
-    """The replayed dataset is the pretrained model's pseudolabels; the budget's reference
-    is the starting model's loss on them (zero error if it were the pretrained model)."""
+    """The replayed dataset is the pretrained model's pseudolabels; a budget relative to the
+    pretrained model's loss on them (zero, were it the pretrained model) is refused, an
+    absolute limit trains."""
     replay = {
         "split_dataset": {
             "dataset": {
@@ -163,8 +164,11 @@ def test_replay_with_pseudolabels_and_a_budget_trains(checkpoint, tmp_path):
     )
     torch.manual_seed(0)
     module = NequIPLightningModule(**kwargs())
-    budget = ForgettingBudget(dataset="a", tolerance=0.05, every=1)
+    with pytest.raises(ValueError, match="pseudolabelled.*give an absolute `limit`"):
+        tr = trainer(tmp_path, callbacks=[ForgettingBudget(dataset="a", tolerance=0.05)])
+        tr.fit(NequIPLightningModule(**kwargs()), datamodule=dm)
+    budget = ForgettingBudget(dataset="a", limit=1e-3, every=1)
     tr = trainer(tmp_path, max_epochs=2, callbacks=[budget], limit_val_batches=0)
     tr.fit(module, datamodule=dm)
     assert tr.global_step >= 4 and budget.dual.updates >= 3
-    assert budget.reference > 0 and torch.isfinite(torch.tensor(budget.reference))
+    assert budget.reference == 1e-3

@@ -1,4 +1,4 @@
-"""A loss budget as a constraint: the multiplier of ``ratio <= 1 + tolerance`` by dual ascent.
+"""A loss budget as a constraint: the multiplier of ``ratio <= bound`` by dual ascent.
 
 Fine-tuning with replay asks for ``min L_new(theta)`` subject to
 ``L_replay(theta) <= (1 + tolerance) * L_replay(theta_0)``: improve on the new data, and
@@ -8,10 +8,10 @@ weighted sum ``L_new + lambda L_replay``: the replay weight *is* the multiplier.
 weighted sum while moving ``lambda`` up when the constraint is violated and down when it is
 slack is dual ascent (primal-dual gradient descent-ascent).
 
-The multiplier moves in log space, ``log lambda += step_size * (ratio / (1 + tolerance) - 1)``
+The multiplier moves in log space, ``log lambda += step_size * (ratio / bound - 1)``
 (exponentiated gradient ascent on the dual): the step is relative, so it needs no knowledge
 of the loss's scale, and ``lambda`` stays positive without a projection. At a fixed point
-either the constraint is active (``ratio = 1 + tolerance``) or ``lambda`` sits at its lower
+either the constraint is active (``ratio = bound``) or ``lambda`` sits at its lower
 bound with the constraint slack (the replay costs nothing: fine-tuning alone keeps the
 budget). ``ratio`` is the mean of the observed ratios since the last update, so that one
 noisy batch does not move the multiplier.
@@ -25,14 +25,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+#: the largest change of ``log lambda`` in one update (a ratio far over its bound, e.g. of a
+#: loss whose reference is nearly zero, would overflow ``exp``)
+_MAX_LOG_STEP = 30.0
+
 
 class DualAscentMultiplier:
-    """The multiplier of one budget constraint ``ratio <= 1 + tolerance``.
+    """The multiplier of one budget constraint ``ratio <= bound``.
 
     Args:
-        tolerance: allowed relative rise of the constrained loss (``0.05``: 5 %), ``> 0``
+        bound: the largest allowed ratio, ``> 0`` (``1 + tolerance`` for a relative budget:
+            ``1.05`` lets the constrained loss rise 5 % above its reference)
         step_size: log-space step per unit of relative violation (default ``1.0``: a ratio
-            10 % over the budget multiplies ``lambda`` by ``e^0.1`` per update)
+            10 % over the bound multiplies ``lambda`` by ``e^0.1`` per update; one step
+            changes ``lambda`` by at most ``e^30``, however large the violation)
         every: update the multiplier every this many optimizer steps (:meth:`step`;
             default ``10``)
         initial: the multiplier's starting value (default ``1.0``: the configured weight)
@@ -41,15 +47,15 @@ class DualAscentMultiplier:
 
     def __init__(
         self,
-        tolerance: float,
+        bound: float,
         step_size: float = 1.0,
         every: int = 10,
         initial: float = 1.0,
         bounds: tuple[float, float] = (1e-3, 1e3),
     ) -> None:
         low, high = (float(b) for b in bounds)
-        if not (isinstance(tolerance, (int, float)) and tolerance > 0):
-            raise ValueError(f"`tolerance` must be a number > 0, got {tolerance!r}")
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
+            raise ValueError(f"the budget's bound must be a number > 0, got {bound!r}")
         if not step_size > 0:
             raise ValueError(f"`step_size` must be > 0, got {step_size!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -58,7 +64,7 @@ class DualAscentMultiplier:
             raise ValueError(f"`bounds` must be (min, max) with 0 < min <= max, got {bounds!r}")
         if not low <= initial <= high:
             raise ValueError(f"`initial` must lie within `bounds` {bounds!r}, got {initial!r}")
-        self.tolerance = float(tolerance)
+        self.bound = float(bound)
         self.step_size = float(step_size)
         self.every = every
         self.bounds = (low, high)
@@ -93,11 +99,10 @@ class DualAscentMultiplier:
         if self._count == 0:
             return
         mean = self._sum / self._count
-        violation = mean / (1.0 + self.tolerance) - 1.0
+        violation = mean / self.bound - 1.0
+        step = max(-_MAX_LOG_STEP, min(_MAX_LOG_STEP, self.step_size * violation))
         low, high = self.bounds
-        self.multiplier = min(
-            high, max(low, self.multiplier * math.exp(self.step_size * violation))
-        )
+        self.multiplier = min(high, max(low, self.multiplier * math.exp(step)))
         self.last_ratio = mean
         self._sum, self._count = 0.0, 0
         self.updates += 1

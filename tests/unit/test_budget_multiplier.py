@@ -23,7 +23,7 @@ from nequip_mtl.weighting.budget import DualAscentMultiplier
 def _descend(a, b, theta0, tol, steps=20000, lr=0.02, every=1, step_size=0.5):
     g = lambda t: 0.5 * sum((x - y) ** 2 for x, y in zip(t, b))  # noqa: E731
     g0 = g(theta0)
-    dual = DualAscentMultiplier(tol, step_size=step_size, every=every)
+    dual = DualAscentMultiplier(1 + tol, step_size=step_size, every=every)
     theta = list(theta0)
     for _ in range(steps):
         lam = dual.multiplier
@@ -56,7 +56,7 @@ def test_a_slack_budget_lets_the_multiplier_fall_to_its_bound():
 
 
 def test_the_multiplier_moves_in_log_space_by_the_mean_of_the_window():
-    dual = DualAscentMultiplier(0.1, step_size=2.0, every=3, initial=1.0)
+    dual = DualAscentMultiplier(1.1, step_size=2.0, every=3, initial=1.0)
     for ratio in (1.0, float("nan")):  # a NaN (no constrained data) is not observed
         dual.observe(ratio)
         assert not dual.step()
@@ -72,17 +72,25 @@ def test_the_multiplier_moves_in_log_space_by_the_mean_of_the_window():
     assert dual.updates == 1
 
 
+def test_a_ratio_far_over_its_bound_moves_the_multiplier_by_a_bounded_step():
+    """A near-zero reference makes the ratio huge: no overflow, one bounded step."""
+    dual = DualAscentMultiplier(1.05, every=1, bounds=(1e-3, 1e300))
+    dual.observe(1e30)
+    dual.step()
+    assert dual.multiplier == pytest.approx(math.exp(30.0), rel=1e-12)
+
+
 def test_a_restored_multiplier_continues_exactly():
     ratios = [1.0 + 0.1 * math.sin(i) for i in range(37)]
-    whole = DualAscentMultiplier(0.05, every=4)
+    whole = DualAscentMultiplier(1.05, every=4)
     for r in ratios:
         whole.observe(r)
         whole.step()
-    first = DualAscentMultiplier(0.05, every=4)
+    first = DualAscentMultiplier(1.05, every=4)
     for r in ratios[:18]:  # stops mid-window
         first.observe(r)
         first.step()
-    resumed = DualAscentMultiplier(0.05, every=4)
+    resumed = DualAscentMultiplier(1.05, every=4)
     resumed.load_state_dict(first.state_dict())
     for r in ratios[18:]:
         resumed.observe(r)
@@ -93,12 +101,12 @@ def test_a_restored_multiplier_continues_exactly():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"tolerance": 0.0}, "tolerance"),
-        ({"tolerance": -0.1}, "tolerance"),
-        ({"tolerance": 0.1, "every": 0}, "every"),
-        ({"tolerance": 0.1, "step_size": 0}, "step_size"),
-        ({"tolerance": 0.1, "bounds": (0.0, 1.0)}, "bounds"),
-        ({"tolerance": 0.1, "initial": 1e4}, "initial"),
+        ({"bound": 0.0}, "bound"),
+        ({"bound": -0.1}, "bound"),
+        ({"bound": 1.1, "every": 0}, "every"),
+        ({"bound": 1.1, "step_size": 0}, "step_size"),
+        ({"bound": 1.1, "bounds": (0.0, 1.0)}, "bounds"),
+        ({"bound": 1.1, "initial": 1e4}, "initial"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, match):

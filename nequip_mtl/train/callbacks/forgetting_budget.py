@@ -36,21 +36,28 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
     over the budget, down while it is under, every ``every`` optimizer steps, from the mean
     of the observed ratios since the last update.
 
-    - **The reference** is the pretrained model's replay loss, measured once when training
-      starts (before the first step; restored, not re-measured, on a restart) on up to
-      ``reference_frames`` frames of the replayed dataset's training split, with the loss's
-      own replay components at their configured coefficients.
+    - **The reference** (``tolerance``) is the pretrained model's replay loss, measured once
+      when training starts (before the first step; restored, not re-measured, on a restart)
+      on up to ``reference_frames`` frames of the replayed dataset's training split, with
+      the loss's own replay components at their configured coefficients. The constraint is
+      ``loss / reference <= 1 + tolerance``.
+    - **An absolute limit** (``limit``, instead of ``tolerance``): the constraint is
+      ``loss / limit <= 1``, in the loss's own units (the configured-coefficient combination
+      of the replay components, as logged in ``train_loss_*``). Use it for *pseudolabels*
+      of the pretrained model (:class:`~nequip_mtl.data.PseudolabelledDataset`): they are
+      its own predictions, so its loss on them, the relative budget's reference, is zero.
+      A relative budget on such a dataset is refused at setup.
     - **The ratio** of a step is the replay components' loss on its batch (the same
       weighted combination; under DDP the loss's step values are already global means)
-      over the reference; a batch without replay frames is not observed.
+      over the reference (or the limit); a batch without replay frames is not observed.
     - **The coefficients** of the replay components are their configured values times the
       multiplier (then normalised with the others, as every coefficient update is); the
       others keep theirs. Every micro-batch of an optimizer step sees the same
       coefficients.
     - **Logged** every optimizer step: ``budget/<dataset>/multiplier``,
       ``budget/<dataset>/ratio`` (the mean ratio of the last update) and
-      ``budget/<dataset>/limit`` (``1 + tolerance``); ``nequip-mtl-plot`` draws them in
-      ``loss_coefficients.png``.
+      ``budget/<dataset>/limit`` (its bound: ``1 + tolerance``, or ``1``);
+      ``nequip-mtl-plot`` draws them in ``loss_coefficients.png``.
 
     Works with :class:`~nequip.train.NequIPLightningModule` (the weighted sum) and with
     :class:`~nequip_mtl.train.MultitaskLightningModule`; needs a per-dataset loss
@@ -63,6 +70,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
           - _target_: nequip_mtl.train.callbacks.ForgettingBudget
             dataset: pretrain        # the replayed dataset
             tolerance: 0.05          # its loss may rise at most 5 % above the pretrained model's
+            # limit: 5.0e-4          # or: at most this loss (pseudolabels), instead of tolerance
             # every: 10              # optimizer steps between multiplier updates
             # step_size: 1.0         # log-space step per unit of relative violation
             # reference_frames: 256  # frames the reference loss is measured on
@@ -70,6 +78,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
     Args:
         dataset (str): the replayed dataset's name (the data module's and the loss's)
         tolerance (float): allowed relative rise of its loss (``> 0``)
+        limit (float): instead of ``tolerance``, the largest allowed loss (``> 0``)
         every (int): optimizer steps between multiplier updates (default ``10``)
         step_size (float): dual-ascent step in log space (default ``1.0``)
         initial (float): the multiplier's start (default ``1.0``: the configured weights)
@@ -82,7 +91,8 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
     def __init__(
         self,
         dataset: str,
-        tolerance: float,
+        tolerance: float | None = None,
+        limit: float | None = None,
         every: int = 10,
         step_size: float = 1.0,
         initial: float = 1.0,
@@ -98,9 +108,22 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_WHO}.{key} must be an integer >= 1, got {value!r}")
+        if (tolerance is None) == (limit is None):
+            raise ValueError(
+                f"{_WHO}: give exactly one of `tolerance` (relative to the pretrained model's "
+                f"loss) and `limit` (an absolute loss); got tolerance={tolerance!r}, "
+                f"limit={limit!r}"
+            )
+        key, value = ("tolerance", tolerance) if limit is None else ("limit", limit)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{_WHO}: `{key}` must be a number > 0, got {value!r}")
+        #: the absolute limit, or ``None`` for a budget relative to the measured reference
+        self.limit = None if limit is None else float(limit)
+        self.tolerance = None if tolerance is None else float(tolerance)
+        bound = 1.0 if limit is not None else 1.0 + float(tolerance)
         try:
             self.dual = DualAscentMultiplier(
-                tolerance, step_size=step_size, every=every, initial=initial, bounds=tuple(bounds)
+                bound, step_size=step_size, every=every, initial=initial, bounds=tuple(bounds)
             )
         except ValueError as err:
             raise ValueError(f"{_WHO}: {err}") from None
@@ -159,11 +182,22 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 f"{_WHO}: every active loss component is of {self.dataset!r}; the budget needs "
                 "new data to trade against"
             )
+        if self.limit is None and _pseudolabelled(trainer.datamodule, self.dataset):
+            raise ValueError(
+                f"{_WHO}(dataset={self.dataset!r}, tolerance={self.tolerance}): the dataset is "
+                "pseudolabelled (nequip_mtl.data.PseudolabelledDataset): its labels are the "
+                "pretrained model's own predictions, so the pretrained model's loss on it, the "
+                "reference of a relative budget, is zero; give an absolute `limit` instead of "
+                "`tolerance`"
+            )
         if self.base_coeffs is None:
             self.base_coeffs = coeffs
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Measure the reference (once: a restored callback keeps its own)."""
+        if self.limit is not None:
+            self.reference = self.limit  # the ratio is the loss over the limit
+            return
         if self.reference is None:
             self.reference = self._measure_reference(trainer, pl_module)
             if not (math.isfinite(self.reference) and self.reference > 0):
@@ -226,7 +260,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         if self._optimizer_stepped(trainer):
             self.dual.step()
             pl_module.log(f"budget/{self.dataset}/multiplier", self.dual.multiplier)
-            pl_module.log(f"budget/{self.dataset}/limit", 1.0 + self.dual.tolerance)
+            pl_module.log(f"budget/{self.dataset}/limit", self.dual.bound)
             if math.isfinite(self.dual.last_ratio):  # after the first update
                 pl_module.log(f"budget/{self.dataset}/ratio", self.dual.last_ratio)
 
@@ -246,3 +280,21 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         self.reference = state_dict["reference"]
         base = state_dict["base_coeffs"]
         self.base_coeffs = None if base is None else dict(base)
+
+
+def _pseudolabelled(datamodule: Any, dataset: str) -> bool:
+    """Whether the data module's training dataset ``dataset`` (set up: Lightning sets up the
+    data module before the callbacks) is made of pseudolabels, through its split and
+    wrappers."""
+    from ...data.pseudolabels import PseudolabelledDataset
+
+    position = datamodule.dataset_names.index(dataset)
+    for split in getattr(datamodule, "train_dataset", None) or []:
+        if getattr(split, "index", None) != position:
+            continue
+        inner = split
+        while inner is not None:
+            if isinstance(inner, PseudolabelledDataset):
+                return True
+            inner = getattr(inner, "dataset", None)
+    return False
