@@ -137,7 +137,7 @@ class DatasetMetricNames(Callback):
 
         trainer:
           callbacks:
-            - _target_: nequip_mtl.data.DatasetMetricNames
+            - _target_: nequip_mtl.train.callbacks.DatasetMetricNames
               # validate_before_training: true
 
     Args:
