@@ -116,7 +116,7 @@ def pair_files(pair: str) -> dict[str, str]:
         folder.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(0)
         if pair == "alloy":
-            from nequip_mtl.data.emt_alloy import generate_frames
+            from nequip_mtl.tools.emt_alloy import generate_frames
 
             kw = {"elements": P.TYPE_NAMES}
             a = generate_frames(num_frames=p.n_a_train + p.n_a_test, seed=0, kind="bulk", **kw)

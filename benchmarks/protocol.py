@@ -113,7 +113,7 @@ def alloy_data(frames: int, seed: int = 0, **generator) -> Path:
     """The seeded EMT alloy file (``nequip-mtl-make-data``), generated once into ``_tmp``;
     ``generator``: further arguments of :func:`nequip_mtl.data.generate_frames` (e.g.
     ``slab_fraction``), part of the file name."""
-    from nequip_mtl.data import make_dataset
+    from nequip_mtl.tools import make_dataset
 
     tag = "".join(f"_{k}{v}" for k, v in sorted(generator.items()))
     path = TMP / f"alloy_{frames}f_seed{seed}{tag}.xyz"
@@ -169,7 +169,7 @@ def data_statistics(
 
 def write_frames(path: Path, frames) -> None:
     """Write ASE ``frames`` to the extxyz file ``path`` atomically (a part file, renamed)."""
-    from nequip_mtl.data.emt_alloy import write_frames as write
+    from nequip_mtl.tools.emt_alloy import write_frames as write
 
     part = path.with_suffix(f".{os.getpid()}.part.xyz")
     write(frames, part)

@@ -78,7 +78,7 @@ def main(out_dir: str, kind: str = "nequip") -> None:
     if kind == "named":
         from nequip.train import NequIPLightningModule
 
-        from nequip_mtl.data import DatasetMetricNames
+        from nequip_mtl.train.callbacks import DatasetMetricNames
         from tests._harness import module_kwargs
 
         torch.manual_seed(0)

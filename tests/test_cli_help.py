@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nequip_mtl.data import cli as data_cli
 from nequip_mtl.plot import cli as plot_cli
+from nequip_mtl.tools import make_data as data_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ from nequip.data.datamodule import ASEDataModule
 from nequip.train import NequIPLightningModule
 from nequip.utils.versions import _TORCH_GE_2_6
 
-from nequip_mtl.data import make_dataset
+from nequip_mtl.tools import make_dataset
 from nequip_mtl.train import (
     ConFIGLightningModule,
     EMAConFIGLightningModule,

@@ -1,4 +1,4 @@
-"""Tests for the offline EMT alloy data generator (``nequip_mtl.data``) and the tutorial config."""
+"""Tests for the offline EMT alloy data generator (``nequip_mtl.tools``) and the tutorial config."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from ase.calculators.emt import EMT
 from omegaconf import OmegaConf
 
-from nequip_mtl.data import generate_frames, make_dataset, write_frames
+from nequip_mtl.tools import generate_frames, make_dataset, write_frames
 
 REPO = Path(__file__).resolve().parents[1]
 TUTORIAL_CONFIG = REPO / "configs" / "tutorial.yaml"
@@ -159,7 +159,7 @@ def test_loads_through_nequip_ase_dataset(xyz_file, frames):
 def _cli(*args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, "-m", "nequip_mtl.data.cli", *args],
+        [sys.executable, "-m", "nequip_mtl.tools.make_data", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -204,7 +204,7 @@ def test_cli_rejects_zero_frames_in_subprocess(tmp_path):
     ],
 )
 def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
-    from nequip_mtl.data.cli import main
+    from nequip_mtl.tools.make_data import main
 
     out = tmp_path / "x.xyz"
     with pytest.raises(SystemExit) as exc:
@@ -214,11 +214,19 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
     assert not out.exists()
 
 
-def test_console_script_is_declared():
-    from importlib.metadata import entry_points
+def test_console_scripts_point_at_the_tools_mains():
+    """``pyproject.toml``'s console scripts name the ``main`` of each command's own module
+    (read from the file, not from an installed copy's metadata, which may predate it).
+    Mutation: pointing a script at a module or name that does not exist fails here."""
+    from tests._scripts import console_script, console_scripts
 
-    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "nequip-mtl-make-data"]
-    assert ep.value == "nequip_mtl.data.cli:main"
+    scripts = console_scripts()
+    assert scripts["nequip-mtl-make-data"] == "nequip_mtl.tools.make_data:main"
+    assert scripts["nequip-mtl-make-xtb-data"] == "nequip_mtl.tools.make_xtb_data:main"
+    for name, target in scripts.items():
+        main = console_script(name)
+        assert callable(main), name
+        assert main.__module__ == target.partition(":")[0], f"{name}: {target} is forwarded"
 
 
 def test_package_import_stays_light():

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from nequip_mtl.data import MultiDatasetDataModule, NequIPDataModule, make_dataset
+from nequip_mtl.data import MultiDatasetDataModule, NequIPDataModule
+from nequip_mtl.tools import make_dataset
 from tests import _mfid as F
 from tests._nequip_train import nequip_train
 

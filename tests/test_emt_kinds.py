@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from ase.calculators.emt import EMT
 
-from nequip_mtl.data import generate_frames, make_dataset
+from nequip_mtl.tools import generate_frames, make_dataset
 
 N = 10  # frames per family: every size/shape appears, each generation well under a second
 
@@ -205,7 +205,7 @@ def test_bad_kind_arguments_raise(kwargs, match):
 def test_cli_kind_matches_library(tmp_path):
     import ase.io
 
-    from nequip_mtl.data.cli import main
+    from nequip_mtl.tools.make_data import main
 
     out = tmp_path / "slab.xyz"
     assert main([str(out), "--kind", "slab", "--frames", "5", "--seed", "2", "-q"]) == 0
@@ -228,7 +228,7 @@ def test_cli_kind_matches_library(tmp_path):
     ],
 )
 def test_cli_rejects_bad_kind_arguments(tmp_path, capsys, args, message):
-    from nequip_mtl.data.cli import main
+    from nequip_mtl.tools.make_data import main
 
     out = tmp_path / "x.xyz"
     with pytest.raises(SystemExit) as exc:
@@ -242,7 +242,7 @@ def test_slab_file_loads_through_nequip_with_stress(tmp_path, families):
     from nequip.data import AtomicDataDict
     from nequip.data.dataset import ASEDataset
 
-    from nequip_mtl.data import write_frames
+    from nequip_mtl.tools import write_frames
 
     path = tmp_path / "slab.xyz"
     write_frames(families["slab"][:3], path)

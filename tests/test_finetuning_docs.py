@@ -31,7 +31,6 @@ import re
 import shlex
 import subprocess
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import lightning
@@ -41,6 +40,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from tests._nequip_train import nequip_train
+from tests._scripts import console_script
 from tests.test_deployment import _assert_same_prediction, _evaluate, _reference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,8 +141,7 @@ class FirstBatchParameters(Callback):
 
 def make_data(argv: list[str]) -> None:
     """``nequip-mtl-make-data`` in this process: the function its console script calls."""
-    (entry,) = entry_points(group="console_scripts", name="nequip-mtl-make-data")
-    assert entry.load()(argv) == 0
+    assert console_script("nequip-mtl-make-data")(argv) == 0
 
 
 def train_in_process(argv: list[str], monkeypatch, callbacks=()) -> str:

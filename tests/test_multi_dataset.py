@@ -13,9 +13,10 @@ from nequip.data import AtomicDataDict
 from nequip.data.datamodule import NequIPDataModule
 from nequip.train import NequIPLightningModule
 
-from nequip_mtl.data import DATASET_INDEX_KEY, DatasetMetricNames, MultiDatasetDataModule
+from nequip_mtl.data import DATASET_INDEX_KEY, MultiDatasetDataModule
 from nequip_mtl.data.multi_dataset import ResumableDataLoader
 from nequip_mtl.data.sampling import MultiDatasetSampler
+from nequip_mtl.train.callbacks import DatasetMetricNames
 from tests._harness import (
     SPECS,
     STATS,
@@ -477,8 +478,8 @@ def test_per_dataset_metrics_log_no_nan_and_no_doubled_name(tmp_path):
 def test_the_plot_reads_the_column_the_callback_logs():
     """The optimizer-steps column is named twice, in the callback that logs it and in the
     plot that reads it (the plot imports no Lightning, the callback no matplotlib)."""
-    from nequip_mtl.data import metric_names
     from nequip_mtl.plot import logs
+    from nequip_mtl.train.callbacks import dataset_metric_names as metric_names
 
     assert metric_names.OPTIMIZER_STEPS == logs.OPTIMIZER_STEPS
 

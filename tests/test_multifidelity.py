@@ -41,6 +41,18 @@ def test_dataset_index_key_is_the_data_modules():
     assert MODEL_DATASET_INDEX_KEY == DATASET_INDEX_KEY
 
 
+def test_dataset_index_key_is_defined_once():
+    """Only ``nequip_mtl/data/keys.py`` defines it; the model imports it from there.
+    Mutation: writing the string out again in ``nequip_mtl/model`` fails here."""
+    package = F.REPO / "nequip_mtl"
+    defining = [
+        str(path.relative_to(package))
+        for path in sorted(package.rglob("*.py"))
+        if any(line.startswith("DATASET_INDEX_KEY =") for line in path.read_text().splitlines())
+    ]
+    assert defining == ["data/keys.py"]
+
+
 # ------------------------------------------------------------------ least-squares references
 
 

@@ -272,7 +272,8 @@ def _forgetting_run(run: Path, **callback_kw) -> Path:
     (EMT Cu as is) and `new` (the same kind of frames, energies 1 eV/atom lower), a model
     whose energy shift fits `old`, trained on `new` alone (`old`'s component has no
     coefficient), both validated (before training too). `old`'s energy error rises."""
-    from nequip_mtl.data import DatasetMetricNames, MultiDatasetDataModule
+    from nequip_mtl.data import MultiDatasetDataModule
+    from nequip_mtl.train.callbacks import DatasetMetricNames
     from tests._harness import STATS, emt, model_config
 
     new = emt(22, 6)

@@ -242,7 +242,7 @@ def test_misspelled_target_through_nequip_train_ends_with_the_hint(tmp_path):
     chain of three exceptions)."""
     from hydra.errors import InstantiationException
 
-    from nequip_mtl.data import make_dataset
+    from nequip_mtl.tools import make_dataset
     from tests._nequip_train import nequip_train
 
     make_dataset(str(tmp_path / "tiny.xyz"), num_frames=12, seed=0)

@@ -23,7 +23,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from nequip_mtl.data import make_dataset
+from nequip_mtl.tools import make_dataset
 from tests._nequip_train import nequip_train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""GFN2-xTB molecular dynamics data (``nequip_mtl.data.xtb_md``, ``nequip-mtl-make-xtb-data``):
+"""GFN2-xTB molecular dynamics data (``nequip_mtl.tools.xtb_md``, ``nequip-mtl-make-xtb-data``):
 the file nequip reads, kcal/mol units checked against tblite's own Hartree output, seeded
 trajectories, relabelling and the label comparison."""
 
@@ -11,7 +11,7 @@ import pytest
 from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from nequip_mtl.data import xtb_md
+from nequip_mtl.tools import make_xtb_data, xtb_md
 
 # independent constants (CODATA 2018), written out on purpose: not ASE's, not the module's
 HARTREE_IN_KCAL_MOL = 627.5094740631
@@ -66,7 +66,7 @@ def test_file_loads_through_nequip_ase_dataset(tmp_path, tiny):
     from nequip.data import AtomicDataDict
     from nequip.data.dataset import ASEDataset
 
-    from nequip_mtl.data import write_frames
+    from nequip_mtl.tools import write_frames
 
     path = tmp_path / "xtb.xyz"
     write_frames(tiny, path)
@@ -85,7 +85,7 @@ def test_file_loads_through_nequip_ase_dataset(tmp_path, tiny):
 
 def test_same_seed_same_frames_and_temperatures_are_independent(tmp_path):
     pytest.importorskip("tblite")
-    from nequip_mtl.data import write_frames
+    from nequip_mtl.tools import write_frames
 
     def written(**kwargs):
         path = tmp_path / "f.xyz"
@@ -202,7 +202,7 @@ def test_cli_generates_and_relabels(tmp_path, capsys):
 
     out = tmp_path / "md.xyz"
     args = ["--frames", "2", "--temperatures", "300", "--equilibration", "2", "--stride", "1"]
-    assert xtb_md.main([str(out), *args, "--seed", "5"]) == 0
+    assert make_xtb_data.main([str(out), *args, "--seed", "5"]) == 0
     assert "wrote 2 GFN2-xTB frames of C2H6O (300 K; kcal/mol)" in capsys.readouterr().out
     lib = xtb_md.generate_xtb_md_frames(
         num_frames=2, temperatures=[300], equilibration_steps=2, stride=1, seed=5
@@ -212,7 +212,7 @@ def test_cli_generates_and_relabels(tmp_path, capsys):
 
     # relabelling its own xTB file reproduces its labels: offset ~0, force difference ~0
     again = tmp_path / "again.xyz"
-    assert xtb_md.main([str(again), "--relabel", str(out)]) == 0
+    assert make_xtb_data.main([str(again), "--relabel", str(out)]) == 0
     text = capsys.readouterr().out
     assert "relabelled 2 frames" in text and "force_rmse" in text
     stats = xtb_md.compare_labels(read, ase.io.read(again, index=":"))
@@ -231,7 +231,7 @@ def test_cli_generates_and_relabels(tmp_path, capsys):
 def test_cli_rejects_bad_arguments(tmp_path, capsys, args, message):
     out = tmp_path / "x.xyz"
     with pytest.raises(SystemExit) as exc:
-        xtb_md.main([str(out), *args])
+        make_xtb_data.main([str(out), *args])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
@@ -243,7 +243,7 @@ def test_without_tblite_the_error_says_how_to_install(tmp_path, capsys, monkeypa
     with pytest.raises(ImportError, match=r'pip install "nequip-mtl\[xtb\]"'):
         xtb_md.xtb_calculator()
     with pytest.raises(SystemExit) as exc:
-        xtb_md.main([str(tmp_path / "x.xyz"), "--frames", "2"])
+        make_xtb_data.main([str(tmp_path / "x.xyz"), "--frames", "2"])
     assert exc.value.code == 2
     assert 'pip install "nequip-mtl[xtb]"' in capsys.readouterr().err
 
@@ -254,8 +254,8 @@ def test_module_imports_without_tblite_or_torch():
 
     root = str(Path(__file__).resolve().parents[1])
     code = (
-        "import sys, nequip_mtl.data as d, nequip_mtl.data.xtb_md\n"
-        "assert d.relabel_frames is nequip_mtl.data.xtb_md.relabel_frames\n"
+        "import sys, nequip_mtl.tools as t, nequip_mtl.tools.xtb_md, nequip_mtl.tools.make_xtb_data\n"
+        "assert t.relabel_frames is nequip_mtl.tools.xtb_md.relabel_frames\n"
         "print(sorted({'tblite', 'torch', 'nequip'} & set(sys.modules)))\n"
     )
     res = subprocess.run(

@@ -14,6 +14,7 @@ from nequip.utils.logger import RankedLogger
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..distributed import rank, world_size
+from ..model.reference_fit import ENERGY_REFERENCES_STAT, fit_energy_references
 from .binding import bind_dataset_names
 from .datamodule import NequIPDataModule  # nequip's, plus setup-time checks of the data
 from .keys import DATASET_INDEX_KEY  # registers it with nequip: a (num_frames,) long field
@@ -165,10 +166,6 @@ def _example_frames_only() -> bool:
     return get_workflow_state() in ("package", "compile")
 
 
-#: the name of the per-dataset energy references in the ``train`` statistics
-ENERGY_REFERENCES_STAT = "per_dataset_energy_references"
-
-
 class _Statistics(dict):
     """nequip's statistics dict, plus entries computed only when looked up (nequip's
     ``training_data_stats`` resolver calls ``.get(name)``)."""
@@ -189,35 +186,6 @@ class _Statistics(dict):
         return default
 
 
-def _composition_and_energies(dataset, num_types: int, name: str, type_names: list[str]):
-    """Per-type atom counts ``(frames, types)`` and total energies ``(frames,)``, float64."""
-    counts, energies = [], []
-    for i in range(len(dataset)):
-        try:
-            frame = dataset[i]
-        except KeyError as err:  # nequip's ChemicalSpeciesToAtomTypeMapper: unmapped species
-            raise ValueError(
-                f"{_CLS}: frame {i} of training dataset `{name}` could not be read ({err}): "
-                "does it hold a chemical species that is not one of the model's type names "
-                f"{type_names}? Every species of every dataset must be a model type (in "
-                "`chemical_species_to_atom_type_map` and `model_type_names`)"
-            ) from err
-        if "total_energy" not in frame:
-            raise ValueError(
-                f"{_CLS}: frame {i} of training dataset `{name}` has no `total_energy`, so its "
-                f"`{ENERGY_REFERENCES_STAT}` cannot be fitted; give them by hand"
-            )
-        types = frame["atom_types"].reshape(-1)
-        if types.numel() and int(types.max()) >= num_types:
-            raise ValueError(
-                f"{_CLS}: frame {i} of training dataset `{name}` has atom type index "
-                f"{int(types.max())}, beyond the {num_types} type names {type_names}"
-            )
-        counts.append(torch.bincount(types, minlength=num_types).to(torch.float64))
-        energies.append(frame["total_energy"].reshape(()).to(torch.float64))
-    return torch.stack(counts), torch.stack(energies)
-
-
 class MultiDatasetDataModule(NequIPDataModule):
     """Several named training datasets as one training loader, one val/test loader each.
 
@@ -233,7 +201,7 @@ class MultiDatasetDataModule(NequIPDataModule):
     The validation and test loaders are those of the datasets that have the split, in dataset
     order; nequip logs loader ``j`` as ``val{j}_epoch/...``: :attr:`val_dataloader_names` /
     :attr:`test_dataloader_names` give the dataset of each (also logged at setup), and the
-    :class:`~nequip_mtl.data.DatasetMetricNames` callback logs the same metrics by dataset name.
+    :class:`~nequip_mtl.train.callbacks.DatasetMetricNames` callback logs the same metrics by dataset name.
 
     Data statistics (``stats_manager``, used for ``training_data_stats`` in the model config) are
     computed exactly as nequip computes them, on the training split of the *primary* dataset
@@ -541,10 +509,11 @@ class MultiDatasetDataModule(NequIPDataModule):
 
     def energy_references(self, type_names: list[str] | None = None) -> dict[str, dict]:
         """Each training dataset's per-type energy references, fitted on its own training
-        split: the minimum-norm least-squares solution ``r`` of ``E_f = sum_t n_ft r_t`` over
-        its frames ``f`` (``n_ft`` atoms of type ``t``; the pseudo-inverse, so a composition
-        shared by every frame, e.g. one molecule, gets the shortest ``r`` that fits). A type
-        that no training frame of a dataset holds gets ``None`` (it cannot be fitted).
+        split (:func:`~nequip_mtl.model.reference_fit.fit_energy_references`): the minimum-norm
+        least-squares solution ``r`` of ``E_f = sum_t n_ft r_t`` over its frames ``f`` (``n_ft``
+        atoms of type ``t``; the pseudo-inverse, so a composition shared by every frame, e.g.
+        one molecule, gets the shortest ``r`` that fits). A type that no training frame of a
+        dataset holds gets ``None`` (it cannot be fitted).
 
         The result, ``{dataset: {type: energy or None}}``, is the statistic
         ``per_dataset_energy_references`` for ``nequip_mtl.model.PerDatasetEnergyReferences``.
@@ -563,16 +532,9 @@ class MultiDatasetDataModule(NequIPDataModule):
         self.prepare_data()
         self.setup(stage="fit")
         try:
-            out = {}
-            for name, ds in zip(self.dataset_names, self.train_dataset):
-                counts, energies = _composition_and_energies(ds, len(type_names), name, type_names)
-                fit = torch.linalg.pinv(counts) @ energies
-                present = counts.sum(dim=0) > 0
-                out[name] = {
-                    t: (float(fit[j]) if bool(present[j]) else None)
-                    for j, t in enumerate(type_names)
-                }
-                logger.info(f"{_CLS}: energy references of `{name}` (least squares): {out[name]}")
+            out = fit_energy_references(zip(self.dataset_names, self.train_dataset), type_names)
         finally:
             self.teardown(stage="fit")
+        for name, references in out.items():
+            logger.info(f"{_CLS}: energy references of `{name}` (least squares): {references}")
         return out

@@ -352,7 +352,7 @@ def _val_entries(
     order: Sequence[str] = (),
 ) -> list[_Val]:
     """The per-task validation series, by dataset when the run logged them under dataset
-    names (``val_<name>_epoch/*``, :class:`~nequip_mtl.data.DatasetMetricNames`: the same
+    names (``val_<name>_epoch/*``, :class:`~nequip_mtl.train.callbacks.DatasetMetricNames`: the same
     values as nequip's ``val<j>_epoch/*``, which are then not drawn twice), else by loader
     (``val<j>_epoch/*``; a per-dataset metric ``<name>/forces_mae`` there is dataset
     ``<name>``), datasets in ``order``. Series without a finite value are left out with a
@@ -864,7 +864,7 @@ _FIELD_STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5,
 def _before_training(logs: RunLogs) -> tuple[bool, float | None]:
     """Whether the run logged a validation before its first optimizer step
     (``val_optimizer_steps`` 0 at its first validation, from
-    :class:`~nequip_mtl.data.DatasetMetricNames`), and the logged step of that validation."""
+    :class:`~nequip_mtl.train.callbacks.DatasetMetricNames`), and the logged step of that validation."""
     steps = logs.get(OPTIMIZER_STEPS)
     if steps is None or not len(steps) or steps.value[0] != 0:
         return False, None
@@ -981,7 +981,7 @@ def _relative_panel(ax, logs: RunLogs, losses, by_prefix, notes: list[str]) -> N
             notes.append(
                 "summary.png: the run logged no validation before training, so each error "
                 "is relative to its first validation, after training began (with a "
-                "MultiDatasetDataModule, the nequip_mtl.data.DatasetMetricNames callback "
+                "MultiDatasetDataModule, the nequip_mtl.train.callbacks.DatasetMetricNames callback "
                 "logs one at step 0)"
             )
     _finish(ax, title, ylabel, legend="best")

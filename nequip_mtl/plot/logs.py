@@ -18,9 +18,9 @@ from .tfevents import INSTALL_HINT, EventFileError, TensorBoardMissingError, rea
 __all__ = ["Series", "RunLogs", "NoLogsError", "load_run", "OPTIMIZER_STEPS"]
 
 CSV_NAME = "metrics.csv"
-#: logged with every validation of a fit by nequip_mtl.data.DatasetMetricNames: the
+#: logged with every validation of a fit by nequip_mtl.train.callbacks.DatasetMetricNames: the
 #: optimizer steps taken before it (0: the validation before training); the same string as
-#: ``nequip_mtl.data.metric_names.OPTIMIZER_STEPS``, written out so that the plots import no
+#: ``nequip_mtl.train.callbacks.dataset_metric_names.OPTIMIZER_STEPS``, written out so that the plots import no
 #: Lightning (a test keeps the two equal)
 OPTIMIZER_STEPS = "val_optimizer_steps"
 #: the run's config as Hydra saves it in the run directory

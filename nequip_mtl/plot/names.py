@@ -3,7 +3,7 @@
 nequip names a metric ``<field>_<kind>`` (``forces_mse``, ``per_atom_energy_mae``,
 ``stress_rmse``; per-type metrics append ``_<type name>``) and logs it under a prefix:
 ``train_loss_step/``, ``train_loss_epoch/``, ``train_metric_epoch/``, ``val<k>_epoch/``,
-``test<k>_epoch/`` (and, from :class:`~nequip_mtl.data.DatasetMetricNames`,
+``test<k>_epoch/`` (and, from :class:`~nequip_mtl.train.callbacks.DatasetMetricNames`,
 ``val_<dataset>_epoch/``, ``test_<dataset>_epoch/``). Units are those of the data (nequip
 converts none): energies in the energy unit (per atom for ``per_atom_energy``), forces in
 energy/length, stresses in energy/length³ (:class:`Units`; eV and Å when nothing says
@@ -152,7 +152,7 @@ _SPLIT = re.compile(
 class Prefix:
     """A parsed log prefix: ``val1_epoch`` (split ``val``, loader ``index`` 1),
     ``val_new_epoch`` (split ``val``, ``dataset`` ``new``: the loader of that dataset, as
-    :class:`~nequip_mtl.data.DatasetMetricNames` logs it), ``train_loss_step``."""
+    :class:`~nequip_mtl.train.callbacks.DatasetMetricNames` logs it), ``train_loss_step``."""
 
     split: str
     index: int | None

@@ -3,11 +3,13 @@
 Drop-in (and corrected) versions of nequip's ``LossCoefficientScheduler``,
 ``LinearLossCoefficientScheduler``, ``LossCoefficientMonitor`` and ``SoftAdapt``, plus
 Dynamic Weight Average, Random Loss Weighting and calibrate-then-freeze coefficients
-(:class:`CalibrateLossCoefficients`). Every coefficient change goes through
+(:class:`CalibrateLossCoefficients`), and validation/test metrics logged under their
+datasets' names (:class:`DatasetMetricNames`). Every coefficient change goes through
 :func:`nequip_mtl.train.coefficients.update_coeffs` (strict, partial, normalised).
 """
 
 from .calibrate import CalibrateLossCoefficients
+from .dataset_metric_names import DatasetMetricNames
 from .dwa import DynamicWeightAverage
 from .forgetting_budget import ForgettingBudget
 from .gradient_conflict import GradientConflictMonitor
@@ -29,4 +31,5 @@ __all__ = [
     "CalibrateLossCoefficients",
     "ForgettingBudget",
     "CheckTrainingLabels",
+    "DatasetMetricNames",
 ]
