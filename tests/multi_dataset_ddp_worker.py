@@ -3,7 +3,7 @@ EMT datasets of tests/test_multi_dataset.py, on ``WORLD_SIZE`` gloo ranks (or on
 Lightning's ``use_distributed_sampler=True``. Each rank saves the batches it saw, the sampler
 class Lightning used and the final parameters. Usage:
 
-    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named]
+    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named|budget]
 
 (from the root). ``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
 ``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
@@ -12,6 +12,8 @@ references and per-dataset readout heads), on the two "levels of theory" of test
 ``named``: nequip's module with ``PerDatasetMetrics`` as validation metrics and the
 ``DatasetMetricNames`` callback (each loader's metrics computed, synced and logged at its last
 batch; a validation before training); each rank also saves its validation metrics.
+``budget``: nequip's module with a ``PerDatasetLoss`` and a ``ForgettingBudget`` on ``a``
+(three epochs); each rank also saves the budget's state.
 """
 
 import os
@@ -72,7 +74,7 @@ def main(out_dir: str, kind: str = "nequip") -> None:
         per_rank = {name: k // world for name, k in GLOBAL_FRAMES.items()}
         dm = multi(("a", "b"), sampling={"mode": "balanced", "frames_per_batch": per_rank},
                    train_dataloader={})  # fmt: skip
-        mod = module(dm) if kind in ("nequip", "named") else dataset_task_module()
+        mod = module(dm) if kind in ("nequip", "named", "budget") else dataset_task_module()
     rec = BatchRecorder()
     callbacks = [rec]
     if kind == "named":
@@ -93,8 +95,26 @@ def main(out_dir: str, kind: str = "nequip") -> None:
             )
         )
         callbacks.append(DatasetMetricNames())
+    budget = None
+    if kind == "budget":
+        from nequip.train import NequIPLightningModule
+
+        from nequip_mtl.train.callbacks import ForgettingBudget
+        from tests._harness import module_kwargs
+
+        torch.manual_seed(0)
+        mod = NequIPLightningModule(
+            **module_kwargs(
+                num_datasets=dm.num_datasets,
+                optimizer={"_target_": "torch.optim.Adam", "lr": 0.01},
+                loss={"_target_": "nequip_mtl.train.PerDatasetLoss", "datasets": ["a", "b"]},
+                val_metrics=None,
+            )
+        )
+        budget = ForgettingBudget(dataset="a", tolerance=0.01, every=1, step_size=20.0)
+        callbacks.append(budget)
     strategy = DDPStrategy(process_group_backend="gloo") if world > 1 else "auto"
-    tr = trainer(out_dir, max_epochs=1, devices=world, strategy=strategy, callbacks=callbacks,
+    tr = trainer(out_dir, max_epochs=3 if kind == "budget" else 1, devices=world, strategy=strategy, callbacks=callbacks,
                  use_distributed_sampler=True,
                  limit_val_batches=None if kind in ("nequip", "named") else 0)  # fmt: skip
     mod.world_size = tr.world_size  # as nequip-train does
@@ -107,6 +127,7 @@ def main(out_dir: str, kind: str = "nequip") -> None:
         # the per-dataset references (``multifidelity``), as a tensor to compare
         "offsets": [m.offsets.detach().clone() for m in mod.modules() if hasattr(m, "offsets")],
         "val": {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith("val")},
+        "budget": None if budget is None else {**budget.state_dict(), "ref": budget.reference},
     }
     torch.save(state, Path(out_dir) / f"rank{tr.global_rank}.pt")
     end_process_group()

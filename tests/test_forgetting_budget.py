@@ -205,3 +205,30 @@ def test_the_budget_is_logged_and_plotted(tmp_path):
         assert set(np.round(ys, 12)) == set(np.round(series.value, 12))
     (limit,) = [ln for ln in ratio.get_lines() if ln.get_label() == "a: limit"]
     assert float(np.asarray(limit.get_ydata())[0]) == pytest.approx(1.01, rel=1e-12)
+
+
+@pytest.mark.ddp
+def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path):
+    """2 ranks, each with half of every global batch, against 1 process on the global
+    batch: the same reference, the same multiplier at every update (the ratio of the global
+    batch on every rank), the same parameters."""
+    import sys
+
+    from tests._ddp import launch
+
+    for world in (1, 2):
+        (tmp_path / str(world)).mkdir()
+        launch(
+            [sys.executable, "-m", "tests.multi_dataset_ddp_worker", str(tmp_path / str(world)),
+             "budget"],
+            world=world,
+        )  # fmt: skip
+    one = torch.load(tmp_path / "1" / "rank0.pt")
+    ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["budget"] == ranks[1]["budget"]
+    assert one["budget"]["dual"]["updates"] == 6 and one["budget"]["dual"]["multiplier"] != 1.0
+    got, ref = ranks[0]["budget"], one["budget"]
+    assert got["dual"] == pytest.approx(ref["dual"], rel=1e-9)
+    assert got["reference"] == pytest.approx(ref["reference"], rel=1e-12)
+    assert got["base_coeffs"] == ref["base_coeffs"]
+    torch.testing.assert_close(ranks[0]["params"], one["params"], rtol=0, atol=1e-9)
