@@ -11,6 +11,7 @@ the uninterrupted one; bad settings are refused before any step.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from nequip.train import NequIPLightningModule
 import nequip_mtl.train as mtl
 from nequip_mtl.train.callbacks import ForgettingBudget
 from nequip_mtl.weighting.budget import DualAscentMultiplier
-from tests._harness import multi, params, trainer
+from tests._harness import multi, params, skip_inductor_under_default_capability, trainer
 from tests.test_dataset_tasks import BALANCED, COEFFS, kwargs, loss
 
 BUDGET = {"dataset": "a", "tolerance": 0.01, "every": 1, "step_size": 20.0}
@@ -47,10 +48,12 @@ def run(
     epochs=3,
     ckpt=None,
     ckpt_path=None,
+    model=None,
     **trainer_kw,
 ):
     torch.manual_seed(0)
-    module = module_cls(**kwargs(optimizer={"_target_": "torch.optim.Adam", "lr": 0.02}))
+    extra = {} if model is None else {"model": model}
+    module = module_cls(**kwargs(optimizer={"_target_": "torch.optim.Adam", "lr": 0.02}, **extra))
     start = copy.deepcopy(module)
     cb, rec = ForgettingBudget(**(budget or BUDGET)), Recorder()
     callbacks = [cb, rec, *([ckpt] if ckpt else [])]
@@ -232,3 +235,35 @@ def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path):
     assert got["reference"] == pytest.approx(ref["reference"], rel=1e-12)
     assert got["base_coeffs"] == ref["base_coeffs"]
     torch.testing.assert_close(ranks[0]["params"], one["params"], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "float32",
+        pytest.param("compile", marks=[pytest.mark.slow, skip_inductor_under_default_capability]),
+    ],
+)
+def test_the_budget_with_float32_and_train_time_compile(tmp_path, mode):
+    """float32 (the reference equals the by-hand one within fp32 rounding), and train-time
+    compile (the reference forward and the trajectory as eager's)."""
+    from tests._harness import model_config
+
+    if mode == "float32":
+        _, start, cb, rec, _, _ = run(tmp_path / "f32", epochs=1, model=model_config("float32"))
+        fresh = multi(sampling=BALANCED)
+        fresh.prepare_data()
+        fresh.setup("fit")
+        (replayed,) = [d for d in fresh.train_dataset if d.index == 0]
+        frames = [replayed[i] for i in range(len(replayed))]
+        # fp32 predictions, sums of a few hundred squares: agreement to ~1e-6 relative
+        assert cb.reference == pytest.approx(_by_hand(start, frames, rec.coeffs[0]), rel=1e-5)
+        assert cb.dual.updates >= 2 and math.isfinite(cb.dual.multiplier)
+        return
+    eager, _, eager_cb, _, _, _ = run(tmp_path / "eager", epochs=1)
+    model = model_config("float64")
+    model["compile_mode"] = "compile"
+    compiled, _, cb, _, _, _ = run(tmp_path / "compile", epochs=1, model=model)
+    assert cb.reference == pytest.approx(eager_cb.reference, rel=1e-10)
+    assert cb.dual.state_dict() == pytest.approx(eager_cb.dual.state_dict(), rel=1e-8)
+    torch.testing.assert_close(params(compiled), params(eager), rtol=0, atol=1e-10)
