@@ -161,3 +161,58 @@ def save(fig, path: Path, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- results
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: the studies, by the start of their results' file names (the longest match wins)
+STUDIES = (
+    "accuracy", "aggregation_cost", "conflicts", "finetune", "multifidelity", "pareto",
+    "readout_heads", "step_cost",
+)  # fmt: skip
+
+
+def study_of(path: str | Path):
+    """The study module that renders the results json ``path``."""
+    import importlib
+
+    stem = Path(path).stem
+    name = max((s for s in STUDIES if stem.startswith(s)), key=len, default=None)
+    if name is None:
+        raise ValueError(f"{path}: no study renders it (known: {', '.join(STUDIES)})")
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def render(path: str | Path) -> str:
+    """The Markdown table of the results json ``path``, as its study writes it."""
+    return study_of(path).markdown(read_json(path))
+
+
+def stale(results: Path = RESULTS) -> list[str]:
+    """The results whose committed ``.md`` is not what their json renders to."""
+    return [
+        p.stem for p in sorted(results.glob("*.json"))
+        if render(p) != p.with_suffix(".md").read_text()
+    ]  # fmt: skip
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Re-render the committed benchmark results.")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if a results .md differs from its json's"
+    )
+    args = parser.parse_args(argv)
+    if args.check:
+        bad = stale()
+        for name in bad:
+            print(f"{name}.md differs from what {name}.json renders to")
+        return 1 if bad else 0
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
