@@ -94,10 +94,8 @@ def _methods(interval: str) -> dict[str, Method]:
         # --- nequip's built-in choices (the baselines)
         "ws": _baseline("weighted sum (nequip)"),
         "config_nequip": _baseline("ConFIG (nequip)", "nequip.train.ConFIGLightningModule"),
-        "softadapt_nequip": _baseline(
-            "SoftAdapt (nequip)",
-            callbacks=({"_target_": "nequip.train.callbacks.SoftAdapt", **softadapt},),
-        ),
+        "softadapt_nequip": _baseline("SoftAdapt (nequip)", callbacks=(
+            {"_target_": "nequip.train.callbacks.SoftAdapt", **softadapt},)),
         # --- gradient aggregation (nequip_mtl)
         "config": Method("ConFIG (nequip_mtl)", "nequip_mtl.train.ConFIGLightningModule"),
         "mean": _agg("Mean", "Mean"),
@@ -109,61 +107,31 @@ def _methods(interval: str) -> dict[str, Method]:
         "dualproj": _agg("DualProj", "DualProj"),
         "alignedmtl": _agg("AlignedMTL", "Aligned-MTL"),
         "cagrad": _agg("CAGrad", "CAGrad"),
-        "mconfig_adam": Method(
-            "M-ConFIG + Adam (no 2nd moment)",
-            MTL,
-            {"aggregator": {"_target_": mconfig, "second_moment": False}},
-        ),
+        "mconfig_adam": Method("M-ConFIG + Adam (no 2nd moment)", MTL,
+                               {"aggregator": {"_target_": mconfig, "second_moment": False}}),
         "mconfig_adam0": Method(
-            "M-ConFIG + Adam(beta1=0) (no 2nd moment)",
-            MTL,
-            {
-                "aggregator": {
-                    "_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG",
-                    "second_moment": False,
-                }
-            },
+            "M-ConFIG + Adam(beta1=0) (no 2nd moment)", MTL,
+            {"aggregator": {"_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG",
+                            "second_moment": False}},
             # the aggregator already averages the gradients: no second momentum in Adam
             optimizer={"_target_": "torch.optim.Adam", "betas": [0.0, 0.999]},
         ),
-        "mconfig_sgd": Method(
-            "M-ConFIG + SGD (2nd moment)",
-            MTL,
-            {"aggregator": {"_target_": mconfig, "second_moment": True}},
-            optimizer={"_target_": "torch.optim.SGD"},
-        ),
+        "mconfig_sgd": Method("M-ConFIG + SGD (2nd moment)", MTL,
+                              {"aggregator": {"_target_": mconfig, "second_moment": True}},
+                              optimizer={"_target_": "torch.optim.SGD"}),
         # --- loss weighting (nequip_mtl)
-        "uncertainty": _weighting(
-            "Uncertainty weighting", "nequip_mtl.train.UncertaintyWeightingLightningModule"
-        ),
+        "uncertainty": _weighting("Uncertainty weighting",
+                                  "nequip_mtl.train.UncertaintyWeightingLightningModule"),
         "famo": _weighting("FAMO", "nequip_mtl.train.FAMOLightningModule"),
-        "softadapt": _weighting(
-            "SoftAdapt (nequip_mtl)",
-            callbacks=({"_target_": "nequip_mtl.train.callbacks.SoftAdapt", **softadapt},),
-        ),
-        "dwa": _weighting(
-            "DWA",
-            callbacks=(
-                {
-                    "_target_": "nequip_mtl.train.callbacks.DynamicWeightAverage",
-                    "temperature": 2.0,
-                    "interval": interval,
-                    "frequency": 1,
-                },
-            ),
-        ),
-        "rlw": _weighting(
-            "RLW",
-            callbacks=(
-                {
-                    "_target_": "nequip_mtl.train.callbacks.RandomLossWeighting",
-                    "interval": "batch",
-                    "frequency": 1,
-                    "seed": 0,
-                },
-            ),
-        ),
-    }
+        "softadapt": _weighting("SoftAdapt (nequip_mtl)", callbacks=(
+            {"_target_": "nequip_mtl.train.callbacks.SoftAdapt", **softadapt},)),
+        "dwa": _weighting("DWA", callbacks=(
+            {"_target_": "nequip_mtl.train.callbacks.DynamicWeightAverage", "temperature": 2.0,
+             "interval": interval, "frequency": 1},)),
+        "rlw": _weighting("RLW", callbacks=(
+            {"_target_": "nequip_mtl.train.callbacks.RandomLossWeighting", "interval": "batch",
+             "frequency": 1, "seed": 0},)),
+    }  # fmt: skip
 
 
 #: energy:force ratios of the swept weighted sum (``ws`` itself is 1:1)
@@ -174,11 +142,9 @@ def _weighted_sums() -> dict[str, Method]:
     """nequip's plain weighted sum at other energy:force(:stress) ratios, and the MACE-style
     two-stage schedule (forces 100x energy, then energy 10x forces for the last quarter)."""
     out = {
-        name: _baseline(
-            f"weighted sum {e}:{f}", coeffs={"total_energy": float(e), "forces": float(f)}
-        )
+        name: _baseline(f"weighted sum {e}:{f}", coeffs={"total_energy": float(e), "forces": float(f)})
         for name, (e, f) in WS_RATIOS.items()
-    }
+    }  # fmt: skip
     out["ws_two_stage"] = _baseline(
         "weighted sum 1:100, then 10:1",
         coeffs={"total_energy": 1.0, "forces": 100.0},
@@ -188,11 +154,8 @@ def _weighted_sums() -> dict[str, Method]:
 
 
 #: the loss metric names of nequip's EnergyForce(Stress)Loss with per_atom_energy
-LOSS_METRIC_NAMES = {
-    "total_energy": "per_atom_energy_mse",
-    "forces": "forces_mse",
-    "stress": "stress_mse",
-}
+LOSS_METRIC_NAMES = {"total_energy": "per_atom_energy_mse", "forces": "forces_mse",
+                     "stress": "stress_mse"}  # fmt: skip
 
 
 def task_coeffs(coeffs: dict[str, float] | None, num_tasks: int) -> dict[str, float] | None:

@@ -1,67 +1,44 @@
 """Multi-fidelity: the best DFT model from a little DFT data and a lot of xTB data.
 
-High fidelity: the real DFT ethanol frames (:data:`benchmarks.protocol.ETHANOL`, 100 frames,
-kcal/mol); low fidelity: GFN2-xTB ethanol MD (:data:`benchmarks.protocol.XTB_ETHANOL`, 1200
-frames at 300/600/900 K). 20 DFT frames are the held-out test set (never used for any
-choice); the DFT training sets are 80 frames and nested subsets of them (``--dft-train``, e.g.
-80 40 20); 1000 xTB frames train (100 more are the pretrained model's xTB test frames).
-Strategies (:func:`benchmarks.methods.multifidelity_methods`):
-
-- ``mf_dft_only``: DFT alone, nequip's plain module and data module;
-- ``mf_pretrain_ft``: nequip's plain module pretrained on xTB (``--pretrain-s`` of training
-  clock, once per seed, cached in ``benchmarks/results/_tmp``), then fine-tuned on DFT with a
-  fresh Adam; its energy zero is set to the DFT training frames' before fine-tuning (the
-  per-type shift is not trained). The pretraining is **not** counted in the budget (a user
-  re-uses a pretrained model); its cost is stated in the report;
-- ``mf_joint_<w>``: one model on both (balanced batches of ``--batch-size`` frames of each),
-  :func:`~nequip_mtl.model.PerDatasetEnergyReferences` with the fixed least-squares
-  references of the data module (``per_dataset_energy_references``), nequip's weighted sum of
-  a :func:`~nequip_mtl.train.PerDatasetLoss` with the DFT coefficients ``w`` x the xTB ones;
-- ``mf_upgrad``, ``mf_pcgrad``, ``mf_primary``, ``mf_calib``: the same batches and references,
-  the 1:1 loss, the datasets as tasks (``MultitaskLightningModule``, ``tasks: datasets``)
-  under UPGrad, PCGrad, ``PrimaryConstrained`` (primary ``dft``), or calibrate-then-freeze;
-- ``mf_joint_heads``: ``mf_joint_1`` with ``PerDatasetEnergyReferences(readout_heads=True)``;
-  reported as not available (and skipped) where that argument does not exist.
-
-Every joint model is evaluated as the **deployed DFT model**: the ``select_fidelity`` model
-modifier (``dataset=dft``) applied to a copy of the trained model gives a plain nequip model,
-evaluated on the DFT test frames without ``dataset_index``. An epoch is ``ceil(n_dft /
-batch_size)`` batches for every strategy (one pass over the DFT training frames). Two views
-from the same runs: equal training time (``--budget-s`` of the CPU-time clock of
-``benchmarks/protocol.py``) and equal epochs (``--epochs``). Once per seed, the cosine between
-the DFT and xTB dataset-task gradients is measured on the first batches (``--cosine-steps``),
-at initialisation and from the xTB-pretrained model, with and without per-dataset references.
+High fidelity: the DFT ethanol frames (20 held out as the test set; training sets of 80
+frames and nested subsets, ``--dft-train``); low fidelity: 1000 GFN2-xTB ethanol MD frames.
+Strategies (:func:`benchmarks.methods.multifidelity_methods`): DFT alone; xTB pretraining
+(:func:`benchmarks.protocol.pretrain`, not counted in the budget) then DFT fine-tuning with
+DFT's energy zero; joint training on balanced batches with fixed per-dataset energy
+references (:func:`benchmarks.protocol.with_references`) and nequip's weighted sum of a
+``PerDatasetLoss``, DFT:xTB ``w``:1 (the sweep: the front), with readout heads, or with the
+datasets as tasks (UPGrad, PCGrad, ``PrimaryConstrained`` with DFT primary,
+calibrate-then-freeze). Every joint model is scored as the **deployed DFT model**
+(``select_fidelity``, a plain nequip model on frames without ``dataset_index``). An epoch is
+one pass over the DFT frames; views: equal training time and equal epochs. Once per seed,
+the cosine between the DFT and xTB task gradients is measured on the first batches
+(``--cosine-steps``), at initialisation and from the pretrained model, with and without
+per-dataset references.
 
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --quick            # about a minute
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --resume --methods mf_joint_heads
-    python -m benchmarks.multifidelity --from-json benchmarks/results/multifidelity.json
 
-Writes ``benchmarks/results/multifidelity.{json,md,png}`` (``--out`` to choose); the json is
-rewritten after every finished run. ``--resume`` keeps the runs already in the output json
-and runs only the missing (method, seed, DFT size) combinations.
+Writes ``benchmarks/results/multifidelity.{json,md,png}`` (``--out`` to choose), the json
+after every finished run; ``--resume`` keeps the runs of the output json and runs only the
+missing (method, seed, DFT size) combinations.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import inspect
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from benchmarks import accuracy as A
 from benchmarks import methods as M
-from benchmarks import pareto
 from benchmarks import protocol as P
 from benchmarks import report as R
 
 TYPES = P.ETHANOL_TYPE_NAMES
 N_DFT_TEST, N_XTB_TRAIN, N_XTB_TEST = 20, 1000, 100
-DATASETS = ["dft", "xtb"]
 #: the DFT test frames: the only validation loader of a DFT (or joint) run
 LOADERS = {"val0_epoch": ""}
 #: the pretraining's validation loaders: DFT test frames, xTB test frames
@@ -77,20 +54,6 @@ QUICK_METHODS = ["mf_dft_only", "mf_pretrain_ft", "mf_joint_1", "mf_upgrad", "mf
 COSINE_STATES = ("init", "pretrained")
 COSINE_VARIANTS = ("references", "one_shift")
 
-
-def heads_available() -> bool:
-    """Whether ``PerDatasetEnergyReferences`` takes ``readout_heads`` in this tree."""
-    from nequip_mtl.model import PerDatasetEnergyReferences
-
-    return "readout_heads" in inspect.signature(PerDatasetEnergyReferences).parameters
-
-
-HEADS_MISSING = (
-    "mf_joint_heads: not available: nequip_mtl.model.PerDatasetEnergyReferences has no "
-    "`readout_heads` argument in this tree; skipped (run it later with --resume --methods "
-    "mf_joint_heads)"
-)
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -98,29 +61,24 @@ def data_files(sizes) -> dict[str, str]:
     """The extxyz files (written once into ``_tmp``): ``dft_test`` (20 frames),
     ``dft_train_<n>`` for every size (the first ``n`` of one permutation of the other 80:
     nested), ``xtb_train`` (1000) and ``xtb_test`` (100)."""
-    import ase.io
-    import numpy as np
 
-    folder = P.TMP / "multifidelity_data"
-    names = ["dft_test", "xtb_train", "xtb_test", *(f"dft_train_{n}" for n in sizes)]
-    files = {k: folder / f"{k}.xyz" for k in names}
-    if not all(f.exists() for f in files.values()):
-        folder.mkdir(parents=True, exist_ok=True)
+    def make():
+        import ase.io
+        import numpy as np
+
         rng = np.random.default_rng(0)
-        dft = ase.io.read(P.ETHANOL, index=":")
-        dft = [dft[i] for i in rng.permutation(len(dft))]
+        dft = P.shuffled(ase.io.read(P.ETHANOL, index=":"), rng)
         test, train = dft[:N_DFT_TEST], dft[N_DFT_TEST:]
         for n in sizes:
             if not 0 < n <= len(train):
                 raise SystemExit(f"--dft-train {n}: must be 1 to {len(train)}")
-        xtb = ase.io.read(P.XTB_ETHANOL, index=":")
-        xtb = [xtb[i] for i in rng.permutation(len(xtb))]
-        P.write_frames(files["dft_test"], test)
-        P.write_frames(files["xtb_train"], xtb[:N_XTB_TRAIN])
-        P.write_frames(files["xtb_test"], xtb[N_XTB_TRAIN : N_XTB_TRAIN + N_XTB_TEST])
-        for n in sizes:
-            P.write_frames(files[f"dft_train_{n}"], train[:n])
-    return {k: str(v) for k, v in files.items()}
+        xtb = P.shuffled(ase.io.read(P.XTB_ETHANOL, index=":"), rng)
+        return {"dft_test": test, "xtb_train": xtb[:N_XTB_TRAIN],
+                "xtb_test": xtb[N_XTB_TRAIN : N_XTB_TRAIN + N_XTB_TEST],
+                **{f"dft_train_{n}": train[:n] for n in sizes}}  # fmt: skip
+
+    names = ["dft_test", "xtb_train", "xtb_test", *(f"dft_train_{n}" for n in sizes)]
+    return P.write_splits("multifidelity_data", names, make)
 
 
 def statistics(files: dict, sizes, r_max: float) -> dict[str, dict]:
@@ -138,69 +96,23 @@ def datamodule(files: dict, a: dict, seed: int, n: int, mode: str):
     xTB training frames (validation: DFT and xTB test frames); ``joint``: a
     ``MultiDatasetDataModule`` of ``dft`` and ``xtb`` with balanced batches, ``ceil(n /
     batch_size)`` batches an epoch. The DFT test frames are the first validation loader."""
-    r = a["r_max"]
-
-    def ds(key):
-        return P.ase_dataset(Path(files[key]), r, TYPES)
-
+    if mode == "dft":
+        return P.files_datamodule(files, a, seed, f"dft_train_{n}", ["dft_test"])
+    if mode == "xtb":
+        return P.files_datamodule(files, a, seed, "xtb_train", ["dft_test", "xtb_test"])
+    datasets = {
+        "dft": {"train_dataset": P.file_dataset(files, a, f"dft_train_{n}"),
+                "val_dataset": P.file_dataset(files, a, "dft_test")},
+        "xtb": {"train_dataset": P.file_dataset(files, a, "xtb_train")},
+    }  # fmt: skip
     k = a["batch_size"]
-    val = P.loader_config(10)
-    if mode in ("dft", "xtb"):
-        from nequip.data.datamodule import NequIPDataModule
-
-        train = ds(f"dft_train_{n}") if mode == "dft" else ds("xtb_train")
-        tests = [ds("dft_test")] + ([ds("xtb_test")] if mode == "xtb" else [])
-        return NequIPDataModule(
-            seed=seed,
-            train_dataset=train,
-            val_dataset=tests,
-            train_dataloader=P.loader_config(k, shuffle=True),
-            val_dataloader=val,
-        )
-    from nequip_mtl.data import MultiDatasetDataModule
-
-    return MultiDatasetDataModule(
-        seed=seed,
-        datasets={
-            "dft": {"train_dataset": ds(f"dft_train_{n}"), "val_dataset": ds("dft_test")},
-            "xtb": {"train_dataset": ds("xtb_train")},
-        },
-        sampling={
-            "mode": "balanced",
-            "frames_per_batch": {"dft": k, "xtb": k},
-            "batches_per_epoch": math.ceil(n / k),
-        },
-        train_dataloader=P.loader_config(),
-        val_dataloader=val,
-    )
+    return P.balanced_datamodule(datasets, k, seed, math.ceil(n / k))
 
 
 def joint_loss(dft: float = 1.0) -> dict:
     """The per-dataset loss: per-atom energy and force MSE 1:1 within a dataset, the DFT
     components ``dft`` x the xTB ones."""
-    return {
-        "_target_": "nequip_mtl.train.PerDatasetLoss",
-        "datasets": list(DATASETS),
-        "coeffs": {
-            "dft": {"total_energy": dft, "forces": dft},
-            "xtb": {"total_energy": 1.0, "forces": 1.0},
-        },
-    }
-
-
-def joint_model(model: dict, references: dict, heads: bool = False) -> dict:
-    """``model`` wrapped with fixed per-dataset energy references (``heads``: and per-dataset
-    readout heads)."""
-    out = {
-        "_target_": "nequip_mtl.model.PerDatasetEnergyReferences",
-        "datasets": list(DATASETS),
-        "references": references,
-        "trainable": False,
-        "model": model,
-    }
-    if heads:
-        out["readout_heads"] = True
-    return out
+    return P.per_dataset_loss({"dft": dft, "xtb": 1.0})
 
 
 def deployed(module):
@@ -216,10 +128,10 @@ def deployed(module):
 def evaluate_plain(model, files: dict, a: dict, seed: int, n: int) -> dict[str, float]:
     """The DFT test errors of a plain nequip ``model`` (no ``dataset_index`` in the frames):
     on nequip's plain module and data module."""
-    method = M.multifidelity_methods()["mf_dft_only"]
-    config = P.run_model(a, {"num_neighbors_mean": 1.0, "per_type_energy_shifts": {t: 0.0 for t in TYPES},
-                             "forces_rms": 1.0}, seed, TYPES)  # fmt: skip
-    plain = P.build_module(method, config, 2, lr=a["lr"], num_val=1)
+    stats = {"num_neighbors_mean": 1.0, "per_type_energy_shifts": dict.fromkeys(TYPES, 0.0),
+             "forces_rms": 1.0}  # fmt: skip
+    plain = P.build_module(M.methods()["ws"], P.run_model(a, stats, seed, TYPES), 2,
+                           lr=a["lr"], num_val=1)  # fmt: skip
     (key,) = plain.model.keys()
     plain.model[key] = model
     dm = datamodule(files, a, seed, n, "dft")
@@ -244,20 +156,12 @@ def load_pretrained(module, cache: str, keep_shift: bool) -> None:
     state = {}
     for k in own:
         plain = k.replace("per_type_energy_scale_shift.base.", "per_type_energy_scale_shift.")
-        if plain in pre and not (keep_shift and plain == shift):
-            state[k] = pre[plain]
-        else:
-            state[k] = own[k]
+        keep = plain not in pre or (keep_shift and plain == shift)
+        state[k] = own[k] if keep else pre[plain]
     module.model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- runs
-
-
-def pretrain_args(a: dict) -> dict:
-    """The pretraining run's arguments: its own budget and learning rate, no epoch target."""
-    return {**a, "budget_s": a["pretrain_s"], "lr": a["pretrain_lr"], "epochs": 0,
-            "val_every": 10_000}  # fmt: skip
 
 
 def pretrained_path(a: dict, stats: dict, seed: int) -> Path:
@@ -267,27 +171,11 @@ def pretrained_path(a: dict, stats: dict, seed: int) -> Path:
 
 def pretrain_run(task: dict) -> dict:
     """Pretrain on the xTB frames for ``pretrain_s`` s of training clock (once: cached)."""
-    import lightning
-    import torch
-
-    path = Path(task["cache"])
-    if path.exists():
-        return {**torch.load(path, weights_only=False)["result"], "cached": True}
-    P.init_torch()
-    a, seed = pretrain_args(task["args"]), task["seed"]
-    lightning.seed_everything(seed, workers=True, verbose=False)
-    method = M.multifidelity_methods()["mf_dft_only"]  # nequip's plain weighted sum
-    model = P.run_model(a, task["stats"]["xtb"], seed, TYPES)
-    module = P.build_module(method, model, 2, lr=a["lr"], num_val=2)
-    dm = datamodule(task["files"], a, seed, 0, "xtb")
-    per_epoch = math.ceil(N_XTB_TRAIN / a["batch_size"])
-    out = P.fit_on_clock(module, dm, a, per_epoch, list(PRETRAIN_METRICS), PRETRAIN_LOADERS)
-    result = {"method": "pretrained", "seed": seed, **out}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_suffix(f".{os.getpid()}.part")
-    torch.save({"model": module.model.state_dict(), "result": result}, part)
-    part.replace(path)
-    return {**result, "cached": False}
+    a = task["args"]
+    return P.pretrain(task,
+                      lambda: datamodule(task["files"], a, task["seed"], 0, "xtb"),
+                      math.ceil(N_XTB_TRAIN / a["batch_size"]), task["stats"]["xtb"],
+                      list(PRETRAIN_METRICS), PRETRAIN_LOADERS)  # fmt: skip
 
 
 def mf_run(task: dict) -> dict:
@@ -306,7 +194,7 @@ def mf_run(task: dict) -> dict:
     if fid["mode"] == "joint":
         dm = datamodule(task["files"], a, seed, n, "joint")
         refs = dm.energy_references(TYPES)
-        model = joint_model(P.run_model(a, stats, seed, TYPES), refs, fid["heads"])
+        model = P.with_references(P.run_model(a, stats, seed, TYPES), refs, fid["heads"])
         loss = joint_loss(fid["dft"])
         extra["references"] = refs
     else:
@@ -372,7 +260,7 @@ def cosine_run(task: dict) -> dict:
             dm = datamodule(task["files"], a, seed, n, "joint")
             model = P.run_model(a, stats, seed, TYPES)
             if variant == "references":
-                model = joint_model(model, dm.energy_references(TYPES))
+                model = P.with_references(model, dm.energy_references(TYPES))
             module = P.build_module(method, model, 2, lr=0.0, loss=joint_loss(), num_val=0)
             if state == "pretrained":
                 load_pretrained(module, task["cache"], keep_shift=False)
@@ -401,7 +289,7 @@ def summaries(data: dict, n: int) -> dict[str, list[dict]]:
     seeds)."""
     runs = [r for r in data["runs"] if r["n_dft"] == n]
     methods = ran_methods(data, n)
-    return {key: A.summarize(runs, methods, key, METRICS) for key in ("budget", "epochs")}
+    return {key: R.summarize(runs, methods, key, METRICS) for key in ("budget", "epochs")}
 
 
 def labels_of() -> dict[str, str]:
@@ -425,40 +313,22 @@ def table(rows: list[dict], caption: str) -> list[str]:
     """One view of one DFT size: the errors, the gap to DFT only, the place against the
     joint weighted-sum sweep's front (DFT energy and force MAE)."""
     labels = labels_of()
-    st = pareto.classify(rows, M.MF_SWEEP, (E, F))
+    st = R.classify(rows, M.MF_SWEEP, (E, F))
     base = next((r for r in rows if r["method"] == "mf_dft_only"), None)
-    lines = [
-        caption,
-        "",
-        R.md_row(
-            [
-                "strategy",
-                *A.header(METRICS),
-                "energy vs DFT only",
-                "force vs DFT only",
-                "steps",
-                "epochs",
-                "vs joint sweep front",
-                "seeds",
-            ]
-        ),  # fmt: skip
-        R.md_rule(len(METRICS) + 7),
-    ]
-    for r in sorted(rows, key=lambda r: (r[F][0] is None, r[F][0] or 0)):
+
+    def short(m):
+        return labels[m].replace("joint, weighted sum DFT:xTB ", "")
+
+    head = ["strategy", *R.header(METRICS), "energy vs DFT only", "force vs DFT only", "steps",
+            "epochs", "vs joint sweep front", "seeds"]  # fmt: skip
+    lines = [caption, "", R.md_row(head), R.md_rule(len(head))]
+    for r in R.sorted_by(rows, F):
         m = r["method"]
         sweep = m in M.MF_SWEEP
         name = f"**{labels[m]}**" if sweep else labels[m]
-        s = st[m]
-        where = s["status"]
-        short = [
-            labels[w].replace("joint, weighted sum DFT:xTB ", "") for w in s["by"] or s["beats"]
-        ]
-        if s["by"]:
-            where += " by " + ", ".join(short)
-        elif s["beats"] and not sweep:
-            where += " (beats " + ", ".join(short) + ")"
-        lines.append(R.md_row([name, *A.cells(r, METRICS)[:2], _gap(r, base, E), _gap(r, base, F),
-                               *A.cells(r, METRICS)[2:], where, r["n_reached"]]))  # fmt: skip
+        c = R.cells(r, METRICS)
+        lines.append(R.md_row([name, *c[:2], _gap(r, base, E), _gap(r, base, F), *c[2:],
+                               R.place(st[m], short, sweep), r["n_reached"]]))  # fmt: skip
     return lines
 
 
@@ -577,8 +447,6 @@ def markdown(data: dict) -> str:
     if expected is not None and len(runs) < expected:
         lines += [f"**Incomplete**: {len(runs)} of {expected} runs finished (the `seeds` "
                   "column counts each row's runs).", ""]  # fmt: skip
-    if a.get("skipped"):
-        lines += [f"*{s}*" for s in a["skipped"]] + [""]
     diffs = [r["deployed_rel_diff"] for r in runs if "deployed_rel_diff" in r]
     if diffs:
         lines += [
@@ -660,10 +528,7 @@ def report(data: dict, out: Path) -> None:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="about a minute: tiny budgets, 1 seed")
+    p = P.study_parser(__doc__, jobs=False)
     p.add_argument("--methods", nargs="+", default=None, choices=M.MF_METHODS,
                    help="at the largest DFT size (default: all)")  # fmt: skip
     p.add_argument("--reduction-methods", nargs="+", default=None, choices=M.MF_METHODS,
@@ -678,8 +543,6 @@ def parse(argv):
     p.add_argument("--resume", action="store_true",
                    help="keep the runs in the output json; run only the missing ones")  # fmt: skip
     P.add_run_arguments(p, batch_size=4, lr=None)
-    p.add_argument("--out", default=None, help="default results/multifidelity")
-    R.add_from_json(p)
     args = p.parse_args(argv)
     args.argv = list(argv)
     if args.from_json:
@@ -699,9 +562,8 @@ def parse(argv):
     args.methods = args.methods or list(M.MF_METHODS)
     args.reduction_methods = args.reduction_methods or list(REDUCTION_METHODS)
     args.dft_train = sorted(set(args.dft_train), reverse=True)
-    args.out = args.out or str(
-        (P.TMP / "multifidelity_quick") if args.quick else (P.RESULTS / "multifidelity")
-    )
+    args.type_names = list(TYPES)
+    args.out = P.out_path(args, "multifidelity")
     return args
 
 
@@ -728,26 +590,24 @@ def main(argv=None):
     args = parse(argv)
     if args.from_json:
         return R.from_json(args.from_json, args.out, report)
-    table_ = M.multifidelity_methods()
-    wanted = sorted(set(args.methods) | set(args.reduction_methods))
-    missing = M.missing_methods(wanted, table_)
-    if missing:
+    if missing := M.missing_methods(
+        [*args.methods, *args.reduction_methods], M.multifidelity_methods()
+    ):
         raise SystemExit(f"cannot import {missing}")
     out = Path(args.out)
     old = R.read_json(out.with_suffix(".json")) if args.resume and out.with_suffix(".json").exists() else None  # fmt: skip
     files = data_files(args.dft_train)
     stats = statistics(files, args.dft_train, args.r_max)
     a = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    skipped = []
     todo = plan(args)
-    if not heads_available() and any(m == "mf_joint_heads" for _, _, m in todo):
-        skipped.append(HEADS_MISSING)
-        print(HEADS_MISSING, flush=True)
-        todo = [t for t in todo if t[2] != "mf_joint_heads"]
-    pre, runs, cosines = [], [], []
+    kept = {"pretrain": [], "cosines": [], "runs": []}
     if old is not None:
-        pre, runs, cosines = old["pretrain"], old["runs"], old.get("cosines") or []
-        done = {(r["n_dft"], r["seed"], r["method"]) for r in runs}
+        kept = {
+            "pretrain": old["pretrain"],
+            "cosines": old.get("cosines") or [],
+            "runs": old["runs"],
+        }
+        done = {(r["n_dft"], r["seed"], r["method"]) for r in old["runs"]}
         todo = [t for t in todo if t not in done]
         # the committed arguments describe every kept run: keep them, widen the lists
         prev = old["meta"]["args"]
@@ -761,62 +621,45 @@ def main(argv=None):
             a[key] = list(dict.fromkeys([*prev[key], *a[key]]))
         a["argv"] = prev["argv"]
         a["resumed_argv"] = [*prev.get("resumed_argv", []), list(argv)]
-    a["skipped"] = skipped
-    a["expected_runs"] = len(runs) + len(todo)
+    a["expected_runs"] = len(kept["runs"]) + len(todo)
     base = {"args": a, "stats": stats, "files": files}
 
     def task(seed, n=None, method=None):
         return {**base, "seed": seed, "n": n, "method": method,
                 "cache": str(pretrained_path(a, stats, seed))}  # fmt: skip
 
-    import torch  # noqa: F401  (after OMP_NUM_THREADS)
+    results = P.Results(out, "multifidelity", a["argv"], a, {"files": files, "statistics": stats},
+                        elapsed0=old["meta"]["elapsed_s"] if old else 0.0, **kept)  # fmt: skip
+    if old is not None:  # the first run's machine and time, the resumed ones beside
+        machine = old["meta"]["machine"]
+        results.info = {**machine, "resumed": [*machine.get("resumed", []), results.info],
+                        "date": old["meta"]["time"]}  # fmt: skip
+    pre, cosines, runs = (results.lists[k] for k in ("pretrain", "cosines", "runs"))
 
-    info = {**P.machine_info(), "date": P.now()}
-    if old is not None:
-        info = {**old["meta"]["machine"], "resumed": [*old["meta"]["machine"].get("resumed", []), info]}  # fmt: skip
-    t0 = time.perf_counter()
-    elapsed0 = old["meta"]["elapsed_s"] if old is not None else 0.0
+    def done(key: str) -> set[int]:
+        return {x["seed"] for x in results.lists[key]}
 
-    def meta():
-        return {"machine": info, "args": a, "command": R.command("multifidelity", a["argv"], omp=False),
-                "data": {"files": files, "statistics": stats},
-                "time": old["meta"]["time"] if old is not None else info["date"],
-                "elapsed_s": elapsed0 + time.perf_counter() - t0}  # fmt: skip
-
-    def save():
-        R.write_json(out.with_suffix(".json"), {"meta": {**meta(), "partial": True},
-                     "pretrain": pre, "cosines": cosines, "runs": runs})  # fmt: skip
-
-    seeds_pre = {r["seed"] for r in pre}
-    seeds_cos = {c["seed"] for c in cosines}
     for n, seed, method in todo:
-        needs_pre = method == "mf_pretrain_ft" or seed not in seeds_cos
-        if needs_pre and seed not in seeds_pre:
+        needs_pre = method == "mf_pretrain_ft" or seed not in done("cosines")
+        if needs_pre and seed not in done("pretrain"):
             r = pretrain_run(task(seed))
-            pre.append(r)
-            seeds_pre.add(seed)
+            results.add("pretrain", r)
             print(f"pretrained seed {seed}{' (cached)' if r['cached'] else ''}: {r['steps']} "
                   f"steps, DFT force {r['budget']['dft/forces_mae']:.4g}", flush=True)  # fmt: skip
-            save()
-        if seed not in seeds_cos:
+        if seed not in done("cosines"):
             c = cosine_run(task(seed, max(args.dft_train)))
-            cosines.append(c)
-            seeds_cos.add(seed)
+            results.add("cosines", c)
             print(f"cosines seed {seed}: " + ", ".join(
                 f"{k} {sorted(v)[len(v) // 2]:+.2f}" for k, v in c.items() if isinstance(v, list)), flush=True)  # fmt: skip
-            save()
         r = mf_run(task(seed, n, method))
-        runs.append(r)
+        results.add("runs", r)
         b = r["budget"]
-        print(f"[{len(runs)}/{a['expected_runs']} {time.perf_counter() - t0:.0f} s] {method} "
-              f"n={n} seed {seed}: {r['steps']} steps, force {b[F]:.4g}, energy {b[E]:.4g} "
-              f"(run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
-        save()
+        print(f"[{len(runs)}/{a['expected_runs']} {time.perf_counter() - results.t0:.0f} s] "
+              f"{method} n={n} seed {seed}: {r['steps']} steps, force {b[F]:.4g}, energy "
+              f"{b[E]:.4g} (run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
     pre.sort(key=lambda r: r["seed"])
     cosines.sort(key=lambda c: c["seed"])
-    data = {"meta": meta(), "pretrain": pre, "cosines": cosines, "runs": runs}
-    data["meta"]["machine"] = {**info, "loadavg_end": os.getloadavg()}
-    report(data, out)
+    report(results.data(), out)
 
 
 if __name__ == "__main__":
