@@ -42,9 +42,6 @@ DESCRIPTIONS = {"alloy": "offline EMT alloy (Cu/Ni/Pd)", "ethanol": "DFT ethanol
 SHORT = {"per_atom_energy_mse": "E", "forces_mse": "F", "stress_mse": "S"}
 
 
-# ----------------------------------------------------------------------------- one run
-
-
 def _recorder(monitor):
     import lightning
 
@@ -63,20 +60,14 @@ def _recorder(monitor):
             stats = monitor.last_statistics
             names = list(stats.names)
             rec = {
-                "step": int(step),
-                "epoch": int(trainer.current_epoch),
+                "step": int(step), "epoch": int(trainer.current_epoch),
                 "source": monitor.last_source,
                 "norms": {n: float(stats.norms[i]) for i, n in enumerate(names)},
-                "cos": {
-                    f"{names[i]}~{names[j]}": float(stats.cosines[i, j]) for i, j in stats.pairs()
-                },
-                "cos_update": (
-                    {n: float(stats.cos_update[i]) for i, n in enumerate(names)}
-                    if stats.cos_update is not None
-                    else {}
-                ),
+                "cos": {f"{names[i]}~{names[j]}": float(stats.cosines[i, j]) for i, j in stats.pairs()},
+                "cos_update": ({n: float(stats.cos_update[i]) for i, n in enumerate(names)}
+                               if stats.cos_update is not None else {}),
                 "update_norm": stats.update_norm,
-            }
+            }  # fmt: skip
             # the values the monitor logged must be these (same statistics object)
             for key, value in monitor.last_metrics.items():
                 if key.startswith("grad_conflict/cos/"):
@@ -105,30 +96,18 @@ def run_one(task: dict) -> dict:
     dm = P.run_datamodule(task["data"], a, type_names)
     monitor = GradientConflictMonitor("batch", a["every"])
     record = _recorder(monitor)
-    trainer = P.trainer(
-        [monitor, *P.build_callbacks(method), record],
-        max_epochs=a["epochs"],
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=a["epochs"] + 1,  # validated once, after training
-    )
+    # validated once, after training
+    trainer = P.trainer([monitor, *P.build_callbacks(method), record], max_epochs=a["epochs"],
+                        num_sanity_val_steps=0, check_val_every_n_epoch=a["epochs"] + 1)  # fmt: skip
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     wall = time.perf_counter() - t0
     return {
-        "variant": task["variant"],
-        "seed": seed,
-        "module": method.module,
-        "aggregator": method.kwargs.get("aggregator", {}).get("_target_"),
-        "coeffs": coeffs,
-        "steps": int(trainer.global_step),
-        "wall_s": wall,
-        "params": P.num_params(module),
-        "final_val": P.validate(module, dm),
-        "records": record.records,
-    }
-
-
-# ----------------------------------------------------------------------------- statistics
+        "variant": task["variant"], "seed": seed, "module": method.module,
+        "aggregator": method.kwargs.get("aggregator", {}).get("_target_"), "coeffs": coeffs,
+        "steps": int(trainer.global_step), "wall_s": wall, "params": P.num_params(module),
+        "final_val": P.validate(module, dm), "records": record.records,
+    }  # fmt: skip
 
 
 def _quantiles(xs: list[float]) -> dict:
@@ -136,23 +115,13 @@ def _quantiles(xs: list[float]) -> dict:
 
     x = np.asarray(xs, dtype=float)
     q1, med, q3 = np.percentile(x, [25, 50, 75])
-    return {
-        "n": int(x.size),
-        "frac_neg": float(np.mean(x < 0)),
-        "frac_below_half": float(np.mean(x < -0.5)),
-        "q1": float(q1),
-        "median": float(med),
-        "q3": float(q3),
-        "min": float(x.min()),
-        "max": float(x.max()),
-    }
+    return {"n": int(x.size), "frac_neg": float(np.mean(x < 0)),
+            "frac_below_half": float(np.mean(x < -0.5)), "q1": float(q1), "median": float(med),
+            "q3": float(q3), "min": float(x.min()), "max": float(x.max())}  # fmt: skip
 
 
 def tasks_of(runs: list[dict]) -> list[str]:
-    for r in runs:
-        for rec in r["records"]:
-            return list(rec["norms"])
-    return []
+    return next((list(rec["norms"]) for r in runs for rec in r["records"]), [])
 
 
 def pairs_of(tasks: list[str]) -> list[str]:
@@ -162,11 +131,8 @@ def pairs_of(tasks: list[str]) -> list[str]:
 def ratios_of(tasks: list[str]) -> list[tuple[str, str]]:
     """(numerator, denominator) task pairs of the reported norm ratios: every other task
     over the energy, and stress over forces."""
-    e = tasks[0]
-    out = [(t, e) for t in tasks[1:]]
-    if "stress_mse" in tasks and "forces_mse" in tasks:
-        out.append(("stress_mse", "forces_mse"))
-    return out
+    out = [(t, tasks[0]) for t in tasks[1:]]
+    return out + [("stress_mse", "forces_mse")] * ("stress_mse" in tasks and "forces_mse" in tasks)
 
 
 def ratio_key(num: str, den: str) -> str:
@@ -183,10 +149,9 @@ def windows(runs: list[dict]) -> tuple[list[int], list[int]]:
 
 
 def summarize(runs: list[dict], variants: list[str]) -> dict:
-    """Per variant: cosine distributions per pair (all measured steps pooled over seeds;
-    also the early and the late window, see :func:`windows`), per-seed fractions of
-    negative cosines, the fraction of steps where the update opposes a task, and the
-    median task-gradient norms and norm ratios in both windows."""
+    """Per variant: the cosines of every pair (all steps pooled over seeds, and per window,
+    :func:`windows`), per seed the fraction negative, how often the update opposes a task,
+    the median norms and norm ratios per window."""
     import numpy as np
 
     tasks = tasks_of(runs)
@@ -197,53 +162,37 @@ def summarize(runs: list[dict], variants: list[str]) -> dict:
         recs = [rec for r in rs for rec in r["records"]]
         if not recs:
             continue
-        win = {
-            "early": [rec for rec in recs if rec["epoch"] in early],
-            "late": [rec for rec in recs if rec["epoch"] in late],
-        }
+        win = {"early": [rec for rec in recs if rec["epoch"] in early],
+               "late": [rec for rec in recs if rec["epoch"] in late]}  # fmt: skip
         s: dict = {"steps_measured": len(recs), "early_epochs": early, "late_epochs": late}
         s["cos"] = {}
         for p in pairs_of(tasks):
             s["cos"][p] = {
                 "all": _quantiles([rec["cos"][p] for rec in recs]),
                 **{w: _quantiles([rec["cos"][p] for rec in rw]) for w, rw in win.items()},
-                "frac_neg_per_seed": [
-                    float(np.mean([rec["cos"][p] < 0 for rec in r["records"]])) for r in rs
-                ],
-            }
+                "frac_neg_per_seed": [float(np.mean([rec["cos"][p] < 0 for rec in r["records"]]))
+                                      for r in rs],
+            }  # fmt: skip
         s["cos_update_frac_neg"] = {
             t: float(np.mean([rec["cos_update"][t] < 0 for rec in recs]))
-            for t in tasks
-            if all(t in rec["cos_update"] for rec in recs)
-        }
+            for t in tasks if all(t in rec["cos_update"] for rec in recs)
+        }  # fmt: skip
         s["norm_median"] = {
             t: {w: float(np.median([rec["norms"][t] for rec in rw])) for w, rw in win.items()}
             for t in tasks
-        }
+        }  # fmt: skip
         s["norm_ratio"] = {}
         for num, den in ratios_of(tasks):
-            ratio = {
-                w: [rec["norms"][num] / rec["norms"][den] for rec in rw]
-                for w, rw in {"all": recs, **win}.items()
-            }
+            ratio = {w: [rec["norms"][num] / rec["norms"][den] for rec in rw]
+                     for w, rw in {"all": recs, **win}.items()}  # fmt: skip
             q1, med, q3 = np.percentile(ratio["all"], [25, 50, 75])
             e, la = float(np.median(ratio["early"])), float(np.median(ratio["late"]))
-            s["norm_ratio"][ratio_key(num, den)] = {
-                "median": float(med),
-                "q1": float(q1),
-                "q3": float(q3),
-                "early": e,
-                "late": la,
-                "drift": la / e,
-            }
-        s["final_val"] = {
-            k: float(np.mean([r["final_val"][k] for r in rs])) for k in rs[0]["final_val"]
-        }
+            s["norm_ratio"][ratio_key(num, den)] = {"median": float(med), "q1": float(q1),
+                "q3": float(q3), "early": e, "late": la, "drift": la / e}  # fmt: skip
+        s["final_val"] = {k: float(np.mean([r["final_val"][k] for r in rs]))
+                          for k in rs[0]["final_val"]}  # fmt: skip
         out[v] = s
     return out
-
-
-# ----------------------------------------------------------------------------- outputs
 
 
 def _pair_text(p: str) -> str:
@@ -252,8 +201,7 @@ def _pair_text(p: str) -> str:
 
 
 def _epochs_text(summary: dict, key: str) -> str:
-    epochs = next(iter(summary.values()))[key] if summary else []
-    if not epochs:
+    if not (epochs := next(iter(summary.values()))[key] if summary else []):
         return "n/a"
     return str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}"
 
@@ -370,7 +318,7 @@ def markdown(data: dict) -> str:
     ]  # fmt: skip
     val_units = {"per_atom_energy_mae": f"{e_unit}/atom", "forces_mae": f"{e_unit}/{l_unit}",
                  "stress_mae": f"{e_unit}/{l_unit}³"}  # fmt: skip
-    val_keys = [k for k in val_units if k in tasks_val(runs)]
+    val_keys = [k for k in val_units if runs and k in runs[0]["final_val"]]
     lines += [
         "",
         "For context only (not an accuracy benchmark; see `benchmarks/accuracy.py`): "
@@ -381,10 +329,6 @@ def markdown(data: dict) -> str:
                      for v in ran]),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def tasks_val(runs: list[dict]) -> list[str]:
-    return list(runs[0]["final_val"]) if runs else []
 
 
 def _binned(runs, key_fn, bin_steps: int, steps_per_epoch: int):
@@ -419,10 +363,8 @@ def plot(out: Path, meta: dict, runs: list[dict], variants: list[str]) -> tuple[
     width = max(8.0, 5.5 * len(pairs))
     fig, axes = plt.subplots(1, len(pairs), figsize=(width, 5.2), squeeze=False)
     for ax, p in zip(axes[0], pairs):
-        data = [
-            [rec["cos"][p] for r in runs if r["variant"] == v for rec in r["records"]]
-            for v in variants
-        ]
+        data = [[rec["cos"][p] for r in runs if r["variant"] == v for rec in r["records"]]
+                for v in variants]  # fmt: skip
         parts = ax.violinplot(data, showmedians=True, showextrema=True)
         for body, v in zip(parts["bodies"], variants):
             body.set_facecolor(colors[v])
@@ -439,14 +381,9 @@ def plot(out: Path, meta: dict, runs: list[dict], variants: list[str]) -> tuple[
         ax.set_ylabel("cosine between task gradients")
         ax.set_title(f"{_pair_text(p)} ({p.replace('~', ' vs ')})", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(
-        textwrap.fill(
-            f"{ds}: cosines of the unweighted task gradients, all measured steps of "
-            f"seeds {meta['args']['seeds']} (bar: median; text: fraction < 0)",
-            int(width * 14),
-        ),
-        fontsize=10,
-    )
+    fig.suptitle(textwrap.fill(f"{ds}: cosines of the unweighted task gradients, all measured "
+                               f"steps of seeds {meta['args']['seeds']} (bar: median; text: "
+                               "fraction < 0)", int(width * 14)), fontsize=10)  # fmt: skip
     fig.tight_layout()
     paths.append(out.parent / f"{out.name}_cosines.png")
     R.save(fig, paths[-1])
@@ -487,15 +424,10 @@ def plot(out: Path, meta: dict, runs: list[dict], variants: list[str]) -> tuple[
             if not log:
                 ax.axhline(0, color="k", lw=0.8)
     axes.ravel()[0].legend(fontsize=7)
-    fig.suptitle(
-        textwrap.fill(
-            f"{ds}: median (line) and quartiles (band) over the measured steps of seeds "
-            f"{a['seeds']} in bins of {bin_steps} optimizer steps; norms of the unweighted "
-            "task gradients in loss units",
-            int(5.5 * ncol * 14),
-        ),
-        fontsize=10,
-    )
+    fig.suptitle(textwrap.fill(f"{ds}: median (line) and quartiles (band) over the measured "
+                               f"steps of seeds {a['seeds']} in bins of {bin_steps} optimizer "
+                               "steps; norms of the unweighted task gradients in loss units",
+                               int(5.5 * ncol * 14)), fontsize=10)  # fmt: skip
     fig.tight_layout()
     paths.append(out.parent / f"{out.name}_evolution.png")
     R.save(fig, paths[-1])
@@ -513,9 +445,6 @@ def report(data: dict, out: Path) -> None:
     R.write_json(
         out.with_suffix(".json"), {"meta": meta, "summary": summary, "figures": shown, "runs": runs}
     )
-
-
-# ----------------------------------------------------------------------------- main
 
 
 def main(argv=None):

@@ -74,9 +74,6 @@ def metrics_of(pair: str) -> dict[str, tuple[str, float, str]]:
     return out
 
 
-# ----------------------------------------------------------------------------- data
-
-
 def pair_files(pair: str) -> dict[str, str]:
     """The four extxyz files of ``pair`` (A and B, train and test), written once."""
     p = PAIRS[pair]
@@ -121,9 +118,6 @@ def datamodule(files: dict, a: dict, seed: int, train: str, replay: bool = False
     return P.balanced_datamodule(datasets, k, seed, math.ceil(a["n_b_train"] / k))
 
 
-# ----------------------------------------------------------------------------- runs
-
-
 def pretrained_path(a: dict, stats: dict, seed: int) -> Path:
     """The cache file of the pretrained model of ``seed`` (keyed by everything it depends on)."""
     keys = ("pair", "pretrain_s", "pretrain_lr", "batch_size", "clock", "type_names")
@@ -161,9 +155,6 @@ def finetune_run(task: dict) -> dict:
     return {"method": task["method"], "seed": seed, **out, "final_coeffs": coeffs}
 
 
-# ----------------------------------------------------------------------------- report
-
-
 def summaries(data: dict) -> dict[str, list[dict]]:
     """Per view (``budget``, ``epochs``): the strategies' rows (mean, sd over seeds), and
     the pretrained model's (``pretrained``: the same for both views)."""
@@ -182,6 +173,8 @@ def statuses(rows: list[dict]) -> dict[str, dict]:
 
 
 def table(rows, pretrained, labels, caption, metrics) -> list[str]:
+    """One view: every strategy by B force MAE, the replay sweep in bold, its places
+    against the sweep's force and energy fronts; the pretrained model last."""
     st = statuses(rows)
 
     def short(m):
@@ -189,18 +182,12 @@ def table(rows, pretrained, labels, caption, metrics) -> list[str]:
 
     head = ["strategy", *R.header(metrics), "steps", "epochs", "vs replay front (force)",
             "vs replay front (energy)", "seeds"]  # fmt: skip
-    lines = [caption, "", R.md_row(head), R.md_rule(len(head))]
-    for r in R.sorted_by(rows, BF):
-        m = r["method"]
-        base = m in M.FT_SWEEP
-        name = f"**{labels[m]}**" if base else labels[m]
-        where = [R.place(st[k][m], short, base) for k in ("force", "energy")]
-        lines.append(R.md_row([name, *R.cells(r, metrics), *where, r["n_reached"]]))
-    for r in pretrained:
-        lines.append(
-            R.md_row([f"*{labels['pretrained']}*", *R.cells(r, metrics), "", "", r["n_reached"]])
-        )
-    return lines
+    body = [[f"**{labels[m]}**" if m in M.FT_SWEEP else labels[m], *R.cells(r, metrics),
+             *(R.place(st[k][m], short, m in M.FT_SWEEP) for k in ("force", "energy")), r["n_reached"]]
+            for r in R.sorted_by(rows, BF) for m in [r["method"]]]  # fmt: skip
+    body += [[f"*{labels['pretrained']}*", *R.cells(r, metrics), "", "", r["n_reached"]]
+             for r in pretrained]  # fmt: skip
+    return [caption, "", *R.md_table(head, body)]  # fmt: skip
 
 
 def labels_of(methods) -> dict[str, str]:
@@ -209,10 +196,8 @@ def labels_of(methods) -> dict[str, str]:
 
 
 def captions(a: dict) -> dict[str, str]:
-    return {
-        "budget": f"equal training time: {a['budget_s']:g} s of training CPU time per fine-tune",
-        "epochs": f"equal epochs: {a['epochs']} epochs (passes over B) per fine-tune",
-    }
+    return {"budget": f"equal training time: {a['budget_s']:g} s of training CPU time per fine-tune",
+            "epochs": f"equal epochs: {a['epochs']} epochs (passes over B) per fine-tune"}  # fmt: skip
 
 
 def markdown(data: dict) -> str:
@@ -224,48 +209,25 @@ def markdown(data: dict) -> str:
     rows = summaries(data)
     params = data["runs"][0]["params"] if data["runs"] else None
     pre_steps = R.mean_sd([r["steps"] for r in data["pretrain"]])[0]
-    units = (
-        "Errors in meV (the data is in eV)."
-        if p.units == "alloy"
-        else f"Errors converted from kcal/mol to meV (1 kcal/mol = {P.KCAL_MOL_TO_MEV} meV); "
-        "the json keeps kcal/mol."
-    )
-    lines = [
-        f"Fine-tuning benchmark on {R.machine_line(meta['machine'])}; {meta['time']}; "
-        f"total {meta['elapsed_s'] / 60:.1f} min ({a['jobs']} run(s) at a time).",
-        "",
-        f"Command: `{R.command('finetune', a['argv'], omp=False)}`",
-        "",
+    k = a["batch_size"]
+    lines = R.preamble(
+        "Fine-tuning benchmark", meta, a["jobs"], R.command("finetune", a["argv"], omp=False),
         f"A = {p.a} ({a['n_a_train']} training / {a['n_a_test']} test frames), B = {p.b} "
-        f"({a['n_b_train']} training / {a['n_b_test']} test frames). NequIP model with "
-        f"{params} parameters (l_max={a['l_max']}, {a['num_layers']} layers, "
-        f"{a['num_features']} features), float32, per-atom energy and force MSE 1:1. "
-        f"Pretraining on A: {a['pretrain_s']:g} s of training CPU time (Adam, lr "
-        f"{a['pretrain_lr']}, batch {a['batch_size']}; {pre_steps:.0f} steps), once per seed. "
-        f"Fine-tuning from it: a fresh Adam at constant lr {a['lr']}; an epoch is "
-        f"{math.ceil(a['n_b_train'] / a['batch_size'])} batches of {a['batch_size']} B frames "
-        f"(replay: plus {a['batch_size']} A frames each, balanced batches); calibrate-then-"
-        f"freeze calibrates for {a['calibration_steps']} steps. Errors on the held-out test "
-        f"frames of A (forgetting) and B (gain); mean ± sample standard deviation over seeds "
-        f"{a['seeds']}; sorted by B force MAE; the replay sweep (the front) in bold. {units}",
-        "",
-        "Place against the replay sweep's front (as `benchmarks/pareto.py`): *beyond* = no "
-        "sweep point is better on both objectives and it is better on both than a front "
-        "point; *on* = no sweep point is better on both; *dominated by* = these sweep points "
-        "are better on both. Objectives: B and A force MAE (force), B and A energy MAE "
-        "(energy); means over seeds, so a place says nothing about the seed spread.",
-        "",
-    ]
+        f"({a['n_b_train']} training / {a['n_b_test']} test frames). {P.model_text(a, params)}, "
+        f"per-atom energy and force MSE 1:1. Pretraining on A: {a['pretrain_s']:g} s of "
+        f"training CPU time (Adam, lr {a['pretrain_lr']}, batch {k}; {pre_steps:.0f} steps), "
+        f"once per seed. Fine-tuning: a fresh Adam at constant lr {a['lr']}; an epoch is "
+        f"{math.ceil(a['n_b_train'] / k)} batches of {k} B frames (replay: plus {k} A frames "
+        f"each); calibrate-then-freeze calibrates for {a['calibration_steps']} steps. Test "
+        f"errors on A (forgetting) and B (gain); mean ± sample standard deviation over seeds "
+        f"{a['seeds']}; sorted by B force MAE; the replay sweep in bold; each strategy's place "
+        "against the sweep's front on B and A force MAE, and on B and A energy MAE (means). "
+        + P.units_text(p.units),
+    )  # fmt: skip
     expected = len(a["methods"]) * len(a["seeds"])
     if len(data["runs"]) < expected or len(data["pretrain"]) < len(a["seeds"]):
-        done = sorted({(r["seed"], r["method"]) for r in data["runs"]})
-        lines += [
-            f"**Incomplete**: {len(data['pretrain'])} of {len(a['seeds'])} pretrainings and "
-            f"{len(data['runs'])} of {expected} fine-tunes finished (the `seeds` column counts "
-            f"each row's runs; a row of one seed shows ± 0.0). Finished: "
-            + ", ".join(f"{m} seed {sd}" for sd, m in done) + ".",
-            "",
-        ]  # fmt: skip
+        lines += [f"**Incomplete**: {len(data['pretrain'])} of {len(a['seeds'])} pretrainings "
+                  f"and {len(data['runs'])} of {expected} fine-tunes finished.", ""]  # fmt: skip
     for key, cap in captions(a).items():
         lines += table(rows[key], rows["pretrained"], labels, f"**{cap[0].upper()}{cap[1:]}**",
                        metrics)  # fmt: skip
@@ -296,20 +258,12 @@ def report(data: dict, out: Path) -> None:
     """``out``.json (raw runs, meta, the summaries and places), .md and .png."""
     rows = summaries(data)
     meta = {k: v for k, v in data["meta"].items() if k != "partial"}
-    views = {
-        key: {"caption": cap, "rows": rows[key], "status": statuses(rows[key])}
-        for key, cap in captions(meta["args"]).items()
-    }
-    R.write_json(
-        out.with_suffix(".json"),
-        {"meta": meta, "views": views, "pretrained": rows["pretrained"],
-         "pretrain": data["pretrain"], "runs": data["runs"]},
-    )  # fmt: skip
+    views = {key: {"caption": cap, "rows": rows[key], "status": statuses(rows[key])}
+             for key, cap in captions(meta["args"]).items()}  # fmt: skip
+    R.write_json(out.with_suffix(".json"), {"meta": meta, "views": views, "pretrained": rows["pretrained"],
+                                            "pretrain": data["pretrain"], "runs": data["runs"]})  # fmt: skip
     R.write_text(out.with_suffix(".md"), markdown(data))
     plot(data, out.parent / (out.name + ".png"))
-
-
-# ----------------------------------------------------------------------------- main
 
 
 def parse(argv):

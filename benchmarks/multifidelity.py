@@ -17,11 +17,9 @@ per-dataset references.
 
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --quick            # about a minute
-    OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --resume --methods mf_joint_heads
 
 Writes ``benchmarks/results/multifidelity.{json,md,png}`` (``--out`` to choose), the json
-after every finished run; ``--resume`` keeps the runs of the output json and runs only the
-missing (method, seed, DFT size) combinations.
+after every finished run.
 """
 
 from __future__ import annotations
@@ -54,13 +52,10 @@ QUICK_METHODS = ["mf_dft_only", "mf_pretrain_ft", "mf_joint_1", "mf_upgrad", "mf
 COSINE_STATES = ("init", "pretrained")
 COSINE_VARIANTS = ("references", "one_shift")
 
-# ----------------------------------------------------------------------------- data
-
 
 def data_files(sizes) -> dict[str, str]:
-    """The extxyz files (written once into ``_tmp``): ``dft_test`` (20 frames),
-    ``dft_train_<n>`` for every size (the first ``n`` of one permutation of the other 80:
-    nested), ``xtb_train`` (1000) and ``xtb_test`` (100)."""
+    """The extxyz files (once, in ``_tmp``): ``dft_test`` (20 frames), ``dft_train_<n>`` (the
+    first ``n`` of the other 80: nested), ``xtb_train`` (1000), ``xtb_test`` (100)."""
 
     def make():
         import ase.io
@@ -82,9 +77,8 @@ def data_files(sizes) -> dict[str, str]:
 
 
 def statistics(files: dict, sizes, r_max: float) -> dict[str, dict]:
-    """The model constants (``protocol.data_statistics``, the per-atom energy mean as every
-    type's shift: every frame is C2H6O) of each DFT training set (``dft_<n>``) and of the xTB
-    training frames (``xtb``)."""
+    """The model constants (every frame is C2H6O: the mean shift) of each DFT training set
+    (``dft_<n>``) and of the xTB training frames (``xtb``)."""
     out = {"xtb": P.data_statistics(Path(files["xtb_train"]), r_max, TYPES, "mean")}
     for n in sizes:
         out[f"dft_{n}"] = P.data_statistics(Path(files[f"dft_train_{n}"]), r_max, TYPES, "mean")
@@ -92,10 +86,8 @@ def statistics(files: dict, sizes, r_max: float) -> dict[str, dict]:
 
 
 def datamodule(files: dict, a: dict, seed: int, n: int, mode: str):
-    """``dft``: nequip's plain data module on the ``n`` DFT training frames; ``xtb``: on the
-    xTB training frames (validation: DFT and xTB test frames); ``joint``: a
-    ``MultiDatasetDataModule`` of ``dft`` and ``xtb`` with balanced batches, ``ceil(n /
-    batch_size)`` batches an epoch. The DFT test frames are the first validation loader."""
+    """nequip's data module on ``n`` DFT (``dft``) or the xTB (``xtb``) training frames, or
+    balanced batches of both (``joint``); the DFT test frames the first validation loader."""
     if mode == "dft":
         return P.files_datamodule(files, a, seed, f"dft_train_{n}", ["dft_test"])
     if mode == "xtb":
@@ -145,9 +137,8 @@ def _shift_key(state: dict) -> str:
 
 
 def load_pretrained(module, cache: str, keep_shift: bool) -> None:
-    """Load the pretrained weights into ``module``'s model; ``keep_shift``: the module's own
-    per-type energy shift stays (the energy zero of the data it is fine-tuned on). A model
-    wrapped by ``PerDatasetEnergyReferences`` takes them under its ``base.`` names."""
+    """Load the pretrained weights into ``module``'s model (wrapped: under its ``base.``
+    names); ``keep_shift``: its own per-type energy shift stays."""
     import torch
 
     pre = torch.load(cache, weights_only=False)["model"]
@@ -159,9 +150,6 @@ def load_pretrained(module, cache: str, keep_shift: bool) -> None:
         keep = plain not in pre or (keep_shift and plain == shift)
         state[k] = own[k] if keep else pre[plain]
     module.model.load_state_dict(state)
-
-
-# ----------------------------------------------------------------------------- runs
 
 
 def pretrained_path(a: dict, stats: dict, seed: int) -> Path:
@@ -241,12 +229,9 @@ def _cosine_recorder(steps: list):
 
 
 def cosine_run(task: dict) -> dict:
-    """The cosine between the DFT and xTB dataset-task gradients on the first
-    ``cosine_steps`` balanced batches (the DFT frames of the largest size), the model held
-    fixed (Adam at lr 0): at initialisation (the joint models' start) and from the
-    xTB-pretrained model, each with per-dataset references (``references``) and with one
-    shared per-type shift (``one_shift``: DFT's at initialisation, the pretrained model's
-    own xTB shift)."""
+    """The cosine of the DFT and xTB dataset-task gradients on the first ``cosine_steps``
+    balanced batches, the model held fixed (lr 0), at initialisation and from the pretrained
+    model, with per-dataset references and with one shared shift (DFT's, or xTB's)."""
     import lightning
 
     P.init_torch()
@@ -272,35 +257,25 @@ def cosine_run(task: dict) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- report
-
-
 def sizes_of(data: dict) -> list[int]:
     return sorted({r["n_dft"] for r in data["runs"]}, reverse=True)
 
 
-def ran_methods(data: dict, n: int) -> list[str]:
-    ran = {r["method"] for r in data["runs"] if r["n_dft"] == n}
-    return [m for m in M.MF_METHODS if m in ran]
-
-
 def summaries(data: dict, n: int) -> dict[str, list[dict]]:
     """Per view (``budget``, ``epochs``): the rows of the size-``n`` runs (mean, sd over
-    seeds)."""
+    seeds), in the registry's order."""
     runs = [r for r in data["runs"] if r["n_dft"] == n]
-    methods = ran_methods(data, n)
+    methods = [m for m in M.MF_METHODS if m in {r["method"] for r in runs}]
     return {key: R.summarize(runs, methods, key, METRICS) for key in ("budget", "epochs")}
 
 
-def labels_of() -> dict[str, str]:
-    return {m: v.label for m, v in M.multifidelity_methods().items()}
+#: every strategy's label
+LABELS = {m: v.label for m, v in M.multifidelity_methods().items()}
 
 
 def captions(a: dict) -> dict[str, str]:
-    return {
-        "budget": f"equal training time: {a['budget_s']:g} s of training CPU time per run",
-        "epochs": f"equal epochs: {a['epochs']} epochs (passes over the DFT frames) per run",
-    }
+    return {"budget": f"equal training time: {a['budget_s']:g} s of training CPU time per run",
+            "epochs": f"equal epochs: {a['epochs']} epochs (passes over the DFT frames) per run"}  # fmt: skip
 
 
 def _gap(row, base, k) -> str:
@@ -312,7 +287,7 @@ def _gap(row, base, k) -> str:
 def table(rows: list[dict], caption: str) -> list[str]:
     """One view of one DFT size: the errors, the gap to DFT only, the place against the
     joint weighted-sum sweep's front (DFT energy and force MAE)."""
-    labels = labels_of()
+    labels = LABELS
     st = R.classify(rows, M.MF_SWEEP, (E, F))
     base = next((r for r in rows if r["method"] == "mf_dft_only"), None)
 
@@ -321,75 +296,59 @@ def table(rows: list[dict], caption: str) -> list[str]:
 
     head = ["strategy", *R.header(METRICS), "energy vs DFT only", "force vs DFT only", "steps",
             "epochs", "vs joint sweep front", "seeds"]  # fmt: skip
-    lines = [caption, "", R.md_row(head), R.md_rule(len(head))]
-    for r in R.sorted_by(rows, F):
-        m = r["method"]
-        sweep = m in M.MF_SWEEP
-        name = f"**{labels[m]}**" if sweep else labels[m]
-        c = R.cells(r, METRICS)
-        lines.append(R.md_row([name, *c[:2], _gap(r, base, E), _gap(r, base, F), *c[2:],
-                               R.place(st[m], short, sweep), r["n_reached"]]))  # fmt: skip
-    return lines
+    body = [[f"**{labels[m]}**" if m in M.MF_SWEEP else labels[m], *c[:2], _gap(r, base, E),
+             _gap(r, base, F), *c[2:], R.place(st[m], short, m in M.MF_SWEEP), r["n_reached"]]
+            for r in R.sorted_by(rows, F) for m, c in [(r["method"], R.cells(r, METRICS))]]  # fmt: skip
+    return [caption, "", *R.md_table(head, body)]  # fmt: skip
 
 
 def reduction_table(data: dict, key: str) -> list[str]:
     """Every method run at more than one size: force and energy MAE per DFT size, and the
     gap to DFT only at that size."""
-    sizes = sizes_of(data)
-    labels = labels_of()
+    sizes, labels = sizes_of(data), LABELS
     rows = {n: {r["method"]: r for r in summaries(data, n)[key]} for n in sizes}
-    methods = [m for m in M.MF_METHODS if sum(m in rows[n] for n in sizes) > 1]
-    head = ["strategy"]
-    for n in sizes:
-        head += [f"force MAE, {n} DFT (meV/Å)", f"vs DFT only ({n})"]
-    for n in sizes:
-        head += [f"energy MAE, {n} DFT (meV/atom)"]
-    lines = [R.md_row(head), R.md_rule(len(head))]
-    for m in methods:
-        cells = [labels[m]]
-        for n in sizes:
-            r = rows[n].get(m)
-            cells += [R.pm(r[F], P.KCAL_MOL_TO_MEV) if r else "not run",
-                      _gap(r, rows[n].get("mf_dft_only"), F) if r else ""]  # fmt: skip
-        for n in sizes:
-            r = rows[n].get(m)
-            cells += [R.pm(r[E], P.KCAL_MOL_TO_MEV) if r else "not run"]
-        lines.append(R.md_row(cells))
-    return lines
+
+    def pm(r, k):
+        return R.pm(r[k], P.KCAL_MOL_TO_MEV) if r else "not run"
+
+    return R.md_table(
+        ["strategy", *(c for n in sizes for c in (f"force MAE, {n} DFT (meV/Å)", f"vs DFT only ({n})")),
+         *(f"energy MAE, {n} DFT (meV/atom)" for n in sizes)],
+        [[labels[m],
+          *(c for n in sizes for r in [rows[n].get(m)]
+            for c in (pm(r, F), _gap(r, rows[n].get("mf_dft_only"), F) if r else "")),
+          *(pm(rows[n].get(m), E) for n in sizes)]
+         for m in M.MF_METHODS if sum(m in rows[n] for n in sizes) > 1],
+    )  # fmt: skip
 
 
 def cosine_lines(data: dict) -> list[str]:
-    cos = data.get("cosines") or []
-    if not cos:
-        return []
-    a = data["meta"]["args"]
-    lines = [
-        f"**Gradient cosine between the DFT and xTB dataset tasks** (per-atom energy + force "
-        f"MSE of each dataset, 1:1), on the first {a['cosine_steps']} balanced batches "
-        f"({a['batch_size']} + {a['batch_size']} frames, the {cos[0]['n_dft']} DFT training "
-        "frames), the model held fixed; the median, smallest and largest over batches and "
-        "seeds, and the fraction of batches with a negative cosine. *references*: per-dataset energy "
-        "references (the joint runs' model); *one shared shift*: the plain model (at "
-        "initialisation DFT's per-atom energy mean, pretrained: the pretrained model's own "
-        "xTB one), as a concatenation of the two files would train.",
-        "",
-        R.md_row(["model", "energy zeros", "median cosine", "min", "max", "negative", "batches"]),
-        R.md_rule(7),
-    ]
+    """The table of the DFT-xTB gradient cosines: median, extremes, fraction negative."""
     import statistics
 
+    if not (cos := data.get("cosines")):
+        return []
+    a = data["meta"]["args"]
     names = {"references": "per-dataset references", "one_shift": "one shared shift"}
     states = {"init": "at initialisation", "pretrained": "xTB-pretrained"}
+    rows = []
     for state in COSINE_STATES:
         for variant in COSINE_VARIANTS:
-            xs = [x for c in cos for x in c[f"{state}/{variant}"]]
-            if not xs:
-                continue
-            neg = sum(x < 0 for x in xs) / len(xs)
-            lines.append(R.md_row([states[state], names[variant], f"{statistics.median(xs):+.2f}",
-                                   f"{min(xs):+.2f}", f"{max(xs):+.2f}", f"{100 * neg:.0f} %",
-                                   len(xs)]))  # fmt: skip
-    return lines + [""]
+            if xs := [x for c in cos for x in c[f"{state}/{variant}"]]:
+                neg = sum(x < 0 for x in xs) / len(xs)
+                rows.append([states[state], names[variant], f"{statistics.median(xs):+.2f}",
+                             f"{min(xs):+.2f}", f"{max(xs):+.2f}", f"{100 * neg:.0f} %", len(xs)])  # fmt: skip
+    return [
+        "**Gradient cosine between the DFT and xTB dataset tasks** (per-atom energy + force "
+        f"MSE of each dataset, 1:1) on the first {a['cosine_steps']} balanced batches of the "
+        f"{cos[0]['n_dft']} DFT training frames, the model held fixed, over batches and seeds: "
+        "with per-dataset energy references (the joint runs' model) or one shared shift (the "
+        "plain model, as a concatenation of the two files would train).",
+        "",
+        *R.md_table(["model", "energy zeros", "median cosine", "min", "max", "negative", "batches"],
+                    rows),
+        "",
+    ]  # fmt: skip
 
 
 def markdown(data: dict) -> str:
@@ -397,85 +356,51 @@ def markdown(data: dict) -> str:
     a = meta["args"]
     runs = data["runs"]
     sizes = sizes_of(data)
-    params = runs[0]["params"] if runs else None
     pre = data.get("pretrain") or []
-    pre_steps = R.mean_sd([r["steps"] for r in pre])[0]
-    pre_wall = R.mean_sd([r["wall_s"] for r in pre])[0]
     k = a["batch_size"]
-    lines = [
-        f"Multi-fidelity benchmark on {R.machine_line(meta['machine'])}; {meta['time']}; "
-        f"total {meta['elapsed_s'] / 60:.1f} min (1 run at a time).",
-        "",
-        f"Command: `{R.command('multifidelity', a['argv'], omp=False)}`"
-        + "".join(
-            f"; resumed with `{R.command('multifidelity', v, omp=False)}`"
-            for v in a.get("resumed_argv", [])
-        ),
-        "",
-        f"High fidelity: DFT ethanol (`{Path(str(P.ETHANOL)).name}`), {N_DFT_TEST} frames held "
-        f"out as the test set (never used for any choice), DFT training sets of "
-        f"{', '.join(str(n) for n in a['dft_train'])} frames (nested). Low fidelity: GFN2-xTB "
-        f"ethanol MD (`benchmarks/data/ethanol_xtb_1200.xyz`), {N_XTB_TRAIN} training frames. "
-        f"NequIP model with {params} parameters (l_max={a['l_max']}, {a['num_layers']} layers, "
-        f"{a['num_features']} features), float32, Adam at constant lr {a['lr']}, per-atom "
-        f"energy and force MSE 1:1 within a dataset; model constants (neighbours, force RMS, "
-        f"energy shift) from the DFT training frames of each size. An epoch is ceil(n_DFT / "
-        f"{k}) batches of {k} DFT frames (joint: plus {k} xTB frames each, balanced batches). "
-        f"Joint runs: fixed least-squares per-dataset energy references "
-        f"(`PerDatasetEnergyReferences`), the DFT:xTB loss coefficient ratio as named "
-        f"(dataset tasks and calibrate-then-freeze: 1:1; calibration {a['calibration_steps']} "
-        f"steps); every joint model is evaluated as the deployed DFT model (`select_fidelity` "
-        f"dataset=dft, a plain nequip model on frames without `dataset_index`).",
-        "",
-        f"**Budget split**: pretraining is *not* counted in the fine-tune's budget (a user "
-        f"re-uses a pretrained model). Its cost: {a['pretrain_s']:g} s of training CPU time on "
-        f"the xTB frames (lr {a['pretrain_lr']}, batch {k}; "
-        + (f"{pre_steps:.0f} steps, {pre_wall:.0f} s wall" if pre else "not run")
-        + "), once per seed, on top of the fine-tune's budget; the fine-tune starts with the "
-        "DFT training frames' energy zero and a fresh Adam.",
-        "",
-        f"DFT test errors in meV (1 kcal/mol = {P.KCAL_MOL_TO_MEV} meV; the json keeps "
-        f"kcal/mol); mean ± sample standard deviation over seeds {a['seeds']}; sorted by force "
-        "MAE; the joint weighted-sum sweep in bold; *vs DFT only*: the change of the mean error "
-        "against DFT only at that size. Place against the sweep's front on DFT energy and force "
-        "MAE (as `benchmarks/pareto.py`): *beyond* = no sweep point is better on both and it "
-        "is better on both than a front point; *on* = no sweep point is better on both; "
-        "*dominated by* = these sweep points are better on both (means over seeds).",
-        "",
-    ]
-    expected = a.get("expected_runs")
-    if expected is not None and len(runs) < expected:
-        lines += [f"**Incomplete**: {len(runs)} of {expected} runs finished (the `seeds` "
-                  "column counts each row's runs).", ""]  # fmt: skip
-    diffs = [r["deployed_rel_diff"] for r in runs if "deployed_rel_diff" in r]
-    if diffs:
-        lines += [
-            f"Deployed DFT model against the training model on the DFT test frames: largest "
-            f"relative difference of an MAE {max(diffs):.1e} over {len(diffs)} joint runs.",
-            "",
-        ]
+    command = R.command("multifidelity", a["argv"], omp=False) + "".join(
+        f"`; resumed with `{R.command('multifidelity', v, omp=False)}" for v in a.get("resumed_argv", []))  # fmt: skip
+    lines = R.preamble(
+        "Multi-fidelity benchmark", meta, 1, command,
+        f"High fidelity: DFT ethanol, {N_DFT_TEST} test frames, training sets of "
+        f"{', '.join(str(n) for n in a['dft_train'])} frames (nested); low fidelity: "
+        f"{N_XTB_TRAIN} GFN2-xTB ethanol MD frames. "
+        f"{P.model_text(a, runs[0]['params'] if runs else None)}, Adam at constant lr {a['lr']}, "
+        f"per-atom energy and force MSE 1:1 within a dataset, model constants from the DFT "
+        f"training frames; an epoch is ceil(n_DFT / {k}) batches of {k} DFT frames (joint: plus "
+        f"{k} xTB frames each). Joint runs: fixed least-squares per-dataset energy references, "
+        "the DFT:xTB ratio as named (dataset tasks, calibrate-then-freeze: 1:1; calibration "
+        f"{a['calibration_steps']} steps), scored as the deployed DFT model (`select_fidelity`).",
+        f"**Budget split**: the xTB pretraining is *not* counted in the fine-tune's budget: "
+        f"{a['pretrain_s']:g} s of training CPU time (lr {a['pretrain_lr']}; "
+        + (f"{R.mean_sd([r['steps'] for r in pre])[0]:.0f} steps, "
+           f"{R.mean_sd([r['wall_s'] for r in pre])[0]:.0f} s wall" if pre else "not run")
+        + "), once per seed; the fine-tune starts with DFT's energy zero and a fresh Adam.",
+        f"DFT test errors, mean ± sample standard deviation over seeds {a['seeds']}; sorted by "
+        "force MAE; the joint weighted-sum sweep in bold; *vs DFT only*: the change of the mean "
+        "error against DFT only at that size; the place against the sweep's front on DFT energy "
+        f"and force MAE (means). {P.units_text('ethanol')}",
+    )  # fmt: skip
+    if (expected := a.get("expected_runs")) is not None and len(runs) < expected:
+        lines += [f"**Incomplete**: {len(runs)} of {expected} runs finished.", ""]
+    if diffs := [r["deployed_rel_diff"] for r in runs if "deployed_rel_diff" in r]:
+        lines += [f"Deployed DFT model against the training model on the DFT test frames: largest "
+                  f"relative difference of an MAE {max(diffs):.1e} over {len(diffs)} joint runs.", ""]  # fmt: skip
     lines += cosine_lines(data)
     if len(sizes) > 1:
-        for key in ("budget", "epochs"):
-            cap = captions(a)[key]
-            lines += [f"**Reducing the DFT frames ({cap})**: the methods run at several sizes "
-                      f"(`--reduction-methods` {' '.join(a['reduction_methods'])})", ""]  # fmt: skip
+        for key, cap in captions(a).items():
+            lines += [f"**Reducing the DFT frames ({cap})**: the methods run at several sizes", ""]
             lines += reduction_table(data, key) + [""]
     for n in sizes:
         rows = summaries(data, n)
         for key, cap in captions(a).items():
-            title = f"**{n} DFT training frames, {cap}**"
-            lines += table(rows[key], title) + [""]
+            lines += table(rows[key], f"**{n} DFT training frames, {cap}**") + [""]
     if pre:
-        lines += [
-            "**The xTB-pretrained model** (before fine-tuning; forces only: its energy zero "
-            "is xTB's): DFT test force MAE "
-            f"{R.pm(R.mean_sd([r['budget']['dft/forces_mae'] for r in pre]), P.KCAL_MOL_TO_MEV)}"
-            f" meV/Å, xTB test force MAE "
-            f"{R.pm(R.mean_sd([r['budget']['xtb/forces_mae'] for r in pre]), P.KCAL_MOL_TO_MEV)}"
-            " meV/Å.",
-            "",
-        ]
+        pre_mae = {d: R.pm(R.mean_sd([r["budget"][f"{d}/forces_mae"] for r in pre]), P.KCAL_MOL_TO_MEV)
+                   for d in ("dft", "xtb")}  # fmt: skip
+        lines += [f"**The xTB-pretrained model** (before fine-tuning; forces only: its energy zero "
+                  f"is xTB's): DFT test force MAE {pre_mae['dft']} meV/Å, xTB test force MAE "
+                  f"{pre_mae['xtb']} meV/Å.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -483,7 +408,7 @@ def plot(data: dict, path: Path) -> Path:
     """DFT test force and energy MAE (equal time) against the number of DFT frames."""
     plt = R.pyplot()
     sizes = sizes_of(data)
-    labels = labels_of()
+    labels = LABELS
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     rows = {n: {r["method"]: r for r in summaries(data, n)["budget"]} for n in sizes}
     for m in M.MF_METHODS:
@@ -511,20 +436,11 @@ def plot(data: dict, path: Path) -> Path:
 def report(data: dict, out: Path) -> None:
     """``out``.json (raw runs, meta, the summaries), .md and .png."""
     meta = {k: v for k, v in data["meta"].items() if k != "partial"}
-    views = {
-        str(n): {key: summaries(data, n)[key] for key in ("budget", "epochs")}
-        for n in sizes_of(data)
-    }
-    R.write_json(
-        out.with_suffix(".json"),
-        {"meta": meta, "views": views, "pretrain": data["pretrain"],
-         "cosines": data["cosines"], "runs": data["runs"]},
-    )  # fmt: skip
+    views = {str(n): summaries(data, n) for n in sizes_of(data)}
+    R.write_json(out.with_suffix(".json"), {"meta": meta, "views": views, "pretrain": data["pretrain"],
+                                            "cosines": data["cosines"], "runs": data["runs"]})  # fmt: skip
     R.write_text(out.with_suffix(".md"), markdown(data))
     plot(data, out.parent / (out.name + ".png"))
-
-
-# ----------------------------------------------------------------------------- main
 
 
 def parse(argv):
@@ -540,8 +456,6 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--calibration-steps", type=int, default=None)
     p.add_argument("--cosine-steps", type=int, default=None, help="batches of the cosines")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the runs in the output json; run only the missing ones")  # fmt: skip
     P.add_run_arguments(p, batch_size=4, lr=None)
     args = p.parse_args(argv)
     args.argv = list(argv)
@@ -579,12 +493,6 @@ def plan(args) -> list[tuple[int, int, str]]:
     return out
 
 
-#: the arguments a resumed run must share with the runs it keeps
-SAME_ON_RESUME = ("budget_s", "epochs", "lr", "batch_size", "pretrain_s", "pretrain_lr", "clock",
-                  "val_every", "calibration_steps", "cosine_steps", "num_layers", "num_features",
-                  "l_max", "r_max", "radial_width")  # fmt: skip
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
@@ -595,45 +503,19 @@ def main(argv=None):
     ):
         raise SystemExit(f"cannot import {missing}")
     out = Path(args.out)
-    old = R.read_json(out.with_suffix(".json")) if args.resume and out.with_suffix(".json").exists() else None  # fmt: skip
     files = data_files(args.dft_train)
     stats = statistics(files, args.dft_train, args.r_max)
     a = {k: v for k, v in vars(args).items() if k not in ("out",)}
     todo = plan(args)
-    kept = {"pretrain": [], "cosines": [], "runs": []}
-    if old is not None:
-        kept = {
-            "pretrain": old["pretrain"],
-            "cosines": old.get("cosines") or [],
-            "runs": old["runs"],
-        }
-        done = {(r["n_dft"], r["seed"], r["method"]) for r in old["runs"]}
-        todo = [t for t in todo if t not in done]
-        # the committed arguments describe every kept run: keep them, widen the lists
-        prev = old["meta"]["args"]
-        differ = [k for k in SAME_ON_RESUME if prev[k] != a[k]]
-        if differ:
-            raise SystemExit(
-                f"--resume: {', '.join(f'{k} {a[k]} (kept runs: {prev[k]})' for k in differ)} "
-                f"differ from the runs in {out.with_suffix('.json')}; give the same values"
-            )
-        for key in ("methods", "reduction_methods", "seeds", "dft_train"):
-            a[key] = list(dict.fromkeys([*prev[key], *a[key]]))
-        a["argv"] = prev["argv"]
-        a["resumed_argv"] = [*prev.get("resumed_argv", []), list(argv)]
-    a["expected_runs"] = len(kept["runs"]) + len(todo)
+    a["expected_runs"] = len(todo)
     base = {"args": a, "stats": stats, "files": files}
 
     def task(seed, n=None, method=None):
         return {**base, "seed": seed, "n": n, "method": method,
                 "cache": str(pretrained_path(a, stats, seed))}  # fmt: skip
 
-    results = P.Results(out, "multifidelity", a["argv"], a, {"files": files, "statistics": stats},
-                        elapsed0=old["meta"]["elapsed_s"] if old else 0.0, **kept)  # fmt: skip
-    if old is not None:  # the first run's machine and time, the resumed ones beside
-        machine = old["meta"]["machine"]
-        results.info = {**machine, "resumed": [*machine.get("resumed", []), results.info],
-                        "date": old["meta"]["time"]}  # fmt: skip
+    results = P.Results(out, "multifidelity", argv, a, {"files": files, "statistics": stats},
+                        pretrain=[], cosines=[], runs=[])  # fmt: skip
     pre, cosines, runs = (results.lists[k] for k in ("pretrain", "cosines", "runs"))
 
     def done(key: str) -> set[int]:

@@ -44,9 +44,6 @@ def classify(rows: list[dict]) -> dict[str, dict]:
     return R.classify(rows, BASELINES, (E, F))
 
 
-# ----------------------------------------------------------------------------- report
-
-
 def flattening(runs, budget_s: float) -> dict | None:
     """How much the 1:1 weighted sum's validation force MAE still fell over the last
     quarter of the budget (mean over seeds of MAE(3/4 budget) / MAE(budget) - 1)."""
@@ -77,6 +74,8 @@ def status_lines(rows, labels, view: str) -> list[str]:
 
 
 def table(rows, labels, caption, metrics) -> list[str]:
+    """One view: every method's errors, steps and epochs, by force MAE, the weighted sums
+    in bold, and its place against their front."""
     status = classify(rows)
 
     def short(m):
@@ -87,8 +86,10 @@ def table(rows, labels, caption, metrics) -> list[str]:
     for r in R.sorted_by(rows):
         m = r["method"]
         name = f"**{labels[m]}**" if m in BASELINES else labels[m]
-        where = R.place(status[m], short, m in BASELINES)
-        lines.append(R.md_row([name, *R.cells(r, metrics), where]))
+        note = "" if r["n_reached"] == r["n"] else f" ({r['n_reached']}/{r['n']} runs)"
+        lines.append(
+            R.md_row([name + note, *R.cells(r, metrics), R.place(status[m], short, m in BASELINES)])
+        )
     return lines
 
 
@@ -104,113 +105,94 @@ def views_of(a: dict, runs, methods, metrics) -> list[tuple[str, str, list[dict]
     return views
 
 
-def labels_of(methods) -> dict[str, str]:
-    table_ = M.methods()
-    return {m: table_[m].label for m in methods} | {"ws": "weighted sum 1:1"}
-
-
-def markdown(data: dict) -> str:
-    meta, runs = data["meta"], data["runs"]
-    a = meta["args"]
-    metrics = P.reported_metrics(a["dataset"])
+def setting(data: dict) -> tuple[dict, dict, list[str], dict]:
+    """A results json's arguments (with the defaults of earlier runs), metrics, methods that
+    ran and their labels."""
+    a = {"dataset": "alloy", "lr_schedule": "constant", **data["meta"]["args"]}
     methods = P.ran_methods(data, first=BASELINES)
-    labels = labels_of(methods)
-    flat = flattening(runs, a["budget_s"])
-    lr = (
-        f"constant lr {a['lr']}"
-        if a["lr_schedule"] == "constant"
-        else f"lr {a['lr']} annealed to 0 (cosine) over the {a['budget_s']:.0f} s training clock"
-    )
-    units = (
-        "Errors in meV (the data is in eV)."
-        if a["dataset"] == "alloy"
-        else f"Errors converted from kcal/mol to meV (1 kcal/mol = {P.KCAL_MOL_TO_MEV} meV); "
-        "the json keeps kcal/mol."
-    )
-    params = runs[0]["params"] if runs else None
-    lines = [
-        f"Pareto benchmark on {R.machine_line(meta['machine'])}; {meta['time']}; "
-        f"total {meta['elapsed_s'] / 60:.1f} min ({a['jobs']} run(s) at a time).",
-        "",
-        f"Command: `{R.command('pareto', a['argv'], omp=False)}`",
-        "",
-        f"NequIP model with {params} parameters (l_max={a['l_max']}, {a['num_layers']} layers, "
-        f"{a['num_features']} features), float32, Adam with {lr}, batch {a['batch_size']}; "
-        f"{a['n_train']} training / {a['frames'] - a['n_train']} validation "
-        f"{P.DATASETS[a['dataset']].description} frames. "
-        "Weighted sums: nequip's plain module at energy:force coefficient ratios"
+    table_ = M.methods()
+    labels = {m: table_[m].label for m in methods} | {"ws": "weighted sum 1:1"}
+    return a, P.reported_metrics(a["dataset"]), methods, labels
+
+
+def render(data: dict, title: str) -> str:
+    """The tables of a run of :func:`benchmarks.protocol.train_run` (this study's or
+    ``benchmarks/accuracy.py``'s): every view, each method placed against the weighted sums
+    that ran."""
+    meta, runs = data["meta"], data["runs"]
+    a, metrics, methods, labels = setting(data)
+    lr = (f"constant lr {a['lr']}" if a["lr_schedule"] == "constant"
+          else f"lr {a['lr']} annealed to 0 (cosine) over the {a['budget_s']:.0f} s training clock")  # fmt: skip
+    notes = []
+    if (flat := flattening(runs, a["budget_s"])) is not None:
+        notes.append(f"The 1:1 weighted sum's validation force MAE fell by "
+                     f"{100 * flat['last_quarter_drop']:.1f}% over the last quarter of the budget "
+                     "(mean over seeds).")  # fmt: skip
+    if switches := [r["switch"] for r in runs if r.get("switch")]:
+        frac = [s["clock_s"] / a["budget_s"] for s in switches]
+        notes.append(f"The two-stage schedule switched at epoch {min(s['epoch'] for s in switches)}-"
+                     f"{max(s['epoch'] for s in switches)}, after {100 * min(frac):.0f}-"
+                     f"{100 * max(frac):.0f}% of the training clock.")  # fmt: skip
+    lines = R.preamble(
+        title, meta, a["jobs"], meta.get("command"),
+        f"{P.model_text(a, runs[0]['params'] if runs else None)}, Adam"
+        + (" (M-ConFIG + SGD: SGD)" if "mconfig_sgd" in methods else "")
+        + f" with {lr}, batch {a['batch_size']}; {a['n_train']} training / "
+        f"{a['frames'] - a['n_train']} validation {P.DATASETS[a['dataset']].description} "
+        "frames. Weighted sums: nequip's plain module at energy:force coefficient ratios"
         + (" (stress = energy's)" if a["dataset"] == "alloy" else "")
         + "; our methods at 1:1 coefficients and their defaults. Mean ± sample standard "
-        f"deviation over seeds {a['seeds']}. {units}",
-        "",
-    ]
-    if flat is not None:
-        lines += [
-            f"The 1:1 weighted sum's validation force MAE fell by "
-            f"{100 * flat['last_quarter_drop']:.1f}% over the last quarter of the budget "
-            f"(mean over seeds).",
-            "",
-        ]
-    switches = [r["switch"] for r in runs if r.get("switch")]
-    if switches:
-        frac = [s["clock_s"] / a["budget_s"] for s in switches]
-        lines += [
-            f"The two-stage schedule switched at epoch {min(s['epoch'] for s in switches)}-"
-            f"{max(s['epoch'] for s in switches)}, after {100 * min(frac):.0f}-"
-            f"{100 * max(frac):.0f}% of the training clock.",
-            "",
-        ]
+        f"deviation over seeds {a['seeds']}. {P.units_text(a['dataset'])}",
+        *notes,
+    )  # fmt: skip
     for _, cap, rows in views_of(a, runs, methods, metrics):
         lines += table(rows, labels, f"**{cap[0].upper() + cap[1:]}**", metrics)
         lines += [""] + status_lines(rows, labels, cap.split(":")[0]) + [""]
     return "\n".join(lines)
 
 
-def plot_curves(path: Path, runs, methods, labels, budget_s: float, metrics) -> None:
-    """Validation energy and force MAE against training time (geometric mean over seeds),
-    and the learning rate; weighted sums in black/grey."""
-    cmap = R.pyplot().get_cmap("tab10")
-    ours = [m for m in methods if m not in BASELINES]
-
-    def style(m, _):
-        if m in BASELINES:
-            shade = 0.15 + 0.6 * (BASELINES.index(m) / len(BASELINES))
-            return str(shade), ("--" if m == TWO_STAGE else "-"), 1.5
-        return cmap(ours.index(m) % 10), "-", 1.5
-
-    lr_run = next((r for r in runs if r["method"] == "ws"), runs[0])
-    R.plot_curves(path, runs, [("", methods)], labels, {k: metrics[k] for k in (E, F)},
-                  budget_s, style, lr_run=lr_run)  # fmt: skip
+def markdown(data: dict) -> str:
+    return render(data, "Pareto benchmark")
 
 
-def report(data: dict, out: Path) -> None:
+#: the rows of the error-against-time figure: the methods of a family, with the weighted sums
+FAMILIES = {"gradient aggregation (nequip_mtl)": "aggregator",
+            "loss weighting (nequip_mtl)": "weighting"}  # fmt: skip
+
+
+def report(data: dict, out: Path, title: str = "Pareto benchmark") -> None:
     """``out``.json (raw runs, meta data, the views), .md, .png (the front) and
-    ``_curves.png``."""
+    ``_curves.png`` (validation errors against training time, the learning rate beside)."""
     meta, runs = data["meta"], data["runs"]
-    a = meta["args"]
-    metrics = P.reported_metrics(a["dataset"])
-    methods = P.ran_methods(data, first=BASELINES)
-    labels = labels_of(methods)
+    a, metrics, methods, labels = setting(data)
     views = views_of(a, runs, methods, metrics)
     meta = {**meta, "flattening": flattening(runs, a["budget_s"])}
     meta.pop("partial", None)
     views_json = {key: {"caption": cap, "rows": rows, "status": classify(rows)}
                   for key, cap, rows in views}  # fmt: skip
     R.write_json(out.with_suffix(".json"), {"meta": meta, "views": views_json, "runs": runs})
-    R.write_text(out.with_suffix(".md"), markdown(data))
+    R.write_text(out.with_suffix(".md"), render(data, title))
     fig = R.plot_front(
-        [(cap, rows) for _, cap, rows in views],
-        labels,
+        [(cap, rows) for _, cap, rows in views], labels,
         f"{P.DATASETS[a['dataset']].description}: validation error of each method against "
-        f"nequip's weighted sum at swept coefficients (mean ± sd over {len(a['seeds'])} seeds)",
+        f"nequip's weighted sum (mean ± sd over {len(a['seeds'])} seeds)",
         metrics, x=E, y=F, sweep=SWEEP, baselines=BASELINES,
     )  # fmt: skip
     R.save(fig, out.parent / (out.name + ".png"))
-    plot_curves(out.parent / (out.name + "_curves.png"), runs, methods, labels, a["budget_s"],
-                metrics)  # fmt: skip
+    table_ = M.methods()
+    base = [m for m in methods if table_[m].baseline]
+    panels = [(t, base + [m for m in methods if table_[m].family == f])
+              for t, f in FAMILIES.items() if any(table_[m].family == f for m in methods)]  # fmt: skip
+    cmap = R.pyplot().get_cmap("tab10")
 
+    def style(m, j):
+        if m in base:
+            return str(0.15 + 0.6 * base.index(m) / len(base)), "--" if m == TWO_STAGE else "-", 2.0
+        return cmap((j - len(base)) % 10), "-" if j - len(base) < 10 else "--", 1.4
 
-# ----------------------------------------------------------------------------- main
+    lr_run = next((r for r in runs if r["method"] == "ws"), runs[0])
+    R.plot_curves(out.parent / (out.name + "_curves.png"), runs, panels or [("", base)], labels,
+                  metrics, a["budget_s"], style, clock=a["clock"], lr_run=lr_run)  # fmt: skip
 
 
 def parse(argv):
@@ -242,23 +224,19 @@ def parse(argv):
     return args
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse(argv)
-    if args.from_json:
-        return R.from_json(args.from_json, args.out, report)
-    methods = BASELINES + [m for m in args.methods if m not in BASELINES]
+def run(args, argv, methods: list[str], study: str, report_fn) -> None:
+    """Train every (method, seed) of ``methods`` on the protocol's clock, ``--jobs`` at a
+    time, the method order rotated per seed; the json after every run, then the report."""
     if missing := M.missing_methods(methods, M.methods()):
         raise SystemExit(f"cannot import {missing}")
     type_names = P.DATASETS[args.dataset].type_names
     path, stats = P.data_and_statistics(args.dataset, args.frames, args.n_train, args.r_max,
                                         type_names)  # fmt: skip
     a = P.run_arguments(args)
-    tasks = [
-        {"method": m, "seed": seed, "args": a, "stats": stats, "data": str(path)}
-        for seed, m in P.rotated(methods, args.seeds, shift=5)  # rotate the order per seed
-    ]
-    results = P.Results(args.out, "pareto", argv, vars(args), stats, runs=[])
+    tasks = [{"method": m, "seed": seed, "args": a, "stats": stats, "data": str(path),
+              "state_dir": getattr(args, "save_states", None)}
+             for seed, m in P.rotated(methods, args.seeds, shift=5 if study == "pareto" else 1)]  # fmt: skip
+    results = P.Results(args.out, study, argv, vars(args), stats, runs=[])
     metrics = P.reported_metrics(args.dataset)
 
     def done(r):
@@ -266,7 +244,15 @@ def main(argv=None):
         P.progress(r, len(results.lists["runs"]), len(tasks), results.t0, metrics)
 
     P.run_all(P.train_run, tasks, args.jobs, done)
-    report(results.data(), Path(args.out))
+    report_fn(results.data(), Path(args.out))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.from_json:
+        return R.from_json(args.from_json, args.out, report)
+    run(args, argv, BASELINES + [m for m in args.methods if m not in BASELINES], "pareto", report)
 
 
 if __name__ == "__main__":

@@ -45,12 +45,9 @@ RESULTS = ROOT / "results"
 TMP = RESULTS / "_tmp"  # gitignored: generated data, Lightning scratch
 
 TYPE_NAMES = ["Cu", "Ni", "Pd"]
-
 # the three tasks of the alloy data, by the coefficient keys of nequip's loss builders
 TASKS = {2: ["total_energy", "forces"], 3: ["total_energy", "forces", "stress"]}
-
 # --- the real DFT ethanol data, shipped in benchmarks/data/ (its README: source, license)
-
 #: 100 frames of ethanol (C2H6O, non-periodic), energies in kcal/mol, forces in kcal/mol/Å
 ETHANOL = ROOT / "data" / "ethanol_reduced_100.xyz"
 ETHANOL_TYPE_NAMES = ["C", "H", "O"]
@@ -86,13 +83,23 @@ def reported_metrics(dataset: str) -> dict[str, tuple[str, float, str]]:
     """Validation metric names (EnergyForce(Stress)Metrics) -> (column, unit factor, unit):
     reported value = metric in the data's units x factor (meV)."""
     d = DATASETS[dataset]
-    out = {
-        "per_atom_energy_mae": ("energy MAE", d.to_mev, "meV/atom"),
-        "forces_mae": ("force MAE", d.to_mev, "meV/Å"),
-    }
-    if d.num_tasks == 3:
-        out["stress_mae"] = ("stress MAE", d.to_mev, "meV/Å³")
-    return out
+    out = {"per_atom_energy_mae": ("energy MAE", d.to_mev, "meV/atom"),
+           "forces_mae": ("force MAE", d.to_mev, "meV/Å"),
+           "stress_mae": ("stress MAE", d.to_mev, "meV/Å³")}  # fmt: skip
+    return dict(list(out.items())[: d.num_tasks])
+
+
+def units_text(dataset: str) -> str:
+    """How a table's errors relate to the data's units."""
+    if DATASETS[dataset].energy_unit == "eV":
+        return "Errors in meV (the data is in eV)."
+    return f"Errors in meV (1 kcal/mol = {KCAL_MOL_TO_MEV} meV); the json keeps kcal/mol."
+
+
+def model_text(a: dict, params) -> str:
+    """The model of a run's arguments ``a``, as the tables' preambles state it."""
+    return (f"NequIP model with {params} parameters (l_max={a['l_max']}, {a['num_layers']} "
+            f"layers, {a['num_features']} features), float32")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data
@@ -117,11 +124,9 @@ def alloy_data(frames: int, seed: int = 0, **generator) -> Path:
 def data_statistics(
     path: Path, r_max: float, type_names: list[str] | None = None, shifts: str = "fit"
 ) -> dict[str, float]:
-    """The data-derived model constants (as nequip's ``training_data_stats`` would give,
-    but over the whole file, so every method gets exactly the same model). ``shifts``:
-    ``fit`` (per-type energy shifts from a composition fit) or ``mean`` (the per-atom energy
-    mean for every type, nequip's ``per_atom_energy_mean``: for data whose frames all have
-    one composition, where the fit is singular)."""
+    """The model constants of the whole file (as nequip's ``training_data_stats``): per-type
+    energy shifts from a composition fit (``shifts="fit"``) or the per-atom energy mean for
+    every type (``"mean"``: frames of one composition, where the fit is singular)."""
     type_names = list(type_names or TYPE_NAMES)
     import ase.io
     import numpy as np
@@ -146,21 +151,11 @@ def data_statistics(
     return {
         "per_type_energy_shifts": {t: float(x) for t, x in zip(type_names, mu)},
         "energy_residual_rms_per_atom": float(np.sqrt(np.mean((resid / counts.sum(1)) ** 2))),
-        "num_frames": len(frames),
-        "mean_atoms": atoms / len(frames),
+        "num_frames": len(frames), "mean_atoms": atoms / len(frames),
         "per_atom_energy_mean": float(np.mean(e_per_atom)),
         "forces_rms": float(np.sqrt(np.mean(forces**2))),
         "num_neighbors_mean": float(np.average(neighbors, weights=[len(a) for a in frames])),
-    }
-
-
-def write_frames(path: Path, frames) -> None:
-    """Write ASE ``frames`` to the extxyz file ``path`` atomically (a part file, renamed)."""
-    from nequip_mtl.data.emt_alloy import write_frames as write
-
-    part = path.with_suffix(f".{os.getpid()}.part.xyz")
-    write(frames, part)
-    part.replace(path)
+    }  # fmt: skip
 
 
 def loader_config(batch_size: int | None = None, shuffle: bool | None = None) -> dict:
@@ -187,18 +182,15 @@ def ase_dataset(path: Path, r_max: float, type_names: list[str] | None = None) -
     neighbour lists with ``r_max``)."""
     type_names = list(type_names or TYPE_NAMES)
     return {
-        "_target_": "nequip.data.dataset.ASEDataset",
-        "file_path": str(path),
+        "_target_": "nequip.data.dataset.ASEDataset", "file_path": str(path),
         "ase_args": {"format": "extxyz"},
         "transforms": [
-            {
-                "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-                "model_type_names": type_names,
-                "chemical_species_to_atom_type_map": {s: s for s in type_names},
-            },
+            {"_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
+             "model_type_names": type_names,
+             "chemical_species_to_atom_type_map": {s: s for s in type_names}},
             {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": r_max},
         ],
-    }
+    }  # fmt: skip
 
 
 def datamodule(
@@ -221,10 +213,8 @@ def datamodule(
 def split_statistics(
     path: Path, n_train: int, n_val: int, r_max: float, type_names: list[str], seed: int = 1
 ) -> dict:
-    """The model constants from the *training split* of :func:`datamodule` (same split,
-    same ``seed``), in the data's own units: the per-atom energy mean as the shift of every
-    type (nequip's ``per_atom_energy_mean``; a composition fit is singular when every frame
-    has the same composition), the force RMS and the mean neighbour count."""
+    """The model constants of the *training split* of :func:`datamodule` (same ``seed``):
+    the per-atom energy mean as every type's shift, the force RMS, the neighbour count."""
     import torch
 
     dm = datamodule(path, n_train, n_val, 1, r_max, seed=seed, type_names=type_names)
@@ -240,15 +230,11 @@ def split_statistics(
         atoms += n
     forces = torch.cat(forces)
     mean = float(torch.tensor(e_per_atom, dtype=torch.float64).mean())
-    return {
-        "per_type_energy_shifts": {t: mean for t in type_names},
-        "num_frames": n_train + n_val,
-        "num_train_frames": len(train),
-        "mean_atoms": atoms / len(train),
-        "per_atom_energy_mean": mean,
-        "forces_rms": float(forces.pow(2).mean().sqrt()),
-        "num_neighbors_mean": sum(neighbors) / atoms,
-    }
+    return {"per_type_energy_shifts": {t: mean for t in type_names},
+            "num_frames": n_train + n_val, "num_train_frames": len(train),
+            "mean_atoms": atoms / len(train), "per_atom_energy_mean": mean,
+            "forces_rms": float(forces.pow(2).mean().sqrt()),
+            "num_neighbors_mean": sum(neighbors) / atoms}  # fmt: skip
 
 
 def data_and_statistics(
@@ -274,9 +260,13 @@ def write_splits(folder: str, names, make) -> dict[str, str]:
     once from ``make()`` (``{name: ASE frames}``)."""
     files = {k: TMP / folder / f"{k}.xyz" for k in names}
     if not all(f.exists() for f in files.values()):
+        from nequip_mtl.data.emt_alloy import write_frames
+
         (TMP / folder).mkdir(parents=True, exist_ok=True)
-        for k, frames in make().items():
-            write_frames(files[k], frames)
+        for k, frames in make().items():  # atomically: a part file, renamed
+            part = files[k].with_suffix(f".{os.getpid()}.part.xyz")
+            write_frames(frames, part)
+            part.replace(files[k])
     return {k: str(v) for k, v in files.items()}
 
 
@@ -296,22 +286,19 @@ def files_datamodule(files: dict, a: dict, seed: int, train: str, val: list[str]
     from nequip.data.datamodule import NequIPDataModule
 
     return NequIPDataModule(
-        seed=seed,
-        train_dataset=file_dataset(files, a, train),
+        seed=seed, train_dataset=file_dataset(files, a, train),
         val_dataset=[file_dataset(files, a, v) for v in val],
         train_dataloader=loader_config(a["batch_size"], shuffle=True),
         val_dataloader=loader_config(10),
-    )
+    )  # fmt: skip
 
 
 def balanced_datamodule(
     datasets: dict, k: int, seed: int, batches_per_epoch: int | None = None,
     val_batch: int | None = 10, **kwargs,
 ):  # fmt: skip
-    """nequip_mtl's ``MultiDatasetDataModule`` of ``datasets`` (name -> its dataset
-    configs) with balanced batches of ``k`` frames of each dataset (an epoch
-    ``batches_per_epoch`` batches; ``val_batch``: the validation batch, ``None``: no
-    validation loader); ``kwargs``: further arguments (``stats_manager``)."""
+    """nequip_mtl's ``MultiDatasetDataModule`` of ``datasets`` (name -> its dataset configs),
+    balanced batches of ``k`` frames of each (``val_batch`` None: no validation loader)."""
     from nequip_mtl.data import MultiDatasetDataModule
 
     sampling = {"mode": "balanced", "frames_per_batch": {name: k for name in datasets}}
@@ -326,25 +313,17 @@ def balanced_datamodule(
 def per_dataset_loss(weights: dict[str, float]) -> dict:
     """nequip_mtl's ``PerDatasetLoss`` over the datasets of ``weights``: per-atom energy and
     force MSE 1:1 within a dataset, the components of dataset ``d`` at ``weights[d]``."""
-    return {
-        "_target_": "nequip_mtl.train.PerDatasetLoss",
-        "datasets": list(weights),
-        "coeffs": {d: {"total_energy": w, "forces": w} for d, w in weights.items()},
-    }
+    return {"_target_": "nequip_mtl.train.PerDatasetLoss", "datasets": list(weights),
+            "coeffs": {d: {"total_energy": w, "forces": w} for d, w in weights.items()}}  # fmt: skip
 
 
 def with_references(model: dict, references: dict, heads: bool = False) -> dict:
     """``model`` wrapped with nequip_mtl's ``PerDatasetEnergyReferences``: the fixed
     per-dataset energy ``references`` (``{dataset: {type: energy}}``) and, with ``heads``,
     per-dataset readout heads."""
-    return {
-        "_target_": "nequip_mtl.model.PerDatasetEnergyReferences",
-        "datasets": list(references),
-        "references": references,
-        "trainable": False,
-        "readout_heads": heads,
-        "model": model,
-    }
+    return {"_target_": "nequip_mtl.model.PerDatasetEnergyReferences",
+            "datasets": list(references), "references": references, "trainable": False,
+            "readout_heads": heads, "model": model}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- model/module
@@ -379,10 +358,8 @@ def add_run_arguments(
     num_features: int = 32, num_layers: int = 2, l_max: int = 1, radial_width: int = 32,
     r_max: float = 4.5, lr: float | None = 5e-3,
 ) -> None:  # fmt: skip
-    """The model and optimizer options (what :func:`model_arguments`,
-    :func:`run_datamodule` and :func:`build_module` read), with the accuracy protocol's
-    defaults; the step-cost studies pass their own. ``None``: no such option (``frames``:
-    the number of alloy frames generated)."""
+    """The model and optimizer options, the accuracy protocol's defaults unless given;
+    ``None``: no such option (``frames``: the number of alloy frames generated)."""
     parser.add_argument("--batch-size", type=int, default=batch_size)
     if frames is not None:
         parser.add_argument("--frames", type=int, default=frames, help=frames_help)
@@ -396,9 +373,9 @@ def add_run_arguments(
 
 
 def add_budget_arguments(parser, *, epochs: bool = True) -> None:
-    """The clock options of a study that trains to a budget (what :func:`fill_defaults`
-    fills): ``--seeds``, ``--budget-s``, ``--epochs`` (the equal-epochs view; ``epochs=False``:
-    none), ``--clock`` and ``--val-every``."""
+    """The clock options of a study that trains to a budget (:func:`fill_defaults` fills
+    them): ``--seeds``, ``--budget-s``, ``--epochs`` (the equal-epochs view), ``--clock``,
+    ``--val-every``."""
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
     parser.add_argument("--budget-s", type=float, default=None, help="training clock per run (s)")
     if epochs:
@@ -416,19 +393,15 @@ def fill_defaults(args, quick: dict, full: dict) -> None:
 
 
 def run_model(a: dict, stats: dict, seed: int, type_names: list[str]) -> dict:
-    """The accuracy benchmarks' float32 model from a run's arguments ``a``, initialised
-    with ``seed``."""
-    return model_config(
-        "float32", stats, **model_arguments(a), model_seed=seed, type_names=type_names
-    )
+    """The float32 model of a run's arguments ``a``, initialised with ``seed``."""
+    return model_config("float32", stats, **model_arguments(a), model_seed=seed,
+                        type_names=type_names)  # fmt: skip
 
 
 def loss_config(num_tasks: int, coeffs: dict[str, float] | None = None) -> dict:
     coeffs = coeffs or {name: 1.0 for name in TASKS[num_tasks]}
-    target = (
-        "nequip.train.EnergyForceStressLoss" if num_tasks == 3 else "nequip.train.EnergyForceLoss"
-    )
-    return {"_target_": target, "per_atom_energy": True, "coeffs": dict(coeffs)}
+    target = "EnergyForceStressLoss" if num_tasks == 3 else "EnergyForceLoss"
+    return {"_target_": f"nequip.train.{target}", "per_atom_energy": True, "coeffs": dict(coeffs)}
 
 
 def metrics_config(num_tasks: int) -> dict:
@@ -452,13 +425,10 @@ def build_module(
     if method.optimizer is not None:
         optimizer = {"lr": lr, **method.optimizer}
     return get_class(method.module)(
-        model=model,
-        num_datasets={"train": 1, "val": num_val, "test": 0, "predict": 0},
-        optimizer=optimizer,
-        loss=loss if loss is not None else loss_config(num_tasks, coeffs),
-        val_metrics=metrics_config(num_tasks) if num_val else None,
-        **method.kwargs,
-    )
+        model=model, num_datasets={"train": 1, "val": num_val, "test": 0, "predict": 0},
+        optimizer=optimizer, loss=loss if loss is not None else loss_config(num_tasks, coeffs),
+        val_metrics=metrics_config(num_tasks) if num_val else None, **method.kwargs,
+    )  # fmt: skip
 
 
 def build_callbacks(method: M.Method) -> list:
@@ -542,10 +512,8 @@ class StepTimes:
 
 
 def step_timers(times: StepTimes, before_start=None, after_stop=None) -> tuple:
-    """Two callbacks timing every training step into ``times``: put the first before and
-    the second after every other callback, so that the step is timed from the first
-    ``on_train_batch_start`` to the last ``on_train_batch_end``. ``before_start(batch_idx)``
-    and ``after_stop()`` run outside the timed span."""
+    """Two callbacks timing every step into ``times``, to put first and last; the
+    ``before_start(batch_idx)`` and ``after_stop()`` hooks run outside the timed span."""
     import lightning
 
     class Start(lightning.Callback):
@@ -650,18 +618,15 @@ def switch_on_clock(clock, scheduler, at_s: float, coeffs: dict, record: dict):
 
 
 def budget_results(a: dict, clock, record, per_epoch: int, final: dict) -> tuple[dict, dict]:
-    """The two results of a run of :func:`budget_callbacks`: at equal time (the state when
-    the budget ran out, ``final`` its validation; if training had to go on to reach
-    ``a["epochs"]``, the last epoch validated within the budget) and at equal epochs (the
-    validation at the end of epoch ``a["epochs"]``, ``None`` if not recorded)."""
+    """At equal time (the state when the budget ran out, ``final`` its validation; if the
+    run went on to reach ``a["epochs"]``, the last epoch validated within the budget) and at
+    equal epochs (the validation after epoch ``a["epochs"]``, ``None`` if not recorded)."""
     at_epochs = next((p for p in record.points if p["step"] == a["epochs"] * per_epoch), None)
     hit = clock.budget_hit_at or {"step": clock.steps}
     if clock.steps > hit["step"]:
         within = [p for p in record.points if p["clock_s"] <= a["budget_s"]]
-        budget = {
-            **(within[-1] if within else record.points[0]),
-            "note": "last epoch within budget",
-        }
+        budget = {**(within[-1] if within else record.points[0]),
+                  "note": "last epoch within budget"}  # fmt: skip
     else:
         budget = {"epoch": clock.steps / per_epoch, "step": clock.steps, "clock_s": clock.elapsed,
                   **final}  # fmt: skip
@@ -681,21 +646,16 @@ def run_results(a: dict, clock, record, per_epoch: int, final: dict, t0: float, 
 def fit_on_clock(
     module, dm, a: dict, per_epoch: int, metrics, loaders: dict = ONE_LOADER, callbacks=()
 ) -> dict:
-    """Train ``module`` on ``dm`` on the protocol's clock (:func:`budget_callbacks`,
-    validating every ``a["val_every"]`` epochs; with ``a["lr_schedule"] == "cosine"`` the
-    learning rate annealed over the budget, :func:`cosine_on_clock`), then validate it once
-    more: its :func:`run_results` (``metrics`` named as :func:`loader_metrics` gives them
-    for ``loaders``). ``callbacks``: more callbacks, or a function of the clock giving them."""
+    """Train ``module`` on ``dm`` until its training clock reaches ``a["budget_s"]`` and
+    ``a["epochs"]`` are done (:func:`budget_callbacks`; ``lr_schedule: cosine``: the learning
+    rate annealed over the clock), validating every ``val_every`` epochs, then once more: its
+    :func:`run_results`. ``callbacks``: more, or a function of the clock giving them."""
     clock, record = budget_callbacks(a, per_epoch, metrics, loaders)
     callbacks = list(callbacks(clock) if callable(callbacks) else callbacks)
     if a.get("lr_schedule", "constant") == "cosine":
         callbacks = [cosine_on_clock(clock, a["budget_s"], a["lr"]), *callbacks]
-    fit = trainer(
-        [clock, *callbacks, record],
-        max_epochs=10_000,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=a.get("val_every", 1),
-    )
+    fit = trainer([clock, *callbacks, record], max_epochs=10_000, num_sanity_val_steps=0,
+                  check_val_every_n_epoch=a.get("val_every", 1))  # fmt: skip
     t0 = time.perf_counter()
     fit.fit(module, datamodule=dm)
     final = {k: v for k, v in validate(module, dm, loaders).items() if k in metrics}
@@ -703,12 +663,9 @@ def fit_on_clock(
 
 
 def train_run(task: dict) -> dict:
-    """The accuracy protocol's run: train one (method, seed) of ``task`` (``method``,
-    ``seed``, ``args``, ``stats``, ``data``, optional ``state_dir``) on its training clock
-    (``args["clock"]``) until the budget ``args["budget_s"]`` is spent and
-    ``args["epochs"]`` epochs are done (the learning rate constant or, with
-    ``lr_schedule: cosine``, annealed over the clock); validate every ``val_every``
-    epochs. Returns its curve and results (picklable)."""
+    """The accuracy protocol's run: one (method, seed) of ``task`` (``method``, ``seed``,
+    ``args``, ``stats``, ``data``, optional ``state_dir``) on :func:`fit_on_clock`, the
+    two-stage schedule switched on the clock; its curve and results (picklable)."""
     import lightning
     import torch
 
@@ -742,21 +699,15 @@ def train_run(task: dict) -> dict:
     out = fit_on_clock(module, dm, a, per_epoch, metrics, callbacks=callbacks)
     if task.get("state_dir"):  # the final model, for independent checks (tests)
         torch.save(module.state_dict(), Path(task["state_dir"]) / f"{task['method']}_seed{seed}.pt")
-    return {
-        "method": task["method"],
-        "seed": seed,
-        **out,
-        "skipped_steps": getattr(module, "skipped_steps", 0),
-        "switch": switch or None,
-        "final_coeffs": {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()},
-    }
+    return {"method": task["method"], "seed": seed, **out,
+            "skipped_steps": getattr(module, "skipped_steps", 0), "switch": switch or None,
+            "final_coeffs": {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()}}  # fmt: skip
 
 
 def pretrain(task: dict, datamodule, per_epoch: int, stats: dict, metrics, loaders) -> dict:
-    """Pretrain the protocol's model with nequip's plain weighted sum on ``datamodule()``
-    for ``pretrain_s`` s of training clock at ``pretrain_lr`` (of ``task["args"]``; no epoch
-    target, validated at the end), once per cache file ``task["cache"]``, which keeps the
-    weights and the result; a later call loads the result (``cached``: True)."""
+    """Pretrain with nequip's weighted sum on ``datamodule()`` for ``pretrain_s`` s of
+    training clock at ``pretrain_lr``, once per cache file ``task["cache"]`` (the weights
+    and the result; a later call loads the result, ``cached``: True)."""
     import lightning
     import torch
 
@@ -806,10 +757,8 @@ def run_all(fn, tasks: list, jobs: int, done) -> None:
 
 def run_arguments(args, exclude=("methods", "seeds", "out", "save_states", "argv")) -> dict:
     """A run's arguments (:func:`train_run`'s ``a``): the options but the selection ones."""
-    return {
-        **{k: v for k, v in vars(args).items() if k not in exclude},
-        "n_val": args.frames - args.n_train,
-    }
+    return {**{k: v for k, v in vars(args).items() if k not in exclude},
+            "n_val": args.frames - args.n_train}  # fmt: skip
 
 
 def ran_methods(data: dict, first: list[str] = ()) -> list[str]:
@@ -824,12 +773,9 @@ def progress(r, i, n, t0, metrics) -> None:
     """One line per finished :func:`train_run`: its steps and errors (meV), the load."""
     b = r["budget"]
     fe, ff = metrics["per_atom_energy_mae"][1], metrics["forces_mae"][1]
-    print(
-        f"[{i}/{n} {time.perf_counter() - t0:.0f} s] {r['method']} seed {r['seed']}: {r['steps']} steps, "
-        f"force MAE {ff * b['forces_mae']:.1f} meV/Å, energy {fe * b['per_atom_energy_mae']:.2f} meV/atom "
-        f"(run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})",
-        flush=True,
-    )
+    print(f"[{i}/{n} {time.perf_counter() - t0:.0f} s] {r['method']} seed {r['seed']}: {r['steps']} steps, "
+          f"force MAE {ff * b['forces_mae']:.1f} meV/Å, energy {fe * b['per_atom_energy_mae']:.2f} meV/atom "
+          f"(run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
 
 
 def study_parser(doc: str, jobs: bool = True):
@@ -855,12 +801,12 @@ def out_path(args, name: str) -> str:
 class Results:
     """A study's results json (``<out>.json``), rewritten after every finished run: the meta
     data (machine, arguments, command line, time) and the lists of runs (``lists``: their
-    names and first runs, e.g. those kept by a resumed run)."""
+    names, and the runs they start with)."""
 
-    def __init__(self, out, study: str, argv, args, data=None, elapsed0=0.0, omp=False, **lists):
+    def __init__(self, out, study: str, argv, args, data=None, omp=False, **lists):
         self.path = Path(out).with_suffix(".json")
         self.info = {**machine_info(), "date": now()}
-        self.t0 = time.perf_counter() - elapsed0
+        self.t0 = time.perf_counter()
         self.meta0 = {"args": args, "command": R.command(study, argv, omp), "data": data}
         self.lists = {k: list(v) for k, v in lists.items()}
 
@@ -916,24 +862,17 @@ def quick_steps(args) -> None:
 
 
 class Worker:
-    """One method training in its own thread, one step per turn.
-
-    The thread runs a normal ``trainer.fit`` of ``setup.module(method, dtype, num_tasks)``
-    on ``setup.datamodule(fresh=True)``; callbacks hand control back to the scheduler after
-    every step (inside ``on_train_batch_end``, after the clock stopped) and wait for the
-    next turn, so exactly one method computes at any time and the untimed Lightning
-    bookkeeping between steps never overlaps another method's step.
-    """
+    """One method training in its own thread, one step per turn: a normal ``trainer.fit`` of
+    ``setup.module(...)`` on ``setup.datamodule(fresh=True)`` whose callbacks hand control back
+    after every step (after the clock stopped) and wait for the next turn, so exactly one
+    method computes at any time, Lightning's untimed bookkeeping included."""
 
     def __init__(self, setup, key: str, method: M.Method, dtype: str, num_tasks: int, steps: int):
         import threading
 
-        self.key = key
-        self.go = threading.Event()
-        self.done = threading.Event()
+        self.key, self.go, self.done = key, threading.Event(), threading.Event()
         self.error: BaseException | None = None
-        self.times = StepTimes()
-        self.params = 0
+        self.times, self.params = StepTimes(), 0
 
         def before_start(batch_idx):
             if batch_idx == 0:  # setup finished: report, wait for the first turn
@@ -974,10 +913,8 @@ class Worker:
 
 
 def interleaved(args, table, setup, dtype: str, num_tasks: int, what: str):
-    """Step-level interleaving of ``args.methods`` on ``setup``: step i of every method, in
-    a random order per step. Returns ``({clock: {method: step times}}, parameters, load)``
-    (the timed steps only, after ``args.warmup``; ``load``: the 1-minute load average every
-    10 steps and at the end)."""
+    """Step i of every method of ``args.methods`` on ``setup``, in a fresh random order per
+    step: ``({clock: {method: timed steps}}, parameters, the load every 10 steps)``."""
     import gc
     import random
 
@@ -1058,26 +995,18 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
     }  # fmt: skip
-    try:
-        import nequip
+    import nequip
 
-        info["nequip"] = nequip.__version__
-    except Exception:  # pragma: no cover
-        pass
+    info["nequip"] = nequip.__version__
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
         keys = ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache",
                 "Hypervisor vendor")  # fmt: skip
-        for key in keys:
-            if key in fields:
-                info[key] = fields[key].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
+        info.update({k: fields[k].strip() for k in keys if k in fields})
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["mem_total_gib"] = round(int(mem) / 2**20, 1)
-    except OSError:
+    except (OSError, subprocess.SubprocessError):  # not Linux: the fields it has
         pass
     return info
 

@@ -25,10 +25,8 @@ from benchmarks import methods as M
 from benchmarks import protocol as P
 from benchmarks import report as R
 
-VARIANTS = {
-    "shifts": "per-dataset energy references only",
-    "heads": "per-dataset energy references + readout heads",
-}
+VARIANTS = {"shifts": "per-dataset energy references only",
+            "heads": "per-dataset energy references + readout heads"}  # fmt: skip
 NAMES = ["dft", "xtb"]  # dataset_index order
 #: the data module's validation loaders: val0 = the DFT test frames, val1 = xTB's
 LOADERS = {"val0_epoch": "dft/", "val1_epoch": "xtb/"}
@@ -36,16 +34,11 @@ LOADERS = {"val0_epoch": "dft/", "val1_epoch": "xtb/"}
 METRICS = {
     f"{d}/{m}": (f"{d.upper() if d == 'dft' else 'xTB'} {what}", P.KCAL_MOL_TO_MEV, unit)
     for d in NAMES
-    for m, what, unit in (
-        ("per_atom_energy_mae", "energy MAE", "meV/atom"),
-        ("forces_mae", "force MAE", "meV/Å"),
-    )
-}
+    for m, what, unit in (("per_atom_energy_mae", "energy MAE", "meV/atom"),
+                          ("forces_mae", "force MAE", "meV/Å"))
+}  # fmt: skip
 DFT_METRICS = ["dft/per_atom_energy_mae", "dft/forces_mae"]
 SPLITS = {"dft_train": 80, "dft_test": 20, "xtb_train": 600, "xtb_test": 100}
-
-
-# ----------------------------------------------------------------------------- data
 
 
 def split_files(splits: dict[str, int]) -> dict[str, str]:
@@ -88,9 +81,6 @@ def per_epoch(a: dict) -> int:
     return math.ceil(a["dft_train"] / a["batch_size"])
 
 
-# ----------------------------------------------------------------------------- runs
-
-
 def run(task: dict) -> dict:
     """Train one (variant, seed) on the training clock; its results (picklable)."""
     import lightning
@@ -108,9 +98,6 @@ def run(task: dict) -> dict:
     return {"variant": variant, "seed": seed, **out}
 
 
-# ----------------------------------------------------------------------------- report
-
-
 def summary(data: dict) -> list[dict]:
     """Per variant: mean and sd over seeds of every metric at the budget, the mean steps."""
     rows = []
@@ -124,10 +111,8 @@ def summary(data: dict) -> list[dict]:
 
 
 def verdicts(rows: list[dict]) -> dict[str, dict]:
-    """Per DFT metric: ``heads`` against ``shifts``, the difference of the means (positive:
-    heads is better) against the seed spread (the larger of the two sample sds):
-    ``better`` / ``worse`` beyond it, else ``within the seed spread`` (no verdict from one
-    seed)."""
+    """Per DFT metric: the gain of ``heads`` over ``shifts`` (difference of the means) against
+    the seed spread (the larger sample sd): ``better`` / ``worse`` beyond it."""
     by = {r["variant"]: r for r in rows}
     out = {}
     for metric in DFT_METRICS:
@@ -155,34 +140,21 @@ def markdown(data: dict) -> str:
     verdict = verdicts(rows)
     params = {r["variant"]: r["params"] for r in data["runs"]}
     lines = [
-        f"Readout-heads benchmark on {R.machine_line(meta['machine'])}; {meta['time']}; "
-        f"total {meta['elapsed_s'] / 60:.1f} min (one run at a time).",
-        "",
-        f"Command: `{R.command('readout_heads', a['argv'])}`",
-        "",
-        f"Joint training on DFT ethanol ({a['dft_train']} training frames; {a['dft_test']} "
-        f"held-out test frames) and GFN2-xTB ethanol ({a['xtb_train']} training; "
-        f"{a['xtb_test']} test): balanced batches of {a['batch_size']} frames of each "
-        f"dataset (an epoch = {per_epoch(a)} batches, one pass over the DFT frames), "
-        "per-dataset loss 1:1 (per-atom energy and force MSE of each dataset), nequip's "
-        "weighted sum, fixed least-squares per-dataset energy references. NequIP model "
-        f"(l_max={a['l_max']}, num_layers={a['num_layers']}, num_features={a['num_features']}, "
-        f"float32; {params.get('shifts')} parameters, {params.get('heads')} with heads), Adam "
-        f"at lr {a['lr']} annealed to 0 (cosine) over {a['budget_s']:g} s of training CPU "
-        f"time per run. Test errors at the end of the budget, mean ± sample standard "
-        f"deviation over seeds {a['seeds']} (the same seeds for both variants). Errors "
-        f"converted from kcal/mol to meV (1 kcal/mol = {P.KCAL_MOL_TO_MEV} meV; the json "
-        "keeps kcal/mol); a molecule has 9 atoms.",
-        "",
-        R.md_row(["variant", *(f"{c} ({u})" for c, _, u in METRICS.values()), "steps", "seeds"]),
-        R.md_rule(len(METRICS) + 3),
-    ]
-    for r in rows:
-        cells = [R.pm(r[m], METRICS[m][1]) for m in METRICS]
-        lines.append(R.md_row([VARIANTS[r["variant"]], *cells, R.fmt(r["steps"], ".0f"), r["n"]]))
-    expected = len(VARIANTS) * len(a["seeds"])
-    if len(data["runs"]) < expected:
-        lines += ["", f"**Incomplete**: {len(data['runs'])} of {expected} runs finished."]
+        *R.preamble(
+            "Readout-heads benchmark", meta, None, R.command("readout_heads", a["argv"]),
+            f"Joint training on DFT ethanol ({a['dft_train']} training / {a['dft_test']} test "
+            f"frames) and GFN2-xTB ethanol ({a['xtb_train']} / {a['xtb_test']}): balanced batches "
+            f"of {a['batch_size']} frames of each (an epoch = {per_epoch(a)} batches), per-dataset "
+            "loss 1:1, nequip's weighted sum, fixed least-squares per-dataset energy references. "
+            f"{P.model_text(a, params.get('shifts'))} ({params.get('heads')} with heads), Adam "
+            f"at lr {a['lr']} annealed to 0 (cosine) over {a['budget_s']:g} s of training CPU "
+            f"time per run. Test errors at the end of the budget, mean ± sample standard "
+            f"deviation over seeds {a['seeds']}. {P.units_text('ethanol')}",
+        ),
+        *R.md_table(["variant", *(f"{c} ({u})" for c, _, u in METRICS.values()), "steps", "seeds"],
+                    [[VARIANTS[r["variant"]], *(R.pm(r[m], METRICS[m][1]) for m in METRICS),
+                      R.fmt(r["steps"], ".0f"), r["n"]] for r in rows]),
+    ]  # fmt: skip
     lines += [
         "",
         "Heads against references only on the DFT test set (gain = mean without heads - "
@@ -195,24 +167,17 @@ def markdown(data: dict) -> str:
         if v["gain"] is None:
             lines.append(f"- {col}: n/a")
             continue
-        lines.append(
-            f"- {col}: gain {v['gain'] * f:+.2f} {unit}, spread {v['spread'] * f:.2f} {unit}: "
-            f"**{v['verdict']}**"
-        )
+        lines.append(f"- {col}: gain {v['gain'] * f:+.2f} {unit}, spread {v['spread'] * f:.2f} "
+                     f"{unit}: **{v['verdict']}**")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def report(data: dict, out: Path) -> None:
     meta = {k: v for k, v in data["meta"].items() if k != "partial"}
     rows = summary(data)
-    R.write_json(
-        out.with_suffix(".json"),
-        {"meta": meta, "rows": rows, "verdicts": verdicts(rows), "runs": data["runs"]},
-    )
+    R.write_json(out.with_suffix(".json"),
+                 {"meta": meta, "rows": rows, "verdicts": verdicts(rows), "runs": data["runs"]})  # fmt: skip
     R.write_text(out.with_suffix(".md"), markdown(data))
-
-
-# ----------------------------------------------------------------------------- main
 
 
 def parse(argv):

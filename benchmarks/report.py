@@ -86,10 +86,8 @@ def _resamples(k: int, n: int, seed: int) -> tuple[tuple[int, ...], ...]:
 
 def bootstrap(xs, ys, stat, n: int = 2000, seed: int = 0) -> list[float]:
     """95% percentile interval of ``stat(xs) / stat(ys)``, resampling paired values."""
-    vals = sorted(
-        stat([xs[i] for i in idx]) / stat([ys[i] for i in idx])
-        for idx in _resamples(len(xs), n, seed)
-    )
+    vals = sorted(stat([xs[i] for i in idx]) / stat([ys[i] for i in idx])
+                  for idx in _resamples(len(xs), n, seed))  # fmt: skip
     return [vals[int(0.025 * n)], vals[int(0.975 * n) - 1]]
 
 
@@ -158,11 +156,9 @@ def header(metrics) -> list[str]:
 
 
 def classify(rows: list[dict], baselines, objectives) -> dict[str, dict]:
-    """Front membership of every row (summaries with ``(mean, sd)`` per metric):
-    ``{"status": front|beyond|on|dominated, "by": [...], "beats": [...]}``; ``by``: the
-    ``baselines`` (the swept weighted sums) better on both ``objectives``, ``beats``: the
-    *front* points it is better on both than (beating a weighted sum that is itself off the
-    front does not move the front)."""
+    """Every row against the front of the ``baselines`` (the swept weighted sums no other
+    beats on both ``objectives``, means): ``{"status": front|beyond|on|dominated, "by":
+    baselines better on both, "beats": front points it is better on both than}``."""
 
     def better(a, b):
         return all(a[k][0] < b[k][0] for k in objectives)
@@ -199,17 +195,9 @@ def front_points(rows: list[dict], metrics, x: str, y: str) -> list[dict]:
     """The plotted points, in display units: mean and sd per method of the ``x`` (as
     ``energy``) and ``y`` (as ``force``) metrics."""
     fx, fy = metrics[x][1], metrics[y][1]
-    return [
-        {
-            "method": r["method"],
-            "energy": r[x][0] * fx,
-            "energy_sd": r[x][1] * fx,
-            "force": r[y][0] * fy,
-            "force_sd": r[y][1] * fy,
-        }
-        for r in rows
-        if r[x][0] is not None and r[y][0] is not None
-    ]
+    return [{"method": r["method"], "energy": r[x][0] * fx, "energy_sd": r[x][1] * fx,
+             "force": r[y][0] * fy, "force_sd": r[y][1] * fy}
+            for r in rows if r[x][0] is not None and r[y][0] is not None]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -236,6 +224,19 @@ def machine_line(info: dict) -> str:
         f"{info['torch_threads']} torch thread(s), load avg at start "
         f"{', '.join(f'{x:.2f}' for x in info['loadavg_start'])}"
     )
+
+
+def preamble(what: str, meta: dict, jobs, command: str | None, *paragraphs: str) -> list[str]:
+    """The lines before a study's tables: what ran on which machine, when, for how long
+    (``jobs`` runs at a time, if given), its command line, then ``paragraphs``."""
+    at = "" if jobs is None else f" ({jobs} run(s) at a time)"
+    lines = [f"{what} on {machine_line(meta['machine'])}; {meta['time']}; total "
+             f"{meta['elapsed_s'] / 60:.1f} min{at}.", ""]  # fmt: skip
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    for text in paragraphs:
+        lines += [text, ""]
+    return lines
 
 
 def command(study: str, argv: list[str], omp: bool = True) -> str:
@@ -271,19 +272,12 @@ def read_json(path: str | Path) -> dict:
 
 def add_from_json(parser, many: bool = False, what: str = "the md/png outputs") -> None:
     """``--from-json``: no run, only the report from a saved json (``many``: several)."""
-    parser.add_argument(
-        "--from-json",
-        nargs="+" if many else None,
-        help=f"only rewrite {what} from {'these json files' if many else 'this json'}",
-    )
+    parser.add_argument("--from-json", nargs="+" if many else None,
+                        help=f"only rewrite {what} from {'these json files' if many else 'this json'}")  # fmt: skip
 
 
-def from_json(
-    paths: str | list[str],
-    out: str | None,
-    report: Callable[[dict, Path], None],
-    out_is_dir: bool = False,
-) -> None:
+def from_json(paths: str | list[str], out: str | None, report: Callable[[dict, Path], None],
+              out_is_dir: bool = False) -> None:  # fmt: skip
     """``report(data, out)`` for every saved json: ``out`` is ``--out`` (a path without
     suffix, or with ``out_is_dir`` a folder for ``<stem>.*``), by default beside the json."""
     for path in [paths] if isinstance(paths, str) else paths:
@@ -316,21 +310,11 @@ def save(fig, path: Path, dpi: int = 100) -> Path:
 
 
 def plot_front(
-    views: list[tuple[str, list[dict]]],
-    labels: dict[str, str],
-    title: str,
-    metrics,
-    *,
-    x: str,
-    y: str,
-    sweep: list[str],
-    baselines: list[str],
-    what: str = "validation",
-):
-    """One panel per view: every method and the weighted-sum sweep (joined in ``sweep``
-    order), mean ± sd over seeds of the ``x`` and ``y`` metrics, log-log, each labelled with
-    its place against the front of ``baselines``. Returns the figure (the caller saves it);
-    every point is an errorbar whose marker line has its method key as ``gid``."""
+    views: list[tuple[str, list[dict]]], labels: dict[str, str], title: str, metrics, *, x: str,
+    y: str, sweep: list[str], baselines: list[str], what: str = "validation",
+):  # fmt: skip
+    """One log-log panel per view: mean ± sd of ``x`` and ``y`` per method (the marker's
+    ``gid``: the method key), the ``sweep`` joined by a line; the figure, not saved."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(views), figsize=(8 * len(views), 6.5), squeeze=False)
     cmap = plt.get_cmap("tab10")
@@ -365,22 +349,13 @@ def plot_front(
 
 
 def plot_curves(
-    path: Path,
-    runs: list[dict],
-    panels: list[tuple[str, list[str]]],
-    labels: dict[str, str],
-    metrics,
-    budget_s: float,
-    style: Callable[[str, int], tuple],
-    *,
-    clock: str = "cpu",
-    lr_run: dict | None = None,
-    title: str | None = None,
-) -> None:
-    """Validation error against training time, the geometric mean over seeds: one row per
-    ``(title, methods)`` of ``panels``, one column per metric; ``style(method, j)`` gives the
-    ``(colour, line style, width)`` of the ``j``-th method of its row; ``lr_run``: a run
-    whose learning rate is drawn in a last column."""
+    path: Path, runs: list[dict], panels: list[tuple[str, list[str]]], labels: dict[str, str],
+    metrics, budget_s: float, style: Callable[[str, int], tuple], *, clock: str = "cpu",
+    lr_run: dict | None = None, title: str | None = None,
+) -> None:  # fmt: skip
+    """Validation error against training time (geometric mean over seeds): a row per
+    ``(title, methods)`` of ``panels``, a column per metric, ``style(method, j)`` its
+    ``(colour, line style, width)``; ``lr_run``'s learning rate in a last column."""
     import numpy as np
 
     plt = pyplot()
@@ -416,6 +391,46 @@ def plot_curves(
         fig.suptitle(title)
     fig.tight_layout()
     save(fig, path)
+
+
+def plot_step_ratios(path: Path, results: list[dict], config, memory=(), title: str = "") -> None:
+    """Per method (a row) its median step CPU time over the weighted sum's with its 95%
+    interval, one bar per configuration (``config(row)``: its label); with ``memory`` rows,
+    their peak memory over the weighted sum's beside."""
+    plt = pyplot()
+    configs = list(dict.fromkeys(config(r) for r in results))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    by = {(r["method"], config(r)): r for r in results}
+    mem_by = {(r["method"], config(r)): r for r in memory}
+    ncols = 2 if memory else 1
+    fig, axes = plt.subplots(
+        1, ncols, figsize=(3 + 7 * ncols, 0.42 * len(methods) + 1.8), squeeze=False
+    )
+    h = 0.8 / len(configs)
+    for j, cfg in enumerate(configs):
+        ys = [i + (j - (len(configs) - 1) / 2) * h for i in range(len(methods))]
+        vals = [by[(m, cfg)].get("cpu_vs_weighted_sum") or 0 for m in methods]
+        cis = [by[(m, cfg)].get("cpu_vs_weighted_sum_ci95", [v, v]) for m, v in zip(methods, vals)]
+        err = [[max(0.0, v - c[0]) for v, c in zip(vals, cis)],
+               [max(0.0, c[1] - v) for v, c in zip(vals, cis)]]  # fmt: skip
+        axes[0][0].barh(ys, vals, height=h, xerr=err, error_kw={"lw": 0.6}, label=cfg)
+        if memory:
+            mem = [mem_by.get((m, cfg), {}).get("torch_mem_vs_weighted_sum") or 0 for m in methods]
+            axes[0][1].barh(ys, mem, height=h, label=cfg)
+    names = [
+        "median step CPU time / weighted-sum step",
+        "peak torch training memory / weighted sum",
+    ]
+    for ax, name in zip(axes[0], names):
+        ax.set_yticks(range(len(methods)), [by[(m, configs[0])]["label"] for m in methods])
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(name)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{title} ({results[0]['params']} parameters, CPU, 1 thread)", fontsize=10)
+    fig.tight_layout()
+    save(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- results
@@ -477,11 +492,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description="Render the committed benchmark results.")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--check",
-        action="store_true",
-        help="fail if a results .md or a generated docs section is not what its json renders to",
-    )
+    what.add_argument("--check", action="store_true",
+                      help="fail if a results .md or a docs section is not what its json renders to")  # fmt: skip
     what.add_argument("--write", action="store_true", help="rewrite every results .md")
     what.add_argument("--docs", action="store_true", help="rewrite the docs' generated sections")
     args = parser.parse_args(argv)

@@ -86,9 +86,6 @@ def time_methods(args, table) -> list[dict]:
     return results
 
 
-# ----------------------------------------------------------------------------- memory
-
-
 def peak_memory(setup: Setup, method: M.Method, dtype: str, num_tasks: int, steps: int) -> dict:
     """Train ``steps`` batches with a fresh module; the peak of live torch tensor bytes
     (torch.profiler memory events) between ``on_train_start`` and ``on_train_end``, above
@@ -147,9 +144,6 @@ def measure_memory(args, table) -> list[dict]:
     return out
 
 
-# ----------------------------------------------------------------------------- report
-
-
 def _with_ci(r, key) -> str:
     v, ci = r.get(key), r.get(f"{key}_ci95")
     if v is None:
@@ -157,93 +151,38 @@ def _with_ci(r, key) -> str:
     return f"{v:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
-def _mem_cells(mm) -> str:
-    mm = mm or {}
-    return (
-        f"| {R.fmt(mm.get('torch_peak_kb') and mm['torch_peak_kb'] / 1024, '.1f')} "
-        f"| {R.fmt(mm.get('torch_mem_vs_weighted_sum'))} | {R.fmt(mm.get('torch_mem_vs_nequip_config'))} |"
-    )
-
-
 def markdown(data: dict) -> str:
     meta, memory = data["meta"], data["memory"]
-    args, info, elapsed = argparse.Namespace(**meta["args"]), meta["machine"], meta["elapsed_s"]
+    args = argparse.Namespace(**meta["args"])
     results = R.with_intervals(data["results"])
     mem = {(r["method"], r["dtype"], r["tasks"]): r for r in memory}
-    params = results[0]["params"] if results else (memory[0]["params"] if memory else None)
-    lines = [
-        f"Step cost on {R.machine_line(info)}; {meta['time']}; total {elapsed / 60:.1f} min.",
-        "",
-        f"NequIP model with {params} parameters (l_max={args.l_max}, {args.num_layers} layers, "
-        f"{args.num_features} features, radial MLP 2x{args.radial_width}), batches of "
-        f"{args.batch_size} EMT alloy frames (Cu/Ni/Pd, 8-32 atoms); {args.steps} timed steps "
-        f"per method after {args.warmup} warm-up steps, interleaved step by step (step i of "
-        "every method, on the same batch, in a fresh random order for every i). "
-        "Times are CPU time of the (single) compute thread; ratios are ratios of median step "
-        "times with a 95% bootstrap interval (paired resampling of steps) in brackets; "
-        "*mean* = ratio of mean step times (the cost per step of methods whose work varies "
-        "from step to step by design, e.g. M-ConFIG's round-robin backward pass); *wall* = "
-        "ratio of median wall-clock step times. "
-        f"*Mem* = peak of live torch tensor memory over {args.mem_steps} training steps, above "
-        "the level at the start of training (torch.profiler memory events).",
-        "",
-        "| dtype | tasks | method | CPU ms/step | vs weighted sum | vs nequip ConFIG "
-        "| vs weighted sum (mean) | wall vs weighted sum "
-        "| mem (MiB) | mem vs weighted sum | mem vs nequip ConFIG |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = R.preamble(
+        "Step cost", meta, None, None,
+        f"NequIP model with {results[0]['params']} parameters (l_max={args.l_max}, "
+        f"{args.num_layers} layers, {args.num_features} features, radial MLP "
+        f"2x{args.radial_width}), batches of {args.batch_size} EMT alloy frames; {args.steps} "
+        f"timed steps per method after {args.warmup} warm-up steps, interleaved step by step. "
+        "CPU time of the compute thread; ratios of median step times with a 95% bootstrap "
+        "interval (paired resampling of steps); *mean*: ratio of mean step times (the cost per "
+        "step of methods whose work varies from step to step, e.g. M-ConFIG's round-robin "
+        "backward pass); *wall*: ratio of median wall-clock steps; *mem*: peak of live torch "
+        f"tensor memory over {args.mem_steps} training steps above its level at the start.",
+    )  # fmt: skip
+    head = ["dtype", "tasks", "method", "CPU ms/step", "vs weighted sum", "vs nequip ConFIG",
+            "vs weighted sum (mean)", "wall vs weighted sum", "mem (MiB)", "mem vs weighted sum",
+            "mem vs nequip ConFIG"]  # fmt: skip
+    rows = []
     for r in results:
-        mm = mem.get((r["method"], r["dtype"], r["tasks"]))
-        lines.append(
-            f"| {r['dtype']} | {r['tasks']} | {r['label']} | {1e3 * r['cpu_median_s']:.0f} "
-            f"| {_with_ci(r, 'cpu_vs_weighted_sum')} | {_with_ci(r, 'cpu_vs_nequip_config')} "
-            f"| {_with_ci(r, 'cpu_mean_vs_weighted_sum')} | {R.fmt(r.get('wall_vs_weighted_sum'))} "
-            + _mem_cells(mm)
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(path: Path, results, mem) -> None:
-    """Per method, its median step and its peak memory relative to the weighted sum's."""
-    plt = R.pyplot()
-    configs = sorted({(r["dtype"], r["tasks"]) for r in results})
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    labels = {r["method"]: r["label"] for r in results}
-    by = {(r["method"], r["dtype"], r["tasks"]): r for r in results}
-    ncols = 2 if mem else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(7 * ncols, 0.42 * len(methods) + 1.8),
-                             squeeze=False)  # fmt: skip
-    axes = axes[0]
-    h = 0.8 / len(configs)
-    for j, cfg in enumerate(configs):
-        ys = [i + (j - (len(configs) - 1) / 2) * h for i in range(len(methods))]
-        rows = [by[(m, *cfg)] for m in methods]
-        vals = [r.get("cpu_vs_weighted_sum") or 0 for r in rows]
-        cis = [r.get("cpu_vs_weighted_sum_ci95", [v, v]) for r, v in zip(rows, vals)]
-        err = [[max(0.0, v - c[0]) for v, c in zip(vals, cis)],
-               [max(0.0, c[1] - v) for v, c in zip(vals, cis)]]  # fmt: skip
-        label = f"{cfg[0]}, {cfg[1]} tasks"
-        axes[0].barh(ys, vals, height=h, xerr=err, error_kw={"lw": 0.6}, label=label)
-        if mem:
-            mv = [(mem.get((m, *cfg)) or {}).get("torch_mem_vs_weighted_sum") or 0 for m in methods]
-            axes[1].barh(ys, mv, height=h, label=label)
-    titles = [
-        "median step CPU time / weighted-sum step",
-        "peak torch training memory / weighted sum",
-    ]
-    for ax, title in zip(axes, titles):
-        ax.set_yticks(range(len(methods)), [labels[m] for m in methods])
-        ax.invert_yaxis()
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_title(title)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(
-        f"Per-step cost relative to nequip's weighted-sum step ({results[0]['params']} "
-        "parameters, CPU, 1 thread)"
-    )
-    fig.tight_layout()
-    R.save(fig, path, dpi=110)
+        mm = mem.get((r["method"], r["dtype"], r["tasks"])) or {}
+        rows.append([
+            r["dtype"], r["tasks"], r["label"], f"{1e3 * r['cpu_median_s']:.0f}",
+            *(_with_ci(r, f"cpu_{k}") for k in ("vs_weighted_sum", "vs_nequip_config",
+                                                "mean_vs_weighted_sum")),
+            R.fmt(r.get("wall_vs_weighted_sum")),
+            R.fmt(mm.get("torch_peak_kb") and mm["torch_peak_kb"] / 1024, ".1f"),
+            R.fmt(mm.get("torch_mem_vs_weighted_sum")), R.fmt(mm.get("torch_mem_vs_nequip_config")),
+        ])  # fmt: skip
+    return "\n".join(lines + R.md_table(head, rows)) + "\n"
 
 
 def report(data: dict, out: Path) -> None:
@@ -253,11 +192,8 @@ def report(data: dict, out: Path) -> None:
     R.write_json(out.with_suffix(".json"), {**data, "results": results})
     R.write_text(out.with_suffix(".md"), markdown(data))
     if results:
-        mem = {(r["method"], r["dtype"], r["tasks"]): r for r in data["memory"]}
-        plot(out.with_suffix(".png"), results, mem)
-
-
-# ----------------------------------------------------------------------------- main
+        R.plot_step_ratios(out.with_suffix(".png"), results, lambda r: f"{r['dtype']}, {r['tasks']} tasks",
+                           data["memory"], "Per-step cost relative to nequip's weighted-sum step")  # fmt: skip
 
 
 def main(argv=None):

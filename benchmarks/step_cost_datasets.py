@@ -38,19 +38,16 @@ from benchmarks import report as R
 #: generator (:func:`nequip_mtl.data.generate_frames`, Cu/Ni/Pd; by default 70 % strained
 #: bulk cells, 15 % with a vacancy, 15 % surface slabs): the first is the primary dataset
 #: (model statistics), the others shift the mix of frames and the compositions
-DATASETS = {
-    "bulk": {"seed": 0},
-    "surfaces": {"seed": 1, "slab_fraction": 0.6, "vacancy_fraction": 0.1},
-    "vacancies": {"seed": 2, "slab_fraction": 0.1, "vacancy_fraction": 0.6},
-}
+DATASETS = {"bulk": {"seed": 0},
+            "surfaces": {"seed": 1, "slab_fraction": 0.6, "vacancy_fraction": 0.1},
+            "vacancies": {"seed": 2, "slab_fraction": 0.1, "vacancy_fraction": 0.6}}  # fmt: skip
 #: nequip's loss components of every dataset (per-atom energy and forces MSE)
 COMPONENTS = 2
 
 
 class Setup:
-    """Several EMT alloy training datasets in a ``MultiDatasetDataModule`` with balanced
-    batches of ``frames_per_dataset`` frames of each, and a ``PerDatasetLoss``; what
-    :class:`protocol.Worker` trains."""
+    """The EMT alloy datasets in balanced batches of ``frames_per_dataset`` frames of each,
+    a ``PerDatasetLoss``: what :class:`protocol.Worker` trains."""
 
     def __init__(self, args, frames_per_dataset: int):
         self.args = args
@@ -127,25 +124,17 @@ def run(args, table) -> list[dict]:
     return results
 
 
-# ----------------------------------------------------------------------------- report
-
-
 def ratios(r: dict, ref: dict) -> dict[str, float]:
-    """From the raw step times of the json (what the table shows): the median CPU step (s),
-    the ratios of medians (CPU, wall) and means (CPU) to the reference row ``ref``, and the
-    median and quartiles of the per-step CPU ratios."""
+    """From the raw step times: the median CPU step, the ratios of medians (CPU, wall) and
+    means (CPU) to the reference row ``ref``, the quartiles of the per-step CPU ratios."""
     cpu, ref_cpu = r["raw_cpu_s"], ref["raw_cpu_s"]
     paired = [a / b for a, b in zip(cpu, ref_cpu)]
     q1, _, q3 = statistics.quantiles(paired, n=4)
-    return {
-        "median_s": statistics.median(cpu),
-        "ratio": statistics.median(cpu) / statistics.median(ref_cpu),
-        "mean_ratio": statistics.fmean(cpu) / statistics.fmean(ref_cpu),
-        "wall_ratio": statistics.median(r["raw_wall_s"]) / statistics.median(ref["raw_wall_s"]),
-        "paired_median": statistics.median(paired),
-        "paired_q1": q1,
-        "paired_q3": q3,
-    }
+    return {"median_s": statistics.median(cpu),
+            "ratio": statistics.median(cpu) / statistics.median(ref_cpu),
+            "mean_ratio": statistics.fmean(cpu) / statistics.fmean(ref_cpu),
+            "wall_ratio": statistics.median(r["raw_wall_s"]) / statistics.median(ref["raw_wall_s"]),
+            "paired_median": statistics.median(paired), "paired_q1": q1, "paired_q3": q3}  # fmt: skip
 
 
 def _ci_text(r: dict, key: str) -> str:
@@ -153,112 +142,53 @@ def _ci_text(r: dict, key: str) -> str:
     return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
 
 
-def _compile_text(args) -> str:
-    if not getattr(args, "compile", False):
-        return ", eager (no train-time compile)"
-    return (
-        ", under nequip's train-time compile (`compile_mode: compile`; each method's model "
-        "compiled during its warm-up steps)"
-    )
-
-
 def _mix_text(generator: dict) -> str:
     slab = generator.get("slab_fraction", 0.15)
     vac = generator.get("vacancy_fraction", 0.15)
-    return (
-        f"seed {generator['seed']}, {100 * (1 - slab - vac):.0f} % bulk, "
-        f"{100 * vac:.0f} % vacancy, {100 * slab:.0f} % slab frames"
-    )
+    return f"seed {generator['seed']}, {100 * (1 - slab - vac):.0f}/{100 * vac:.0f}/{100 * slab:.0f} % bulk/vacancy/slab"
 
 
 def markdown(data: dict) -> str:
     """Per dtype and frames per dataset, every method's CPU time per step and its ratios to
     the weighted-sum step of the same batches."""
     meta = data["meta"]
-    args, info, elapsed = argparse.Namespace(**meta["args"]), meta["machine"], meta["elapsed_s"]
+    args, info = argparse.Namespace(**meta["args"]), meta["machine"]
     results = R.with_intervals(data["results"])
     names = results[0]["datasets"] if results else list(DATASETS)[: args.datasets]
-    mixes = "; ".join(f"`{n}` ({_mix_text(DATASETS[n])})" for n in names)
     load = [x for r in results for x in r.get("loadavg", [])]
-    lines = [
-        f"Step cost with {len(names)} training datasets on {R.machine_line(info)}; "
-        f"{meta['time']}; total {elapsed / 60:.1f} min.",
-        "",
-        f"Command: `{meta.get('command', 'n/a')}`",
-        "",
-        "Load average (1 min) of the machine, shared with other work, sampled every 10 "
-        f"interleaved steps and after the last: "
+    compiled = " under nequip's train-time compile" if getattr(args, "compile", False) else ""
+    lines = R.preamble(
+        f"Step cost with {len(names)} training datasets", meta, None, meta.get("command", "n/a"),
+        "Load average (1 min), sampled every 10 interleaved steps and after the last: "
         f"{f'{min(load):.2f}-{max(load):.2f}' if load else 'n/a'}; at the end "
-        f"{', '.join(f'{x:.2f}' for x in info.get('loadavg_end', []))}. The clock is the "
-        "CPU time of the compute thread, which other processes on the machine slow only "
-        "through shared caches and memory bandwidth.",
-        "",
+        f"{', '.join(f'{x:.2f}' for x in info.get('loadavg_end', []))}.",
         f"NequIP model with {results[0]['params'] if results else '?'} parameters "
         f"(l_max={args.l_max}, {args.num_layers} layers, {args.num_features} features, radial "
-        f"MLP 2x{args.radial_width}), {args.dtypes and ', '.join(args.dtypes)}"
-        f"{_compile_text(args)}. Training data: "
-        f"{len(names)} EMT alloy datasets (Cu/Ni/Pd, 8-32 atoms per frame; {mixes}) in a "
-        "`MultiDatasetDataModule` with balanced batches (k frames of every dataset in every "
-        "batch) and a `PerDatasetLoss` (per-atom energy and forces MSE of every dataset, "
-        f"coefficient 1: {len(names) * COMPONENTS} components). {args.steps} timed "
-        f"steps per method after {args.warmup} warm-up steps, interleaved step by step (step i "
-        "of every method, on the same batch, in a fresh random order for every i). *vs weighted "
-        "sum* = ratio of median CPU step times with a 95% bootstrap interval (paired "
-        "resampling of steps); *paired* = median and interquartile range of the per-step "
-        "ratios (step i of the method over step i of the weighted sum, the same batch); "
-        "*mean* = ratio of mean step times; *wall* = ratio of median wall-clock step times. "
-        "*Atoms per sub-batch*: the mean number of atoms of each dataset's part of a batch.",
-        "",
-        "| dtype | frames per dataset | atoms per sub-batch | method | CPU ms/step "
-        "| vs weighted sum | paired | vs weighted sum (mean) | wall vs weighted sum |",
-        R.md_rule(9),
-    ]
+        f"MLP 2x{args.radial_width}), {', '.join(args.dtypes)}{compiled}; {len(names)} EMT "
+        "alloy datasets ("
+        + "; ".join(f"`{n}`: {_mix_text(DATASETS[n])}" for n in names)
+        + ") in balanced batches of k frames of each, a `PerDatasetLoss` (per-atom energy and "
+        f"forces MSE of each dataset); {args.steps} timed steps per method after {args.warmup} "
+        "warm-up steps, interleaved step by step. CPU time of the compute thread; *vs weighted "
+        "sum*: ratio of median steps, 95% bootstrap interval; *paired*: median and interquartile "
+        "range of the per-step ratios (the same batch); *mean*: ratio of mean steps; *wall*: "
+        "ratio of median wall-clock steps; *atoms per sub-batch*: each dataset's part of a batch.",
+    )  # fmt: skip
     refs = {R.config_key(r, r["method"]): r for r in results if r["method"] == M.WS}
+    rows = []
     for r in results:
         x = ratios(r, refs[R.config_key(r, M.WS)])
-        atoms = " / ".join(f"{r['atoms_per_sub_batch'][n]:.0f}" for n in names)
-        lines.append(R.md_row([
-            r["dtype"], r["frames_per_dataset"], atoms, r["label"], f"{1e3 * x['median_s']:.0f}",
-            f"{x['ratio']:.2f}" + _ci_text(r, "cpu_vs_weighted_sum"),
+        rows.append([
+            r["dtype"], r["frames_per_dataset"],
+            " / ".join(f"{r['atoms_per_sub_batch'][n]:.0f}" for n in names), r["label"],
+            f"{1e3 * x['median_s']:.0f}", f"{x['ratio']:.2f}" + _ci_text(r, "cpu_vs_weighted_sum"),
             f"{x['paired_median']:.2f} [{x['paired_q1']:.2f}, {x['paired_q3']:.2f}]",
             f"{x['mean_ratio']:.2f}" + _ci_text(r, "cpu_mean_vs_weighted_sum"),
             f"{x['wall_ratio']:.2f}",
-        ]))  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def plot(path: Path, results) -> None:
-    """Ratio to the weighted-sum step per method, grouped by frames per dataset."""
-    plt = R.pyplot()
-    groups = list(dict.fromkeys((r["dtype"], r["frames_per_dataset"]) for r in results))
-    methods = [m for m in dict.fromkeys(r["method"] for r in results) if m != M.WS]
-    labels = {r["method"]: r["label"] for r in results}
-    by = {(r["method"], r["dtype"], r["frames_per_dataset"]): r for r in results}
-    fig, ax = plt.subplots(figsize=(1.6 * len(groups) * len(methods) / 2 + 3, 4.2))
-    w = 0.8 / len(methods)
-    for j, m in enumerate(methods):
-        xs = [i + (j - (len(methods) - 1) / 2) * w for i in range(len(groups))]
-        rows = [by[(m, *g)] for g in groups]
-        vals = [r["cpu_vs_weighted_sum"] for r in rows]
-        cis = [r.get("cpu_vs_weighted_sum_ci95", [v, v]) for r, v in zip(rows, vals)]
-        err = [[max(0.0, v - c[0]) for v, c in zip(vals, cis)],
-               [max(0.0, c[1] - v) for v, c in zip(vals, cis)]]  # fmt: skip
-        ax.bar(xs, vals, width=w, yerr=err, error_kw={"lw": 0.8}, label=labels[m])
-    ax.set_xticks(
-        range(len(groups)),
-        [f"{d}, {k} frames/dataset\n({len(results[0]['datasets'])} datasets)" for d, k in groups],
-    )
-    ax.axhline(1.0, color="k", lw=0.8)
-    top = max(r["cpu_vs_weighted_sum_ci95"][1] for r in results if "cpu_vs_weighted_sum_ci95" in r)
-    ax.set_ylim(0, 1.45 * top)  # room for the legend above the bars
-    ax.set_ylabel("median step CPU time / weighted-sum step")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(
-        f"Dataset tasks vs nequip's weighted sum ({results[0]['params']} parameters, CPU, 1 thread)"
-    )
-    fig.tight_layout()
-    R.save(fig, path, dpi=110)
+        ])  # fmt: skip
+    head = ["dtype", "frames per dataset", "atoms per sub-batch", "method", "CPU ms/step",
+            "vs weighted sum", "paired", "vs weighted sum (mean)", "wall vs weighted sum"]  # fmt: skip
+    return "\n".join(lines + R.md_table(head, rows)) + "\n"
 
 
 def report(data: dict, out: Path) -> None:
@@ -267,10 +197,9 @@ def report(data: dict, out: Path) -> None:
     R.write_json(out.with_suffix(".json"), {**data, "results": results})
     R.write_text(out.with_suffix(".md"), markdown(data))
     if results:
-        plot(out.with_suffix(".png"), results)
-
-
-# ----------------------------------------------------------------------------- main
+        R.plot_step_ratios(out.with_suffix(".png"), results,
+                           lambda r: f"{r['dtype']}, {r['frames_per_dataset']} frames/dataset",
+                           title=f"Dataset tasks vs nequip's weighted sum, {len(results[0]['datasets'])} datasets")  # fmt: skip
 
 
 def main(argv=None):

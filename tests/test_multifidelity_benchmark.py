@@ -3,15 +3,13 @@ computations: every table cell equals the raw runs (recomputed here); the deploy
 predicts what the training model predicts for DFT frames; the deployed model's reported
 errors are its MAEs computed by hand; the gradient cosines are the cosines of autograd
 gradients of the two datasets' losses; the fine-tune starts from the cached pretrained
-weights with DFT's energy zero; ``--resume`` runs only the missing runs; ``--from-json``
-rewrites the same report."""
+weights with DFT's energy zero; ``--from-json`` rewrites the same report."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -236,26 +234,6 @@ def test_fine_tune_starts_from_the_cached_pretrained_model_with_dfts_energy_zero
             assert not torch.allclose(got[k], v)
         else:
             assert torch.equal(got[k], v), k
-
-
-def test_resume_runs_only_the_missing_runs(quick, tmp_path):
-    out, data = quick
-    dest = tmp_path / "mf"
-    shutil.copyfile(out.with_suffix(".json"), dest.with_suffix(".json"))
-    kept = json.loads(dest.with_suffix(".json").read_text())
-    dropped = kept["runs"].pop(0)
-    dest.with_suffix(".json").write_text(json.dumps(kept))
-    _run("--quick", "--budget-s", "1", "--pretrain-s", "1.5", "--cosine-steps", "2",
-         "--methods", *METHODS, "--out", str(dest), "--resume")  # fmt: skip
-    again = json.loads(dest.with_suffix(".json").read_text())
-    assert again["runs"][:-1] == kept["runs"]  # kept as they were
-    new = again["runs"][-1]
-    assert (new["method"], new["seed"], new["n_dft"]) == (
-        dropped["method"], dropped["seed"], dropped["n_dft"])  # fmt: skip
-    assert again["cosines"] == kept["cosines"] and again["pretrain"] == kept["pretrain"]
-    with pytest.raises(subprocess.CalledProcessError) as err:
-        _run("--quick", "--budget-s", "2", "--out", str(dest), "--resume")
-    assert "budget_s" in err.value.stderr
 
 
 def test_from_json_rewrites_the_same_report(quick, tmp_path):
