@@ -380,6 +380,8 @@ def plot_curves(
             ax.grid(alpha=0.3, which="both")
         row[len(metrics) - 1].legend(fontsize=7, loc="upper right")
     if lr_run is not None:
+        for row in axes[1:]:  # the learning rate in the first row only
+            row[-1].set_visible(False)
         pts = [(p["clock_s"], p["lr"]) for p in lr_run["curve"] if p.get("lr") is not None]
         ax = axes[0][-1]
         if pts:

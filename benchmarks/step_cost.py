@@ -152,6 +152,8 @@ def _with_ci(r, key) -> str:
 
 
 def markdown(data: dict) -> str:
+    if data["meta"]["args"].get("datasets"):  # a result of the several-datasets study
+        return _datasets().markdown(data)
     meta, memory = data["meta"], data["memory"]
     args = argparse.Namespace(**meta["args"])
     results = R.with_intervals(data["results"])
@@ -185,9 +187,17 @@ def markdown(data: dict) -> str:
     return "\n".join(lines + R.md_table(head, rows)) + "\n"
 
 
+def _datasets():
+    from benchmarks import step_cost_datasets
+
+    return step_cost_datasets
+
+
 def report(data: dict, out: Path) -> None:
     """``out``.json (meta data, the timing rows with their intervals, the memory rows),
     .md and .png."""
+    if data["meta"]["args"].get("datasets"):
+        return _datasets().report(data, out)
     results = R.with_intervals(data["results"])
     R.write_json(out.with_suffix(".json"), {**data, "results": results})
     R.write_text(out.with_suffix(".md"), markdown(data))
@@ -199,9 +209,7 @@ def report(data: dict, out: Path) -> None:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--datasets" in argv:  # the several-datasets study
-        from benchmarks import step_cost_datasets
-
-        return step_cost_datasets.main(argv)
+        return _datasets().main(argv)
     parser = P.study_parser(__doc__, jobs=False)
     parser.add_argument("--tasks", type=int, nargs="+", default=[3], choices=[2, 3])
     P.add_step_arguments(parser, frames=200, frames_help="frames generated (>= batch*(steps+1)+1)")

@@ -37,7 +37,7 @@ def test_every_committed_json_has_a_study_a_table_and_a_docs_section():
         assert report.study_of(path) is not None
         assert path.with_suffix(".md").exists(), path.name
     assert sorted(SECTIONS) == [p.stem for p in JSONS]
-    assert len(re.findall("<!-- generated: ", PAGE)) == len(SECTIONS)  # none unclosed
+    assert len(re.findall("^<!-- generated: ", PAGE, flags=re.M)) == len(SECTIONS)  # none unclosed
 
 
 @pytest.mark.parametrize("path", JSONS, ids=[p.stem for p in JSONS])
@@ -100,3 +100,35 @@ def test_docs_show_the_committed_figures_not_copies():
     sources = [p for p in DOCS.rglob("*.png") if "_build" not in p.relative_to(DOCS).parts]
     copies = [p for p in sources if p.read_bytes() in set(figures)]
     assert not copies, f"copies of benchmarks/results figures under docs/: {copies}"
+
+
+#: pages whose figures are their own example runs or settings, not benchmark results: the
+#: tutorials' printed errors (tutorial, fine-tuning, diagnostics), the data generator's
+#: mix, the repros' digits (differences)
+OWN_FIGURES = {"benchmarks.md", "tutorial.md", "finetuning.md", "diagnostics.md", "data.md",
+               "differences.md"}  # fmt: skip
+#: a measured figure in prose: mean ± sd, an energy or error in meV, a ratio such as "1.8x",
+#: a percentage
+FIGURE = re.compile(r"\d\s*±\s*\d|\d\s*meV|\d\.\d+x\b|\d\s*%")
+
+
+@pytest.mark.parametrize(
+    "page",
+    [REPO / "README.md", *(p for p in sorted(DOCS.glob("*.md")) if p.name not in OWN_FIGURES)],
+    ids=lambda p: p.name,
+)
+def test_no_measured_figure_outside_the_benchmarks_page(page):
+    """The other pages state what the measurements say and link to the table
+    (``benchmarks.md#<name>``); a figure copied from a table (mutation: ``"111.5 ± 1.7"``
+    or ``"1.10x"`` back in a page) fails here."""
+    text = "\n".join(line for line in page.read_text().splitlines() if not line.startswith(":"))
+    assert not FIGURE.findall(text), FIGURE.findall(text)  # (``:width: 80%`` lines left out)
+
+
+def test_every_mean_sd_in_the_pages_prose_is_a_cell_of_its_tables():
+    """The prose between the generated sections of docs/benchmarks.md quotes only numbers
+    its tables show (a re-run that changes a table leaves no stale copy in the prose)."""
+    prose = report.SECTION.sub("", PAGE)
+    cells = set(re.findall(r"\d+\.\d ± \d+\.\d", "".join(SECTIONS.values())))
+    quoted = set(re.findall(r"\d+\.\d ± \d+\.\d", prose))
+    assert quoted <= cells, quoted - cells
