@@ -1,18 +1,10 @@
-"""The benchmarks of nequip-mtl, a package run from the repository root.
-
-- :mod:`benchmarks.protocol`: data, model, trainer, clocks, the training run, validation;
-- :mod:`benchmarks.methods`: every method a study can run, by name;
-- :mod:`benchmarks.report`: statistics, Markdown/JSON tables, figures, ``--from-json``;
-- the studies, each ``run -> <out>.json`` and ``report(<out>.json) -> md/png``:
-  ``accuracy``, ``pareto``, ``finetune``, ``conflicts``, ``multifidelity``, ``step_cost``,
-  ``aggregation_cost``, ``readout_heads``.
-
-Run a study as a module, e.g.::
-
-    OMP_NUM_THREADS=1 python -m benchmarks.pareto --quick
-    python -m benchmarks.pareto --from-json benchmarks/results/pareto_ethanol.json --out /tmp/p
-
-Results are in ``benchmarks/results/``.
+"""The benchmarks of nequip-mtl, run from the repository root: :mod:`benchmarks.protocol`
+(data, models, clocks, runs, step timing), :mod:`benchmarks.methods` (every method, by name),
+:mod:`benchmarks.report` (tables, figures, the results' renderer) and the studies, each
+``python -m benchmarks.<study>`` writing ``benchmarks/results/<name>.{json,md,png}``:
+``accuracy``, ``pareto``, ``finetune``, ``conflicts``, ``multifidelity``, ``readout_heads``,
+``step_cost``, ``step_cost_datasets``, ``aggregation_cost``. Their numbers are shown once, in
+``docs/benchmarks.md`` (``python -m benchmarks.report --docs``).
 """
 
 import os

@@ -12,7 +12,6 @@ Writes ``benchmarks/results/aggregation_cost.{json,md}``; ``--from-json`` rewrit
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -77,22 +76,12 @@ def run(args) -> dict:
                     g.rows.copy_(torch.randn(g.rows.shape, generator=gen, dtype=dtype))
                 for cls in M.aggregator_classes():
                     ms = zero_ms + _median_ms(_one_step(cls, storage, m, coeffs), args.repeats)
-                    row = {
-                        "params": n,
-                        "dtype": dtype_name,
-                        "tasks": m,
-                        "aggregator": cls.__name__,
-                        "ms": ms,
-                    }
+                    row = {"params": n, "dtype": dtype_name, "tasks": m,
+                           "aggregator": cls.__name__, "ms": ms}  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row))
-    meta = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "time": P.now(),
-        "repeats": args.repeats,
-    }
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "time": P.now(), "repeats": args.repeats}  # fmt: skip
     return {"meta": meta, "results": rows}
 
 
@@ -103,21 +92,17 @@ def markdown(data: dict) -> str:
         return list(dict.fromkeys(r[key] for r in rows))
 
     names = values("aggregator")
-    lines = [
+    ms = {(r["params"], r["dtype"], r["tasks"], r["aggregator"]): r["ms"] for r in rows}
+    table = R.md_table(
+        ["params", "dtype", "tasks", *names],
+        [[f"{n:.0e}", d, m, *(f"{ms[(n, d, m, a)]:.2f}" for a in names if (n, d, m, a) in ms)]
+         for n in values("params") for d in values("dtype") for m in values("tasks")],
+    )  # fmt: skip
+    return "\n".join([
         f"Aggregation math per step (ms, median of {meta['repeats']}; zero rows + Gram + weights + "
         f"combined update), {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), "
-        f"{meta['time']}",
-        "",
-        R.md_row(["params", "dtype", "tasks", *names]),
-        R.md_rule(3 + len(names)),
-    ]
-    ms = {(r["params"], r["dtype"], r["tasks"], r["aggregator"]): r["ms"] for r in rows}
-    for n in values("params"):
-        for d in values("dtype"):
-            for m in values("tasks"):
-                cells = [f"{ms[(n, d, m, name)]:.2f}" for name in names if (n, d, m, name) in ms]
-                lines.append(R.md_row([f"{n:.0e}", d, m, *cells]))
-    return "\n".join(lines) + "\n"
+        f"{meta['time']}", "", *table,
+    ]) + "\n"  # fmt: skip
 
 
 def report(data: dict, out: Path) -> None:
@@ -125,22 +110,19 @@ def report(data: dict, out: Path) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = P.study_parser(__doc__, jobs=False)
     parser.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", default=None, help="default results/aggregation_cost")
-    R.add_from_json(parser, what="the md")
     args = parser.parse_args(argv)
     if args.from_json:
         return R.from_json(args.from_json, args.out, report)
-    out = Path(args.out or P.RESULTS / "aggregation_cost")
+    if args.quick:
+        args.params, args.repeats = [10_000], 3
+    out = Path(P.out_path(args, "aggregation_cost"))
     data = run(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    R.write_json(out.with_suffix(".json"), data)
     report(data, out)
 
 

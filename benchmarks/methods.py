@@ -1,10 +1,6 @@
-"""The method registry: every way of training a study can run, by name.
-
-Every method is selected exactly as a user would select it in a nequip config: by the
-``_target_`` of the training module, of its ``aggregator``, or of a callback on nequip's
-weighted-sum module. :func:`methods` gives the table; :func:`missing_methods` reports any
-whose ``_target_`` does not import in this tree. The studies' own selections (pareto's
-weighted-sum sweep, the conflict study's variants) are here too, by name.
+"""The method registry: every way of training a study can run, by name, selected exactly
+as a user would in a nequip config (the ``_target_`` of the training module, its
+``aggregator`` or a callback); :func:`missing_methods` names any that does not import.
 
 A method as it would stand in a nequip config (``methods()["upgrad_k8"]``)::
 
@@ -63,10 +59,8 @@ class Method:
         """This method with ``seed`` for its seeded callbacks (``RandomLossWeighting``)."""
         if not any("RandomLossWeighting" in cb["_target_"] for cb in self.callbacks):
             return self
-        callbacks = tuple(
-            {**cb, "seed": seed} if "RandomLossWeighting" in cb["_target_"] else cb
-            for cb in self.callbacks
-        )
+        callbacks = tuple({**cb, "seed": seed} if "RandomLossWeighting" in cb["_target_"] else cb
+                          for cb in self.callbacks)  # fmt: skip
         return dataclasses.replace(self, callbacks=callbacks)
 
 
@@ -94,10 +88,8 @@ def _methods(interval: str) -> dict[str, Method]:
         # --- nequip's built-in choices (the baselines)
         "ws": _baseline("weighted sum (nequip)"),
         "config_nequip": _baseline("ConFIG (nequip)", "nequip.train.ConFIGLightningModule"),
-        "softadapt_nequip": _baseline(
-            "SoftAdapt (nequip)",
-            callbacks=({"_target_": "nequip.train.callbacks.SoftAdapt", **softadapt},),
-        ),
+        "softadapt_nequip": _baseline("SoftAdapt (nequip)", callbacks=(
+            {"_target_": "nequip.train.callbacks.SoftAdapt", **softadapt},)),
         # --- gradient aggregation (nequip_mtl)
         "config": Method("ConFIG (nequip_mtl)", "nequip_mtl.train.ConFIGLightningModule"),
         "mean": _agg("Mean", "Mean"),
@@ -109,61 +101,31 @@ def _methods(interval: str) -> dict[str, Method]:
         "dualproj": _agg("DualProj", "DualProj"),
         "alignedmtl": _agg("AlignedMTL", "Aligned-MTL"),
         "cagrad": _agg("CAGrad", "CAGrad"),
-        "mconfig_adam": Method(
-            "M-ConFIG + Adam (no 2nd moment)",
-            MTL,
-            {"aggregator": {"_target_": mconfig, "second_moment": False}},
-        ),
+        "mconfig_adam": Method("M-ConFIG + Adam (no 2nd moment)", MTL,
+                               {"aggregator": {"_target_": mconfig, "second_moment": False}}),
         "mconfig_adam0": Method(
-            "M-ConFIG + Adam(beta1=0) (no 2nd moment)",
-            MTL,
-            {
-                "aggregator": {
-                    "_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG",
-                    "second_moment": False,
-                }
-            },
+            "M-ConFIG + Adam(beta1=0) (no 2nd moment)", MTL,
+            {"aggregator": {"_target_": "nequip_mtl.aggregators.momentum_config.MomentumConFIG",
+                            "second_moment": False}},
             # the aggregator already averages the gradients: no second momentum in Adam
             optimizer={"_target_": "torch.optim.Adam", "betas": [0.0, 0.999]},
         ),
-        "mconfig_sgd": Method(
-            "M-ConFIG + SGD (2nd moment)",
-            MTL,
-            {"aggregator": {"_target_": mconfig, "second_moment": True}},
-            optimizer={"_target_": "torch.optim.SGD"},
-        ),
+        "mconfig_sgd": Method("M-ConFIG + SGD (2nd moment)", MTL,
+                              {"aggregator": {"_target_": mconfig, "second_moment": True}},
+                              optimizer={"_target_": "torch.optim.SGD"}),
         # --- loss weighting (nequip_mtl)
-        "uncertainty": _weighting(
-            "Uncertainty weighting", "nequip_mtl.train.UncertaintyWeightingLightningModule"
-        ),
+        "uncertainty": _weighting("Uncertainty weighting",
+                                  "nequip_mtl.train.UncertaintyWeightingLightningModule"),
         "famo": _weighting("FAMO", "nequip_mtl.train.FAMOLightningModule"),
-        "softadapt": _weighting(
-            "SoftAdapt (nequip_mtl)",
-            callbacks=({"_target_": "nequip_mtl.train.callbacks.SoftAdapt", **softadapt},),
-        ),
-        "dwa": _weighting(
-            "DWA",
-            callbacks=(
-                {
-                    "_target_": "nequip_mtl.train.callbacks.DynamicWeightAverage",
-                    "temperature": 2.0,
-                    "interval": interval,
-                    "frequency": 1,
-                },
-            ),
-        ),
-        "rlw": _weighting(
-            "RLW",
-            callbacks=(
-                {
-                    "_target_": "nequip_mtl.train.callbacks.RandomLossWeighting",
-                    "interval": "batch",
-                    "frequency": 1,
-                    "seed": 0,
-                },
-            ),
-        ),
-    }
+        "softadapt": _weighting("SoftAdapt (nequip_mtl)", callbacks=(
+            {"_target_": "nequip_mtl.train.callbacks.SoftAdapt", **softadapt},)),
+        "dwa": _weighting("DWA", callbacks=(
+            {"_target_": "nequip_mtl.train.callbacks.DynamicWeightAverage", "temperature": 2.0,
+             "interval": interval, "frequency": 1},)),
+        "rlw": _weighting("RLW", callbacks=(
+            {"_target_": "nequip_mtl.train.callbacks.RandomLossWeighting", "interval": "batch",
+             "frequency": 1, "seed": 0},)),
+    }  # fmt: skip
 
 
 #: energy:force ratios of the swept weighted sum (``ws`` itself is 1:1)
@@ -174,25 +136,19 @@ def _weighted_sums() -> dict[str, Method]:
     """nequip's plain weighted sum at other energy:force(:stress) ratios, and the MACE-style
     two-stage schedule (forces 100x energy, then energy 10x forces for the last quarter)."""
     out = {
-        name: _baseline(
-            f"weighted sum {e}:{f}", coeffs={"total_energy": float(e), "forces": float(f)}
-        )
+        name: _baseline(f"weighted sum {e}:{f}", coeffs={"total_energy": float(e), "forces": float(f)})
         for name, (e, f) in WS_RATIOS.items()
-    }
+    }  # fmt: skip
     out["ws_two_stage"] = _baseline(
-        "weighted sum 1:100, then 10:1",
-        coeffs={"total_energy": 1.0, "forces": 100.0},
+        "weighted sum 1:100, then 10:1", coeffs={"total_energy": 1.0, "forces": 100.0},
         two_stage={"at": 0.75, "coeffs": {"total_energy": 10.0, "forces": 1.0}},
-    )
+    )  # fmt: skip
     return out
 
 
 #: the loss metric names of nequip's EnergyForce(Stress)Loss with per_atom_energy
-LOSS_METRIC_NAMES = {
-    "total_energy": "per_atom_energy_mse",
-    "forces": "forces_mse",
-    "stress": "stress_mse",
-}
+LOSS_METRIC_NAMES = {"total_energy": "per_atom_energy_mse", "forces": "forces_mse",
+                     "stress": "stress_mse"}  # fmt: skip
 
 
 def task_coeffs(coeffs: dict[str, float] | None, num_tasks: int) -> dict[str, float] | None:
@@ -235,28 +191,17 @@ def _calibrated(steps: int) -> dict[str, Method]:
     cb = "nequip_mtl.train.callbacks.CalibrateLossCoefficients"
     upgrad = {"_target_": "nequip_mtl.aggregators.UPGrad"}
     return {
-        "calib_gradnorm": _weighting(
-            "calibrate-then-freeze (gradnorm)",
-            callbacks=({"_target_": cb, "steps": steps, "rule": "gradnorm"},),
-        ),
-        "calib_upgrad": _weighting(
-            "calibrate-then-freeze (UPGrad weights)",
-            callbacks=(
-                {"_target_": cb, "steps": steps, "rule": "aggregator", "aggregator": upgrad},
-            ),
-        ),
-    }
+        "calib_gradnorm": _weighting("calibrate-then-freeze (gradnorm)", callbacks=(
+            {"_target_": cb, "steps": steps, "rule": "gradnorm"},)),
+        "calib_upgrad": _weighting("calibrate-then-freeze (UPGrad weights)", callbacks=(
+            {"_target_": cb, "steps": steps, "rule": "aggregator", "aggregator": upgrad},)),
+    }  # fmt: skip
 
 
 def methods(interval: str = "epoch", calibration_steps: int = 20) -> dict[str, Method]:
     """Every method; the calibrate-then-freeze ones calibrate for ``calibration_steps``."""
     table = _methods(interval)
-    return {
-        **table,
-        **_weighted_sums(),
-        **_calibrated(calibration_steps),
-        **_periodic(table),
-    }
+    return {**table, **_weighted_sums(), **_calibrated(calibration_steps), **_periodic(table)}
 
 
 #: fine-tuning: the swept replay coefficients (the pretraining data's, the new data's is 1)
@@ -264,11 +209,9 @@ REPLAY_WEIGHTS = (0.1, 0.3, 1.0, 3.0)
 
 
 def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
-    """The fine-tuning strategies (``benchmarks/finetune.py``): the new data alone
-    (``ft_naive``), replay with nequip's weighted sum at the :data:`REPLAY_WEIGHTS`
-    (``ft_replay_<w>``), and replay with the two datasets as tasks (``tasks: datasets``)
-    under UPGrad, PCGrad and ``PrimaryConstrained`` (primary ``new``), or calibrate-then-
-    freeze (UPGrad weights) on nequip's module; all replays but the sweep at 1:1."""
+    """The fine-tuning strategies (``benchmarks/finetune.py``): the new data alone, replay
+    with nequip's weighted sum at the :data:`REPLAY_WEIGHTS` (``ft_replay_<w>``), or with the
+    datasets as tasks (:func:`_dataset_tasks`, primary ``new``)."""
     out = {"ft_naive": _baseline("naive: new data only (weighted sum)")}
     for w in REPLAY_WEIGHTS:
         out[f"ft_replay_{w:g}"] = _baseline(f"replay, weighted sum {w:g}:1", replay=w)
@@ -308,24 +251,19 @@ MF_WEIGHTS = (10.0, 3.0, 1.0, 0.3)
 
 
 def multifidelity_methods(calibration_steps: int = 20) -> dict[str, Method]:
-    """The multi-fidelity strategies (``benchmarks/multifidelity.py``), DFT the high fidelity
-    and xTB the low: DFT alone (``mf_dft_only``), xTB pretraining then DFT fine-tuning
-    (``mf_pretrain_ft``), joint training with per-dataset energy references and nequip's
-    weighted sum at the DFT:xTB ratios :data:`MF_WEIGHTS` (``mf_joint_<w>``), the two
-    datasets as tasks (UPGrad, PCGrad, ``PrimaryConstrained`` with primary ``dft``,
-    calibrate-then-freeze; 1:1), and the 1:1 weighted sum with per-dataset readout heads
-    (``mf_joint_heads``)."""
+    """The multi-fidelity strategies (``benchmarks/multifidelity.py``): DFT alone, xTB
+    pretraining then DFT fine-tuning, joint training with nequip's weighted sum at the DFT:xTB
+    ratios :data:`MF_WEIGHTS` (``mf_joint_<w>``), with readout heads (``mf_joint_heads``), or
+    the datasets as tasks (:func:`_dataset_tasks`, primary ``dft``)."""
     out = {
         "mf_dft_only": _baseline("DFT only (weighted sum)", fidelity={"mode": "dft_only"}),
-        "mf_pretrain_ft": _baseline(
-            "xTB pretraining, then DFT fine-tuning", fidelity={"mode": "pretrain"}
-        ),
-    }
+        "mf_pretrain_ft": _baseline("xTB pretraining, then DFT fine-tuning",
+                                    fidelity={"mode": "pretrain"}),
+    }  # fmt: skip
     joint = {"mode": "joint", "dft": 1.0, "heads": False}
     for w in MF_WEIGHTS:
-        out[f"mf_joint_{w:g}"] = _baseline(
-            f"joint, weighted sum DFT:xTB {w:g}:1", fidelity={**joint, "dft": w}
-        )
+        out[f"mf_joint_{w:g}"] = _baseline(f"joint, weighted sum DFT:xTB {w:g}:1",
+                                           fidelity={**joint, "dft": w})  # fmt: skip
     out.update(_dataset_tasks("mf", "joint, ", "dft", calibration_steps, fidelity=joint))
     out["mf_joint_heads"] = _baseline(
         "joint, weighted sum 1:1, per-dataset readout heads", fidelity={**joint, "heads": True}
@@ -339,26 +277,20 @@ MF_METHODS = list(multifidelity_methods())
 
 
 def dataset_task_methods() -> dict[str, Method]:
-    """The methods of the several-datasets step cost (``step_cost --datasets``), on a
-    per-dataset loss (``nequip_mtl.train.PerDatasetLoss``): nequip's weighted sum of every
-    component, and UPGrad over dataset tasks (one forward per dataset's sub-batch, the
-    default; or ``forward_per_dataset: false``, one forward and ``m`` masked backward passes
-    over the whole batch) or over every (dataset, component) pair."""
+    """The methods of ``benchmarks/step_cost_datasets.py`` on a per-dataset loss: nequip's
+    weighted sum, UPGrad over dataset tasks (sub-batch forwards, or ``forward_per_dataset:
+    false``: masked backward passes over the whole batch) or over every component."""
     upgrad = {"aggregator": {"_target_": "nequip_mtl.aggregators.UPGrad"}}
     return {
         "ws": _baseline("weighted sum (nequip)"),
-        "upgrad_datasets": Method(
-            "UPGrad, tasks: datasets (sub-batch forwards)", MTL, {**upgrad, "tasks": "datasets"}
-        ),
-        "upgrad_datasets_masked": Method(
-            "UPGrad, tasks: datasets, forward_per_dataset: false",
-            MTL,
-            {**upgrad, "tasks": "datasets", "forward_per_dataset": False},
-        ),
-        "upgrad_components": Method(
-            "UPGrad, tasks: components", MTL, {**upgrad, "tasks": "components"}
-        ),
-    }
+        "upgrad_datasets": Method("UPGrad, tasks: datasets (sub-batch forwards)", MTL,
+                                  {**upgrad, "tasks": "datasets"}),
+        "upgrad_datasets_masked": Method("UPGrad, tasks: datasets, forward_per_dataset: false",
+                                         MTL, {**upgrad, "tasks": "datasets",
+                                               "forward_per_dataset": False}),
+        "upgrad_components": Method("UPGrad, tasks: components", MTL,
+                                    {**upgrad, "tasks": "components"}),
+    }  # fmt: skip
 
 
 #: the methods run when none are named
@@ -395,13 +327,8 @@ TWO_STAGE = "ws_two_stage"
 BASELINES = SWEEP + [TWO_STAGE]
 
 #: conflicts: variant -> (method key in :func:`methods`, energy:force ratio r; E:F(:S) = r:1(:r))
-VARIANTS = {
-    "ws_100": ("ws", 100.0),
-    "ws_1": ("ws", 1.0),
-    "ws_0.01": ("ws", 0.01),
-    "upgrad": ("upgrad", 1.0),
-    "config": ("config", 1.0),
-}
+VARIANTS = {"ws_100": ("ws", 100.0), "ws_1": ("ws", 1.0), "ws_0.01": ("ws", 0.01),
+            "upgrad": ("upgrad", 1.0), "config": ("config", 1.0)}  # fmt: skip
 
 
 def ratio_text(r: float, num_tasks: int) -> str:
@@ -435,10 +362,6 @@ def aggregator_classes() -> list[type]:
 
     import nequip_mtl.aggregators as aggregators
 
-    return [
-        getattr(aggregators, n)
-        for n in aggregators.__all__
-        if inspect.isclass(getattr(aggregators, n))
-        and issubclass(getattr(aggregators, n), aggregators.Aggregator)
-        and n not in ("Aggregator", "GramAggregator")
-    ]
+    classes = [getattr(aggregators, n) for n in aggregators.__all__]
+    return [c for c in classes if inspect.isclass(c) and issubclass(c, aggregators.Aggregator)
+            and c.__name__ not in ("Aggregator", "GramAggregator")]  # fmt: skip

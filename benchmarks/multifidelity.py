@@ -1,67 +1,42 @@
 """Multi-fidelity: the best DFT model from a little DFT data and a lot of xTB data.
 
-High fidelity: the real DFT ethanol frames (:data:`benchmarks.protocol.ETHANOL`, 100 frames,
-kcal/mol); low fidelity: GFN2-xTB ethanol MD (:data:`benchmarks.protocol.XTB_ETHANOL`, 1200
-frames at 300/600/900 K). 20 DFT frames are the held-out test set (never used for any
-choice); the DFT training sets are 80 frames and nested subsets of them (``--dft-train``, e.g.
-80 40 20); 1000 xTB frames train (100 more are the pretrained model's xTB test frames).
-Strategies (:func:`benchmarks.methods.multifidelity_methods`):
-
-- ``mf_dft_only``: DFT alone, nequip's plain module and data module;
-- ``mf_pretrain_ft``: nequip's plain module pretrained on xTB (``--pretrain-s`` of training
-  clock, once per seed, cached in ``benchmarks/results/_tmp``), then fine-tuned on DFT with a
-  fresh Adam; its energy zero is set to the DFT training frames' before fine-tuning (the
-  per-type shift is not trained). The pretraining is **not** counted in the budget (a user
-  re-uses a pretrained model); its cost is stated in the report;
-- ``mf_joint_<w>``: one model on both (balanced batches of ``--batch-size`` frames of each),
-  :func:`~nequip_mtl.model.PerDatasetEnergyReferences` with the fixed least-squares
-  references of the data module (``per_dataset_energy_references``), nequip's weighted sum of
-  a :func:`~nequip_mtl.train.PerDatasetLoss` with the DFT coefficients ``w`` x the xTB ones;
-- ``mf_upgrad``, ``mf_pcgrad``, ``mf_primary``, ``mf_calib``: the same batches and references,
-  the 1:1 loss, the datasets as tasks (``MultitaskLightningModule``, ``tasks: datasets``)
-  under UPGrad, PCGrad, ``PrimaryConstrained`` (primary ``dft``), or calibrate-then-freeze;
-- ``mf_joint_heads``: ``mf_joint_1`` with ``PerDatasetEnergyReferences(readout_heads=True)``;
-  reported as not available (and skipped) where that argument does not exist.
-
-Every joint model is evaluated as the **deployed DFT model**: the ``select_fidelity`` model
-modifier (``dataset=dft``) applied to a copy of the trained model gives a plain nequip model,
-evaluated on the DFT test frames without ``dataset_index``. An epoch is ``ceil(n_dft /
-batch_size)`` batches for every strategy (one pass over the DFT training frames). Two views
-from the same runs: equal training time (``--budget-s`` of the CPU-time clock of
-``benchmarks/protocol.py``) and equal epochs (``--epochs``). Once per seed, the cosine between
-the DFT and xTB dataset-task gradients is measured on the first batches (``--cosine-steps``),
-at initialisation and from the xTB-pretrained model, with and without per-dataset references.
+High fidelity: the DFT ethanol frames (20 held out as the test set; training sets of 80
+frames and nested subsets, ``--dft-train``); low fidelity: 1000 GFN2-xTB ethanol MD frames.
+Strategies (:func:`benchmarks.methods.multifidelity_methods`): DFT alone; xTB pretraining
+(:func:`benchmarks.protocol.pretrain`, not counted in the budget) then DFT fine-tuning with
+DFT's energy zero; joint training on balanced batches with fixed per-dataset energy
+references (:func:`benchmarks.protocol.with_references`) and nequip's weighted sum of a
+``PerDatasetLoss``, DFT:xTB ``w``:1 (the sweep: the front), with readout heads, or with the
+datasets as tasks (UPGrad, PCGrad, ``PrimaryConstrained`` with DFT primary,
+calibrate-then-freeze). Every joint model is scored as the **deployed DFT model**
+(``select_fidelity``, a plain nequip model on frames without ``dataset_index``). An epoch is
+one pass over the DFT frames; views: equal training time and equal epochs. Once per seed,
+the cosine between the DFT and xTB task gradients is measured on the first batches
+(``--cosine-steps``), at initialisation and from the pretrained model, with and without
+per-dataset references.
 
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --quick            # about a minute
-    OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --resume --methods mf_joint_heads
-    python -m benchmarks.multifidelity --from-json benchmarks/results/multifidelity.json
 
-Writes ``benchmarks/results/multifidelity.{json,md,png}`` (``--out`` to choose); the json is
-rewritten after every finished run. ``--resume`` keeps the runs already in the output json
-and runs only the missing (method, seed, DFT size) combinations.
+Writes ``benchmarks/results/multifidelity.{json,md,png}`` (``--out`` to choose), the json
+after every finished run.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import inspect
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from benchmarks import accuracy as A
 from benchmarks import methods as M
-from benchmarks import pareto
 from benchmarks import protocol as P
 from benchmarks import report as R
 
 TYPES = P.ETHANOL_TYPE_NAMES
 N_DFT_TEST, N_XTB_TRAIN, N_XTB_TEST = 20, 1000, 100
-DATASETS = ["dft", "xtb"]
 #: the DFT test frames: the only validation loader of a DFT (or joint) run
 LOADERS = {"val0_epoch": ""}
 #: the pretraining's validation loaders: DFT test frames, xTB test frames
@@ -78,55 +53,32 @@ COSINE_STATES = ("init", "pretrained")
 COSINE_VARIANTS = ("references", "one_shift")
 
 
-def heads_available() -> bool:
-    """Whether ``PerDatasetEnergyReferences`` takes ``readout_heads`` in this tree."""
-    from nequip_mtl.model import PerDatasetEnergyReferences
-
-    return "readout_heads" in inspect.signature(PerDatasetEnergyReferences).parameters
-
-
-HEADS_MISSING = (
-    "mf_joint_heads: not available: nequip_mtl.model.PerDatasetEnergyReferences has no "
-    "`readout_heads` argument in this tree; skipped (run it later with --resume --methods "
-    "mf_joint_heads)"
-)
-
-# ----------------------------------------------------------------------------- data
-
-
 def data_files(sizes) -> dict[str, str]:
-    """The extxyz files (written once into ``_tmp``): ``dft_test`` (20 frames),
-    ``dft_train_<n>`` for every size (the first ``n`` of one permutation of the other 80:
-    nested), ``xtb_train`` (1000) and ``xtb_test`` (100)."""
-    import ase.io
-    import numpy as np
+    """The extxyz files (once, in ``_tmp``): ``dft_test`` (20 frames), ``dft_train_<n>`` (the
+    first ``n`` of the other 80: nested), ``xtb_train`` (1000), ``xtb_test`` (100)."""
 
-    folder = P.TMP / "multifidelity_data"
-    names = ["dft_test", "xtb_train", "xtb_test", *(f"dft_train_{n}" for n in sizes)]
-    files = {k: folder / f"{k}.xyz" for k in names}
-    if not all(f.exists() for f in files.values()):
-        folder.mkdir(parents=True, exist_ok=True)
+    def make():
+        import ase.io
+        import numpy as np
+
         rng = np.random.default_rng(0)
-        dft = ase.io.read(P.ETHANOL, index=":")
-        dft = [dft[i] for i in rng.permutation(len(dft))]
+        dft = P.shuffled(ase.io.read(P.ETHANOL, index=":"), rng)
         test, train = dft[:N_DFT_TEST], dft[N_DFT_TEST:]
         for n in sizes:
             if not 0 < n <= len(train):
                 raise SystemExit(f"--dft-train {n}: must be 1 to {len(train)}")
-        xtb = ase.io.read(P.XTB_ETHANOL, index=":")
-        xtb = [xtb[i] for i in rng.permutation(len(xtb))]
-        P.write_frames(files["dft_test"], test)
-        P.write_frames(files["xtb_train"], xtb[:N_XTB_TRAIN])
-        P.write_frames(files["xtb_test"], xtb[N_XTB_TRAIN : N_XTB_TRAIN + N_XTB_TEST])
-        for n in sizes:
-            P.write_frames(files[f"dft_train_{n}"], train[:n])
-    return {k: str(v) for k, v in files.items()}
+        xtb = P.shuffled(ase.io.read(P.XTB_ETHANOL, index=":"), rng)
+        return {"dft_test": test, "xtb_train": xtb[:N_XTB_TRAIN],
+                "xtb_test": xtb[N_XTB_TRAIN : N_XTB_TRAIN + N_XTB_TEST],
+                **{f"dft_train_{n}": train[:n] for n in sizes}}  # fmt: skip
+
+    names = ["dft_test", "xtb_train", "xtb_test", *(f"dft_train_{n}" for n in sizes)]
+    return P.write_splits("multifidelity_data", names, make)
 
 
 def statistics(files: dict, sizes, r_max: float) -> dict[str, dict]:
-    """The model constants (``protocol.data_statistics``, the per-atom energy mean as every
-    type's shift: every frame is C2H6O) of each DFT training set (``dft_<n>``) and of the xTB
-    training frames (``xtb``)."""
+    """The model constants (every frame is C2H6O: the mean shift) of each DFT training set
+    (``dft_<n>``) and of the xTB training frames (``xtb``)."""
     out = {"xtb": P.data_statistics(Path(files["xtb_train"]), r_max, TYPES, "mean")}
     for n in sizes:
         out[f"dft_{n}"] = P.data_statistics(Path(files[f"dft_train_{n}"]), r_max, TYPES, "mean")
@@ -134,73 +86,25 @@ def statistics(files: dict, sizes, r_max: float) -> dict[str, dict]:
 
 
 def datamodule(files: dict, a: dict, seed: int, n: int, mode: str):
-    """``dft``: nequip's plain data module on the ``n`` DFT training frames; ``xtb``: on the
-    xTB training frames (validation: DFT and xTB test frames); ``joint``: a
-    ``MultiDatasetDataModule`` of ``dft`` and ``xtb`` with balanced batches, ``ceil(n /
-    batch_size)`` batches an epoch. The DFT test frames are the first validation loader."""
-    r = a["r_max"]
-
-    def ds(key):
-        return P.ase_dataset(Path(files[key]), r, TYPES)
-
+    """nequip's data module on ``n`` DFT (``dft``) or the xTB (``xtb``) training frames, or
+    balanced batches of both (``joint``); the DFT test frames the first validation loader."""
+    if mode == "dft":
+        return P.files_datamodule(files, a, seed, f"dft_train_{n}", ["dft_test"])
+    if mode == "xtb":
+        return P.files_datamodule(files, a, seed, "xtb_train", ["dft_test", "xtb_test"])
+    datasets = {
+        "dft": {"train_dataset": P.file_dataset(files, a, f"dft_train_{n}"),
+                "val_dataset": P.file_dataset(files, a, "dft_test")},
+        "xtb": {"train_dataset": P.file_dataset(files, a, "xtb_train")},
+    }  # fmt: skip
     k = a["batch_size"]
-    val = P.loader_config(10)
-    if mode in ("dft", "xtb"):
-        from nequip.data.datamodule import NequIPDataModule
-
-        train = ds(f"dft_train_{n}") if mode == "dft" else ds("xtb_train")
-        tests = [ds("dft_test")] + ([ds("xtb_test")] if mode == "xtb" else [])
-        return NequIPDataModule(
-            seed=seed,
-            train_dataset=train,
-            val_dataset=tests,
-            train_dataloader=P.loader_config(k, shuffle=True),
-            val_dataloader=val,
-        )
-    from nequip_mtl.data import MultiDatasetDataModule
-
-    return MultiDatasetDataModule(
-        seed=seed,
-        datasets={
-            "dft": {"train_dataset": ds(f"dft_train_{n}"), "val_dataset": ds("dft_test")},
-            "xtb": {"train_dataset": ds("xtb_train")},
-        },
-        sampling={
-            "mode": "balanced",
-            "frames_per_batch": {"dft": k, "xtb": k},
-            "batches_per_epoch": math.ceil(n / k),
-        },
-        train_dataloader=P.loader_config(),
-        val_dataloader=val,
-    )
+    return P.balanced_datamodule(datasets, k, seed, math.ceil(n / k))
 
 
 def joint_loss(dft: float = 1.0) -> dict:
     """The per-dataset loss: per-atom energy and force MSE 1:1 within a dataset, the DFT
     components ``dft`` x the xTB ones."""
-    return {
-        "_target_": "nequip_mtl.train.PerDatasetLoss",
-        "datasets": list(DATASETS),
-        "coeffs": {
-            "dft": {"total_energy": dft, "forces": dft},
-            "xtb": {"total_energy": 1.0, "forces": 1.0},
-        },
-    }
-
-
-def joint_model(model: dict, references: dict, heads: bool = False) -> dict:
-    """``model`` wrapped with fixed per-dataset energy references (``heads``: and per-dataset
-    readout heads)."""
-    out = {
-        "_target_": "nequip_mtl.model.PerDatasetEnergyReferences",
-        "datasets": list(DATASETS),
-        "references": references,
-        "trainable": False,
-        "model": model,
-    }
-    if heads:
-        out["readout_heads"] = True
-    return out
+    return P.per_dataset_loss({"dft": dft, "xtb": 1.0})
 
 
 def deployed(module):
@@ -216,10 +120,10 @@ def deployed(module):
 def evaluate_plain(model, files: dict, a: dict, seed: int, n: int) -> dict[str, float]:
     """The DFT test errors of a plain nequip ``model`` (no ``dataset_index`` in the frames):
     on nequip's plain module and data module."""
-    method = M.multifidelity_methods()["mf_dft_only"]
-    config = P.run_model(a, {"num_neighbors_mean": 1.0, "per_type_energy_shifts": {t: 0.0 for t in TYPES},
-                             "forces_rms": 1.0}, seed, TYPES)  # fmt: skip
-    plain = P.build_module(method, config, 2, lr=a["lr"], num_val=1)
+    stats = {"num_neighbors_mean": 1.0, "per_type_energy_shifts": dict.fromkeys(TYPES, 0.0),
+             "forces_rms": 1.0}  # fmt: skip
+    plain = P.build_module(M.methods()["ws"], P.run_model(a, stats, seed, TYPES), 2,
+                           lr=a["lr"], num_val=1)  # fmt: skip
     (key,) = plain.model.keys()
     plain.model[key] = model
     dm = datamodule(files, a, seed, n, "dft")
@@ -233,9 +137,8 @@ def _shift_key(state: dict) -> str:
 
 
 def load_pretrained(module, cache: str, keep_shift: bool) -> None:
-    """Load the pretrained weights into ``module``'s model; ``keep_shift``: the module's own
-    per-type energy shift stays (the energy zero of the data it is fine-tuned on). A model
-    wrapped by ``PerDatasetEnergyReferences`` takes them under its ``base.`` names."""
+    """Load the pretrained weights into ``module``'s model (wrapped: under its ``base.``
+    names); ``keep_shift``: its own per-type energy shift stays."""
     import torch
 
     pre = torch.load(cache, weights_only=False)["model"]
@@ -244,20 +147,9 @@ def load_pretrained(module, cache: str, keep_shift: bool) -> None:
     state = {}
     for k in own:
         plain = k.replace("per_type_energy_scale_shift.base.", "per_type_energy_scale_shift.")
-        if plain in pre and not (keep_shift and plain == shift):
-            state[k] = pre[plain]
-        else:
-            state[k] = own[k]
+        keep = plain not in pre or (keep_shift and plain == shift)
+        state[k] = own[k] if keep else pre[plain]
     module.model.load_state_dict(state)
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-def pretrain_args(a: dict) -> dict:
-    """The pretraining run's arguments: its own budget and learning rate, no epoch target."""
-    return {**a, "budget_s": a["pretrain_s"], "lr": a["pretrain_lr"], "epochs": 0,
-            "val_every": 10_000}  # fmt: skip
 
 
 def pretrained_path(a: dict, stats: dict, seed: int) -> Path:
@@ -267,27 +159,11 @@ def pretrained_path(a: dict, stats: dict, seed: int) -> Path:
 
 def pretrain_run(task: dict) -> dict:
     """Pretrain on the xTB frames for ``pretrain_s`` s of training clock (once: cached)."""
-    import lightning
-    import torch
-
-    path = Path(task["cache"])
-    if path.exists():
-        return {**torch.load(path, weights_only=False)["result"], "cached": True}
-    P.init_torch()
-    a, seed = pretrain_args(task["args"]), task["seed"]
-    lightning.seed_everything(seed, workers=True, verbose=False)
-    method = M.multifidelity_methods()["mf_dft_only"]  # nequip's plain weighted sum
-    model = P.run_model(a, task["stats"]["xtb"], seed, TYPES)
-    module = P.build_module(method, model, 2, lr=a["lr"], num_val=2)
-    dm = datamodule(task["files"], a, seed, 0, "xtb")
-    per_epoch = math.ceil(N_XTB_TRAIN / a["batch_size"])
-    out = P.fit_on_clock(module, dm, a, per_epoch, list(PRETRAIN_METRICS), PRETRAIN_LOADERS)
-    result = {"method": "pretrained", "seed": seed, **out}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_suffix(f".{os.getpid()}.part")
-    torch.save({"model": module.model.state_dict(), "result": result}, part)
-    part.replace(path)
-    return {**result, "cached": False}
+    a = task["args"]
+    return P.pretrain(task,
+                      lambda: datamodule(task["files"], a, task["seed"], 0, "xtb"),
+                      math.ceil(N_XTB_TRAIN / a["batch_size"]), task["stats"]["xtb"],
+                      list(PRETRAIN_METRICS), PRETRAIN_LOADERS)  # fmt: skip
 
 
 def mf_run(task: dict) -> dict:
@@ -306,7 +182,7 @@ def mf_run(task: dict) -> dict:
     if fid["mode"] == "joint":
         dm = datamodule(task["files"], a, seed, n, "joint")
         refs = dm.energy_references(TYPES)
-        model = joint_model(P.run_model(a, stats, seed, TYPES), refs, fid["heads"])
+        model = P.with_references(P.run_model(a, stats, seed, TYPES), refs, fid["heads"])
         loss = joint_loss(fid["dft"])
         extra["references"] = refs
     else:
@@ -353,12 +229,9 @@ def _cosine_recorder(steps: list):
 
 
 def cosine_run(task: dict) -> dict:
-    """The cosine between the DFT and xTB dataset-task gradients on the first
-    ``cosine_steps`` balanced batches (the DFT frames of the largest size), the model held
-    fixed (Adam at lr 0): at initialisation (the joint models' start) and from the
-    xTB-pretrained model, each with per-dataset references (``references``) and with one
-    shared per-type shift (``one_shift``: DFT's at initialisation, the pretrained model's
-    own xTB shift)."""
+    """The cosine of the DFT and xTB dataset-task gradients on the first ``cosine_steps``
+    balanced batches, the model held fixed (lr 0), at initialisation and from the pretrained
+    model, with per-dataset references and with one shared shift (DFT's, or xTB's)."""
     import lightning
 
     P.init_torch()
@@ -372,7 +245,7 @@ def cosine_run(task: dict) -> dict:
             dm = datamodule(task["files"], a, seed, n, "joint")
             model = P.run_model(a, stats, seed, TYPES)
             if variant == "references":
-                model = joint_model(model, dm.energy_references(TYPES))
+                model = P.with_references(model, dm.energy_references(TYPES))
             module = P.build_module(method, model, 2, lr=0.0, loss=joint_loss(), num_val=0)
             if state == "pretrained":
                 load_pretrained(module, task["cache"], keep_shift=False)
@@ -384,35 +257,25 @@ def cosine_run(task: dict) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- report
-
-
 def sizes_of(data: dict) -> list[int]:
     return sorted({r["n_dft"] for r in data["runs"]}, reverse=True)
 
 
-def ran_methods(data: dict, n: int) -> list[str]:
-    ran = {r["method"] for r in data["runs"] if r["n_dft"] == n}
-    return [m for m in M.MF_METHODS if m in ran]
-
-
 def summaries(data: dict, n: int) -> dict[str, list[dict]]:
     """Per view (``budget``, ``epochs``): the rows of the size-``n`` runs (mean, sd over
-    seeds)."""
+    seeds), in the registry's order."""
     runs = [r for r in data["runs"] if r["n_dft"] == n]
-    methods = ran_methods(data, n)
-    return {key: A.summarize(runs, methods, key, METRICS) for key in ("budget", "epochs")}
+    methods = [m for m in M.MF_METHODS if m in {r["method"] for r in runs}]
+    return {key: R.summarize(runs, methods, key, METRICS) for key in ("budget", "epochs")}
 
 
-def labels_of() -> dict[str, str]:
-    return {m: v.label for m, v in M.multifidelity_methods().items()}
+#: every strategy's label
+LABELS = {m: v.label for m, v in M.multifidelity_methods().items()}
 
 
 def captions(a: dict) -> dict[str, str]:
-    return {
-        "budget": f"equal training time: {a['budget_s']:g} s of training CPU time per run",
-        "epochs": f"equal epochs: {a['epochs']} epochs (passes over the DFT frames) per run",
-    }
+    return {"budget": f"equal training time: {a['budget_s']:g} s of training CPU time per run",
+            "epochs": f"equal epochs: {a['epochs']} epochs (passes over the DFT frames) per run"}  # fmt: skip
 
 
 def _gap(row, base, k) -> str:
@@ -424,102 +287,68 @@ def _gap(row, base, k) -> str:
 def table(rows: list[dict], caption: str) -> list[str]:
     """One view of one DFT size: the errors, the gap to DFT only, the place against the
     joint weighted-sum sweep's front (DFT energy and force MAE)."""
-    labels = labels_of()
-    st = pareto.classify(rows, M.MF_SWEEP, (E, F))
+    labels = LABELS
+    st = R.classify(rows, M.MF_SWEEP, (E, F))
     base = next((r for r in rows if r["method"] == "mf_dft_only"), None)
-    lines = [
-        caption,
-        "",
-        R.md_row(
-            [
-                "strategy",
-                *A.header(METRICS),
-                "energy vs DFT only",
-                "force vs DFT only",
-                "steps",
-                "epochs",
-                "vs joint sweep front",
-                "seeds",
-            ]
-        ),  # fmt: skip
-        R.md_rule(len(METRICS) + 7),
-    ]
-    for r in sorted(rows, key=lambda r: (r[F][0] is None, r[F][0] or 0)):
-        m = r["method"]
-        sweep = m in M.MF_SWEEP
-        name = f"**{labels[m]}**" if sweep else labels[m]
-        s = st[m]
-        where = s["status"]
-        short = [
-            labels[w].replace("joint, weighted sum DFT:xTB ", "") for w in s["by"] or s["beats"]
-        ]
-        if s["by"]:
-            where += " by " + ", ".join(short)
-        elif s["beats"] and not sweep:
-            where += " (beats " + ", ".join(short) + ")"
-        lines.append(R.md_row([name, *A.cells(r, METRICS)[:2], _gap(r, base, E), _gap(r, base, F),
-                               *A.cells(r, METRICS)[2:], where, r["n_reached"]]))  # fmt: skip
-    return lines
+
+    def short(m):
+        return labels[m].replace("joint, weighted sum DFT:xTB ", "")
+
+    head = ["strategy", *R.header(METRICS), "energy vs DFT only", "force vs DFT only", "steps",
+            "epochs", "vs joint sweep front", "seeds"]  # fmt: skip
+    body = [[f"**{labels[m]}**" if m in M.MF_SWEEP else labels[m], *c[:2], _gap(r, base, E),
+             _gap(r, base, F), *c[2:], R.place(st[m], short, m in M.MF_SWEEP), r["n_reached"]]
+            for r in R.sorted_by(rows, F) for m, c in [(r["method"], R.cells(r, METRICS))]]  # fmt: skip
+    return [caption, "", *R.md_table(head, body)]  # fmt: skip
 
 
 def reduction_table(data: dict, key: str) -> list[str]:
     """Every method run at more than one size: force and energy MAE per DFT size, and the
     gap to DFT only at that size."""
-    sizes = sizes_of(data)
-    labels = labels_of()
+    sizes, labels = sizes_of(data), LABELS
     rows = {n: {r["method"]: r for r in summaries(data, n)[key]} for n in sizes}
-    methods = [m for m in M.MF_METHODS if sum(m in rows[n] for n in sizes) > 1]
-    head = ["strategy"]
-    for n in sizes:
-        head += [f"force MAE, {n} DFT (meV/Å)", f"vs DFT only ({n})"]
-    for n in sizes:
-        head += [f"energy MAE, {n} DFT (meV/atom)"]
-    lines = [R.md_row(head), R.md_rule(len(head))]
-    for m in methods:
-        cells = [labels[m]]
-        for n in sizes:
-            r = rows[n].get(m)
-            cells += [R.pm(r[F], P.KCAL_MOL_TO_MEV) if r else "not run",
-                      _gap(r, rows[n].get("mf_dft_only"), F) if r else ""]  # fmt: skip
-        for n in sizes:
-            r = rows[n].get(m)
-            cells += [R.pm(r[E], P.KCAL_MOL_TO_MEV) if r else "not run"]
-        lines.append(R.md_row(cells))
-    return lines
+
+    def pm(r, k):
+        return R.pm(r[k], P.KCAL_MOL_TO_MEV) if r else "not run"
+
+    return R.md_table(
+        ["strategy", *(c for n in sizes for c in (f"force MAE, {n} DFT (meV/Å)", f"vs DFT only ({n})")),
+         *(f"energy MAE, {n} DFT (meV/atom)" for n in sizes)],
+        [[labels[m],
+          *(c for n in sizes for r in [rows[n].get(m)]
+            for c in (pm(r, F), _gap(r, rows[n].get("mf_dft_only"), F) if r else "")),
+          *(pm(rows[n].get(m), E) for n in sizes)]
+         for m in M.MF_METHODS if sum(m in rows[n] for n in sizes) > 1],
+    )  # fmt: skip
 
 
 def cosine_lines(data: dict) -> list[str]:
-    cos = data.get("cosines") or []
-    if not cos:
-        return []
-    a = data["meta"]["args"]
-    lines = [
-        f"**Gradient cosine between the DFT and xTB dataset tasks** (per-atom energy + force "
-        f"MSE of each dataset, 1:1), on the first {a['cosine_steps']} balanced batches "
-        f"({a['batch_size']} + {a['batch_size']} frames, the {cos[0]['n_dft']} DFT training "
-        "frames), the model held fixed; the median, smallest and largest over batches and "
-        "seeds, and the fraction of batches with a negative cosine. *references*: per-dataset energy "
-        "references (the joint runs' model); *one shared shift*: the plain model (at "
-        "initialisation DFT's per-atom energy mean, pretrained: the pretrained model's own "
-        "xTB one), as a concatenation of the two files would train.",
-        "",
-        R.md_row(["model", "energy zeros", "median cosine", "min", "max", "negative", "batches"]),
-        R.md_rule(7),
-    ]
+    """The table of the DFT-xTB gradient cosines: median, extremes, fraction negative."""
     import statistics
 
+    if not (cos := data.get("cosines")):
+        return []
+    a = data["meta"]["args"]
     names = {"references": "per-dataset references", "one_shift": "one shared shift"}
     states = {"init": "at initialisation", "pretrained": "xTB-pretrained"}
+    rows = []
     for state in COSINE_STATES:
         for variant in COSINE_VARIANTS:
-            xs = [x for c in cos for x in c[f"{state}/{variant}"]]
-            if not xs:
-                continue
-            neg = sum(x < 0 for x in xs) / len(xs)
-            lines.append(R.md_row([states[state], names[variant], f"{statistics.median(xs):+.2f}",
-                                   f"{min(xs):+.2f}", f"{max(xs):+.2f}", f"{100 * neg:.0f} %",
-                                   len(xs)]))  # fmt: skip
-    return lines + [""]
+            if xs := [x for c in cos for x in c[f"{state}/{variant}"]]:
+                neg = sum(x < 0 for x in xs) / len(xs)
+                rows.append([states[state], names[variant], f"{statistics.median(xs):+.2f}",
+                             f"{min(xs):+.2f}", f"{max(xs):+.2f}", f"{100 * neg:.0f} %", len(xs)])  # fmt: skip
+    return [
+        "**Gradient cosine between the DFT and xTB dataset tasks** (per-atom energy + force "
+        f"MSE of each dataset, 1:1) on the first {a['cosine_steps']} balanced batches of the "
+        f"{cos[0]['n_dft']} DFT training frames, the model held fixed, over batches and seeds: "
+        "with per-dataset energy references (the joint runs' model) or one shared shift (the "
+        "plain model, as a concatenation of the two files would train).",
+        "",
+        *R.md_table(["model", "energy zeros", "median cosine", "min", "max", "negative", "batches"],
+                    rows),
+        "",
+    ]  # fmt: skip
 
 
 def markdown(data: dict) -> str:
@@ -527,87 +356,51 @@ def markdown(data: dict) -> str:
     a = meta["args"]
     runs = data["runs"]
     sizes = sizes_of(data)
-    params = runs[0]["params"] if runs else None
     pre = data.get("pretrain") or []
-    pre_steps = R.mean_sd([r["steps"] for r in pre])[0]
-    pre_wall = R.mean_sd([r["wall_s"] for r in pre])[0]
     k = a["batch_size"]
-    lines = [
-        f"Multi-fidelity benchmark on {R.machine_line(meta['machine'])}; {meta['time']}; "
-        f"total {meta['elapsed_s'] / 60:.1f} min (1 run at a time).",
-        "",
-        f"Command: `{R.command('multifidelity', a['argv'], omp=False)}`"
-        + "".join(
-            f"; resumed with `{R.command('multifidelity', v, omp=False)}`"
-            for v in a.get("resumed_argv", [])
-        ),
-        "",
-        f"High fidelity: DFT ethanol (`{Path(str(P.ETHANOL)).name}`), {N_DFT_TEST} frames held "
-        f"out as the test set (never used for any choice), DFT training sets of "
-        f"{', '.join(str(n) for n in a['dft_train'])} frames (nested). Low fidelity: GFN2-xTB "
-        f"ethanol MD (`benchmarks/data/ethanol_xtb_1200.xyz`), {N_XTB_TRAIN} training frames. "
-        f"NequIP model with {params} parameters (l_max={a['l_max']}, {a['num_layers']} layers, "
-        f"{a['num_features']} features), float32, Adam at constant lr {a['lr']}, per-atom "
-        f"energy and force MSE 1:1 within a dataset; model constants (neighbours, force RMS, "
-        f"energy shift) from the DFT training frames of each size. An epoch is ceil(n_DFT / "
-        f"{k}) batches of {k} DFT frames (joint: plus {k} xTB frames each, balanced batches). "
-        f"Joint runs: fixed least-squares per-dataset energy references "
-        f"(`PerDatasetEnergyReferences`), the DFT:xTB loss coefficient ratio as named "
-        f"(dataset tasks and calibrate-then-freeze: 1:1; calibration {a['calibration_steps']} "
-        f"steps); every joint model is evaluated as the deployed DFT model (`select_fidelity` "
-        f"dataset=dft, a plain nequip model on frames without `dataset_index`).",
-        "",
-        f"**Budget split**: pretraining is *not* counted in the fine-tune's budget (a user "
-        f"re-uses a pretrained model). Its cost: {a['pretrain_s']:g} s of training CPU time on "
-        f"the xTB frames (lr {a['pretrain_lr']}, batch {k}; "
-        + (f"{pre_steps:.0f} steps, {pre_wall:.0f} s wall" if pre else "not run")
-        + "), once per seed, on top of the fine-tune's budget; the fine-tune starts with the "
-        "DFT training frames' energy zero and a fresh Adam.",
-        "",
-        f"DFT test errors in meV (1 kcal/mol = {P.KCAL_MOL_TO_MEV} meV; the json keeps "
-        f"kcal/mol); mean ± sample standard deviation over seeds {a['seeds']}; sorted by force "
-        "MAE; the joint weighted-sum sweep in bold; *vs DFT only*: the change of the mean error "
-        "against DFT only at that size. Place against the sweep's front on DFT energy and force "
-        "MAE (as `benchmarks/pareto.py`): *beyond* = no sweep point is better on both and it "
-        "is better on both than a front point; *on* = no sweep point is better on both; "
-        "*dominated by* = these sweep points are better on both (means over seeds).",
-        "",
-    ]
-    expected = a.get("expected_runs")
-    if expected is not None and len(runs) < expected:
-        lines += [f"**Incomplete**: {len(runs)} of {expected} runs finished (the `seeds` "
-                  "column counts each row's runs).", ""]  # fmt: skip
-    if a.get("skipped"):
-        lines += [f"*{s}*" for s in a["skipped"]] + [""]
-    diffs = [r["deployed_rel_diff"] for r in runs if "deployed_rel_diff" in r]
-    if diffs:
-        lines += [
-            f"Deployed DFT model against the training model on the DFT test frames: largest "
-            f"relative difference of an MAE {max(diffs):.1e} over {len(diffs)} joint runs.",
-            "",
-        ]
+    command = R.command("multifidelity", a["argv"], omp=False) + "".join(
+        f"`; resumed with `{R.command('multifidelity', v, omp=False)}" for v in a.get("resumed_argv", []))  # fmt: skip
+    lines = R.preamble(
+        "Multi-fidelity benchmark", meta, 1, command,
+        f"High fidelity: DFT ethanol, {N_DFT_TEST} test frames, training sets of "
+        f"{', '.join(str(n) for n in a['dft_train'])} frames (nested); low fidelity: "
+        f"{N_XTB_TRAIN} GFN2-xTB ethanol MD frames. "
+        f"{P.model_text(a, runs[0]['params'] if runs else None)}, Adam at constant lr {a['lr']}, "
+        f"per-atom energy and force MSE 1:1 within a dataset, model constants from the DFT "
+        f"training frames; an epoch is ceil(n_DFT / {k}) batches of {k} DFT frames (joint: plus "
+        f"{k} xTB frames each). Joint runs: fixed least-squares per-dataset energy references, "
+        "the DFT:xTB ratio as named (dataset tasks, calibrate-then-freeze: 1:1; calibration "
+        f"{a['calibration_steps']} steps), scored as the deployed DFT model (`select_fidelity`).",
+        f"**Budget split**: the xTB pretraining is *not* counted in the fine-tune's budget: "
+        f"{a['pretrain_s']:g} s of training CPU time (lr {a['pretrain_lr']}; "
+        + (f"{R.mean_sd([r['steps'] for r in pre])[0]:.0f} steps, "
+           f"{R.mean_sd([r['wall_s'] for r in pre])[0]:.0f} s wall" if pre else "not run")
+        + "), once per seed; the fine-tune starts with DFT's energy zero and a fresh Adam.",
+        f"DFT test errors, mean ± sample standard deviation over seeds {a['seeds']}; sorted by "
+        "force MAE; the joint weighted-sum sweep in bold; *vs DFT only*: the change of the mean "
+        "error against DFT only at that size; the place against the sweep's front on DFT energy "
+        f"and force MAE (means). {P.units_text('ethanol')}",
+    )  # fmt: skip
+    if (expected := a.get("expected_runs")) is not None and len(runs) < expected:
+        lines += [f"**Incomplete**: {len(runs)} of {expected} runs finished.", ""]
+    if diffs := [r["deployed_rel_diff"] for r in runs if "deployed_rel_diff" in r]:
+        lines += [f"Deployed DFT model against the training model on the DFT test frames: largest "
+                  f"relative difference of an MAE {max(diffs):.1e} over {len(diffs)} joint runs.", ""]  # fmt: skip
     lines += cosine_lines(data)
     if len(sizes) > 1:
-        for key in ("budget", "epochs"):
-            cap = captions(a)[key]
-            lines += [f"**Reducing the DFT frames ({cap})**: the methods run at several sizes "
-                      f"(`--reduction-methods` {' '.join(a['reduction_methods'])})", ""]  # fmt: skip
+        for key, cap in captions(a).items():
+            lines += [f"**Reducing the DFT frames ({cap})**: the methods run at several sizes", ""]
             lines += reduction_table(data, key) + [""]
     for n in sizes:
         rows = summaries(data, n)
         for key, cap in captions(a).items():
-            title = f"**{n} DFT training frames, {cap}**"
-            lines += table(rows[key], title) + [""]
+            lines += table(rows[key], f"**{n} DFT training frames, {cap}**") + [""]
     if pre:
-        lines += [
-            "**The xTB-pretrained model** (before fine-tuning; forces only: its energy zero "
-            "is xTB's): DFT test force MAE "
-            f"{R.pm(R.mean_sd([r['budget']['dft/forces_mae'] for r in pre]), P.KCAL_MOL_TO_MEV)}"
-            f" meV/Å, xTB test force MAE "
-            f"{R.pm(R.mean_sd([r['budget']['xtb/forces_mae'] for r in pre]), P.KCAL_MOL_TO_MEV)}"
-            " meV/Å.",
-            "",
-        ]
+        pre_mae = {d: R.pm(R.mean_sd([r["budget"][f"{d}/forces_mae"] for r in pre]), P.KCAL_MOL_TO_MEV)
+                   for d in ("dft", "xtb")}  # fmt: skip
+        lines += [f"**The xTB-pretrained model** (before fine-tuning; forces only: its energy zero "
+                  f"is xTB's): DFT test force MAE {pre_mae['dft']} meV/Å, xTB test force MAE "
+                  f"{pre_mae['xtb']} meV/Å.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -615,7 +408,7 @@ def plot(data: dict, path: Path) -> Path:
     """DFT test force and energy MAE (equal time) against the number of DFT frames."""
     plt = R.pyplot()
     sizes = sizes_of(data)
-    labels = labels_of()
+    labels = LABELS
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     rows = {n: {r["method"]: r for r in summaries(data, n)["budget"]} for n in sizes}
     for m in M.MF_METHODS:
@@ -643,27 +436,15 @@ def plot(data: dict, path: Path) -> Path:
 def report(data: dict, out: Path) -> None:
     """``out``.json (raw runs, meta, the summaries), .md and .png."""
     meta = {k: v for k, v in data["meta"].items() if k != "partial"}
-    views = {
-        str(n): {key: summaries(data, n)[key] for key in ("budget", "epochs")}
-        for n in sizes_of(data)
-    }
-    R.write_json(
-        out.with_suffix(".json"),
-        {"meta": meta, "views": views, "pretrain": data["pretrain"],
-         "cosines": data["cosines"], "runs": data["runs"]},
-    )  # fmt: skip
+    views = {str(n): summaries(data, n) for n in sizes_of(data)}
+    R.write_json(out.with_suffix(".json"), {"meta": meta, "views": views, "pretrain": data["pretrain"],
+                                            "cosines": data["cosines"], "runs": data["runs"]})  # fmt: skip
     R.write_text(out.with_suffix(".md"), markdown(data))
     plot(data, out.parent / (out.name + ".png"))
 
 
-# ----------------------------------------------------------------------------- main
-
-
 def parse(argv):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="about a minute: tiny budgets, 1 seed")
+    p = P.study_parser(__doc__, jobs=False)
     p.add_argument("--methods", nargs="+", default=None, choices=M.MF_METHODS,
                    help="at the largest DFT size (default: all)")  # fmt: skip
     p.add_argument("--reduction-methods", nargs="+", default=None, choices=M.MF_METHODS,
@@ -675,11 +456,7 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--calibration-steps", type=int, default=None)
     p.add_argument("--cosine-steps", type=int, default=None, help="batches of the cosines")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the runs in the output json; run only the missing ones")  # fmt: skip
     P.add_run_arguments(p, batch_size=4, lr=None)
-    p.add_argument("--out", default=None, help="default results/multifidelity")
-    R.add_from_json(p)
     args = p.parse_args(argv)
     args.argv = list(argv)
     if args.from_json:
@@ -699,9 +476,8 @@ def parse(argv):
     args.methods = args.methods or list(M.MF_METHODS)
     args.reduction_methods = args.reduction_methods or list(REDUCTION_METHODS)
     args.dft_train = sorted(set(args.dft_train), reverse=True)
-    args.out = args.out or str(
-        (P.TMP / "multifidelity_quick") if args.quick else (P.RESULTS / "multifidelity")
-    )
+    args.type_names = list(TYPES)
+    args.out = P.out_path(args, "multifidelity")
     return args
 
 
@@ -717,106 +493,55 @@ def plan(args) -> list[tuple[int, int, str]]:
     return out
 
 
-#: the arguments a resumed run must share with the runs it keeps
-SAME_ON_RESUME = ("budget_s", "epochs", "lr", "batch_size", "pretrain_s", "pretrain_lr", "clock",
-                  "val_every", "calibration_steps", "cosine_steps", "num_layers", "num_features",
-                  "l_max", "r_max", "radial_width")  # fmt: skip
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     if args.from_json:
         return R.from_json(args.from_json, args.out, report)
-    table_ = M.multifidelity_methods()
-    wanted = sorted(set(args.methods) | set(args.reduction_methods))
-    missing = M.missing_methods(wanted, table_)
-    if missing:
+    if missing := M.missing_methods(
+        [*args.methods, *args.reduction_methods], M.multifidelity_methods()
+    ):
         raise SystemExit(f"cannot import {missing}")
     out = Path(args.out)
-    old = R.read_json(out.with_suffix(".json")) if args.resume and out.with_suffix(".json").exists() else None  # fmt: skip
     files = data_files(args.dft_train)
     stats = statistics(files, args.dft_train, args.r_max)
     a = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    skipped = []
     todo = plan(args)
-    if not heads_available() and any(m == "mf_joint_heads" for _, _, m in todo):
-        skipped.append(HEADS_MISSING)
-        print(HEADS_MISSING, flush=True)
-        todo = [t for t in todo if t[2] != "mf_joint_heads"]
-    pre, runs, cosines = [], [], []
-    if old is not None:
-        pre, runs, cosines = old["pretrain"], old["runs"], old.get("cosines") or []
-        done = {(r["n_dft"], r["seed"], r["method"]) for r in runs}
-        todo = [t for t in todo if t not in done]
-        # the committed arguments describe every kept run: keep them, widen the lists
-        prev = old["meta"]["args"]
-        differ = [k for k in SAME_ON_RESUME if prev[k] != a[k]]
-        if differ:
-            raise SystemExit(
-                f"--resume: {', '.join(f'{k} {a[k]} (kept runs: {prev[k]})' for k in differ)} "
-                f"differ from the runs in {out.with_suffix('.json')}; give the same values"
-            )
-        for key in ("methods", "reduction_methods", "seeds", "dft_train"):
-            a[key] = list(dict.fromkeys([*prev[key], *a[key]]))
-        a["argv"] = prev["argv"]
-        a["resumed_argv"] = [*prev.get("resumed_argv", []), list(argv)]
-    a["skipped"] = skipped
-    a["expected_runs"] = len(runs) + len(todo)
+    a["expected_runs"] = len(todo)
     base = {"args": a, "stats": stats, "files": files}
 
     def task(seed, n=None, method=None):
         return {**base, "seed": seed, "n": n, "method": method,
                 "cache": str(pretrained_path(a, stats, seed))}  # fmt: skip
 
-    import torch  # noqa: F401  (after OMP_NUM_THREADS)
+    results = P.Results(out, "multifidelity", argv, a, {"files": files, "statistics": stats},
+                        pretrain=[], cosines=[], runs=[])  # fmt: skip
+    pre, cosines, runs = (results.lists[k] for k in ("pretrain", "cosines", "runs"))
 
-    info = {**P.machine_info(), "date": P.now()}
-    if old is not None:
-        info = {**old["meta"]["machine"], "resumed": [*old["meta"]["machine"].get("resumed", []), info]}  # fmt: skip
-    t0 = time.perf_counter()
-    elapsed0 = old["meta"]["elapsed_s"] if old is not None else 0.0
+    def done(key: str) -> set[int]:
+        return {x["seed"] for x in results.lists[key]}
 
-    def meta():
-        return {"machine": info, "args": a, "command": R.command("multifidelity", a["argv"], omp=False),
-                "data": {"files": files, "statistics": stats},
-                "time": old["meta"]["time"] if old is not None else info["date"],
-                "elapsed_s": elapsed0 + time.perf_counter() - t0}  # fmt: skip
-
-    def save():
-        R.write_json(out.with_suffix(".json"), {"meta": {**meta(), "partial": True},
-                     "pretrain": pre, "cosines": cosines, "runs": runs})  # fmt: skip
-
-    seeds_pre = {r["seed"] for r in pre}
-    seeds_cos = {c["seed"] for c in cosines}
     for n, seed, method in todo:
-        needs_pre = method == "mf_pretrain_ft" or seed not in seeds_cos
-        if needs_pre and seed not in seeds_pre:
+        needs_pre = method == "mf_pretrain_ft" or seed not in done("cosines")
+        if needs_pre and seed not in done("pretrain"):
             r = pretrain_run(task(seed))
-            pre.append(r)
-            seeds_pre.add(seed)
+            results.add("pretrain", r)
             print(f"pretrained seed {seed}{' (cached)' if r['cached'] else ''}: {r['steps']} "
                   f"steps, DFT force {r['budget']['dft/forces_mae']:.4g}", flush=True)  # fmt: skip
-            save()
-        if seed not in seeds_cos:
+        if seed not in done("cosines"):
             c = cosine_run(task(seed, max(args.dft_train)))
-            cosines.append(c)
-            seeds_cos.add(seed)
+            results.add("cosines", c)
             print(f"cosines seed {seed}: " + ", ".join(
                 f"{k} {sorted(v)[len(v) // 2]:+.2f}" for k, v in c.items() if isinstance(v, list)), flush=True)  # fmt: skip
-            save()
         r = mf_run(task(seed, n, method))
-        runs.append(r)
+        results.add("runs", r)
         b = r["budget"]
-        print(f"[{len(runs)}/{a['expected_runs']} {time.perf_counter() - t0:.0f} s] {method} "
-              f"n={n} seed {seed}: {r['steps']} steps, force {b[F]:.4g}, energy {b[E]:.4g} "
-              f"(run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
-        save()
+        print(f"[{len(runs)}/{a['expected_runs']} {time.perf_counter() - results.t0:.0f} s] "
+              f"{method} n={n} seed {seed}: {r['steps']} steps, force {b[F]:.4g}, energy "
+              f"{b[E]:.4g} (run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
     pre.sort(key=lambda r: r["seed"])
     cosines.sort(key=lambda c: c["seed"])
-    data = {"meta": meta(), "pretrain": pre, "cosines": cosines, "runs": runs}
-    data["meta"]["machine"] = {**info, "loadavg_end": os.getloadavg()}
-    report(data, out)
+    report(results.data(), out)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,16 @@
-"""The benchmarks' protocol: data, model, trainer, clocks, the training run, validation.
+"""The benchmarks' protocol: every study's data, model, trainer, clocks, runs and timing.
 
-Every study trains the same kind of NequIP model on the same data with the same optimizer
-settings, built here:
-
-- **data**: the offline EMT alloy (:func:`alloy_data`, energies, forces and stresses in eV
-  units) and the real DFT ethanol frames (:data:`ETHANOL`, kcal/mol), their model
-  constants (:func:`data_and_statistics`) and nequip data modules (:func:`datamodule`);
-- **model and module**: :func:`model_config`, :func:`build_module` (a
-  :class:`~benchmarks.methods.Method` as a training module), :func:`add_run_arguments`
-  (the command-line options of the model and optimizer);
-- **trainer and clocks**: :func:`trainer` (one factory for every study's Lightning
-  trainer), :class:`StepTimes` and :func:`step_timers` (per-step CPU time of the compute
-  thread and wall-clock time), :func:`train_run` (the accuracy protocol's run: train one
-  (method, seed) until its training clock reaches a budget, validating every epoch);
-- **validation** (:func:`validate`), the machine (:func:`machine_info`) and the run pool
-  (:func:`run_all`).
+- **data**: the offline EMT alloy (:func:`alloy_data`, eV) and the DFT and xTB ethanol
+  frames (:data:`ETHANOL`, :data:`XTB_ETHANOL`, kcal/mol), their model constants, split
+  files (:func:`write_splits`) and data modules: nequip's (:func:`datamodule`,
+  :func:`files_datamodule`) and nequip_mtl's (:func:`balanced_datamodule`);
+- **model, loss and module**: :func:`model_config`, :func:`with_references`,
+  :func:`per_dataset_loss`, :func:`build_module` (a :class:`~benchmarks.methods.Method` as
+  a training module);
+- **runs on a training clock**: :func:`fit_on_clock`, :func:`train_run` (the accuracy
+  protocol's run), :func:`pretrain` (cached), :func:`run_all` (the run pool);
+- **step timing**: :class:`Worker` and :func:`interleaved` (methods interleaved step by
+  step in one process), :func:`timing_rows`; the machine (:func:`machine_info`).
 
 A run's arguments as the accuracy protocol stores them in its json (``meta.args``), the
 ``a`` of :func:`train_run`::
@@ -42,18 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import methods as M
+from benchmarks import report as R
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 TMP = RESULTS / "_tmp"  # gitignored: generated data, Lightning scratch
 
 TYPE_NAMES = ["Cu", "Ni", "Pd"]
-
 # the three tasks of the alloy data, by the coefficient keys of nequip's loss builders
 TASKS = {2: ["total_energy", "forces"], 3: ["total_energy", "forces", "stress"]}
-
 # --- the real DFT ethanol data, shipped in benchmarks/data/ (its README: source, license)
-
 #: 100 frames of ethanol (C2H6O, non-periodic), energies in kcal/mol, forces in kcal/mol/Å
 ETHANOL = ROOT / "data" / "ethanol_reduced_100.xyz"
 ETHANOL_TYPE_NAMES = ["C", "H", "O"]
@@ -80,30 +74,32 @@ class Dataset:
 
 DATASETS = {
     "alloy": Dataset(TYPE_NAMES, 3, 150, 200, "EMT alloy", "eV", "Å", 1e3),
-    "ethanol": Dataset(
-        ETHANOL_TYPE_NAMES,
-        2,
-        80,
-        100,
-        "DFT ethanol (rMD17-style, kcal/mol)",
-        "kcal/mol",
-        "Å",
-        KCAL_MOL_TO_MEV,
-    ),
-}
+    "ethanol": Dataset(ETHANOL_TYPE_NAMES, 2, 80, 100, "DFT ethanol (rMD17-style, kcal/mol)",
+                       "kcal/mol", "Å", KCAL_MOL_TO_MEV),
+}  # fmt: skip
 
 
 def reported_metrics(dataset: str) -> dict[str, tuple[str, float, str]]:
     """Validation metric names (EnergyForce(Stress)Metrics) -> (column, unit factor, unit):
     reported value = metric in the data's units x factor (meV)."""
     d = DATASETS[dataset]
-    out = {
-        "per_atom_energy_mae": ("energy MAE", d.to_mev, "meV/atom"),
-        "forces_mae": ("force MAE", d.to_mev, "meV/Å"),
-    }
-    if d.num_tasks == 3:
-        out["stress_mae"] = ("stress MAE", d.to_mev, "meV/Å³")
-    return out
+    out = {"per_atom_energy_mae": ("energy MAE", d.to_mev, "meV/atom"),
+           "forces_mae": ("force MAE", d.to_mev, "meV/Å"),
+           "stress_mae": ("stress MAE", d.to_mev, "meV/Å³")}  # fmt: skip
+    return dict(list(out.items())[: d.num_tasks])
+
+
+def units_text(dataset: str) -> str:
+    """How a table's errors relate to the data's units."""
+    if DATASETS[dataset].energy_unit == "eV":
+        return "Errors in meV (the data is in eV)."
+    return f"Errors in meV (1 kcal/mol = {KCAL_MOL_TO_MEV} meV); the json keeps kcal/mol."
+
+
+def model_text(a: dict, params) -> str:
+    """The model of a run's arguments ``a``, as the tables' preambles state it."""
+    return (f"NequIP model with {params} parameters (l_max={a['l_max']}, {a['num_layers']} "
+            f"layers, {a['num_features']} features), float32")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data
@@ -111,7 +107,7 @@ def reported_metrics(dataset: str) -> dict[str, tuple[str, float, str]]:
 
 def alloy_data(frames: int, seed: int = 0, **generator) -> Path:
     """The seeded EMT alloy file (``nequip-mtl-make-data``), generated once into ``_tmp``;
-    ``generator``: further arguments of :func:`nequip_mtl.data.generate_frames` (e.g.
+    ``generator``: further arguments of :func:`nequip_mtl.tools.generate_frames` (e.g.
     ``slab_fraction``), part of the file name."""
     from nequip_mtl.tools import make_dataset
 
@@ -128,11 +124,9 @@ def alloy_data(frames: int, seed: int = 0, **generator) -> Path:
 def data_statistics(
     path: Path, r_max: float, type_names: list[str] | None = None, shifts: str = "fit"
 ) -> dict[str, float]:
-    """The data-derived model constants (as nequip's ``training_data_stats`` would give,
-    but over the whole file, so every method gets exactly the same model). ``shifts``:
-    ``fit`` (per-type energy shifts from a composition fit) or ``mean`` (the per-atom energy
-    mean for every type, nequip's ``per_atom_energy_mean``: for data whose frames all have
-    one composition, where the fit is singular)."""
+    """The model constants of the whole file (as nequip's ``training_data_stats``): per-type
+    energy shifts from a composition fit (``shifts="fit"``) or the per-atom energy mean for
+    every type (``"mean"``: frames of one composition, where the fit is singular)."""
     type_names = list(type_names or TYPE_NAMES)
     import ase.io
     import numpy as np
@@ -145,9 +139,7 @@ def data_statistics(
     atoms = sum(len(a) for a in frames)
     # per-type energy shifts: least-squares fit of E = sum_t n_t mu_t (what a user would
     # take from isolated-atom energies or a linear composition fit)
-    counts = np.array(
-        [[a.get_chemical_symbols().count(t) for t in type_names] for a in frames], float
-    )
+    counts = np.array([[a.get_chemical_symbols().count(t) for t in type_names] for a in frames])
     energies = np.array([a.get_potential_energy() for a in frames])
     if shifts == "fit":
         mu, *_ = np.linalg.lstsq(counts, energies, rcond=None)
@@ -159,21 +151,11 @@ def data_statistics(
     return {
         "per_type_energy_shifts": {t: float(x) for t, x in zip(type_names, mu)},
         "energy_residual_rms_per_atom": float(np.sqrt(np.mean((resid / counts.sum(1)) ** 2))),
-        "num_frames": len(frames),
-        "mean_atoms": atoms / len(frames),
+        "num_frames": len(frames), "mean_atoms": atoms / len(frames),
         "per_atom_energy_mean": float(np.mean(e_per_atom)),
         "forces_rms": float(np.sqrt(np.mean(forces**2))),
         "num_neighbors_mean": float(np.average(neighbors, weights=[len(a) for a in frames])),
-    }
-
-
-def write_frames(path: Path, frames) -> None:
-    """Write ASE ``frames`` to the extxyz file ``path`` atomically (a part file, renamed)."""
-    from nequip_mtl.tools.emt_alloy import write_frames as write
-
-    part = path.with_suffix(f".{os.getpid()}.part.xyz")
-    write(frames, part)
-    part.replace(path)
+    }  # fmt: skip
 
 
 def loader_config(batch_size: int | None = None, shuffle: bool | None = None) -> dict:
@@ -200,61 +182,39 @@ def ase_dataset(path: Path, r_max: float, type_names: list[str] | None = None) -
     neighbour lists with ``r_max``)."""
     type_names = list(type_names or TYPE_NAMES)
     return {
-        "_target_": "nequip.data.dataset.ASEDataset",
-        "file_path": str(path),
+        "_target_": "nequip.data.dataset.ASEDataset", "file_path": str(path),
         "ase_args": {"format": "extxyz"},
         "transforms": [
-            {
-                "_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
-                "model_type_names": type_names,
-                "chemical_species_to_atom_type_map": {s: s for s in type_names},
-            },
+            {"_target_": "nequip.data.transforms.ChemicalSpeciesToAtomTypeMapper",
+             "model_type_names": type_names,
+             "chemical_species_to_atom_type_map": {s: s for s in type_names}},
             {"_target_": "nequip.data.transforms.NeighborListTransform", "r_max": r_max},
         ],
-    }
+    }  # fmt: skip
 
 
 def datamodule(
-    path: Path,
-    n_train: int,
-    n_val: int,
-    batch_size: int,
-    r_max: float,
-    seed: int = 1,
-    val_batch: int = 10,
-    shuffle: bool = True,
-    type_names: list[str] | None = None,
-):
+    path: Path, n_train: int, n_val: int, batch_size: int, r_max: float, seed: int = 1,
+    val_batch: int = 10, shuffle: bool = True, type_names: list[str] | None = None,
+):  # fmt: skip
+    """nequip's data module of the file ``path`` split into ``n_train`` training and
+    ``n_val`` validation frames (seeded ``seed``)."""
     from nequip.data.datamodule import NequIPDataModule
 
     return NequIPDataModule(
         seed=seed,
-        split_dataset={
-            "dataset": ase_dataset(path, r_max, type_names),
-            "train": n_train,
-            "val": n_val,
-        },
-        train_dataloader={
-            "_target_": "torch.utils.data.DataLoader",
-            "batch_size": batch_size,
-            "shuffle": shuffle,
-        },
-        val_dataloader={"_target_": "torch.utils.data.DataLoader", "batch_size": val_batch},
-    )
+        split_dataset={"dataset": ase_dataset(path, r_max, type_names), "train": n_train,
+                       "val": n_val},
+        train_dataloader=loader_config(batch_size, shuffle),
+        val_dataloader=loader_config(val_batch),
+    )  # fmt: skip
 
 
 def split_statistics(
-    path: Path,
-    n_train: int,
-    n_val: int,
-    r_max: float,
-    type_names: list[str],
-    seed: int = 1,
+    path: Path, n_train: int, n_val: int, r_max: float, type_names: list[str], seed: int = 1
 ) -> dict:
-    """The model constants from the *training split* of :func:`datamodule` (same split,
-    same ``seed``), in the data's own units: the per-atom energy mean as the shift of every
-    type (nequip's ``per_atom_energy_mean``; a composition fit is singular when every frame
-    has the same composition), the force RMS and the mean neighbour count."""
+    """The model constants of the *training split* of :func:`datamodule` (same ``seed``):
+    the per-atom energy mean as every type's shift, the force RMS, the neighbour count."""
     import torch
 
     dm = datamodule(path, n_train, n_val, 1, r_max, seed=seed, type_names=type_names)
@@ -270,15 +230,11 @@ def split_statistics(
         atoms += n
     forces = torch.cat(forces)
     mean = float(torch.tensor(e_per_atom, dtype=torch.float64).mean())
-    return {
-        "per_type_energy_shifts": {t: mean for t in type_names},
-        "num_frames": n_train + n_val,
-        "num_train_frames": len(train),
-        "mean_atoms": atoms / len(train),
-        "per_atom_energy_mean": mean,
-        "forces_rms": float(forces.pow(2).mean().sqrt()),
-        "num_neighbors_mean": sum(neighbors) / atoms,
-    }
+    return {"per_type_energy_shifts": {t: mean for t in type_names},
+            "num_frames": n_train + n_val, "num_train_frames": len(train),
+            "mean_atoms": atoms / len(train), "per_atom_energy_mean": mean,
+            "forces_rms": float(forces.pow(2).mean().sqrt()),
+            "num_neighbors_mean": sum(neighbors) / atoms}  # fmt: skip
 
 
 def data_and_statistics(
@@ -295,48 +251,98 @@ def data_and_statistics(
 def run_datamodule(data: str | Path, a: dict, type_names: list[str]):
     """The accuracy benchmarks' data module: ``data`` split into ``a["n_train"]`` training
     and ``a["n_val"]`` validation frames (fixed split, seed 1), batches of ``a["batch_size"]``."""
-    return datamodule(
-        Path(data),
-        a["n_train"],
-        a["n_val"],
-        a["batch_size"],
-        a["r_max"],
-        seed=1,
-        type_names=type_names,
-    )
+    return datamodule(Path(data), a["n_train"], a["n_val"], a["batch_size"], a["r_max"], seed=1,
+                      type_names=type_names)  # fmt: skip
+
+
+def write_splits(folder: str, names, make) -> dict[str, str]:
+    """``{name: path}`` of the extxyz files ``_tmp/<folder>/<name>.xyz`` of ``names``, written
+    once from ``make()`` (``{name: ASE frames}``)."""
+    files = {k: TMP / folder / f"{k}.xyz" for k in names}
+    if not all(f.exists() for f in files.values()):
+        from nequip_mtl.tools.emt_alloy import write_frames
+
+        (TMP / folder).mkdir(parents=True, exist_ok=True)
+        for k, frames in make().items():  # atomically: a part file, renamed
+            part = files[k].with_suffix(f".{os.getpid()}.part.xyz")
+            write_frames(frames, part)
+            part.replace(files[k])
+    return {k: str(v) for k, v in files.items()}
+
+
+def shuffled(frames: list, rng) -> list:
+    """``frames`` in the order of one permutation drawn from the numpy generator ``rng``."""
+    return [frames[i] for i in rng.permutation(len(frames))]
+
+
+def file_dataset(files: dict, a: dict, key: str) -> dict:
+    """The ``ASEDataset`` config of the file ``files[key]`` (``a``: ``r_max``, ``type_names``)."""
+    return ase_dataset(Path(files[key]), a["r_max"], a["type_names"])
+
+
+def files_datamodule(files: dict, a: dict, seed: int, train: str, val: list[str]):
+    """nequip's plain data module training on the file ``train`` (shuffled batches of
+    ``a["batch_size"]``), one validation loader per file of ``val``, in that order."""
+    from nequip.data.datamodule import NequIPDataModule
+
+    return NequIPDataModule(
+        seed=seed, train_dataset=file_dataset(files, a, train),
+        val_dataset=[file_dataset(files, a, v) for v in val],
+        train_dataloader=loader_config(a["batch_size"], shuffle=True),
+        val_dataloader=loader_config(10),
+    )  # fmt: skip
+
+
+def balanced_datamodule(
+    datasets: dict, k: int, seed: int, batches_per_epoch: int | None = None,
+    val_batch: int | None = 10, **kwargs,
+):  # fmt: skip
+    """nequip_mtl's ``MultiDatasetDataModule`` of ``datasets`` (name -> its dataset configs),
+    balanced batches of ``k`` frames of each (``val_batch`` None: no validation loader)."""
+    from nequip_mtl.data import MultiDatasetDataModule
+
+    sampling = {"mode": "balanced", "frames_per_batch": {name: k for name in datasets}}
+    if batches_per_epoch is not None:
+        sampling["batches_per_epoch"] = batches_per_epoch
+    if val_batch is not None:
+        kwargs["val_dataloader"] = loader_config(val_batch)
+    return MultiDatasetDataModule(seed=seed, datasets=datasets, sampling=sampling,
+                                  train_dataloader=loader_config(), **kwargs)  # fmt: skip
+
+
+def per_dataset_loss(weights: dict[str, float]) -> dict:
+    """nequip_mtl's ``PerDatasetLoss`` over the datasets of ``weights``: per-atom energy and
+    force MSE 1:1 within a dataset, the components of dataset ``d`` at ``weights[d]``."""
+    return {"_target_": "nequip_mtl.train.PerDatasetLoss", "datasets": list(weights),
+            "coeffs": {d: {"total_energy": w, "forces": w} for d, w in weights.items()}}  # fmt: skip
+
+
+def with_references(model: dict, references: dict, heads: bool = False) -> dict:
+    """``model`` wrapped with nequip_mtl's ``PerDatasetEnergyReferences``: the fixed
+    per-dataset energy ``references`` (``{dataset: {type: energy}}``) and, with ``heads``,
+    per-dataset readout heads."""
+    return {"_target_": "nequip_mtl.model.PerDatasetEnergyReferences",
+            "datasets": list(references), "references": references, "trainable": False,
+            "readout_heads": heads, "model": model}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- model/module
 
 
 def model_config(
-    dtype: str,
-    stats: dict,
-    *,
-    num_layers: int,
-    num_features: int,
-    l_max: int,
-    r_max: float,
-    radial_width: int,
-    model_seed: int = 7,
-    type_names: list[str] | None = None,
-) -> dict:
+    dtype: str, stats: dict, *, num_layers: int, num_features: int, l_max: int, r_max: float,
+    radial_width: int, model_seed: int = 7, type_names: list[str] | None = None,
+) -> dict:  # fmt: skip
+    """nequip's ``NequIPGNNModel`` config, its constants from ``stats`` (:func:`data_statistics`)."""
     return {
-        "_target_": "nequip.model.NequIPGNNModel",
-        "seed": model_seed,
-        "model_dtype": dtype,
-        "type_names": list(type_names or TYPE_NAMES),
-        "r_max": r_max,
-        "l_max": l_max,
-        "parity": True,
-        "num_layers": num_layers,
-        "num_features": num_features,
-        "radial_mlp_depth": 2,
-        "radial_mlp_width": radial_width,
+        "_target_": "nequip.model.NequIPGNNModel", "seed": model_seed, "model_dtype": dtype,
+        "type_names": list(type_names or TYPE_NAMES), "r_max": r_max, "l_max": l_max,
+        "parity": True, "num_layers": num_layers, "num_features": num_features,
+        "radial_mlp_depth": 2, "radial_mlp_width": radial_width,
         "avg_num_neighbors": stats["num_neighbors_mean"],
         "per_type_energy_shifts": dict(stats["per_type_energy_shifts"]),
         "per_type_energy_scales": stats["forces_rms"],
-    }
+    }  # fmt: skip
 
 
 def model_arguments(a: Any) -> dict:
@@ -348,22 +354,12 @@ def model_arguments(a: Any) -> dict:
 
 
 def add_run_arguments(
-    parser,
-    *,
-    batch_size: int = 5,
-    frames: int | None = None,
-    frames_help: str | None = None,
-    num_features: int = 32,
-    num_layers: int = 2,
-    l_max: int = 1,
-    radial_width: int = 32,
-    r_max: float = 4.5,
-    lr: float | None = 5e-3,
-) -> None:
-    """The model and optimizer options (what :func:`model_arguments`,
-    :func:`run_datamodule` and :func:`build_module` read), with the accuracy protocol's
-    defaults; the step-cost studies pass their own. ``None``: no such option (``frames``:
-    the number of alloy frames generated)."""
+    parser, *, batch_size: int = 5, frames: int | None = None, frames_help: str | None = None,
+    num_features: int = 32, num_layers: int = 2, l_max: int = 1, radial_width: int = 32,
+    r_max: float = 4.5, lr: float | None = 5e-3,
+) -> None:  # fmt: skip
+    """The model and optimizer options, the accuracy protocol's defaults unless given;
+    ``None``: no such option (``frames``: the number of alloy frames generated)."""
     parser.add_argument("--batch-size", type=int, default=batch_size)
     if frames is not None:
         parser.add_argument("--frames", type=int, default=frames, help=frames_help)
@@ -377,9 +373,9 @@ def add_run_arguments(
 
 
 def add_budget_arguments(parser, *, epochs: bool = True) -> None:
-    """The clock options of a study that trains to a budget (what :func:`fill_defaults`
-    fills): ``--seeds``, ``--budget-s``, ``--epochs`` (the equal-epochs view; ``epochs=False``:
-    none), ``--clock`` and ``--val-every``."""
+    """The clock options of a study that trains to a budget (:func:`fill_defaults` fills
+    them): ``--seeds``, ``--budget-s``, ``--epochs`` (the equal-epochs view), ``--clock``,
+    ``--val-every``."""
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
     parser.add_argument("--budget-s", type=float, default=None, help="training clock per run (s)")
     if epochs:
@@ -397,42 +393,29 @@ def fill_defaults(args, quick: dict, full: dict) -> None:
 
 
 def run_model(a: dict, stats: dict, seed: int, type_names: list[str]) -> dict:
-    """The accuracy benchmarks' float32 model from a run's arguments ``a``, initialised
-    with ``seed``."""
-    return model_config(
-        "float32", stats, **model_arguments(a), model_seed=seed, type_names=type_names
-    )
+    """The float32 model of a run's arguments ``a``, initialised with ``seed``."""
+    return model_config("float32", stats, **model_arguments(a), model_seed=seed,
+                        type_names=type_names)  # fmt: skip
 
 
 def loss_config(num_tasks: int, coeffs: dict[str, float] | None = None) -> dict:
     coeffs = coeffs or {name: 1.0 for name in TASKS[num_tasks]}
-    target = (
-        "nequip.train.EnergyForceStressLoss" if num_tasks == 3 else "nequip.train.EnergyForceLoss"
-    )
-    return {"_target_": target, "per_atom_energy": True, "coeffs": dict(coeffs)}
+    target = "EnergyForceStressLoss" if num_tasks == 3 else "EnergyForceLoss"
+    return {"_target_": f"nequip.train.{target}", "per_atom_energy": True, "coeffs": dict(coeffs)}
 
 
 def metrics_config(num_tasks: int) -> dict:
+    coeffs = {"per_atom_energy_mae": 1.0, "forces_mae": 1.0}
     if num_tasks == 3:
-        return {
-            "_target_": "nequip.train.EnergyForceStressMetrics",
-            "coeffs": {"per_atom_energy_mae": 1.0, "forces_mae": 1.0, "stress_mae": 1.0},
-        }
-    return {
-        "_target_": "nequip.train.EnergyForceMetrics",
-        "coeffs": {"per_atom_energy_mae": 1.0, "forces_mae": 1.0},
-    }
+        return {"_target_": "nequip.train.EnergyForceStressMetrics",
+                "coeffs": {**coeffs, "stress_mae": 1.0}}  # fmt: skip
+    return {"_target_": "nequip.train.EnergyForceMetrics", "coeffs": coeffs}
 
 
 def build_module(
-    method: M.Method,
-    model: dict,
-    num_tasks: int,
-    lr: float,
-    coeffs: dict | None = None,
-    loss: dict | None = None,
-    num_val: int = 1,
-):
+    method: M.Method, model: dict, num_tasks: int, lr: float, coeffs: dict | None = None,
+    loss: dict | None = None, num_val: int = 1,
+):  # fmt: skip
     """``method``'s training module: Adam (or the method's optimizer) at ``lr``, nequip's
     energy-force(-stress) loss with ``coeffs`` (or the ``loss`` config given) and
     validation metrics on ``num_val`` validation loaders (``0``: no validation)."""
@@ -442,13 +425,10 @@ def build_module(
     if method.optimizer is not None:
         optimizer = {"lr": lr, **method.optimizer}
     return get_class(method.module)(
-        model=model,
-        num_datasets={"train": 1, "val": num_val, "test": 0, "predict": 0},
-        optimizer=optimizer,
-        loss=loss if loss is not None else loss_config(num_tasks, coeffs),
-        val_metrics=metrics_config(num_tasks) if num_val else None,
-        **method.kwargs,
-    )
+        model=model, num_datasets={"train": 1, "val": num_val, "test": 0, "predict": 0},
+        optimizer=optimizer, loss=loss if loss is not None else loss_config(num_tasks, coeffs),
+        val_metrics=metrics_config(num_tasks) if num_val else None, **method.kwargs,
+    )  # fmt: skip
 
 
 def build_callbacks(method: M.Method) -> list:
@@ -478,14 +458,9 @@ def trainer(callbacks=(), **kwargs):
     scratch in ``_tmp``; ``kwargs`` add to or override those settings."""
     import lightning
 
-    settings = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(TMP),
-    }
+    settings = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                "enable_progress_bar": False, "enable_model_summary": False,
+                "default_root_dir": str(TMP)}  # fmt: skip
     return lightning.Trainer(callbacks=list(callbacks), **{**settings, **kwargs})
 
 
@@ -537,10 +512,8 @@ class StepTimes:
 
 
 def step_timers(times: StepTimes, before_start=None, after_stop=None) -> tuple:
-    """Two callbacks timing every training step into ``times``: put the first before and
-    the second after every other callback, so that the step is timed from the first
-    ``on_train_batch_start`` to the last ``on_train_batch_end``. ``before_start(batch_idx)``
-    and ``after_stop()`` run outside the timed span."""
+    """Two callbacks timing every step into ``times``, to put first and last; the
+    ``before_start(batch_idx)`` and ``after_stop()`` hooks run outside the timed span."""
     import lightning
 
     class Start(lightning.Callback):
@@ -587,11 +560,8 @@ def budget_callbacks(a: dict, steps_per_epoch: int, metrics, loaders: dict = ONE
             self.steps += 1
             if self.elapsed >= budget_s:
                 if self.budget_hit_at is None:
-                    self.budget_hit_at = {
-                        "step": self.steps,
-                        "epoch": trainer.current_epoch,
-                        "clock_s": self.elapsed,
-                    }
+                    self.budget_hit_at = {"step": self.steps, "epoch": trainer.current_epoch,
+                                          "clock_s": self.elapsed}  # fmt: skip
                 if self.steps >= min_epochs * steps_per_epoch:
                     trainer.should_stop = True
 
@@ -606,15 +576,11 @@ def budget_callbacks(a: dict, steps_per_epoch: int, metrics, loaders: dict = ONE
             if trainer.sanity_checking:
                 return
             values = loader_metrics(trainer.callback_metrics, loaders)
-            self.points.append(
-                {
-                    "epoch": self.clock.steps / steps_per_epoch,
-                    "step": self.clock.steps,
-                    "clock_s": self.clock.elapsed,
-                    "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                    **{k: values.get(k) for k in metrics},
-                }
-            )
+            self.points.append({
+                "epoch": self.clock.steps / steps_per_epoch, "step": self.clock.steps,
+                "clock_s": self.clock.elapsed, "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                **{k: values.get(k) for k in metrics},
+            })  # fmt: skip
 
     clock = Clock()
     return clock, Record(clock)
@@ -652,25 +618,18 @@ def switch_on_clock(clock, scheduler, at_s: float, coeffs: dict, record: dict):
 
 
 def budget_results(a: dict, clock, record, per_epoch: int, final: dict) -> tuple[dict, dict]:
-    """The two results of a run of :func:`budget_callbacks`: at equal time (the state when
-    the budget ran out, ``final`` its validation; if training had to go on to reach
-    ``a["epochs"]``, the last epoch validated within the budget) and at equal epochs (the
-    validation at the end of epoch ``a["epochs"]``, ``None`` if not recorded)."""
+    """At equal time (the state when the budget ran out, ``final`` its validation; if the
+    run went on to reach ``a["epochs"]``, the last epoch validated within the budget) and at
+    equal epochs (the validation after epoch ``a["epochs"]``, ``None`` if not recorded)."""
     at_epochs = next((p for p in record.points if p["step"] == a["epochs"] * per_epoch), None)
     hit = clock.budget_hit_at or {"step": clock.steps}
     if clock.steps > hit["step"]:
         within = [p for p in record.points if p["clock_s"] <= a["budget_s"]]
-        budget = {
-            **(within[-1] if within else record.points[0]),
-            "note": "last epoch within budget",
-        }
+        budget = {**(within[-1] if within else record.points[0]),
+                  "note": "last epoch within budget"}  # fmt: skip
     else:
-        budget = {
-            "epoch": clock.steps / per_epoch,
-            "step": clock.steps,
-            "clock_s": clock.elapsed,
-            **final,
-        }
+        budget = {"epoch": clock.steps / per_epoch, "step": clock.steps, "clock_s": clock.elapsed,
+                  **final}  # fmt: skip
     return budget, at_epochs
 
 
@@ -678,35 +637,25 @@ def run_results(a: dict, clock, record, per_epoch: int, final: dict, t0: float, 
     """What every study keeps of a run on the protocol's clock: the equal-time and
     equal-epochs results (:func:`budget_results`), the curve, steps, clocks, parameters."""
     budget, at_epochs = budget_results(a, clock, record, per_epoch, final)
-    return {
-        "budget": budget,
-        "epochs": at_epochs,
-        "curve": record.points
-        + [{"epoch": None, "step": clock.steps, "clock_s": clock.elapsed, **final}],
-        "steps": clock.steps,
-        "clock_s": clock.elapsed,
-        "wall_s": time.perf_counter() - t0,
-        "params": num_params(module),
-    }
+    last = {"epoch": None, "step": clock.steps, "clock_s": clock.elapsed, **final}
+    return {"budget": budget, "epochs": at_epochs, "curve": [*record.points, last],
+            "steps": clock.steps, "clock_s": clock.elapsed, "wall_s": time.perf_counter() - t0,
+            "params": num_params(module)}  # fmt: skip
 
 
 def fit_on_clock(
     module, dm, a: dict, per_epoch: int, metrics, loaders: dict = ONE_LOADER, callbacks=()
 ) -> dict:
-    """Train ``module`` on ``dm`` on the protocol's clock (:func:`budget_callbacks`,
-    validating every ``a["val_every"]`` epochs; with ``a["lr_schedule"] == "cosine"`` the
-    learning rate annealed over the budget, :func:`cosine_on_clock`), then validate it once
-    more: its :func:`run_results` (``metrics`` named as :func:`loader_metrics` gives them
-    for ``loaders``)."""
+    """Train ``module`` on ``dm`` until its training clock reaches ``a["budget_s"]`` and
+    ``a["epochs"]`` are done (:func:`budget_callbacks`; ``lr_schedule: cosine``: the learning
+    rate annealed over the clock), validating every ``val_every`` epochs, then once more: its
+    :func:`run_results`. ``callbacks``: more, or a function of the clock giving them."""
     clock, record = budget_callbacks(a, per_epoch, metrics, loaders)
+    callbacks = list(callbacks(clock) if callable(callbacks) else callbacks)
     if a.get("lr_schedule", "constant") == "cosine":
         callbacks = [cosine_on_clock(clock, a["budget_s"], a["lr"]), *callbacks]
-    fit = trainer(
-        [clock, *callbacks, record],
-        max_epochs=10_000,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=a["val_every"],
-    )
+    fit = trainer([clock, *callbacks, record], max_epochs=10_000, num_sanity_val_steps=0,
+                  check_val_every_n_epoch=a.get("val_every", 1))  # fmt: skip
     t0 = time.perf_counter()
     fit.fit(module, datamodule=dm)
     final = {k: v for k, v in validate(module, dm, loaders).items() if k in metrics}
@@ -714,12 +663,9 @@ def fit_on_clock(
 
 
 def train_run(task: dict) -> dict:
-    """The accuracy protocol's run: train one (method, seed) of ``task`` (``method``,
-    ``seed``, ``args``, ``stats``, ``data``, optional ``state_dir``) on its training clock
-    (``args["clock"]``) until the budget ``args["budget_s"]`` is spent and
-    ``args["epochs"]`` epochs are done (the learning rate constant or, with
-    ``lr_schedule: cosine``, annealed over the clock); validate every ``val_every``
-    epochs. Returns its curve and results (picklable)."""
+    """The accuracy protocol's run: one (method, seed) of ``task`` (``method``, ``seed``,
+    ``args``, ``stats``, ``data``, optional ``state_dir``) on :func:`fit_on_clock`, the
+    two-stage schedule switched on the clock; its curve and results (picklable)."""
     import lightning
     import torch
 
@@ -736,37 +682,52 @@ def train_run(task: dict) -> dict:
     coeffs = M.task_coeffs(method.coeffs, num_tasks)
     module = build_module(method, model, num_tasks, lr=a["lr"], coeffs=coeffs)
     dm = run_datamodule(task["data"], a, type_names)
-    per_epoch = math.ceil(a["n_train"] / a["batch_size"])
-    clock, record = budget_callbacks(a, per_epoch, metrics)
-    extra, switch = [], {}
-    if method.two_stage is not None:
-        from nequip.train.callbacks import LossCoefficientScheduler
+    switch = {}
 
-        scheduler = LossCoefficientScheduler(schedule={})
-        at_s = method.two_stage["at"] * a["budget_s"]
-        second = M.second_stage_coeffs(method, num_tasks)
-        extra += [switch_on_clock(clock, scheduler, at_s, second, switch), scheduler]
-    if a.get("lr_schedule", "constant") == "cosine":
-        extra.append(cosine_on_clock(clock, a["budget_s"], a["lr"]))
-    fit = trainer(
-        [clock, *extra, *build_callbacks(method), record],
-        max_epochs=10_000,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=a.get("val_every", 1),
-    )
-    t0 = time.perf_counter()
-    fit.fit(module, datamodule=dm)
-    final = {k: v for k, v in validate(module, dm).items() if k in metrics}
+    def callbacks(clock):
+        out = []
+        if method.two_stage is not None:
+            from nequip.train.callbacks import LossCoefficientScheduler
+
+            scheduler = LossCoefficientScheduler(schedule={})
+            at_s = method.two_stage["at"] * a["budget_s"]
+            second = M.second_stage_coeffs(method, num_tasks)
+            out += [switch_on_clock(clock, scheduler, at_s, second, switch), scheduler]
+        return out + build_callbacks(method)
+
+    per_epoch = math.ceil(a["n_train"] / a["batch_size"])
+    out = fit_on_clock(module, dm, a, per_epoch, metrics, callbacks=callbacks)
     if task.get("state_dir"):  # the final model, for independent checks (tests)
         torch.save(module.state_dict(), Path(task["state_dir"]) / f"{task['method']}_seed{seed}.pt")
-    return {
-        "method": task["method"],
-        "seed": seed,
-        **run_results(a, clock, record, per_epoch, final, t0, module),
-        "skipped_steps": getattr(module, "skipped_steps", 0),
-        "switch": switch or None,
-        "final_coeffs": {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()},
-    }
+    return {"method": task["method"], "seed": seed, **out,
+            "skipped_steps": getattr(module, "skipped_steps", 0), "switch": switch or None,
+            "final_coeffs": {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()}}  # fmt: skip
+
+
+def pretrain(task: dict, datamodule, per_epoch: int, stats: dict, metrics, loaders) -> dict:
+    """Pretrain with nequip's weighted sum on ``datamodule()`` for ``pretrain_s`` s of
+    training clock at ``pretrain_lr``, once per cache file ``task["cache"]`` (the weights
+    and the result; a later call loads the result, ``cached``: True)."""
+    import lightning
+    import torch
+
+    path = Path(task["cache"])
+    if path.exists():
+        return {**torch.load(path, weights_only=False)["result"], "cached": True}
+    init_torch()
+    a, seed = task["args"], task["seed"]
+    a = {**a, "budget_s": a["pretrain_s"], "lr": a["pretrain_lr"], "epochs": 0,
+         "val_every": 10_000}  # fmt: skip
+    lightning.seed_everything(seed, workers=True, verbose=False)
+    model = run_model(a, stats, seed, a["type_names"])
+    module = build_module(M.methods()["ws"], model, 2, lr=a["lr"], num_val=len(loaders))
+    out = fit_on_clock(module, datamodule(), a, per_epoch, metrics, loaders)
+    result = {"method": "pretrained", "seed": seed, **out}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_suffix(f".{os.getpid()}.part")
+    torch.save({"model": module.model.state_dict(), "result": result}, part)
+    part.replace(path)
+    return {**result, "cached": False}
 
 
 # ----------------------------------------------------------------------------- runs
@@ -794,6 +755,232 @@ def run_all(fn, tasks: list, jobs: int, done) -> None:
             done(fn(t))
 
 
+def run_arguments(args, exclude=("methods", "seeds", "out", "save_states", "argv")) -> dict:
+    """A run's arguments (:func:`train_run`'s ``a``): the options but the selection ones."""
+    return {**{k: v for k, v in vars(args).items() if k not in exclude},
+            "n_val": args.frames - args.n_train}  # fmt: skip
+
+
+def ran_methods(data: dict, first: list[str] = ()) -> list[str]:
+    """The methods of a results json that ran, in the run's own order (``first``, then
+    ``--methods``; all methods: the registry's order)."""
+    ran = {r["method"] for r in data["runs"]}
+    wanted = [*first, *(data["meta"]["args"].get("methods") or M.ALL_METHODS)]
+    return [m for m in dict.fromkeys(wanted) if m in ran]
+
+
+def progress(r, i, n, t0, metrics) -> None:
+    """One line per finished :func:`train_run`: its steps and errors (meV), the load."""
+    b = r["budget"]
+    fe, ff = metrics["per_atom_energy_mae"][1], metrics["forces_mae"][1]
+    print(f"[{i}/{n} {time.perf_counter() - t0:.0f} s] {r['method']} seed {r['seed']}: {r['steps']} steps, "
+          f"force MAE {ff * b['forces_mae']:.1f} meV/Å, energy {fe * b['per_atom_energy_mae']:.2f} meV/atom "
+          f"(run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+
+
+def study_parser(doc: str, jobs: bool = True):
+    """A study's command line: ``--quick``, ``--jobs``, ``--out``, ``--from-json``."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="a small, fast run (a smoke test)")
+    if jobs:
+        p.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
+    p.add_argument("--out", default=None, help="results path without suffix (default: results/)")
+    R.add_from_json(p)
+    return p
+
+
+def out_path(args, name: str) -> str:
+    """``--out``, or ``results/<name>`` (``--quick``: ``_tmp/<name>_quick``)."""
+    return args.out or str(TMP / f"{name}_quick" if args.quick else RESULTS / name)
+
+
+class Results:
+    """A study's results json (``<out>.json``), rewritten after every finished run: the meta
+    data (machine, arguments, command line, time) and the lists of runs (``lists``: their
+    names, and the runs they start with)."""
+
+    def __init__(self, out, study: str, argv, args, data=None, omp=False, **lists):
+        self.path = Path(out).with_suffix(".json")
+        self.info = {**machine_info(), "date": now()}
+        self.t0 = time.perf_counter()
+        self.meta0 = {"args": args, "command": R.command(study, argv, omp), "data": data}
+        self.lists = {k: list(v) for k, v in lists.items()}
+
+    def meta(self, **extra) -> dict:
+        return {"machine": self.info, **self.meta0, "time": self.info["date"],
+                "elapsed_s": time.perf_counter() - self.t0, **extra}  # fmt: skip
+
+    def add(self, key: str, run: dict) -> None:
+        self.lists[key].append(run)
+        R.write_json(self.path, {"meta": self.meta(partial=True), **self.lists})
+
+    def data(self) -> dict:
+        """The whole json: the meta data (with the load at the end) and every run."""
+        meta = self.meta()
+        meta["machine"] = {**self.info, "loadavg_end": os.getloadavg()}
+        return {"meta": meta, **self.lists}
+
+
+# ----------------------------------------------------------------------------- step timing
+
+#: the clocks of a timed step
+CLOCKS = ("wall", "cpu")
+
+
+def step_model(a: Any, stats: dict, dtype: str) -> dict:
+    """The step-cost studies' model (initial weights seeded 7), with nequip's train-time
+    compile if ``a.compile``."""
+    model = model_config(dtype, stats, **model_arguments(a))
+    if getattr(a, "compile", False):
+        model["compile_mode"] = "compile"  # nequip's train-time compile
+    return model
+
+
+def step_trainer(callbacks, steps: int):
+    """A trainer of ``steps`` training batches, no validation."""
+    return trainer(callbacks, max_epochs=1, limit_train_batches=steps, limit_val_batches=0,
+                   num_sanity_val_steps=0)  # fmt: skip
+
+
+def add_step_arguments(parser, **run) -> None:
+    """The step-cost studies' options: ``--dtypes``, ``--steps``, ``--warmup`` and the model
+    and optimizer ones (their model: 3 layers, radial MLP width 64; ``run``: more)."""
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    add_run_arguments(parser, num_layers=3, radial_width=64, lr=1e-3, **run)
+
+
+def quick_steps(args) -> None:
+    """``--quick``: a small model, 6 timed steps, float32."""
+    args.num_features, args.l_max, args.num_layers, args.radial_width = 16, 1, 2, 32
+    args.steps, args.dtypes = 6, ["float32"]
+
+
+class Worker:
+    """One method training in its own thread, one step per turn: a normal ``trainer.fit`` of
+    ``setup.module(...)`` on ``setup.datamodule(fresh=True)`` whose callbacks hand control back
+    after every step (after the clock stopped) and wait for the next turn, so exactly one
+    method computes at any time, Lightning's untimed bookkeeping included."""
+
+    def __init__(self, setup, key: str, method: M.Method, dtype: str, num_tasks: int, steps: int):
+        import threading
+
+        self.key, self.go, self.done = key, threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        self.times, self.params = StepTimes(), 0
+
+        def before_start(batch_idx):
+            if batch_idx == 0:  # setup finished: report, wait for the first turn
+                self._yield()
+
+        # after the clock stopped, also after the last step: teardown waits for its turn
+        start, end = step_timers(self.times, before_start, self._yield)
+
+        def body():
+            try:
+                module = setup.module(method, dtype, num_tasks)
+                self.params = num_params(module)
+                # first at batch start and last at batch end: the method's callbacks are timed
+                callbacks = [start, *build_callbacks(method), end]
+                step_trainer(callbacks, steps).fit(module, datamodule=setup.datamodule(fresh=True))
+            except BaseException as e:  # noqa: BLE001 - reported by the scheduler
+                self.error = e
+            finally:
+                self.done.set()
+
+        self.thread = threading.Thread(target=body, name=f"bench-{key}", daemon=True)
+
+    def _yield(self) -> None:
+        self.done.set()
+        self.go.wait()
+        self.go.clear()
+
+    def turn(self) -> None:
+        """Let the thread run until it yields again (one step, or setup, or teardown)."""
+        self.done.clear()
+        if not self.thread.is_alive() and self.thread.ident is None:
+            self.thread.start()
+        else:
+            self.go.set()
+        self.done.wait()
+        if self.error is not None:
+            raise RuntimeError(f"{self.key} failed") from self.error
+
+
+def interleaved(args, table, setup, dtype: str, num_tasks: int, what: str):
+    """Step i of every method of ``args.methods`` on ``setup``, in a fresh random order per
+    step: ``({clock: {method: timed steps}}, parameters, the load every 10 steps)``."""
+    import gc
+    import random
+
+    total = args.warmup + args.steps
+    t_cfg = time.perf_counter()
+    workers = {m: Worker(setup, m, table[m], dtype, num_tasks, total) for m in args.methods}
+    for w in workers.values():  # setups, one after the other, up to step 0
+        w.turn()
+    gc.collect()
+    gc.freeze()  # setup objects out of the collector's way during the steps
+    rng = random.Random(0)
+    load = []
+    for i in range(total):
+        order = list(args.methods)
+        rng.shuffle(order)  # a fresh order per step: no fixed predecessor
+        for m in order:
+            workers[m].turn()
+        if (i + 1) % 10 == 0 or i + 1 == total:
+            load.append(round(os.getloadavg()[0], 2))
+            print(f"[{what}] step {i + 1}/{total} ({time.perf_counter() - t_cfg:.0f} s, "
+                  f"load {load[-1]:.2f})", flush=True)  # fmt: skip
+    for w in workers.values():  # teardown, one after the other
+        w.turn()
+        w.thread.join()
+    gc.unfreeze()
+    n_params = workers[args.methods[0]].params
+    times = {
+        c: {m: getattr(workers[m].times, c)[args.warmup :] for m in args.methods} for c in CLOCKS
+    }
+    del workers
+    gc.collect()
+    return times, n_params, load
+
+
+def timing_rows(args, table, times, n_params, **fields) -> list[dict]:
+    """One result row per method: raw step times, medians, means and the ratios to the
+    references (``fields``: the configuration, e.g. ``dtype`` and ``tasks``)."""
+    import statistics
+
+    rows = []
+    for m in args.methods:
+        row = {
+            "raw_cpu_s": [round(x, 5) for x in times["cpu"][m]],
+            "raw_wall_s": [round(x, 5) for x in times["wall"][m]],
+            "method": m, "label": table[m].label, "family": table[m].family,
+            **fields, "params": n_params, "n_steps": len(times["cpu"][m]),
+        }  # fmt: skip
+        for c in CLOCKS:
+            ts = times[c][m]
+            row[f"{c}_median_s"] = statistics.median(ts)
+            row[f"{c}_mean_s"] = statistics.fmean(ts)
+            for key, ref in R.REFERENCES.items():
+                if ref not in args.methods:
+                    continue
+                row[f"{c}_{key}"] = row[f"{c}_median_s"] / statistics.median(times[c][ref])
+                row[f"{c}_mean_{key}"] = row[f"{c}_mean_s"] / statistics.fmean(times[c][ref])
+                # the same batch, a few seconds apart: per-step paired ratios
+                paired = [x / y for x, y in zip(ts, times[c][ref])]
+                q = statistics.quantiles(paired, n=4)
+                row[f"{c}_{key}_paired_iqr"] = [q[0], q[2]]
+                row[f"{c}_{key}_paired_median"] = statistics.median(paired)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("raw")}), flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- machine
 
 
@@ -803,40 +990,23 @@ def machine_info() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-    }
-    try:
-        import nequip
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "lightning": lightning.__version__,
+        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg(),
+    }  # fmt: skip
+    import nequip
 
-        info["nequip"] = nequip.__version__
-    except Exception:  # pragma: no cover
-        pass
+    info["nequip"] = nequip.__version__
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        for key in (
-            "Model name",
-            "CPU(s)",
-            "Thread(s) per core",
-            "L2 cache",
-            "L3 cache",
-            "Hypervisor vendor",
-        ):
-            if key in fields:
-                info[key] = fields[key].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
+        keys = ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache",
+                "Hypervisor vendor")  # fmt: skip
+        info.update({k: fields[k].strip() for k in keys if k in fields})
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["mem_total_gib"] = round(int(mem) / 2**20, 1)
-    except OSError:
+    except (OSError, subprocess.SubprocessError):  # not Linux: the fields it has
         pass
     return info
 

@@ -1,36 +1,20 @@
-"""Per-dataset readout heads: does a per-dataset last readout layer help over per-dataset
-energy references alone?
+"""Per-dataset readout heads: do they help over per-dataset energy references alone?
 
-One NequIP model is trained jointly on the DFT ethanol frames
-(``benchmarks/data/ethanol_reduced_100.xyz``, kcal/mol; 80 training frames, 20 held out as the DFT test set) and GFN2-xTB ethanol frames
-(``benchmarks/data/ethanol_xtb_1200.xyz``; 600 training, 100 test), balanced batches of a
-:class:`~nequip_mtl.data.MultiDatasetDataModule`, a
-:class:`~nequip_mtl.train.PerDatasetLoss` at 1:1 (per-atom energy and force MSE of each
-dataset), nequip's weighted sum (``NequIPLightningModule``) and
-:func:`~nequip_mtl.model.PerDatasetEnergyReferences` with fixed least-squares references,
-in two variants:
-
-- ``shifts``: per-dataset energy references only (one shared readout);
-- ``heads``: the same with ``readout_heads: true`` (a per-dataset copy of the readout's last
-  linear layer, each starting equal to the shared one).
-
-Both variants get the same seeds (model initialisation and batch order), the same training
-CPU-time budget (``--budget-s`` of the clock of ``benchmarks/protocol.py``; the learning
-rate annealed to 0 over it, cosine) and are evaluated on the same held-out DFT and xTB test
-frames, which never enter a choice. The reading: ``heads`` helps only if its DFT test error
-is lower than ``shifts``' by more than the seed spread.
+One model trained jointly on DFT ethanol (80 training, 20 test frames) and GFN2-xTB ethanol
+(600 training, 100 test) on balanced batches, a 1:1 ``PerDatasetLoss`` and nequip's weighted
+sum, with fixed per-dataset energy references, in two variants: ``shifts`` (one shared
+readout) and ``heads`` (``readout_heads: true``). Both get the same seeds and training-clock
+budget (the learning rate annealed to 0 over it, cosine); heads help only if their DFT test
+error is lower by more than the seed spread (:func:`verdicts`).
 
     OMP_NUM_THREADS=1 python -m benchmarks.readout_heads
     OMP_NUM_THREADS=1 python -m benchmarks.readout_heads --quick        # a few seconds a run
-    python -m benchmarks.readout_heads --from-json benchmarks/results/readout_heads.json
 
-Writes ``benchmarks/results/readout_heads.{json,md}`` (``--out`` to choose; ``--quick``
-writes into ``results/_tmp``); the json is rewritten after every finished run.
+Writes ``benchmarks/results/readout_heads.{json,md}`` (``--out`` to choose).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -41,10 +25,8 @@ from benchmarks import methods as M
 from benchmarks import protocol as P
 from benchmarks import report as R
 
-VARIANTS = {
-    "shifts": "per-dataset energy references only",
-    "heads": "per-dataset energy references + readout heads",
-}
+VARIANTS = {"shifts": "per-dataset energy references only",
+            "heads": "per-dataset energy references + readout heads"}  # fmt: skip
 NAMES = ["dft", "xtb"]  # dataset_index order
 #: the data module's validation loaders: val0 = the DFT test frames, val1 = xTB's
 LOADERS = {"val0_epoch": "dft/", "val1_epoch": "xtb/"}
@@ -52,95 +34,51 @@ LOADERS = {"val0_epoch": "dft/", "val1_epoch": "xtb/"}
 METRICS = {
     f"{d}/{m}": (f"{d.upper() if d == 'dft' else 'xTB'} {what}", P.KCAL_MOL_TO_MEV, unit)
     for d in NAMES
-    for m, what, unit in (
-        ("per_atom_energy_mae", "energy MAE", "meV/atom"),
-        ("forces_mae", "force MAE", "meV/Å"),
-    )
-}
+    for m, what, unit in (("per_atom_energy_mae", "energy MAE", "meV/atom"),
+                          ("forces_mae", "force MAE", "meV/Å"))
+}  # fmt: skip
 DFT_METRICS = ["dft/per_atom_energy_mae", "dft/forces_mae"]
 SPLITS = {"dft_train": 80, "dft_test": 20, "xtb_train": 600, "xtb_test": 100}
-
-
-# ----------------------------------------------------------------------------- data
 
 
 def split_files(splits: dict[str, int]) -> dict[str, str]:
     """The DFT and xTB frames, each file shuffled once (seed 0) and cut into training and
     test files, written once into ``_tmp``."""
-    import ase.io
-    import numpy as np
 
-    tag = "_".join(f"{splits[k]}" for k in SPLITS)
-    folder = P.TMP / f"readout_heads_data_{tag}"
-    files = {k: folder / f"{k}.xyz" for k in SPLITS}
-    if not all(f.exists() for f in files.values()):
-        folder.mkdir(parents=True, exist_ok=True)
+    def make():
+        import ase.io
+        import numpy as np
+
+        out = {}
         for name, path in (("dft", P.ETHANOL), ("xtb", P.XTB_ETHANOL)):
-            frames = ase.io.read(path, index=":")
-            frames = [frames[i] for i in np.random.default_rng(0).permutation(len(frames))]
+            frames = P.shuffled(ase.io.read(path, index=":"), np.random.default_rng(0))
             n_train, n_test = splits[f"{name}_train"], splits[f"{name}_test"]
             if n_train + n_test > len(frames):
                 raise SystemExit(f"{path} has {len(frames)} frames, fewer than {n_train + n_test}")
-            P.write_frames(files[f"{name}_train"], frames[:n_train])
-            P.write_frames(files[f"{name}_test"], frames[n_train : n_train + n_test])
-    return {k: str(v) for k, v in files.items()}
+            out[f"{name}_train"] = frames[:n_train]
+            out[f"{name}_test"] = frames[n_train : n_train + n_test]
+        return out
+
+    tag = "_".join(f"{splits[k]}" for k in SPLITS)
+    return P.write_splits(f"readout_heads_data_{tag}", SPLITS, make)
 
 
 def datamodule(files: dict, a: dict, seed: int):
     """Balanced batches of ``batch_size`` frames of each dataset, an epoch one pass over the
     DFT training frames; validation loaders the DFT and xTB test frames."""
-    from nequip_mtl.data import MultiDatasetDataModule
-
-    def ds(key):
-        return P.ase_dataset(Path(files[key]), a["r_max"], a["type_names"])
-
-    k = a["batch_size"]
-    return MultiDatasetDataModule(
-        seed=seed,
-        datasets={
-            name: {"train_dataset": ds(f"{name}_train"), "val_dataset": ds(f"{name}_test")}
-            for name in NAMES
-        },
-        sampling={
-            "mode": "balanced",
-            "frames_per_batch": {name: k for name in NAMES},
-            "batches_per_epoch": per_epoch(a),
-        },
-        train_dataloader=P.loader_config(),
-        val_dataloader=P.loader_config(20),
-        stats_manager={
-            "_target_": "nequip.data.CommonDataStatisticsManager",
-            "type_names": list(a["type_names"]),
-        },
-    )
+    datasets = {
+        name: {"train_dataset": P.file_dataset(files, a, f"{name}_train"),
+               "val_dataset": P.file_dataset(files, a, f"{name}_test")}
+        for name in NAMES
+    }  # fmt: skip
+    stats = {"_target_": "nequip.data.CommonDataStatisticsManager",
+             "type_names": list(a["type_names"])}  # fmt: skip
+    return P.balanced_datamodule(datasets, a["batch_size"], seed, per_epoch(a), val_batch=20,
+                                 stats_manager=stats)  # fmt: skip
 
 
 def per_epoch(a: dict) -> int:
     return math.ceil(a["dft_train"] / a["batch_size"])
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-def model_config(a: dict, stats: dict, references: dict, seed: int, heads: bool) -> dict:
-    """The protocol's float32 NequIP model (seeded ``seed``, its shared shift and scale from
-    the DFT training frames) wrapped with fixed per-dataset references."""
-    return {
-        "_target_": "nequip_mtl.model.PerDatasetEnergyReferences",
-        "datasets": list(NAMES),
-        "references": references,
-        "trainable": False,
-        "readout_heads": heads,
-        "model": P.run_model(a, stats, seed, a["type_names"]),
-    }
-
-
-def loss_config() -> dict:
-    return {
-        "_target_": "nequip_mtl.train.PerDatasetLoss",
-        "datasets": list(NAMES),
-        "coeffs": {name: {"total_energy": 1.0, "forces": 1.0} for name in NAMES},
-    }
 
 
 def run(task: dict) -> dict:
@@ -150,15 +88,14 @@ def run(task: dict) -> dict:
     P.init_torch()
     a, seed, variant = task["args"], task["seed"], task["variant"]
     lightning.seed_everything(seed, workers=True, verbose=False)
-    model = model_config(a, task["stats"], task["references"], seed, variant == "heads")
-    module = P.build_module(M.methods()["ws"], model, 2, lr=a["lr"], loss=loss_config(), num_val=2)
+    model = P.run_model(a, task["stats"], seed, a["type_names"])
+    model = P.with_references(model, task["references"], heads=variant == "heads")
+    loss = P.per_dataset_loss(dict.fromkeys(NAMES, 1.0))
+    module = P.build_module(M.methods()["ws"], model, 2, lr=a["lr"], loss=loss, num_val=2)
     dm = datamodule(task["files"], a, seed)
     clock_a = {**a, "epochs": 0, "lr_schedule": "cosine"}  # the budget alone ends a run
     out = P.fit_on_clock(module, dm, clock_a, per_epoch(a), list(METRICS), LOADERS)
     return {"variant": variant, "seed": seed, **out}
-
-
-# ----------------------------------------------------------------------------- report
 
 
 def summary(data: dict) -> list[dict]:
@@ -174,10 +111,8 @@ def summary(data: dict) -> list[dict]:
 
 
 def verdicts(rows: list[dict]) -> dict[str, dict]:
-    """Per DFT metric: ``heads`` against ``shifts``, the difference of the means (positive:
-    heads is better) against the seed spread (the larger of the two sample sds):
-    ``better`` / ``worse`` beyond it, else ``within the seed spread`` (no verdict from one
-    seed)."""
+    """Per DFT metric: the gain of ``heads`` over ``shifts`` (difference of the means) against
+    the seed spread (the larger sample sd): ``better`` / ``worse`` beyond it."""
     by = {r["variant"]: r for r in rows}
     out = {}
     for metric in DFT_METRICS:
@@ -205,34 +140,21 @@ def markdown(data: dict) -> str:
     verdict = verdicts(rows)
     params = {r["variant"]: r["params"] for r in data["runs"]}
     lines = [
-        f"Readout-heads benchmark on {R.machine_line(meta['machine'])}; {meta['time']}; "
-        f"total {meta['elapsed_s'] / 60:.1f} min (one run at a time).",
-        "",
-        f"Command: `{R.command('readout_heads', a['argv'])}`",
-        "",
-        f"Joint training on DFT ethanol ({a['dft_train']} training frames; {a['dft_test']} "
-        f"held-out test frames) and GFN2-xTB ethanol ({a['xtb_train']} training; "
-        f"{a['xtb_test']} test): balanced batches of {a['batch_size']} frames of each "
-        f"dataset (an epoch = {per_epoch(a)} batches, one pass over the DFT frames), "
-        "per-dataset loss 1:1 (per-atom energy and force MSE of each dataset), nequip's "
-        "weighted sum, fixed least-squares per-dataset energy references. NequIP model "
-        f"(l_max={a['l_max']}, num_layers={a['num_layers']}, num_features={a['num_features']}, "
-        f"float32; {params.get('shifts')} parameters, {params.get('heads')} with heads), Adam "
-        f"at lr {a['lr']} annealed to 0 (cosine) over {a['budget_s']:g} s of training CPU "
-        f"time per run. Test errors at the end of the budget, mean ± sample standard "
-        f"deviation over seeds {a['seeds']} (the same seeds for both variants). Errors "
-        f"converted from kcal/mol to meV (1 kcal/mol = {P.KCAL_MOL_TO_MEV} meV; the json "
-        "keeps kcal/mol); a molecule has 9 atoms.",
-        "",
-        R.md_row(["variant", *(f"{c} ({u})" for c, _, u in METRICS.values()), "steps", "seeds"]),
-        R.md_rule(len(METRICS) + 3),
-    ]
-    for r in rows:
-        cells = [R.pm(r[m], METRICS[m][1]) for m in METRICS]
-        lines.append(R.md_row([VARIANTS[r["variant"]], *cells, R.fmt(r["steps"], ".0f"), r["n"]]))
-    expected = len(VARIANTS) * len(a["seeds"])
-    if len(data["runs"]) < expected:
-        lines += ["", f"**Incomplete**: {len(data['runs'])} of {expected} runs finished."]
+        *R.preamble(
+            "Readout-heads benchmark", meta, None, R.command("readout_heads", a["argv"]),
+            f"Joint training on DFT ethanol ({a['dft_train']} training / {a['dft_test']} test "
+            f"frames) and GFN2-xTB ethanol ({a['xtb_train']} / {a['xtb_test']}): balanced batches "
+            f"of {a['batch_size']} frames of each (an epoch = {per_epoch(a)} batches), per-dataset "
+            "loss 1:1, nequip's weighted sum, fixed least-squares per-dataset energy references. "
+            f"{P.model_text(a, params.get('shifts'))} ({params.get('heads')} with heads), Adam "
+            f"at lr {a['lr']} annealed to 0 (cosine) over {a['budget_s']:g} s of training CPU "
+            f"time per run. Test errors at the end of the budget, mean ± sample standard "
+            f"deviation over seeds {a['seeds']}. {P.units_text('ethanol')}",
+        ),
+        *R.md_table(["variant", *(f"{c} ({u})" for c, _, u in METRICS.values()), "steps", "seeds"],
+                    [[VARIANTS[r["variant"]], *(R.pm(r[m], METRICS[m][1]) for m in METRICS),
+                      R.fmt(r["steps"], ".0f"), r["n"]] for r in rows]),
+    ]  # fmt: skip
     lines += [
         "",
         "Heads against references only on the DFT test set (gain = mean without heads - "
@@ -245,50 +167,35 @@ def markdown(data: dict) -> str:
         if v["gain"] is None:
             lines.append(f"- {col}: n/a")
             continue
-        lines.append(
-            f"- {col}: gain {v['gain'] * f:+.2f} {unit}, spread {v['spread'] * f:.2f} {unit}: "
-            f"**{v['verdict']}**"
-        )
+        lines.append(f"- {col}: gain {v['gain'] * f:+.2f} {unit}, spread {v['spread'] * f:.2f} "
+                     f"{unit}: **{v['verdict']}**")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def report(data: dict, out: Path) -> None:
     meta = {k: v for k, v in data["meta"].items() if k != "partial"}
     rows = summary(data)
-    R.write_json(
-        out.with_suffix(".json"),
-        {"meta": meta, "rows": rows, "verdicts": verdicts(rows), "runs": data["runs"]},
-    )
+    R.write_json(out.with_suffix(".json"),
+                 {"meta": meta, "rows": rows, "verdicts": verdicts(rows), "runs": data["runs"]})  # fmt: skip
     R.write_text(out.with_suffix(".md"), markdown(data))
 
 
-# ----------------------------------------------------------------------------- main
-
-
 def parse(argv):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="a few seconds a run, 1 seed")
+    p = P.study_parser(__doc__, jobs=False)
     P.add_budget_arguments(p, epochs=False)
     for key, n in SPLITS.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=n)
     P.add_run_arguments(p, batch_size=4)
-    p.add_argument("--out", default=None, help="default results/readout_heads")
-    R.add_from_json(p)
     args = p.parse_args(argv)
     args.argv = list(argv)
     if args.from_json:
         return args
     quick = {"budget_s": 2.0, "seeds": [0], "val_every": 1}
-    full = {"budget_s": 60.0, "seeds": [0, 1, 2], "val_every": 10}
-    P.fill_defaults(args, quick, full)
+    P.fill_defaults(args, quick, {"budget_s": 60.0, "seeds": [0, 1, 2], "val_every": 10})
     if args.quick:
         args.num_features, args.radial_width, args.num_layers = 8, 8, 1
     args.type_names = list(P.ETHANOL_TYPE_NAMES)
-    args.out = args.out or str(
-        (P.TMP / "readout_heads_quick") if args.quick else (P.RESULTS / "readout_heads")
-    )
+    args.out = P.out_path(args, "readout_heads")
     return args
 
 
@@ -304,31 +211,20 @@ def main(argv=None):
     references = datamodule(files, a, seed=0).energy_references()
     base = {"args": a, "stats": stats, "files": files, "references": references}
     tasks = [{**base, "seed": s, "variant": v} for s, v in P.rotated(list(VARIANTS), args.seeds)]
-
-    info = {**P.machine_info(), "date": P.now()}
-    t0 = time.perf_counter()
-    runs = []
-
-    def meta():
-        return {"machine": info, "args": vars(args), "time": info["date"],
-                "data": {"files": files, "statistics": stats, "references": references},
-                "elapsed_s": time.perf_counter() - t0}  # fmt: skip
+    data = {"files": files, "statistics": stats, "references": references}
+    results = P.Results(args.out, "readout_heads", argv, vars(args), data, runs=[])
 
     def done(r):
-        runs.append(r)
+        results.add("runs", r)
         b = r["budget"]
-        print(f"[{len(runs)}/{len(tasks)} {time.perf_counter() - t0:.0f} s] {r['variant']} seed "
-              f"{r['seed']}: {r['steps']} steps, DFT force {b['dft/forces_mae']:.4g}, DFT "
-              f"energy {b['dft/per_atom_energy_mae']:.4g} kcal/mol (load "
-              f"{os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
-        R.write_json(Path(args.out).with_suffix(".json"),
-                     {"meta": {**meta(), "partial": True}, "runs": runs})  # fmt: skip
+        print(f"[{len(results.lists['runs'])}/{len(tasks)} {time.perf_counter() - results.t0:.0f} s] "
+              f"{r['variant']} seed {r['seed']}: {r['steps']} steps, DFT force "
+              f"{b['dft/forces_mae']:.4g}, DFT energy {b['dft/per_atom_energy_mae']:.4g} kcal/mol "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
 
     P.run_all(run, tasks, 1, done)
-    runs.sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
-    data = {"meta": meta(), "runs": runs}
-    data["meta"]["machine"] = {"loadavg_end": os.getloadavg(), **info}
-    report(data, Path(args.out))
+    results.lists["runs"].sort(key=lambda r: (r["seed"], list(VARIANTS).index(r["variant"])))
+    report(results.data(), Path(args.out))
 
 
 if __name__ == "__main__":

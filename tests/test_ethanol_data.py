@@ -127,9 +127,7 @@ def test_benchmark_reports_meV(tmp_path, capsys):
     e_mev, f_mev = e_kcal * KCAL_MOL_IN_MEV, f_kcal * KCAL_MOL_IN_MEV
     md = out.with_suffix(".md").read_text()
     assert "meV/atom" in md and "1 kcal/mol = 43.364 meV" in md
-    rows = re.findall(
-        r"^\| \*\*weighted sum \(nequip\)\*\* \| ([\d.]+) ± [\d.]+ \| ([\d.]+) ±", md, re.M
-    )
+    rows = re.findall(r"^\| \*\*weighted sum 1:1\*\* \| ([\d.]+) ± [\d.]+ \| ([\d.]+) ±", md, re.M)
     assert len(rows) == 2  # equal time, equal epochs
     for e_cell, f_cell in rows:
         assert float(e_cell) == pytest.approx(e_mev, abs=0.051)

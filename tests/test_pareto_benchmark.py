@@ -18,6 +18,7 @@ import torch
 from benchmarks import methods as M
 from benchmarks import pareto as P
 from benchmarks import protocol
+from benchmarks import report as R
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,8 @@ def test_plotted_points_equal_the_raw_runs_in_mev(quick):
     _, data = quick
     labels = {m: m for m in P.BASELINES + ["upgrad"]}
     views = [(v["caption"], v["rows"]) for v in data["views"].values()]
-    fig = P.plot_pareto(views, labels, "t", protocol.reported_metrics(DATASET))
+    fig = R.plot_front(views, labels, "t", protocol.reported_metrics(DATASET), x=P.E, y=P.F,
+                       sweep=P.SWEEP, baselines=P.BASELINES)  # fmt: skip
     for ax, key in zip(fig.axes, data["views"]):
         drawn = {ln.get_gid(): ln.get_xydata()[0] for ln in ax.lines if ln.get_gid()}
         expected = {r["method"] for r in data["views"][key]["rows"]}
