@@ -61,7 +61,8 @@ PAIRS = {
 LOADERS = {"val0_epoch": "A/", "val1_epoch": "B/"}
 BF, AF, BE, AE = "B/forces_mae", "A/forces_mae", "B/per_atom_energy_mae", "A/per_atom_energy_mae"
 FORCE, ENERGY = (BF, AF), (BE, AE)  # the two fronts' objectives (gain, forgetting)
-QUICK_METHODS = ["ft_naive", "ft_replay_0.1", "ft_replay_1", "ft_upgrad", "ft_calib"]
+QUICK_METHODS = ["ft_naive", "ft_replay_0.1", "ft_replay_1", "ft_upgrad", "ft_calib",
+                 "ft_budget_0.05"]  # fmt: skip
 
 
 def metrics_of(pair: str) -> dict[str, tuple[str, float, str]]:
@@ -148,10 +149,15 @@ def finetune_run(task: dict) -> dict:
     module.model.load_state_dict(torch.load(task["cache"], weights_only=False)["model"])
     dm = datamodule(task["files"], a, seed, train="B", replay=method.replay is not None)
     per_epoch = math.ceil(a["n_b_train"] / a["batch_size"])
-    out = P.fit_on_clock(
-        module, dm, a, per_epoch, task["metrics"], LOADERS, P.build_callbacks(method)
-    )
+    callbacks = P.build_callbacks(method)
+    run_args = {**a, "budget_s": a["budget_s"] * method.budget_factor}
+    out = P.fit_on_clock(module, dm, run_args, per_epoch, task["metrics"], LOADERS, callbacks)
     coeffs = {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()}
+    budget = [cb for cb in callbacks if hasattr(cb, "dual")]
+    if budget:  # what the forgetting budget asked for and reached (training batches)
+        (cb,) = budget
+        out["budget_state"] = {"bound": cb.dual.bound, "ratio": cb.dual.last_ratio,
+                               "multiplier": cb.dual.multiplier, "updates": cb.dual.updates}  # fmt: skip
     return {"method": task["method"], "seed": seed, **out, "final_coeffs": coeffs}
 
 
@@ -232,7 +238,35 @@ def markdown(data: dict) -> str:
         lines += table(rows[key], rows["pretrained"], labels, f"**{cap[0].upper()}{cap[1:]}**",
                        metrics)  # fmt: skip
         lines += [""]
+    lines += budget_lines(data, labels)
     return "\n".join(lines)
+
+
+def budget_lines(data: dict, labels: dict) -> list[str]:
+    """Each forgetting budget's requested bound on the replayed training loss against the
+    ratio it reached (the mean of its last update's batches), and its final multiplier."""
+    by_method: dict[str, list[dict]] = {}
+    for r in data["runs"]:
+        if "budget_state" in r:
+            by_method.setdefault(r["method"], []).append(r["budget_state"])
+    if not by_method:
+        return []
+    head = [
+        "strategy",
+        "requested ratio",
+        "reached ratio (training batches)",
+        "multiplier",
+        "seeds",
+    ]
+    body = []
+    for m, states in sorted(by_method.items()):
+        ratio, sd = R.mean_sd([s["ratio"] for s in states])
+        mult, msd = R.mean_sd([s["multiplier"] for s in states])
+        body.append([labels[m], f"{states[0]['bound']:.3g}", f"{ratio:.3f} ± {sd:.3f}",
+                     f"{mult:.3g} ± {msd:.2g}", len(states)])  # fmt: skip
+    caption = ("**Forgetting budgets**: the replayed loss over the pretrained model's, as the "
+               "budget saw it on its last training batches, against the bound it was given")  # fmt: skip
+    return [caption, "", *R.md_table(head, body), ""]
 
 
 def plot(data: dict, path: Path) -> Path:

@@ -46,6 +46,9 @@ class Method:
     #: (``joint``: balanced batches of both, the DFT loss coefficients ``w`` x the xTB ones;
     #: ``heads``: per-dataset readout heads); ``None``: not a multi-fidelity method
     fidelity: dict[str, Any] | None = None
+    #: the run's training-clock budget in units of the study's ``--budget-s`` (a forgetting
+    #: budget given the compute of a whole replay-weight sweep: ``len(REPLAY_WEIGHTS)``)
+    budget_factor: float = 1.0
 
     def targets(self) -> list[str]:
         out = [self.module]
@@ -216,6 +219,32 @@ def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
     for w in REPLAY_WEIGHTS:
         out[f"ft_replay_{w:g}"] = _baseline(f"replay, weighted sum {w:g}:1", replay=w)
     out.update(_dataset_tasks("ft", "replay, ", "new", calibration_steps, replay=1.0))
+    out.update(_budgets())
+    return out
+
+
+#: fine-tuning: the forgetting budgets' tolerances (the replayed loss may rise at most this
+#: fraction above the pretrained model's)
+BUDGET_TOLERANCES = (0.05, 0.25)
+
+
+def _budgets() -> dict[str, Method]:
+    """Replay at 1:1 with a ``ForgettingBudget`` on the replayed data (``ft_budget_<tol>``),
+    and the same given the compute of the whole replay sweep (``ft_budget_<tol>_sweep``:
+    ``len(REPLAY_WEIGHTS)`` times the time of one run, what a user without the budget pays
+    for the sweep)."""
+    out = {}
+    for tol in BUDGET_TOLERANCES:
+        cb = {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
+              "tolerance": tol, "every": 5, "reference_frames": 64}  # fmt: skip
+        label = f"replay with a forgetting budget (+{tol:.0%})"
+        out[f"ft_budget_{tol:g}"] = _weighting(label, callbacks=(cb,), replay=1.0)
+        out[f"ft_budget_{tol:g}_sweep"] = _weighting(
+            f"{label}, the sweep's total time",
+            callbacks=(cb,),
+            replay=1.0,
+            budget_factor=float(len(REPLAY_WEIGHTS)),
+        )
     return out
 
 

@@ -19,8 +19,11 @@ import torch
 from benchmarks import finetune as F
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["ft_naive", "ft_replay_0.1", "ft_replay_1", "ft_upgrad"]
+METHODS = ["ft_naive", "ft_replay_0.1", "ft_replay_1", "ft_upgrad", "ft_budget_0.05",
+           "ft_budget_0.05_sweep"]  # fmt: skip
 LABELS = {
+    "ft_budget_0.05": "replay with a forgetting budget (+5%)",
+    "ft_budget_0.05_sweep": "replay with a forgetting budget (+5%), the sweep's total time",
     "ft_naive": "naive: new data only (weighted sum)",
     "ft_replay_0.1": "**replay, weighted sum 0.1:1**",
     "ft_replay_1": "**replay, weighted sum 1:1**",
@@ -49,6 +52,8 @@ def _tables(md: str) -> dict[str, dict[str, list[str]]]:
             view = "budget"
         elif line.startswith("**Equal epochs"):
             view = "epochs"
+        elif line.startswith("**Forgetting budgets"):
+            view = None
         elif view and line.startswith("| ") and not line.startswith("| strategy"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             out.setdefault(view, {})[cells[0]] = cells
@@ -134,3 +139,22 @@ def test_from_json_rewrites_the_same_report(quick, tmp_path):
     F.main(["--from-json", str(out.with_suffix(".json")), "--out", str(tmp_path / "again")])
     assert (tmp_path / "again.md").read_text() == out.with_suffix(".md").read_text()
     assert (tmp_path / "again.png").stat().st_size > 0
+
+
+def test_the_budget_table_reports_each_budgets_runs(quick):
+    """The forgetting budget's rows: the bound it was given (1 + tolerance) and the mean of
+    the ratios and multipliers its runs recorded; the sweep-time run trained on a clock of
+    ``len(REPLAY_WEIGHTS)`` times the others'."""
+    from benchmarks.methods import REPLAY_WEIGHTS
+
+    out, data = quick
+    md = out.with_suffix(".md").read_text()
+    states = [r for r in data["runs"] if r["method"] == "ft_budget_0.05"]
+    assert states and all(r["budget_state"]["bound"] == 1.05 for r in states)
+    ratio = statistics.fmean(r["budget_state"]["ratio"] for r in states)
+    budgets = md.split("**Forgetting budgets")[1].splitlines()
+    row = next(ln for ln in budgets if ln.startswith("| replay with a forgetting budget (+5%) |"))
+    assert f"| 1.05 | {ratio:.3f} ± " in row
+    (one,) = [r for r in data["runs"] if r["method"] == "ft_budget_0.05"]
+    (sweep,) = [r for r in data["runs"] if r["method"] == "ft_budget_0.05_sweep"]
+    assert sweep["steps"] > (len(REPLAY_WEIGHTS) - 1) * one["steps"]
