@@ -12,13 +12,10 @@ module's Gram matrix). Data (``--dataset``): the EMT alloy or the DFT ethanol fr
 ``benchmarks/accuracy.py``; each run is validated once, at its end (for context only).
 
     OMP_NUM_THREADS=1 python -m benchmarks.conflicts --dataset ethanol --epochs 40 --every 1
-    OMP_NUM_THREADS=1 python -m benchmarks.conflicts --dataset alloy --epochs 8 --every 2
     OMP_NUM_THREADS=1 python -m benchmarks.conflicts --quick --dataset ethanol   # < 1 min
-    python -m benchmarks.conflicts --from-json benchmarks/results/conflicts_ethanol.json
 
-Writes into ``--out DIR`` (default ``benchmarks/results``; ``--quick``: ``_tmp``)
-``conflicts_<dataset>.json`` (every measured step; the summary and the numbers the figures
-show are recomputed by ``--from-json``), ``.md`` and ``_cosines.png``, ``_evolution.png``.
+Writes ``conflicts_<dataset>.json`` (every measured step; ``--from-json`` recomputes the
+rest), ``.md``, ``_cosines.png`` and ``_evolution.png`` into ``--out DIR``.
 """
 
 from __future__ import annotations

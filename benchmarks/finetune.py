@@ -243,30 +243,18 @@ def markdown(data: dict) -> str:
 
 
 def budget_lines(data: dict, labels: dict) -> list[str]:
-    """Each forgetting budget's requested bound on the replayed training loss against the
-    ratio it reached (the mean of its last update's batches), and its final multiplier."""
-    by_method: dict[str, list[dict]] = {}
+    """Each forgetting budget's bound on the replayed loss ratio, the ratio it reached (its
+    last update's training batches) and its multiplier."""
+    states: dict[str, list[dict]] = {}
     for r in data["runs"]:
-        if "budget_state" in r:
-            by_method.setdefault(r["method"], []).append(r["budget_state"])
-    if not by_method:
-        return []
-    head = [
-        "strategy",
-        "requested ratio",
-        "reached ratio (training batches)",
-        "multiplier",
-        "seeds",
-    ]
-    body = []
-    for m, states in sorted(by_method.items()):
-        ratio, sd = R.mean_sd([s["ratio"] for s in states])
-        mult, msd = R.mean_sd([s["multiplier"] for s in states])
-        body.append([labels[m], f"{states[0]['bound']:.3g}", f"{ratio:.3f} ± {sd:.3f}",
-                     f"{mult:.3g} ± {msd:.2g}", len(states)])  # fmt: skip
-    caption = ("**Forgetting budgets**: the replayed loss over the pretrained model's, as the "
-               "budget saw it on its last training batches, against the bound it was given")  # fmt: skip
-    return [caption, "", *R.md_table(head, body), ""]
+        states.setdefault(r["method"], []).append(r.get("budget_state"))
+    body = [[labels[m], f"{s[0]['bound']:.3g}",
+             *("{:.3g} ± {:.2g}".format(*R.mean_sd([x[k] for x in s])) for k in ("ratio", "multiplier")),
+             len(s)] for m, s in sorted(states.items()) if s[0]]  # fmt: skip
+    head = ["strategy", "requested ratio", "reached ratio", "multiplier", "seeds"]
+    return ["**Forgetting budgets**: the replayed training loss over the pretrained model's "
+            "(mean of the budget's last update), against its bound", "",
+            *R.md_table(head, body), ""] if body else []  # fmt: skip
 
 
 def plot(data: dict, path: Path) -> Path:

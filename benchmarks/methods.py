@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 from typing import Any
 
 
@@ -31,23 +32,15 @@ class Method:
     optimizer: dict[str, Any] | None = None  # None: the benchmark's default (Adam)
     baseline: bool = False  # one of nequip's built-in choices
     family: str = "aggregator"  # baseline | aggregator | weighting
-    #: loss coefficients of energy and forces (``TASKS`` names); ``None``: 1 each.
-    #: The stress coefficient follows the energy's (both are per-structure targets).
+    #: energy and force loss coefficients (stress follows energy); ``None``: 1 each
     coeffs: dict[str, float] | None = None
-    #: two-stage schedule: at the first epoch that starts after ``at`` x the training
-    #: budget, nequip's ``LossCoefficientScheduler`` switches to ``coeffs``
+    #: from the first epoch after ``at`` x the budget, ``LossCoefficientScheduler`` -> ``coeffs``
     two_stage: dict[str, Any] | None = None
-    #: fine-tuning (``benchmarks/finetune.py``): the coefficient of the replayed pretraining
-    #: data relative to the new data's (balanced batches of both); ``None``: no replay, the
-    #: new data alone on nequip's plain data module
+    #: fine-tuning: the replayed data's coefficient over the new data's (``None``: no replay)
     replay: float | None = None
-    #: multi-fidelity (``benchmarks/multifidelity.py``): how the two levels of theory are
-    #: used, ``{"mode": "dft_only" | "pretrain" | "joint", "dft": w, "heads": bool}``
-    #: (``joint``: balanced batches of both, the DFT loss coefficients ``w`` x the xTB ones;
-    #: ``heads``: per-dataset readout heads); ``None``: not a multi-fidelity method
+    #: multi-fidelity: ``{"mode": "dft_only" | "pretrain" | "joint", "dft": w, "heads": bool}``
     fidelity: dict[str, Any] | None = None
-    #: the run's training-clock budget in units of the study's ``--budget-s`` (a forgetting
-    #: budget given the compute of a whole replay-weight sweep: ``len(REPLAY_WEIGHTS)``)
+    #: the run's clock budget in units of ``--budget-s`` (a sweep of K runs: K)
     budget_factor: float = 1.0
 
     def targets(self) -> list[str]:
@@ -223,27 +216,24 @@ def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
     return out
 
 
-#: fine-tuning: the forgetting budgets' tolerances (the replayed loss may rise at most this
-#: fraction above the pretrained model's)
+#: fine-tuning: the forgetting budgets' tolerances (relative rise of the replayed loss)
 BUDGET_TOLERANCES = (0.05, 0.25)
 
 
 def _budgets() -> dict[str, Method]:
-    """Replay at 1:1 with a ``ForgettingBudget`` on the replayed data (``ft_budget_<tol>``),
-    and the same given the compute of the whole replay sweep (``ft_budget_<tol>_sweep``:
-    ``len(REPLAY_WEIGHTS)`` times the time of one run, what a user without the budget pays
-    for the sweep)."""
+    """Replay at 1:1 with a ``ForgettingBudget`` (``ft_budget_<tol>``), and the same given
+    the whole replay sweep's time (``_sweep``: a sweep of K weights costs K runs)."""
     out = {}
-    for tol in BUDGET_TOLERANCES:
+    for tol, (suffix, factor) in itertools.product(
+        BUDGET_TOLERANCES, (("", 1.0), ("_sweep", float(len(REPLAY_WEIGHTS))))
+    ):
         cb = {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
               "tolerance": tol, "every": 5, "reference_frames": 64}  # fmt: skip
-        label = f"replay with a forgetting budget (+{tol:.0%})"
-        out[f"ft_budget_{tol:g}"] = _weighting(label, callbacks=(cb,), replay=1.0)
-        out[f"ft_budget_{tol:g}_sweep"] = _weighting(
-            f"{label}, the sweep's total time",
-            callbacks=(cb,),
-            replay=1.0,
-            budget_factor=float(len(REPLAY_WEIGHTS)),
+        label = f"replay with a forgetting budget (+{tol:.0%})" + (
+            ", the sweep's total time" if suffix else ""
+        )
+        out[f"ft_budget_{tol:g}{suffix}"] = _weighting(
+            label, callbacks=(cb,), replay=1.0, budget_factor=factor
         )
     return out
 

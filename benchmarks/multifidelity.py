@@ -1,25 +1,19 @@
 """Multi-fidelity: the best DFT model from a little DFT data and a lot of xTB data.
 
-High fidelity: the DFT ethanol frames (20 held out as the test set; training sets of 80
-frames and nested subsets, ``--dft-train``); low fidelity: 1000 GFN2-xTB ethanol MD frames.
-Strategies (:func:`benchmarks.methods.multifidelity_methods`): DFT alone; xTB pretraining
-(:func:`benchmarks.protocol.pretrain`, not counted in the budget) then DFT fine-tuning with
-DFT's energy zero; joint training on balanced batches with fixed per-dataset energy
-references (:func:`benchmarks.protocol.with_references`) and nequip's weighted sum of a
-``PerDatasetLoss``, DFT:xTB ``w``:1 (the sweep: the front), with readout heads, or with the
-datasets as tasks (UPGrad, PCGrad, ``PrimaryConstrained`` with DFT primary,
-calibrate-then-freeze). Every joint model is scored as the **deployed DFT model**
-(``select_fidelity``, a plain nequip model on frames without ``dataset_index``). An epoch is
-one pass over the DFT frames; views: equal training time and equal epochs. Once per seed,
-the cosine between the DFT and xTB task gradients is measured on the first batches
-(``--cosine-steps``), at initialisation and from the pretrained model, with and without
-per-dataset references.
+DFT ethanol (20 test frames; 80 training frames and nested subsets, ``--dft-train``) and
+1000 GFN2-xTB ethanol MD frames. Strategies (:func:`benchmarks.methods.multifidelity_methods`):
+DFT alone; xTB pretraining (not counted in the budget) then DFT fine-tuning; joint training
+on balanced batches with per-dataset energy references and nequip's weighted sum at DFT:xTB
+``w``:1 (the sweep: the front), with readout heads, or with the datasets as tasks. Every
+joint model is scored as the **deployed DFT model** (``select_fidelity``). An epoch is one
+pass over the DFT frames; views: equal training time and equal epochs. Once per seed, the
+cosine between the DFT and xTB task gradients is measured (``--cosine-steps``).
 
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --quick            # about a minute
 
-Writes ``benchmarks/results/multifidelity.{json,md,png}`` (``--out`` to choose), the json
-after every finished run.
+Writes ``benchmarks/results/multifidelity.{json,md,png}`` (``--out``), the json after every
+finished run.
 """
 
 from __future__ import annotations

@@ -1,23 +1,14 @@
 """The benchmarks' protocol: every study's data, model, trainer, clocks, runs and timing.
 
-- **data**: the offline EMT alloy (:func:`alloy_data`, eV) and the DFT and xTB ethanol
-  frames (:data:`ETHANOL`, :data:`XTB_ETHANOL`, kcal/mol), their model constants, split
-  files (:func:`write_splits`) and data modules: nequip's (:func:`datamodule`,
-  :func:`files_datamodule`) and nequip_mtl's (:func:`balanced_datamodule`);
-- **model, loss and module**: :func:`model_config`, :func:`with_references`,
-  :func:`per_dataset_loss`, :func:`build_module` (a :class:`~benchmarks.methods.Method` as
-  a training module);
-- **runs on a training clock**: :func:`fit_on_clock`, :func:`train_run` (the accuracy
-  protocol's run), :func:`pretrain` (cached), :func:`run_all` (the run pool);
-- **step timing**: :class:`Worker` and :func:`interleaved` (methods interleaved step by
-  step in one process), :func:`timing_rows`; the machine (:func:`machine_info`).
-
-A run's arguments as the accuracy protocol stores them in its json (``meta.args``), the
-``a`` of :func:`train_run`::
-
-    {"dataset": "ethanol", "n_train": 80, "n_val": 20, "batch_size": 5, "lr": 0.005,
-     "num_layers": 2, "num_features": 32, "l_max": 1, "r_max": 4.5, "radial_width": 32,
-     "budget_s": 30.0, "epochs": 8, "clock": "cpu", "val_every": 1}
+- **data**: the EMT alloy (:func:`alloy_data`, eV), the DFT and xTB ethanol frames
+  (:data:`ETHANOL`, :data:`XTB_ETHANOL`, kcal/mol), split files (:func:`write_splits`),
+  nequip's data modules (:func:`datamodule`, :func:`files_datamodule`) and nequip_mtl's
+  (:func:`balanced_datamodule`);
+- **model, loss, module**: :func:`model_config`, :func:`with_references`,
+  :func:`per_dataset_loss`, :func:`build_module`;
+- **runs on a training clock**: :func:`fit_on_clock`, :func:`train_run`, :func:`pretrain`
+  (cached), :func:`run_all`; **step timing**: :class:`Worker`, :func:`interleaved`,
+  :func:`timing_rows`, :func:`machine_info`.
 
 Heavy imports (torch, Lightning, nequip) are inside the functions: ``OMP_NUM_THREADS`` is
 set (``benchmarks/__init__.py``) before torch is first imported.

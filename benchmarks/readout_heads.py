@@ -7,8 +7,7 @@ readout) and ``heads`` (``readout_heads: true``). Both get the same seeds and tr
 budget (the learning rate annealed to 0 over it, cosine); heads help only if their DFT test
 error is lower by more than the seed spread (:func:`verdicts`).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.readout_heads
-    OMP_NUM_THREADS=1 python -m benchmarks.readout_heads --quick        # a few seconds a run
+    OMP_NUM_THREADS=1 python -m benchmarks.readout_heads [--quick]
 
 Writes ``benchmarks/results/readout_heads.{json,md}`` (``--out`` to choose).
 """

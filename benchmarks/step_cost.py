@@ -1,32 +1,21 @@
 """Per-step time and peak memory of every multitask method, relative to nequip's steps.
 
-Time: every method trains the same NequIP model (same initial weights, same batches in
-the same order, same data) inside **one process**, and the methods are interleaved
-*step by step* (:func:`benchmarks.protocol.interleaved`): each method runs its own ordinary
-``trainer.fit`` in a thread, and a scheduler lets exactly one of them run one training step
-at a time -- step ``i`` of every method, on the same batch ``i``, in a fresh seeded random
-order for every ``i`` (so that no method always follows the same other method). Slow drifts
-and bursts of load from other processes therefore hit every method alike, and step ``i`` of
-a method can be compared with step ``i`` of the reference a few seconds apart (the
-*paired* ratios). The first ``--warmup`` steps of every method are discarded. A step is
-timed from the first ``on_train_batch_start`` callback to the last ``on_train_batch_end``
-callback: forward, losses, every backward pass, aggregation, optimizer step and the
-per-step work of the loss-weighting callbacks (run with ``interval: batch`` here, their
-worst case). Two clocks: the CPU time of the compute thread (``time.thread_time``; with
-``OMP_NUM_THREADS=1`` all of a step's work runs on it) and wall-clock time.
-
-Memory: per method, in a separate (not timed) run of ``--mem-steps`` steps: the peak of
-live torch tensor memory from ``on_train_start`` to ``on_train_end`` above its level at
-``on_train_start`` (from torch.profiler's memory events: activations, retained graphs,
-gradients, task-gradient buffers, optimizer state; deterministic).
+Time: every method trains the same model on the same batches in **one process**,
+interleaved step by step (:func:`benchmarks.protocol.interleaved`: step ``i`` of every
+method on batch ``i``, in a fresh random order for every ``i``), so load from other
+processes hits every method alike and step ``i`` pairs with the reference's step ``i``.
+The first ``--warmup`` steps are discarded. A step runs from the first
+``on_train_batch_start`` to the last ``on_train_batch_end`` callback (forward, losses,
+backward passes, aggregation, optimizer step, ``interval: batch`` weighting callbacks), on
+two clocks: the compute thread's CPU time and wall-clock time. Memory: per method, in a
+separate run of ``--mem-steps`` steps, the peak of live torch tensor memory above its level
+at ``on_train_start`` (torch.profiler's memory events; deterministic).
 
     OMP_NUM_THREADS=1 python -m benchmarks.step_cost                    # the full run
     OMP_NUM_THREADS=1 python -m benchmarks.step_cost --quick            # ~1 minute
-    OMP_NUM_THREADS=1 python -m benchmarks.step_cost --tasks 2 --no-memory --out /tmp/sc2
 
-Writes ``benchmarks/results/step_cost.{json,md,png}`` (``--out`` to change). Several
-training datasets (``--datasets 2``) are the study :mod:`benchmarks.step_cost_datasets`,
-which ``--datasets`` runs.
+Writes ``benchmarks/results/step_cost.{json,md,png}`` (``--out``); several training
+datasets (``--datasets 2``) are :mod:`benchmarks.step_cost_datasets`.
 """
 
 from __future__ import annotations
