@@ -133,7 +133,9 @@ class DatasetMetricNames(Callback):
     ``EarlyStopping`` counts it); ``ModelCheckpoint`` saves nothing at step 0. The global
     random state is restored afterwards, as after Lightning's sanity check.
 
-    Example::
+    Example:
+
+    .. code-block:: yaml
 
         trainer:
           callbacks:
