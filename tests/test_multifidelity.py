@@ -144,6 +144,14 @@ def test_a_type_no_frame_holds_gets_none_and_is_refused_with_how_to_set_it():
     assert shifts.references()["hi"] == {"Cu": refs["hi"]["Cu"], "Ni": -2.0}
 
 
+@pytest.mark.parametrize("target", ["nequip.model.NoSuchBuilder", "no_such_package.Builder"])
+def test_a_model_target_that_does_not_import_is_refused_naming_the_key(target):
+    config = {**F.model_config(), "_target_": target}
+    refs = {"lo": {"Cu": 0.0}, "hi": {"Cu": 0.0}}
+    with pytest.raises(ValueError, match=rf"`training_module.model.model._target_` is `{target}`"):
+        PerDatasetEnergyReferences(config, ["lo", "hi"], refs)
+
+
 def test_a_species_outside_the_model_types_is_refused_naming_the_dataset():
     # a hand reference for a type the model does not have
     with pytest.raises(ValueError, match=r"type\(s\) \['Ni'\] that are not in the model's"):

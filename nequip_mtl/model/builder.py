@@ -7,7 +7,6 @@ Part of packaged models: torch and nequip only (no Lightning, no Hydra).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -15,6 +14,7 @@ from nequip.data import AtomicDataDict
 from nequip.nn import PerTypeScaleShift
 
 from ..data.keys import DATASET_INDEX_KEY
+from ..targets import locate
 from .dataset_rows import BUILDER, WHERE
 from .energy_shifts import DatasetEnergyShifts, type_values
 from .graph_fields import add_input_field, graph_models
@@ -25,16 +25,20 @@ __all__ = ["PerDatasetEnergyReferences"]
 
 
 def _builder(target: str):
-    """The function a ``_target_`` names (as nequip's own model loading does, without Hydra,
-    which packaged code must not import)."""
-    module, _, name = target.rpartition(".")
+    """The function a ``_target_`` names (the package's one locator, without Hydra, which
+    packaged code must not import)."""
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
+        found = locate(target)
+    except ImportError as err:
+        found, cause = None, f" ({err})"
+    else:
+        cause = ""
+    if found is None:
         raise ValueError(
             f"{BUILDER}: `{WHERE}.model._target_` is `{target}`, which is not an importable "
-            f"model builder ({err})"
-        ) from err
+            f"model builder{cause}"
+        )
+    return found
 
 
 def _merge_references(references, where: str) -> dict[str, dict]:
