@@ -154,7 +154,7 @@ def test_the_budget_table_reports_each_budgets_runs(quick):
     ratio = statistics.fmean(r["budget_state"]["ratio"] for r in states)
     budgets = md.split("**Forgetting budgets")[1].splitlines()
     row = next(ln for ln in budgets if ln.startswith("| replay with a forgetting budget (+5%) |"))
-    assert f"| 1.05 | {ratio:.3f} ± " in row
+    assert f"| 1.05 | {ratio:.3g} ± " in row
     (one,) = [r for r in data["runs"] if r["method"] == "ft_budget_0.05"]
     (sweep,) = [r for r in data["runs"] if r["method"] == "ft_budget_0.05_sweep"]
     assert sweep["steps"] > (len(REPLAY_WEIGHTS) - 1) * one["steps"]
