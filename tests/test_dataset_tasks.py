@@ -17,6 +17,7 @@ from nequip.train import NequIPLightningModule
 
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import UPGrad
+from nequip_mtl.step import DatasetTasks
 from tests._harness import (
     module_kwargs,
     multi,
@@ -62,12 +63,13 @@ def fit(cls, tmp_path, epochs=2, callbacks=(), data=None, trainer_kw=None, **kw)
     return module, tr
 
 
-class DatasetGradients(Callback):
-    """Per step: the applied ``.grad`` and the per-dataset task gradients by autograd on the
-    whole batch at the step's parameters (before the update)."""
+class TaskGradientRows(Callback):
+    """Per step: the applied ``.grad`` and each task's gradient by autograd on the whole
+    batch at the step's parameters (before the update), the active loss components grouped
+    into tasks by ``kind`` (``{task: (its coefficient, its gradient row)}``)."""
 
-    def __init__(self, datasets=("a", "b")):
-        self.datasets = datasets
+    def __init__(self, kind):
+        self.kind = kind
         self.grads, self.tasks = [], []
 
     def on_train_start(self, trainer, pl_module):
@@ -77,22 +79,20 @@ class DatasetGradients(Callback):
         params = [p for p in pl_module.parameters() if p.requires_grad]
         self._loss.reset()
         values = self._loss(pl_module(batch), pl_module.process_target(batch, batch_idx))
+        groups: dict[str, dict[str, float]] = {}
+        for name, entry in pl_module.loss.entries.items():
+            if entry.coeff is not None:
+                task = self.kind.task_of(name, getattr(entry.field, "dataset", None))
+                groups.setdefault(task, {})[name] = entry.coeff
         rows = {}
-        for dataset in self.datasets:
-            names = [n for n in self._loss.keys() if n.startswith(f"{dataset}/")]
-            coeffs = {n: pl_module.loss.entries[n].coeff for n in names}
+        for task, coeffs in groups.items():
             total = sum(coeffs.values())
-            task = sum(coeffs[n] / total * values[n] for n in names)
-            grads = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
-            rows[dataset] = (
-                total,
-                torch.cat(
-                    [
-                        (torch.zeros_like(p) if g is None else g).flatten()
-                        for g, p in zip(grads, params)
-                    ]
-                ),
-            )
+            value = sum(c / total * values[n] for n, c in coeffs.items())
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            flat = [
+                (torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)
+            ]
+            rows[task] = (total, torch.cat(flat))
         self.tasks.append(rows)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -121,7 +121,7 @@ class ForwardCounter(Callback):
 def test_dataset_task_update_is_the_aggregator_on_independent_dataset_gradients(
     tmp_path, names, frames
 ):
-    rec, counter = DatasetGradients(names), ForwardCounter()
+    rec, counter = TaskGradientRows(DatasetTasks()), ForwardCounter()
     module, tr = fit(
         mtl.MultitaskLightningModule,
         tmp_path,
@@ -153,7 +153,7 @@ def test_a_dataset_absent_from_a_forwarded_apart_batch_is_dropped_exactly(tmp_pa
     forwarded one sub-batch each; the absent dataset's task has no graph and is dropped, and
     the update is UPGrad on the present datasets' independently computed gradients."""
     names = ("a", "b", "c")
-    rec = DatasetGradients(names)
+    rec = TaskGradientRows(DatasetTasks())
     module, tr = fit(
         mtl.MultitaskLightningModule,
         tmp_path,

@@ -13,18 +13,16 @@ no two groups reach one graph, and no group splits into two that reach disjoint 
 
 from __future__ import annotations
 
-import copy
 import random
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 
 import nequip_mtl.train as mtl
 from nequip_mtl.aggregators import UPGrad
 from nequip_mtl.step import EVERY_GRAPH, TaskKind, TaskPlan
 from nequip_mtl.train.task_kinds import build_task_kind
-from tests.test_dataset_tasks import ForwardCounter, fit, kwargs, loss
+from tests.test_dataset_tasks import ForwardCounter, TaskGradientRows, fit, kwargs, loss
 
 
 class FieldTasks(TaskKind):
@@ -37,42 +35,6 @@ class FieldTasks(TaskKind):
         return component.rsplit("/", 1)[-1]
 
 
-class TaskGradientsByKind(Callback):
-    """Per step: the applied ``.grad``, and each task's gradient by autograd on the whole
-    batch at the step's parameters, grouped by the kind's rule from the coefficients."""
-
-    def __init__(self, kind: TaskKind):
-        self.kind = kind
-        self.grads, self.tasks = [], []
-
-    def on_train_start(self, trainer, pl_module):
-        self._loss = copy.deepcopy(pl_module.loss)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        self._loss.reset()
-        values = self._loss(pl_module(batch), pl_module.process_target(batch, batch_idx))
-        groups: dict[str, dict[str, float]] = {}
-        for name, entry in pl_module.loss.entries.items():
-            if entry.coeff is not None:
-                task = self.kind.task_of(name, name.split("/")[0])
-                groups.setdefault(task, {})[name] = entry.coeff
-        rows = {}
-        for task, coeffs in groups.items():
-            total = sum(coeffs.values())
-            value = sum(c / total * values[n] for n, c in coeffs.items())
-            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-            flat = [
-                (torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)
-            ]
-            rows[task] = (total, torch.cat(flat))
-        self.tasks.append(rows)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        self.grads.append(torch.cat([p.grad.flatten() for p in params]).clone())
-
-
 @pytest.mark.parametrize(
     "spec", [FieldTasks(), {"_target_": "tests.test_task_kinds.FieldTasks"}, "fields"]
 )
@@ -80,7 +42,7 @@ def test_a_new_task_kind_trains_with_the_unchanged_module(tmp_path, spec):
     """Each field task reads both datasets' sub-batches (one forward per dataset), so its
     backward pass reaches both graphs: the tasks form one group, and the update is
     UPGrad on the independently computed field-task gradients."""
-    rec, counter = TaskGradientsByKind(FieldTasks()), ForwardCounter()
+    rec, counter = TaskGradientRows(FieldTasks()), ForwardCounter()
     module, tr = fit(
         mtl.MultitaskLightningModule,
         tmp_path,
@@ -118,7 +80,7 @@ def test_a_mixed_loss_reaching_the_whole_batch_is_one_graph_group(tmp_path):
         ],
     }
     kind = build_task_kind("components")
-    rec = TaskGradientsByKind(kind)
+    rec = TaskGradientRows(kind)
     module, tr = fit(
         mtl.MultitaskLightningModule,
         tmp_path,
