@@ -15,8 +15,6 @@ from .rows import TaskGradients
 from .statistics import TaskGradientObservable, TaskGradientStatistics
 from .tasks import (
     EVERY_GRAPH,
-    TASK_KINDS,
-    TASK_NOUNS,
     ComponentTasks,
     DatasetTasks,
     TaskKind,
@@ -37,8 +35,6 @@ __all__ = [
     "HeldWeights",
     "StepWindow",
     "WindowTracker",
-    "TASK_KINDS",
-    "TASK_NOUNS",
     "TaskPlan",
     "TaskKind",
     "ComponentTasks",

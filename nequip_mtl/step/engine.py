@@ -87,7 +87,7 @@ class StepEngine:
         #: the task-gradient rows (allocated once, reused by every window)
         self.rows: TaskGradients | None = None
         self.last_active: list[str] | None = None
-        #: what a task is called in the causes of skips and drops (see ``TASK_NOUNS``)
+        #: what a task is called in the causes of skips and drops (the task kind's ``noun``)
         self.task_noun = "loss component"
 
     # ------------------------------------------------------------------ window

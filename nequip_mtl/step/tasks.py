@@ -183,12 +183,6 @@ class DatasetTasks(TaskKind):
         return dataset
 
 
-#: the built-in kinds' names (further kinds register by defining a subclass)
-TASK_KINDS = tuple(TaskKind.registry)
-#: what one task is called in messages, for each built-in kind
-TASK_NOUNS = {name: kind.noun for name, kind in TaskKind.registry.items()}
-
-
 def plan_tasks(
     coeffs: Mapping[str, float | None], datasets: Mapping[str, str] | None = None
 ) -> TaskPlan:
