@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from nequip.data import AtomicDataDict
 
-from ...distributed import several_ranks
 from ...weighting.budget import DualAscentMultiplier
 from ..coefficients import current_coeffs, update_coeffs
 from ._common import (
@@ -216,9 +215,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         return total
 
     def _measure_reference(self, trainer: Any, pl_module: Any) -> float:
-        datamodule = trainer.datamodule
-        position = datamodule.dataset_names.index(self.dataset)
-        (dataset,) = [d for d in datamodule.train_dataset if getattr(d, "index", None) == position]
+        dataset = _training_split(trainer.datamodule, self.dataset)
         count = min(len(dataset), self.reference_frames)
         frames = [dataset[i] for i in range(count)]
         manager = copy.deepcopy(pl_module.loss)
@@ -251,11 +248,9 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """"""
+        # nequip syncs the loss on every step (`dist_sync_on_step`): its step values are
+        # global-batch means, so every rank observes the same ratio without a collective
         ratio = self._replay_loss(pl_module.loss.metrics_values_step) / self.reference
-        if several_ranks():  # the same ratio on every rank, whatever its loss holds
-            value = torch.tensor([ratio], dtype=torch.float64, device=pl_module.device)
-            torch.distributed.all_reduce(value)
-            ratio = float(value) / torch.distributed.get_world_size()
         self.dual.observe(ratio)
         if self._optimizer_stepped(trainer):
             self.dual.step()
@@ -282,19 +277,22 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         self.base_coeffs = None if base is None else dict(base)
 
 
+def _training_split(datamodule: Any, dataset: str) -> Any:
+    """The data module's training split of ``dataset`` (set up: Lightning sets up the data
+    module before the callbacks)."""
+    position = datamodule.dataset_names.index(dataset)
+    (split,) = [d for d in datamodule.train_dataset if getattr(d, "index", None) == position]
+    return split
+
+
 def _pseudolabelled(datamodule: Any, dataset: str) -> bool:
-    """Whether the data module's training dataset ``dataset`` (set up: Lightning sets up the
-    data module before the callbacks) is made of pseudolabels, through its split and
-    wrappers."""
+    """Whether the training split of ``dataset`` is made of pseudolabels, through its
+    split and wrappers."""
     from ...data.pseudolabels import PseudolabelledDataset
 
-    position = datamodule.dataset_names.index(dataset)
-    for split in getattr(datamodule, "train_dataset", None) or []:
-        if getattr(split, "index", None) != position:
-            continue
-        inner = split
-        while inner is not None:
-            if isinstance(inner, PseudolabelledDataset):
-                return True
-            inner = getattr(inner, "dataset", None)
+    inner = _training_split(datamodule, dataset)
+    while inner is not None:
+        if isinstance(inner, PseudolabelledDataset):
+            return True
+        inner = getattr(inner, "dataset", None)
     return False
