@@ -159,6 +159,12 @@ class MultitaskLightningModule(NequIPLightningModule):
         #: ``{component: the dataset whose frames it keeps, or None}``
         self._component_datasets = component_datasets(self.loss)
         check_task_datasets(self.task_kind, self._component_datasets)
+        #: the sub-batch graph each component's loss reaches on a batch forwarded one
+        #: dataset at a time: its dataset's, or every one (see nequip_mtl.train.sub_batches)
+        self._sub_batch_graph = {
+            name: EVERY_GRAPH if dataset is None else dataset
+            for name, dataset in self._component_datasets.items()
+        }
         if forward_per_dataset is None:
             forward_per_dataset = self.task_kind.needs_datasets
         self.forward_per_dataset = bool(forward_per_dataset)
@@ -251,20 +257,10 @@ class MultitaskLightningModule(NequIPLightningModule):
             for name in parts
         }
         self._micro_batch_losses = self._plan.losses(components)
-        self._micro_batch_graphs = self._plan.graph_groups(self._graph_of(output))
+        # one graph, or one per dataset's sub-batch
+        graphs = self._sub_batch_graph if isinstance(output, SubBatchOutput) else None
+        self._micro_batch_graphs = self._plan.graph_groups(graphs)
         return loss_dict[f"train_loss_step{delim}weighted_sum"] * self.world_size
-
-    def _graph_of(self, output) -> dict[str, Any] | None:
-        """``{component: the forward graph its loss reaches}`` (``None``: one graph). On a
-        batch forwarded one dataset at a time, a per-dataset component reads its dataset's
-        own sub-batch (see :mod:`nequip_mtl.train.sub_batches`), any other reaches every
-        sub-batch."""
-        if not isinstance(output, SubBatchOutput):
-            return None
-        return {
-            name: EVERY_GRAPH if dataset is None else dataset
-            for name, dataset in self._component_datasets.items()
-        }
 
     def _task_plan(self) -> TaskPlan:
         """The tasks under the loss's current coefficients."""
