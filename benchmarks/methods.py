@@ -38,7 +38,8 @@ class Method:
     two_stage: dict[str, Any] | None = None
     #: fine-tuning: the replayed data's coefficient over the new data's (``None``: no replay)
     replay: float | None = None
-    #: multi-fidelity: ``{"mode": "dft_only" | "pretrain" | "joint", "dft": w, "heads": bool}``
+    #: multi-fidelity: ``{"mode": "high_only" | "pretrain" | "joint", "high": w (the
+    #: high-fidelity loss coefficient, the low one's 1), "heads": bool, "embedding": bool}``
     fidelity: dict[str, Any] | None = None
     #: the run's clock budget in units of ``--budget-s`` (a sweep of K runs: K)
     budget_factor: float = 1.0
@@ -265,34 +266,54 @@ def _dataset_tasks(prefix: str, what: str, primary: str, calibration_steps: int,
 FT_SWEEP = [f"ft_replay_{w:g}" for w in REPLAY_WEIGHTS]
 FT_METHODS = list(finetune_methods())
 
-#: multi-fidelity: the swept DFT:xTB loss coefficient ratios of joint training (xTB's is 1)
+#: multi-fidelity: the swept high:low loss coefficient ratios of joint training with
+#: references alone (the low fidelity's is 1)
 MF_WEIGHTS = (10.0, 3.0, 1.0, 0.3)
+#: ... with readout heads or the fidelity embedding (the weight stays: heads do not remove it)
+MF_FAMILY_WEIGHTS = (10.0, 3.0, 1.0)
+#: the joint families beyond references alone: key prefix, label, ``fidelity`` options
+MF_FAMILIES = {"heads": ("per-dataset readout heads", {"heads": True}),
+               "trunk": ("fidelity embedding in the trunk", {"embedding": True})}  # fmt: skip
 
 
 def multifidelity_methods(calibration_steps: int = 20) -> dict[str, Method]:
-    """The multi-fidelity strategies (``benchmarks/multifidelity.py``): DFT alone, xTB
-    pretraining then DFT fine-tuning, joint training with nequip's weighted sum at the DFT:xTB
-    ratios :data:`MF_WEIGHTS` (``mf_joint_<w>``), with readout heads (``mf_joint_heads``), or
-    the datasets as tasks (:func:`_dataset_tasks`, primary ``dft``)."""
+    """The multi-fidelity strategies (``benchmarks/multifidelity.py``); labels name the two
+    levels ``{high}`` and ``{low}`` (the pair's, filled in by the study). The high fidelity
+    alone; low-fidelity pretraining then high-fidelity fine-tuning; joint training on the
+    per-dataset energy references (``PerDatasetEnergyReferences``) with nequip's weighted sum
+    at the high:low ratios :data:`MF_WEIGHTS` (``mf_joint_<w>``), and at
+    :data:`MF_FAMILY_WEIGHTS` with per-dataset readout heads (``mf_heads_<w>``) or with the
+    fidelity embedding of the trunk (``fidelity_embedding: true``, ``mf_trunk_<w>``); the
+    datasets as tasks (:func:`_dataset_tasks`, primary ``high``); ``mf_joint_heads``: heads
+    at 1:1 (the label of the committed ``multifidelity.json``, which ran it)."""
     out = {
-        "mf_dft_only": _baseline("DFT only (weighted sum)", fidelity={"mode": "dft_only"}),
-        "mf_pretrain_ft": _baseline("xTB pretraining, then DFT fine-tuning",
+        "mf_dft_only": _baseline("{high} only (weighted sum)", fidelity={"mode": "high_only"}),
+        "mf_pretrain_ft": _baseline("{low} pretraining, then {high} fine-tuning",
                                     fidelity={"mode": "pretrain"}),
     }  # fmt: skip
-    joint = {"mode": "joint", "dft": 1.0, "heads": False}
+    joint = {"mode": "joint", "high": 1.0, "heads": False, "embedding": False}
     for w in MF_WEIGHTS:
-        out[f"mf_joint_{w:g}"] = _baseline(f"joint, weighted sum DFT:xTB {w:g}:1",
-                                           fidelity={**joint, "dft": w})  # fmt: skip
-    out.update(_dataset_tasks("mf", "joint, ", "dft", calibration_steps, fidelity=joint))
+        out[f"mf_joint_{w:g}"] = _baseline("joint, weighted sum {high}:{low} " f"{w:g}:1",
+                                           fidelity={**joint, "high": w})  # fmt: skip
+    out.update(_dataset_tasks("mf", "joint, ", "high", calibration_steps, fidelity=joint))
     out["mf_joint_heads"] = _baseline(
         "joint, weighted sum 1:1, per-dataset readout heads", fidelity={**joint, "heads": True}
     )
+    for key, (what, options) in MF_FAMILIES.items():
+        for w in MF_FAMILY_WEIGHTS:
+            out[f"mf_{key}_{w:g}"] = _baseline(
+                "joint, weighted sum {high}:{low} " f"{w:g}:1, {what}",
+                fidelity={**joint, **options, "high": w},
+            )
     return out
 
 
-#: multi-fidelity: the weighted-sum sweep (the front), and every strategy
+#: multi-fidelity: the weighted-sum sweep with references alone (the front), every strategy,
+#: and the strategies run by default (the dataset tasks were dominated on ``ethanol_random``)
 MF_SWEEP = [f"mf_joint_{w:g}" for w in MF_WEIGHTS]
 MF_METHODS = list(multifidelity_methods())
+MF_DEFAULT = ["mf_dft_only", "mf_pretrain_ft",
+              *(f"mf_{k}_{w:g}" for k in ("joint", *MF_FAMILIES) for w in MF_FAMILY_WEIGHTS)]  # fmt: skip
 
 
 def dataset_task_methods() -> dict[str, Method]:

@@ -1,19 +1,32 @@
-"""Multi-fidelity: the best DFT model from a little DFT data and a lot of xTB data.
+"""Multi-fidelity: the best high-fidelity model from a little expensive data and a lot of cheap.
 
-DFT ethanol (20 test frames; 80 training frames and nested subsets, ``--dft-train``) and
-1000 GFN2-xTB ethanol MD frames. Strategies (:func:`benchmarks.methods.multifidelity_methods`):
-DFT alone; xTB pretraining (not counted in the budget) then DFT fine-tuning; joint training
-on balanced batches with per-dataset energy references and nequip's weighted sum at DFT:xTB
-``w``:1 (the sweep: the front), with readout heads, or with the datasets as tasks. Every
-joint model is scored as the **deployed DFT model** (``select_fidelity``). An epoch is one
-pass over the DFT frames; views: equal training time and equal epochs. Once per seed, the
-cosine between the DFT and xTB task gradients is measured (``--cosine-steps``).
+A pair (``--pair``, :mod:`benchmarks.fidelity_pairs`) is an expensive set, split into a fixed
+test set and nested training sets of N_H frames (``--dft-train``), and a cheap set:
+``ethanol_random`` (DFT ethanol split at random, GFN2-xTB ethanol MD), ``ethanol_low`` (the
+same, the DFT training sets the lowest-energy frames, the test set the highest) and
+``si_xtb`` (GFN2-xTB Si bulk cells to train, GFN1-xTB bulk and defects, GFN2-xTB defects to
+test; stress trained and reported). Strategies
+(:func:`benchmarks.methods.multifidelity_methods`): the high fidelity alone; low-fidelity
+pretraining then high-fidelity fine-tuning (sequential); joint training on balanced batches
+with per-dataset energy references and nequip's weighted sum at high:low ``w``:1, with
+references alone, with readout heads or with the fidelity embedding of the trunk, each at
+the swept weights. Every joint model is scored as the **deployed high-fidelity model**
+(``select_fidelity``).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.multifidelity
-    OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --quick            # about a minute
+Views: **equal total compute** (``counted``): every model gets ``--budget-s`` of training
+clock, the sequential one's pretraining (``--pretrain-s``, once per seed, cached) included:
+its fine-tuning is evaluated when pretraining + fine-tuning clock reach the budget;
+**pretraining free** (``budget``): the fine-tuning gets the whole budget on top; **equal
+epochs** (``epochs``): passes over the N_H frames. The untrained model's errors (the learning
+check) and, once per seed, the cosine between the two datasets' task gradients
+(``--cosine-steps``) are recorded too.
 
-Writes ``benchmarks/results/multifidelity.{json,md,png}`` (``--out``), the json after every
-finished run.
+    OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --pair ethanol_low
+    OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --pair si_xtb --quick   # about a minute
+
+Writes ``benchmarks/results/multifidelity_<pair>.{json,md,png}`` (``--out``), the json after
+every finished run. ``benchmarks/results/multifidelity.json`` is the earlier
+``ethanol_random`` result (pretraining free only).
 """
 
 from __future__ import annotations
@@ -25,103 +38,141 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import fidelity_pairs as FP
 from benchmarks import methods as M
 from benchmarks import protocol as P
 from benchmarks import report as R
 
-TYPES = P.ETHANOL_TYPE_NAMES
-N_DFT_TEST, N_XTB_TRAIN, N_XTB_TEST = 20, 1000, 100
-#: the DFT test frames: the only validation loader of a DFT (or joint) run
+#: the high-fidelity test frames: the only validation loader of a high-only or joint run
 LOADERS = {"val0_epoch": ""}
-#: the pretraining's validation loaders: DFT test frames, xTB test frames
-PRETRAIN_LOADERS = {"val0_epoch": "dft/", "val1_epoch": "xtb/"}
-F, E = "forces_mae", "per_atom_energy_mae"
-METRICS = {E: ("DFT energy MAE", P.KCAL_MOL_TO_MEV, "meV/atom"),
-           F: ("DFT force MAE", P.KCAL_MOL_TO_MEV, "meV/Å")}  # fmt: skip
-PRETRAIN_METRICS = {f"{d}/{k}": v for d in ("dft", "xtb") for k, v in METRICS.items()}
-#: the reduced DFT sizes run these (the baselines, the whole weighted-sum sweep, UPGrad)
-REDUCTION_METHODS = ["mf_dft_only", "mf_pretrain_ft", *M.MF_SWEEP, "mf_upgrad"]
-QUICK_METHODS = ["mf_dft_only", "mf_pretrain_ft", "mf_joint_1", "mf_upgrad", "mf_joint_heads"]
+#: the pretraining's validation loaders: the high-fidelity and the low-fidelity test frames
+PRETRAIN_LOADERS = {"val0_epoch": "high/", "val1_epoch": "low/"}
+#: the names of the pretraining's metrics in a results json written before pairs existed
+LEGACY_PREFIX = {"high": "dft", "low": "xtb"}
+E, F, S = "per_atom_energy_mae", "forces_mae", "stress_mae"
+QUICK_METHODS = ["mf_dft_only", "mf_pretrain_ft", "mf_joint_1", "mf_heads_1", "mf_trunk_1"]
 #: the states and variants of the gradient-cosine measurement
 COSINE_STATES = ("init", "pretrained")
 COSINE_VARIANTS = ("references", "one_shift")
+#: the views: equal total compute (pretraining counted), pretraining free, equal epochs
+VIEWS = ("counted", "budget", "epochs")
 
 
-def data_files(sizes) -> dict[str, str]:
-    """The extxyz files (once, in ``_tmp``): ``dft_test`` (20 frames), ``dft_train_<n>`` (the
-    first ``n`` of the other 80: nested), ``xtb_train`` (1000), ``xtb_test`` (100)."""
-
-    def make():
-        import ase.io
-        import numpy as np
-
-        rng = np.random.default_rng(0)
-        dft = P.shuffled(ase.io.read(P.ETHANOL, index=":"), rng)
-        test, train = dft[:N_DFT_TEST], dft[N_DFT_TEST:]
-        for n in sizes:
-            if not 0 < n <= len(train):
-                raise SystemExit(f"--dft-train {n}: must be 1 to {len(train)}")
-        xtb = P.shuffled(ase.io.read(P.XTB_ETHANOL, index=":"), rng)
-        return {"dft_test": test, "xtb_train": xtb[:N_XTB_TRAIN],
-                "xtb_test": xtb[N_XTB_TRAIN : N_XTB_TRAIN + N_XTB_TEST],
-                **{f"dft_train_{n}": train[:n] for n in sizes}}  # fmt: skip
-
-    names = ["dft_test", "xtb_train", "xtb_test", *(f"dft_train_{n}" for n in sizes)]
-    return P.write_splits("multifidelity_data", names, make)
+# ----------------------------------------------------------------------------- the pair
 
 
-def statistics(files: dict, sizes, r_max: float) -> dict[str, dict]:
-    """The model constants (every frame is C2H6O: the mean shift) of each DFT training set
-    (``dft_<n>``) and of the xTB training frames (``xtb``)."""
-    out = {"xtb": P.data_statistics(Path(files["xtb_train"]), r_max, TYPES, "mean")}
-    for n in sizes:
-        out[f"dft_{n}"] = P.data_statistics(Path(files[f"dft_train_{n}"]), r_max, TYPES, "mean")
+def pair_of(a: dict) -> FP.Pair:
+    """The pair of a run's arguments (a json from before pairs: ``ethanol_random``)."""
+    return FP.PAIRS[a.get("pair", FP.DEFAULT_PAIR)]
+
+
+def metrics_of(a: dict) -> dict[str, tuple[str, float, str]]:
+    """The reported high-fidelity test metrics -> (column, factor to meV, unit)."""
+    p = pair_of(a)
+    out = {E: (f"{p.high} energy MAE", p.to_mev, "meV/atom"),
+           F: (f"{p.high} force MAE", p.to_mev, "meV/Å")}  # fmt: skip
+    if a.get("stress"):
+        out[S] = (f"{p.high} stress MAE", p.to_mev, "meV/Å³")
     return out
 
 
+def num_tasks(a: dict) -> int:
+    return 3 if a.get("stress") else 2
+
+
+def labels_of(a: dict) -> dict[str, str]:
+    """Every strategy's label, the pair's two levels named."""
+    p = pair_of(a)
+    return {m: v.label.format(high=p.high, low=p.low)
+            for m, v in M.multifidelity_methods().items()}  # fmt: skip
+
+
+def data_files(pair: str, data_dir, sizes) -> tuple[dict[str, str], dict]:
+    """The split extxyz files (once, in ``_tmp``, a folder per pair and source contents:
+    :func:`benchmarks.fidelity_pairs.split`) and what the files hold (types, stress)."""
+    import ase.io
+
+    p = FP.PAIRS[pair]
+    src = p.files(Path(data_dir))
+    if missing := [str(f) for f in src.values() if not f.exists()]:
+        raise SystemExit(f"--pair {pair}: missing {', '.join(missing)} (--data-dir {data_dir})")
+    frames = {k: ase.io.read(f, index=":") for k, f in src.items()}
+    names = ["high_test", "low_train", "low_test", *(f"high_train_{n}" for n in sizes)]
+    folder = f"multifidelity_{pair}_{FP.digest(src.values())}"
+    files = P.write_splits(folder, names, lambda: FP.split(p, frames, sizes))
+    return files, FP.properties(frames)
+
+
+def statistics(files: dict, sizes, a: dict) -> dict[str, dict]:
+    """The model constants (the per-atom energy mean as every type's shift) of each
+    high-fidelity training set (``high_<n>``) and of the low-fidelity training frames
+    (``low``); ``high_test``: the test frames' (their count)."""
+    def stats(key):
+        return P.data_statistics(Path(files[key]), a["r_max"], a["type_names"], "mean")
+
+    out = {"low": stats("low_train"), "high_test": stats("high_test")}
+    for n in sizes:
+        out[f"high_{n}"] = stats(f"high_train_{n}")
+    return out
+
+
+def embedding_supported() -> bool:
+    """Whether ``PerDatasetEnergyReferences`` here takes ``fidelity_embedding``."""
+    import inspect
+
+    from nequip_mtl.model import PerDatasetEnergyReferences
+
+    return "fidelity_embedding" in inspect.signature(PerDatasetEnergyReferences).parameters
+
+
+# ----------------------------------------------------------------------------- runs
+
+
 def datamodule(files: dict, a: dict, seed: int, n: int, mode: str):
-    """nequip's data module on ``n`` DFT (``dft``) or the xTB (``xtb``) training frames, or
-    balanced batches of both (``joint``); the DFT test frames the first validation loader."""
-    if mode == "dft":
-        return P.files_datamodule(files, a, seed, f"dft_train_{n}", ["dft_test"])
-    if mode == "xtb":
-        return P.files_datamodule(files, a, seed, "xtb_train", ["dft_test", "xtb_test"])
+    """nequip's data module on ``n`` high-fidelity (``high``) or the low-fidelity (``low``)
+    training frames, or balanced batches of both (``joint``); the high-fidelity test frames
+    the first validation loader."""
+    if mode == "high":
+        return P.files_datamodule(files, a, seed, f"high_train_{n}", ["high_test"])
+    if mode == "low":
+        return P.files_datamodule(files, a, seed, "low_train", ["high_test", "low_test"])
     datasets = {
-        "dft": {"train_dataset": P.file_dataset(files, a, f"dft_train_{n}"),
-                "val_dataset": P.file_dataset(files, a, "dft_test")},
-        "xtb": {"train_dataset": P.file_dataset(files, a, "xtb_train")},
+        "high": {"train_dataset": P.file_dataset(files, a, f"high_train_{n}"),
+                 "val_dataset": P.file_dataset(files, a, "high_test")},
+        "low": {"train_dataset": P.file_dataset(files, a, "low_train")},
     }  # fmt: skip
     k = a["batch_size"]
     return P.balanced_datamodule(datasets, k, seed, math.ceil(n / k))
 
 
-def joint_loss(dft: float = 1.0) -> dict:
-    """The per-dataset loss: per-atom energy and force MSE 1:1 within a dataset, the DFT
-    components ``dft`` x the xTB ones."""
-    return P.per_dataset_loss({"dft": dft, "xtb": 1.0})
+def joint_loss(a: dict, high: float = 1.0) -> dict:
+    """The per-dataset loss: per-atom energy, force (and stress) MSE 1:1 within a dataset,
+    the high-fidelity components ``high`` x the low-fidelity ones."""
+    return P.per_dataset_loss({"high": high, "low": 1.0}, stress=bool(a.get("stress")))
 
 
 def deployed(module):
-    """A copy of the trained model of ``module`` deployed at the DFT fidelity: nequip's
-    ``modify`` with the ``select_fidelity`` modifier (``dataset=dft``)."""
+    """A copy of the trained model of ``module`` deployed at the high fidelity: nequip's
+    ``modify`` with the ``select_fidelity`` modifier (``dataset=high``)."""
     from nequip.model import modify
 
     (key,) = module.model.keys()
     model = copy.deepcopy(module.model[key])
-    return modify(model, [{"modifier": "select_fidelity", "dataset": "dft"}])
+    return modify(model, [{"modifier": "select_fidelity", "dataset": "high"}])
 
 
 def evaluate_plain(model, files: dict, a: dict, seed: int, n: int) -> dict[str, float]:
-    """The DFT test errors of a plain nequip ``model`` (no ``dataset_index`` in the frames):
-    on nequip's plain module and data module."""
-    stats = {"num_neighbors_mean": 1.0, "per_type_energy_shifts": dict.fromkeys(TYPES, 0.0),
+    """The high-fidelity test errors of a plain nequip ``model`` (no ``dataset_index`` in
+    the frames): on nequip's plain module and data module."""
+    types = a["type_names"]
+    stats = {"num_neighbors_mean": 1.0, "per_type_energy_shifts": dict.fromkeys(types, 0.0),
              "forces_rms": 1.0}  # fmt: skip
-    plain = P.build_module(M.methods()["ws"], P.run_model(a, stats, seed, TYPES), 2,
+    plain = P.build_module(M.methods()["ws"], P.run_model(a, stats, seed, types), num_tasks(a),
                            lr=a["lr"], num_val=1)  # fmt: skip
     (key,) = plain.model.keys()
     plain.model[key] = model
-    dm = datamodule(files, a, seed, n, "dft")
-    return {k: v for k, v in P.validate(plain, dm, LOADERS).items() if k in METRICS}
+    dm = datamodule(files, a, seed, n, "high")
+    return {k: v for k, v in P.validate(plain, dm, LOADERS).items() if k in metrics_of(a)}
 
 
 def _shift_key(state: dict) -> str:
@@ -147,58 +198,91 @@ def load_pretrained(module, cache: str, keep_shift: bool) -> None:
 
 
 def pretrained_path(a: dict, stats: dict, seed: int) -> Path:
-    keys = ("pretrain_s", "pretrain_lr", "batch_size", "clock")
-    return P.cache_path("multifidelity_pretrained", a, keys, stats["xtb"], seed=seed)
+    keys = ("pair", "pretrain_s", "pretrain_lr", "batch_size", "clock", "type_names", "stress")
+    return P.cache_path("multifidelity_pretrained", a, keys, stats["low"], seed=seed)
+
+
+def pretrain_metrics(a: dict) -> list[str]:
+    return [f"{d}/{k}" for d in ("high", "low") for k in metrics_of(a)]
 
 
 def pretrain_run(task: dict) -> dict:
-    """Pretrain on the xTB frames for ``pretrain_s`` s of training clock (once: cached)."""
-    a = task["args"]
+    """Pretrain on the low-fidelity frames for ``pretrain_s`` s of training clock (once:
+    cached)."""
+    a, stats = task["args"], task["stats"]
     return P.pretrain(task,
-                      lambda: datamodule(task["files"], a, task["seed"], 0, "xtb"),
-                      math.ceil(N_XTB_TRAIN / a["batch_size"]), task["stats"]["xtb"],
-                      list(PRETRAIN_METRICS), PRETRAIN_LOADERS)  # fmt: skip
+                      lambda: datamodule(task["files"], a, task["seed"], 0, "low"),
+                      math.ceil(stats["low"]["num_frames"] / a["batch_size"]), stats["low"],
+                      pretrain_metrics(a), PRETRAIN_LOADERS, num_tasks(a))  # fmt: skip
 
 
-def mf_run(task: dict) -> dict:
-    """Train the task's strategy on ``n`` DFT frames (and the xTB frames); its DFT test
-    errors (joint models: the deployed DFT model's)."""
+def build_run(task: dict):
+    """The task's strategy on ``n`` high-fidelity frames, ready to train (seeded): its
+    module, data module, batches per epoch and what the run records besides."""
     import lightning
 
     P.init_torch()
     a, seed, n = task["args"], task["seed"], task["n"]
     method = M.multifidelity_methods(a["calibration_steps"])[task["method"]]
     fid = method.fidelity
+    types = a["type_names"]
     lightning.seed_everything(seed, workers=True, verbose=False)
-    stats = task["stats"][f"dft_{n}"]
-    per_epoch = math.ceil(n / a["batch_size"])
+    stats = task["stats"][f"high_{n}"]
     extra = {}
     if fid["mode"] == "joint":
         dm = datamodule(task["files"], a, seed, n, "joint")
-        refs = dm.energy_references(TYPES)
-        model = P.with_references(P.run_model(a, stats, seed, TYPES), refs, fid["heads"])
-        loss = joint_loss(fid["dft"])
+        refs = dm.energy_references(types)
+        model = P.with_references(P.run_model(a, stats, seed, types), refs, fid["heads"],
+                                  fid.get("embedding", False))  # fmt: skip
+        loss = joint_loss(a, fid["high"])
         extra["references"] = refs
     else:
-        dm = datamodule(task["files"], a, seed, n, "dft")
+        dm = datamodule(task["files"], a, seed, n, "high")
         loss = None
-        if fid["mode"] == "pretrain":  # the pretrained model's constants, DFT's energy zero
-            xtb = task["stats"]["xtb"]
-            stats = {**xtb, "per_type_energy_shifts": stats["per_type_energy_shifts"]}
-        model = P.run_model(a, stats, seed, TYPES)
-    module = P.build_module(method, model, 2, lr=a["lr"], loss=loss, num_val=1)
+        if fid["mode"] == "pretrain":  # the pretrained model's constants, its energy zero
+            stats = {**task["stats"]["low"], "per_type_energy_shifts": stats["per_type_energy_shifts"]}  # fmt: skip
+        model = P.run_model(a, stats, seed, types)
+    module = P.build_module(method, model, num_tasks(a), lr=a["lr"], loss=loss, num_val=1)
     if fid["mode"] == "pretrain":
         load_pretrained(module, task["cache"], keep_shift=True)
-    out = P.fit_on_clock(
-        module, dm, a, per_epoch, list(METRICS), LOADERS, P.build_callbacks(method)
-    )
-    if fid["mode"] == "joint":
+    return module, dm, math.ceil(n / a["batch_size"]), extra
+
+
+def mf_run(task: dict) -> dict:
+    """Train the task's strategy on ``n`` high-fidelity frames (and the low-fidelity ones);
+    its high-fidelity test errors (joint models: the deployed model's), in every view."""
+    import torch
+
+    a, seed, n = task["args"], task["seed"], task["n"]
+    method = M.multifidelity_methods(a["calibration_steps"])[task["method"]]
+    mode = method.fidelity["mode"]
+    metrics = metrics_of(a)
+    module, dm, per_epoch, extra = build_run(task)
+    if mode == "high_only":  # the learning check: the untrained model's errors
+        extra["untrained"] = {k: v for k, v in P.validate(module, dm, LOADERS).items()
+                              if k in metrics}  # fmt: skip
+    snapshot: dict = {}
+    callbacks = own = P.build_callbacks(method)
+    if mode == "pretrain":  # equal total compute: the pretraining's clock counted
+        pre_clock = torch.load(task["cache"], weights_only=False)["result"]["clock_s"]
+
+        def callbacks(clock):
+            return [P.snapshot_on_clock(clock, a["budget_s"] - pre_clock, snapshot), *own]
+
+    out = P.fit_on_clock(module, dm, a, per_epoch, list(metrics), LOADERS, callbacks)
+    if snapshot:
+        module.model.load_state_dict(snapshot["state"])
+        counted = {k: v for k, v in P.validate(module, dm, LOADERS).items() if k in metrics}
+        out["counted"] = {"epoch": snapshot["step"] / per_epoch, "step": snapshot["step"],
+                          "clock_s": snapshot["clock_s"], "pretrain_clock_s": pre_clock,
+                          **counted}  # fmt: skip
+    if mode == "joint":
         dep = evaluate_plain(deployed(module), task["files"], a, seed, n)
-        train_final = {k: out["curve"][-1][k] for k in METRICS}
+        train_final = {k: out["curve"][-1][k] for k in metrics}
         extra["training_model"] = train_final
         extra["deployed"] = dep
         extra["deployed_rel_diff"] = max(
-            abs(dep[k] - train_final[k]) / abs(train_final[k]) for k in METRICS
+            abs(dep[k] - train_final[k]) / abs(train_final[k]) for k in metrics
         )
         if "note" not in out["budget"]:  # the equal-time result is the final state: deployed
             out["budget"].update(dep)
@@ -216,31 +300,34 @@ def _cosine_recorder(steps: list):
             stats = pl_module.task_gradient_statistics
             if stats is not None and stats.global_step == len(steps):
                 c = stats.statistics()
-                i, j = stats.names.index("dft"), stats.names.index("xtb")
+                i, j = stats.names.index("high"), stats.names.index("low")
                 steps.append(float(c.cosines[i, j]))
 
     return Record()
 
 
 def cosine_run(task: dict) -> dict:
-    """The cosine of the DFT and xTB dataset-task gradients on the first ``cosine_steps``
-    balanced batches, the model held fixed (lr 0), at initialisation and from the pretrained
-    model, with per-dataset references and with one shared shift (DFT's, or xTB's)."""
+    """The cosine of the high- and low-fidelity dataset-task gradients on the first
+    ``cosine_steps`` balanced batches, the model held fixed (lr 0), at initialisation and
+    from the pretrained model, with per-dataset references and with one shared shift (the
+    high fidelity's, or the low one's)."""
     import lightning
 
     P.init_torch()
     a, seed, n = task["args"], task["seed"], task["n"]
     method = M.multifidelity_methods()["mf_upgrad"]
+    types = a["type_names"]
     out = {"seed": seed, "n_dft": n}
     for state in COSINE_STATES:
-        stats = task["stats"][f"dft_{n}"] if state == "init" else task["stats"]["xtb"]
+        stats = task["stats"][f"high_{n}"] if state == "init" else task["stats"]["low"]
         for variant in COSINE_VARIANTS:
             lightning.seed_everything(seed, workers=True, verbose=False)
             dm = datamodule(task["files"], a, seed, n, "joint")
-            model = P.run_model(a, stats, seed, TYPES)
+            model = P.run_model(a, stats, seed, types)
             if variant == "references":
-                model = P.with_references(model, dm.energy_references(TYPES))
-            module = P.build_module(method, model, 2, lr=0.0, loss=joint_loss(), num_val=0)
+                model = P.with_references(model, dm.energy_references(types))
+            module = P.build_module(method, model, num_tasks(a), lr=0.0, loss=joint_loss(a),
+                                    num_val=0)  # fmt: skip
             if state == "pretrained":
                 load_pretrained(module, task["cache"], keep_shift=False)
             steps: list[float] = []
@@ -251,80 +338,169 @@ def cosine_run(task: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- summaries
+
+
 def sizes_of(data: dict) -> list[int]:
     return sorted({r["n_dft"] for r in data["runs"]}, reverse=True)
 
 
+def views_of(a: dict) -> tuple[str, ...]:
+    """The views of a results json: equal total compute only where the pretraining was
+    counted (every json since pairs exist)."""
+    return VIEWS if "pair" in a else VIEWS[1:]
+
+
+def at_view(run: dict, view: str) -> dict | None:
+    """A run's result in ``view``: at equal total compute, a run without pretraining has
+    its equal-time result."""
+    if view == "counted":
+        return run.get("counted") or run["budget"]
+    return run[view]
+
+
 def summaries(data: dict, n: int) -> dict[str, list[dict]]:
-    """Per view (``budget``, ``epochs``): the rows of the size-``n`` runs (mean, sd over
-    seeds), in the registry's order."""
+    """Per view: the rows of the size-``n`` runs (mean, sd over seeds), in the registry's
+    order."""
+    a = data["meta"]["args"]
     runs = [r for r in data["runs"] if r["n_dft"] == n]
     methods = [m for m in M.MF_METHODS if m in {r["method"] for r in runs}]
-    return {key: R.summarize(runs, methods, key, METRICS) for key in ("budget", "epochs")}
-
-
-#: every strategy's label
-LABELS = {m: v.label for m, v in M.multifidelity_methods().items()}
+    metrics = metrics_of(a)
+    return {v: R.summarize([{**r, v: at_view(r, v)} for r in runs], methods, v, metrics)
+            for v in views_of(a)}  # fmt: skip
 
 
 def captions(a: dict) -> dict[str, str]:
-    return {"budget": f"equal training time: {a['budget_s']:g} s of training CPU time per run",
-            "epochs": f"equal epochs: {a['epochs']} epochs (passes over the DFT frames) per run"}  # fmt: skip
+    p = pair_of(a)
+    free = f"equal training time: {a['budget_s']:g} s of training CPU time per run"
+    if "pair" in a:
+        free = (f"pretraining free: {a['budget_s']:g} s of training CPU time per run, the "
+                f"{p.low} pretraining ({a['pretrain_s']:g} s) not counted")  # fmt: skip
+    return {"counted": f"equal total compute: {a['budget_s']:g} s of training CPU time per "
+                       f"model, the {p.low} pretraining counted",
+            "budget": free,
+            "epochs": f"equal epochs: {a['epochs']} epochs (passes over the {p.high} frames) "
+                      "per run"}  # fmt: skip
 
 
 def _gap(row, base, k) -> str:
-    if base is None or row[k][0] is None or base[k][0] is None:
+    if row is None or base is None or row[k][0] is None or base[k][0] is None:
         return "n/a"
     return f"{100.0 * (row[k][0] / base[k][0] - 1.0):+.0f} %"
 
 
-def table(rows: list[dict], caption: str) -> list[str]:
-    """One view of one DFT size: the errors, the gap to DFT only, the place against the
-    joint weighted-sum sweep's front (DFT energy and force MAE)."""
-    labels = LABELS
+def _words(metric: str) -> str:
+    return {E: "energy", F: "force", S: "stress"}[metric]
+
+
+def _short(a: dict):
+    p = pair_of(a)
+    return lambda label: label.replace(f"joint, weighted sum {p.high}:{p.low} ", "")
+
+
+def table(a: dict, rows: list[dict], caption: str) -> list[str]:
+    """One view of one size: the errors, the change against the high fidelity only, the
+    place against the references' weighted-sum sweep front (energy and force MAE)."""
+    labels, metrics, high = labels_of(a), metrics_of(a), pair_of(a).high
     st = R.classify(rows, M.MF_SWEEP, (E, F))
     base = next((r for r in rows if r["method"] == "mf_dft_only"), None)
-
-    def short(m):
-        return labels[m].replace("joint, weighted sum DFT:xTB ", "")
-
-    head = ["strategy", *R.header(METRICS), "energy vs DFT only", "force vs DFT only", "steps",
-            "epochs", "vs joint sweep front", "seeds"]  # fmt: skip
-    body = [[f"**{labels[m]}**" if m in M.MF_SWEEP else labels[m], *c[:2], _gap(r, base, E),
-             _gap(r, base, F), *c[2:], R.place(st[m], short, m in M.MF_SWEEP), r["n_reached"]]
-            for r in R.sorted_by(rows, F) for m, c in [(r["method"], R.cells(r, METRICS))]]  # fmt: skip
-    return [caption, "", *R.md_table(head, body)]  # fmt: skip
+    short = _short(a)
+    head = ["strategy", *R.header(metrics), *(f"{_words(k)} vs {high} only" for k in metrics),
+            "steps", "epochs", "vs joint sweep front", "seeds"]  # fmt: skip
+    body = [[f"**{labels[m]}**" if m in M.MF_SWEEP else labels[m], *c[: len(metrics)],
+             *(_gap(r, base, k) for k in metrics), *c[len(metrics) :],
+             R.place(st[m], lambda x: short(labels[x]), m in M.MF_SWEEP), r["n_reached"]]
+            for r in R.sorted_by(rows, F) for m, c in [(r["method"], R.cells(r, metrics))]]  # fmt: skip
+    return [caption, "", *R.md_table(head, body)]
 
 
-def reduction_table(data: dict, key: str) -> list[str]:
-    """Every method run at more than one size: force and energy MAE per DFT size, and the
-    gap to DFT only at that size."""
-    sizes, labels = sizes_of(data), LABELS
-    rows = {n: {r["method"]: r for r in summaries(data, n)[key]} for n in sizes}
+def reduction_table(data: dict, view: str) -> list[str]:
+    """Every method run at more than one size: each metric per size, with its change
+    against the high fidelity only at that size."""
+    a = data["meta"]["args"]
+    sizes, labels, metrics, high = sizes_of(data), labels_of(a), metrics_of(a), pair_of(a).high
+    rows = {n: {r["method"]: r for r in summaries(data, n)[view]} for n in sizes}
 
-    def pm(r, k):
-        return R.pm(r[k], P.KCAL_MOL_TO_MEV) if r else "not run"
+    def cell(n, m, k):
+        r = rows[n].get(m)
+        if r is None:
+            return "not run"
+        return f"{R.pm(r[k], metrics[k][1])} ({_gap(r, rows[n].get('mf_dft_only'), k)})"
 
-    return R.md_table(
-        ["strategy", *(c for n in sizes for c in (f"force MAE, {n} DFT (meV/Å)", f"vs DFT only ({n})")),
-         *(f"energy MAE, {n} DFT (meV/atom)" for n in sizes)],
-        [[labels[m],
-          *(c for n in sizes for r in [rows[n].get(m)]
-            for c in (pm(r, F), _gap(r, rows[n].get("mf_dft_only"), F) if r else "")),
-          *(pm(rows[n].get(m), E) for n in sizes)]
-         for m in M.MF_METHODS if sum(m in rows[n] for n in sizes) > 1],
-    )  # fmt: skip
+    head = ["strategy", *(f"{_words(k)} MAE, N_H = {n} ({metrics[k][2]})"
+                          for k in (F, *(k for k in metrics if k != F)) for n in sizes)]  # fmt: skip
+    body = [[labels[m], *(cell(n, m, k) for k in (F, *(k for k in metrics if k != F))
+                          for n in sizes)]
+            for m in M.MF_METHODS if sum(m in rows[n] for n in sizes) > 1]  # fmt: skip
+    return [f"**Reducing the {high} frames ({captions(a)[view]})**: the methods run at several "
+            f"sizes, in brackets the change against {high} only at that size", "",
+            *R.md_table(head, body)]  # fmt: skip
+
+
+def better_than_both(data: dict, n: int, view: str) -> list[str]:
+    """The joint strategies whose mean energy and force MAE are both below those of the high
+    fidelity only and of sequential training, at size ``n`` in ``view``."""
+    rows = {r["method"]: r for r in summaries(data, n)[view]}
+    refs = [rows.get(m) for m in ("mf_dft_only", "mf_pretrain_ft")]
+    if any(r is None or r[F][0] is None for r in refs):
+        return []
+    table = M.multifidelity_methods()
+    return [m for m, r in rows.items() if table[m].fidelity["mode"] == "joint"
+            and r[F][0] is not None and r[E][0] is not None
+            and all(r[k][0] < ref[k][0] for k in (E, F) for ref in refs)]  # fmt: skip
+
+
+def verdict_lines(data: dict) -> list[str]:
+    """Per size and view (but equal epochs): which joint strategies beat both references."""
+    a = data["meta"]["args"]
+    p, labels, caps = pair_of(a), labels_of(a), captions(a)
+    rows = []
+    for n in sizes_of(data):
+        for view in views_of(a)[:-1]:
+            best = better_than_both(data, n, view)
+            rows.append([n, caps[view].split(":")[0],
+                         ", ".join(labels[m] for m in best) if best else "none"])  # fmt: skip
+    return [f"**Joint strategies better than both {p.high} only and sequential training** "
+            f"({p.low} pretraining, then {p.high} fine-tuning) on {p.high} energy and force MAE "
+            "(means over seeds):", "",
+            *R.md_table(["N_H", "view", "joint strategies better than both"], rows), ""]  # fmt: skip
+
+
+def learning_lines(data: dict) -> list[str]:
+    """The learning check: the untrained model against the trained high-only model."""
+    a = data["meta"]["args"]
+    metrics, high = metrics_of(a), pair_of(a).high
+    rows = []
+    for n in sizes_of(data):
+        runs = [r for r in data["runs"] if r["n_dft"] == n and "untrained" in r]
+        if not runs:
+            continue
+        row = [n]
+        for k in (F, E):
+            before = R.mean_sd([r["untrained"][k] for r in runs])
+            after = R.mean_sd([r["budget"][k] for r in runs])
+            ratio = "n/a" if after[0] is None else f"{before[0] / after[0]:.1f}x"
+            row += [R.pm(before, metrics[k][1]), R.pm(after, metrics[k][1]), ratio]
+        rows.append(row)
+    if not rows:
+        return []
+    head = ["N_H"] + [c for k in (F, E) for c in (
+        f"untrained {_words(k)} MAE ({metrics[k][2]})",
+        f"{high} only, trained ({metrics[k][2]})", "untrained / trained")]  # fmt: skip
+    return [f"**Learning check**: the {high}-only model untrained (its initialisation) and "
+            f"after {a['budget_s']:g} s of training CPU time", "", *R.md_table(head, rows), ""]  # fmt: skip
 
 
 def cosine_lines(data: dict) -> list[str]:
-    """The table of the DFT-xTB gradient cosines: median, extremes, fraction negative."""
+    """The table of the high-low gradient cosines: median, extremes, fraction negative."""
     import statistics
 
     if not (cos := data.get("cosines")):
         return []
     a = data["meta"]["args"]
+    p = pair_of(a)
     names = {"references": "per-dataset references", "one_shift": "one shared shift"}
-    states = {"init": "at initialisation", "pretrained": "xTB-pretrained"}
+    states = {"init": "at initialisation", "pretrained": f"{p.low}-pretrained"}
     rows = []
     for state in COSINE_STATES:
         for variant in COSINE_VARIANTS:
@@ -332,12 +508,13 @@ def cosine_lines(data: dict) -> list[str]:
                 neg = sum(x < 0 for x in xs) / len(xs)
                 rows.append([states[state], names[variant], f"{statistics.median(xs):+.2f}",
                              f"{min(xs):+.2f}", f"{max(xs):+.2f}", f"{100 * neg:.0f} %", len(xs)])  # fmt: skip
+    what = "energy, force and stress" if a.get("stress") else "energy + force"
     return [
-        "**Gradient cosine between the DFT and xTB dataset tasks** (per-atom energy + force "
+        f"**Gradient cosine between the {p.high} and {p.low} dataset tasks** (per-atom {what} "
         f"MSE of each dataset, 1:1) on the first {a['cosine_steps']} balanced batches of the "
-        f"{cos[0]['n_dft']} DFT training frames, the model held fixed, over batches and seeds: "
-        "with per-dataset energy references (the joint runs' model) or one shared shift (the "
-        "plain model, as a concatenation of the two files would train).",
+        f"{cos[0]['n_dft']} {p.high} training frames, the model held fixed, over batches and "
+        "seeds: with per-dataset energy references (the joint runs' model) or one shared shift "
+        "(the plain model, as a concatenation of the two files would train).",
         "",
         *R.md_table(["model", "energy zeros", "median cosine", "min", "max", "negative", "batches"],
                     rows),
@@ -345,84 +522,122 @@ def cosine_lines(data: dict) -> list[str]:
     ]  # fmt: skip
 
 
+def _pretrain_value(run: dict, level: str, metric: str):
+    b = run["budget"]
+    key = f"{level}/{metric}"
+    return b[key] if key in b else b.get(f"{LEGACY_PREFIX[level]}/{metric}")
+
+
+def data_text(data: dict) -> str:
+    a = data["meta"]["args"]
+    p, runs, k = pair_of(a), data["runs"], a["batch_size"]
+    stats = data["meta"]["data"]["statistics"]
+    n_test = stats["high_test"]["num_frames"] if "high_test" in stats else p.n_test
+    n_low = stats["low"]["num_frames"] if "low" in stats else p.low_train
+    what = "energy, force and stress" if a.get("stress") else "energy and force"
+    pair = a.get("pair", FP.DEFAULT_PAIR)
+    return (
+        f"Pair `{pair}`: {p.description}. High fidelity: {p.high}, {n_test} test frames, training sets of N_H = "
+        f"{', '.join(str(n) for n in a['dft_train'])} frames (nested); low fidelity: {n_low} "
+        f"{p.low} frames. {P.model_text(a, runs[0]['params'] if runs else None)}, Adam at "
+        f"constant lr {a['lr']}, per-atom {what} MSE 1:1 within a dataset, model "
+        f"constants from the {p.high} training frames; an epoch is ceil(N_H / {k}) batches of "
+        f"{k} {p.high} frames (joint: plus {k} {p.low} frames each). Joint runs: fixed "
+        f"least-squares per-dataset energy references, the {p.high}:{p.low} ratio as named "
+        "(dataset tasks, calibrate-then-freeze: 1:1; calibration "
+        f"{a['calibration_steps']} steps), scored as the deployed {p.high} model "
+        "(`select_fidelity`)."
+    )
+
+
+def budget_text(data: dict) -> str:
+    a = data["meta"]["args"]
+    p, pre = pair_of(a), data.get("pretrain") or []
+    done = (f"{R.mean_sd([r['steps'] for r in pre])[0]:.0f} steps, "
+            f"{R.mean_sd([r['wall_s'] for r in pre])[0]:.0f} s wall" if pre else "not run")  # fmt: skip
+    what = (f"{a['pretrain_s']:g} s of training CPU time (lr {a['pretrain_lr']}; {done}), once "
+            f"per seed; the fine-tune starts with {p.high}'s energy zero and a fresh Adam.")
+    if "pair" not in a:
+        return (f"**Budget split**: the {p.low} pretraining is *not* counted in the fine-tune's "
+                f"budget: {what}")
+    return (f"**Budget split**: the {p.low} pretraining takes {what} *Equal total compute*: "
+            f"the fine-tune is evaluated when the pretraining's and its own training clock "
+            f"reach {a['budget_s']:g} s together; *pretraining free*: it trains for "
+            f"{a['budget_s']:g} s on top.")
+
+
 def markdown(data: dict) -> str:
     meta = data["meta"]
     a = meta["args"]
+    p = pair_of(a)
     runs = data["runs"]
     sizes = sizes_of(data)
     pre = data.get("pretrain") or []
-    k = a["batch_size"]
     command = R.command("multifidelity", a["argv"], omp=False) + "".join(
         f"`; resumed with `{R.command('multifidelity', v, omp=False)}" for v in a.get("resumed_argv", []))  # fmt: skip
+    title = "Multi-fidelity benchmark" + (f" (`{a['pair']}`)" if "pair" in a else "")
     lines = R.preamble(
-        "Multi-fidelity benchmark", meta, 1, command,
-        f"High fidelity: DFT ethanol, {N_DFT_TEST} test frames, training sets of "
-        f"{', '.join(str(n) for n in a['dft_train'])} frames (nested); low fidelity: "
-        f"{N_XTB_TRAIN} GFN2-xTB ethanol MD frames. "
-        f"{P.model_text(a, runs[0]['params'] if runs else None)}, Adam at constant lr {a['lr']}, "
-        f"per-atom energy and force MSE 1:1 within a dataset, model constants from the DFT "
-        f"training frames; an epoch is ceil(n_DFT / {k}) batches of {k} DFT frames (joint: plus "
-        f"{k} xTB frames each). Joint runs: fixed least-squares per-dataset energy references, "
-        "the DFT:xTB ratio as named (dataset tasks, calibrate-then-freeze: 1:1; calibration "
-        f"{a['calibration_steps']} steps), scored as the deployed DFT model (`select_fidelity`).",
-        f"**Budget split**: the xTB pretraining is *not* counted in the fine-tune's budget: "
-        f"{a['pretrain_s']:g} s of training CPU time (lr {a['pretrain_lr']}; "
-        + (f"{R.mean_sd([r['steps'] for r in pre])[0]:.0f} steps, "
-           f"{R.mean_sd([r['wall_s'] for r in pre])[0]:.0f} s wall" if pre else "not run")
-        + "), once per seed; the fine-tune starts with DFT's energy zero and a fresh Adam.",
-        f"DFT test errors, mean ± sample standard deviation over seeds {a['seeds']}; sorted by "
-        "force MAE; the joint weighted-sum sweep in bold; *vs DFT only*: the change of the mean "
-        "error against DFT only at that size; the place against the sweep's front on DFT energy "
-        f"and force MAE (means). {P.units_text('ethanol')}",
+        title, meta, 1, command, data_text(data), budget_text(data),
+        f"{p.high} test errors, mean ± sample standard deviation over seeds {a['seeds']}; "
+        f"sorted by force MAE; the joint weighted-sum sweep (references alone) in bold; *vs "
+        f"{p.high} only*: the change of the mean error against {p.high} only at that size; the "
+        f"place against the sweep's front on {p.high} energy and force MAE (means). "
+        f"{'Errors in meV (the data is in eV).' if p.energy_unit == 'eV' else P.units_text('ethanol')}",
     )  # fmt: skip
     if (expected := a.get("expected_runs")) is not None and len(runs) < expected:
         lines += [f"**Incomplete**: {len(runs)} of {expected} runs finished.", ""]
     if diffs := [r["deployed_rel_diff"] for r in runs if "deployed_rel_diff" in r]:
-        lines += [f"Deployed DFT model against the training model on the DFT test frames: largest "
-                  f"relative difference of an MAE {max(diffs):.1e} over {len(diffs)} joint runs.", ""]  # fmt: skip
+        lines += [f"Deployed {p.high} model against the training model on the {p.high} test "
+                  f"frames: largest relative difference of an MAE {max(diffs):.1e} over "
+                  f"{len(diffs)} joint runs.", ""]  # fmt: skip
+    lines += learning_lines(data)
     lines += cosine_lines(data)
+    lines += verdict_lines(data)
     if len(sizes) > 1:
-        for key, cap in captions(a).items():
-            lines += [f"**Reducing the DFT frames ({cap})**: the methods run at several sizes", ""]
-            lines += reduction_table(data, key) + [""]
+        for view in views_of(a):
+            lines += reduction_table(data, view) + [""]
     for n in sizes:
         rows = summaries(data, n)
-        for key, cap in captions(a).items():
-            lines += table(rows[key], f"**{n} DFT training frames, {cap}**") + [""]
+        for view, cap in captions(a).items():
+            if view in rows:
+                lines += table(a, rows[view], f"**N_H = {n} {p.high} training frames, {cap}**")
+                lines += [""]
     if pre:
-        pre_mae = {d: R.pm(R.mean_sd([r["budget"][f"{d}/forces_mae"] for r in pre]), P.KCAL_MOL_TO_MEV)
-                   for d in ("dft", "xtb")}  # fmt: skip
-        lines += [f"**The xTB-pretrained model** (before fine-tuning; forces only: its energy zero "
-                  f"is xTB's): DFT test force MAE {pre_mae['dft']} meV/Å, xTB test force MAE "
-                  f"{pre_mae['xtb']} meV/Å.", ""]  # fmt: skip
+        pm = {d: R.pm(R.mean_sd([_pretrain_value(r, d, F) for r in pre]), p.to_mev)
+              for d in ("high", "low")}  # fmt: skip
+        lines += [f"**The {p.low}-pretrained model** (before fine-tuning; forces only: its "
+                  f"energy zero is {p.low}'s): {p.high} test force MAE {pm['high']} meV/Å, "
+                  f"{p.low} test force MAE {pm['low']} meV/Å.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
 def plot(data: dict, path: Path) -> Path:
-    """DFT test force and energy MAE (equal time) against the number of DFT frames."""
+    """High-fidelity test errors (equal total compute, or equal time) against N_H."""
     plt = R.pyplot()
-    sizes = sizes_of(data)
-    labels = LABELS
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    rows = {n: {r["method"]: r for r in summaries(data, n)["budget"]} for n in sizes}
+    a = data["meta"]["args"]
+    p, sizes, labels, metrics = pair_of(a), sizes_of(data), labels_of(a), metrics_of(a)
+    view = views_of(a)[0]
+    keys = [F, *(k for k in metrics if k != F)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.8))
+    rows = {n: {r["method"]: r for r in summaries(data, n)[view]} for n in sizes}
     for m in M.MF_METHODS:
         pts = [(n, rows[n][m]) for n in sizes if m in rows[n]]
         if not pts:
             continue
-        for ax, k in zip(axes, (F, E)):
-            xs = [n for n, _ in pts]
-            ys = [r[k][0] * P.KCAL_MOL_TO_MEV for _, r in pts]
-            sd = [r[k][1] * P.KCAL_MOL_TO_MEV for _, r in pts]
-            style = "o-" if len(pts) > 1 else "o"
+        for ax, k in zip(axes, keys):
+            xs = [n for n, r in pts if r[k][0] is not None]
+            ys = [r[k][0] * metrics[k][1] for _, r in pts if r[k][0] is not None]
+            sd = [r[k][1] * metrics[k][1] for _, r in pts if r[k][0] is not None]
+            style = "o-" if len(xs) > 1 else "o"
             ax.errorbar(xs, ys, yerr=sd, fmt=style, capsize=3, label=labels[m], alpha=0.8)
-    for ax, k in zip(axes, (F, E)):
-        ax.set_xlabel("DFT training frames")
-        ax.set_ylabel(f"{METRICS[k][0]} ({METRICS[k][2]})")
+    for ax, k in zip(axes, keys):
+        ax.set_xlabel(f"{p.high} training frames (N_H)")
+        ax.set_ylabel(f"{metrics[k][0]} ({metrics[k][2]})")
         ax.set_xticks(sizes)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Multi-fidelity ethanol: DFT test error at equal training time "
-                 f"({data['meta']['args']['budget_s']:g} s), mean ± sd over seeds")  # fmt: skip
+    fig.suptitle(f"Multi-fidelity {a.get('pair', 'ethanol')}: {p.high} test error, "
+                 f"{captions(a)[view].split(':')[0]} ({a['budget_s']:g} s), mean ± sd over seeds")  # fmt: skip
     fig.tight_layout()
     return R.save(fig, path)
 
@@ -437,15 +652,20 @@ def report(data: dict, out: Path) -> None:
     plot(data, out.parent / (out.name + ".png"))
 
 
+# ----------------------------------------------------------------------------- command
+
+
 def parse(argv):
     p = P.study_parser(__doc__, jobs=False)
+    p.add_argument("--pair", choices=list(FP.PAIRS), default=FP.DEFAULT_PAIR)
+    p.add_argument("--data-dir", default=str(FP.DATA), help="the folder of the pair's files")
     p.add_argument("--methods", nargs="+", default=None, choices=M.MF_METHODS,
-                   help="at the largest DFT size (default: all)")  # fmt: skip
-    p.add_argument("--reduction-methods", nargs="+", default=None, choices=M.MF_METHODS,
-                   help=f"at the smaller DFT sizes (default: {' '.join(REDUCTION_METHODS)})")  # fmt: skip
-    p.add_argument("--dft-train", type=int, nargs="+", default=None, help="default 80 40 20")
+                   help=f"at every size (default: {' '.join(M.MF_DEFAULT)})")  # fmt: skip
+    p.add_argument("--dft-train", type=int, nargs="+", default=None,
+                   help="N_H, the high-fidelity training set sizes (default 80 40 10)")  # fmt: skip
     P.add_budget_arguments(p)
-    p.add_argument("--pretrain-s", type=float, default=None, help="xTB pretraining clock (s)")
+    p.add_argument("--pretrain-s", type=float, default=None,
+                   help="the low-fidelity pretraining's clock (s), below --budget-s")  # fmt: skip
     p.add_argument("--pretrain-lr", type=float, default=5e-3)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--calibration-steps", type=int, default=None)
@@ -455,23 +675,23 @@ def parse(argv):
     args.argv = list(argv)
     if args.from_json:
         return args
-    quick = {"pretrain_s": 3.0, "budget_s": 2.0, "epochs": 1, "seeds": [0], "val_every": 1,
+    quick = {"pretrain_s": 1.0, "budget_s": 2.0, "epochs": 1, "seeds": [0], "val_every": 1,
              "calibration_steps": 3, "cosine_steps": 2, "dft_train": [20, 8]}  # fmt: skip
-    full = {"pretrain_s": 45.0, "budget_s": 15.0, "epochs": 10, "seeds": [0, 1, 2],
+    full = {"pretrain_s": 25.0, "budget_s": 40.0, "epochs": 10, "seeds": [0, 1, 2],
             "val_every": 10, "calibration_steps": 20, "cosine_steps": 8,
-            "dft_train": [80, 40, 20]}  # fmt: skip
+            "dft_train": [80, 40, 10]}  # fmt: skip
     P.fill_defaults(args, quick, full)
     if args.epochs % args.val_every:
         p.error(f"--epochs {args.epochs} must be a multiple of --val-every {args.val_every}")
+    if not 0 < args.pretrain_s < args.budget_s:
+        p.error(f"--pretrain-s {args.pretrain_s:g} must be above 0 and below --budget-s "
+                f"{args.budget_s:g} (at equal total compute the fine-tune gets the rest)")  # fmt: skip
     if args.quick:
         args.methods = args.methods or list(QUICK_METHODS)
-        args.reduction_methods = args.reduction_methods or ["mf_dft_only", "mf_joint_1"]
         args.num_features, args.radial_width = 8, 8
-    args.methods = args.methods or list(M.MF_METHODS)
-    args.reduction_methods = args.reduction_methods or list(REDUCTION_METHODS)
+    args.methods = list(dict.fromkeys(args.methods or M.MF_DEFAULT))
     args.dft_train = sorted(set(args.dft_train), reverse=True)
-    args.type_names = list(TYPES)
-    args.out = P.out_path(args, "multifidelity")
+    args.out = P.out_path(args, f"multifidelity_{args.pair}")
     return args
 
 
@@ -480,11 +700,24 @@ def plan(args) -> list[tuple[int, int, str]]:
     whole seeds), each seed the largest size first; the methods' order rotated per seed."""
     out = []
     for i, seed in enumerate(args.seeds):
-        for j, n in enumerate(args.dft_train):
-            methods = list(args.methods if j == 0 else args.reduction_methods)
-            k = (3 * i) % len(methods)
-            out += [(n, seed, m) for m in methods[k:] + methods[:k]]
+        k = (3 * i) % len(args.methods)
+        for n in args.dft_train:
+            out += [(n, seed, m) for m in args.methods[k:] + args.methods[:k]]
     return out
+
+
+def check_methods(methods: list[str]) -> None:
+    """Refuse methods this checkout cannot build, naming what is missing."""
+    table = M.multifidelity_methods()
+    if missing := M.missing_methods(methods, table):
+        raise SystemExit(f"cannot import {missing}")
+    trunk = [m for m in methods if table[m].fidelity.get("embedding")]
+    if trunk and not embedding_supported():
+        raise SystemExit(
+            f"{', '.join(trunk)}: nequip_mtl.model.PerDatasetEnergyReferences here has no "
+            "`fidelity_embedding` option (the fidelity-aware trunk layers); leave these "
+            "methods out (--methods) or update nequip_mtl"
+        )
 
 
 def main(argv=None):
@@ -492,13 +725,11 @@ def main(argv=None):
     args = parse(argv)
     if args.from_json:
         return R.from_json(args.from_json, args.out, report)
-    if missing := M.missing_methods(
-        [*args.methods, *args.reduction_methods], M.multifidelity_methods()
-    ):
-        raise SystemExit(f"cannot import {missing}")
+    check_methods(args.methods)
     out = Path(args.out)
-    files = data_files(args.dft_train)
-    stats = statistics(files, args.dft_train, args.r_max)
+    files, held = data_files(args.pair, args.data_dir, args.dft_train)
+    args.type_names, args.stress = held["type_names"], held["stress"]
+    stats = statistics(files, args.dft_train, vars(args))
     a = {k: v for k, v in vars(args).items() if k not in ("out",)}
     todo = plan(args)
     a["expected_runs"] = len(todo)
@@ -516,12 +747,11 @@ def main(argv=None):
         return {x["seed"] for x in results.lists[key]}
 
     for n, seed, method in todo:
-        needs_pre = method == "mf_pretrain_ft" or seed not in done("cosines")
-        if needs_pre and seed not in done("pretrain"):
+        if seed not in done("pretrain"):  # the cosines and the sequential runs need it
             r = pretrain_run(task(seed))
             results.add("pretrain", r)
             print(f"pretrained seed {seed}{' (cached)' if r['cached'] else ''}: {r['steps']} "
-                  f"steps, DFT force {r['budget']['dft/forces_mae']:.4g}", flush=True)  # fmt: skip
+                  f"steps, high-fidelity force {r['budget'][f'high/{F}']:.4g}", flush=True)  # fmt: skip
         if seed not in done("cosines"):
             c = cosine_run(task(seed, max(args.dft_train)))
             results.add("cosines", c)
@@ -529,10 +759,10 @@ def main(argv=None):
                 f"{k} {sorted(v)[len(v) // 2]:+.2f}" for k, v in c.items() if isinstance(v, list)), flush=True)  # fmt: skip
         r = mf_run(task(seed, n, method))
         results.add("runs", r)
-        b = r["budget"]
+        b = at_view(r, "counted")
         print(f"[{len(runs)}/{a['expected_runs']} {time.perf_counter() - results.t0:.0f} s] "
-              f"{method} n={n} seed {seed}: {r['steps']} steps, force {b[F]:.4g}, energy "
-              f"{b[E]:.4g} (run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+              f"{method} n={n} seed {seed}: {r['steps']} steps, equal compute: force {b[F]:.4g}, "
+              f"energy {b[E]:.4g} (run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
     pre.sort(key=lambda r: r["seed"])
     cosines.sort(key=lambda c: c["seed"])
     report(results.data(), out)

@@ -301,20 +301,28 @@ def balanced_datamodule(
                                   train_dataloader=loader_config(), **kwargs)  # fmt: skip
 
 
-def per_dataset_loss(weights: dict[str, float]) -> dict:
+def per_dataset_loss(weights: dict[str, float], stress: bool = False) -> dict:
     """nequip_mtl's ``PerDatasetLoss`` over the datasets of ``weights``: per-atom energy and
-    force MSE 1:1 within a dataset, the components of dataset ``d`` at ``weights[d]``."""
+    force MSE (and with ``stress`` stress MSE) 1:1 within a dataset, the components of dataset
+    ``d`` at ``weights[d]``."""
+    names = TASKS[3 if stress else 2]
     return {"_target_": "nequip_mtl.train.PerDatasetLoss", "datasets": list(weights),
-            "coeffs": {d: {"total_energy": w, "forces": w} for d, w in weights.items()}}  # fmt: skip
+            "coeffs": {d: dict.fromkeys(names, w) for d, w in weights.items()}}  # fmt: skip
 
 
-def with_references(model: dict, references: dict, heads: bool = False) -> dict:
+def with_references(
+    model: dict, references: dict, heads: bool = False, embedding: bool = False
+) -> dict:
     """``model`` wrapped with nequip_mtl's ``PerDatasetEnergyReferences``: the fixed
-    per-dataset energy ``references`` (``{dataset: {type: energy}}``) and, with ``heads``,
-    per-dataset readout heads."""
-    return {"_target_": "nequip_mtl.model.PerDatasetEnergyReferences",
-            "datasets": list(references), "references": references, "trainable": False,
-            "readout_heads": heads, "model": model}  # fmt: skip
+    per-dataset energy ``references`` (``{dataset: {type: energy}}``), with ``heads``
+    per-dataset readout heads, with ``embedding`` its fidelity-aware trunk layers
+    (``fidelity_embedding: true``; the option is left out otherwise)."""
+    out = {"_target_": "nequip_mtl.model.PerDatasetEnergyReferences",
+           "datasets": list(references), "references": references, "trainable": False,
+           "readout_heads": heads, "model": model}  # fmt: skip
+    if embedding:
+        out["fidelity_embedding"] = True
+    return out
 
 
 # ----------------------------------------------------------------------------- model/module
@@ -608,6 +616,23 @@ def switch_on_clock(clock, scheduler, at_s: float, coeffs: dict, record: dict):
     return SwitchOnClock()
 
 
+def snapshot_on_clock(clock, at_s: float, store: dict):
+    """A callback that keeps a copy of the model's weights after the first step at which the
+    training clock reaches ``at_s`` s (the state a run with that budget would end in):
+    ``store`` gets ``state``, ``step`` and ``clock_s``. It must come after the clock."""
+    import copy
+
+    import lightning
+
+    class SnapshotOnClock(lightning.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if not store and clock.elapsed >= at_s:
+                state = copy.deepcopy(pl_module.model.state_dict())
+                store.update(state=state, step=clock.steps, clock_s=clock.elapsed)
+
+    return SnapshotOnClock()
+
+
 def budget_results(a: dict, clock, record, per_epoch: int, final: dict) -> tuple[dict, dict]:
     """At equal time (the state when the budget ran out, ``final`` its validation; if the
     run went on to reach ``a["epochs"]``, the last epoch validated within the budget) and at
@@ -695,10 +720,13 @@ def train_run(task: dict) -> dict:
             "final_coeffs": {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()}}  # fmt: skip
 
 
-def pretrain(task: dict, datamodule, per_epoch: int, stats: dict, metrics, loaders) -> dict:
-    """Pretrain with nequip's weighted sum on ``datamodule()`` for ``pretrain_s`` s of
-    training clock at ``pretrain_lr``, once per cache file ``task["cache"]`` (the weights
-    and the result; a later call loads the result, ``cached``: True)."""
+def pretrain(
+    task: dict, datamodule, per_epoch: int, stats: dict, metrics, loaders, num_tasks: int = 2
+) -> dict:
+    """Pretrain with nequip's weighted sum (of ``num_tasks`` components: :data:`TASKS`) on
+    ``datamodule()`` for ``pretrain_s`` s of training clock at ``pretrain_lr``, once per
+    cache file ``task["cache"]`` (the weights and the result; a later call loads the result,
+    ``cached``: True)."""
     import lightning
     import torch
 
@@ -711,7 +739,7 @@ def pretrain(task: dict, datamodule, per_epoch: int, stats: dict, metrics, loade
          "val_every": 10_000}  # fmt: skip
     lightning.seed_everything(seed, workers=True, verbose=False)
     model = run_model(a, stats, seed, a["type_names"])
-    module = build_module(M.methods()["ws"], model, 2, lr=a["lr"], num_val=len(loaders))
+    module = build_module(M.methods()["ws"], model, num_tasks, lr=a["lr"], num_val=len(loaders))
     out = fit_on_clock(module, datamodule(), a, per_epoch, metrics, loaders)
     result = {"method": "pretrained", "seed": seed, **out}
     path.parent.mkdir(parents=True, exist_ok=True)
