@@ -293,7 +293,7 @@ def multifidelity_methods(calibration_steps: int = 20) -> dict[str, Method]:
     }  # fmt: skip
     joint = {"mode": "joint", "high": 1.0, "heads": False, "embedding": False}
     for w in MF_WEIGHTS:
-        out[f"mf_joint_{w:g}"] = _baseline("joint, weighted sum {high}:{low} " f"{w:g}:1",
+        out[f"mf_joint_{w:g}"] = _baseline(f"joint, weighted sum {{high}}:{{low}} {w:g}:1",
                                            fidelity={**joint, "high": w})  # fmt: skip
     out.update(_dataset_tasks("mf", "joint, ", "high", calibration_steps, fidelity=joint))
     out["mf_joint_heads"] = _baseline(
@@ -302,7 +302,7 @@ def multifidelity_methods(calibration_steps: int = 20) -> dict[str, Method]:
     for key, (what, options) in MF_FAMILIES.items():
         for w in MF_FAMILY_WEIGHTS:
             out[f"mf_{key}_{w:g}"] = _baseline(
-                "joint, weighted sum {high}:{low} " f"{w:g}:1, {what}",
+                f"joint, weighted sum {{high}}:{{low}} {w:g}:1, {what}",
                 fidelity={**joint, **options, "high": w},
             )
     return out

@@ -107,6 +107,7 @@ def statistics(files: dict, sizes, a: dict) -> dict[str, dict]:
     """The model constants (the per-atom energy mean as every type's shift) of each
     high-fidelity training set (``high_<n>``) and of the low-fidelity training frames
     (``low``); ``high_test``: the test frames' (their count)."""
+
     def stats(key):
         return P.data_statistics(Path(files[key]), a["r_max"], a["type_names"], "mean")
 
@@ -555,15 +556,21 @@ def budget_text(data: dict) -> str:
     p, pre = pair_of(a), data.get("pretrain") or []
     done = (f"{R.mean_sd([r['steps'] for r in pre])[0]:.0f} steps, "
             f"{R.mean_sd([r['wall_s'] for r in pre])[0]:.0f} s wall" if pre else "not run")  # fmt: skip
-    what = (f"{a['pretrain_s']:g} s of training CPU time (lr {a['pretrain_lr']}; {done}), once "
-            f"per seed; the fine-tune starts with {p.high}'s energy zero and a fresh Adam.")
+    what = (
+        f"{a['pretrain_s']:g} s of training CPU time (lr {a['pretrain_lr']}; {done}), once "
+        f"per seed; the fine-tune starts with {p.high}'s energy zero and a fresh Adam."
+    )
     if "pair" not in a:
-        return (f"**Budget split**: the {p.low} pretraining is *not* counted in the fine-tune's "
-                f"budget: {what}")
-    return (f"**Budget split**: the {p.low} pretraining takes {what} *Equal total compute*: "
-            f"the fine-tune is evaluated when the pretraining's and its own training clock "
-            f"reach {a['budget_s']:g} s together; *pretraining free*: it trains for "
-            f"{a['budget_s']:g} s on top.")
+        return (
+            f"**Budget split**: the {p.low} pretraining is *not* counted in the fine-tune's "
+            f"budget: {what}"
+        )
+    return (
+        f"**Budget split**: the {p.low} pretraining takes {what} *Equal total compute*: "
+        f"the fine-tune is evaluated when the pretraining's and its own training clock "
+        f"reach {a['budget_s']:g} s together; *pretraining free*: it trains for "
+        f"{a['budget_s']:g} s on top."
+    )
 
 
 def markdown(data: dict) -> str:

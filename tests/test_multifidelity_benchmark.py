@@ -388,7 +388,9 @@ def _maes(model, frames) -> dict[str, float]:
     out = {"per_atom_energy_mae": e.abs().mean(),
            "forces_mae": (pred["forces"] - frames["forces"]).abs().mean()}  # fmt: skip
     if "stress" in frames:
-        out["stress_mae"] = (pred["stress"] - frames["stress"].reshape(pred["stress"].shape)).abs().mean()
+        out["stress_mae"] = (
+            (pred["stress"] - frames["stress"].reshape(pred["stress"].shape)).abs().mean()
+        )
     return {k: float(v) for k, v in out.items()}
 
 
