@@ -1,5 +1,6 @@
 """Config fragments of the docs, run as written: the first fenced block after a marker of a
-page, and a shipped config with the datasets a fragment gives put in place of its own."""
+page, a shipped config with the datasets a fragment gives put in place of its own, and a
+callback recording what each split of the data module holds."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +45,22 @@ def config_with_datasets(name: str, fragment: str, out_dir: Path) -> Path:
         yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     )
     return out_dir
+
+
+class Splits(Callback):
+    """The positions of every frame of each split of the data module, by dataset."""
+
+    def __init__(self):
+        self.pos = {}
+
+    def _record(self, trainer, split):
+        dm = trainer.datamodule
+        for name, ds in zip(dm.dataset_names, getattr(dm, f"{split}_dataset"), strict=True):
+            self.pos[(name, split)] = [np.asarray(ds[i]["pos"]) for i in range(len(ds))]
+
+    def on_fit_start(self, trainer, pl_module):
+        self._record(trainer, "train")
+        self._record(trainer, "val")
+
+    def on_test_start(self, trainer, pl_module):
+        self._record(trainer, "test")

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
-from lightning.pytorch.callbacks import Callback
 
 from nequip_mtl.tools.emt_alloy import generate_frames, write_frames
 from nequip_mtl.train.label_checks import UnusedLabelWarning
-from tests._docs_fragments import config_with_datasets, fenced_after, substitute
+from tests._docs_fragments import Splits, config_with_datasets, fenced_after, substitute
 from tests.test_finetuning_docs import train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,25 +46,6 @@ def _write(path: Path, n: int, seed: int) -> Path:
     frames = generate_frames(n, seed=seed, elements=("Cu", "Ni"), kind="bulk")
     write_frames(frames, path)
     return path
-
-
-class Splits(Callback):
-    """The positions of every frame of each split of the data module, by dataset."""
-
-    def __init__(self):
-        self.pos = {}
-
-    def _record(self, trainer, split):
-        dm = trainer.datamodule
-        for name, ds in zip(dm.dataset_names, getattr(dm, f"{split}_dataset"), strict=True):
-            self.pos[(name, split)] = [np.asarray(ds[i]["pos"]) for i in range(len(ds))]
-
-    def on_fit_start(self, trainer, pl_module):
-        self._record(trainer, "train")
-        self._record(trainer, "val")
-
-    def on_test_start(self, trainer, pl_module):
-        self._record(trainer, "test")
 
 
 def _last_values(run: Path) -> dict[str, float]:
