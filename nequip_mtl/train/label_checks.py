@@ -176,12 +176,10 @@ def _finite(frame: Mapping[str, Any], field: str) -> bool:
     return field in frame and bool(torch.isfinite(torch.as_tensor(frame[field])).all())
 
 
-def scan_labels(
-    dataset: Any, fields: Sequence[str], held: Mapping[str, bool] = HELD_LABELS
-) -> dict[int | None, LabelCounts]:
+def scan_labels(dataset: Any, fields: Sequence[str]) -> dict[int | None, LabelCounts]:
     """Count, per dataset index (``None`` for frames without one), the frames that lack
     each of ``fields``, have a non-finite value in it, or an infinite one; and the frames
-    that hold a finite value of each of ``held`` (``{field: periodic frames only}``)."""
+    that hold a finite value of each of :data:`HELD_LABELS`."""
     counts: dict[int | None, LabelCounts] = {}
     fields = list(dict.fromkeys(fields))
     for i in range(len(dataset)):
@@ -189,7 +187,7 @@ def scan_labels(
         c = counts.setdefault(_frame_index(frame), LabelCounts())
         c.frames += 1
         periodic = None
-        for f, periodic_only in held.items():
+        for f, periodic_only in HELD_LABELS.items():
             if periodic_only and periodic is None:
                 periodic = _periodic(frame)
             if (periodic or not periodic_only) and _finite(frame, f):
@@ -219,15 +217,18 @@ def unused_labels(
 ) -> list[UnusedLabel]:
     """The labels (of :data:`HELD_LABELS`) that some training frames of a dataset hold and
     that no component of ``reqs`` trains on for that dataset (none reads it, or those
-    that do have a coefficient of ``0`` or ``null``), in dataset then field order.
+    that do have a coefficient of ``0`` or ``null``), by dataset index (frames without one
+    last), then in the order of :data:`HELD_LABELS`.
 
     A component without a dataset (nequip's own loss components) trains on every
     dataset's frames; a per-dataset one on its dataset's only.
     """
     names = dict(names or {})
     out = []
-    for k, c in counts.items():
-        for f, n in c.held.items():
+    for k in sorted(counts, key=lambda k: (k is None, k or 0)):
+        c = counts[k]
+        for f in HELD_LABELS:
+            n = c.held.get(f, 0)
             reading = [r for r in reqs if r.field == f and r.dataset_index in (None, k)]
             if n == 0 or any(r.trains for r in reading):
                 continue
