@@ -315,6 +315,28 @@ def test_the_command_runs_on_the_shipped_multifidelity_config(tmp_path, monkeypa
     assert "No shared structures" not in out and "3 batches of 2 frames" in out
 
 
+def test_the_command_builds_the_model_eager_under_train_time_compile(monkeypatch):
+    """The readings do not depend on train-time compile, which does not support several
+    backward passes through one graph (built as configured, the check failed after minutes)."""
+    from nequip.nn.compile import CompileGraphModel
+
+    from nequip_mtl.train import transfer_check as cli
+
+    monkeypatch.chdir(REPO)
+    overrides = [
+        "num_layers=1",
+        "num_features=4",
+        "+training_module.model.model.compile_mode=compile",
+    ]
+    config = cli.compose_config("configs", "multifidelity", overrides)
+    assert config.training_module.model.model.compile_mode == "compile"
+    _, module = cli._build(config)
+    assert not any(isinstance(m, CompileGraphModel) for m in module.modules())
+    # the check above can fail: nequip builds this class for `compile_mode: compile`
+    built = instantiate({**F.model_config("float32"), "compile_mode": "compile"}, _convert_="all")
+    assert isinstance(built, CompileGraphModel)
+
+
 def test_the_command_refuses_a_single_dataset_config_naming_the_key(monkeypatch, capsys):
     from nequip_mtl.train import transfer_check as cli
 
@@ -347,7 +369,7 @@ def test_every_documented_command_composes(monkeypatch):
     assert {page for page, _ in commands} >= {"multifidelity.md", "diagnostics.md"}
     monkeypatch.chdir(REPO)
     for page, argv in commands:
-        args = cli.build_parser().parse_args(argv)
+        args = cli.build_parser().parse_intermixed_args(argv)
         config = cli.compose_config(args.config_path, args.config_name, args.overrides)
         assert "data" in config, (page, argv)
 

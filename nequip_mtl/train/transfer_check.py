@@ -158,9 +158,22 @@ def compose_config(config_path: str | os.PathLike, config_name: str, overrides: 
     return config
 
 
+def _resolved(config, section: str) -> dict:
+    """The config's ``section`` with every interpolation resolved; a failure (a missing
+    file, an unknown key) is the command's error, naming the section."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(config[section], resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"resolving `{section}` of the config: {err}") from err
+
+
 def _build(config):
     """``(data module, training module)`` built as ``nequip-train`` builds them."""
     from hydra.utils import get_class, instantiate
+    from nequip.model import override_model_compile_mode
     from nequip.utils.global_state import set_global_state
     from omegaconf import OmegaConf
 
@@ -173,7 +186,7 @@ def _build(config):
     if "model" not in config.training_module:
         raise ConfigError("the config has no `training_module.model`")
     set_global_state()
-    data = OmegaConf.to_container(config.data, resolve=True)
+    data = _resolved(config, "data")
     target = data.get("_target_")
     try:
         cls = get_class(target) if isinstance(target, str) else None
@@ -206,16 +219,19 @@ def _build(config):
         "training_data_stats", training_data_stats, use_cache=True, replace=True
     )
     try:
-        module_cfg = OmegaConf.to_container(config.training_module, resolve=True)
+        module_cfg = _resolved(config, "training_module")
     finally:
         OmegaConf.clear_resolver("training_data_stats")
-    module = instantiate(
-        module_cfg,
-        _recursive_=False,
-        _convert_="all",
-        num_datasets=datamodule.num_datasets,
-        info_dict={},
-    )
+    # the readings do not depend on train-time compile, and several backward passes through
+    # one compiled graph are what it does not support (docs/compile.md): built eager
+    with override_model_compile_mode("eager"):
+        module = instantiate(
+            module_cfg,
+            _recursive_=False,
+            _convert_="all",
+            num_datasets=datamodule.num_datasets,
+            info_dict={},
+        )
     bind_dataset_names(module, datamodule.dataset_names)
     return datamodule, module
 
@@ -285,7 +301,8 @@ def check_config(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # overrides and options in any order, as nequip-train's command line allows
+    args = parser.parse_intermixed_args(argv)
     start = time.perf_counter()
     try:
         config = compose_config(args.config_path, args.config_name, args.overrides)
