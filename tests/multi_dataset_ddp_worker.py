@@ -8,7 +8,7 @@ class Lightning used and the final parameters. Usage:
 (from the root). ``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
 ``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
 ``multifidelity``: the same with the model wrapped by ``PerDatasetEnergyReferences`` (trainable
-references and per-dataset readout heads), on the two "levels of theory" of tests/_mfid.py (``lo``, ``hi``).
+references, per-dataset readout heads and type-embedding corrections), on the two "levels of theory" of tests/_mfid.py (``lo``, ``hi``).
 ``named``: nequip's module with ``PerDatasetMetrics`` as validation metrics and the
 ``DatasetMetricNames`` callback (each loader's metrics computed, synced and logged at its last
 batch; a validation before training); each rank also saves its validation metrics.
@@ -63,7 +63,7 @@ def multifidelity(world: int):
 
     dm = data(per_dataset=MFID_GLOBAL_FRAMES["lo"] // world)
     torch.manual_seed(0)
-    return dm, mtl.MultitaskLightningModule(**kwargs(trainable=True, heads=True))
+    return dm, mtl.MultitaskLightningModule(**kwargs(trainable=True, heads="trunk"))
 
 
 def main(out_dir: str, kind: str = "nequip") -> None:

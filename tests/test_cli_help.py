@@ -48,3 +48,13 @@ def test_plot_help_names_the_tensorboard_extra(capsys):
     assert any(r.startswith("tensorboard") and extra in r for r in requires("nequip-mtl")), (
         requires("nequip-mtl")
     )
+
+
+def test_transfer_check_help_points_to_its_docs_section(capsys):
+    from nequip_mtl.train import transfer_check
+
+    text = _help(transfer_check.main, capsys)
+    assert "docs/multifidelity.md, 'Before training: the transfer check'" in text
+    page = (REPO / "docs" / "multifidelity.md").read_text()
+    assert "\n## Before training: the transfer check\n" in page
+    assert "nequip_mtl.data.MultiDatasetDataModule" in text

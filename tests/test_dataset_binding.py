@@ -171,31 +171,37 @@ def test_the_message_names_the_closest_dataset():
 REFS = {"lo": {"Cu": -2.5}, "hi": {"Cu": -6.25}}
 
 
-def model(names, heads: bool):
+def model(names, parts: str):
     return PerDatasetEnergyReferences(
-        F.model_config("float64"), names, REFS, trainable=True, readout_heads=heads
-    )
+        F.model_config("float64"), names, REFS, trainable=True,
+        readout_heads=parts != "shifts", fidelity_embedding=parts == "trunk",
+    )  # fmt: skip
 
 
-@pytest.mark.parametrize("heads", [False, True])
-def test_swapped_references_and_heads_predict_what_the_ordered_model_predicts(heads):
+@pytest.mark.parametrize("parts", ["shifts", "heads", "trunk"])
+def test_swapped_references_and_heads_predict_what_the_ordered_model_predicts(parts):
     """Fails if a frame's `dataset_index` picks the model's row of that position rather than
-    of that name (then the swapped model gives `lo` frames `hi`'s reference)."""
+    of that name (then the swapped model gives `lo` frames `hi`'s reference, head or type-
+    embedding correction)."""
     batch = F.batch(F.data_module())  # dataset_index 0 = lo, 1 = hi
-    ordered, swapped = model(["lo", "hi"], heads), model(["hi", "lo"], heads)
-    if heads:  # heads that differ per dataset, the same per name in both models
-        for m in (ordered, swapped):
-            (h,) = [x for x in m.modules() if type(x).__name__ == "DatasetReadoutHeads"]
-            for name, head in zip(h.dataset_names, h.heads):
-                with torch.no_grad():
-                    head.weight.mul_(2.0 if name == "hi" else 0.5)
+    ordered, swapped = model(["lo", "hi"], parts), model(["hi", "lo"], parts)
+    for m in (ordered, swapped):  # parts that differ per dataset, the same per name
+        for x in m.modules():
+            if type(x).__name__ == "DatasetReadoutHeads":
+                for name, head in zip(x.dataset_names, x.heads):
+                    with torch.no_grad():
+                        head.weight.mul_(2.0 if name == "hi" else 0.5)
+            if type(x).__name__ == "DatasetTypeEmbedding":
+                for row, name in enumerate(x.dataset_names):
+                    with torch.no_grad():
+                        x.corrections[row].fill_(0.3 if name == "hi" else -0.2)
     for m in (ordered, swapped):
         assert bind_dataset_names(m, ["lo", "hi"], prefix="training_module.model") >= 1
     out_o, out_s = ordered(F.clone(batch)), swapped(F.clone(batch))
     torch.testing.assert_close(out_s["total_energy"], out_o["total_energy"], rtol=0, atol=0)
     torch.testing.assert_close(out_s["forces"], out_o["forces"], rtol=0, atol=0)
     # unbound, the swapped model reads the rows by position: another prediction
-    fresh = model(["hi", "lo"], heads)
+    fresh = model(["hi", "lo"], parts)
     assert not torch.allclose(fresh(F.clone(batch))["total_energy"], out_o["total_energy"])
 
 

@@ -485,3 +485,41 @@ def test_each_dataset_coefficient_is_a_plain_override(config, override, componen
         cfg = compose(config_name=config, overrides=[override])
     loss = instantiate(OmegaConf.to_container(cfg.training_module.loss, resolve=True))
     assert loss.entries[component].coeff == pytest.approx(coeff, rel=1e-12)
+
+
+def test_the_fixed_split_block_fine_tunes_on_the_given_files(walked, tmp_path):
+    """The page's fixed-split block ("Fixed splits"), in place of the replayed dataset's
+    `split_dataset:` in a copy of the config, with A's frames written as three files:
+    the fine-tuning command trains, and each of A's splits holds exactly its file's frames
+    (B's random split is unchanged)."""
+    import ase.io
+
+    from nequip_mtl.tools.emt_alloy import write_frames
+    from tests._docs_fragments import Splits, config_with_datasets, fenced_after, substitute
+
+    launch, _ = walked
+    frames = ase.io.read(launch / "data/pretrain.xyz", ":")
+    files = {}
+    for split, part in (("train", frames[:8]), ("val", frames[8:10]), ("test", frames[10:])):
+        files[f"/abs/A_{split}.xyz"] = tmp_path / f"A_{split}.xyz"
+        write_frames(part, files[f"/abs/A_{split}.xyz"])
+    block = fenced_after(PAGE.read_text(), "**Fixed splits.**", "yaml")
+    fragment = substitute(block, {k: str(v) for k, v in files.items()})
+    configs = config_with_datasets("finetune_replay", fragment, tmp_path / "configs")
+    _, code = next(s for s in STEPS if FINE_TUNE in s[1] and "run=" not in s[1])
+    argv = shlex.split(tiny(code, launch))
+    argv = argv[1:] if argv[0].startswith("OMP_NUM_THREADS=") else argv
+    argv[argv.index("--config-path") + 1] = str(configs)
+    splits = Splits()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(launch)
+        train_in_process([*argv[1:], "hydra.run.dir=outputs/fixed"], monkeypatch, [splits])
+    for split, path in (("train", "A_train"), ("val", "A_val"), ("test", "A_test")):
+        want = [a.positions for a in ase.io.read(files[f"/abs/{path}.xyz"], ":")]
+        got = splits.pos[("pretrain", split)]
+        assert len(got) == len(want), split
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    assert [len(splits.pos[("new", s)]) for s in ("train", "val", "test")] == [6, 2, 2]
+    values = last_values(launch / "outputs/fixed")
+    assert math.isfinite(values["test_pretrain_epoch/forces_mae"])

@@ -108,6 +108,10 @@ def test_the_replay_weight_is_the_multiplier_of_the_budget(tmp_path, accumulate)
     assert cb.dual.state_dict() == pytest.approx(dual.state_dict(), rel=1e-12, nan_ok=True)
     assert dual.updates >= 4 and dual.multiplier != 1.0  # the budget acted
     assert tr.global_step == len(rec.coeffs) // accumulate
+    # when training ended: the trained model's replay loss on the same frames, by hand
+    final = _by_hand(module, frames, base) / cb.reference
+    assert cb.final_ratio == pytest.approx(final, rel=1e-10)
+    assert abs(final - 1.0) > 1e-3  # training moved it: the check can fail
 
 
 def test_a_resumed_budget_continues_exactly(tmp_path):
@@ -122,6 +126,7 @@ def test_a_resumed_budget_continues_exactly(tmp_path):
     )
     assert cb.reference == full_cb.reference
     assert cb.dual.state_dict() == full_cb.dual.state_dict()
+    assert cb.final_ratio == pytest.approx(full_cb.final_ratio, rel=1e-10)
     assert rec.coeffs == full_rec.coeffs[-len(rec.coeffs) :]
     torch.testing.assert_close(params(resumed), params(full), rtol=0, atol=1e-12)
 
@@ -195,7 +200,7 @@ def test_the_budget_is_logged_and_plotted(tmp_path):
     from nequip_mtl.plot import build_figures, load_run
 
     logger = CSVLogger(str(tmp_path), name="logs", version="")
-    run(tmp_path, epochs=2, logger=logger, log_every_n_steps=1)
+    cb = run(tmp_path, epochs=2, logger=logger, log_every_n_steps=1)[2]
     logs = load_run(tmp_path)
     figure = build_figures(logs)["loss_coefficients.png"]
     axes = {ax.get_title(): ax for ax in figure.axes}
@@ -208,6 +213,8 @@ def test_the_budget_is_logged_and_plotted(tmp_path):
         assert set(np.round(ys, 12)) == set(np.round(series.value, 12))
     (limit,) = [ln for ln in ratio.get_lines() if ln.get_label() == "a: limit"]
     assert float(np.asarray(limit.get_ydata())[0]) == pytest.approx(1.01, rel=1e-12)
+    # the end-of-training measurement reaches the loggers
+    assert logs.series["budget/a/final_ratio"].value[-1] == pytest.approx(cb.final_ratio)
 
 
 @pytest.mark.ddp

@@ -1,8 +1,14 @@
-"""Labels a dataset lacks and NaN labels blamed on the wrong component: refused at setup, naming the component, dataset, field and frames."""
+"""Labels a dataset lacks and NaN labels blamed on the wrong component: refused at setup, naming
+the component, dataset, field and frames. Labels the frames hold and no component trains on
+(the stress of periodic frames under an energy and forces loss): warned about at setup, naming
+the dataset, field, frames and the key that trains them."""
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -13,8 +19,13 @@ from nequip.train import EnergyForceLoss, NequIPLightningModule
 import nequip_mtl.train as mtl
 from nequip_mtl.data.keys import DATASET_INDEX_KEY
 from nequip_mtl.train.callbacks import CheckTrainingLabels
-from nequip_mtl.train.label_checks import check_training_labels, nonfinite_model_state
+from nequip_mtl.train.label_checks import (
+    UnusedLabelWarning,
+    check_training_labels,
+    nonfinite_model_state,
+)
 from tests import _harness as harness
+from tests import _mfid as mfid
 from tests import _per_dataset as pd
 
 NAN_FORCES = [{"_target_": "tests._per_dataset.NaNLabels", "field": "forces"}]
@@ -198,3 +209,122 @@ def test_finite_labels_with_usual_statistics_pass_the_check(tmp_path):
     tr = harness.trainer(tmp_path, callbacks=[CheckTrainingLabels()], limit_train_batches=1)
     tr.fit(module, datamodule=data)
     assert tr.global_step == 1
+
+
+# ---------------------------------------------------------------- labels no component trains
+
+
+def _unused(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, UnusedLabelWarning)]
+
+
+def _per_dataset_fit(tmp_path, module_cls, callbacks, coeffs, data=None):
+    """One step of a real trainer on the two EMT Cu datasets of ``tests/_mfid.py`` (lo: 6
+    training frames, hi: 4, all periodic with stress labels), loss a ``PerDatasetLoss``."""
+    kwargs = harness.module_kwargs(
+        model=mfid.model_config(),
+        loss={"_target_": "nequip_mtl.train.PerDatasetLoss", "datasets": ["lo", "hi"],
+              "coeffs": coeffs},
+        val_metrics=None,
+        num_datasets={"train": 1, "val": 2, "test": 0, "predict": 0},
+    )  # fmt: skip
+    if module_cls is mtl.MultitaskLightningModule:
+        kwargs.update(tasks="datasets", aggregator={"_target_": "nequip_mtl.aggregators.UPGrad"})
+    torch.manual_seed(0)
+    module = module_cls(**kwargs)
+    tr = harness.trainer(tmp_path, callbacks=callbacks, limit_train_batches=1, limit_val_batches=0)
+    with pytest.warns() as record:
+        tr.fit(module, datamodule=data or mfid.data_module())
+    assert tr.global_step == 1
+    return _unused(record)
+
+
+EF = {"total_energy": 1.0, "forces": 1.0}
+EFS = {**EF, "stress": 1.0}
+
+
+@pytest.mark.parametrize(
+    "module_cls, callbacks",
+    [(NequIPLightningModule, [CheckTrainingLabels()]), (mtl.MultitaskLightningModule, [])],
+    ids=["nequip_callback", "multitask"],
+)
+def test_stress_labels_of_periodic_frames_no_component_trains_are_named(
+    tmp_path, module_cls, callbacks
+):
+    """Periodic EMT frames hold stress labels; an energy and forces loss trains none: one
+    warning per dataset, naming it, the field, its frames and the key that trains it."""
+    messages = _per_dataset_fit(tmp_path, module_cls, callbacks, {"lo": EF, "hi": EF})
+    assert len(messages) == 2, messages
+    lo, hi = sorted(messages, key=lambda m: "'hi'" in m)
+    assert lo.startswith("training dataset 'lo': 6 of 6 training frames with a periodic cell")
+    assert hi.startswith("training dataset 'hi': 4 of 4 training frames with a periodic cell")
+    for name, msg in (("lo", lo), ("hi", hi)):
+        assert "hold `stress` labels, but no loss component trains on them" in msg
+        assert f"`training_module.loss.coeffs.{name}.stress`" in msg
+
+
+def test_a_dataset_whose_loss_reads_stress_is_not_named(tmp_path):
+    """The check is per dataset: stress trained on `lo` only leaves `hi`'s named; trained
+    on both, nothing; with a zero coefficient it is read but not trained, and named."""
+    fit = functools.partial(_per_dataset_fit, tmp_path, NequIPLightningModule,
+                            [CheckTrainingLabels()])  # fmt: skip
+    (msg,) = fit({"lo": EFS, "hi": EF})
+    assert msg.startswith("training dataset 'hi': 4 of 4") and "`stress`" in msg
+    assert fit({"lo": EFS, "hi": EFS}) == []
+    (msg,) = fit({"lo": EFS, "hi": {**EF, "stress": 0.0}})
+    assert msg.startswith("training dataset 'hi'")
+    assert "(read by 'hi/stress_mse' with a coefficient of 0 or null)" in msg
+
+
+def test_frames_without_the_label_or_without_a_periodic_cell_are_not_named(tmp_path):
+    """No warning where no frame holds a finite stress (NaN-filled labels), nor for stress
+    labels of frames without a periodic cell (pbc off), even though the loss trains none."""
+    nan_stress = [{"_target_": "tests._per_dataset.NaNLabels", "field": "stress"}]
+    frames = _frames(3)
+    assert "stress" in frames[0] and bool(frames[0]["pbc"].all())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        check_training_labels(EnergyForceLoss(), frames)
+        for f in frames:
+            f[AtomicDataDict.PBC_KEY] = torch.zeros_like(f[AtomicDataDict.PBC_KEY])
+        check_training_labels(EnergyForceLoss(), frames)
+    (msg,) = _unused(record)  # the periodic frames only
+    assert msg.startswith("the training data: 3 of 3 training frames with a periodic cell")
+    assert "nequip.train.EnergyForceStressLoss" in msg
+    data = pd.mixed_datamodule([pd.emt(None, 4, (1, 1, 1), seed=1, extra=nan_stress)])
+    loss = harness.loss_config(EF, target="nequip.train.EnergyForceLoss")
+    module = NequIPLightningModule(**harness.module_kwargs(loss=loss, val_metrics=None))
+    tr = harness.trainer(
+        tmp_path, callbacks=[CheckTrainingLabels()], limit_train_batches=1, limit_val_batches=0
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tr.fit(module, data)
+    assert tr.global_step == 1 and _unused(record) == []
+
+
+def test_forces_and_virial_labels_no_component_trains_are_named():
+    """Energy and forces count on every frame, a virial on periodic frames only; a label
+    PerDatasetLoss has no coefficient for (virial) is named with where to add it."""
+    frames = _frames(2, index=0) + _frames(3, index=1)
+    for f in frames[:2]:
+        f[AtomicDataDict.VIRIAL_KEY] = -f[AtomicDataDict.STRESS_KEY]
+        f[AtomicDataDict.PBC_KEY] = torch.zeros_like(f[AtomicDataDict.PBC_KEY])
+    for f in frames[2:]:
+        f[AtomicDataDict.VIRIAL_KEY] = -f[AtomicDataDict.STRESS_KEY]
+    frames = frames[2:] + frames[:2]  # B's frames first: the warnings still go by index
+    energy_only = mtl.PerDatasetLoss(["A", "B"], coeffs={"total_energy": 1.0})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        counts = check_training_labels(energy_only, frames)
+    assert counts[0].held == {"total_energy": 2, "forces": 2}  # no periodic cell in A
+    assert counts[1].held == {"total_energy": 3, "forces": 3, "stress": 3, "virial": 3}
+    messages = _unused(record)
+    assert [m.split(":")[0] for m in messages] == ["training dataset 'A'"] + [
+        "training dataset 'B'"
+    ] * 3
+    fields = [re.search(r"hold `(\w+)` labels", m).group(1) for m in messages]
+    assert fields == ["forces", "forces", "stress", "virial"]
+    assert "2 of 2 training frames hold `forces`" in messages[0]
+    assert "`training_module.loss.coeffs.B.stress`" in messages[2]
+    assert "add a component on `virial` to `training_module.loss`" in messages[3]

@@ -46,9 +46,10 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["shifts", "heads"])
+@pytest.fixture(scope="module", params=[False, True], ids=["shifts", "heads_trunk"])
 def heads(request) -> bool:
-    """Trained without or with per-dataset readout heads (``readout_heads=true``)."""
+    """Trained without, or with per-dataset readout heads and type-embedding corrections
+    (``readout_heads=true fidelity_embedding=true``)."""
     return request.param
 
 
@@ -61,8 +62,9 @@ def trained(heads, tmp_path_factory) -> Path:
         (launch / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / name, launch / name)
     cmd = [str(BIN / "nequip-train"), "--config-path", str(REPO / "configs")]
-    _run([*cmd, "--config-name", "multifidelity", *TINY, f"readout_heads={str(heads).lower()}"],
-         launch)  # fmt: skip
+    flag = str(heads).lower()
+    _run([*cmd, "--config-name", "multifidelity", *TINY, f"readout_heads={flag}",
+          f"fidelity_embedding={flag}"], launch)  # fmt: skip
     return launch / "outputs" / "tiny" / "best.ckpt"
 
 
@@ -101,10 +103,11 @@ def _training_model_prediction(ckpt: Path, xyz: Path, dataset_index: int) -> dic
 
 
 def _heads_of(ckpt: Path) -> list[torch.Tensor]:
-    """The per-dataset readout heads' weights in the checkpoint's model state."""
+    """The per-dataset readout heads' weights and type-embedding corrections in the
+    checkpoint's model state."""
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     keys = sorted(k for k in state if ".per_atom_energy_readout.heads." in k)
-    return [state[k] for k in keys]
+    return [state[k] for k in keys] + [v for k, v in state.items() if k.endswith(".corrections")]
 
 
 def test_deployed_packages_predict_each_fidelity_without_nequip_mtl(
@@ -120,9 +123,10 @@ def test_deployed_packages_predict_each_fidelity_without_nequip_mtl(
         _assert_same_prediction(out[packages[name]], expected[d])
         assert np.abs(out[packages[name]]["forces"]).max() > 1e-3
     weights = _heads_of(trained)
-    assert len(weights) == (2 if heads else 0)
-    if heads:  # the heads differ, and so do the two fidelities' forces
+    assert len(weights) == (3 if heads else 0)
+    if heads:  # the heads differ, the corrections moved, and the two fidelities' forces differ
         assert (weights[0] - weights[1]).abs().max() > 1e-6
+        assert weights[2].abs().amax(dim=(1, 2)).min() > 1e-6
         diff = np.subtract(expected[0]["forces"], expected[1]["forces"])
         assert np.abs(diff).max() > 1e-6
     # the two fidelities' energy zeros differ by about the xTB - DFT gap (+89,941 kcal/mol per
@@ -137,7 +141,8 @@ def test_deployed_packages_predict_each_fidelity_without_nequip_mtl(
             assert not [f for f in z.namelist() if "nequip_mtl" in f]
     with zipfile.ZipFile(packages["dft"].parent / "multi.nequip.zip") as z:
         ours = {f.split("nequip_mtl/", 1)[1] for f in z.namelist() if "nequip_mtl/" in f}
-    assert {"model/energy_shifts.py", "model/readout_heads.py", "data/keys.py"} <= ours
+    assert {"model/energy_shifts.py", "model/readout_heads.py", "model/type_embedding.py",
+            "data/keys.py"} <= ours  # fmt: skip
     assert not {"tools/emt_alloy.py", "data/multi_dataset.py", "train/__init__.py"} & ours
 
 

@@ -1,6 +1,6 @@
 """Per-dataset energy references under the several-datasets matrix: the
 ``PerDatasetEnergyReferences`` wrapper (fixed and trainable references, with and without
-per-dataset readout heads) trained by
+per-dataset readout heads and the fidelity-aware type embedding) trained by
 ``MultitaskLightningModule(tasks: datasets)`` on two EMT Cu "levels of theory" whose energies
 differ by -4 per atom (``tests/_mfid.py``), under gradient accumulation, a mid-epoch restart,
 train-time compile and two gloo DDP ranks, in float32 and float64.
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import nequip_mtl.train as mtl
-from nequip_mtl.model import DatasetEnergyShifts, DatasetReadoutHeads
+from nequip_mtl.model import DatasetEnergyShifts, DatasetReadoutHeads, DatasetTypeEmbedding
 from tests import _mfid as F
 from tests._harness import module_kwargs, params, skip_inductor_under_default_capability, trainer
 
@@ -30,8 +30,14 @@ START = torch.tensor([[REFS[n]["Cu"] + 3.0] for n in NAMES], dtype=torch.float64
 ATOL = {"float64": 1e-10, "float32": 1e-6}
 
 
+#: the per-dataset parts on top of the references: ``heads`` readout heads, ``trunk`` readout
+#: heads and the per-dataset type-embedding corrections (fidelity-aware trunk layers)
+PARTS = {"shifts": {}, "heads": {"readout_heads": True},
+         "trunk": {"readout_heads": True, "fidelity_embedding": True}}  # fmt: skip
+
+
 def model(
-    dtype: str = "float64", trainable: bool = True, heads: bool = False, names=NAMES, **inner
+    dtype: str = "float64", trainable: bool = True, heads: str = "shifts", names=NAMES, **inner
 ) -> dict:
     config = F.model_config(dtype)
     config.update(inner)
@@ -40,12 +46,12 @@ def model(
         "datasets": list(names),
         "references": REFS,
         "trainable": trainable,
-        "readout_heads": heads,
+        **PARTS[heads],
         "model": config,
     }
 
 
-def kwargs(dtype="float64", trainable=True, inner=None, heads=False, names=NAMES, **kw) -> dict:
+def kwargs(dtype="float64", trainable=True, inner=None, heads="shifts", names=NAMES, **kw) -> dict:
     kw.setdefault("optimizer", {"_target_": "torch.optim.SGD", "lr": 0.01})
     kw.setdefault("aggregator", {"_target_": "nequip_mtl.aggregators.UPGrad"})
     return module_kwargs(
@@ -100,8 +106,8 @@ def test_the_wrapper_is_trained_with_both_datasets_as_tasks(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize(
-    "trainable, heads", [(True, False), (False, False), (True, True)],
-    ids=["trainable", "fixed", "trainable_heads"],
+    "trainable, heads", [(True, "shifts"), (False, "shifts"), (True, "heads"), (True, "trunk")],
+    ids=["trainable", "fixed", "trainable_heads", "trainable_trunk"],
 )  # fmt: skip
 def test_accumulating_two_batches_is_one_batch_of_their_union(tmp_path, dtype, trainable, heads):
     """Balanced batches of 1+1 frames accumulated in pairs against batches of 2+2: the sampler
@@ -126,7 +132,7 @@ def test_accumulating_two_batches_is_one_batch_of_their_union(tmp_path, dtype, t
 # ------------------------------------------------------------------ restart
 
 
-@pytest.mark.parametrize("heads", [False, True], ids=["shifts", "heads"])
+@pytest.mark.parametrize("heads", list(PARTS))
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_a_restart_mid_epoch_resumes_exactly_with_trainable_references(tmp_path, dtype, heads):
     """Interrupted after 3 of 12 steps (mid-epoch) and resumed from the checkpoint: parameters,
@@ -152,10 +158,14 @@ def test_a_restart_mid_epoch_resumes_exactly_with_trainable_references(tmp_path,
     torch.testing.assert_close(shifts(resumed).offsets, shifts(full).offsets, rtol=0, atol=1e-12)
     assert (shifts(part).offsets - shifts(full).offsets).abs().max() > 1e-6
     found = [m for m in full.model.modules() if isinstance(m, DatasetReadoutHeads)]
-    assert len(found) == heads
-    if heads:  # trained apart by each dataset's own frames
+    assert len(found) == (heads != "shifts")
+    if found:  # trained apart by each dataset's own frames
         lo, hi = (p.detach() for p in found[0].heads.parameters())
         assert (lo - hi).abs().max() > 1e-6
+    found = [m for m in full.model.modules() if isinstance(m, DatasetTypeEmbedding)]
+    assert len(found) == (heads == "trunk")
+    if found:  # both datasets' corrections moved, each by its own frames
+        assert found[0].corrections.detach().abs().amax(dim=(1, 2)).min() > 1e-6
 
 
 # ------------------------------------------------------------------ train-time compile
@@ -164,8 +174,9 @@ def test_a_restart_mid_epoch_resumes_exactly_with_trainable_references(tmp_path,
 @pytest.mark.slow
 @skip_inductor_under_default_capability
 def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
-    """`compile_mode: compile` on the wrapped model with readout heads, ``dataset_index`` an
-    input of the compiled graph: the trajectory, references and heads included, is eager's.
+    """`compile_mode: compile` on the wrapped model with readout heads and the per-dataset
+    type-embedding corrections, ``dataset_index`` an input of the compiled graph: the
+    trajectory, references, heads and corrections included, is eager's.
     Batches of 2+2 frames, so that each dataset's sub-batch has 2 frames (nequip's
     ``CompileGraphModel`` runs eager on 1 frame). The model lists the datasets in the other
     order than the data module, so the compiled graph maps ``dataset_index`` to its rows by
@@ -176,12 +187,13 @@ def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
             tmp_path / mode,
             per_dataset=2,
             epochs=1,
-            heads=True,
+            heads="trunk",
             names=NAMES[::-1],
             inner={"compile_mode": mode},
         )
         runs[mode] = (params(module), shifts(module).offsets.detach().clone())
     assert any(isinstance(m, DatasetReadoutHeads) for m in module.model.modules())
+    assert any(isinstance(m, DatasetTypeEmbedding) for m in module.model.modules())
     graph = module.model.sole_model
     assert type(graph).__name__ == "CompileGraphModel"
     assert "dataset_index" in graph.model_input_fields
@@ -201,8 +213,8 @@ def test_train_time_compile_matches_eager_with_trainable_references(tmp_path):
 def test_two_gloo_ranks_train_like_one_process(tmp_path):
     """Balanced batches of 2+2 frames in one process against 1+1 per rank on 2 gloo ranks
     (``tests/multi_dataset_ddp_worker.py multifidelity``): the ranks hold disjoint halves of the
-    one-process batch, and the parameters, the trainable references and the per-dataset
-    readout heads included, are the same."""
+    one-process batch, and the parameters, the trainable references, the per-dataset
+    readout heads and type-embedding corrections included, are the same."""
     import sys
 
     from tests._ddp import launch

@@ -9,6 +9,8 @@ several levels of theory, in one home.
   theory);
 - :class:`DatasetReadoutHeads` (:mod:`~nequip_mtl.model.readout_heads`): the optional
   per-dataset last readout layer;
+- :class:`DatasetTypeEmbedding` (:mod:`~nequip_mtl.model.type_embedding`): the optional
+  per-dataset correction of the atom-type embedding (fidelity-aware trunk layers);
 - :mod:`~nequip_mtl.model.dataset_rows`: the row-binding mixin they share;
 - :mod:`~nequip_mtl.model.reference_fit`: the least-squares fit of each dataset's references
   from its frames (the data module's statistic ``per_dataset_energy_references``).
@@ -20,10 +22,12 @@ from ..data.keys import DATASET_INDEX_KEY
 from .builder import PerDatasetEnergyReferences
 from .energy_shifts import DatasetEnergyShifts
 from .readout_heads import DatasetReadoutHeads
+from .type_embedding import DatasetTypeEmbedding
 
 __all__ = [
     "DATASET_INDEX_KEY",
     "DatasetEnergyShifts",
     "DatasetReadoutHeads",
+    "DatasetTypeEmbedding",
     "PerDatasetEnergyReferences",
 ]

@@ -20,6 +20,7 @@ from .energy_shifts import DatasetEnergyShifts, type_values
 from .graph_fields import add_input_field, graph_models
 from .readout_heads import DatasetReadoutHeads
 from .reference_fit import ENERGY_REFERENCES_STAT
+from .type_embedding import DatasetTypeEmbedding
 
 __all__ = ["PerDatasetEnergyReferences"]
 
@@ -106,6 +107,7 @@ def PerDatasetEnergyReferences(
     references,
     trainable: bool = False,
     readout_heads: bool = False,
+    fidelity_embedding: bool = False,
 ):
     """Wrap any nequip model with one per-type energy reference per training dataset.
 
@@ -126,6 +128,11 @@ def PerDatasetEnergyReferences(
     starting equal to the model's own; see ``docs/multifidelity.md`` for what it was
     measured to do.
 
+    ``fidelity_embedding: true`` gives each (dataset, atom type) a learned correction of the
+    model's atom-type embedding (:class:`DatasetTypeEmbedding`; NequIP models), starting at
+    zero: the embedding feeds every layer, so the dataset reaches the hidden layers of the
+    shared network, not only its readout.
+
     To predict at one dataset's level of theory, apply the model modifier
     ``select_fidelity`` (``nequip-package modify ... --modifier select_fidelity
     dataset=<name>``, or ``nequip.model.modify`` in a config): it gives a plain nequip model.
@@ -143,6 +150,7 @@ def PerDatasetEnergyReferences(
             #   - {dft: {C: -23.1, H: -0.5, O: -47.3}}
             trainable: false
             readout_heads: false            # true: a per-dataset last readout layer
+            fidelity_embedding: false       # true: a per-dataset type-embedding correction
             model:
               _target_: nequip.model.NequIPGNNModel
               seed: 123
@@ -163,6 +171,7 @@ def PerDatasetEnergyReferences(
         references: ``{dataset: {type: energy}}`` (or a list of them, merged in order)
         trainable: learn the references (default: fixed)
         readout_heads: one last readout layer per dataset (default: one shared readout)
+        fidelity_embedding: a per-dataset correction of the type embedding (default: none)
     """
     if isinstance(model, Mapping):
         config = dict(model)
@@ -175,7 +184,12 @@ def PerDatasetEnergyReferences(
             f"{BUILDER}: `{WHERE}.datasets` must list the data module's datasets, "
             f"each once; got {datasets}"
         )
-    for key, value in (("trainable", trainable), ("readout_heads", readout_heads)):
+    options = (
+        ("trainable", trainable),
+        ("readout_heads", readout_heads),
+        ("fidelity_embedding", fidelity_embedding),
+    )
+    for key, value in options:
         if not isinstance(value, bool):
             raise ValueError(f"{BUILDER}: `{WHERE}.{key}` must be true or false, got {value!r}")
     graphs = graph_models(model)
@@ -198,6 +212,7 @@ def PerDatasetEnergyReferences(
         )
     # refused before anything is changed
     readout = DatasetReadoutHeads.readout_of(model) if readout_heads else None
+    embedding = DatasetTypeEmbedding.embedding_of(model) if fidelity_embedding else None
     table = torch.tensor(_resolve_references(references, datasets, type_names), dtype=torch.float64)
     parent, name, base = bases[0]
     shared = torch.tensor(
@@ -208,5 +223,10 @@ def PerDatasetEnergyReferences(
     if readout is not None:
         parent, name, module = readout
         parent._modules[name] = DatasetReadoutHeads(module, datasets)
+    if embedding is not None:
+        parent, name, module = embedding
+        parent._modules[name] = DatasetTypeEmbedding(module, datasets).to(
+            module.embed_module.weight.device
+        )
     add_input_field(model, DATASET_INDEX_KEY)
     return model

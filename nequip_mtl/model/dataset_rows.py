@@ -15,11 +15,25 @@ from nequip.data import AtomicDataDict
 
 from ..data.keys import DATASET_INDEX_KEY
 
-__all__ = ["BUILDER", "WHERE", "DatasetRows", "dataset_position", "require_dataset_index"]
+__all__ = [
+    "BUILDER",
+    "WHERE",
+    "DatasetRows",
+    "dataset_position",
+    "is_a",
+    "require_dataset_index",
+]
 
 #: the config builder of the per-dataset modules, and where its config lives (error messages)
 BUILDER = "PerDatasetEnergyReferences"
 WHERE = "training_module.model"
+
+
+def is_a(module: torch.nn.Module, class_name: str) -> bool:
+    """``module`` is an instance of a class named ``class_name`` (by name: a model loaded
+    from a package has the package's copy of nequip's classes; a parametrized layer is a
+    subclass)."""
+    return any(c.__name__ == class_name for c in type(module).__mro__)
 
 
 def require_dataset_index(module: torch.nn.Module, data: AtomicDataDict.Type) -> None:

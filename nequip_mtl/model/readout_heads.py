@@ -14,16 +14,16 @@ from nequip.data import AtomicDataDict
 from nequip.nn import GraphModuleMixin
 
 from ..data.keys import DATASET_INDEX_KEY
-from .dataset_rows import BUILDER, WHERE, DatasetRows, dataset_position, require_dataset_index
+from .dataset_rows import (
+    BUILDER,
+    WHERE,
+    DatasetRows,
+    dataset_position,
+    is_a,
+    require_dataset_index,
+)
 
 __all__ = ["DatasetReadoutHeads"]
-
-
-def _is_a(module: torch.nn.Module, class_name: str) -> bool:
-    """``module`` is an instance of a class named ``class_name`` (by name: a model loaded
-    from a package has the package's copy of nequip's classes; a parametrized layer is a
-    subclass)."""
-    return any(c.__name__ == class_name for c in type(module).__mro__)
 
 
 class DatasetReadoutHeads(GraphModuleMixin, DatasetRows):
@@ -85,7 +85,7 @@ class DatasetReadoutHeads(GraphModuleMixin, DatasetRows):
             (parent, name, child)
             for parent in model.modules()
             for name, child in parent.named_children()
-            if _is_a(child, "ScalarMLP")
+            if is_a(child, "ScalarMLP")
             and getattr(child, "out_field", None) == AtomicDataDict.PER_ATOM_ENERGY_KEY
         ]
         if len(found) != 1:
@@ -97,7 +97,7 @@ class DatasetReadoutHeads(GraphModuleMixin, DatasetRows):
                 f"per edge) are not supported: set `{where}: false`"
             )
         layers = getattr(found[0][2].mlp_module, "mlp", None)
-        if not (isinstance(layers, torch.nn.Sequential) and _is_a(layers[-1], "ScalarLinearLayer")):
+        if not (isinstance(layers, torch.nn.Sequential) and is_a(layers[-1], "ScalarLinearLayer")):
             raise ValueError(
                 f"{BUILDER}: `{where}: true`: the readout's layers are "
                 f"{type(layers).__name__}, not a torch.nn.Sequential ending in nequip's "

@@ -136,6 +136,17 @@ class TaskGradients:
                 if grads[i] is not None:
                     view.add_(grads[i])
 
+    def add_gradients(
+        self, losses: Sequence[torch.Tensor | None], scale: float = 1.0, first: int = 0
+    ) -> None:
+        """Add the gradient of ``scale * losses[j]`` into row ``first + j`` for every ``j``
+        (with :meth:`add_gradient`, so no ``.grad`` is touched). A loss that is ``None`` or
+        has no graph (e.g. ``ignore_nan`` and no labels in this batch) adds nothing; the
+        shared graph is kept until the last loss that has one, whose pass frees it."""
+        live = [j for j, loss in enumerate(losses) if loss is not None and loss.requires_grad]
+        for k, j in enumerate(live):
+            self.add_gradient(first + j, losses[j] * scale, retain_graph=k < len(live) - 1)
+
     def release_grads(self) -> None:
         """Detach the parameters from the buffers (``.grad = None``)."""
         for p in self.params:
@@ -149,6 +160,18 @@ class TaskGradients:
             part = (rows @ rows.T).double()
             total = part if total is None else total + part
         return total.cpu()
+
+    def parameter_grams(self, num: int) -> torch.Tensor:
+        """``(len(params), num, num)``: the Gram matrix of rows ``0 .. num-1`` restricted to
+        each parameter in turn (``params`` order), in float64 on the CPU; their sum over the
+        parameters is :meth:`gram`. A zero diagonal entry: that row does not reach that
+        parameter (e.g. another dataset's readout head)."""
+        out = torch.zeros((len(self.params), num, num), dtype=torch.float64)
+        for g in self.groups:
+            for k, i in enumerate(g.index):
+                block = torch.stack([g.row_views[r][k].reshape(-1) for r in range(num)])
+                out[i] = (block @ block.T).double().cpu()
+        return out
 
     def dots(self, num: int, vector: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """``(num,)`` dot products of rows ``0 .. num-1`` with a vector given per parameter

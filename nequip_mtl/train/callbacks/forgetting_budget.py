@@ -57,6 +57,12 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
       ``budget/<dataset>/ratio`` (the mean ratio of the last update) and
       ``budget/<dataset>/limit`` (its bound: ``1 + tolerance``, or ``1``);
       ``nequip-mtl-plot`` draws them in ``loss_coefficients.png``.
+    - **Whether the budget held**: when training ends, the replay loss is measured again
+      on the reference's frames with the trained model, exactly as the reference was
+      (``final_ratio``: that loss over the reference, or over the limit). The step ratios
+      are batch estimates; this is the answer to "did the fine-tune stay within its
+      budget?". Logged to the trainer's loggers as ``budget/<dataset>/final_ratio`` and
+      kept in the callback's state.
 
     Works with :class:`~nequip.train.NequIPLightningModule` (the weighted sum) and with
     :class:`~nequip_mtl.train.MultitaskLightningModule`; needs a per-dataset loss
@@ -135,6 +141,9 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         self.base_coeffs: dict[str, float | None] | None = None
         #: the replayed dataset's active loss components
         self.components: list[str] = []
+        #: the trained model's replay loss on the reference's frames over the reference (or
+        #: the limit), measured when training ends (``None`` until then)
+        self.final_ratio: float | None = None
 
     @property
     def state_key(self) -> str:
@@ -198,7 +207,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             self.reference = self.limit  # the ratio is the loss over the limit
             return
         if self.reference is None:
-            self.reference = self._measure_reference(trainer, pl_module)
+            self.reference = self._measure_replay_loss(trainer, pl_module)
             if not (math.isfinite(self.reference) and self.reference > 0):
                 raise ValueError(
                     f"{_WHO}: the pretrained model's loss on dataset {self.dataset!r} is "
@@ -214,7 +223,18 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             total += self.base_coeffs[name] * value
         return total
 
-    def _measure_reference(self, trainer: Any, pl_module: Any) -> float:
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Measure the trained model's replay loss on the reference's frames."""
+        loss = self._measure_replay_loss(trainer, pl_module)
+        self.final_ratio = loss / self.reference
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"budget/{self.dataset}/final_ratio": self.final_ratio}, step=trainer.global_step
+            )
+
+    def _measure_replay_loss(self, trainer: Any, pl_module: Any) -> float:
+        """The model's replay loss (configured coefficients) on up to ``reference_frames``
+        frames of the replayed training split, the same frames every time."""
         dataset = _training_split(trainer.datamodule, self.dataset)
         count = min(len(dataset), self.reference_frames)
         frames = [dataset[i] for i in range(count)]
@@ -267,6 +287,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             "dual": self.dual.state_dict(),
             "reference": self.reference,
             "base_coeffs": None if self.base_coeffs is None else dict(self.base_coeffs),
+            "final_ratio": self.final_ratio,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -275,6 +296,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         self.reference = state_dict["reference"]
         base = state_dict["base_coeffs"]
         self.base_coeffs = None if base is None else dict(base)
+        self.final_ratio = state_dict.get("final_ratio")
 
 
 def _training_split(datamodule: Any, dataset: str) -> Any:

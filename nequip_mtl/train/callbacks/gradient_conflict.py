@@ -341,11 +341,9 @@ class TaskGradientProbe:
                     target = pl_module.process_target(batch, batch_idx, 0)
                     output = pl_module(batch)
                     values = manager(output, target)
-                    for j, name in enumerate(names):
-                        loss = values[name]
-                        if not loss.requires_grad:
-                            continue  # e.g. `ignore_nan` and no labels in this batch: zero gradient
-                        rows.add_gradient(j, loss * scale, retain_graph=j < len(names) - 1)
+                    # a component without a graph (e.g. `ignore_nan` and no labels in this
+                    # batch) adds nothing: a zero gradient
+                    rows.add_gradients([values[name] for name in names], scale)
                     del output, values
             manager.reset()
             if several_ranks():
