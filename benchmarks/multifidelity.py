@@ -18,8 +18,9 @@ clock, the sequential one's pretraining (``--pretrain-s``, once per seed, cached
 its fine-tuning is evaluated when pretraining + fine-tuning clock reach the budget;
 **pretraining free** (``budget``): the fine-tuning gets the whole budget on top; **equal
 epochs** (``epochs``): passes over the N_H frames. The untrained model's errors (the learning
-check) and, once per seed, the cosine between the two datasets' task gradients
-(``--cosine-steps``) are recorded too.
+check) and, once per seed, the transfer check (``nequip-mtl-transfer-check``'s readings,
+``--transfer-batches``) and the cosine between the two datasets' task gradients at
+initialisation and after pretraining (``--cosine-steps``) are recorded too.
 
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --pair ethanol_low
     OMP_NUM_THREADS=1 python -m benchmarks.multifidelity --pair si_xtb --quick   # about a minute
@@ -339,6 +340,40 @@ def cosine_run(task: dict) -> dict:
     return out
 
 
+def transfer_run(task: dict) -> dict:
+    """The transfer check (``nequip-mtl-transfer-check``'s readings,
+    :func:`nequip_mtl.train.transfer_check.check_modules`) of the joint model with references
+    at initialisation on the size-``n`` training sets: each dataset's energy residual after
+    its references and force RMS, the structures the two share, the gradient cosine over
+    ``transfer_batches`` balanced batches."""
+    import lightning
+
+    from nequip_mtl.data.binding import bind_dataset_names
+    from nequip_mtl.train.transfer_check import check_modules
+
+    P.init_torch()
+    a, seed, n = task["args"], task["seed"], task["n"]
+    types = a["type_names"]
+    lightning.seed_everything(seed, workers=True, verbose=False)
+    dm = datamodule(task["files"], a, seed, n, "joint")
+    model = P.with_references(P.run_model(a, task["stats"][f"high_{n}"], seed, types),
+                              dm.energy_references(types))  # fmt: skip
+    module = P.build_module(M.methods()["ws"], model, num_tasks(a), lr=0.0, loss=joint_loss(a),
+                            num_val=0)  # fmt: skip
+    bind_dataset_names(module, dm.dataset_names)
+    check = check_modules(dm, module, frames=a["batch_size"], batches=a["transfer_batches"],
+                          reference="high")  # fmt: skip
+    pair, g = check.pair("high", "low"), check.gradients
+    return {"seed": seed, "n_dft": n,
+            "datasets": {d.name: {"frames": d.frames, "energy_residual_rms": d.energy_residual_rms,
+                                  "force_rms": d.force_rms} for d in check.datasets},
+            "shared_frames": pair.frames, "energy_difference_rms": pair.energy_difference_rms,
+            "force_ratio": pair.force_ratio, "cosine": g.cosine("high", "low"),
+            "cosine_error": g.cosine_error("high", "low"),
+            "cosine_all": g.cosine("high", "low", shared=False), "batches": g.batches,
+            "frames_per_dataset": g.frames_per_dataset, "table": check.table()}  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- summaries
 
 
@@ -492,6 +527,40 @@ def learning_lines(data: dict) -> list[str]:
             f"after {a['budget_s']:g} s of training CPU time", "", *R.md_table(head, rows), ""]  # fmt: skip
 
 
+def transfer_lines(data: dict) -> list[str]:
+    """The transfer check's readings (mean ± sd over seeds where they vary)."""
+    if not (checks := data.get("transfer")):
+        return []
+    a = data["meta"]["args"]
+    p, c0 = pair_of(a), checks[0]
+
+    def pm(values, factor=1.0, spec=".2f"):
+        return R.pm(R.mean_sd(values), factor, spec)
+
+    levels = {"high": p.high, "low": p.low}
+    rows = [[name, levels[name], d["frames"], R.fmt(d["energy_residual_rms"] * p.to_mev, ".1f"),
+             R.fmt(d["force_rms"] * p.to_mev if d["force_rms"] is not None else None, ".0f")]
+            for name, d in c0["datasets"].items()]  # fmt: skip
+    shared = ("no shared structures" if not c0["shared_frames"] else
+              f"{c0['shared_frames']} shared structures, force difference / {p.high} force RMS "
+              f"{R.fmt(c0['force_ratio'])}")  # fmt: skip
+    return [
+        f"**Transfer check** (`nequip-mtl-transfer-check`'s readings) on the N_H = "
+        f"{c0['n_dft']} {p.high} and the {p.low} training frames: each dataset's energy "
+        "residual per atom after its own least-squares per-type references and its force RMS; "
+        f"{shared}; the gradient cosine of the two datasets' losses at the joint model with "
+        f"references as initialised, over {c0['batches']} balanced batches of "
+        f"{c0['frames_per_dataset']} frames of each: {pm([c['cosine'] for c in checks])} on "
+        f"the parameters both reach (standard error over batches "
+        f"{pm([c['cosine_error'] for c in checks])}), {pm([c['cosine_all'] for c in checks])} "
+        f"on all trainable parameters (mean ± sd over seeds {[c['seed'] for c in checks]}).",
+        "",
+        *R.md_table(["dataset", "level", "frames", "energy residual RMS (meV/atom)",
+                     "force RMS (meV/Å)"], rows),
+        "",
+    ]  # fmt: skip
+
+
 def cosine_lines(data: dict) -> list[str]:
     """The table of the high-low gradient cosines: median, extremes, fraction negative."""
     import statistics
@@ -598,6 +667,7 @@ def markdown(data: dict) -> str:
                   f"frames: largest relative difference of an MAE {max(diffs):.1e} over "
                   f"{len(diffs)} joint runs.", ""]  # fmt: skip
     lines += learning_lines(data)
+    lines += transfer_lines(data)
     lines += cosine_lines(data)
     lines += verdict_lines(data)
     if len(sizes) > 1:
@@ -653,8 +723,8 @@ def report(data: dict, out: Path) -> None:
     """``out``.json (raw runs, meta, the summaries), .md and .png."""
     meta = {k: v for k, v in data["meta"].items() if k != "partial"}
     views = {str(n): summaries(data, n) for n in sizes_of(data)}
-    R.write_json(out.with_suffix(".json"), {"meta": meta, "views": views, "pretrain": data["pretrain"],
-                                            "cosines": data["cosines"], "runs": data["runs"]})  # fmt: skip
+    lists = {k: data[k] for k in ("pretrain", "cosines", "transfer", "runs") if k in data}
+    R.write_json(out.with_suffix(".json"), {"meta": meta, "views": views, **lists})
     R.write_text(out.with_suffix(".md"), markdown(data))
     plot(data, out.parent / (out.name + ".png"))
 
@@ -677,15 +747,18 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--calibration-steps", type=int, default=None)
     p.add_argument("--cosine-steps", type=int, default=None, help="batches of the cosines")
+    p.add_argument("--transfer-batches", type=int, default=None,
+                   help="balanced batches of the transfer check's gradient cosine")  # fmt: skip
     P.add_run_arguments(p, batch_size=4, lr=None)
     args = p.parse_args(argv)
     args.argv = list(argv)
     if args.from_json:
         return args
     quick = {"pretrain_s": 1.0, "budget_s": 2.0, "epochs": 1, "seeds": [0], "val_every": 1,
-             "calibration_steps": 3, "cosine_steps": 2, "dft_train": [20, 8]}  # fmt: skip
+             "calibration_steps": 3, "cosine_steps": 2, "transfer_batches": 2,
+             "dft_train": [20, 8]}  # fmt: skip
     full = {"pretrain_s": 25.0, "budget_s": 40.0, "epochs": 10, "seeds": [0, 1, 2],
-            "val_every": 10, "calibration_steps": 20, "cosine_steps": 8,
+            "val_every": 10, "calibration_steps": 20, "cosine_steps": 8, "transfer_batches": 16,
             "dft_train": [80, 40, 10]}  # fmt: skip
     P.fill_defaults(args, quick, full)
     if args.epochs % args.val_every:
@@ -747,8 +820,8 @@ def main(argv=None):
                 "cache": str(pretrained_path(a, stats, seed))}  # fmt: skip
 
     results = P.Results(out, "multifidelity", argv, a, {"files": files, "statistics": stats},
-                        pretrain=[], cosines=[], runs=[])  # fmt: skip
-    pre, cosines, runs = (results.lists[k] for k in ("pretrain", "cosines", "runs"))
+                        pretrain=[], cosines=[], transfer=[], runs=[])  # fmt: skip
+    runs = results.lists["runs"]
 
     def done(key: str) -> set[int]:
         return {x["seed"] for x in results.lists[key]}
@@ -764,14 +837,19 @@ def main(argv=None):
             results.add("cosines", c)
             print(f"cosines seed {seed}: " + ", ".join(
                 f"{k} {sorted(v)[len(v) // 2]:+.2f}" for k, v in c.items() if isinstance(v, list)), flush=True)  # fmt: skip
+        if seed not in done("transfer"):
+            t = transfer_run(task(seed, max(args.dft_train)))
+            results.add("transfer", t)
+            print(f"transfer check seed {seed}: gradient cosine {t['cosine']:+.2f} ± "
+                  f"{t['cosine_error']:.2f}", flush=True)  # fmt: skip
         r = mf_run(task(seed, n, method))
         results.add("runs", r)
         b = at_view(r, "counted")
         print(f"[{len(runs)}/{a['expected_runs']} {time.perf_counter() - results.t0:.0f} s] "
               f"{method} n={n} seed {seed}: {r['steps']} steps, equal compute: force {b[F]:.4g}, "
               f"energy {b[E]:.4g} (run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
-    pre.sort(key=lambda r: r["seed"])
-    cosines.sort(key=lambda c: c["seed"])
+    for key in ("pretrain", "cosines", "transfer"):
+        results.lists[key].sort(key=lambda r: r["seed"])
     report(results.data(), out)
 
 

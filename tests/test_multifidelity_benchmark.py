@@ -428,6 +428,39 @@ def _md(result) -> str:
     return result[0].with_suffix(".md").read_text()
 
 
+def test_transfer_check_readings_are_the_split_files_least_squares_residuals(result):
+    """Each dataset's energy residual RMS per atom after a least-squares per-type fit and its
+    force RMS, recomputed with numpy from the split files the record names (N_H frames of
+    the high fidelity, the cheap training frames); the report shows them in meV.
+    Mutation: checking the smallest training set instead of the largest fails here."""
+    import ase.io
+
+    out, data = result
+    a, files, _ = _files_and_stats(data)
+    md = out.with_suffix(".md").read_text()
+    factor = FP.PAIRS[a["pair"]].to_mev
+    for t in data["transfer"]:
+        assert t["n_dft"] == max(a["dft_train"])
+        for name, key in (("high", f"high_train_{t['n_dft']}"), ("low", "low_train")):
+            frames = ase.io.read(files[key], index=":")
+            counts = np.array([[f.get_chemical_symbols().count(s) for s in a["type_names"]]
+                               for f in frames], dtype=float)  # fmt: skip
+            energy = np.array([f.get_potential_energy() for f in frames])
+            # the minimum-norm fit; rank-deficient for one molecule: cut off round-off modes
+            resid = energy - counts @ (np.linalg.pinv(counts, rcond=1e-10) @ energy)
+            rms = float(np.sqrt(np.mean((resid / counts.sum(1)) ** 2)))
+            force = float(
+                np.sqrt(np.mean(np.concatenate([f.get_forces().ravel() for f in frames]) ** 2))
+            )
+            got = t["datasets"][name]
+            assert got["frames"] == len(frames)
+            assert math.isclose(got["energy_residual_rms"], rms, rel_tol=1e-3, abs_tol=1e-6)
+            assert math.isclose(got["force_rms"], force, rel_tol=1e-5)
+            if t["seed"] == data["transfer"][0]["seed"]:
+                assert f"| {len(frames)} | {rms * factor:.1f} | {force * factor:.0f} |" in md
+        assert -1.0 <= t["cosine"] <= 1.0 and t["shared_frames"] == 0
+
+
 # ----------------------------------------------------------------------------- cosines, pretraining
 
 

@@ -34,7 +34,7 @@ from ..diagnostics.transfer import (
     transfer_check,
 )
 
-__all__ = ["main", "build_parser", "compose_config", "check_config"]
+__all__ = ["main", "build_parser", "compose_config", "check_config", "check_modules"]
 
 PROG = "nequip-mtl-transfer-check"
 _DATA_MODULE = "nequip_mtl.data.MultiDatasetDataModule"
@@ -247,9 +247,36 @@ def check_config(
     """The transfer check of a composed nequip config (:func:`compose_config`)."""
     from omegaconf import OmegaConf
 
+    datamodule, module = _build(config)
+    result = check_modules(datamodule, module, frames, batches, tolerance, reference, device)
+    if "ckpt_path" in config:
+        result.notes.append(
+            "`ckpt_path` (a restart) is not read: the check uses the model the config builds; "
+            "for a pretrained model, build it in `training_module.model` (e.g. nequip's "
+            "ModelFromCheckpoint or ModelFromPackage)."
+        )
+    units = config.get("units")
+    if units is not None:
+        units = OmegaConf.to_container(units, resolve=True)
+        result.units = units if isinstance(units, dict) else {"energy": str(units)}
+    return result
+
+
+def check_modules(
+    datamodule,
+    module,
+    frames: int = 4,
+    batches: int = 16,
+    tolerance: float = DEFAULT_TOLERANCE,
+    reference: str | None = None,
+    device: str = "cpu",
+) -> TransferCheck:
+    """The transfer check of a built several-dataset data module and training module, its
+    dataset names bound (as :func:`check_config` builds them): the readings of the training
+    splits, and the gradient cosine over ``batches`` balanced batches of ``frames`` frames of
+    each dataset at the module's model."""
     from .task_kinds import component_datasets
 
-    datamodule, module = _build(config)
     names = list(datamodule.dataset_names)
     reference = datamodule.primary if reference is None else reference
     if reference not in names:
@@ -286,16 +313,6 @@ def check_config(
             )
     finally:
         datamodule.teardown("fit")
-    if "ckpt_path" in config:
-        result.notes.append(
-            "`ckpt_path` (a restart) is not read: the check uses the model the config builds; "
-            "for a pretrained model, build it in `training_module.model` (e.g. nequip's "
-            "ModelFromCheckpoint or ModelFromPackage)."
-        )
-    units = config.get("units")
-    if units is not None:
-        units = OmegaConf.to_container(units, resolve=True)
-        result.units = units if isinstance(units, dict) else {"energy": str(units)}
     return result
 
 
