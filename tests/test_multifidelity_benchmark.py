@@ -391,7 +391,7 @@ def _maes(model, frames) -> dict[str, float]:
         out["stress_mae"] = (
             (pred["stress"] - frames["stress"].reshape(pred["stress"].shape)).abs().mean()
         )
-    return {k: float(v) for k, v in out.items()}
+    return {k: float(v.detach()) for k, v in out.items()}
 
 
 def test_deployed_errors_are_the_maes_of_the_deployed_model(result):
