@@ -288,3 +288,46 @@ def test_without_tblite_the_error_says_how_to_install(tmp_path, capsys, monkeypa
         make_si_pair.main([str(tmp_path / "out"), "--quick"])
     assert exc.value.code == 2
     assert 'pip install "nequip-mtl[xtb]"' in capsys.readouterr().err
+
+
+def test_committed_files_are_what_the_readme_command_makes():
+    """benchmarks/data/si_*.xyz (``nequip-mtl-make-si-pair benchmarks/data --seed 0``): the
+    documented kinds and counts, bulk-only expensive pool sharing its geometries with the cheap
+    set, test frames of the new kinds, every frame checked; the perfect-cell frames are the
+    seed's draws, and the labels are tblite's in eV."""
+    from pathlib import Path
+
+    import ase.io
+
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+    files = {n: ase.io.read(data / f"{n}.xyz", index=":") for n in si_pair.FILE_NAMES}
+    kinds = {n: Counter(a.info["config_type"] for a in f) for n, f in files.items()}
+    assert kinds["si_gfn2_bulk"] == {"bulk": 100}
+    assert kinds["si_gfn1_all"] == {"bulk": 100, **dict.fromkeys(si_pair.NEW_KINDS, 70)}
+    assert kinds["si_gfn2_defects_test"] == dict(zip(si_pair.NEW_KINDS, [17] * 4 + [16] * 2))
+    for name, frames in files.items():
+        si_pair.check_frames(frames, name)
+        assert {a.info["method"] for a in frames} == {si_pair.FILE_NAMES[name]}
+    bulk, cheap = files["si_gfn2_bulk"], files["si_gfn1_all"]
+    for high, low in zip(bulk, cheap):
+        assert high.info["structure_id"] == low.info["structure_id"]
+        np.testing.assert_array_equal(high.positions, low.positions)
+    # frames built on the perfect cell need no relaxed template: redraw them from the seed
+    templates = si_pair.defect_templates((2, 1, 1), relax_steps=0)
+    for name, kind, stream in (
+        ("si_gfn2_bulk", "bulk", "train"),
+        ("si_gfn1_all", "shear", "train"),
+        ("si_gfn2_defects_test", "hot_rattle", "test"),
+    ):
+        frame = next(a for a in files[name] if a.info["config_type"] == kind)
+        drawn = si_pair.sample_structures(kind, frame.info["draw"] + 1, 0, templates, stream)
+        np.testing.assert_allclose(frame.positions, drawn[-1].positions, atol=1e-7)
+        np.testing.assert_allclose(frame.cell.array, drawn[-1].cell.array, atol=1e-7)
+    pytest.importorskip("tblite")
+    for name in ("si_gfn2_defects_test", "si_gfn1_all"):
+        atoms = files[name][-1]
+        energy, forces = _tblite(atoms, si_pair.FILE_NAMES[name])
+        np.testing.assert_allclose(atoms.get_potential_energy(), energy * HARTREE_IN_EV, rtol=1e-8)
+        np.testing.assert_allclose(
+            atoms.get_forces(), forces * HARTREE_IN_EV / BOHR_IN_ANGSTROM, rtol=0, atol=1e-3
+        )
