@@ -331,3 +331,24 @@ def test_committed_files_are_what_the_readme_command_makes():
         np.testing.assert_allclose(
             atoms.get_forces(), forces * HARTREE_IN_EV / BOHR_IN_ANGSTROM, rtol=0, atol=1e-3
         )
+
+
+def test_modules_import_without_tblite_or_torch():
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, nequip_mtl.tools.si_pair, nequip_mtl.tools.make_si_pair\n"
+        "print(sorted({'tblite', 'torch', 'nequip'} & set(sys.modules)))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
