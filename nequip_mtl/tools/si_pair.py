@@ -20,19 +20,23 @@ Every frame carries ``energy`` (eV), ``forces`` (eV/Å) and ``stress`` (eV/Å\\ 
 ASE's sign and Voigt order: the periodic cell's stress that tblite returns) through ASE's
 single-point calculator, which nequip's :class:`nequip.data.dataset.ASEDataset` maps to
 ``total_energy``, ``forces`` and ``stress``. ``info`` holds ``config_type`` (the kind),
-``structure_id``, ``seed``, ``rattle`` (Å, the standard deviation of the Gaussian
+``structure_id``, ``draw`` (the draw's number in its random stream), ``seed``, ``rattle`` (Å, the standard deviation of the Gaussian
 displacements), ``strain`` (the small-strain tensor applied to the cell, Voigt order
 xx, yy, zz, yz, xz, xy), ``volumetric_strain``, ``method``, ``energy_unit`` and, for
 interstitials, ``defect_site`` (``tetrahedral`` or ``hexagonal``).
 
 How the frames are made (:data:`RECIPES`): a perfect cell at the experimental lattice
 constant (:data:`SI_LATTICE_CONSTANT`; GFN2-xTB's own Γ-point minimum for the 16-atom cell is
-within 0.5 % of it, GFN1-xTB's about 3.5 % larger) or a defect template, relaxed a little at
-fixed cell with the cheap level (:func:`defect_templates`), is strained by a random symmetric
-tensor and rattled by Gaussian displacements; a draw with two atoms closer than
-:data:`MIN_DISTANCE` is redrawn. Each (set, kind) has its own random stream keyed by
-``(seed, set, kind)``, so the test frames are not the cheap set's frames, and a kind's frames
-do not depend on how many frames the other kinds get.
+5.439 Å, GFN1-xTB's 5.635 Å) or a defect template, relaxed a little at fixed cell with the
+cheap level (:func:`defect_templates`), is strained by a random symmetric tensor and rattled
+by Gaussian displacements; a rattle that brings two atoms closer than :data:`MIN_DISTANCE` is
+redrawn. Each (set, kind) has its own random stream keyed by ``(seed, set, kind)``, so the
+test frames are not the cheap set's frames, and a kind's frames do not depend on how many
+frames the other kinds get. A draw that a level cannot label reliably (:func:`robust_label`:
+the SCF does not converge from every initial guess of :data:`SCF_GUESSES` to the same
+solution, as often happens with GFN2-xTB on small-gap cells) is dropped and the next draw
+taken, so the expensive test frames of the hardest kinds are the draws on which GFN2-xTB is
+well behaved.
 
 Command line (``nequip-mtl-make-si-pair --help``, :mod:`nequip_mtl.tools.make_si_pair`)::
 
