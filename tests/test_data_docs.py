@@ -28,7 +28,7 @@ PAGE = REPO / "docs" / "data.md"
 TEXT = PAGE.read_text()
 
 #: the generators' commands, run here; ``nequip-train`` ones are composed by test_user_path
-GENERATORS = ("nequip-mtl-make-data", "nequip-mtl-make-xtb-data")
+GENERATORS = ("nequip-mtl-make-data", "nequip-mtl-make-xtb-data", "nequip-mtl-make-si-pair")
 COMPOSED_ELSEWHERE = ("nequip-train",)
 #: fewer frames and MD steps than the page's (the same code paths)
 FRAMES = 6
@@ -63,6 +63,8 @@ def _smaller(argv: list[str]) -> list[str]:
         argv[argv.index("--frames") + 1] = str(FRAMES)
     if argv[0] == "nequip-mtl-make-xtb-data" and "--relabel" not in argv:
         argv += XTB_FAST
+    if argv[0] == "nequip-mtl-make-si-pair":
+        argv += ["--quick"]  # 8-atom cells, a frame or two per kind
     return argv
 
 
@@ -83,7 +85,7 @@ def test_generator_command_runs_as_written(argv, tmp_path, monkeypatch):
     """In a fresh directory holding the repository's ``benchmarks/data`` DFT file (which the
     ``--relabel`` command reads; the xTB command writes into that directory there, not into
     the repository's)."""
-    if argv[0] == "nequip-mtl-make-xtb-data":
+    if argv[0] in ("nequip-mtl-make-xtb-data", "nequip-mtl-make-si-pair"):
         pytest.importorskip("tblite")
     data = tmp_path / "benchmarks" / "data"
     data.mkdir(parents=True)
@@ -92,9 +94,14 @@ def test_generator_command_runs_as_written(argv, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = _smaller(argv)
     assert console_script(argv[0])(argv[1:]) == 0
-    frames = ase.io.read(tmp_path / argv[1], index=":")
-    expected = 100 if "--relabel" in argv else FRAMES
-    assert len(frames) == expected
+    if argv[0] == "nequip-mtl-make-si-pair":
+        from nequip_mtl.tools.si_pair import FILE_NAMES
+
+        frames = [a for n in FILE_NAMES for a in ase.io.read(tmp_path / argv[1] / f"{n}.xyz", ":")]
+    else:
+        frames = ase.io.read(tmp_path / argv[1], index=":")
+        expected = 100 if "--relabel" in argv else FRAMES
+        assert len(frames) == expected
     assert all("energy" in a.calc.results and "forces" in a.calc.results for a in frames)
 
 

@@ -170,6 +170,11 @@ def test_compare_labels_closed_form():
     assert stats["energy_offset_per_atom"] == pytest.approx(7.0 / 3)
     assert stats["energy_rmse_after_offset"] == pytest.approx(np.sqrt((d**2).mean()))
     assert stats["force_rmse"] == pytest.approx(0.5)
+    # half the components off by 0.5, half by -1.5: RMS sqrt(1.25), mean absolute value 1
+    delta = np.where(np.arange(f.size).reshape(f.shape) % 2 == 0, 0.5, -1.5)
+    mixed = xtb_md.compare_labels(ref, _with_labels(geoms, e, f + delta))
+    assert mixed["force_rmse"] == pytest.approx(np.sqrt(1.25))
+    assert mixed["force_mae"] == pytest.approx(1.0)
     assert stats["reference_force_rms"] == pytest.approx(np.sqrt((f**2).mean()))
     with pytest.raises(ValueError, match="not the same geometries"):
         moved = [g.copy() for g in geoms]

@@ -6,6 +6,9 @@
 - :mod:`~nequip_mtl.tools.xtb_md`: GFN2-xTB molecular dynamics of a molecule with ``tblite``
   (the ``xtb`` extra), and xTB labels of given frames; command line
   ``nequip-mtl-make-xtb-data`` (:mod:`~nequip_mtl.tools.make_xtb_data`).
+- :mod:`~nequip_mtl.tools.si_pair`: a periodic multi-fidelity pair of silicon cells, GFN2-xTB on
+  bulk only, GFN1-xTB on bulk and defects, a GFN2-xTB test set of defects; command line
+  ``nequip-mtl-make-si-pair`` (:mod:`~nequip_mtl.tools.make_si_pair`).
 
 They write extended XYZ that nequip's ``ASEDataset`` reads. Only ASE and NumPy are imported
 (no torch, no nequip; tblite only when an xTB calculation is made).

@@ -19,8 +19,9 @@ and ``forces``), which nequip's :class:`nequip.data.dataset.ASEDataset` maps to
 ``seed``, ``energy_unit`` and ``config_type`` (e.g. ``xtb_md_600K``). The molecules are not
 periodic and have no stress.
 
-:func:`relabel_frames` labels any frames (e.g. the DFT geometries) with xTB, and
-:func:`compare_labels` measures how far two labellings of the same geometries are apart.
+:func:`relabel_frames` labels any frames (e.g. the DFT geometries) with xTB (periodic cells
+get a stress as well; :func:`label_frame` labels one), and :func:`compare_labels` measures how
+far two labellings of the same geometries are apart.
 
 Command line (``nequip-mtl-make-xtb-data --help``, :mod:`nequip_mtl.tools.make_xtb_data`)::
 
@@ -48,6 +49,7 @@ __all__ = [
     "XTB_METHODS",
     "compare_labels",
     "generate_xtb_md_frames",
+    "label_frame",
     "relabel_frames",
     "sample_md",
     "xtb_calculator",
@@ -89,37 +91,61 @@ def xtb_calculator(method: str = "GFN2-xTB", **parameters):
     return TBLite(method=method, verbosity=0, **parameters)
 
 
-def _labelled(atoms: Atoms, energy_ev: float, forces_ev: np.ndarray, unit: str, info) -> Atoms:
-    """A bare copy (numbers, positions, cell, pbc; no velocities) with converted labels."""
+def _labelled(
+    atoms: Atoms, energy_ev: float, forces_ev: np.ndarray, unit: str, info, stress_ev=None
+) -> Atoms:
+    """A bare copy (numbers, positions, cell, pbc; no velocities) with converted labels
+    (``stress_ev``, eV/Å^3 in Voigt order, only when given)."""
     factor = ENERGY_UNITS[unit]
     out = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     out.info.update(info)
-    out.calc = SinglePointCalculator(
-        out, energy=float(energy_ev) * factor, forces=np.asarray(forces_ev) * factor
-    )
+    labels = dict(energy=float(energy_ev) * factor, forces=np.asarray(forces_ev) * factor)
+    if stress_ev is not None:
+        labels["stress"] = np.asarray(stress_ev) * factor
+    out.calc = SinglePointCalculator(out, **labels)
     return out
+
+
+def label_frame(
+    atoms: Atoms,
+    method: str = "GFN2-xTB",
+    energy_unit: str = "kcal/mol",
+    calc=None,
+    **parameters,
+) -> Atoms:
+    """A bare copy of ``atoms`` (geometry and ``info``) labelled with xTB in ``energy_unit``.
+
+    The labels are the energy, the forces and, for a frame periodic in all three directions,
+    the cell's stress (tblite's, at the Γ point; ``energy_unit`` per Å^3, ASE's sign
+    convention and Voigt order). ``info`` gets ``method`` and ``energy_unit``. ``calc`` (an
+    :func:`xtb_calculator` of ``method``) serves when given, so its SCF starts from its last
+    density when the atoms are the same; otherwise a fresh calculator with ``parameters``
+    (e.g. ``guess="eeqbc"``). An SCF that does not converge raises ASE's
+    ``CalculationFailed``.
+    """
+    _check_choice("energy_unit", energy_unit, ENERGY_UNITS)
+    work = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    work.calc = calc if calc is not None else xtb_calculator(method, **parameters)
+    info = dict(atoms.info, method=method, energy_unit=energy_unit)
+    stress = work.get_stress(voigt=True) if work.pbc.all() else None
+    return _labelled(
+        work, work.get_potential_energy(), work.get_forces(), energy_unit, info, stress
+    )
 
 
 def relabel_frames(
     frames: Sequence[Atoms], method: str = "GFN2-xTB", energy_unit: str = "kcal/mol"
 ) -> list[Atoms]:
-    """Label copies of ``frames`` with xTB energies and forces in ``energy_unit``.
+    """Label copies of ``frames`` with xTB (:func:`label_frame`) in ``energy_unit``.
 
-    The geometries (and ``info``) are kept; any previous labels are replaced. ``info`` gets
-    ``method`` and ``energy_unit``. One calculator serves all frames, so tblite starts each
-    SCF from the previous frame's density (converged to tblite's default accuracy).
+    The geometries (and ``info``) are kept; any previous labels are replaced; periodic frames
+    get a stress too. One calculator serves all frames, so tblite starts each SCF from the
+    previous frame's density (converged to tblite's default accuracy) when the atoms are the
+    same, and starts afresh when they change.
     """
     _check_choice("energy_unit", energy_unit, ENERGY_UNITS)
     calc = xtb_calculator(method)
-    out = []
-    for atoms in frames:
-        work = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-        work.calc = calc
-        info = dict(atoms.info, method=method, energy_unit=energy_unit)
-        out.append(
-            _labelled(work, work.get_potential_energy(), work.get_forces(), energy_unit, info)
-        )
-    return out
+    return [label_frame(atoms, method, energy_unit, calc=calc) for atoms in frames]
 
 
 def _bonds(atoms: Atoms) -> frozenset[tuple[int, int]]:
@@ -271,7 +297,8 @@ def compare_labels(reference: Sequence[Atoms], other: Sequence[Atoms]) -> dict[s
 
     Returns ``energy_offset`` (mean of other - reference per frame), ``energy_offset_per_atom``,
     ``energy_rmse_after_offset`` (RMS of the per-frame difference once the mean offset is
-    removed), ``force_rmse`` (RMS of the component-wise difference), ``reference_force_rms``,
+    removed), ``force_rmse`` and ``force_mae`` (RMS and mean absolute value of the
+    component-wise difference), ``reference_force_rms``,
     ``other_force_rms``, ``energy_std_reference``, ``energy_std_other``, ``energy_correlation``
     and ``num_frames``.
     """
@@ -296,6 +323,7 @@ def compare_labels(reference: Sequence[Atoms], other: Sequence[Atoms]) -> dict[s
         "energy_std_other": float(e_oth.std()),
         "energy_correlation": float(np.corrcoef(e_ref, e_oth)[0, 1]) if len(e_ref) > 1 else 1.0,
         "force_rmse": float(np.sqrt(((f_oth - f_ref) ** 2).mean())),
+        "force_mae": float(np.abs(f_oth - f_ref).mean()),
         "reference_force_rms": float(np.sqrt((f_ref**2).mean())),
         "other_force_rms": float(np.sqrt((f_oth**2).mean())),
     }
