@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter
 
+from .._argtypes import fraction, positive_int
 from .emt_alloy import (
     DEFAULT_ELEMENTS,
     FRAME_KINDS,
@@ -22,26 +23,6 @@ from .emt_alloy import (
     generate_frames,
     write_frames,
 )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
 
 
 def _elements(text: str) -> list[str]:
@@ -79,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("output", help="output file, e.g. data/alloy.xyz (extended XYZ)")
     parser.add_argument(
-        "--frames", type=_positive_int, default=150, help="number of frames (default: 150)"
+        "--frames", type=positive_int, default=150, help="number of frames (default: 150)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
@@ -94,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--compositions",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         help="number of distinct random compositions (default: 4)",
     )
@@ -110,19 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--vacancy-fraction",
-        type=_fraction,
+        type=fraction,
         default=None,
         help="with --kind mixed: fraction of bulk frames with vacancies (default: 0.15)",
     )
     parser.add_argument(
         "--slab-fraction",
-        type=_fraction,
+        type=fraction,
         default=None,
         help="with --kind mixed: fraction of surface-slab frames (default: 0.15)",
     )
     parser.add_argument(
         "--max-vacancies",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=(
             "a vacancy frame loses 1 to this many atoms, at most 8 "

@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 
-from .make_data import _positive_int
+from .._argtypes import non_negative_int, positive_int
 from .si_pair import CHEAP_METHOD, EXPENSIVE_METHOD, FILE_NAMES, NEW_KINDS, QUICK, make_si_pair
 from .xtb_md import _INSTALL_HINT, compare_labels
 
@@ -105,16 +105,6 @@ def _repeat(text: str) -> tuple[int, int, int]:
     return values
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nequip-mtl-make-si-pair",
@@ -127,18 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("directory", help="output directory (created if needed)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="default: 0")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="default: 0")
     parser.add_argument(
-        "--bulk", type=_positive_int, default=100, help="bulk frames, both levels (default: 100)"
+        "--bulk", type=positive_int, default=100, help="bulk frames, both levels (default: 100)"
     )
     parser.add_argument(
         "--cheap-per-kind",
-        type=_positive_int,
+        type=positive_int,
         default=70,
         help="GFN1-xTB frames of each new kind (default: 70)",
     )
     parser.add_argument(
-        "--test", type=_positive_int, default=100, help="GFN2-xTB test frames (default: 100)"
+        "--test", type=positive_int, default=100, help="GFN2-xTB test frames (default: 100)"
     )
     parser.add_argument(
         "--repeat",
@@ -148,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--relax-steps",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=20,
         help="GFN1-xTB BFGS steps relaxing each defect template (default: 20)",
     )

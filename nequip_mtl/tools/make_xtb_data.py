@@ -18,8 +18,8 @@ import argparse
 import sys
 import time
 
+from .._argtypes import positive_int
 from .emt_alloy import write_frames
-from .make_data import _positive_int
 from .xtb_md import (
     _INSTALL_HINT,
     DEFAULT_MOLECULE,
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("output", help="output extended-XYZ file")
-    parser.add_argument("--frames", type=_positive_int, default=1200, help="default: 1200")
+    parser.add_argument("--frames", type=positive_int, default=1200, help="default: 1200")
     parser.add_argument(
         "--temperatures",
         type=_temperatures,
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="default: 0")
     parser.add_argument(
-        "--stride", type=_positive_int, default=20, help="keep every k-th MD step (default: 20)"
+        "--stride", type=positive_int, default=20, help="keep every k-th MD step (default: 20)"
     )
     parser.add_argument(
         "--equilibration",

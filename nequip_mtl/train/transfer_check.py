@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._argtypes import positive_float, positive_int
 from ..diagnostics.transfer import (
     DEFAULT_TOLERANCE,
     TransferCheck,
@@ -42,26 +43,6 @@ _DATA_MODULE = "nequip_mtl.data.MultiDatasetDataModule"
 
 class ConfigError(ValueError):
     """The config cannot be checked (printed as the command's error)."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--frames",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         help="frames of each dataset in every gradient batch (default: 4)",
     )
     parser.add_argument(
         "--batches",
-        type=_positive_int,
+        type=positive_int,
         default=16,
         help=(
             "balanced batches the gradients are averaged over; the cosine's standard error "
@@ -115,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tolerance",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_TOLERANCE,
         help=(
             "positions (and cells) closer than this, in the data's length unit, are the same "
