@@ -98,6 +98,27 @@ def batch(module, names=("lo", "hi"), frames_each: int = 2) -> dict:
     return AtomicDataDict.batched_from_list(frames)
 
 
+def nequip_model(config: dict):
+    """nequip's own ``NequIPGNNModel`` from a model config (no wrapper)."""
+    from nequip.model import NequIPGNNModel
+
+    config = dict(config)
+    config.pop("_target_")
+    return NequIPGNNModel(**config)
+
+
+def run(model, batch: dict) -> dict:
+    """``model`` on a copy of ``batch`` (models write into their input)."""
+    return model(clone(batch))
+
+
+def as_dataset(batch: dict, d: int) -> dict:
+    """A copy of ``batch`` with every frame marked as dataset ``d``."""
+    out = clone(batch)
+    out["dataset_index"] = torch.full_like(batch["dataset_index"], d)
+    return out
+
+
 def without(batch: dict, key: str) -> dict:
     return {k: v for k, v in batch.items() if k != key}
 

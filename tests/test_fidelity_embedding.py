@@ -21,6 +21,7 @@ from nequip.model import modify
 
 from nequip_mtl.model import DatasetReadoutHeads, DatasetTypeEmbedding, PerDatasetEnergyReferences
 from tests import _mfid as F
+from tests._mfid import as_dataset, run
 
 DTYPES = ["float32", "float64"]
 NAMES = ["lo", "hi"]
@@ -40,11 +41,7 @@ def with_embedding(dtype="float64", heads=False, **kw):
 
 def plain(dtype="float64"):
     """nequip's own model from the same config (no wrapper)."""
-    from nequip.model import NequIPGNNModel
-
-    cfg = config(dtype)
-    cfg.pop("_target_")
-    return NequIPGNNModel(**cfg)
+    return F.nequip_model(config(dtype))
 
 
 def embedding(model) -> DatasetTypeEmbedding:
@@ -55,16 +52,6 @@ def embedding(model) -> DatasetTypeEmbedding:
 def type_embed_of(model):
     (found,) = [m for n, m in model.named_modules() if n.endswith("type_embed")]
     return found
-
-
-def run(model, batch):
-    return model(F.clone(batch))
-
-
-def as_dataset(batch, d: int) -> dict:
-    out = F.clone(batch)
-    out["dataset_index"] = torch.full_like(batch["dataset_index"], d)
-    return out
 
 
 def moved_apart(dtype="float64", heads=False, seed=3):

@@ -19,6 +19,7 @@ from nequip.model import modify
 
 from nequip_mtl.model import DatasetEnergyShifts, DatasetReadoutHeads, PerDatasetEnergyReferences
 from tests import _mfid as F
+from tests._mfid import as_dataset, run
 
 DTYPES = ["float32", "float64"]
 NAMES = ["lo", "hi"]
@@ -42,11 +43,7 @@ def with_heads(dtype="float64", readout="linear", trainable=False, **kw):
 
 def plain(dtype="float64", readout="linear"):
     """nequip's own model from the same config (no wrapper)."""
-    from nequip.model import NequIPGNNModel
-
-    cfg = config(dtype, readout)
-    cfg.pop("_target_")
-    return NequIPGNNModel(**cfg)
+    return F.nequip_model(config(dtype, readout))
 
 
 def heads(model) -> DatasetReadoutHeads:
@@ -58,16 +55,6 @@ def readout_of(model):
     """The ``per_atom_energy_readout`` of a plain nequip model."""
     (found,) = [m for n, m in model.named_modules() if n.endswith("per_atom_energy_readout")]
     return found
-
-
-def run(model, batch):
-    return model(F.clone(batch))
-
-
-def as_dataset(batch, d: int) -> dict:
-    out = F.clone(batch)
-    out["dataset_index"] = torch.full_like(batch["dataset_index"], d)
-    return out
 
 
 def frame_energy_of(model, batch, d: int) -> torch.Tensor:
