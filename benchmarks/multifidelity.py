@@ -749,6 +749,10 @@ def parse(argv):
     p.add_argument("--cosine-steps", type=int, default=None, help="batches of the cosines")
     p.add_argument("--transfer-batches", type=int, default=None,
                    help="balanced batches of the transfer check's gradient cosine")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue the results json at --out: keep its runs and run only the "
+                        "missing (N_H, seed, method) of the union of its and these sizes, "
+                        "seeds and methods; every other setting must equal its")  # fmt: skip
     P.add_run_arguments(p, batch_size=4, lr=None)
     args = p.parse_args(argv)
     args.argv = list(argv)
@@ -786,6 +790,56 @@ def plan(args) -> list[tuple[int, int, str]]:
     return out
 
 
+#: the arguments a resumed study may change (what to run, where the data lies)
+RESUMABLE = ("argv", "methods", "dft_train", "seeds", "expected_runs", "data_dir",
+             "resumed_argv", "quick", "from_json")  # fmt: skip
+
+
+def resumed(args, out: Path) -> dict:
+    """The earlier json at ``out`` (refused if absent); ``args`` gain the union of its and
+    their sizes, seeds and methods."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        raise SystemExit(f"--resume: no earlier results at {path} (--out names them)")
+    earlier = R.read_json(path)
+    e = earlier["meta"]["args"]
+    args.methods = list(dict.fromkeys([*e["methods"], *args.methods]))
+    args.dft_train = sorted({*e["dft_train"], *args.dft_train}, reverse=True)
+    args.seeds = sorted({*e["seeds"], *args.seeds})
+    return earlier
+
+
+def merge_earlier(earlier: dict, a: dict, stats: dict, out: Path):
+    """The arguments, statistics and lists of a resumed study: every setting but
+    :data:`RESUMABLE` and the statistics of the sizes both ran must equal the earlier
+    study's (the same data and protocol), else refused naming the difference."""
+    e = earlier["meta"]["args"]
+    differ = sorted(k for k in {*e, *a} - set(RESUMABLE) if e.get(k) != a.get(k))
+    if differ:
+        raise SystemExit(f"--resume {out.with_suffix('.json')}: settings differ from the "
+                         "earlier study's: " + ", ".join(f"{k} {e.get(k)!r} -> {a.get(k)!r}"
+                                                         for k in differ))  # fmt: skip
+    e_stats = earlier["meta"]["data"]["statistics"]
+    for key in e_stats.keys() & stats.keys():
+        for name, value in e_stats[key].items():
+            if not _close(value, new := stats[key].get(name)):
+                raise SystemExit(f"--resume: the data changed ({key} {name}: {value} -> "
+                                 f"{new}); run a new study")  # fmt: skip
+    merged = {**a, "argv": e["argv"],
+              "resumed_argv": [*e.get("resumed_argv", []), a["argv"]]}  # fmt: skip
+    lists = {k: list(earlier.get(k, [])) for k in ("pretrain", "cosines", "transfer", "runs")}
+    return merged, {**e_stats, **stats}, lists
+
+
+def _close(x, y) -> bool:
+    """Equal up to float rounding (a json round trip), nested."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+        return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+    return x == y
+
+
 def check_methods(methods: list[str]) -> None:
     """Refuse methods this checkout cannot build, naming what is missing."""
     table = M.multifidelity_methods()
@@ -805,30 +859,41 @@ def main(argv=None):
     args = parse(argv)
     if args.from_json:
         return R.from_json(args.from_json, args.out, report)
-    check_methods(args.methods)
     out = Path(args.out)
+    earlier = resumed(args, out) if args.resume else None
+    check_methods(args.methods)
     files, held = data_files(args.pair, args.data_dir, args.dft_train)
     args.type_names, args.stress = held["type_names"], held["stress"]
     stats = statistics(files, args.dft_train, vars(args))
-    a = {k: v for k, v in vars(args).items() if k not in ("out",)}
+    a = {k: v for k, v in vars(args).items() if k not in ("out", "resume")}
     todo = plan(args)
     a["expected_runs"] = len(todo)
+    lists = {"pretrain": [], "cosines": [], "transfer": [], "runs": []}
+    if earlier is not None:
+        a, stats, lists = merge_earlier(earlier, a, stats, out)
+        finished = {(r["n_dft"], r["seed"], r["method"]) for r in lists["runs"]}
+        todo = [t for t in todo if t not in finished]
     base = {"args": a, "stats": stats, "files": files}
 
     def task(seed, n=None, method=None):
         return {**base, "seed": seed, "n": n, "method": method,
                 "cache": str(pretrained_path(a, stats, seed))}  # fmt: skip
 
-    results = P.Results(out, "multifidelity", argv, a, {"files": files, "statistics": stats},
-                        pretrain=[], cosines=[], transfer=[], runs=[])  # fmt: skip
+    results = P.Results(out, "multifidelity", a["argv"], a,
+                        {"files": files, "statistics": stats}, **lists)  # fmt: skip
+    if earlier is not None:  # the elapsed time counts every part
+        results.t0 -= earlier["meta"].get("elapsed_s", 0.0)
     runs = results.lists["runs"]
 
     def done(key: str) -> set[int]:
         return {x["seed"] for x in results.lists[key]}
 
     for n, seed, method in todo:
-        if seed not in done("pretrain"):  # the cosines and the sequential runs need it
+        if seed not in done("pretrain") or not Path(task(seed)["cache"]).exists():
+            # the cosines and the sequential runs need it; a resumed study whose cache is
+            # gone pretrains again (same settings) and records the new pretraining
             r = pretrain_run(task(seed))
+            results.lists["pretrain"] = [x for x in results.lists["pretrain"] if x["seed"] != seed]
             results.add("pretrain", r)
             print(f"pretrained seed {seed}{' (cached)' if r['cached'] else ''}: {r['steps']} "
                   f"steps, high-fidelity force {r['budget'][f'high/{F}']:.4g}", flush=True)  # fmt: skip
