@@ -553,3 +553,52 @@ def test_from_json_rewrites_the_same_report(quick, tmp_path):
     MF.main(["--from-json", str(out.with_suffix(".json")), "--out", str(tmp_path / "again")])
     assert (tmp_path / "again.md").read_text() == out.with_suffix(".md").read_text()
     assert (tmp_path / "again.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- --resume
+
+
+def test_resume_runs_only_the_missing_runs_and_refuses_other_settings(tmp_path):
+    """A study resumed with a new size keeps every earlier record as it was and adds the
+    missing (N_H, seed, method) runs only; another budget or an absent json is refused.
+    Mutation: dropping the ``finished`` filter reruns the earlier run (3 runs) and fails."""
+    data = si_data_dir(tmp_path / "data")
+    out = tmp_path / "mf"
+    common = ["--quick", "--pair", "si_xtb", "--data-dir", str(data), "--budget-s", "1",
+              "--pretrain-s", "0.5", "--cosine-steps", "1", "--transfer-batches", "1",
+              "--methods", "mf_dft_only", "--out", str(out)]  # fmt: skip
+    with pytest.raises(subprocess.CalledProcessError) as absent:
+        _run(*common, "--dft-train", "8", "--resume")
+    assert "no earlier results" in absent.value.stderr
+    _run(*common, "--dft-train", "8")
+    before = json.loads(out.with_suffix(".json").read_text())
+    with pytest.raises(subprocess.CalledProcessError) as other:
+        _run(*common[:-2], "--budget-s", "2", "--out", str(out), "--dft-train", "12", "--resume")
+    assert "budget_s 1.0 -> 2.0" in other.value.stderr
+    _run(*common, "--dft-train", "12", "--resume")
+    after = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["n_dft"], r["method"]) for r in after["runs"]] == [(8, "mf_dft_only"),
+                                                                 (12, "mf_dft_only")]  # fmt: skip
+    assert after["runs"][0] == before["runs"][0]
+    for key in ("pretrain", "cosines", "transfer"):
+        assert after[key] == before[key]
+    a = after["meta"]["args"]
+    assert a["dft_train"] == [12, 8] and a["argv"] == before["meta"]["args"]["argv"]
+    assert a["resumed_argv"][0][-2:] == ["12", "--resume"]
+    assert (
+        after["meta"]["data"]["statistics"]["high_8"]
+        == before["meta"]["data"]["statistics"]["high_8"]
+    )
+    assert "resumed with" in out.with_suffix(".md").read_text()
+
+
+def test_resume_refuses_changed_data(tmp_path):
+    """The statistics of a size both parts ran must agree (the same frames)."""
+    earlier = {"meta": {"args": {"pair": "si_xtb", "argv": []},
+                        "data": {"statistics": {"high_8": {"forces_rms": 1.0}}}}}  # fmt: skip
+    a = {"pair": "si_xtb", "argv": []}
+    with pytest.raises(SystemExit, match="the data changed"):
+        MF.merge_earlier(earlier, a, {"high_8": {"forces_rms": 1.1}}, tmp_path / "mf")
+    merged, stats, lists = MF.merge_earlier(earlier, a, {"high_8": {"forces_rms": 1.0}},
+                                            tmp_path / "mf")  # fmt: skip
+    assert stats == {"high_8": {"forces_rms": 1.0}} and lists["runs"] == []
