@@ -221,7 +221,7 @@ def test_the_budget_is_logged_and_plotted(tmp_path):
 def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path):
     """2 ranks, each with half of every global batch, against 1 process on the global
     batch: the same reference, the same multiplier at every update (the ratio of the global
-    batch on every rank), the same parameters."""
+    batch on every rank), the same parameters, the same final ratio."""
     import sys
 
     from tests._ddp import launch
@@ -242,6 +242,10 @@ def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path):
     assert got["reference"] == pytest.approx(ref["reference"], rel=1e-12)
     assert got["base_coeffs"] == ref["base_coeffs"]
     torch.testing.assert_close(ranks[0]["params"], one["params"], rtol=0, atol=1e-9)
+    # the end-of-training measurement: every rank measures the same frames with the same
+    # model, so each reads the one process's final ratio (fp64 parameters equal to 1e-9)
+    assert ref["final_ratio"] is not None and got["final_ratio"] is not None
+    assert got["final_ratio"] == pytest.approx(ref["final_ratio"], rel=1e-7)
 
 
 @pytest.mark.parametrize(
