@@ -18,8 +18,9 @@ rest (nested: a smaller set is part of every larger one):
 - ``energy``: by per-atom energy, lowest first; the ``n_test`` highest are the test set, so
   the training sets are the lowest-energy frames (labels near equilibrium only).
 
-The cheap frames are permuted by the same generator; the first ``low_train`` (default: all
-but ``low_test``) train, the next ``low_test`` are the pretraining's cheap test frames.
+The cheap frames are permuted by the same generator (and, with ``low_config_types``, only
+those kinds kept); the first ``low_train`` (default: all but ``low_test``) train, the next
+``low_test`` are the pretraining's cheap test frames.
 
 No torch import here (``--help`` and ``--from-json`` read the table).
 """
@@ -54,6 +55,8 @@ class Pair:
     n_test: int = 20  # test frames taken from ``high_file`` (without ``test_file``)
     low_train: int | None = None  # None: every cheap frame but the ``low_test`` ones
     low_test: int = 100
+    #: keep only the cheap frames of these ``config_type`` values (empty: every frame)
+    low_config_types: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.energy_unit not in TO_MEV:
@@ -89,6 +92,12 @@ PAIRS = {
         "defect cells; the test set GFN2-xTB defect cells only",
         high="GFN2", low="GFN1", high_file="si_gfn2_bulk.xyz", low_file="si_gfn1_all.xyz",
         test_file="si_gfn2_defects_test.xyz", energy_unit="eV", low_test=50),
+    "si_bulk": Pair(
+        "GFN2-xTB Si bulk cells split at random (the 20 test frames bulk too); GFN1-xTB on "
+        "the same 100 bulk geometries only: the cheap data covers nothing the expensive "
+        "lacks", high="GFN2", low="GFN1", high_file="si_gfn2_bulk.xyz",
+        low_file="si_gfn1_all.xyz", energy_unit="eV", low_test=20,
+        low_config_types=("bulk",)),
 }  # fmt: skip
 #: the pair of a results json written before pairs existed
 DEFAULT_PAIR = "ethanol_random"
@@ -125,6 +134,8 @@ def split(pair: Pair, frames: dict[str, list], sizes) -> dict[str, list]:
         if not 0 < n <= len(pool):
             raise SystemExit(f"--dft-train {n}: must be 1 to {len(pool)} (the training pool)")
     low = [frames["low"][i] for i in rng.permutation(len(frames["low"]))]
+    if pair.low_config_types:
+        low = [a for a in low if a.info.get("config_type") in pair.low_config_types]
     n_low = pair.low_train if pair.low_train is not None else len(low) - pair.low_test
     if n_low < 1 or n_low + pair.low_test > len(low):
         raise SystemExit(f"{pair.low_file}: {len(low)} frames, too few for {n_low} training "

@@ -5,7 +5,8 @@ test set and nested training sets of N_H frames (``--dft-train``), and a cheap s
 ``ethanol_random`` (DFT ethanol split at random, GFN2-xTB ethanol MD), ``ethanol_low`` (the
 same, the DFT training sets the lowest-energy frames, the test set the highest) and
 ``si_xtb`` (GFN2-xTB Si bulk cells to train, GFN1-xTB bulk and defects, GFN2-xTB defects to
-test; stress trained and reported). Strategies
+test; stress trained and reported) and ``si_bulk`` (GFN2-xTB bulk split at random, GFN1-xTB
+on the same bulk geometries only: cheap data that covers nothing new). Strategies
 (:func:`benchmarks.methods.multifidelity_methods`): the high fidelity alone; low-fidelity
 pretraining then high-fidelity fine-tuning (sequential); joint training on balanced batches
 with per-dataset energy references and nequip's weighted sum at high:low ``w``:1, with

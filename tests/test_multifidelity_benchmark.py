@@ -162,6 +162,24 @@ def test_a_test_file_is_the_test_set_and_the_sizes_are_refused_beyond_the_pool(t
         FP.split(pair, frames, [1000])
 
 
+def test_low_config_types_keep_only_those_cheap_frames(tmp_path):
+    """``si_bulk``: the cheap frames are the bulk ones only (counted here from the files'
+    ``config_type``), the test set the first 20 of the seeded permutation of the expensive
+    file. Mutation: dropping the filter keeps every cheap frame and fails."""
+    import ase.io
+
+    pair = FP.PAIRS["si_bulk"]
+    src = pair.files(si_data_dir(tmp_path))
+    frames = {k: ase.io.read(v, index=":") for k, v in src.items()}
+    bulk = [a for a in frames["low"] if a.info.get("config_type") == "bulk"]
+    out = FP.split(pair, frames, [40])
+    low = out["low_train"] + out["low_test"]
+    assert len(low) == len(bulk) and all(a.info["config_type"] == "bulk" for a in low)
+    assert len(out["low_test"]) == pair.low_test
+    order = np.random.default_rng(0).permutation(len(frames["high"]))
+    assert out["high_test"] == [frames["high"][i] for i in order[: pair.n_test]]
+
+
 # ----------------------------------------------------------------------------- the tables
 
 
