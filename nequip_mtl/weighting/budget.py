@@ -16,6 +16,15 @@ bound with the constraint slack (the replay costs nothing: fine-tuning alone kee
 budget). ``ratio`` is the mean of the observed ratios since the last update, so that one
 noisy batch does not move the multiplier.
 
+With ``proportional > 0`` the multiplier is a PI controller of the violation (the
+PID Lagrangian of Stooke, Achiam & Abbeel, ICML 2020, here in log space):
+``log lambda = I + proportional * (ratio / bound - 1)``, where the integral ``I`` is the
+dual-ascent sum above (kept within the bounds: no wind-up beyond them). The proportional
+term answers a violation at once and leaves again when it ends, so the integral can move
+slowly (a smaller ``step_size``) and noisy or transient ratios, e.g. the loss spike of a
+fresh optimizer's first steps, do not accumulate in it. At a fixed point the violation is
+zero and the proportional term vanishes: the same optimum as plain dual ascent.
+
 Pure Python (no torch, no Lightning); the Lightning glue is
 :class:`~nequip_mtl.train.callbacks.ForgettingBudget`.
 """
@@ -43,6 +52,8 @@ class DualAscentMultiplier:
             default ``10``)
         initial: the multiplier's starting value (default ``1.0``: the configured weight)
         bounds: ``(min, max)`` of the multiplier (default ``(1e-3, 1e3)``)
+        proportional: log-space gain on the current violation (default ``0.0``: plain
+            dual ascent)
     """
 
     def __init__(
@@ -52,6 +63,7 @@ class DualAscentMultiplier:
         every: int = 10,
         initial: float = 1.0,
         bounds: tuple[float, float] = (1e-3, 1e3),
+        proportional: float = 0.0,
     ) -> None:
         low, high = (float(b) for b in bounds)
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
@@ -62,13 +74,18 @@ class DualAscentMultiplier:
             raise ValueError(f"`every` must be an integer >= 1, got {every!r}")
         if not 0 < low <= high:
             raise ValueError(f"`bounds` must be (min, max) with 0 < min <= max, got {bounds!r}")
+        if isinstance(proportional, bool) or not proportional >= 0:
+            raise ValueError(f"`proportional` must be >= 0, got {proportional!r}")
         if not low <= initial <= high:
             raise ValueError(f"`initial` must lie within `bounds` {bounds!r}, got {initial!r}")
         self.bound = float(bound)
         self.step_size = float(step_size)
         self.every = every
         self.bounds = (low, high)
+        self.proportional = float(proportional)
         self.multiplier = float(initial)
+        #: the integral term, ``log`` of the multiplier without the proportional one
+        self.integral = math.log(self.multiplier)
         #: the sum and number of the ratios observed since the last update
         self._sum = 0.0
         self._count = 0
@@ -100,9 +117,14 @@ class DualAscentMultiplier:
             return
         mean = self._sum / self._count
         violation = mean / self.bound - 1.0
-        step = max(-_MAX_LOG_STEP, min(_MAX_LOG_STEP, self.step_size * violation))
         low, high = self.bounds
-        self.multiplier = min(high, max(low, self.multiplier * math.exp(step)))
+        log_low, log_high = math.log(low), math.log(high)
+        integral = self.integral + _clip(self.step_size * violation)
+        self.integral = min(log_high, max(log_low, integral))
+        log_multiplier = self.integral + _clip(self.proportional * violation)
+        # at a bound, the bound itself (exp(log(b)) may differ from b in the last bit)
+        self.multiplier = (low if log_multiplier <= log_low else
+                           high if log_multiplier >= log_high else math.exp(log_multiplier))  # fmt: skip
         self.last_ratio = mean
         self._sum, self._count = 0.0, 0
         self.updates += 1
@@ -110,6 +132,7 @@ class DualAscentMultiplier:
     def state_dict(self) -> dict[str, Any]:
         return {
             "multiplier": self.multiplier,
+            "integral": self.integral,
             "sum": self._sum,
             "count": self._count,
             "last_ratio": self.last_ratio,
@@ -119,8 +142,15 @@ class DualAscentMultiplier:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.multiplier = float(state["multiplier"])
+        # a state saved before the proportional term: the integral is the multiplier's log
+        self.integral = float(state.get("integral", math.log(self.multiplier)))
         self._sum = float(state["sum"])
         self._count = int(state["count"])
         self.last_ratio = float(state["last_ratio"])
         self.updates = int(state["updates"])
         self.steps = int(state["steps"])
+
+
+def _clip(step: float) -> float:
+    """A log-space step within ``±_MAX_LOG_STEP``."""
+    return max(-_MAX_LOG_STEP, min(_MAX_LOG_STEP, step))

@@ -20,10 +20,11 @@ import pytest
 from nequip_mtl.weighting.budget import DualAscentMultiplier
 
 
-def _descend(a, b, theta0, tol, steps=20000, lr=0.02, every=1, step_size=0.5):
+def _descend(a, b, theta0, tol, steps=20000, lr=0.02, every=1, step_size=0.5, proportional=0.0):
     g = lambda t: 0.5 * sum((x - y) ** 2 for x, y in zip(t, b))  # noqa: E731
     g0 = g(theta0)
-    dual = DualAscentMultiplier(1 + tol, step_size=step_size, every=every)
+    dual = DualAscentMultiplier(1 + tol, step_size=step_size, every=every,
+                                proportional=proportional)  # fmt: skip
     theta = list(theta0)
     for _ in range(steps):
         lam = dual.multiplier
@@ -35,9 +36,12 @@ def _descend(a, b, theta0, tol, steps=20000, lr=0.02, every=1, step_size=0.5):
 
 @pytest.mark.parametrize("tol", [0.05, 0.5, 2.0])
 @pytest.mark.parametrize("every", [1, 10])
-def test_an_active_budget_reaches_the_constrained_optimum(tol, every):
+@pytest.mark.parametrize("proportional", [0.0, 1.0])
+def test_an_active_budget_reaches_the_constrained_optimum(tol, every, proportional):
+    """Plain dual ascent and the PI controller: the same fixed point (the proportional
+    term vanishes with the violation)."""
     a, b, theta0 = (1.0, 0.5), (0.0, 0.0), (0.1, -0.05)
-    theta, dual, ratio, g0 = _descend(a, b, theta0, tol, every=every)
+    theta, dual, ratio, g0 = _descend(a, b, theta0, tol, every=every, proportional=proportional)
     c = (1 + tol) * g0
     dist = math.dist(a, b)
     expected_lambda = dist / math.sqrt(2 * c) - 1
@@ -72,6 +76,37 @@ def test_the_multiplier_moves_in_log_space_by_the_mean_of_the_window():
     assert dual.updates == 1
 
 
+def test_the_proportional_term_answers_the_current_window_and_leaves_with_it():
+    """log lambda = integral + proportional * violation: a violated window moves the
+    multiplier by both terms, the next window at the bound keeps the integral only.
+    Mutation: adding the proportional step to the integral fails the second check."""
+    dual = DualAscentMultiplier(1.1, step_size=0.5, every=1, proportional=3.0)
+    dual.observe(1.32)  # violation 0.2
+    dual.step()
+    assert dual.integral == pytest.approx(0.1, rel=1e-14)
+    assert dual.multiplier == pytest.approx(math.exp(0.1 + 0.6), rel=1e-14)
+    dual.observe(1.1)  # at the bound: no violation
+    dual.step()
+    assert dual.multiplier == pytest.approx(math.exp(0.1), rel=1e-14)
+    dual.observe(0.88)  # violation -0.2: below the start, the integral back at 0
+    dual.step()
+    assert dual.integral == pytest.approx(0.0, abs=1e-15)
+    assert dual.multiplier == pytest.approx(math.exp(-0.6), rel=1e-14)
+
+
+def test_the_integral_does_not_wind_up_beyond_the_bounds():
+    """A long slack spell holds the integral at the lower bound: one violated window then
+    moves the multiplier up from the bound, not from far below it."""
+    dual = DualAscentMultiplier(1.0, step_size=1.0, every=1, bounds=(0.1, 10.0), proportional=1.0)
+    for _ in range(100):
+        dual.observe(0.5)
+        dual.step()
+    assert dual.multiplier == 0.1 and dual.integral == pytest.approx(math.log(0.1), rel=1e-14)
+    dual.observe(1.5)
+    dual.step()
+    assert dual.multiplier == pytest.approx(0.1 * math.exp(0.5 + 0.5), rel=1e-12)
+
+
 def test_a_ratio_far_over_its_bound_moves_the_multiplier_by_a_bounded_step():
     """A near-zero reference makes the ratio huge: no overflow, one bounded step."""
     dual = DualAscentMultiplier(1.05, every=1, bounds=(1e-3, 1e300))
@@ -80,17 +115,18 @@ def test_a_ratio_far_over_its_bound_moves_the_multiplier_by_a_bounded_step():
     assert dual.multiplier == pytest.approx(math.exp(30.0), rel=1e-12)
 
 
-def test_a_restored_multiplier_continues_exactly():
+@pytest.mark.parametrize("proportional", [0.0, 1.5])
+def test_a_restored_multiplier_continues_exactly(proportional):
     ratios = [1.0 + 0.1 * math.sin(i) for i in range(37)]
-    whole = DualAscentMultiplier(1.05, every=4)
+    whole = DualAscentMultiplier(1.05, every=4, proportional=proportional)
     for r in ratios:
         whole.observe(r)
         whole.step()
-    first = DualAscentMultiplier(1.05, every=4)
+    first = DualAscentMultiplier(1.05, every=4, proportional=proportional)
     for r in ratios[:18]:  # stops mid-window
         first.observe(r)
         first.step()
-    resumed = DualAscentMultiplier(1.05, every=4)
+    resumed = DualAscentMultiplier(1.05, every=4, proportional=proportional)
     resumed.load_state_dict(first.state_dict())
     for r in ratios[18:]:
         resumed.observe(r)
@@ -107,6 +143,7 @@ def test_a_restored_multiplier_continues_exactly():
         ({"bound": 1.1, "step_size": 0}, "step_size"),
         ({"bound": 1.1, "bounds": (0.0, 1.0)}, "bounds"),
         ({"bound": 1.1, "initial": 1e4}, "initial"),
+        ({"bound": 1.1, "proportional": -1.0}, "proportional"),
     ],
 )
 def test_bad_settings_are_refused(kwargs, match):

@@ -78,6 +78,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             # limit: 5.0e-4          # or: at most this loss (pseudolabels), instead of tolerance
             # every: 10              # optimizer steps between multiplier updates
             # step_size: 1.0         # log-space step per unit of relative violation
+            # proportional: 0.0      # PI control: log-space gain on the current violation
             # reference_frames: 256  # frames the reference loss is measured on
 
     Args:
@@ -86,6 +87,9 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         limit (float): instead of ``tolerance``, the largest allowed loss (``> 0``)
         every (int): optimizer steps between multiplier updates (default ``10``)
         step_size (float): dual-ascent step in log space (default ``1.0``)
+        proportional (float): the PI controller's proportional gain in log space (default
+            ``0.0``: plain dual ascent; see
+            :class:`~nequip_mtl.weighting.budget.DualAscentMultiplier`)
         initial (float): the multiplier's start (default ``1.0``: the configured weights)
         bounds (list of float): ``[min, max]`` of the multiplier (default ``[1e-3, 1e3]``)
         reference_frames (int): frames of the replayed training split to measure the
@@ -104,6 +108,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         bounds: tuple[float, float] | list[float] = (1e-3, 1e3),
         reference_frames: int = 256,
         reference_batch_size: int = 16,
+        proportional: float = 0.0,
     ) -> None:
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"{_WHO}.dataset must be a dataset name, got {dataset!r}")
@@ -128,7 +133,12 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         bound = 1.0 if limit is not None else 1.0 + float(tolerance)
         try:
             self.dual = DualAscentMultiplier(
-                bound, step_size=step_size, every=every, initial=initial, bounds=tuple(bounds)
+                bound,
+                step_size=step_size,
+                every=every,
+                initial=initial,
+                bounds=tuple(bounds),
+                proportional=proportional,
             )
         except ValueError as err:
             raise ValueError(f"{_WHO}: {err}") from None
