@@ -43,6 +43,9 @@ class Method:
     fidelity: dict[str, Any] | None = None
     #: the run's clock budget in units of ``--budget-s`` (a sweep of K runs: K)
     budget_factor: float = 1.0
+    #: fine-tuning: the replayed data labelled by the pretrained model itself
+    #: (``nequip_mtl.data.PseudolabelledDataset``) instead of its own labels
+    pseudolabels: bool = False
 
     def targets(self) -> list[str]:
         out = [self.module]
@@ -50,6 +53,8 @@ class Method:
         if agg:
             out.append(agg["_target_"])
         out += [cb["_target_"] for cb in self.callbacks]
+        if self.pseudolabels:
+            out.append(PSEUDOLABELS)
         return out
 
     def with_seed(self, seed: int) -> Method:
@@ -63,6 +68,7 @@ class Method:
 
 PLAIN = "nequip.train.NequIPLightningModule"
 MTL = "nequip_mtl.train.MultitaskLightningModule"
+PSEUDOLABELS = "nequip_mtl.data.pseudolabels.PseudolabelledDataset"
 
 
 def _agg(name: str, label: str, **kw) -> Method:
@@ -202,16 +208,27 @@ def methods(interval: str = "epoch", calibration_steps: int = 20) -> dict[str, M
 
 
 #: fine-tuning: the swept replay coefficients (the pretraining data's, the new data's is 1)
-REPLAY_WEIGHTS = (0.1, 0.3, 1.0, 3.0)
+REPLAY_WEIGHTS = (0.3, 1.0, 3.0, 10.0)
+#: ... of earlier results (their jsons name ``ft_replay_0.1``): still built, not run by default
+LEGACY_REPLAY_WEIGHTS = (0.1,)
+#: fine-tuning: the replay coefficients of pseudolabel replay
+PSEUDO_WEIGHTS = (1.0, 3.0)
 
 
 def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
     """The fine-tuning strategies (``benchmarks/finetune.py``): the new data alone, replay
-    with nequip's weighted sum at the :data:`REPLAY_WEIGHTS` (``ft_replay_<w>``), or with the
-    datasets as tasks (:func:`_dataset_tasks`, primary ``new``)."""
+    with nequip's weighted sum at the :data:`REPLAY_WEIGHTS` (``ft_replay_<w>``; and at the
+    :data:`LEGACY_REPLAY_WEIGHTS`), the same with the replayed structures labelled by the
+    pretrained model at the :data:`PSEUDO_WEIGHTS` (``ft_pseudo_<w>``), replay with the
+    datasets as tasks (:func:`_dataset_tasks`, primary ``new``), or with a forgetting budget
+    (:func:`_budgets`)."""
     out = {"ft_naive": _baseline("naive: new data only (weighted sum)")}
-    for w in REPLAY_WEIGHTS:
+    for w in (*REPLAY_WEIGHTS, *LEGACY_REPLAY_WEIGHTS):
         out[f"ft_replay_{w:g}"] = _baseline(f"replay, weighted sum {w:g}:1", replay=w)
+    for w in PSEUDO_WEIGHTS:
+        out[f"ft_pseudo_{w:g}"] = _baseline(
+            f"pseudolabel replay, weighted sum {w:g}:1", replay=w, pseudolabels=True
+        )
     out.update(_dataset_tasks("ft", "replay, ", "new", calibration_steps, replay=1.0))
     out.update(_budgets())
     return out
@@ -262,9 +279,11 @@ def _dataset_tasks(prefix: str, what: str, primary: str, calibration_steps: int,
     return out
 
 
-#: fine-tuning: the replay sweep (the front), and every strategy
+#: fine-tuning: the replay sweep (the front), every strategy, and those run by default
 FT_SWEEP = [f"ft_replay_{w:g}" for w in REPLAY_WEIGHTS]
 FT_METHODS = list(finetune_methods())
+FT_DEFAULT = [m for m in FT_METHODS
+              if m not in {f"ft_replay_{w:g}" for w in LEGACY_REPLAY_WEIGHTS}]  # fmt: skip
 
 #: multi-fidelity: the swept high:low loss coefficient ratios of joint training with
 #: references alone (the low fidelity's is 1)
