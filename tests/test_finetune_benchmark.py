@@ -1,10 +1,15 @@
 """``python -m benchmarks.finetune --quick`` end to end: every table cell equals the raw runs
-(recomputed here), the places against the replay front follow the dominance rule, each
-fine-tune starts from the cached pretrained model, the epoch view is the epoch asked for,
-and ``--from-json`` rewrites the same report."""
+(recomputed here), the changes against the pretrained model too, the places against the
+replay front follow the dominance rule, each fine-tune starts from the cached pretrained
+model, the epoch view is the epoch asked for, and ``--from-json`` rewrites the same report.
+On ``ethanol_levels`` (B at another level of theory) each test set is scored at its own
+energy references (recomputed from the saved models and nequip's ``select_fidelity``), and
+pseudolabel replay trains on the pretrained model's own predictions (an independent forward
+pass)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -13,25 +18,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from benchmarks import finetune as F
+from benchmarks import methods as M
+from benchmarks import protocol as P
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ["ft_naive", "ft_replay_0.1", "ft_replay_1", "ft_upgrad", "ft_budget_0.05",
+METHODS = ["ft_naive", "ft_replay_0.3", "ft_replay_1", "ft_upgrad", "ft_budget_0.05",
            "ft_budget_0.05_sweep"]  # fmt: skip
 LABELS = {
     "ft_budget_0.05": "replay with a forgetting budget (+5%)",
     "ft_budget_0.05_sweep": "replay with a forgetting budget (+5%), the sweep's total time",
     "ft_naive": "naive: new data only (weighted sum)",
-    "ft_replay_0.1": "**replay, weighted sum 0.1:1**",
+    "ft_replay_0.3": "**replay, weighted sum 0.3:1**",
     "ft_replay_1": "**replay, weighted sum 1:1**",
     "ft_upgrad": "replay, dataset tasks, UPGrad",
 }
 #: metric -> table column, for the alloy pair (eV data, reported in meV)
 COLUMNS = {"B/forces_mae": 1, "B/per_atom_energy_mae": 2, "A/forces_mae": 3,
            "A/per_atom_energy_mae": 4}  # fmt: skip
+#: metric -> the column of its change against the pretrained model (%)
+CHANGE_COLUMNS = {"B/forces_mae": 5, "B/per_atom_energy_mae": 6}
+STEPS, FORCE_PLACE, ENERGY_PLACE = 7, 9, 10
+LEVEL_METHODS = ["ft_naive", "ft_replay_1", "ft_pseudo_1"]
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +56,31 @@ def quick(tmp_path_factory):
     return out, json.loads(out.with_suffix(".json").read_text())
 
 
+@pytest.fixture(scope="module")
+def levels(tmp_path_factory):
+    """The quick run of ``ethanol_levels`` (naive, replay and pseudolabel replay at 1:1), its
+    final models saved."""
+    root = tmp_path_factory.mktemp("finetune_levels")
+    out, states = root / "ft", root / "states"
+    states.mkdir()
+    cmd = [sys.executable, "-m", "benchmarks.finetune", "--quick", "--pair", "ethanol_levels",
+           "--pretrain-s", "1.5", "--budget-s", "1", "--methods", *LEVEL_METHODS,
+           "--out", str(out), "--save-states", str(states)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
+    return states, json.loads(out.with_suffix(".json").read_text())
+
+
 def _tables(md: str) -> dict[str, dict[str, list[str]]]:
-    """``{"budget"|"epochs": {strategy cell: row cells}}`` of the Markdown report."""
+    """``{"budget"|"epochs"|"total": {strategy cell: row cells}}`` of the Markdown report."""
     out, view = {}, None
     for line in md.splitlines():
         if line.startswith("**Equal training time"):
             view = "budget"
         elif line.startswith("**Equal epochs"):
             view = "epochs"
+        elif line.startswith("**Equal total compute"):
+            view = "total"
         elif line.startswith("**Forgetting budgets"):
             view = None
         elif view and line.startswith("| ") and not line.startswith("| strategy"):
@@ -67,21 +96,88 @@ def _pm(values) -> str:
     return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
 
 
+def _pct(values) -> str:
+    """mean ± sample sd of percentages (0 for one value)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
+
+
+def _change(data, method, view, metric) -> list[float]:
+    """Each run's change of ``metric`` against the pretrained model of its seed (%)."""
+    before = {r["seed"]: r["budget"][metric] for r in data["pretrain"]}
+    return [100.0 * (r[view][metric] - before[r["seed"]]) / before[r["seed"]]
+            for r in data["runs"] if r["method"] == method]  # fmt: skip
+
+
 def test_table_cells_equal_the_raw_runs(quick):
     out, data = quick
     tables = _tables(out.with_suffix(".md").read_text())
-    assert set(tables) == {"budget", "epochs"}
-    for view, rows in tables.items():
+    assert set(tables) == {"budget", "epochs", "total"}
+    for view in ("budget", "epochs"):
+        rows = tables[view]
         assert set(rows) == set(LABELS.values()) | {"*pretrained on A (before)*"}
         for method, label in LABELS.items():
             runs = [r for r in data["runs"] if r["method"] == method]
             assert len(runs) == 1  # one seed
             for metric, col in COLUMNS.items():
                 assert rows[label][col] == _pm([r[view][metric] for r in runs]), (view, metric)
-            assert rows[label][5] == f"{statistics.fmean(r[view]['step'] for r in runs):.0f}"
+            assert rows[label][STEPS] == f"{statistics.fmean(r[view]['step'] for r in runs):.0f}"
         pre = rows["*pretrained on A (before)*"]
         for metric, col in COLUMNS.items():
             assert pre[col] == _pm([r["budget"][metric] for r in data["pretrain"]])
+
+
+def test_changes_against_the_pretrained_model_equal_the_raw_runs(quick):
+    """Every strategy's change of B's force and energy MAE against the pretrained model, in
+    both views, and the line naming the best of them, recomputed from the raw runs.
+    Mutation: the change's sign flipped (``1 - after / before``) fails it."""
+    out, data = quick
+    md = out.with_suffix(".md").read_text()
+    tables = _tables(md)
+    best = []
+    for view in ("budget", "epochs"):
+        for metric, col in CHANGE_COLUMNS.items():
+            for method, label in LABELS.items():
+                assert tables[view][label][col] == _pct(_change(data, method, view, metric))
+            assert tables[view]["*pretrained on A (before)*"][col] == ""
+            means = {m: statistics.fmean(_change(data, m, view, metric)) for m in LABELS}
+            m = min(means, key=means.get)
+            best.append(f"{_pct(_change(data, m, view, metric))} % ({LABELS[m].strip('*')})")
+    (line,) = [ln for ln in md.splitlines() if ln.startswith("**Best B improvement")]
+    assert all(b in line for b in best), (best, line)
+
+
+def test_changes_pair_each_run_with_its_own_seeds_pretrained_model():
+    """Two seeds whose pretrained models differ tenfold: each run's change is against its own
+    seed's (a pairing by position would swap them). Mutation: ``before`` keyed by position."""
+    pre = [{"seed": 5, "budget": {"m": 10.0}}, {"seed": 2, "budget": {"m": 1.0}}]
+    runs = [{"seed": 2, "budget": {"m": 0.5}}, {"seed": 5, "budget": {"m": 12.0}}]
+    assert F.changes(runs, pre, "budget", "m") == pytest.approx([-50.0, 20.0])
+
+
+def test_the_equal_compute_table_sets_the_budget_beside_the_sweeps_best(quick):
+    """The budget given the sweep's time beside the sweep's run with the lowest mean B force
+    MAE and the one with the lowest mean B energy MAE, their cells the raw runs'.
+    Mutation: the sweep's worst instead of its best (``max``) fails it."""
+    out, data = quick
+    rows = _tables(out.with_suffix(".md").read_text())["total"]
+    sweep = ["ft_replay_0.3", "ft_replay_1"]
+    for metric, what in (("B/forces_mae", "B force"), ("B/per_atom_energy_mae", "B energy")):
+        best = min(sweep, key=lambda m: _mean(data, m, "budget", metric))
+        label = f"the sweep's best by {what} MAE: {LABELS[best].strip('*')}"
+        assert rows[label][1] == f"{len(sweep)} runs of 1 s"
+        for k, col in COLUMNS.items():
+            runs = [r for r in data["runs"] if r["method"] == best]
+            assert rows[label][col + 1] == _pm([r["budget"][k] for r in runs])
+    budget = rows[LABELS["ft_budget_0.05_sweep"]]
+    assert budget[1] == "one run of 4 × 1 s"
+    runs = [r for r in data["runs"] if r["method"] == "ft_budget_0.05_sweep"]
+    assert budget[2] == _pm([r["budget"]["B/forces_mae"] for r in runs])
+    assert set(rows) == {LABELS["ft_budget_0.05_sweep"]} | {
+        f"the sweep's best by {w} MAE: {LABELS[m].strip('*')}"
+        for w, k in (("B force", "B/forces_mae"), ("B energy", "B/per_atom_energy_mae"))
+        for m in [min(sweep, key=lambda m: _mean(data, m, "budget", k))]
+    }
 
 
 def _mean(data, method, view, metric) -> float:
@@ -92,10 +188,11 @@ def test_places_follow_dominance_on_the_means(quick):
     """A strategy is dominated exactly when a sweep point has lower mean B and A MAEs."""
     out, data = quick
     tables = _tables(out.with_suffix(".md").read_text())
-    sweep = ["ft_replay_0.1", "ft_replay_1"]
-    for view, rows in tables.items():
-        for objectives, col in ((("B/forces_mae", "A/forces_mae"), 7),
-                                (("B/per_atom_energy_mae", "A/per_atom_energy_mae"), 8)):  # fmt: skip
+    sweep = ["ft_replay_0.3", "ft_replay_1"]
+    for view in ("budget", "epochs"):
+        rows = tables[view]
+        for objectives, col in ((("B/forces_mae", "A/forces_mae"), FORCE_PLACE),
+                                (("B/per_atom_energy_mae", "A/per_atom_energy_mae"), ENERGY_PLACE)):  # fmt: skip
             for m in ("ft_naive", "ft_upgrad"):
                 by = [
                     w
@@ -113,9 +210,6 @@ def test_fine_tunes_start_from_the_cached_pretrained_model(quick):
     pre = data["pretrain"][0]
     cache = F.pretrained_path(a, data["meta"]["data"]["statistics"], 0)
     assert cache.exists()
-    from benchmarks import methods as M
-    from benchmarks import protocol as P
-
     P.init_torch()
     model = P.run_model(a, data["meta"]["data"]["statistics"], 123, a["type_names"])
     module = P.build_module(M.finetune_methods()["ft_naive"], model, 2, lr=1e-3, num_val=2)
@@ -186,3 +280,149 @@ def test_the_budget_reading_in_the_docs_agrees_with_its_results():
                     r["budget_state"]["ratio"] - r["budget_state"]["bound"]
                 )
         assert all(abs(statistics.fmean(v)) > 0.02 for v in by.values()), (pair, by)
+
+
+# ----------------------------------------------------------------------------- ethanol_levels
+
+
+def _frames(files: dict, a: dict, key: str) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """The frames of the split file ``key`` as nequip reads them (its ``ASEDataset``
+    config), their true total energies and atom counts (ASE)."""
+    import ase.io
+    from hydra.utils import instantiate
+
+    dataset = instantiate(P.file_dataset(files, a, key))
+    atoms = ase.io.read(files[key], index=":")
+    true = np.array([x.get_potential_energy() for x in atoms])
+    return [dataset[i] for i in range(len(dataset))], true, np.array([len(x) for x in atoms])
+
+
+def _predict(model, frames: list[dict]) -> list[dict]:
+    """``model``'s output on each frame alone."""
+    from nequip.data import AtomicDataDict
+
+    return [model(AtomicDataDict.batched_from_list([f])) for f in frames]
+
+
+def _energy_mae(model, frames, true, atoms) -> float:
+    """Per-atom energy MAE of ``model`` on ``frames``, against ``true`` (float64)."""
+    pred = np.array(
+        [float(o["total_energy"].detach().reshape(())) for o in _predict(model, frames)]
+    )
+    return float(np.mean(np.abs(pred - true) / atoms))
+
+
+def _module(data: dict, references: dict | None = None):
+    """A training module of the run's model (``references``: wrapped with them)."""
+    a = data["meta"]["args"]
+    model = P.run_model(a, data["meta"]["data"]["statistics"], 0, a["type_names"])
+    if references is not None:
+        model = P.with_references(model, references)
+    return P.build_module(M.finetune_methods()["ft_naive"], model, 2, lr=1e-3, num_val=2)
+
+
+def _pretrained(data: dict):
+    """The plain pretrained model of seed 0, from its cache (not the checkpoint)."""
+    module = _module(data)
+    cache = F.pretrained_path(data["meta"]["args"], data["meta"]["data"]["statistics"], 0)
+    module.model.load_state_dict(torch.load(cache, weights_only=False)["model"])
+    return module.model["sole_model"]
+
+
+def _deployed(model, dataset: str):
+    """A copy of the wrapped ``model`` at ``dataset``'s level (nequip's ``modify`` with
+    ``select_fidelity``): a plain nequip model."""
+    from nequip.model import modify
+
+    return modify(copy.deepcopy(model), [{"modifier": "select_fidelity", "dataset": dataset}])
+
+
+def test_levels_score_each_test_set_at_its_own_references(levels):
+    """On ``ethanol_levels`` every run's final A energy MAE is its saved model deployed at A's
+    level (``select_fidelity``, dataset ``pretrain``) on A's test frames against their true
+    energies, computed here, and its B energy MAE the same at B's level on B's; at B's level
+    the A MAE would be over a thousand times larger. The naive fine-tune's data module trains
+    on B's frames alone. Tolerance: a few float32 ulps (1.2e-7) relative, the network's
+    rounding (the run's metric and this sum see the same predictions).
+    Mutation: A's test frames tagged with B's index (``tagged(..., "B")``) fails it."""
+    states, data = levels
+    P.init_torch()
+    a, files = data["meta"]["args"], data["meta"]["data"]["files"]
+    test = {side: _frames(files, a, f"{side}_test") for side in "AB"}
+    for method in LEVEL_METHODS:
+        (run,) = [r for r in data["runs"] if r["method"] == method]
+        module = _module(data, run["references"])
+        module.model.load_state_dict(torch.load(states / f"{method}_seed0.pt"))
+        model, final = module.model["sole_model"], run["curve"][-1]
+        for side, name in F.DATASET_NAMES.items():
+            mae = _energy_mae(_deployed(model, name), *test[side])
+            got = final[f"{side}/per_atom_energy_mae"]
+            assert math.isclose(got, mae, rel_tol=1e-6), (method, side)
+        wrong = _energy_mae(_deployed(model, "new"), *test["A"])
+        assert wrong > 1000 * final["A/per_atom_energy_mae"], method
+    dm = F.datamodule(files, a, 0, train="B")
+    dm.setup("fit")
+    (train,) = dm.train_dataset
+    assert len(train) == a["n_b_train"]
+    assert {int(train[i]["dataset_index"]) for i in range(len(train))} == {1}
+    assert [int(d[0]["dataset_index"]) for d in dm.val_dataset] == [0, 1]
+
+
+def test_levels_pretrained_row_is_the_pretrained_model_at_each_level(levels):
+    """The pretrained row of ``ethanol_levels`` (where every fine-tune starts): A's errors and
+    B's force MAE are the plain pretrained model's (A's references are its own per-type shift;
+    references move energies only), and B's energy MAE is the plain model's B energies moved
+    from that shift to B's references, recomputed here from the cached weights; the plain
+    model's own B energy MAE, at A's energy zero, is kept apart and far larger. Tolerance: as
+    above, a few float32 ulps relative.
+    Mutation: the pretrained row left at the plain model's errors fails it."""
+    _, data = levels
+    P.init_torch()
+    a, files = data["meta"]["args"], data["meta"]["data"]["files"]
+    pre, refs = data["pretrain"][0], data["runs"][0]["references"]
+    for k in ("A/forces_mae", "A/per_atom_energy_mae", "B/forces_mae"):
+        assert math.isclose(pre["budget"][k], pre["plain"][k], rel_tol=1e-6), k
+    model = _pretrained(data)
+    frames, true, atoms = _frames(files, a, "B_test")
+    types = a["type_names"]
+    counts = np.array([[int((f["atom_types"] == j).sum()) for j in range(len(types))]
+                       for f in frames])  # fmt: skip
+    move = counts @ np.array([refs["new"][t] - refs["pretrain"][t] for t in types])
+    plain = np.array(
+        [float(o["total_energy"].detach().reshape(())) for o in _predict(model, frames)]
+    )
+    mae = float(np.mean(np.abs(plain + move - true) / atoms))
+    assert math.isclose(pre["budget"]["B/per_atom_energy_mae"], mae, rel_tol=1e-6)
+    assert pre["plain"]["B/per_atom_energy_mae"] > 1000 * mae
+
+
+def test_pseudolabel_replay_trains_on_the_pretrained_models_predictions(levels):
+    """The replayed A training frames of pseudolabel replay's data module carry the pretrained
+    model's own energies and forces (an independent forward pass of the cached weights, frame
+    by frame, not the checkpoint the labeller loaded), not A's true labels; A's test frames keep
+    their true labels. Tolerance: the labeller's batches of 16 against single frames through a
+    float32 network: a few ulps of forces up to ~100 kcal/mol/Å (ulp 8e-6) and of the total
+    energies (summed in float64 from float32 atoms).
+    Mutation: the data module given A's own labels (``pseudo`` ignored) fails it."""
+    _, data = levels
+    P.init_torch()
+    a, files = data["meta"]["args"], data["meta"]["data"]["files"]
+    cache = F.pretrained_path(a, data["meta"]["data"]["statistics"], 0)
+    dm = F.datamodule(files, a, 0, train="B", replay=True, pseudo=F.pseudolabel_files(cache))
+    dm.setup("fit")
+    (replayed,) = [d for d in dm.train_dataset if d.index == 0]
+    frames, true, _ = _frames(files, a, "A_train")
+    picked = range(0, len(frames), 30)
+    outputs = _predict(_pretrained(data), [frames[i] for i in picked])
+    for i, out in zip(picked, outputs):
+        got = replayed[i]
+        torch.testing.assert_close(got["pos"], frames[i]["pos"], rtol=0, atol=0)
+        for key in ("total_energy", "forces"):
+            want = out[key].detach().to(got[key].dtype)
+            torch.testing.assert_close(got[key], want, rtol=1e-6, atol=1e-4)
+        assert abs(float(got["total_energy"].reshape(())) - true[i]) > 1e-3
+        assert not torch.allclose(got["forces"], frames[i]["forces"], atol=1e-2)
+    (a_test,) = [d for d in dm.val_dataset if d.index == 0]
+    _, a_true, _ = _frames(files, a, "A_test")
+    got = np.array([float(a_test[i]["total_energy"].reshape(())) for i in range(len(a_test))])
+    np.testing.assert_array_equal(got, a_true)
