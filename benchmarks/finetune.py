@@ -291,10 +291,10 @@ def pseudolabel_files(cache: str) -> dict[str, str]:
 
 
 def pseudolabelled(config: dict, files: dict[str, str]) -> dict:
-    """The dataset config ``config`` labelled (energies and forces) by the model of
-    :func:`pseudolabel_files` ``files``: nequip_mtl's ``PseudolabelledDataset``."""
-    return {"_target_": "nequip_mtl.data.PseudolabelledDataset", "dataset": config,
-            "stress": False, **files}  # fmt: skip
+    """The dataset config ``config`` labelled by the model of :func:`pseudolabel_files`
+    ``files``: nequip_mtl's ``PseudolabelledDataset`` (energies, forces, and stresses of
+    periodic frames: a batch's frames must have the same fields as B's)."""
+    return {"_target_": "nequip_mtl.data.PseudolabelledDataset", "dataset": config, **files}
 
 
 def write_checkpoint(task: dict) -> str:
@@ -330,6 +330,7 @@ def write_pseudolabels(task: dict) -> dict[str, str]:
     ``PseudolabelledDataset`` caches the labels); :func:`pseudolabel_files`."""
     from hydra.utils import instantiate
 
+    P.init_torch()
     write_checkpoint(task)
     files = pseudolabel_files(task["cache"])
     instantiate(pseudolabelled(P.file_dataset(task["files"], task["args"], "A_train"), files))

@@ -149,7 +149,8 @@ def test_changes_against_the_pretrained_model_equal_the_raw_runs(quick):
 
 def test_changes_pair_each_run_with_its_own_seeds_pretrained_model():
     """Two seeds whose pretrained models differ tenfold: each run's change is against its own
-    seed's (a pairing by position would swap them). Mutation: ``before`` keyed by position."""
+    seed's (against the first pretrained model the first run would read -95 %).
+    Mutation: every run against the first seed's pretrained model fails it."""
     pre = [{"seed": 5, "budget": {"m": 10.0}}, {"seed": 2, "budget": {"m": 1.0}}]
     runs = [{"seed": 2, "budget": {"m": 0.5}}, {"seed": 5, "budget": {"m": 12.0}}]
     assert F.changes(runs, pre, "budget", "m") == pytest.approx([-50.0, 20.0])
