@@ -238,9 +238,15 @@ def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
 BUDGET_TOLERANCES = (0.05, 0.25)
 
 
+#: the PI controller's gains (set before any measurement: a slower integral than plain dual
+#: ascent's 1.0 and a proportional term of the same order)
+PI_BUDGET = {"step_size": 0.3, "proportional": 1.0}
+
+
 def _budgets() -> dict[str, Method]:
-    """Replay at 1:1 with a ``ForgettingBudget`` (``ft_budget_<tol>``), and the same given
-    the whole replay sweep's time (``_sweep``: a sweep of K weights costs K runs)."""
+    """Replay at 1:1 with a ``ForgettingBudget`` (``ft_budget_<tol>``), the same given the
+    whole replay sweep's time (``_sweep``: a sweep of K weights costs K runs), and with the
+    multiplier a PI controller (``ft_budget_pi_<tol>``, :data:`PI_BUDGET`)."""
     out = {}
     for tol, (suffix, factor) in itertools.product(
         BUDGET_TOLERANCES, (("", 1.0), ("_sweep", float(len(REPLAY_WEIGHTS))))
@@ -253,6 +259,13 @@ def _budgets() -> dict[str, Method]:
         out[f"ft_budget_{tol:g}{suffix}"] = _weighting(
             label, callbacks=(cb,), replay=1.0, budget_factor=factor
         )
+    for tol in BUDGET_TOLERANCES:  # the PI controller, at one run's time
+        cb = {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
+              "tolerance": tol, "every": 5, "reference_frames": 64, **PI_BUDGET}  # fmt: skip
+        out[f"ft_budget_pi_{tol:g}"] = _weighting(
+            f"replay with a forgetting budget (+{tol:.0%}), PI controller",
+            callbacks=(cb,), replay=1.0,
+        )  # fmt: skip
     return out
 
 
