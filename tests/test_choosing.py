@@ -121,6 +121,48 @@ def test_finetune_and_multifidelity_claims_agree_with_the_json():
     assert {v["verdict"] for v in verdicts.values()} == {"better"}
 
 
+def _mf_means(pair: str, n: int, view: str) -> dict[str, tuple[float, float]]:
+    """``{method: (mean energy MAE, mean force MAE)}`` over seeds, from a multi-fidelity
+    json's raw runs (equal total compute: the counted state, else the equal-time one)."""
+    data = R.read_json(RESULTS / f"multifidelity_{pair}.json")
+    out: dict[str, list] = {}
+    for r in data["runs"]:
+        if r["n_dft"] == n:
+            res = (r.get("counted") or r["budget"]) if view == "counted" else r[view]
+            out.setdefault(r["method"], []).append((res[multifidelity.E], res[multifidelity.F]))
+    return {m: tuple(sum(x) / len(x) for x in zip(*v)) for m, v in out.items()}
+
+
+def _beat_both(means) -> set[str]:
+    """The joint methods below high-only and sequential training on energy and forces."""
+    refs = [means["mf_dft_only"], means["mf_pretrain_ft"]]
+    joint = [m for m in means if m.startswith(("mf_joint_", "mf_heads_", "mf_trunk_"))]
+    return {m for m in joint if all(means[m][k] < ref[k] for ref in refs for k in (0, 1))}
+
+
+def test_multifidelity_claims_agree_with_the_json():
+    """The realistic pairs: on silicon heads and the embedding at 10:1 beat both baselines
+    at every size, at equal total compute and with the pretraining free; on ethanol heads at
+    1:1 at N_H = 80 and 40 and the embedding at 1:1 at 40, none at 10; references alone are
+    never below the expensive data alone on forces by more than 1 %; on the same-coverage
+    silicon pair no joint strategy beats both and GFN2 alone has the lowest force error."""
+    for n in (80, 40, 10):
+        for view in ("counted", "budget"):
+            assert {"mf_heads_10", "mf_trunk_10"} <= _beat_both(_mf_means("si_xtb", n, view))
+    eth = {n: _beat_both(_mf_means("ethanol_low", n, "counted")) for n in (80, 40, 10)}
+    assert "mf_heads_1" in eth[80] and {"mf_heads_1", "mf_trunk_1"} <= eth[40] and not eth[10]
+    for pair in ("si_xtb", "ethanol_low"):
+        for n in (80, 40, 10):
+            means = _mf_means(pair, n, "counted")
+            for m in ("mf_joint_10", "mf_joint_3", "mf_joint_1"):
+                assert means[m][1] > 0.99 * means["mf_dft_only"][1], (pair, n, m)
+    for view in ("counted", "budget"):
+        means = _mf_means("si_bulk", 40, view)
+        assert not _beat_both(means), view
+    means = _mf_means("si_bulk", 40, "counted")
+    assert min(means, key=lambda m: means[m][1]) == "mf_dft_only"
+
+
 def test_readme_links_the_guide_at_its_top():
     readme = (REPO / "README.md").read_text()
     assert "docs/choosing.md" in readme.split("\n## ")[0]
