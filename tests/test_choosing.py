@@ -163,6 +163,27 @@ def test_multifidelity_claims_agree_with_the_json():
     assert min(means, key=lambda m: means[m][1]) == "mf_dft_only"
 
 
+def test_forgetting_budget_claims_agree_with_the_json():
+    """The 5 % budget held its bound (final ratio <= bound + 0.02, from each run's own
+    record) in every seed on the alloy and xTB-then-DFT ethanol and sat on their force front
+    at one run's time; it was dominated on the xTB ethanol pair; the PI controller held its
+    5 % bound in every seed on all three."""
+
+    def held(runs, method):
+        states = [r["budget_state"] for r in runs if r["method"] == method]
+        return len(states) == 3 and all(x["final_ratio"] <= x["bound"] + 0.02 for x in states)
+
+    for pair in ("alloy", "ethanol", "ethanol_levels"):
+        data = R.read_json(RESULTS / f"finetune_budget_{pair}.json")
+        front = finetune.statuses(finetune.summaries(data)["budget"])["force"]
+        assert held(data["runs"], "ft_budget_pi_0.05"), pair
+        if pair == "ethanol":
+            assert front["ft_budget_0.05"]["status"] == "dominated"
+        else:
+            assert held(data["runs"], "ft_budget_0.05"), pair
+            assert front["ft_budget_0.05"]["status"] == "on", pair
+
+
 def test_readme_links_the_guide_at_its_top():
     readme = (REPO / "README.md").read_text()
     assert "docs/choosing.md" in readme.split("\n## ")[0]
