@@ -256,31 +256,26 @@ def test_the_budget_table_reports_each_budgets_runs(quick):
 
 
 def test_the_budget_reading_in_the_docs_agrees_with_its_results():
-    """What ``docs/choosing.md`` and ``docs/benchmarks.md`` say of the forgetting budgets,
-    recomputed from the committed jsons: at the sweep's total time a budget has the lowest
-    B force MAE on both pairs, beyond the force front on the alloy and on it on ethanol; at
-    one run's time the 5 % budget is beyond on the alloy, the 25 % one dominated, and both
-    are dominated on ethanol; no budget ends at its requested ratio within 2 points."""
+    """What ``docs/benchmarks.md`` says of the forgetting budgets, recomputed from the
+    committed jsons' own places: at the sweep's total time a budget has the lowest B force
+    MAE on the alloy and the xTB ethanol pair, beyond the force front on the alloy and on it
+    on ethanol, and not on ``ethanol_levels`` (naive fine-tuning has); at one run's time both
+    budgets are on the alloy's force front and dominated on ethanol. (Whether they held their
+    bounds: ``tests/test_choosing.py``.)"""
     results = REPO / "benchmarks" / "results"
     views = {p: json.loads((results / f"finetune_budget_{p}.json").read_text())["views"]["budget"]
-             for p in ("alloy", "ethanol")}  # fmt: skip
+             for p in ("alloy", "ethanol", "ethanol_levels")}  # fmt: skip
     for pair, view in views.items():
         best = min(view["rows"], key=lambda r: r["B/forces_mae"][0])
-        assert best["method"].endswith("_sweep"), pair
         status = {m: s["status"] for m, s in view["status"]["force"].items()}
+        if pair == "ethanol_levels":
+            assert best["method"] == "ft_naive"
+            continue
+        assert best["method"].endswith("_sweep"), pair
         sweep = {status["ft_budget_0.05_sweep"], status["ft_budget_0.25_sweep"]}
         assert sweep == ({"beyond"} if pair == "alloy" else {"on"}), (pair, sweep)
         single = (status["ft_budget_0.05"], status["ft_budget_0.25"])
-        assert single == (("beyond", "dominated") if pair == "alloy" else ("dominated",) * 2)
-    for pair in views:
-        runs = json.loads((results / f"finetune_budget_{pair}.json").read_text())["runs"]
-        by: dict[str, list[float]] = {}
-        for r in runs:
-            if "budget_state" in r:
-                by.setdefault(r["method"], []).append(
-                    r["budget_state"]["ratio"] - r["budget_state"]["bound"]
-                )
-        assert all(abs(statistics.fmean(v)) > 0.02 for v in by.values()), (pair, by)
+        assert single == (("on", "on") if pair == "alloy" else ("dominated",) * 2), pair
 
 
 # ----------------------------------------------------------------------------- ethanol_levels
