@@ -243,6 +243,14 @@ BUDGET_TOLERANCES = (0.05, 0.25)
 PI_BUDGET = {"step_size": 0.3, "proportional": 1.0}
 
 
+def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
+    """The ``ForgettingBudget`` config of the fine-tuning study: the replayed dataset
+    ``pretrain`` within ``tolerance``, updated every 5 steps, its reference on 64 frames;
+    ``controller``: further options (:data:`PI_BUDGET`)."""
+    return {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
+            "tolerance": tolerance, "every": 5, "reference_frames": 64, **controller}  # fmt: skip
+
+
 def _budgets() -> dict[str, Method]:
     """Replay at 1:1 with a ``ForgettingBudget`` (``ft_budget_<tol>``), the same given the
     whole replay sweep's time (``_sweep``: a sweep of K weights costs K runs), and with the
@@ -251,8 +259,7 @@ def _budgets() -> dict[str, Method]:
     for tol, (suffix, factor) in itertools.product(
         BUDGET_TOLERANCES, (("", 1.0), ("_sweep", float(len(REPLAY_WEIGHTS))))
     ):
-        cb = {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
-              "tolerance": tol, "every": 5, "reference_frames": 64}  # fmt: skip
+        cb = _budget_callback(tol)
         label = f"replay with a forgetting budget (+{tol:.0%})" + (
             ", the sweep's total time" if suffix else ""
         )
@@ -260,8 +267,7 @@ def _budgets() -> dict[str, Method]:
             label, callbacks=(cb,), replay=1.0, budget_factor=factor
         )
     for tol in BUDGET_TOLERANCES:  # the PI controller, at one run's time
-        cb = {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
-              "tolerance": tol, "every": 5, "reference_frames": 64, **PI_BUDGET}  # fmt: skip
+        cb = _budget_callback(tol, **PI_BUDGET)
         out[f"ft_budget_pi_{tol:g}"] = _weighting(
             f"replay with a forgetting budget (+{tol:.0%}), PI controller",
             callbacks=(cb,), replay=1.0,

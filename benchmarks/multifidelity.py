@@ -720,11 +720,16 @@ def plot(data: dict, path: Path) -> Path:
     return R.save(fig, path)
 
 
+#: the results json's lists of records: pretrainings, cosines and transfer checks (one per
+#: seed), and the runs
+LISTS = ("pretrain", "cosines", "transfer", "runs")
+
+
 def report(data: dict, out: Path) -> None:
     """``out``.json (raw runs, meta, the summaries), .md and .png."""
     meta = {k: v for k, v in data["meta"].items() if k != "partial"}
     views = {str(n): summaries(data, n) for n in sizes_of(data)}
-    lists = {k: data[k] for k in ("pretrain", "cosines", "transfer", "runs") if k in data}
+    lists = {k: data[k] for k in LISTS if k in data}
     R.write_json(out.with_suffix(".json"), {"meta": meta, "views": views, **lists})
     R.write_text(out.with_suffix(".md"), markdown(data))
     plot(data, out.parent / (out.name + ".png"))
@@ -828,7 +833,7 @@ def merge_earlier(earlier: dict, a: dict, stats: dict, out: Path):
                                  f"{new}); run a new study")  # fmt: skip
     merged = {**a, "argv": e["argv"],
               "resumed_argv": [*e.get("resumed_argv", []), a["argv"]]}  # fmt: skip
-    lists = {k: list(earlier.get(k, [])) for k in ("pretrain", "cosines", "transfer", "runs")}
+    lists = {k: list(earlier.get(k, [])) for k in LISTS}
     return merged, {**e_stats, **stats}, lists
 
 
@@ -869,7 +874,7 @@ def main(argv=None):
     a = {k: v for k, v in vars(args).items() if k not in ("out", "resume")}
     todo = plan(args)
     a["expected_runs"] = len(todo)
-    lists = {"pretrain": [], "cosines": [], "transfer": [], "runs": []}
+    lists = {k: [] for k in LISTS}
     if earlier is not None:
         a, stats, lists = merge_earlier(earlier, a, stats, out)
         finished = {(r["n_dft"], r["seed"], r["method"]) for r in lists["runs"]}
