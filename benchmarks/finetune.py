@@ -67,7 +67,7 @@ PAIRS = {
     "alloy": Pair("alloy", "EMT alloy bulk cells", "EMT alloy slabs and vacancy cells",
                   150, 40, 40, 40, "fit"),
     "ethanol": Pair("ethanol", "GFN2-xTB ethanol MD at 300 K", "GFN2-xTB ethanol MD at 900 K",
-                    150, 50, 40, 50, "mean"),
+                    150, 50, 120, 50, "mean"),
     "ethanol_levels": Pair("ethanol", "GFN2-xTB ethanol MD at 300, 600 and 900 K",
                            "DFT ethanol, 90 of the 100 rMD17-style frames", 300, 50, 40, 50,
                            "mean", other_level=True),
@@ -127,7 +127,7 @@ SOURCES = {"alloy": _alloy_frames, "ethanol": _xtb_temperature_frames,
 
 def pair_files(pair: str) -> dict[str, str]:
     """The four extxyz files of ``pair`` (A and B, train and test, each drawn at random from
-    its frames; the rest unused), written once."""
+    its frames; the rest unused), written once per split sizes."""
     p = PAIRS[pair]
 
     def make():
@@ -139,7 +139,9 @@ def pair_files(pair: str) -> dict[str, str]:
         return {"A_train": a[: p.n_a_train], "A_test": a[p.n_a_train : p.n_a_train + p.n_a_test],
                 "B_train": b[: p.n_b_train], "B_test": b[p.n_b_train : p.n_b_train + p.n_b_test]}  # fmt: skip
 
-    return P.write_splits(f"finetune_{pair}_data", ("A_train", "A_test", "B_train", "B_test"), make)
+    sizes = f"{p.n_a_train}-{p.n_a_test}-{p.n_b_train}-{p.n_b_test}"
+    return P.write_splits(f"finetune_{pair}_data_{sizes}", ("A_train", "A_test", "B_train", "B_test"),
+                          make)  # fmt: skip
 
 
 def datamodule(files: dict, a: dict, seed: int, train: str, replay: bool = False,

@@ -243,6 +243,10 @@ BUDGET_TOLERANCES = (0.05, 0.25)
 PI_BUDGET = {"step_size": 0.3, "proportional": 1.0}
 
 
+#: the budget whose ratio is measured on fixed frames (``ratio_frames``), not batches
+FRAMES_BUDGET = {"ratio_frames": 32}
+
+
 def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
     """The ``ForgettingBudget`` config of the fine-tuning study: the replayed dataset
     ``pretrain`` within ``tolerance``, updated every 5 steps, its reference on 64 frames;
@@ -254,7 +258,8 @@ def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
 def _budgets() -> dict[str, Method]:
     """Replay at 1:1 with a ``ForgettingBudget`` (``ft_budget_<tol>``), the same given the
     whole replay sweep's time (``_sweep``: a sweep of K weights costs K runs), and with the
-    multiplier a PI controller (``ft_budget_pi_<tol>``, :data:`PI_BUDGET`)."""
+    multiplier a PI controller (``ft_budget_pi_<tol>``, :data:`PI_BUDGET`) or the ratio
+    measured on fixed frames (``ft_budget_frames_<tol>``, :data:`FRAMES_BUDGET`)."""
     out = {}
     for tol, (suffix, factor) in itertools.product(
         BUDGET_TOLERANCES, (("", 1.0), ("_sweep", float(len(REPLAY_WEIGHTS))))
@@ -266,11 +271,13 @@ def _budgets() -> dict[str, Method]:
         out[f"ft_budget_{tol:g}{suffix}"] = _weighting(
             label, callbacks=(cb,), replay=1.0, budget_factor=factor
         )
-    for tol in BUDGET_TOLERANCES:  # the PI controller, at one run's time
-        cb = _budget_callback(tol, **PI_BUDGET)
-        out[f"ft_budget_pi_{tol:g}"] = _weighting(
-            f"replay with a forgetting budget (+{tol:.0%}), PI controller",
-            callbacks=(cb,), replay=1.0,
+    for tol, (key, name, controller) in itertools.product(BUDGET_TOLERANCES, (
+        ("pi", "PI controller", PI_BUDGET),
+        ("frames", f"ratio on {FRAMES_BUDGET['ratio_frames']} fixed frames", FRAMES_BUDGET),
+    )):  # at one run's time  # fmt: skip
+        out[f"ft_budget_{key}_{tol:g}"] = _weighting(
+            f"replay with a forgetting budget (+{tol:.0%}), {name}",
+            callbacks=(_budget_callback(tol, **controller),), replay=1.0,
         )  # fmt: skip
     return out
 

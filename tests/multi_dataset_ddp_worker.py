@@ -3,7 +3,7 @@ EMT datasets of tests/test_multi_dataset.py, on ``WORLD_SIZE`` gloo ranks (or on
 Lightning's ``use_distributed_sampler=True``. Each rank saves the batches it saw, the sampler
 class Lightning used and the final parameters. Usage:
 
-    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named|budget]
+    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named|budget|budget_frames]
 
 (from the root). ``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
 ``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
@@ -13,7 +13,8 @@ references, per-dataset readout heads and type-embedding corrections), on the tw
 ``DatasetMetricNames`` callback (each loader's metrics computed, synced and logged at its last
 batch; a validation before training); each rank also saves its validation metrics.
 ``budget``: nequip's module with a ``PerDatasetLoss`` and a ``ForgettingBudget`` on ``a``
-(three epochs); each rank also saves the budget's state.
+(three epochs); each rank also saves the budget's state. ``budget_frames``: the same with
+the ratio measured on three fixed frames every second step (``ratio_frames``).
 """
 
 import os
@@ -74,7 +75,11 @@ def main(out_dir: str, kind: str = "nequip") -> None:
         per_rank = {name: k // world for name, k in GLOBAL_FRAMES.items()}
         dm = multi(("a", "b"), sampling={"mode": "balanced", "frames_per_batch": per_rank},
                    train_dataloader={})  # fmt: skip
-        mod = module(dm) if kind in ("nequip", "named", "budget") else dataset_task_module()
+        mod = (
+            module(dm)
+            if kind in ("nequip", "named", "budget", "budget_frames")
+            else dataset_task_module()
+        )
     rec = BatchRecorder()
     callbacks = [rec]
     if kind == "named":
@@ -96,7 +101,7 @@ def main(out_dir: str, kind: str = "nequip") -> None:
         )
         callbacks.append(DatasetMetricNames())
     budget = None
-    if kind == "budget":
+    if kind.startswith("budget"):
         from nequip.train import NequIPLightningModule
 
         from nequip_mtl.train.callbacks import ForgettingBudget
@@ -111,10 +116,11 @@ def main(out_dir: str, kind: str = "nequip") -> None:
                 val_metrics=None,
             )
         )
-        budget = ForgettingBudget(dataset="a", tolerance=0.01, every=1, step_size=20.0)
+        frames = {"ratio_frames": 3, "every": 2} if kind == "budget_frames" else {"every": 1}
+        budget = ForgettingBudget(dataset="a", tolerance=0.01, step_size=20.0, **frames)
         callbacks.append(budget)
     strategy = DDPStrategy(process_group_backend="gloo") if world > 1 else "auto"
-    tr = trainer(out_dir, max_epochs=3 if kind == "budget" else 1, devices=world, strategy=strategy, callbacks=callbacks,
+    tr = trainer(out_dir, max_epochs=3 if kind.startswith("budget") else 1, devices=world, strategy=strategy, callbacks=callbacks,
                  use_distributed_sampler=True,
                  limit_val_batches=None if kind in ("nequip", "named") else 0)  # fmt: skip
     mod.world_size = tr.world_size  # as nequip-train does

@@ -26,6 +26,8 @@ from tests._harness import multi, params, skip_inductor_under_default_capability
 from tests.test_dataset_tasks import BALANCED, COEFFS, kwargs, loss
 
 BUDGET = {"dataset": "a", "tolerance": 0.01, "every": 1, "step_size": 20.0}
+#: the ratio measured on the first three replayed training frames, every second step
+FRAMES_BUDGET = {**BUDGET, "every": 2, "ratio_frames": 3}
 
 
 class Recorder(Callback):
@@ -49,6 +51,7 @@ def run(
     ckpt=None,
     ckpt_path=None,
     model=None,
+    extra_callbacks=(),
     **trainer_kw,
 ):
     torch.manual_seed(0)
@@ -56,7 +59,7 @@ def run(
     module = module_cls(**kwargs(optimizer={"_target_": "torch.optim.Adam", "lr": 0.02}, **extra))
     start = copy.deepcopy(module)
     cb, rec = ForgettingBudget(**(budget or BUDGET)), Recorder()
-    callbacks = [cb, rec, *([ckpt] if ckpt else [])]
+    callbacks = [cb, rec, *extra_callbacks, *([ckpt] if ckpt else [])]
     tr = trainer(
         root,
         max_epochs=epochs,
@@ -114,21 +117,81 @@ def test_the_replay_weight_is_the_multiplier_of_the_budget(tmp_path, accumulate)
     assert abs(final - 1.0) > 1e-3  # training moved it: the check can fail
 
 
-def test_a_resumed_budget_continues_exactly(tmp_path):
+@pytest.mark.parametrize("budget", [BUDGET, FRAMES_BUDGET], ids=["batches", "frames"])
+def test_a_resumed_budget_continues_exactly(tmp_path, budget):
     """Interrupted mid-run and resumed: the reference is restored, not re-measured on the
     fine-tuned model, and the multiplier, the coefficients and the parameters equal the
     uninterrupted run's."""
-    full, _, full_cb, full_rec, _, _ = run(tmp_path / "full")
+    full, _, full_cb, full_rec, _, _ = run(tmp_path / "full", budget=budget)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "part"), save_last=True, every_n_train_steps=3)
-    run(tmp_path / "part", ckpt=ckpt, max_steps=3)
+    run(tmp_path / "part", budget=budget, ckpt=ckpt, max_steps=3)
     resumed, _, cb, rec, _, tr = run(
-        tmp_path / "resumed", ckpt_path=str(tmp_path / "part" / "last.ckpt")
+        tmp_path / "resumed", budget=budget, ckpt_path=str(tmp_path / "part" / "last.ckpt")
     )
     assert cb.reference == full_cb.reference
+    assert cb.ratio_reference == full_cb.ratio_reference
     assert cb.dual.state_dict() == full_cb.dual.state_dict()
     assert cb.final_ratio == pytest.approx(full_cb.final_ratio, rel=1e-10)
     assert rec.coeffs == full_rec.coeffs[-len(rec.coeffs) :]
     torch.testing.assert_close(params(resumed), params(full), rtol=0, atol=1e-12)
+
+
+class ModelStates(Callback):
+    """The model's parameters after every micro-batch (after the budget's hook)."""
+
+    def __init__(self):
+        self.states = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states.append(copy.deepcopy(pl_module.model.state_dict()))
+
+
+def _replayed_frames():
+    fresh = multi(sampling=BALANCED)  # the same split (the data module frees its own)
+    fresh.prepare_data()
+    fresh.setup("fit")
+    (replayed,) = [d for d in fresh.train_dataset if d.index == 0]
+    return [replayed[i] for i in range(len(replayed))]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_fixed_frame_ratio_is_the_constraint_at_the_current_parameters(tmp_path, accumulate):
+    """``ratio_frames``: at every ``every``-th optimizer step the ratio is the replay loss
+    of the model just stepped on the first frames, by hand, over the pretrained model's on
+    the same frames; the batches are not observed."""
+    states = ModelStates()
+    module, start, cb, rec, data, tr = run(
+        tmp_path, budget=FRAMES_BUDGET, accumulate_grad_batches=accumulate,
+        extra_callbacks=[states],
+    )  # fmt: skip
+    base, frames = rec.coeffs[0], _replayed_frames()[:3]
+    assert cb.ratio_reference == pytest.approx(_by_hand(start, frames, base), rel=1e-10)
+    assert cb.reference == pytest.approx(_by_hand(start, _replayed_frames(), base), rel=1e-10)
+    assert cb.ratio_reference != pytest.approx(cb.reference, rel=1e-3)  # other frames
+    dual = DualAscentMultiplier(1.01, every=2, step_size=20.0)
+    replay = ["a/per_atom_energy_mse", "a/forces_mse"]
+    model = copy.deepcopy(start)
+    for i, (coeffs, state) in enumerate(zip(rec.coeffs, states.states)):
+        scaled = {n: (c * dual.multiplier if n in replay else c) for n, c in base.items()}
+        total = sum(scaled.values())
+        assert coeffs == pytest.approx({n: c / total for n, c in scaled.items()}, rel=1e-12)
+        if (i + 1) % accumulate == 0:  # an optimizer step
+            if (dual.steps + 1) % 2 == 0:
+                model.model.load_state_dict(state)
+                dual.observe(_by_hand(model, frames, base) / cb.ratio_reference)
+            dual.step()
+    assert cb.dual.state_dict() == pytest.approx(dual.state_dict(), rel=1e-10, nan_ok=True)
+    assert dual.updates >= 3 and dual.multiplier != 1.0  # the budget acted
+
+
+def test_a_fixed_frame_budget_refuses_a_checkpoint_of_batch_ratios(tmp_path):
+    """Resuming a batch-ratio budget with ``ratio_frames``: the pretrained model's loss on
+    the fixed frames cannot be measured any more; refused, naming the way out."""
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "part"), save_last=True, every_n_train_steps=3)
+    run(tmp_path / "part", ckpt=ckpt, max_steps=3)
+    with pytest.raises(ValueError, match="ratio_frames=3.*resume with `ratio_frames: null`"):
+        run(tmp_path / "on", budget=FRAMES_BUDGET,
+            ckpt_path=str(tmp_path / "part" / "last.ckpt"))  # fmt: skip
 
 
 def test_the_budget_works_with_an_aggregation_module(tmp_path):
@@ -167,6 +230,9 @@ def test_a_tolerance_that_is_not_positive_is_refused(tolerance):
         ForgettingBudget(dataset="a", limit=tolerance)
     with pytest.raises(ValueError, match="exactly one of `tolerance`.*and `limit`"):
         ForgettingBudget(dataset="a", tolerance=0.1, limit=1.0)
+    for frames in (0, True, 2.5):
+        with pytest.raises(ValueError, match="ratio_frames must be an integer >= 1"):
+            ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=frames)
 
 
 def test_an_absolute_limit_bounds_the_loss_itself(tmp_path):
@@ -218,10 +284,12 @@ def test_the_budget_is_logged_and_plotted(tmp_path):
 
 
 @pytest.mark.ddp
-def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["budget", "budget_frames"])
+def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path, kind):
     """2 ranks, each with half of every global batch, against 1 process on the global
     batch: the same reference, the same multiplier at every update (the ratio of the global
-    batch on every rank), the same parameters, the same final ratio."""
+    batch on every rank; or, ``budget_frames``, of the same fixed frames), the same
+    parameters, the same final ratio."""
     import sys
 
     from tests._ddp import launch
@@ -230,16 +298,21 @@ def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path):
         (tmp_path / str(world)).mkdir()
         launch(
             [sys.executable, "-m", "tests.multi_dataset_ddp_worker", str(tmp_path / str(world)),
-             "budget"],
+             kind],
             world=world,
         )  # fmt: skip
     one = torch.load(tmp_path / "1" / "rank0.pt")
     ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["budget"] == ranks[1]["budget"]
-    assert one["budget"]["dual"]["updates"] == 6 and one["budget"]["dual"]["multiplier"] != 1.0
+    assert (
+        one["budget"]["dual"]["updates"] == (6 if kind == "budget" else 3)
+        and one["budget"]["dual"]["multiplier"] != 1.0
+    )
     got, ref = ranks[0]["budget"], one["budget"]
     assert got["dual"] == pytest.approx(ref["dual"], rel=1e-9)
     assert got["reference"] == pytest.approx(ref["reference"], rel=1e-12)
+    if kind == "budget_frames":
+        assert got["ratio_reference"] == pytest.approx(ref["ratio_reference"], rel=1e-12)
     assert got["base_coeffs"] == ref["base_coeffs"]
     torch.testing.assert_close(ranks[0]["params"], one["params"], rtol=0, atol=1e-9)
     # the end-of-training measurement: every rank measures the same frames with the same

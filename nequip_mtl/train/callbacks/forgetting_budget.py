@@ -49,6 +49,15 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
     - **The ratio** of a step is the replay components' loss on its batch (the same
       weighted combination; under DDP the loss's step values are already global means)
       over the reference (or the limit); a batch without replay frames is not observed.
+    - **Or measured on fixed frames** (``ratio_frames: N``): at every update the replay
+      loss is measured on the first ``N`` of the reference's frames with the current model,
+      over the pretrained model's loss on the same ``N`` frames (measured with the
+      reference). The batch ratio is an estimate from a few replayed frames, and a noisy
+      one (with 4 replayed frames a batch, 10-step means from 0.4 to 2.8 at the pretrained
+      model itself on the alloy pair of ``benchmarks/finetune.py``): dual ascent on it
+      makes the multiplier a random walk. The fixed frames give the constraint itself at
+      the current parameters, the same on every rank, at the cost of a forward pass over
+      ``N`` frames every ``every`` steps.
     - **The coefficients** of the replay components are their configured values times the
       multiplier (then normalised with the others, as every coefficient update is); the
       others keep theirs. Every micro-batch of an optimizer step sees the same
@@ -80,6 +89,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             # step_size: 1.0         # log-space step per unit of relative violation
             # proportional: 0.0      # PI control: log-space gain on the current violation
             # reference_frames: 256  # frames the reference loss is measured on
+            # ratio_frames: null     # or N: the ratio measured on N fixed frames, not batches
 
     Args:
         dataset (str): the replayed dataset's name (the data module's and the loss's)
@@ -95,6 +105,9 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         reference_frames (int): frames of the replayed training split to measure the
             reference on (default ``256``; all, if it has fewer)
         reference_batch_size (int): frames per forward pass of that measurement (default 16)
+        ratio_frames (int): measure each update's ratio on the first this many of the
+            reference's frames instead of the training batches (default ``None``: the
+            batches)
     """
 
     def __init__(
@@ -109,12 +122,14 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         reference_frames: int = 256,
         reference_batch_size: int = 16,
         proportional: float = 0.0,
+        ratio_frames: int | None = None,
     ) -> None:
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"{_WHO}.dataset must be a dataset name, got {dataset!r}")
         for key, value in (
             ("reference_frames", reference_frames),
             ("reference_batch_size", reference_batch_size),
+            *([("ratio_frames", ratio_frames)] if ratio_frames is not None else []),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_WHO}.{key} must be an integer >= 1, got {value!r}")
@@ -145,6 +160,10 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         self.dataset = dataset
         self.reference_frames = reference_frames
         self.reference_batch_size = reference_batch_size
+        self.ratio_frames = ratio_frames
+        #: the pretrained model's replay loss on the first ``ratio_frames`` frames (the
+        #: fixed-frame ratio's denominator; ``None`` until measured, or without them)
+        self.ratio_reference: float | None = None
         #: the pretrained model's replay loss (``None`` until measured)
         self.reference: float | None = None
         #: the configured coefficients, captured at setup
@@ -213,16 +232,37 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         """Measure the reference (once: a restored callback keeps its own)."""
+        # the measurements' own copy of the loss, taken before any step (a training step
+        # leaves tensors of its graph in the module's, which cannot be copied)
+        self._meter = copy.deepcopy(pl_module.loss)
+        for metric in self._meter.modules():
+            if hasattr(metric, "dist_sync_on_step"):
+                metric.dist_sync_on_step = False  # every rank measures the same frames
         if self.limit is not None:
-            self.reference = self.limit  # the ratio is the loss over the limit
+            self.reference = self.ratio_reference = self.limit  # ratios: loss over the limit
             return
+        if (
+            self.ratio_frames is not None
+            and self.reference is not None
+            and self.ratio_reference is None
+        ):
+            raise ValueError(
+                f"{_WHO}(ratio_frames={self.ratio_frames}): the checkpoint's budget measured its "
+                "ratio on training batches, so the pretrained model's loss on fixed frames was "
+                "never measured; resume with `ratio_frames: null` (or start a new fine-tune)"
+            )
         if self.reference is None:
             self.reference = self._measure_replay_loss(trainer, pl_module)
-            if not (math.isfinite(self.reference) and self.reference > 0):
-                raise ValueError(
-                    f"{_WHO}: the pretrained model's loss on dataset {self.dataset!r} is "
-                    f"{self.reference!r}; a budget relative to it needs a finite, positive value"
+            if self.ratio_frames is not None:
+                self.ratio_reference = self._measure_replay_loss(
+                    trainer, pl_module, self.ratio_frames
                 )
+            for value in (self.reference, self.ratio_reference):
+                if value is not None and not (math.isfinite(value) and value > 0):
+                    raise ValueError(
+                        f"{_WHO}: the pretrained model's loss on dataset {self.dataset!r} is "
+                        f"{value!r}; a budget relative to it needs a finite, positive value"
+                    )
 
     def _replay_loss(self, values: dict[str, Any]) -> float:
         """The replay components' weighted combination (configured coefficients)."""
@@ -242,16 +282,15 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 {f"budget/{self.dataset}/final_ratio": self.final_ratio}, step=trainer.global_step
             )
 
-    def _measure_replay_loss(self, trainer: Any, pl_module: Any) -> float:
-        """The model's replay loss (configured coefficients) on up to ``reference_frames``
-        frames of the replayed training split, the same frames every time."""
+    def _measure_replay_loss(
+        self, trainer: Any, pl_module: Any, frames: int | None = None
+    ) -> float:
+        """The model's replay loss (configured coefficients) on the first ``frames`` (default
+        ``reference_frames``) frames of the replayed training split."""
         dataset = _training_split(trainer.datamodule, self.dataset)
-        count = min(len(dataset), self.reference_frames)
+        count = min(len(dataset), self.reference_frames if frames is None else frames)
         frames = [dataset[i] for i in range(count)]
-        manager = copy.deepcopy(pl_module.loss)
-        for metric in manager.modules():
-            if hasattr(metric, "dist_sync_on_step"):
-                metric.dist_sync_on_step = False  # every rank measures the same frames
+        manager = self._meter
         manager.reset()
         with torch.no_grad():  # the model computes its forces with autograd itself
             for start in range(0, count, self.reference_batch_size):
@@ -280,9 +319,15 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         """"""
         # nequip syncs the loss on every step (`dist_sync_on_step`): its step values are
         # global-batch means, so every rank observes the same ratio without a collective
-        ratio = self._replay_loss(pl_module.loss.metrics_values_step) / self.reference
-        self.dual.observe(ratio)
+        if self.ratio_frames is None:
+            ratio = self._replay_loss(pl_module.loss.metrics_values_step) / self.reference
+            self.dual.observe(ratio)
         if self._optimizer_stepped(trainer):
+            if self.ratio_frames is not None and (self.dual.steps + 1) % self.dual.every == 0:
+                # an update step: the ratio measured on the fixed frames (the same on every
+                # rank: the model is; no collective)
+                loss = self._measure_replay_loss(trainer, pl_module, self.ratio_frames)
+                self.dual.observe(loss / self.ratio_reference)
             self.dual.step()
             pl_module.log(f"budget/{self.dataset}/multiplier", self.dual.multiplier)
             pl_module.log(f"budget/{self.dataset}/limit", self.dual.bound)
@@ -296,6 +341,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         return {
             "dual": self.dual.state_dict(),
             "reference": self.reference,
+            "ratio_reference": self.ratio_reference,
             "base_coeffs": None if self.base_coeffs is None else dict(self.base_coeffs),
             "final_ratio": self.final_ratio,
         }
@@ -304,6 +350,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         """"""
         self.dual.load_state_dict(state_dict["dual"])
         self.reference = state_dict["reference"]
+        self.ratio_reference = state_dict.get("ratio_reference")
         base = state_dict["base_coeffs"]
         self.base_coeffs = None if base is None else dict(base)
         self.final_ratio = state_dict.get("final_ratio")
