@@ -87,9 +87,14 @@ def _by_hand(model, frames, coeffs) -> float:
     return float(coeffs["a/per_atom_energy_mse"] * e_mse + coeffs["a/forces_mse"] * f_mse)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_the_replay_weight_is_the_multiplier_of_the_budget(tmp_path, accumulate):
-    module, start, cb, rec, data, tr = run(tmp_path, accumulate_grad_batches=accumulate)
+@pytest.mark.parametrize("accumulate, proportional", [(1, 0.0), (2, 0.0), (2, 1.5)])
+def test_the_replay_weight_is_the_multiplier_of_the_budget(tmp_path, accumulate, proportional):
+    """Plain dual ascent, with gradient accumulation, and the PI controller
+    (``proportional``)."""
+    budget = {**BUDGET, "proportional": proportional}
+    module, start, cb, rec, data, tr = run(
+        tmp_path, budget=budget, accumulate_grad_batches=accumulate
+    )
     base = {n: c for n, c in rec.coeffs[0].items()}
     # the reference: the pretrained model's replay loss on the replayed training frames
     fresh = multi(sampling=BALANCED)  # the same split (the data module frees its own)
@@ -99,7 +104,7 @@ def test_the_replay_weight_is_the_multiplier_of_the_budget(tmp_path, accumulate)
     frames = [replayed[i] for i in range(len(replayed))]
     assert cb.reference == pytest.approx(_by_hand(start, frames, base), rel=1e-10)
     # every micro-batch trained with the coefficients the multiplier gives
-    dual = DualAscentMultiplier(1.01, every=1, step_size=20.0)
+    dual = DualAscentMultiplier(1.01, every=1, step_size=20.0, proportional=proportional)
     replay = ["a/per_atom_energy_mse", "a/forces_mse"]
     for i, (coeffs, values) in enumerate(zip(rec.coeffs, rec.values)):
         scaled = {n: (c * dual.multiplier if n in replay else c) for n, c in base.items()}
@@ -321,16 +326,21 @@ def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path, kind):
     assert got["final_ratio"] == pytest.approx(ref["final_ratio"], rel=1e-7)
 
 
+_COMPILE = [pytest.mark.slow, skip_inductor_under_default_capability]
+
+
 @pytest.mark.parametrize(
     "mode",
     [
         "float32",
-        pytest.param("compile", marks=[pytest.mark.slow, skip_inductor_under_default_capability]),
+        pytest.param("compile", marks=_COMPILE),
+        pytest.param("compile_frames", marks=_COMPILE),
     ],
 )
 def test_the_budget_with_float32_and_train_time_compile(tmp_path, mode):
     """float32 (the reference equals the by-hand one within fp32 rounding), and train-time
-    compile (the reference forward and the trajectory as eager's)."""
+    compile (the reference forward and the trajectory as eager's; ``compile_frames``: with
+    the ratio measured on fixed frames by the compiled model during training)."""
     from tests._harness import model_config
 
     if mode == "float32":
@@ -344,10 +354,14 @@ def test_the_budget_with_float32_and_train_time_compile(tmp_path, mode):
         assert cb.reference == pytest.approx(_by_hand(start, frames, rec.coeffs[0]), rel=1e-5)
         assert cb.dual.updates >= 2 and math.isfinite(cb.dual.multiplier)
         return
-    eager, _, eager_cb, _, _, _ = run(tmp_path / "eager", epochs=1)
+    budget = FRAMES_BUDGET if mode == "compile_frames" else BUDGET
+    eager, _, eager_cb, _, _, _ = run(tmp_path / "eager", budget=budget, epochs=1)
     model = model_config("float64")
     model["compile_mode"] = "compile"
-    compiled, _, cb, _, _, _ = run(tmp_path / "compile", epochs=1, model=model)
+    compiled, _, cb, _, _, _ = run(tmp_path / "compile", budget=budget, epochs=1, model=model)
+    assert cb.dual.updates >= 1
+    if mode == "compile_frames":
+        assert cb.ratio_reference == pytest.approx(eager_cb.ratio_reference, rel=1e-10)
     assert cb.reference == pytest.approx(eager_cb.reference, rel=1e-10)
     assert cb.dual.state_dict() == pytest.approx(eager_cb.dual.state_dict(), rel=1e-8)
     torch.testing.assert_close(params(compiled), params(eager), rtol=0, atol=1e-10)
