@@ -254,6 +254,28 @@ def test_an_absolute_limit_bounds_the_loss_itself(tmp_path):
     assert cb.dual.state_dict() == pytest.approx(dual.state_dict(), rel=1e-12, nan_ok=True)
 
 
+@pytest.mark.parametrize("scheduler", ["ours", "nequip"])
+def test_a_coefficient_schedule_beside_the_budget_is_refused_before_any_step(tmp_path, scheduler):
+    """The budget sets the replay coefficients at every step from the configured ones; a
+    schedule would be silently overwritten."""
+    from nequip.train.callbacks import LinearLossCoefficientScheduler as NequipLinear
+
+    from nequip_mtl.train.callbacks import LossCoefficientScheduler
+
+    torch.manual_seed(0)
+    module = NequIPLightningModule(**kwargs())
+    schedule = (
+        LossCoefficientScheduler(schedule={1: {"a/forces_mse": 2.0}})
+        if scheduler == "ours"
+        else NequipLinear(start_epoch=0, transition_epochs=2,
+                          final_coeffs={n: 1.0 for n in module.loss.entries})
+    )  # fmt: skip
+    tr = trainer(tmp_path, callbacks=[ForgettingBudget(**BUDGET), schedule], limit_val_batches=0)
+    with pytest.raises(ValueError, match="would overwrite a schedule's.*LossCoefficientScheduler"):
+        tr.fit(module, datamodule=multi(sampling=BALANCED))
+    assert tr.global_step == 0
+
+
 def test_a_module_that_ignores_coefficients_is_refused(tmp_path):
     torch.manual_seed(0)
     module = mtl.UncertaintyWeightingLightningModule(**kwargs())

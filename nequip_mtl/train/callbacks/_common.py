@@ -137,3 +137,35 @@ def single_adaptive_callback(trainer: Any, me: Any, base: type) -> None:
         raise ValueError(
             f"only one adaptive loss-weighting callback may be used at a time; found {names}"
         )
+
+
+def _scheduler_classes() -> tuple[type, ...]:
+    """The coefficient schedulers, ours and nequip's."""
+    from nequip.train.callbacks import LossCoefficientScheduler as NequipScheduler
+
+    from .linear_loss_coeff_scheduler import LinearLossCoefficientScheduler
+    from .loss_coeff_scheduler import LossCoefficientScheduler
+
+    classes: list[type] = [
+        LossCoefficientScheduler,
+        LinearLossCoefficientScheduler,
+        NequipScheduler,
+    ]
+    try:
+        from nequip.train.callbacks.loss_coeff_scheduler import (
+            LinearLossCoefficientScheduler as NequipLinear,
+        )
+
+        classes.append(NequipLinear)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(classes)
+
+
+def no_coefficient_schedule(trainer: Any, why: str) -> None:
+    """Error (``why``, then the schedulers' names) if a coefficient scheduler, ours or
+    nequip's, is configured."""
+    others = [cb for cb in trainer.callbacks if isinstance(cb, _scheduler_classes())]
+    if others:
+        names = [type(cb).__module__ + "." + type(cb).__name__ for cb in others]
+        raise ValueError(f"{why}: {names}")

@@ -26,6 +26,7 @@ from ._common import (
     check_choice,
     check_coeff_writer_allowed,
     check_positive_int,
+    no_coefficient_schedule,
     single_adaptive_callback,
 )
 from .gradient_conflict import TaskGradientProbe
@@ -222,14 +223,10 @@ class CalibrateLossCoefficients(WeightingCallback):
                 f"`rule: aggregator` with `{WHO}.aggregator`"
             )
         single_adaptive_callback(trainer, self, WeightingCallback)
-        schedulers = _scheduler_classes()
-        others = [cb for cb in trainer.callbacks if isinstance(cb, schedulers)]
-        if others:
-            names = [type(cb).__module__ + "." + type(cb).__name__ for cb in others]
-            raise ValueError(
-                f"{WHO} sets the loss coefficients once and keeps them; it cannot be combined "
-                f"with a callback that also sets them: {names}"
-            )
+        no_coefficient_schedule(
+            trainer, f"{WHO} sets the loss coefficients once and keeps them; it cannot be "
+            "combined with a callback that also sets them"
+        )  # fmt: skip
 
     def on_train_start(
         self, trainer: lightning.Trainer, pl_module: lightning.LightningModule
@@ -456,25 +453,3 @@ def _build_gram_aggregator(rule: str, aggregator: Any) -> Any:
             f"update is weights @ G); {type(built).__name__} is not"
         )
     return built
-
-
-def _scheduler_classes() -> tuple[type, ...]:
-    from nequip.train.callbacks import LossCoefficientScheduler as NequipScheduler
-
-    from .linear_loss_coeff_scheduler import LinearLossCoefficientScheduler
-    from .loss_coeff_scheduler import LossCoefficientScheduler
-
-    classes: list[type] = [
-        LossCoefficientScheduler,
-        LinearLossCoefficientScheduler,
-        NequipScheduler,
-    ]
-    try:
-        from nequip.train.callbacks.loss_coeff_scheduler import (
-            LinearLossCoefficientScheduler as NequipLinear,
-        )
-
-        classes.append(NequipLinear)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(classes)

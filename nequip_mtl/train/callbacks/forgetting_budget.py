@@ -17,6 +17,7 @@ from ._common import (
     WeightingCallback,
     check_coeff_writer_allowed,
     loss_manager,
+    no_coefficient_schedule,
     single_adaptive_callback,
 )
 
@@ -187,6 +188,11 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         manager = loss_manager(pl_module, _WHO)
         check_coeff_writer_allowed(pl_module, _WHO)
         single_adaptive_callback(trainer, self, WeightingCallback)
+        no_coefficient_schedule(
+            trainer, f"{_WHO} sets the replay coefficients at every step from the configured "
+            "ones and would overwrite a schedule's; remove the coefficient scheduler or the "
+            "budget"
+        )  # fmt: skip
         names = list(getattr(trainer.datamodule, "dataset_names", None) or [])
         if not names:
             raise ValueError(
