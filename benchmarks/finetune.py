@@ -527,7 +527,7 @@ def markdown(data: dict) -> str:
     pre_steps = R.mean_sd([r["steps"] for r in data["pretrain"]])[0]
     k = a["batch_size"]
     lines = R.preamble(
-        "Fine-tuning benchmark", meta, a["jobs"], R.command("finetune", a["argv"], omp=False),
+        "Fine-tuning benchmark", meta, a["jobs"], R.commands("finetune", a),
         f"A = {p.a} ({a['n_a_train']} training / {a['n_a_test']} test frames), B = {p.b} "
         f"({a['n_b_train']} training / {a['n_b_test']} test frames). {P.model_text(a, params)}, "
         f"per-atom energy and force MSE 1:1. Pretraining on A: {a['pretrain_s']:g} s of "
@@ -662,6 +662,10 @@ def parse(argv):
     p.add_argument("--calibration-steps", type=int, default=None)
     P.add_run_arguments(p, batch_size=4, lr=None)
     p.add_argument("--save-states", help=argparse.SUPPRESS)  # final models (tests)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the results json at --out: run only the (seed, method) pairs "
+                        "of the union of its and these --seeds and --methods that it lacks; "
+                        "every other setting must equal its")  # fmt: skip
     args = p.parse_args(argv)
     args.argv = list(argv)
     if args.from_json:
@@ -685,11 +689,20 @@ def parse(argv):
     return args
 
 
+#: the arguments a resumed study may change (what to run, where its results go)
+RESUMABLE = ("argv", "methods", "seeds", "resumed_argv", "out", "jobs", "from_json")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     if args.from_json:
         return R.from_json(args.from_json, args.out, report)
+    earlier = P.earlier_study(args.out) if args.resume else None
+    if earlier is not None:
+        e = earlier["meta"]["args"]
+        args.methods = list(dict.fromkeys([*e["methods"], *args.methods]))
+        args.seeds = sorted({*e["seeds"], *args.seeds})
     if missing := M.missing_methods(args.methods, M.finetune_methods()):
         raise SystemExit(f"cannot import {missing}")
     files = pair_files(args.pair)
@@ -707,11 +720,29 @@ def main(argv=None):
         cache = str(pretrained_path(a, stats, seed))
         return {**base, "seed": seed, "method": method, "cache": cache}
 
+    meta_args = {k: v for k, v in vars(args).items() if k != "resume"}
+    lists = {"pretrain": [], "runs": []}
+    if earlier is not None:
+        meta_args, stats, lists = P.merge_resumed(earlier, meta_args, stats, args.out,
+                                                  RESUMABLE, lists)  # fmt: skip
     about = {"files": files, "statistics": stats, **({"references": refs} if refs else {})}
-    results = P.Results(args.out, "finetune", argv, vars(args), about, pretrain=[], runs=[])
-    fine = [task(s, m) for s, m in P.rotated(args.methods, args.seeds, shift=3)]
+    results = P.Results(args.out, "finetune", meta_args["argv"], meta_args, about, **lists)
+    if earlier is not None:  # the elapsed time counts every part
+        results.t0 -= earlier["meta"].get("elapsed_s", 0.0)
+    finished = {(r["seed"], r["method"]) for r in lists["runs"]}
+    planned = P.rotated(args.methods, args.seeds, shift=3)
+    fine = [task(s, m) for s, m in planned if (s, m) not in finished]
+    expected = len(planned)
+
+    def pretrained(seeds):
+        """The seeds to pretrain: those without a record or whose cache is gone (a resumed
+        study pretrains those again, same settings, and keeps the new record)."""
+        return [task(s) for s in seeds
+                if s not in {x["seed"] for x in results.lists["pretrain"]}
+                or not Path(task(s)["cache"]).exists()]  # fmt: skip
 
     def pre_done(r):
+        results.lists["pretrain"] = [x for x in results.lists["pretrain"] if x["seed"] != r["seed"]]
         results.add("pretrain", r)
         print(f"pretrained seed {r['seed']}{' (cached)' if r['cached'] else ''}: {r['steps']} steps, "
               f"A force MAE {r['budget'][AF]:.4g}, B force MAE {r['budget'][BF]:.4g}", flush=True)  # fmt: skip
@@ -719,16 +750,16 @@ def main(argv=None):
     def done(r):
         results.add("runs", r)
         b = r["budget"]
-        print(f"[{len(results.lists['runs'])}/{len(fine)} {time.perf_counter() - results.t0:.0f} s] "
+        print(f"[{len(results.lists['runs'])}/{expected} {time.perf_counter() - results.t0:.0f} s] "
               f"{r['method']} seed {r['seed']}: {r['steps']} steps, B force {b[BF]:.4g}, A force "
               f"{b[AF]:.4g} (run {r['wall_s']:.0f} s wall, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
 
     if args.jobs > 1:  # every pretraining, then every fine-tune
-        P.run_all(pretrain_run, [task(s) for s in args.seeds], args.jobs, pre_done)
+        P.run_all(pretrain_run, pretrained(args.seeds), args.jobs, pre_done)
         P.run_all(finetune_run, fine, args.jobs, done)
     else:  # seed by seed: each finished seed is complete in the json
         for seed in args.seeds:
-            P.run_all(pretrain_run, [task(seed)], 1, pre_done)
+            P.run_all(pretrain_run, pretrained([seed]), 1, pre_done)
             P.run_all(finetune_run, [t for t in fine if t["seed"] == seed], 1, done)
     results.lists["pretrain"].sort(key=lambda r: r["seed"])
     report(results.data(), Path(args.out))

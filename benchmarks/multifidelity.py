@@ -650,8 +650,7 @@ def markdown(data: dict) -> str:
     runs = data["runs"]
     sizes = sizes_of(data)
     pre = data.get("pretrain") or []
-    command = R.command("multifidelity", a["argv"], omp=False) + "".join(
-        f"`; resumed with `{R.command('multifidelity', v, omp=False)}" for v in a.get("resumed_argv", []))  # fmt: skip
+    command = R.commands("multifidelity", a)
     title = "Multi-fidelity benchmark" + (f" (`{a['pair']}`)" if "pair" in a else "")
     lines = R.preamble(
         title, meta, 1, command, data_text(data), budget_text(data),
@@ -804,10 +803,7 @@ RESUMABLE = ("argv", "methods", "dft_train", "seeds", "expected_runs", "data_dir
 def resumed(args, out: Path) -> dict:
     """The earlier json at ``out`` (refused if absent); ``args`` gain the union of its and
     their sizes, seeds and methods."""
-    path = out.with_suffix(".json")
-    if not path.exists():
-        raise SystemExit(f"--resume: no earlier results at {path} (--out names them)")
-    earlier = R.read_json(path)
+    earlier = P.earlier_study(out)
     e = earlier["meta"]["args"]
     args.methods = list(dict.fromkeys([*e["methods"], *args.methods]))
     args.dft_train = sorted({*e["dft_train"], *args.dft_train}, reverse=True)
@@ -816,34 +812,10 @@ def resumed(args, out: Path) -> dict:
 
 
 def merge_earlier(earlier: dict, a: dict, stats: dict, out: Path):
-    """The arguments, statistics and lists of a resumed study: every setting but
-    :data:`RESUMABLE` and the statistics of the sizes both ran must equal the earlier
-    study's (the same data and protocol), else refused naming the difference."""
-    e = earlier["meta"]["args"]
-    differ = sorted(k for k in {*e, *a} - set(RESUMABLE) if e.get(k) != a.get(k))
-    if differ:
-        raise SystemExit(f"--resume {out.with_suffix('.json')}: settings differ from the "
-                         "earlier study's: " + ", ".join(f"{k} {e.get(k)!r} -> {a.get(k)!r}"
-                                                         for k in differ))  # fmt: skip
-    e_stats = earlier["meta"]["data"]["statistics"]
-    for key in e_stats.keys() & stats.keys():
-        for name, value in e_stats[key].items():
-            if not _close(value, new := stats[key].get(name)):
-                raise SystemExit(f"--resume: the data changed ({key} {name}: {value} -> "
-                                 f"{new}); run a new study")  # fmt: skip
-    merged = {**a, "argv": e["argv"],
-              "resumed_argv": [*e.get("resumed_argv", []), a["argv"]]}  # fmt: skip
-    lists = {k: list(earlier.get(k, [])) for k in LISTS}
-    return merged, {**e_stats, **stats}, lists
-
-
-def _close(x, y) -> bool:
-    """Equal up to float rounding (a json round trip), nested."""
-    if isinstance(x, dict) and isinstance(y, dict):
-        return x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
-    if isinstance(x, (int, float)) and isinstance(y, (int, float)):
-        return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
-    return x == y
+    """The arguments, statistics and lists of a resumed study (:func:`protocol.merge_resumed`:
+    every setting but :data:`RESUMABLE`, and the statistics of the sizes both ran, as the
+    earlier study's)."""
+    return P.merge_resumed(earlier, a, stats, out, RESUMABLE, LISTS)
 
 
 def check_methods(methods: list[str]) -> None:

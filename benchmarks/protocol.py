@@ -817,6 +817,52 @@ def out_path(args, name: str) -> str:
     return args.out or str(TMP / f"{name}_quick" if args.quick else RESULTS / name)
 
 
+# ----------------------------------------------------------------------------- --resume
+
+
+def earlier_study(out) -> dict:
+    """The results json of the earlier study at ``out`` that ``--resume`` continues;
+    refused if there is none."""
+    path = Path(out).with_suffix(".json")
+    if not path.exists():
+        raise SystemExit(f"--resume: no earlier results at {path} (--out names them)")
+    return R.read_json(path)
+
+
+def merge_resumed(earlier: dict, a: dict, stats: dict, out, resumable, lists):
+    """``(arguments, statistics, lists)`` of a study resumed from ``earlier``: every
+    setting of ``a`` but those named in ``resumable`` (what to run, where the data lies) and
+    each statistic both parts computed must equal the earlier study's (the same data and
+    protocol), else refused naming the difference; the lists (``lists``: their names) start
+    with the earlier records, the arguments keep the first command line and add this one
+    to ``resumed_argv``."""
+    e = earlier["meta"]["args"]
+    differ = sorted(k for k in {*e, *a} - set(resumable) if e.get(k) != a.get(k))
+    if differ:
+        raise SystemExit(f"--resume {Path(out).with_suffix('.json')}: settings differ from the "
+                         "earlier study's: " + ", ".join(f"{k} {e.get(k)!r} -> {a.get(k)!r}"
+                                                         for k in differ))  # fmt: skip
+    e_stats = earlier["meta"]["data"]["statistics"]
+    for key in e_stats.keys() & stats.keys():
+        if not _close(e_stats[key], stats[key]):
+            raise SystemExit(f"--resume: the data changed ({key}: {e_stats[key]} -> "
+                             f"{stats[key]}); run a new study")  # fmt: skip
+    merged = {**a, "argv": e["argv"],
+              "resumed_argv": [*e.get("resumed_argv", []), a["argv"]]}  # fmt: skip
+    return merged, {**e_stats, **stats}, {k: list(earlier.get(k, [])) for k in lists}
+
+
+def _close(x, y) -> bool:
+    """Equal up to float rounding (a json round trip), nested."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(_close(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_close(u, v) for u, v in zip(x, y))
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+        return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+    return x == y
+
+
 class Results:
     """A study's results json (``<out>.json``), rewritten after every finished run: the meta
     data (machine, arguments, command line, time) and the lists of runs (``lists``: their

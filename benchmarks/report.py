@@ -245,6 +245,14 @@ def command(study: str, argv: list[str], omp: bool = True) -> str:
     return f"{prefix}python -m benchmarks.{study} {shlex.join(argv)}".rstrip()
 
 
+def commands(study: str, a: dict) -> str:
+    """The command line of a study (``a["argv"]``), and of each part that resumed it
+    (``a["resumed_argv"]``), for a report's ``Command:`` line."""
+    return command(study, a["argv"], omp=False) + "".join(
+        f"`; resumed with `{command(study, v, omp=False)}" for v in a.get("resumed_argv", [])
+    )
+
+
 def write_text(path: Path, text: str, echo: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -422,3 +422,40 @@ def test_pseudolabel_replay_trains_on_the_pretrained_models_predictions(levels):
     _, a_true, _ = _frames(files, a, "A_test")
     got = np.array([float(a_test[i]["total_energy"].reshape(())) for i in range(len(a_test))])
     np.testing.assert_array_equal(got, a_true)
+
+
+# ----------------------------------------------------------------------------- --resume
+
+
+def test_resume_runs_only_the_missing_runs_and_refuses_other_settings(quick, tmp_path):
+    """A study resumed with another method keeps every earlier record as it was and runs
+    only the new (seed, method); another budget or an absent json is refused. Mutation:
+    dropping the ``finished`` filter reruns every earlier method and fails."""
+    out, before = quick
+    copy_ = tmp_path / "ft"
+    copy_.with_suffix(".json").write_text(out.with_suffix(".json").read_text())
+    common = ["--quick", "--pair", "alloy", "--pretrain-s", "1.5", "--methods", "ft_replay_10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def run(*extra):
+        cmd = [sys.executable, "-m", "benchmarks.finetune", *common, *extra, "--resume"]
+        return subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True, env=env)
+
+    with pytest.raises(subprocess.CalledProcessError) as absent:
+        run("--budget-s", "1", "--out", str(tmp_path / "none"))
+    assert "no earlier results" in absent.value.stderr
+    with pytest.raises(subprocess.CalledProcessError) as other:
+        run("--budget-s", "2", "--out", str(copy_))
+    assert "budget_s 1.0 -> 2.0" in other.value.stderr
+    run("--budget-s", "1", "--out", str(copy_))
+    after = json.loads(copy_.with_suffix(".json").read_text())
+    assert after["runs"][: len(before["runs"])] == before["runs"]
+    assert [r["method"] for r in after["runs"][len(before["runs"]) :]] == ["ft_replay_10"]
+    assert after["pretrain"] == before["pretrain"]  # the cached pretraining, not re-recorded
+    a = after["meta"]["args"]
+    assert (
+        a["methods"] == [*METHODS, "ft_replay_10"] and a["argv"] == before["meta"]["args"]["argv"]
+    )
+    assert a["resumed_argv"][0][-1] == "--resume"
+    md = copy_.with_suffix(".md").read_text()
+    assert "resumed with" in md and "Incomplete" not in md
