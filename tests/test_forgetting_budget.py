@@ -238,6 +238,8 @@ def test_a_tolerance_that_is_not_positive_is_refused(tolerance):
     for frames in (0, True, 2.5):
         with pytest.raises(ValueError, match="ratio_frames must be an integer >= 1"):
             ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=frames)
+    with pytest.raises(ValueError, match=r"ratio_frames \(65\) must be at most reference_frames"):
+        ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=65, reference_frames=64)
 
 
 def test_an_absolute_limit_bounds_the_loss_itself(tmp_path):

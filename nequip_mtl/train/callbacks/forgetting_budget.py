@@ -134,6 +134,12 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_WHO}.{key} must be an integer >= 1, got {value!r}")
+        if ratio_frames is not None and ratio_frames > reference_frames:
+            raise ValueError(
+                f"{_WHO}.ratio_frames ({ratio_frames}) must be at most reference_frames "
+                f"({reference_frames}): the ratio is measured on the first of the reference's "
+                "frames"
+            )
         if (tolerance is None) == (limit is None):
             raise ValueError(
                 f"{_WHO}: give exactly one of `tolerance` (relative to the pretrained model's "
