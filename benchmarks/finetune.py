@@ -587,7 +587,7 @@ def levels_text(data: dict) -> list[str]:
 
 def budget_lines(data: dict, labels: dict) -> list[str]:
     """Each forgetting budget's bound on the replayed loss ratio, the ratio of its last
-    update (training batches), the ratio measured when training ended (the trained model on
+    update (training batches, or its fixed frames), the ratio measured when training ended (the trained model on
     the reference's frames; runs that recorded it) and how many seeds ended within 2
     percentage points over the bound, and its multiplier."""
     states: dict[str, list[dict]] = {}
@@ -608,7 +608,8 @@ def budget_lines(data: dict, labels: dict) -> list[str]:
     head = ["strategy", "requested ratio", "last update's ratio", "final ratio",
             "held (≤ bound + 0.02)", "multiplier", "seeds"]  # fmt: skip
     return ["**Forgetting budgets**: the replayed training loss over the pretrained model's, "
-            "against its bound: the mean of the budget's last update (training batches), and "
+            "against its bound: the mean of the budget's last update (training batches, or its "
+            "fixed frames with `ratio_frames`), and "
             "measured when training ended on the reference's frames", "",
             *R.md_table(head, body), ""] if body else []  # fmt: skip
 

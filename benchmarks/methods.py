@@ -243,8 +243,12 @@ BUDGET_TOLERANCES = (0.05, 0.25)
 PI_BUDGET = {"step_size": 0.3, "proportional": 1.0}
 
 
-#: the budget whose ratio is measured on fixed frames (``ratio_frames``), not batches
-FRAMES_BUDGET = {"ratio_frames": 32}
+#: the frames the study's budgets measure their reference on
+REFERENCE_FRAMES = 64
+#: the budget whose ratio is measured on fixed frames (``ratio_frames``), not batches: on
+#: half of the reference's frames, and on all of them
+FRAMES_BUDGET = {"ratio_frames": REFERENCE_FRAMES // 2}
+REFERENCE_BUDGET = {"ratio_frames": REFERENCE_FRAMES}
 
 
 def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
@@ -252,14 +256,16 @@ def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
     ``pretrain`` within ``tolerance``, updated every 5 steps, its reference on 64 frames;
     ``controller``: further options (:data:`PI_BUDGET`)."""
     return {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
-            "tolerance": tolerance, "every": 5, "reference_frames": 64, **controller}  # fmt: skip
+            "tolerance": tolerance, "every": 5, "reference_frames": REFERENCE_FRAMES, **controller}  # fmt: skip
 
 
 def _budgets() -> dict[str, Method]:
     """Replay at 1:1 with a ``ForgettingBudget`` (``ft_budget_<tol>``), the same given the
     whole replay sweep's time (``_sweep``: a sweep of K weights costs K runs), and with the
     multiplier a PI controller (``ft_budget_pi_<tol>``, :data:`PI_BUDGET`) or the ratio
-    measured on fixed frames (``ft_budget_frames_<tol>``, :data:`FRAMES_BUDGET`)."""
+    measured on fixed frames (``ft_budget_frames_<tol>``, :data:`FRAMES_BUDGET`: half the
+    reference's; ``ft_budget_ref_<tol>``, :data:`REFERENCE_BUDGET`: all of them, the final
+    ratio's own frames)."""
     out = {}
     for tol, (suffix, factor) in itertools.product(
         BUDGET_TOLERANCES, (("", 1.0), ("_sweep", float(len(REPLAY_WEIGHTS))))
@@ -274,6 +280,7 @@ def _budgets() -> dict[str, Method]:
     for tol, (key, name, controller) in itertools.product(BUDGET_TOLERANCES, (
         ("pi", "PI controller", PI_BUDGET),
         ("frames", f"ratio on {FRAMES_BUDGET['ratio_frames']} fixed frames", FRAMES_BUDGET),
+        ("ref", "ratio on the reference's frames", REFERENCE_BUDGET),
     )):  # at one run's time  # fmt: skip
         out[f"ft_budget_{key}_{tol:g}"] = _weighting(
             f"replay with a forgetting budget (+{tol:.0%}), {name}",
