@@ -58,7 +58,10 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
       model itself on the alloy pair of ``benchmarks/finetune.py``): dual ascent on it
       makes the multiplier a random walk. The fixed frames give the constraint itself at
       the current parameters, the same on every rank, at the cost of a forward pass over
-      ``N`` frames every ``every`` steps.
+      ``N`` frames every ``every`` steps. With ``N = reference_frames`` it is the very
+      ratio the end-of-training check measures; a subset's ratio is a different one (the
+      per-frame losses are heavy-tailed, and fine-tuning moves them unequally), which the
+      controller then holds instead.
     - **The coefficients** of the replay components are their configured values times the
       multiplier (then normalised with the others, as every coefficient update is); the
       others keep theirs. Every micro-batch of an optimizer step sees the same
