@@ -21,6 +21,7 @@ from hydra.utils import get_class, instantiate
 
 from benchmarks import finetune, multifidelity, pareto
 from benchmarks import report as R
+from benchmarks.methods import FT_SWEEP as SWEEP_FT
 from benchmarks.methods import MF_SWEEP, SWEEP
 from tests._harness import datamodule, module_kwargs, trainer
 
@@ -163,25 +164,61 @@ def test_multifidelity_claims_agree_with_the_json():
     assert min(means, key=lambda m: means[m][1]) == "mf_dft_only"
 
 
+def _budget_study(pair: str) -> tuple[dict, dict, dict]:
+    """A forgetting-budget study's json, its equal-time means ``{method: {metric: mean}}``
+    (recomputed from the raw runs) and the benchmark's places against the replay front."""
+    data = R.read_json(RESULTS / f"finetune_budget_{pair}.json")
+    means: dict[str, dict[str, float]] = {}
+    for method in {r["method"] for r in data["runs"]}:
+        runs = [r["budget"] for r in data["runs"] if r["method"] == method]
+        means[method] = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    pre = [r["budget"] for r in data["pretrain"]]
+    means["pretrained"] = {k: sum(r[k] for r in pre) / len(pre) for k in pre[0]}
+    places = finetune.statuses(finetune.summaries(data)["budget"])
+    return data, means, places
+
+
+def _held_everywhere(runs: list[dict], method: str) -> bool:
+    """Every seed's final ratio within 2 percentage points over its bound (its own record)."""
+    states = [r["budget_state"] for r in runs if r["method"] == method]
+    return len(states) == 3 and all(x["final_ratio"] <= x["bound"] + 0.02 for x in states)
+
+
 def test_forgetting_budget_claims_agree_with_the_json():
-    """The 5 % budget held its bound (final ratio <= bound + 0.02, from each run's own
-    record) in every seed on the alloy and xTB-then-DFT ethanol and sat on their force front
-    at one run's time; it was dominated on the xTB ethanol pair; the PI controller held its
-    5 % bound in every seed on all three."""
-
-    def held(runs, method):
-        states = [r["budget_state"] for r in runs if r["method"] == method]
-        return len(states) == 3 and all(x["final_ratio"] <= x["bound"] + 0.02 for x in states)
-
+    """choosing.md's fine-tuning readings, recomputed from the raw runs: naive fine-tuning
+    lowers B's force MAE by at least 30 % on every pair (each seed against its own
+    pretrained model); on the alloy and the xTB ethanol pair it leaves A's force MAE at or
+    below the pretrained model's and every swept weight lowers it further; there every
+    budget is dominated on the energy front and, but for the PI controller at 5 % on
+    ethanol (on it), on the force front, and 0.3:1 has a lower B force MAE than every
+    budget; on ``ethanol_levels`` the 5 % budgets from batches sit on the force front; no
+    budget variant holds its bound in every seed at both tolerances on every pair."""
+    bf, af = finetune.BF, finetune.AF
+    misses: set[str] = set()
     for pair in ("alloy", "ethanol", "ethanol_levels"):
-        data = R.read_json(RESULTS / f"finetune_budget_{pair}.json")
-        front = finetune.statuses(finetune.summaries(data)["budget"])["force"]
-        assert held(data["runs"], "ft_budget_pi_0.05"), pair
-        if pair == "ethanol":
-            assert front["ft_budget_0.05"]["status"] == "dominated"
-        else:
-            assert held(data["runs"], "ft_budget_0.05"), pair
-            assert front["ft_budget_0.05"]["status"] == "on", pair
+        data, means, places = _budget_study(pair)
+        pre = {r["seed"]: r["budget"][bf] for r in data["pretrain"]}
+        naive = [
+            r["budget"][bf] / pre[r["seed"]] - 1 for r in data["runs"] if r["method"] == "ft_naive"
+        ]
+        assert len(naive) == 3 and sum(naive) / 3 <= -0.30, (pair, naive)
+        budgets = sorted(m for m in means if m.startswith("ft_budget_"))
+        misses |= {m.replace("_0.05", "").replace("_0.25", "") for m in budgets
+                   if not _held_everywhere(data["runs"], m)}  # fmt: skip
+        if pair == "ethanol_levels":
+            assert places["force"]["ft_budget_0.05"]["status"] == "on"
+            assert places["force"]["ft_budget_pi_0.05"]["status"] == "on"
+            continue
+        assert means["ft_naive"][af] <= means["pretrained"][af], pair
+        assert all(means[m][af] < means["ft_naive"][af] for m in SWEEP_FT), pair
+        assert len(budgets) == 7, budgets
+        for m in budgets:
+            assert places["energy"][m]["status"] == "dominated", (pair, m)
+            expected = "on" if (pair, m) == ("ethanol", "ft_budget_pi_0.05") else "dominated"
+            assert places["force"][m]["status"] == expected, (pair, m)
+            assert means["ft_replay_0.3"][bf] < means[m][bf], (pair, m)
+    # every variant (batches, PI, 32 frames, all reference frames) missed somewhere
+    assert {"ft_budget", "ft_budget_pi", "ft_budget_frames", "ft_budget_ref"} <= misses, misses
 
 
 def test_readme_links_the_guide_at_its_top():

@@ -256,26 +256,38 @@ def test_the_budget_table_reports_each_budgets_runs(quick):
 
 
 def test_the_budget_reading_in_the_docs_agrees_with_its_results():
-    """What ``docs/benchmarks.md`` says of the forgetting budgets, recomputed from the
-    committed jsons' own places: at the sweep's total time a budget has the lowest B force
-    MAE on the alloy and the xTB ethanol pair, beyond the force front on the alloy and on it
-    on ethanol, and not on ``ethanol_levels`` (naive fine-tuning has); at one run's time both
-    budgets are on the alloy's force front and dominated on ethanol. (Whether they held their
-    bounds: ``tests/test_choosing.py``.)"""
+    """What ``docs/benchmarks.md`` says of the forgetting budgets beyond the guide's claims
+    (those: ``tests/test_choosing.py``), from the committed jsons: on ``ethanol_levels`` the
+    lowest B force MAE at one run's time is naive fine-tuning's (no budget's, not even given
+    the sweep's time); the budget on 32 fixed frames is beyond the force front at 5 %, on all
+    64 dominated; on 32 frames the 25 % budget missed its bound in every seed, on all 64 the
+    budgets missed in three of six runs, and a final ratio differs from its last update's by
+    tens of percent; on the two other pairs the sweep's best run has a lower B force MAE
+    than every one-run budget (equal total compute)."""
     results = REPO / "benchmarks" / "results"
-    views = {p: json.loads((results / f"finetune_budget_{p}.json").read_text())["views"]["budget"]
-             for p in ("alloy", "ethanol", "ethanol_levels")}  # fmt: skip
-    for pair, view in views.items():
-        best = min(view["rows"], key=lambda r: r["B/forces_mae"][0])
-        status = {m: s["status"] for m, s in view["status"]["force"].items()}
-        if pair == "ethanol_levels":
-            assert best["method"] == "ft_naive"
-            continue
-        assert best["method"].endswith("_sweep"), pair
-        sweep = {status["ft_budget_0.05_sweep"], status["ft_budget_0.25_sweep"]}
-        assert sweep == ({"beyond"} if pair == "alloy" else {"on"}), (pair, sweep)
-        single = (status["ft_budget_0.05"], status["ft_budget_0.25"])
-        assert single == (("on", "on") if pair == "alloy" else ("dominated",) * 2), pair
+    data = {p: json.loads((results / f"finetune_budget_{p}.json").read_text())
+            for p in ("alloy", "ethanol", "ethanol_levels")}  # fmt: skip
+
+    def held(runs, method):
+        return [r["budget_state"]["final_ratio"] <= r["budget_state"]["bound"] + 0.02
+                for r in runs if r["method"] == method]  # fmt: skip
+
+    levels = data["ethanol_levels"]
+    view = levels["views"]["budget"]
+    assert min(view["rows"], key=lambda r: r["B/forces_mae"][0])["method"] == "ft_naive"
+    force = view["status"]["force"]
+    assert force["ft_budget_frames_0.05"]["status"] == "beyond"
+    assert force["ft_budget_ref_0.05"]["status"] == "dominated"
+    assert held(levels["runs"], "ft_budget_frames_0.25") == [False] * 3
+    ref = held(levels["runs"], "ft_budget_ref_0.05") + held(levels["runs"], "ft_budget_ref_0.25")
+    assert len(ref) == 6 and ref.count(False) == 3
+    jumps = [abs(r["budget_state"]["final_ratio"] / r["budget_state"]["ratio"] - 1)
+             for r in levels["runs"] if r["method"].startswith("ft_budget_ref_")]  # fmt: skip
+    assert max(jumps) >= 0.2, jumps
+    for pair in ("alloy", "ethanol"):
+        rows = {r["method"]: r["B/forces_mae"][0] for r in data[pair]["views"]["budget"]["rows"]}
+        best = min(rows[m] for m in M.FT_SWEEP)
+        assert all(best < v for m, v in rows.items() if m.startswith("ft_budget_")), pair
 
 
 # ----------------------------------------------------------------------------- ethanol_levels
