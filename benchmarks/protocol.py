@@ -536,7 +536,10 @@ def step_timers(times: StepTimes, before_start=None, after_stop=None) -> tuple:
 def budget_callbacks(a: dict, steps_per_epoch: int, metrics, loaders: dict = ONE_LOADER):
     """The training clock (stops the run once the budget is spent and ``a["epochs"]``
     epochs are done) and the per-epoch validation record of ``metrics`` (names as
-    :func:`loader_metrics` gives them for ``loaders``)."""
+    :func:`loader_metrics` gives them for ``loaders``). The clock must come first in the
+    trainer's callbacks and its ``tail`` after every other callback with batch hooks: a
+    step's time is from the first batch-start hook to the last batch-end hook, the
+    callbacks' own work (a budget's measurement, a probe) included."""
     import lightning
 
     tick = TICKS[a["clock"]]
@@ -557,11 +560,19 @@ def budget_callbacks(a: dict, steps_per_epoch: int, metrics, loaders: dict = ONE
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.elapsed += tick() - self._t0
             self.steps += 1
-            if self.elapsed >= budget_s:
-                if self.budget_hit_at is None:
-                    self.budget_hit_at = {"step": self.steps, "epoch": trainer.current_epoch,
-                                          "clock_s": self.elapsed}  # fmt: skip
-                if self.steps >= min_epochs * steps_per_epoch:
+            self._t0 = tick()  # the later callbacks' batch-end work: counted by the tail
+
+    class ClockTail(lightning.Callback):
+        """The clock's end of a step, after every other callback's batch-end hook: adds
+        their time, then stops the run once the budget is spent."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.elapsed += tick() - clock._t0
+            if clock.elapsed >= budget_s:
+                if clock.budget_hit_at is None:
+                    clock.budget_hit_at = {"step": clock.steps, "epoch": trainer.current_epoch,
+                                           "clock_s": clock.elapsed}  # fmt: skip
+                if clock.steps >= min_epochs * steps_per_epoch:
                     trainer.should_stop = True
 
     class Record(lightning.Callback):
@@ -582,6 +593,7 @@ def budget_callbacks(a: dict, steps_per_epoch: int, metrics, loaders: dict = ONE
             })  # fmt: skip
 
     clock = Clock()
+    clock.tail = ClockTail()
     return clock, Record(clock)
 
 
@@ -670,7 +682,7 @@ def fit_on_clock(
     callbacks = list(callbacks(clock) if callable(callbacks) else callbacks)
     if a.get("lr_schedule", "constant") == "cosine":
         callbacks = [cosine_on_clock(clock, a["budget_s"], a["lr"]), *callbacks]
-    fit = trainer([clock, *callbacks, record], max_epochs=10_000, num_sanity_val_steps=0,
+    fit = trainer([clock, *callbacks, clock.tail, record], max_epochs=10_000, num_sanity_val_steps=0,
                   check_val_every_n_epoch=a.get("val_every", 1))  # fmt: skip
     t0 = time.perf_counter()
     fit.fit(module, datamodule=dm)

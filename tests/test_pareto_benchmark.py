@@ -193,6 +193,38 @@ def test_cosine_on_clock_anneals_over_the_budget():
         assert opt.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-15)
 
 
+def test_the_training_clock_counts_the_callbacks_batch_end_work():
+    """A callback burning 0.2 s of CPU time at every batch end, between the clock and its
+    tail, adds its time to the clock: three steps with it read at least 0.54 s more than
+    three without (thread CPU time: the burn is a busy loop on this thread). Mutation:
+    a tail that does not add the time since the clock's own end fails."""
+    import time
+
+    import lightning
+    from nequip.train import NequIPLightningModule
+
+    from tests._harness import datamodule, module_kwargs
+
+    class Burn(lightning.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            start = time.thread_time()
+            while time.thread_time() - start < 0.2:
+                pass
+
+    def elapsed(extra):
+        a = {"clock": "cpu", "budget_s": 1e9, "epochs": 1}
+        clock, record = protocol.budget_callbacks(a, 2, [])
+        lightning.seed_everything(0)
+        module = NequIPLightningModule(**module_kwargs())
+        fit = protocol.trainer([clock, *extra, clock.tail], max_steps=3, max_epochs=10,
+                               limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
+        fit.fit(module, datamodule=datamodule())
+        assert clock.steps == 3
+        return clock.elapsed
+
+    assert elapsed([Burn()]) - elapsed([]) >= 3 * 0.2 * 0.9
+
+
 def test_from_json_command_rewrites_the_committed_table(tmp_path):
     """The documented ``--from-json`` command (a subprocess, from the repository root)
     writes the committed Markdown of the committed raw runs, and the figures beside it;
