@@ -558,9 +558,10 @@ def budget_callbacks(a: dict, steps_per_epoch: int, metrics, loaders: dict = ONE
             self._t0 = tick()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.elapsed += tick() - self._t0
+            now = tick()
+            self.elapsed += now - self._t0
             self.steps += 1
-            self._t0 = tick()  # the later callbacks' batch-end work: counted by the tail
+            self._t0 = now  # the later callbacks' batch-end work: counted by the tail
 
     class ClockTail(lightning.Callback):
         """The clock's end of a step, after every other callback's batch-end hook: adds
