@@ -102,11 +102,17 @@ class DualAscentMultiplier:
             self._sum += ratio
             self._count += 1
 
+    @property
+    def next_step_updates(self) -> bool:
+        """Whether the next :meth:`step` is an ``every``-th one (it updates, given ratios)."""
+        return (self.steps + 1) % self.every == 0
+
     def step(self) -> bool:
         """One optimizer step has passed: update the multiplier on every ``every``-th step
         from the ratios observed since the last update (if any). Returns whether it did."""
+        due = self.next_step_updates
         self.steps += 1
-        if self.steps % self.every or self._count == 0:
+        if not due or self._count == 0:
             return False
         self.update()
         return True

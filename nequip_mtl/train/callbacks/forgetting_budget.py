@@ -253,6 +253,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         for metric in self._meter.modules():
             if hasattr(metric, "dist_sync_on_step"):
                 metric.dist_sync_on_step = False  # every rank measures the same frames
+        self._batches: dict[int, list[dict]] = {}  # the measured frames, batched once
         if self.limit is not None:
             self.reference = self.ratio_reference = self.limit  # ratios: loss over the limit
             return
@@ -268,9 +269,12 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             )
         if self.reference is None:
             self.reference = self._measure_replay_loss(trainer, pl_module)
-            if self.ratio_frames is not None:
-                self.ratio_reference = self._measure_replay_loss(
-                    trainer, pl_module, self.ratio_frames
+            if self.ratio_frames is not None:  # the reference itself, on the same frames
+                same = self._count(trainer, self.ratio_frames) == self._count(trainer)
+                self.ratio_reference = (
+                    self.reference
+                    if same
+                    else self._measure_replay_loss(trainer, pl_module, self.ratio_frames)
                 )
             for value in (self.reference, self.ratio_reference):
                 if value is not None and not (math.isfinite(value) and value > 0):
@@ -297,24 +301,32 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 {f"budget/{self.dataset}/final_ratio": self.final_ratio}, step=trainer.global_step
             )
 
+    def _count(self, trainer: Any, frames: int | None = None) -> int:
+        """How many frames a measurement of the first ``frames`` (default
+        ``reference_frames``) of the replayed training split takes: all, if it has fewer."""
+        dataset = _training_split(trainer.datamodule, self.dataset)
+        return min(len(dataset), self.reference_frames if frames is None else frames)
+
     def _measure_replay_loss(
         self, trainer: Any, pl_module: Any, frames: int | None = None
     ) -> float:
         """The model's replay loss (configured coefficients) on the first ``frames`` (default
         ``reference_frames``) frames of the replayed training split."""
-        dataset = _training_split(trainer.datamodule, self.dataset)
-        count = min(len(dataset), self.reference_frames if frames is None else frames)
-        frames = [dataset[i] for i in range(count)]
+        count = self._count(trainer, frames)
+        if count not in self._batches:  # batched once per fit, on the model's device
+            dataset = _training_split(trainer.datamodule, self.dataset)
+            size = self.reference_batch_size
+            self._batches[count] = [
+                {k: v.to(pl_module.device) for k, v in AtomicDataDict.batched_from_list(
+                    [dataset[i] for i in range(start, min(start + size, count))]).items()}
+                for start in range(0, count, size)
+            ]  # fmt: skip
         manager = self._meter
         manager.reset()
         with torch.no_grad():  # the model computes its forces with autograd itself
-            for start in range(0, count, self.reference_batch_size):
-                batch = AtomicDataDict.batched_from_list(
-                    frames[start : start + self.reference_batch_size]
-                )
-                batch = {k: v.to(pl_module.device) for k, v in batch.items()}
-                target = pl_module.process_target(batch, 0)
-                manager(pl_module(batch), target)
+            for batch in self._batches[count]:
+                target = pl_module.process_target(batch, 0)  # a copy (nequip's)
+                manager(pl_module(dict(batch)), target)  # the model may add keys to its input
         values = {name: float(v) for name, v in manager.compute().items()}
         return self._replay_loss(values)
 
@@ -338,7 +350,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             ratio = self._replay_loss(pl_module.loss.metrics_values_step) / self.reference
             self.dual.observe(ratio)
         if self._optimizer_stepped(trainer):
-            if self.ratio_frames is not None and (self.dual.steps + 1) % self.dual.every == 0:
+            if self.ratio_frames is not None and self.dual.next_step_updates:
                 # an update step: the ratio measured on the fixed frames (the same on every
                 # rank: the model is; no collective)
                 loss = self._measure_replay_loss(trainer, pl_module, self.ratio_frames)
