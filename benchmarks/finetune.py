@@ -11,7 +11,8 @@ with A's training structures labelled by the pretrained model itself
 same batches at 1:1 with the datasets as tasks under UPGrad, PCGrad, ``PrimaryConstrained``
 (primary ``new``), or calibrate-then-freeze; or a ``ForgettingBudget`` (at one run's time,
 and at the sweep's total time, ``_sweep``). An epoch is one pass over B for every strategy.
-A's and B's held-out test frames are the two validation loaders (forgetting and gain);
+The fine-tunes' learning rate is constant, or annealed to 0 over each one's training clock
+(``--lr-schedule cosine``; the pretraining's stays constant). A's and B's held-out test frames are the two validation loaders (forgetting and gain);
 each strategy is placed against the replay sweep's front on B and A force MAE, and on B
 and A energy MAE (:func:`benchmarks.report.classify`), at equal time and equal epochs; every
 table gives each strategy's change of B's force and energy MAE against the pretrained
@@ -511,8 +512,16 @@ def labels_of(methods) -> dict[str, str]:
 
 
 def captions(a: dict) -> dict[str, str]:
+    mid = ("; the learning rate still annealing" if a.get("lr_schedule") == "cosine" else "")
     return {"budget": f"equal training time: {a['budget_s']:g} s of training CPU time per fine-tune",
-            "epochs": f"equal epochs: {a['epochs']} epochs (passes over B) per fine-tune"}  # fmt: skip
+            "epochs": f"equal epochs: {a['epochs']} epochs (passes over B) per fine-tune{mid}"}  # fmt: skip
+
+
+def lr_text(a: dict) -> str:
+    """How the fine-tunes' learning rate was set."""
+    if a.get("lr_schedule", "constant") == "constant":
+        return f"constant lr {a['lr']}"
+    return f"lr {a['lr']} annealed to 0 (cosine) over each fine-tune's training clock"
 
 
 def markdown(data: dict) -> str:
@@ -532,7 +541,7 @@ def markdown(data: dict) -> str:
         f"({a['n_b_train']} training / {a['n_b_test']} test frames). {P.model_text(a, params)}, "
         f"per-atom energy and force MSE 1:1. Pretraining on A: {a['pretrain_s']:g} s of "
         f"training CPU time (Adam, lr {a['pretrain_lr']}, batch {k}; {pre_steps:.0f} steps), "
-        f"once per seed. Fine-tuning: a fresh Adam at constant lr {a['lr']}; an epoch is "
+        f"once per seed. Fine-tuning: a fresh Adam at {lr_text(a)}; an epoch is "
         f"{math.ceil(a['n_b_train'] / k)} batches of {k} B frames (replay: plus {k} A frames "
         f"each); calibrate-then-freeze calibrates for {a['calibration_steps']} steps. Test "
         f"errors on A (forgetting) and B (gain); mean ± sample standard deviation over seeds "
@@ -660,6 +669,9 @@ def parse(argv):
     p.add_argument("--pretrain-s", type=float, default=None, help="pretraining clock (s)")
     p.add_argument("--pretrain-lr", type=float, default=5e-3)
     p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="the fine-tunes' learning rate: constant, or annealed to 0 (cosine) over "
+                        "each fine-tune's training clock (pretraining: constant)")  # fmt: skip
     p.add_argument("--calibration-steps", type=int, default=None)
     P.add_run_arguments(p, batch_size=4, lr=None)
     p.add_argument("--save-states", help=argparse.SUPPRESS)  # final models (tests)
@@ -690,6 +702,9 @@ def parse(argv):
     return args
 
 
+#: the settings added since the first studies, as those studies ran
+ARG_DEFAULTS = {"lr_schedule": "constant"}
+
 #: the arguments a resumed study may change (what to run, where its results go)
 RESUMABLE = ("argv", "methods", "seeds", "resumed_argv", "out", "jobs", "from_json")
 
@@ -702,6 +717,8 @@ def main(argv=None):
     earlier = P.earlier_study(args.out) if args.resume else None
     if earlier is not None:
         e = earlier["meta"]["args"]
+        for k, v in ARG_DEFAULTS.items():  # settings earlier studies did not record
+            e.setdefault(k, v)
         args.methods = list(dict.fromkeys([*e["methods"], *args.methods]))
         args.seeds = sorted({*e["seeds"], *args.seeds})
     if missing := M.missing_methods(args.methods, M.finetune_methods()):

@@ -678,7 +678,8 @@ def fit_on_clock(
     """Train ``module`` on ``dm`` until its training clock reaches ``a["budget_s"]`` and
     ``a["epochs"]`` are done (:func:`budget_callbacks`; ``lr_schedule: cosine``: the learning
     rate annealed over the clock), validating every ``val_every`` epochs, then once more: its
-    :func:`run_results`. ``callbacks``: more, or a function of the clock giving them."""
+    :func:`run_results` and the last step's learning rate (``lr_end``). ``callbacks``: more,
+    or a function of the clock giving them."""
     clock, record = budget_callbacks(a, per_epoch, metrics, loaders)
     callbacks = list(callbacks(clock) if callable(callbacks) else callbacks)
     if a.get("lr_schedule", "constant") == "cosine":
@@ -687,8 +688,9 @@ def fit_on_clock(
                   check_val_every_n_epoch=a.get("val_every", 1))  # fmt: skip
     t0 = time.perf_counter()
     fit.fit(module, datamodule=dm)
+    lr_end = float(fit.optimizers[0].param_groups[0]["lr"])  # the last step's
     final = {k: v for k, v in validate(module, dm, loaders).items() if k in metrics}
-    return run_results(a, clock, record, per_epoch, final, t0, module)
+    return {**run_results(a, clock, record, per_epoch, final, t0, module), "lr_end": lr_end}
 
 
 def train_run(task: dict) -> dict:
@@ -737,7 +739,8 @@ def pretrain(
     task: dict, datamodule, per_epoch: int, stats: dict, metrics, loaders, num_tasks: int = 2
 ) -> dict:
     """Pretrain with nequip's weighted sum (of ``num_tasks`` components: :data:`TASKS`) on
-    ``datamodule()`` for ``pretrain_s`` s of training clock at ``pretrain_lr``, once per
+    ``datamodule()`` for ``pretrain_s`` s of training clock at constant ``pretrain_lr``
+    (whatever schedule the study's runs after it use), once per
     cache file ``task["cache"]`` (the weights and the result; a later call loads the result,
     ``cached``: True)."""
     import lightning
@@ -749,7 +752,7 @@ def pretrain(
     init_torch()
     a, seed = task["args"], task["seed"]
     a = {**a, "budget_s": a["pretrain_s"], "lr": a["pretrain_lr"], "epochs": 0,
-         "val_every": 10_000}  # fmt: skip
+         "val_every": 10_000, "lr_schedule": "constant"}  # fmt: skip
     lightning.seed_everything(seed, workers=True, verbose=False)
     model = run_model(a, stats, seed, a["type_names"])
     module = build_module(M.methods()["ws"], model, num_tasks, lr=a["lr"], num_val=len(loaders))
