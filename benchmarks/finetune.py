@@ -512,7 +512,7 @@ def labels_of(methods) -> dict[str, str]:
 
 
 def captions(a: dict) -> dict[str, str]:
-    mid = ("; the learning rate still annealing" if a.get("lr_schedule") == "cosine" else "")
+    mid = "; the learning rate still annealing" if a.get("lr_schedule") == "cosine" else ""
     return {"budget": f"equal training time: {a['budget_s']:g} s of training CPU time per fine-tune",
             "epochs": f"equal epochs: {a['epochs']} epochs (passes over B) per fine-tune{mid}"}  # fmt: skip
 
