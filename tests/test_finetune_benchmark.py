@@ -229,6 +229,33 @@ def test_fine_tunes_start_from_the_cached_pretrained_model(quick):
         assert r["budget"]["B/forces_mae"] != pre["budget"]["B/forces_mae"]
 
 
+def test_the_learning_rate_is_constant_or_annealed_to_zero_over_the_clock(quick, tmp_path):
+    """At the default schedule every fine-tune's last step ran at ``--lr``; with
+    ``--lr-schedule cosine`` near zero (the last step starts after at least 86 % of the
+    clock: lr x (1 + cos(0.86 pi)) / 2 < 0.05 lr), the pretraining at its constant lr all
+    the same, and the report says which. Mutations: the schedule not passed to the
+    fine-tunes, or passed to the pretraining, each fail."""
+    _, data = quick
+    a = data["meta"]["args"]
+    assert a["lr_schedule"] == "constant"
+    assert all(r["lr_end"] == a["lr"] for r in data["runs"])
+    out = tmp_path / "cos"
+    # another pretraining clock than the quick study's: its own (cached) pretraining
+    cmd = [sys.executable, "-m", "benchmarks.finetune", "--quick", "--pair", "alloy",
+           "--pretrain-s", "1.6", "--budget-s", "1", "--methods", "ft_naive",
+           "--lr-schedule", "cosine", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
+    cos = json.loads(out.with_suffix(".json").read_text())
+    c = cos["meta"]["args"]
+    assert [r["lr_end"] for r in cos["pretrain"]] == [c["pretrain_lr"]]
+    (run,) = cos["runs"]
+    assert 0.0 <= run["lr_end"] < 0.05 * c["lr"]
+    md = out.with_suffix(".md").read_text()
+    assert f"lr {c['lr']} annealed to 0 (cosine)" in md and "still annealing" in md
+    assert f"constant lr {a['lr']}" in quick[0].with_suffix(".md").read_text()
+
+
 def test_from_json_rewrites_the_same_report(quick, tmp_path):
     out, _ = quick
     F.main(["--from-json", str(out.with_suffix(".json")), "--out", str(tmp_path / "again")])
@@ -445,11 +472,15 @@ def test_pseudolabel_replay_trains_on_the_pretrained_models_predictions(levels):
 
 def test_resume_runs_only_the_missing_runs_and_refuses_other_settings(quick, tmp_path):
     """A study resumed with another method keeps every earlier record as it was and runs
-    only the new (seed, method); another budget or an absent json is refused. Mutation:
-    dropping the ``finished`` filter reruns every earlier method and fails."""
+    only the new (seed, method); another budget or an absent json is refused; a study from
+    before ``--lr-schedule`` resumes as the constant schedule it ran. Mutations: dropping the
+    ``finished`` filter reruns every earlier method, dropping ``ARG_DEFAULTS`` refuses the
+    old study; each fails."""
     out, before = quick
     copy_ = tmp_path / "ft"
-    copy_.with_suffix(".json").write_text(out.with_suffix(".json").read_text())
+    earlier = json.loads(out.with_suffix(".json").read_text())
+    del earlier["meta"]["args"]["lr_schedule"]  # as studies before the option recorded it
+    copy_.with_suffix(".json").write_text(json.dumps(earlier))
     common = ["--quick", "--pair", "alloy", "--pretrain-s", "1.5", "--methods", "ft_replay_10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
