@@ -249,6 +249,9 @@ REFERENCE_FRAMES = 64
 #: half of the reference's frames, and on all of them
 FRAMES_BUDGET = {"ratio_frames": REFERENCE_FRAMES // 2}
 REFERENCE_BUDGET = {"ratio_frames": REFERENCE_FRAMES}
+#: the same, updated (and measured) every 10 steps, the callback's default, not the study's 5:
+#: half the measurements
+REFERENCE_BUDGET_10 = {"ratio_frames": REFERENCE_FRAMES, "every": 10}
 
 
 def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
@@ -256,7 +259,8 @@ def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
     ``pretrain`` within ``tolerance``, updated every 5 steps, its reference on 64 frames;
     ``controller``: further options (:data:`PI_BUDGET`)."""
     return {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
-            "tolerance": tolerance, "every": 5, "reference_frames": REFERENCE_FRAMES, **controller}  # fmt: skip
+            "tolerance": tolerance, "every": 5, "reference_frames": REFERENCE_FRAMES,
+            **controller}  # fmt: skip
 
 
 def _budgets() -> dict[str, Method]:
@@ -265,7 +269,7 @@ def _budgets() -> dict[str, Method]:
     multiplier a PI controller (``ft_budget_pi_<tol>``, :data:`PI_BUDGET`) or the ratio
     measured on fixed frames (``ft_budget_frames_<tol>``, :data:`FRAMES_BUDGET`: half the
     reference's; ``ft_budget_ref_<tol>``, :data:`REFERENCE_BUDGET`: all of them, the final
-    ratio's own frames)."""
+    ratio's own frames; ``ft_budget_ref10_<tol>``: the same every 10 steps)."""
     out = {}
     for tol, (suffix, factor) in itertools.product(
         BUDGET_TOLERANCES, (("", 1.0), ("_sweep", float(len(REPLAY_WEIGHTS))))
@@ -281,6 +285,7 @@ def _budgets() -> dict[str, Method]:
         ("pi", "PI controller", PI_BUDGET),
         ("frames", f"ratio on {FRAMES_BUDGET['ratio_frames']} fixed frames", FRAMES_BUDGET),
         ("ref", "ratio on the reference's frames", REFERENCE_BUDGET),
+        ("ref10", "ratio on the reference's frames every 10 steps", REFERENCE_BUDGET_10),
     )):  # at one run's time  # fmt: skip
         out[f"ft_budget_{key}_{tol:g}"] = _weighting(
             f"replay with a forgetting budget (+{tol:.0%}), {name}",
