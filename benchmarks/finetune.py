@@ -12,7 +12,7 @@ same batches at 1:1 with the datasets as tasks under UPGrad, PCGrad, ``PrimaryCo
 (primary ``new``), or calibrate-then-freeze; or a ``ForgettingBudget`` (at one run's time,
 and at the sweep's total time, ``_sweep``). An epoch is one pass over B for every strategy.
 The fine-tunes' learning rate is constant, or annealed to 0 over each one's training clock
-(``--lr-schedule cosine``; the pretraining's stays constant). A's and B's held-out test frames are the two validation loaders (forgetting and gain);
+(``--lr-schedule cosine``); the pretraining's likewise (``--pretrain-lr-schedule``). A's and B's held-out test frames are the two validation loaders (forgetting and gain);
 each strategy is placed against the replay sweep's front on B and A force MAE, and on B
 and A energy MAE (:func:`benchmarks.report.classify`), at equal time and equal epochs; every
 table gives each strategy's change of B's force and energy MAE against the pretrained
@@ -198,6 +198,8 @@ def tagged_datamodule(files: dict, a: dict, seed: int):
 def pretrained_path(a: dict, stats: dict, seed: int) -> Path:
     """The cache file of the pretrained model of ``seed`` (keyed by everything it depends on)."""
     keys = ("pair", "pretrain_s", "pretrain_lr", "batch_size", "clock", "type_names")
+    if a.get("pretrain_lr_schedule", "constant") != "constant":  # (earlier caches: constant)
+        keys = (*keys, "pretrain_lr_schedule")
     return P.cache_path(f"finetune_{a['pair']}_pretrained", a, keys, stats, seed=seed)
 
 
@@ -517,6 +519,13 @@ def captions(a: dict) -> dict[str, str]:
             "epochs": f"equal epochs: {a['epochs']} epochs (passes over B) per fine-tune{mid}"}  # fmt: skip
 
 
+def pretrain_lr_text(a: dict) -> str:
+    """How the pretraining's learning rate was set."""
+    if a.get("pretrain_lr_schedule", "constant") == "constant":
+        return f"lr {a['pretrain_lr']}"
+    return f"lr {a['pretrain_lr']} annealed to 0 (cosine)"
+
+
 def lr_text(a: dict) -> str:
     """How the fine-tunes' learning rate was set."""
     if a.get("lr_schedule", "constant") == "constant":
@@ -540,7 +549,7 @@ def markdown(data: dict) -> str:
         f"A = {p.a} ({a['n_a_train']} training / {a['n_a_test']} test frames), B = {p.b} "
         f"({a['n_b_train']} training / {a['n_b_test']} test frames). {P.model_text(a, params)}, "
         f"per-atom energy and force MSE 1:1. Pretraining on A: {a['pretrain_s']:g} s of "
-        f"training CPU time (Adam, lr {a['pretrain_lr']}, batch {k}; {pre_steps:.0f} steps), "
+        f"training CPU time (Adam, {pretrain_lr_text(a)}, batch {k}; {pre_steps:.0f} steps), "
         f"once per seed. Fine-tuning: a fresh Adam at {lr_text(a)}; an epoch is "
         f"{math.ceil(a['n_b_train'] / k)} batches of {k} B frames (replay: plus {k} A frames "
         f"each); calibrate-then-freeze calibrates for {a['calibration_steps']} steps. Test "
@@ -668,6 +677,10 @@ def parse(argv):
     P.add_budget_arguments(p)
     p.add_argument("--pretrain-s", type=float, default=None, help="pretraining clock (s)")
     p.add_argument("--pretrain-lr", type=float, default=5e-3)
+    p.add_argument("--pretrain-lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="the pretraining's learning rate: constant, or annealed to 0 (cosine) "
+                        "over its clock (a model trained to the end of its schedule, as a "
+                        "released one is)")  # fmt: skip
     p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="the fine-tunes' learning rate: constant, or annealed to 0 (cosine) over "
@@ -703,7 +716,7 @@ def parse(argv):
 
 
 #: the settings added since the first studies, as those studies ran
-ARG_DEFAULTS = {"lr_schedule": "constant"}
+ARG_DEFAULTS = {"lr_schedule": "constant", "pretrain_lr_schedule": "constant"}
 
 #: the arguments a resumed study may change (what to run, where its results go)
 RESUMABLE = ("argv", "methods", "seeds", "resumed_argv", "out", "jobs", "from_json")

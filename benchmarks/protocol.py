@@ -739,8 +739,9 @@ def pretrain(
     task: dict, datamodule, per_epoch: int, stats: dict, metrics, loaders, num_tasks: int = 2
 ) -> dict:
     """Pretrain with nequip's weighted sum (of ``num_tasks`` components: :data:`TASKS`) on
-    ``datamodule()`` for ``pretrain_s`` s of training clock at constant ``pretrain_lr``
-    (whatever schedule the study's runs after it use), once per
+    ``datamodule()`` for ``pretrain_s`` s of training clock at ``pretrain_lr``, constant
+    or (``pretrain_lr_schedule: cosine``) annealed to 0 over that clock, whatever schedule
+    the study's runs after it use, once per
     cache file ``task["cache"]`` (the weights and the result; a later call loads the result,
     ``cached``: True)."""
     import lightning
@@ -752,7 +753,8 @@ def pretrain(
     init_torch()
     a, seed = task["args"], task["seed"]
     a = {**a, "budget_s": a["pretrain_s"], "lr": a["pretrain_lr"], "epochs": 0,
-         "val_every": 10_000, "lr_schedule": "constant"}  # fmt: skip
+         "val_every": 10_000,
+         "lr_schedule": a.get("pretrain_lr_schedule", "constant")}  # fmt: skip
     lightning.seed_everything(seed, workers=True, verbose=False)
     model = run_model(a, stats, seed, a["type_names"])
     module = build_module(M.methods()["ws"], model, num_tasks, lr=a["lr"], num_val=len(loaders))
