@@ -233,7 +233,8 @@ def test_the_learning_rate_is_constant_or_annealed_to_zero_over_the_clock(quick,
     """At the default schedule every fine-tune's last step ran at ``--lr``; with
     ``--lr-schedule cosine`` near zero (the last step starts after at least 86 % of the
     clock: lr x (1 + cos(0.86 pi)) / 2 < 0.05 lr), the pretraining at its constant lr all
-    the same, and the report says which. Mutations: the schedule not passed to the
+    the same, and the report says which; ``--pretrain-lr-schedule cosine`` anneals the
+    pretraining instead (cached apart). Mutations: the schedule not passed to the
     fine-tunes, or passed to the pretraining, each fail."""
     _, data = quick
     a = data["meta"]["args"]
@@ -254,6 +255,16 @@ def test_the_learning_rate_is_constant_or_annealed_to_zero_over_the_clock(quick,
     md = out.with_suffix(".md").read_text()
     assert f"lr {c['lr']} annealed to 0 (cosine)" in md and "still annealing" in md
     assert f"constant lr {a['lr']}" in quick[0].with_suffix(".md").read_text()
+    # the pretraining annealed (its own cache), the fine-tunes at their constant rate
+    cmd = [*cmd[: cmd.index("--lr-schedule")], "--pretrain-lr-schedule", "cosine",
+           "--out", str(tmp_path / "pre")]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=env)
+    pre = json.loads((tmp_path / "pre.json").read_text())
+    ((pretrain,), (run,)) = pre["pretrain"], pre["runs"]
+    assert 0.0 <= pretrain["lr_end"] < 0.05 * c["pretrain_lr"] and run["lr_end"] == c["lr"]
+    p = pre["meta"]["args"]
+    assert F.pretrained_path(p, {}, 0) != F.pretrained_path(c, {}, 0)
+    assert f"lr {c['pretrain_lr']} annealed to 0 (cosine)" in (tmp_path / "pre.md").read_text()
 
 
 def test_from_json_rewrites_the_same_report(quick, tmp_path):
