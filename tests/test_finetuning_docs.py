@@ -301,6 +301,7 @@ def test_the_foundation_config_fine_tunes_on_pseudolabels_within_a_budget(walked
     assert values["budget/replay/limit"] == 1.0
     assert math.isfinite(values["budget/replay/multiplier"])
     assert math.isfinite(values["budget/replay/ratio"])
+    assert math.isfinite(values["budget/replay/final_ratio"])  # measured when training ended
     for dataset in ("replay", "new"):
         assert math.isfinite(values[f"val_{dataset}_epoch/forces_mae"])
     ckpt = torch.load(launch / "outputs/pretrain/best.ckpt", map_location="cpu", weights_only=False)
