@@ -12,8 +12,9 @@ same batches at 1:1 with the datasets as tasks under UPGrad, PCGrad, ``PrimaryCo
 (primary ``new``), or calibrate-then-freeze; or a ``ForgettingBudget`` (at one run's time,
 and at the sweep's total time, ``_sweep``). An epoch is one pass over B for every strategy.
 The fine-tunes' learning rate is constant, or annealed to 0 over each one's training clock
-(``--lr-schedule cosine``); the pretraining's likewise (``--pretrain-lr-schedule``). A's and B's held-out test frames are the two validation loaders (forgetting and gain);
-each strategy is placed against the replay sweep's front on B and A force MAE, and on B
+(``--lr-schedule cosine``); the pretraining's likewise (``--pretrain-lr-schedule``). A's
+and B's held-out test frames are the two validation loaders (forgetting and gain); each
+strategy is placed against the replay sweep's front on B and A force MAE, and on B
 and A energy MAE (:func:`benchmarks.report.classify`), at equal time and equal epochs; every
 table gives each strategy's change of B's force and energy MAE against the pretrained
 model (%), and the budgets given the sweep's total time stand beside the sweep's best run
@@ -684,7 +685,8 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="the fine-tunes' learning rate: constant, or annealed to 0 (cosine) over "
-                        "each fine-tune's training clock (pretraining: constant)")  # fmt: skip
+                        "each fine-tune's training clock (the pretraining's: "
+                        "--pretrain-lr-schedule)")  # fmt: skip
     p.add_argument("--calibration-steps", type=int, default=None)
     P.add_run_arguments(p, batch_size=4, lr=None)
     p.add_argument("--save-states", help=argparse.SUPPRESS)  # final models (tests)

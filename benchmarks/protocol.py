@@ -741,9 +741,8 @@ def pretrain(
     """Pretrain with nequip's weighted sum (of ``num_tasks`` components: :data:`TASKS`) on
     ``datamodule()`` for ``pretrain_s`` s of training clock at ``pretrain_lr``, constant
     or (``pretrain_lr_schedule: cosine``) annealed to 0 over that clock, whatever schedule
-    the study's runs after it use, once per
-    cache file ``task["cache"]`` (the weights and the result; a later call loads the result,
-    ``cached``: True)."""
+    the study's later runs use, once per cache file ``task["cache"]`` (the weights and the
+    result; a later call loads the result, ``cached``: True)."""
     import lightning
     import torch
 
