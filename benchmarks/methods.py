@@ -252,15 +252,23 @@ REFERENCE_BUDGET = {"ratio_frames": REFERENCE_FRAMES}
 #: the same, updated (and measured) every 10 steps, the callback's default, not the study's 5:
 #: half the measurements
 REFERENCE_BUDGET_10 = {"ratio_frames": REFERENCE_FRAMES, "every": 10}
+#: the callback's default: each batch's replay loss over the pretrained model's on the same
+#: frames (``paired``; no measurement during training), updated every 10 steps
+PAIRED_BUDGET = {"paired": True, "every": 10}
 
 
 def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
     """The ``ForgettingBudget`` config of the fine-tuning study: the replayed dataset
-    ``pretrain`` within ``tolerance``, updated every 5 steps, its reference on 64 frames;
-    ``controller``: further options (:data:`PI_BUDGET`)."""
-    return {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
-            "tolerance": tolerance, "every": 5, "reference_frames": REFERENCE_FRAMES,
-            **controller}  # fmt: skip
+    ``pretrain`` within ``tolerance``, updated every 5 steps, its reference on 64 frames, the
+    ratio of each batch over that reference (unpaired: the study's first budgets, from
+    before the paired ratio was the default); ``controller``: further options
+    (:data:`PI_BUDGET`, :data:`PAIRED_BUDGET`)."""
+    config = {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
+              "tolerance": tolerance, "every": 5, "reference_frames": REFERENCE_FRAMES,
+              **controller}  # fmt: skip
+    if "ratio_frames" not in config:
+        config.setdefault("paired", False)
+    return config
 
 
 def _budgets() -> dict[str, Method]:
@@ -269,7 +277,9 @@ def _budgets() -> dict[str, Method]:
     multiplier a PI controller (``ft_budget_pi_<tol>``, :data:`PI_BUDGET`) or the ratio
     measured on fixed frames (``ft_budget_frames_<tol>``, :data:`FRAMES_BUDGET`: half the
     reference's; ``ft_budget_ref_<tol>``, :data:`REFERENCE_BUDGET`: all of them, the final
-    ratio's own frames; ``ft_budget_ref10_<tol>``: the same every 10 steps)."""
+    ratio's own frames; ``ft_budget_ref10_<tol>``: the same every 10 steps) or on each batch
+    against the pretrained model's loss on its frames (``ft_budget_paired_<tol>``,
+    :data:`PAIRED_BUDGET`, the callback's default)."""
     out = {}
     for tol, (suffix, factor) in itertools.product(
         BUDGET_TOLERANCES, (("", 1.0), ("_sweep", float(len(REPLAY_WEIGHTS))))
@@ -286,6 +296,7 @@ def _budgets() -> dict[str, Method]:
         ("frames", f"ratio on {FRAMES_BUDGET['ratio_frames']} fixed frames", FRAMES_BUDGET),
         ("ref", "ratio on the reference's frames", REFERENCE_BUDGET),
         ("ref10", "ratio on the reference's frames every 10 steps", REFERENCE_BUDGET_10),
+        ("paired", "each batch paired with the pretrained model's loss on it", PAIRED_BUDGET),
     )):  # at one run's time  # fmt: skip
         out[f"ft_budget_{key}_{tol:g}"] = _weighting(
             f"replay with a forgetting budget (+{tol:.0%}), {name}",

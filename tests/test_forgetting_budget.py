@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -20,12 +21,23 @@ from nequip.data import AtomicDataDict
 from nequip.train import NequIPLightningModule
 
 import nequip_mtl.train as mtl
+from nequip_mtl.data.keys import DATASET_INDEX_KEY
 from nequip_mtl.train.callbacks import ForgettingBudget
 from nequip_mtl.weighting.budget import DualAscentMultiplier
-from tests._harness import multi, params, skip_inductor_under_default_capability, trainer
+from tests._harness import (
+    SPECS,
+    STATS,
+    emt,
+    multi,
+    params,
+    skip_inductor_under_default_capability,
+    trainer,
+)
 from tests.test_dataset_tasks import BALANCED, COEFFS, kwargs, loss
 
 BUDGET = {"dataset": "a", "tolerance": 0.01, "every": 1, "step_size": 20.0}
+#: the batch ratio over the pretrained model's mean loss on the reference's frames, unpaired
+UNPAIRED_BUDGET = {**BUDGET, "paired": False}
 #: the ratio measured on the first three replayed training frames, every second step
 FRAMES_BUDGET = {**BUDGET, "every": 2, "ratio_frames": 3}
 
@@ -34,13 +46,16 @@ class Recorder(Callback):
     """Per micro-batch: the loss coefficients it trained with, and its step losses."""
 
     def __init__(self):
-        self.coeffs, self.values = [], []
+        self.coeffs, self.values, self.replayed = [], [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.coeffs.append({n: e.coeff for n, e in pl_module.loss.entries.items()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.values.append(dict(pl_module.loss.metrics_values_step))
+        rows = batch[DATASET_INDEX_KEY].reshape(-1).tolist()  # the frames of dataset `a`
+        frames = [AtomicDataDict.frame_from_batched(batch, i) for i, d in enumerate(rows) if d == 0]
+        self.replayed.append(frames)
 
 
 def run(
@@ -52,6 +67,7 @@ def run(
     ckpt_path=None,
     model=None,
     extra_callbacks=(),
+    data=None,
     **trainer_kw,
 ):
     torch.manual_seed(0)
@@ -68,7 +84,7 @@ def run(
         enable_checkpointing=ckpt is not None,
         **trainer_kw,
     )
-    data = multi(sampling=BALANCED)
+    data = data or multi(sampling=BALANCED)
     tr.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, start, cb, rec, data, tr
 
@@ -90,8 +106,9 @@ def _by_hand(model, frames, coeffs) -> float:
 @pytest.mark.parametrize("accumulate, proportional", [(1, 0.0), (2, 0.0), (2, 1.5)])
 def test_the_replay_weight_is_the_multiplier_of_the_budget(tmp_path, accumulate, proportional):
     """Plain dual ascent, with gradient accumulation, and the PI controller
-    (``proportional``)."""
-    budget = {**BUDGET, "proportional": proportional}
+    (``proportional``); the ratio of each batch unpaired (``paired: false``): its replay
+    loss over the reference."""
+    budget = {**UNPAIRED_BUDGET, "proportional": proportional}
     module, start, cb, rec, data, tr = run(
         tmp_path, budget=budget, accumulate_grad_batches=accumulate
     )
@@ -122,7 +139,79 @@ def test_the_replay_weight_is_the_multiplier_of_the_budget(tmp_path, accumulate,
     assert abs(final - 1.0) > 1e-3  # training moved it: the check can fail
 
 
-@pytest.mark.parametrize("budget", [BUDGET, FRAMES_BUDGET], ids=["batches", "frames"])
+def rattled(tmp_path):
+    """``multi()``'s two datasets with a distinct structure in every frame (nequip's
+    ``EMTTestDataset`` gives every frame of a dataset the same positions: they share one
+    array), rattled Cu cells labelled by EMT, as extxyz files read by nequip's
+    ``ASEDataset``."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    from nequip_mtl.data import MultiDatasetDataModule
+
+    rng, datasets = np.random.default_rng(7), {}
+    for name, (_, train, val) in SPECS.items():
+        if name == "c":
+            continue
+        frames = []
+        for _ in range(train + val):
+            atoms = bulk("Cu", "fcc", orthorhombic=True)
+            atoms.positions += rng.normal(0.0, 0.1, atoms.positions.shape)
+            atoms.calc = EMT()
+            labels = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+                      "stress": atoms.get_stress()}  # fmt: skip
+            atoms.calc = SinglePointCalculator(atoms, **labels)
+            frames.append(atoms)
+        write(tmp_path / f"{name}.xyz", frames)
+        dataset = {"_target_": "nequip.data.dataset.ASEDataset",
+                   "file_path": str(tmp_path / f"{name}.xyz"), "transforms": emt(0, 1)["transforms"]}  # fmt: skip
+        datasets[name] = {"split_dataset": {"dataset": dataset, "train": train, "val": val}}
+    return lambda: MultiDatasetDataModule(
+        seed=5, datasets=datasets, sampling=BALANCED, stats_manager=STATS,
+        train_dataloader={"batch_size": 3}, val_dataloader={"batch_size": 4},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_paired_ratio_is_each_batchs_loss_over_the_pretrained_models_on_its_frames(
+    tmp_path, accumulate
+):
+    """The default: every micro-batch's replay loss over the pretrained model's loss on the
+    same replayed frames (that model run by hand on them), the window's ratio of the summed
+    losses; a micro-batch without replayed frames is not observed. Mutations that fail it:
+    the batch ratio over the reference (``paired: false``'s), the plain mean of the batch
+    ratios (no weights), another frame's recorded predictions (``frame_index`` off by
+    one)."""
+    data = rattled(tmp_path)
+    module, start, cb, rec, _, tr = run(tmp_path, accumulate_grad_batches=accumulate, data=data())
+    frames = _replayed_frames(data())
+    assert cb.paired and len(cb.pretrained) == len(frames)
+    positions = [f[AtomicDataDict.POSITIONS_KEY] for f in frames]
+    assert not torch.equal(positions[0], positions[1])  # the frames differ
+    base = rec.coeffs[0]
+    replay = ["a/per_atom_energy_mse", "a/forces_mse"]
+    dual = DualAscentMultiplier(1.01, every=1, step_size=20.0)
+    observed = 0
+    for i, (coeffs, values, frames) in enumerate(zip(rec.coeffs, rec.values, rec.replayed)):
+        scaled = {n: (c * dual.multiplier if n in replay else c) for n, c in base.items()}
+        total = sum(scaled.values())
+        assert coeffs == pytest.approx({n: c / total for n, c in scaled.items()}, rel=1e-12)
+        if frames:
+            before = _by_hand(start, frames, base)
+            dual.observe(sum(base[n] * values[n] for n in replay) / before, weight=before)
+            observed += 1
+        if (i + 1) % accumulate == 0:
+            dual.step()
+    assert observed >= 4
+    assert cb.dual.state_dict() == pytest.approx(dual.state_dict(), rel=1e-9, nan_ok=True)
+    assert dual.updates >= 4 and dual.multiplier != 1.0  # the budget acted
+
+
+@pytest.mark.parametrize(
+    "budget", [BUDGET, UNPAIRED_BUDGET, FRAMES_BUDGET], ids=["paired", "batches", "frames"]
+)
 def test_a_resumed_budget_continues_exactly(tmp_path, budget):
     """Interrupted mid-run and resumed: the reference is restored, not re-measured on the
     fine-tuned model, and the multiplier, the coefficients and the parameters equal the
@@ -151,8 +240,8 @@ class ModelStates(Callback):
         self.states.append(copy.deepcopy(pl_module.model.state_dict()))
 
 
-def _replayed_frames():
-    fresh = multi(sampling=BALANCED)  # the same split (the data module frees its own)
+def _replayed_frames(data=None):
+    fresh = data or multi(sampling=BALANCED)  # the split (the data module frees its own)
     fresh.prepare_data()
     fresh.setup("fit")
     (replayed,) = [d for d in fresh.train_dataset if d.index == 0]

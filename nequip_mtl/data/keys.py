@@ -17,4 +17,11 @@ from nequip.data._key_registry import register_fields
 #: in a batch)
 DATASET_INDEX_KEY = "dataset_index"
 
-register_fields(graph_fields=[DATASET_INDEX_KEY], long_fields=[DATASET_INDEX_KEY])
+#: per-frame (graph) field: the frame's position in its dataset's split (what
+#: :class:`~nequip_mtl.data.frame_predictions.FramePredictions` looks a frame up by)
+FRAME_INDEX_KEY = "frame_index"
+
+register_fields(
+    graph_fields=[DATASET_INDEX_KEY, FRAME_INDEX_KEY],
+    long_fields=[DATASET_INDEX_KEY, FRAME_INDEX_KEY],
+)

@@ -17,7 +17,10 @@ from ..distributed import rank, world_size
 from ..model.reference_fit import ENERGY_REFERENCES_STAT, fit_energy_references
 from .binding import bind_dataset_names
 from .datamodule import NequIPDataModule  # nequip's, plus setup-time checks of the data
-from .keys import DATASET_INDEX_KEY  # registers it with nequip: a (num_frames,) long field
+from .keys import (  # registers them with nequip: (num_frames,) long fields
+    DATASET_INDEX_KEY,
+    FRAME_INDEX_KEY,
+)
 from .sampling import MultiDatasetSampler, check_sampling
 
 logger = RankedLogger(__name__, rank_zero_only=True)
@@ -33,8 +36,9 @@ _DEFAULT_LOADER = "torch.utils.data.DataLoader"
 
 
 class TaggedDataset(torch.utils.data.Dataset):
-    """A dataset whose frames carry ``dataset_index`` (:data:`~nequip_mtl.data.keys.DATASET_INDEX_KEY`),
-    a ``(1,)`` long tensor per frame, ``(num_frames,)`` in a batch."""
+    """A dataset whose frames carry ``dataset_index`` (:data:`~nequip_mtl.data.keys.DATASET_INDEX_KEY`)
+    and their position in it, ``frame_index`` (:data:`~nequip_mtl.data.keys.FRAME_INDEX_KEY`):
+    ``(1,)`` long tensors per frame, ``(num_frames,)`` in a batch."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, index: int) -> None:
         self.dataset, self.index = dataset, int(index)
@@ -42,17 +46,19 @@ class TaggedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _tag(self, frame: dict) -> dict:
+    def _tag(self, frame: dict, position: int) -> dict:
         frame = dict(frame)
         frame[DATASET_INDEX_KEY] = torch.tensor([self.index], dtype=torch.long)
+        frame[FRAME_INDEX_KEY] = torch.tensor([int(position)], dtype=torch.long)
         return frame
 
     def __getitem__(self, i):
-        return self._tag(self.dataset[i])
+        return self._tag(self.dataset[i], range(len(self))[i])  # a negative i: its position
 
     def __getitems__(self, indices):
         if hasattr(self.dataset, "__getitems__"):
-            return [self._tag(f) for f in self.dataset.__getitems__(indices)]
+            frames = self.dataset.__getitems__(indices)
+            return [self._tag(f, i) for f, i in zip(frames, indices)]
         return [self[i] for i in indices]
 
 

@@ -14,7 +14,9 @@ of the loss's scale, and ``lambda`` stays positive without a projection. At a fi
 either the constraint is active (``ratio = bound``) or ``lambda`` sits at its lower
 bound with the constraint slack (the replay costs nothing: fine-tuning alone keeps the
 budget). ``ratio`` is the mean of the observed ratios since the last update, so that one
-noisy batch does not move the multiplier.
+noisy batch does not move the multiplier; a weighted mean where the observations carry
+weights (``observe(loss / reference, weight=reference)`` over batches: the ratio of the
+summed losses).
 
 With ``proportional > 0`` the multiplier is a PI controller of the violation (the
 PID Lagrangian of Stooke, Achiam & Abbeel, ICML 2020, here in log space):
@@ -86,21 +88,22 @@ class DualAscentMultiplier:
         self.multiplier = float(initial)
         #: the integral term, ``log`` of the multiplier without the proportional one
         self.integral = math.log(self.multiplier)
-        #: the sum and number of the ratios observed since the last update
+        #: the weighted sum of the ratios observed since the last update, and their weights
         self._sum = 0.0
-        self._count = 0
+        self._count = 0.0
         #: the mean ratio of the last update (``nan`` before the first)
         self.last_ratio = math.nan
         self.updates = 0
         self.steps = 0
 
-    def observe(self, ratio: float) -> None:
-        """Record one observed ratio (a non-finite one, e.g. of a batch without the
-        constrained data, is ignored)."""
-        ratio = float(ratio)
-        if math.isfinite(ratio):
-            self._sum += ratio
-            self._count += 1
+    def observe(self, ratio: float, weight: float = 1.0) -> None:
+        """Record one observed ratio with its ``weight`` in the mean (a non-finite ratio,
+        e.g. of a batch without the constrained data, or a weight that is not finite and
+        positive, is ignored)."""
+        ratio, weight = float(ratio), float(weight)
+        if math.isfinite(ratio) and math.isfinite(weight) and weight > 0:
+            self._sum += weight * ratio
+            self._count += weight
 
     @property
     def next_step_updates(self) -> bool:
@@ -132,7 +135,7 @@ class DualAscentMultiplier:
         self.multiplier = (low if log_multiplier <= log_low else
                            high if log_multiplier >= log_high else math.exp(log_multiplier))  # fmt: skip
         self.last_ratio = mean
-        self._sum, self._count = 0.0, 0
+        self._sum, self._count = 0.0, 0.0
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -151,7 +154,7 @@ class DualAscentMultiplier:
         # a state saved before the proportional term: the integral is the multiplier's log
         self.integral = float(state.get("integral", math.log(self.multiplier)))
         self._sum = float(state["sum"])
-        self._count = int(state["count"])
+        self._count = float(state["count"])
         self.last_ratio = float(state["last_ratio"])
         self.updates = int(state["updates"])
         self.steps = int(state["steps"])

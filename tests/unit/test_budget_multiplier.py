@@ -149,3 +149,15 @@ def test_a_restored_multiplier_continues_exactly(proportional):
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DualAscentMultiplier(**kwargs)
+
+
+def test_weighted_observations_give_the_ratio_of_the_summed_losses():
+    """Two batches' ratios weighted by their denominators: the window's ratio is the sum of
+    the losses over the sum of the references, not the mean of the two ratios (1.75)."""
+    dual = DualAscentMultiplier(1.0, every=2)
+    dual.observe(2.0 / 4.0, weight=4.0)
+    dual.observe(3.0 / 1.0, weight=1.0)
+    dual.observe(5.0, weight=0.0)  # no weight: not observed
+    dual.observe(5.0, weight=float("nan"))
+    dual.step(), dual.step()
+    assert dual.last_ratio == pytest.approx((2.0 + 3.0) / (4.0 + 1.0), rel=1e-15)

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from nequip.data import AtomicDataDict
 
+from ...data.frame_predictions import FramePredictions
+from ...data.keys import DATASET_INDEX_KEY
 from ...weighting.budget import DualAscentMultiplier
 from ..coefficients import current_coeffs, update_coeffs
 from ._common import (
@@ -130,6 +132,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         reference_batch_size: int = 16,
         proportional: float = 0.0,
         ratio_frames: int | None = None,
+        paired: bool | None = None,
     ) -> None:
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"{_WHO}.dataset must be a dataset name, got {dataset!r}")
@@ -151,6 +154,16 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 f"{_WHO}: give exactly one of `tolerance` (relative to the pretrained model's "
                 f"loss) and `limit` (an absolute loss); got tolerance={tolerance!r}, "
                 f"limit={limit!r}"
+            )
+        if paired is None:  # by default wherever it applies
+            paired = limit is None and ratio_frames is None
+        elif not isinstance(paired, bool):
+            raise ValueError(f"{_WHO}.paired must be true or false, got {paired!r}")
+        elif paired and (limit is not None or ratio_frames is not None):
+            raise ValueError(
+                f"{_WHO}.paired pairs each batch's replay loss with the pretrained model's on "
+                "the same frames: it applies to a `tolerance` budget measured on batches, not "
+                f"with `limit` (got {limit!r}) or `ratio_frames` (got {ratio_frames!r})"
             )
         key, value = ("tolerance", tolerance) if limit is None else ("limit", limit)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -174,6 +187,10 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         self.reference_frames = reference_frames
         self.reference_batch_size = reference_batch_size
         self.ratio_frames = ratio_frames
+        self.paired = paired
+        #: the pretrained model's predictions on the replayed training frames (``paired``;
+        #: ``None`` until recorded)
+        self.pretrained: FramePredictions | None = None
         #: the pretrained model's replay loss on the first ``ratio_frames`` frames (the
         #: fixed-frame ratio's denominator; ``None`` until measured, or without them)
         self.ratio_reference: float | None = None
@@ -253,6 +270,8 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         # the measurements' own copy of the loss, taken before any step (a training step
         # leaves tensors of its graph in the module's, which cannot be copied)
         self._meter = copy.deepcopy(pl_module.loss)
+        # the paired batch losses' own copy, synchronised over ranks as the loss is
+        self._pair_meter = copy.deepcopy(self._meter) if self.paired else None
         for metric in self._meter.modules():
             if hasattr(metric, "dist_sync_on_step"):
                 metric.dist_sync_on_step = False  # every rank measures the same frames
@@ -270,6 +289,14 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 "ratio on training batches, so the pretrained model's loss on fixed frames was "
                 "never measured; resume with `ratio_frames: null` (or start a new fine-tune)"
             )
+        if self.paired and self.reference is not None and self.pretrained is None:
+            raise ValueError(
+                f"{_WHO}(paired=True): the checkpoint's budget did not record the pretrained "
+                "model's predictions on the replayed frames, and they cannot be recorded any "
+                "more; resume with `paired: false` (or start a new fine-tune)"
+            )
+        if self.paired and self.pretrained is None:
+            self.pretrained = self._record_predictions(trainer, pl_module)
         if self.reference is None:
             self.reference = self._measure_replay_loss(trainer, pl_module)
             if self.ratio_frames is not None:  # the reference itself, on the same frames
@@ -310,13 +337,10 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         dataset = _training_split(trainer.datamodule, self.dataset)
         return min(len(dataset), self.reference_frames if frames is None else frames)
 
-    def _measure_replay_loss(
-        self, trainer: Any, pl_module: Any, frames: int | None = None
-    ) -> float:
-        """The model's replay loss (configured coefficients) on the first ``frames`` (default
-        ``reference_frames``) frames of the replayed training split."""
-        count = self._count(trainer, frames)
-        if count not in self._batches:  # batched once per fit, on the model's device
+    def _frame_batches(self, trainer: Any, pl_module: Any, count: int) -> list[dict]:
+        """The first ``count`` frames of the replayed training split, in batches of
+        ``reference_batch_size`` on the model's device (batched once per fit)."""
+        if count not in self._batches:
             dataset = _training_split(trainer.datamodule, self.dataset)
             size = self.reference_batch_size
             self._batches[count] = [
@@ -324,14 +348,50 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                     [dataset[i] for i in range(start, min(start + size, count))]).items()}
                 for start in range(0, count, size)
             ]  # fmt: skip
+        return self._batches[count]
+
+    def _measure_replay_loss(
+        self, trainer: Any, pl_module: Any, frames: int | None = None
+    ) -> float:
+        """The model's replay loss (configured coefficients) on the first ``frames`` (default
+        ``reference_frames``) frames of the replayed training split."""
         manager = self._meter
         manager.reset()
         with torch.no_grad():  # the model computes its forces with autograd itself
-            for batch in self._batches[count]:
+            for batch in self._frame_batches(trainer, pl_module, self._count(trainer, frames)):
                 target = pl_module.process_target(batch, 0)  # a copy (nequip's)
                 manager(pl_module(dict(batch)), target)  # the model may add keys to its input
         values = {name: float(v) for name, v in manager.compute().items()}
         return self._replay_loss(values)
+
+    def _record_predictions(self, trainer: Any, pl_module: Any) -> FramePredictions:
+        """The model's predictions on every frame of the replayed training split (each
+        is drawn in some batch); batched as the measurements are, not kept."""
+        dataset = _training_split(trainer.datamodule, self.dataset)
+        size = self.reference_batch_size
+
+        def pairs():
+            with torch.no_grad():
+                for start in range(0, len(dataset), size):
+                    frames = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
+                    batch = {k: v.to(pl_module.device) for k, v in
+                             AtomicDataDict.batched_from_list(frames).items()}  # fmt: skip
+                    yield batch, pl_module(dict(batch))
+
+        return FramePredictions.record(pairs())
+
+    def _pretrained_batch_loss(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> float:
+        """The pretrained model's replay loss (configured coefficients) on the replayed
+        frames of this batch: its recorded predictions against the batch's labels, through
+        the loss's own metrics (synchronised over ranks as the loss is)."""
+        target = pl_module.process_target(batch, idx)
+        position = trainer.datamodule.dataset_names.index(self.dataset)
+        rows = target[DATASET_INDEX_KEY].reshape(-1) == position
+        meter = self._pair_meter
+        meter.reset()
+        with torch.no_grad():
+            meter(self.pretrained.substitute(target, rows), target)
+        return self._replay_loss(meter.metrics_values_step)
 
     # ------------------------------------------------------------------ steps
 
@@ -349,7 +409,12 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         """"""
         # nequip syncs the loss on every step (`dist_sync_on_step`): its step values are
         # global-batch means, so every rank observes the same ratio without a collective
-        if self.ratio_frames is None:
+        if self.paired:  # this batch's replay loss over the pretrained model's, on its frames
+            loss = self._replay_loss(pl_module.loss.metrics_values_step)
+            before = self._pretrained_batch_loss(trainer, pl_module, batch, batch_idx)
+            if before > 0:  # weighted by it: the window's ratio of summed losses
+                self.dual.observe(loss / before, weight=before)
+        elif self.ratio_frames is None:
             ratio = self._replay_loss(pl_module.loss.metrics_values_step) / self.reference
             self.dual.observe(ratio)
         if self._optimizer_stepped(trainer):
@@ -374,6 +439,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             "ratio_reference": self.ratio_reference,
             "base_coeffs": None if self.base_coeffs is None else dict(self.base_coeffs),
             "final_ratio": self.final_ratio,
+            "pretrained": None if self.pretrained is None else self.pretrained.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -384,6 +450,10 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         base = state_dict["base_coeffs"]
         self.base_coeffs = None if base is None else dict(base)
         self.final_ratio = state_dict.get("final_ratio")
+        pretrained = state_dict.get("pretrained")
+        self.pretrained = (
+            None if pretrained is None else FramePredictions.from_state_dict(pretrained)
+        )
 
 
 def _training_split(datamodule: Any, dataset: str) -> Any:
