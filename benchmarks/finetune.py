@@ -369,12 +369,17 @@ def finetune_run(task: dict) -> dict:
     if task.get("state_dir"):  # the final model, for independent checks (tests)
         torch.save(module.model.state_dict(), Path(task["state_dir"]) / f"{task['method']}_seed{seed}.pt")  # fmt: skip
     coeffs = {k: float(e.coeff or 0.0) for k, e in module.loss.entries.items()}
-    budget = [cb for cb in callbacks if hasattr(cb, "dual")]
-    if budget:  # what the forgetting budget asked for and reached (training batches)
-        (cb,) = budget
-        out["budget_state"] = {"bound": cb.dual.bound, "ratio": cb.dual.last_ratio,
-                               "final_ratio": cb.final_ratio,
-                               "multiplier": cb.dual.multiplier, "updates": cb.dual.updates}  # fmt: skip
+    budget = [cb for cb in callbacks if hasattr(cb, "duals")]
+    if budget:  # what the forgetting budget asked for and reached (each component: the
+        (cb,) = budget  # largest ratios and multiplier; each one's in `constraints`)
+        duals = cb.duals.values()
+        out["budget_state"] = {
+            "bound": cb.bound, "ratio": max(d.last_ratio for d in duals),
+            "final_ratio": cb.final_ratio, "multiplier": max(d.multiplier for d in duals),
+            "updates": max(d.updates for d in duals),
+            "constraints": {g: {"ratio": d.last_ratio, "final_ratio": cb.final_ratios.get(g),
+                                "multiplier": d.multiplier} for g, d in cb.duals.items()},
+        }  # fmt: skip
     if PAIRS[a["pair"]].other_level:
         out["references"] = references(task)
     return {"method": task["method"], "seed": seed, **out, "final_coeffs": coeffs}

@@ -255,6 +255,9 @@ REFERENCE_BUDGET_10 = {"ratio_frames": REFERENCE_FRAMES, "every": 10}
 #: the callback's default: each batch's replay loss over the pretrained model's on the same
 #: frames (``paired``; no measurement during training), updated every 10 steps
 PAIRED_BUDGET = {"paired": True, "every": 10}
+#: a bound on each replayed component (energy, forces) with its own multiplier, measured as
+#: :data:`REFERENCE_BUDGET_10`
+EACH_BUDGET = {**REFERENCE_BUDGET_10, "each_component": True}
 
 
 def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
@@ -297,6 +300,7 @@ def _budgets() -> dict[str, Method]:
         ("ref", "ratio on the reference's frames", REFERENCE_BUDGET),
         ("ref10", "ratio on the reference's frames every 10 steps", REFERENCE_BUDGET_10),
         ("paired", "each batch paired with the pretrained model's loss on it", PAIRED_BUDGET),
+        ("each", "each component bounded, on the reference's frames every 10 steps", EACH_BUDGET),
     )):  # at one run's time  # fmt: skip
         out[f"ft_budget_{key}_{tol:g}"] = _weighting(
             f"replay with a forgetting budget (+{tol:.0%}), {name}",

@@ -3,7 +3,7 @@ EMT datasets of tests/test_multi_dataset.py, on ``WORLD_SIZE`` gloo ranks (or on
 Lightning's ``use_distributed_sampler=True``. Each rank saves the batches it saw, the sampler
 class Lightning used and the final parameters. Usage:
 
-    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named|budget|budget_frames]
+    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named|budget|budget_unpaired|budget_frames]
 
 (from the root). ``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
 ``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
@@ -13,8 +13,10 @@ references, per-dataset readout heads and type-embedding corrections), on the tw
 ``DatasetMetricNames`` callback (each loader's metrics computed, synced and logged at its last
 batch; a validation before training); each rank also saves its validation metrics.
 ``budget``: nequip's module with a ``PerDatasetLoss`` and a ``ForgettingBudget`` on ``a``
-(three epochs); each rank also saves the budget's state. ``budget_frames``: the same with
-the ratio measured on three fixed frames every second step (``ratio_frames``).
+(three epochs; each batch's ratio paired with the pretrained model's loss on its frames); each
+rank also saves the budget's state. ``budget_unpaired``: the batch ratio over the reference
+(``paired: false``); ``budget_frames``: the ratio measured on three fixed frames every
+second step (``ratio_frames``).
 """
 
 import os
@@ -116,7 +118,11 @@ def main(out_dir: str, kind: str = "nequip") -> None:
                 val_metrics=None,
             )
         )
-        frames = {"ratio_frames": 3, "every": 2} if kind == "budget_frames" else {"every": 1}
+        frames = {
+            "budget": {"every": 1},
+            "budget_unpaired": {"every": 1, "paired": False},
+            "budget_frames": {"ratio_frames": 3, "every": 2},
+        }[kind]
         budget = ForgettingBudget(dataset="a", tolerance=0.01, step_size=20.0, **frames)
         callbacks.append(budget)
     strategy = DDPStrategy(process_group_backend="gloo") if world > 1 else "auto"

@@ -402,7 +402,7 @@ def test_the_budget_is_logged_and_plotted(tmp_path):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("kind", ["budget", "budget_frames"])
+@pytest.mark.parametrize("kind", ["budget", "budget_unpaired", "budget_frames"])
 def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path, kind):
     """2 ranks, each with half of every global batch, against 1 process on the global
     batch: the same reference, the same multiplier at every update (the ratio of the global
@@ -421,9 +421,14 @@ def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path, kind):
         )  # fmt: skip
     one = torch.load(tmp_path / "1" / "rank0.pt")
     ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
+    # the pretrained model's recorded predictions (paired): every rank records them all
+    recorded = [state["budget"].pop("pretrained") for state in (one, *ranks)]
+    assert (recorded[0] is None) == (kind != "budget")
+    for other in recorded[1:]:
+        torch.testing.assert_close(other, recorded[0], rtol=0, atol=1e-12)
     assert ranks[0]["budget"] == ranks[1]["budget"]
     assert (
-        one["budget"]["dual"]["updates"] == (6 if kind == "budget" else 3)
+        one["budget"]["dual"]["updates"] == (3 if kind == "budget_frames" else 6)
         and one["budget"]["dual"]["multiplier"] != 1.0
     )
     got, ref = ranks[0]["budget"], one["budget"]

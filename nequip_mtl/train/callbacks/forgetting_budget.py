@@ -24,6 +24,8 @@ from ._common import (
 )
 
 _WHO = "ForgettingBudget"
+#: the constraint on the replay components' weighted sum (the default)
+_ALL = "loss"
 
 
 class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
@@ -49,23 +51,30 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
       of the pretrained model (:class:`~nequip_mtl.data.PseudolabelledDataset`): they are
       its own predictions, so its loss on them, the relative budget's reference, is zero.
       A relative budget on such a dataset is refused at setup.
-    - **The ratio** of a step is the replay components' loss on its batch (the same
-      weighted combination; under DDP the loss's step values are already global means)
-      over the reference (or the limit); a batch without replay frames is not observed.
+    - **The ratio** of a step (``paired``, the default) is the replay components' loss on
+      its batch (the same weighted combination) over the pretrained model's loss on *the
+      same frames*: that model's predictions on every frame of the replayed training split
+      are recorded once, with the reference (a forward pass over the split; kept in
+      checkpoints), and its loss on a batch is those predictions' loss against the batch's
+      labels, through the loss's own metrics. An update's ratio is the ratio of the losses
+      summed since the last one. Nothing is measured during training, and the pairing
+      cancels the frames' own difficulty: a batch of hard frames is hard for both models.
+      Under DDP both losses are global means (the loss synchronises its step values); a
+      batch without replay frames is not observed.
+    - **Unpaired** (``paired: false``): the batch's replay loss over the reference, the
+      pretrained model's mean loss. A noisy estimate (with 4 replayed frames a batch, 10-step
+      means from 0.4 to 2.8 at the pretrained model itself on the alloy pair of
+      ``benchmarks/finetune.py``): dual ascent on it makes the multiplier a random walk.
     - **Or measured on fixed frames** (``ratio_frames: N``): at every update the replay
       loss is measured on the first ``N`` of the reference's frames with the current model,
       over the pretrained model's loss on the same ``N`` frames (measured with the
-      reference). The batch ratio is an estimate from a few replayed frames, and a noisy
-      one (with 4 replayed frames a batch, 10-step means from 0.4 to 2.8 at the pretrained
-      model itself on the alloy pair of ``benchmarks/finetune.py``): dual ascent on it
-      makes the multiplier a random walk. The fixed frames give the constraint itself at
-      the current parameters, the same on every rank, at the cost of a forward pass over
-      ``N`` frames every ``every`` steps. With ``N = reference_frames`` it is the very
-      ratio the end-of-training check measures; a subset's ratio is a different one (the
-      per-frame losses are heavy-tailed, and fine-tuning moves them unequally), which the
-      controller then holds instead. With ``N = reference_frames`` and the learning rate
-      annealed to zero by the end of training, the budget ended within its bound in every
-      seed of the fine-tuning benchmark; without, it did not (``docs/choosing.md``).
+      reference): the constraint itself at the current parameters, the same on every
+      rank, at the cost of a forward pass over ``N`` frames every ``every`` steps. With
+      ``N = reference_frames`` it is the very ratio the end-of-training check measures; a
+      subset's ratio is a different one (the per-frame losses are heavy-tailed, and
+      fine-tuning moves them unequally), which the controller then holds instead.
+      ``docs/choosing.md`` says which held the bound in the fine-tuning benchmark (an
+      annealed learning rate was needed in every case).
     - **The coefficients** of the replay components are their configured values times the
       multiplier (then normalised with the others, as every coefficient update is); the
       others keep theirs. Every micro-batch of an optimizer step sees the same
@@ -97,8 +106,8 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             # step_size: 1.0         # log-space step per unit of relative violation
             # proportional: 0.0      # PI control: log-space gain on the current violation
             # reference_frames: 256  # frames the reference loss is measured on
+            # paired: true           # each batch's loss over the pretrained model's on it
             # ratio_frames: null     # or N: the ratio measured on N fixed frames, not batches
-            #                        # (recommended: N = reference_frames, and an annealed lr)
 
     Args:
         dataset (str): the replayed dataset's name (the data module's and the loss's)
@@ -117,6 +126,9 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         ratio_frames (int): measure each update's ratio on the first this many of the
             reference's frames instead of the training batches (default ``None``: the
             batches)
+        paired (bool): a batch's ratio over the pretrained model's loss on its frames
+            (default: ``true``, but with ``limit`` or ``ratio_frames``, where it does not
+            apply) or over the reference (``false``)
     """
 
     def __init__(
@@ -133,6 +145,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         proportional: float = 0.0,
         ratio_frames: int | None = None,
         paired: bool | None = None,
+        each_component: bool = False,
     ) -> None:
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"{_WHO}.dataset must be a dataset name, got {dataset!r}")
@@ -165,6 +178,14 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 "the same frames: it applies to a `tolerance` budget measured on batches, not "
                 f"with `limit` (got {limit!r}) or `ratio_frames` (got {ratio_frames!r})"
             )
+        if not isinstance(each_component, bool):
+            raise ValueError(f"{_WHO}.each_component must be true or false, got {each_component!r}")
+        if each_component and limit is not None:
+            raise ValueError(
+                f"{_WHO}.each_component bounds each replayed component's loss relative to the "
+                f"pretrained model's; an absolute `limit` ({limit!r}) is one bound on their "
+                "weighted sum: give `tolerance`, or drop `each_component`"
+            )
         key, value = ("tolerance", tolerance) if limit is None else ("limit", limit)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{_WHO}: `{key}` must be a number > 0, got {value!r}")
@@ -172,17 +193,15 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         self.limit = None if limit is None else float(limit)
         self.tolerance = None if tolerance is None else float(tolerance)
         bound = 1.0 if limit is not None else 1.0 + float(tolerance)
+        self._controller = {"bound": bound, "step_size": step_size, "every": every,
+                            "initial": initial, "bounds": tuple(bounds), "proportional": proportional}  # fmt: skip
         try:
-            self.dual = DualAscentMultiplier(
-                bound,
-                step_size=step_size,
-                every=every,
-                initial=initial,
-                bounds=tuple(bounds),
-                proportional=proportional,
-            )
+            DualAscentMultiplier(**self._controller)  # the settings checked
         except ValueError as err:
             raise ValueError(f"{_WHO}: {err}") from None
+        self.each_component = each_component
+        #: the largest allowed ratio of every constraint (``1 + tolerance``, or ``1``)
+        self.bound = bound
         self.dataset = dataset
         self.reference_frames = reference_frames
         self.reference_batch_size = reference_batch_size
@@ -191,18 +210,52 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         #: the pretrained model's predictions on the replayed training frames (``paired``;
         #: ``None`` until recorded)
         self.pretrained: FramePredictions | None = None
-        #: the pretrained model's replay loss on the first ``ratio_frames`` frames (the
-        #: fixed-frame ratio's denominator; ``None`` until measured, or without them)
-        self.ratio_reference: float | None = None
-        #: the pretrained model's replay loss (``None`` until measured)
-        self.reference: float | None = None
+        #: the constraints: their names and the replay components each bounds (one, named
+        #: ``loss``, on their weighted sum; or, ``each_component``, one per component, named
+        #: as it is without the dataset: ``forces_mse``); set at setup
+        self.groups: dict[str, list[str]] = {} if each_component else {_ALL: []}
+        #: each constraint's multiplier
+        self.duals: dict[str, DualAscentMultiplier] = {
+            g: DualAscentMultiplier(**self._controller) for g in self.groups
+        }
+        #: each constraint's pretrained loss on the first ``ratio_frames`` frames (the
+        #: fixed-frame ratio's denominator; empty until measured, or without them)
+        self.ratio_references: dict[str, float] = {}
+        #: each constraint's pretrained loss on the reference's frames (empty until measured)
+        self.references: dict[str, float] = {}
         #: the configured coefficients, captured at setup
         self.base_coeffs: dict[str, float | None] | None = None
         #: the replayed dataset's active loss components
         self.components: list[str] = []
-        #: the trained model's replay loss on the reference's frames over the reference (or
-        #: the limit), measured when training ends (``None`` until then)
-        self.final_ratio: float | None = None
+        #: each constraint's loss on the reference's frames over its reference (or the
+        #: limit), measured when training ends (empty until then)
+        self.final_ratios: dict[str, float] = {}
+
+    @property
+    def dual(self) -> DualAscentMultiplier:
+        """The multiplier of the budget on the replay loss (not with ``each_component``:
+        :attr:`duals`)."""
+        if self.each_component:
+            raise AttributeError(
+                f"{_WHO}(each_component=True) has one multiplier a component: `duals`"
+            )
+        return self.duals[_ALL]
+
+    @property
+    def reference(self) -> float | None:
+        """The pretrained model's replay loss (``None`` until measured; with
+        ``each_component``, each component's: :attr:`references`)."""
+        return None if self.each_component else self.references.get(_ALL)
+
+    @property
+    def ratio_reference(self) -> float | None:
+        return None if self.each_component else self.ratio_references.get(_ALL)
+
+    @property
+    def final_ratio(self) -> float | None:
+        """When training ended, the replay loss on the reference's frames over its reference
+        (the largest of the components', with ``each_component``; ``None`` until then)."""
+        return max(self.final_ratios.values()) if self.final_ratios else None
 
     @property
     def state_key(self) -> str:
@@ -248,6 +301,13 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 f"no active component of it (its components: {mine or 'none'}); build the "
                 "loss with nequip_mtl.train.PerDatasetLoss listing the dataset"
             )
+        if self.each_component:
+            short = {n: n.split("/", 1)[-1] for n in self.components}
+            self.groups = {short[n]: [n] for n in self.components}
+            for g in self.groups:
+                self.duals.setdefault(g, DualAscentMultiplier(**self._controller))
+        else:
+            self.groups = {_ALL: list(self.components)}
         others = [n for n, c in coeffs.items() if c and n not in self.components]
         if not others:
             raise ValueError(
@@ -276,20 +336,17 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             if hasattr(metric, "dist_sync_on_step"):
                 metric.dist_sync_on_step = False  # every rank measures the same frames
         self._batches: dict[int, list[dict]] = {}  # the measured frames, batched once
-        if self.limit is not None:
-            self.reference = self.ratio_reference = self.limit  # ratios: loss over the limit
+        if self.limit is not None:  # ratios: loss over the limit
+            self.references = {g: self.limit for g in self.groups}
+            self.ratio_references = dict(self.references)
             return
-        if (
-            self.ratio_frames is not None
-            and self.reference is not None
-            and self.ratio_reference is None
-        ):
+        if self.ratio_frames is not None and self.references and not self.ratio_references:
             raise ValueError(
                 f"{_WHO}(ratio_frames={self.ratio_frames}): the checkpoint's budget measured its "
                 "ratio on training batches, so the pretrained model's loss on fixed frames was "
                 "never measured; resume with `ratio_frames: null` (or start a new fine-tune)"
             )
-        if self.paired and self.reference is not None and self.pretrained is None:
+        if self.paired and self.references and self.pretrained is None:
             raise ValueError(
                 f"{_WHO}(paired=True): the checkpoint's budget did not record the pretrained "
                 "model's predictions on the replayed frames, and they cannot be recorded any "
@@ -297,38 +354,48 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             )
         if self.paired and self.pretrained is None:
             self.pretrained = self._record_predictions(trainer, pl_module)
-        if self.reference is None:
-            self.reference = self._measure_replay_loss(trainer, pl_module)
+        if not self.references:
+            self.references = self._measure_replay_losses(trainer, pl_module)
             if self.ratio_frames is not None:  # the reference itself, on the same frames
                 same = self._count(trainer, self.ratio_frames) == self._count(trainer)
-                self.ratio_reference = (
-                    self.reference
+                self.ratio_references = (
+                    dict(self.references)
                     if same
-                    else self._measure_replay_loss(trainer, pl_module, self.ratio_frames)
+                    else self._measure_replay_losses(trainer, pl_module, self.ratio_frames)
                 )
-            for value in (self.reference, self.ratio_reference):
-                if value is not None and not (math.isfinite(value) and value > 0):
+            for group, value in [*self.references.items(), *self.ratio_references.items()]:
+                if not (math.isfinite(value) and value > 0):
                     raise ValueError(
                         f"{_WHO}: the pretrained model's loss on dataset {self.dataset!r} is "
-                        f"{value!r}; a budget relative to it needs a finite, positive value"
+                        f"{value!r}{'' if group == _ALL else f' ({group})'}; a budget relative "
+                        "to it needs a finite, positive value"
                     )
 
-    def _replay_loss(self, values: dict[str, Any]) -> float:
-        """The replay components' weighted combination (configured coefficients)."""
-        total = 0.0
-        for name in self.components:
-            value = values.get(name)
-            value = math.nan if value is None else float(value)
-            total += self.base_coeffs[name] * value
-        return total
+    def _replay_losses(self, values: dict[str, Any]) -> dict[str, float]:
+        """Each constraint's weighted combination of its components' values (configured
+        coefficients)."""
+        out = {}
+        for group, names in self.groups.items():
+            total = 0.0
+            for name in names:
+                value = values.get(name)
+                value = math.nan if value is None else float(value)
+                total += self.base_coeffs[name] * value
+            out[group] = total
+        return out
+
+    def _prefix(self, group: str) -> str:
+        """The logged name's stem of a constraint: ``budget/<dataset>`` (and ``/<component>``)."""
+        return f"budget/{self.dataset}" + ("" if group == _ALL else f"/{group}")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Measure the trained model's replay loss on the reference's frames."""
-        loss = self._measure_replay_loss(trainer, pl_module)
-        self.final_ratio = loss / self.reference
+        losses = self._measure_replay_losses(trainer, pl_module)
+        self.final_ratios = {g: losses[g] / self.references[g] for g in self.groups}
         for logger in trainer.loggers:
             logger.log_metrics(
-                {f"budget/{self.dataset}/final_ratio": self.final_ratio}, step=trainer.global_step
+                {f"{self._prefix(g)}/final_ratio": r for g, r in self.final_ratios.items()},
+                step=trainer.global_step,
             )
 
     def _count(self, trainer: Any, frames: int | None = None) -> int:
@@ -350,11 +417,12 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             ]  # fmt: skip
         return self._batches[count]
 
-    def _measure_replay_loss(
+    def _measure_replay_losses(
         self, trainer: Any, pl_module: Any, frames: int | None = None
-    ) -> float:
-        """The model's replay loss (configured coefficients) on the first ``frames`` (default
-        ``reference_frames``) frames of the replayed training split."""
+    ) -> dict[str, float]:
+        """Each constraint's replay loss (configured coefficients) for the model on the
+        first ``frames`` (default ``reference_frames``) frames of the replayed training
+        split."""
         manager = self._meter
         manager.reset()
         with torch.no_grad():  # the model computes its forces with autograd itself
@@ -362,7 +430,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 target = pl_module.process_target(batch, 0)  # a copy (nequip's)
                 manager(pl_module(dict(batch)), target)  # the model may add keys to its input
         values = {name: float(v) for name, v in manager.compute().items()}
-        return self._replay_loss(values)
+        return self._replay_losses(values)
 
     def _record_predictions(self, trainer: Any, pl_module: Any) -> FramePredictions:
         """The model's predictions on every frame of the replayed training split (each
@@ -380,8 +448,10 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
 
         return FramePredictions.record(pairs())
 
-    def _pretrained_batch_loss(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> float:
-        """The pretrained model's replay loss (configured coefficients) on the replayed
+    def _pretrained_batch_losses(
+        self, trainer: Any, pl_module: Any, batch: Any, idx: int
+    ) -> dict[str, float]:
+        """Each constraint's pretrained replay loss (configured coefficients) on the replayed
         frames of this batch: its recorded predictions against the batch's labels, through
         the loss's own metrics (synchronised over ranks as the loss is)."""
         target = pl_module.process_target(batch, idx)
@@ -391,14 +461,16 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         meter.reset()
         with torch.no_grad():
             meter(self.pretrained.substitute(target, rows), target)
-        return self._replay_loss(meter.metrics_values_step)
+        return self._replay_losses(meter.metrics_values_step)
 
     # ------------------------------------------------------------------ steps
 
     def _window_start(self, trainer: Any, pl_module: Any) -> None:
-        multiplier = self.dual.multiplier
+        multiplier = {
+            n: self.duals[g].multiplier for g, names in self.groups.items() for n in names
+        }
         coeffs = {
-            n: (c * multiplier if n in self.components and c is not None else c)
+            n: (c * multiplier[n] if n in multiplier and c is not None else c)
             for n, c in self.base_coeffs.items()
         }
         update_coeffs(pl_module.loss, coeffs, f"{_WHO}(dataset={self.dataset!r})")
@@ -410,50 +482,85 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         # nequip syncs the loss on every step (`dist_sync_on_step`): its step values are
         # global-batch means, so every rank observes the same ratio without a collective
         if self.paired:  # this batch's replay loss over the pretrained model's, on its frames
-            loss = self._replay_loss(pl_module.loss.metrics_values_step)
-            before = self._pretrained_batch_loss(trainer, pl_module, batch, batch_idx)
-            if before > 0:  # weighted by it: the window's ratio of summed losses
-                self.dual.observe(loss / before, weight=before)
+            losses = self._replay_losses(pl_module.loss.metrics_values_step)
+            before = self._pretrained_batch_losses(trainer, pl_module, batch, batch_idx)
+            for g, dual in self.duals.items():
+                if before[g] > 0:  # weighted by it: the window's ratio of summed losses
+                    dual.observe(losses[g] / before[g], weight=before[g])
         elif self.ratio_frames is None:
-            ratio = self._replay_loss(pl_module.loss.metrics_values_step) / self.reference
-            self.dual.observe(ratio)
+            losses = self._replay_losses(pl_module.loss.metrics_values_step)
+            for g, dual in self.duals.items():
+                dual.observe(losses[g] / self.references[g])
         if self._optimizer_stepped(trainer):
-            if self.ratio_frames is not None and self.dual.next_step_updates:
+            if self.ratio_frames is not None and self._any_dual().next_step_updates:
                 # an update step: the ratio measured on the fixed frames (the same on every
                 # rank: the model is; no collective)
-                loss = self._measure_replay_loss(trainer, pl_module, self.ratio_frames)
-                self.dual.observe(loss / self.ratio_reference)
-            self.dual.step()
-            pl_module.log(f"budget/{self.dataset}/multiplier", self.dual.multiplier)
-            pl_module.log(f"budget/{self.dataset}/limit", self.dual.bound)
-            if math.isfinite(self.dual.last_ratio):  # after the first update
-                pl_module.log(f"budget/{self.dataset}/ratio", self.dual.last_ratio)
+                losses = self._measure_replay_losses(trainer, pl_module, self.ratio_frames)
+                for g, dual in self.duals.items():
+                    dual.observe(losses[g] / self.ratio_references[g])
+            for g, dual in self.duals.items():
+                dual.step()
+                pl_module.log(f"{self._prefix(g)}/multiplier", dual.multiplier)
+                pl_module.log(f"{self._prefix(g)}/limit", dual.bound)
+                if math.isfinite(dual.last_ratio):  # after the first update
+                    pl_module.log(f"{self._prefix(g)}/ratio", dual.last_ratio)
+
+    def _any_dual(self) -> DualAscentMultiplier:
+        """One of the multipliers (they update on the same steps)."""
+        return next(iter(self.duals.values()))
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
         """"""
         return {
-            "dual": self.dual.state_dict(),
-            "reference": self.reference,
-            "ratio_reference": self.ratio_reference,
+            "duals": {g: d.state_dict() for g, d in self.duals.items()},
+            "references": dict(self.references),
+            "ratio_references": dict(self.ratio_references),
             "base_coeffs": None if self.base_coeffs is None else dict(self.base_coeffs),
-            "final_ratio": self.final_ratio,
+            "final_ratios": dict(self.final_ratios),
             "pretrained": None if self.pretrained is None else self.pretrained.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """"""
-        self.dual.load_state_dict(state_dict["dual"])
-        self.reference = state_dict["reference"]
-        self.ratio_reference = state_dict.get("ratio_reference")
+        if "dual" in state_dict:  # a budget's state from before `each_component`
+            state_dict = _one_constraint_state(state_dict)
+        saved = set(state_dict["duals"])
+        if saved != set(self.duals):
+            raise ValueError(
+                f"{_WHO}: the checkpoint's budget bounds {sorted(saved)}, this one "
+                f"{sorted(self.duals)} (each_component={self.each_component}); resume with the "
+                "checkpoint's setting"
+            )
+        for g, dual in self.duals.items():
+            dual.load_state_dict(state_dict["duals"][g])
+        self.references = dict(state_dict["references"])
+        self.ratio_references = dict(state_dict["ratio_references"])
         base = state_dict["base_coeffs"]
         self.base_coeffs = None if base is None else dict(base)
-        self.final_ratio = state_dict.get("final_ratio")
+        self.final_ratios = dict(state_dict["final_ratios"])
         pretrained = state_dict.get("pretrained")
         self.pretrained = (
             None if pretrained is None else FramePredictions.from_state_dict(pretrained)
         )
+
+
+def _one_constraint_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A state saved with one multiplier (``dual``, ``reference``, ...), as the per-constraint
+    one of a budget on the replay loss."""
+
+    def one(value):
+        return {} if value is None else {_ALL: value}
+
+    return {
+        "duals": {_ALL: state["dual"]},
+        "references": one(state["reference"]),
+        "ratio_references": one(state.get("ratio_reference")),
+        "base_coeffs": state["base_coeffs"],
+        "final_ratios": one(state.get("final_ratio")),
+        "pretrained": state.get("pretrained"),
+    }
 
 
 def _training_split(datamodule: Any, dataset: str) -> Any:
