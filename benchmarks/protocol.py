@@ -782,7 +782,7 @@ def rotated(items: list, seeds: list[int], shift: int = 1) -> list[tuple[int, An
 def run_all(fn, tasks: list, jobs: int, done) -> None:
     """``done(fn(task))`` for every task as it finishes: ``jobs`` > 1 in that many spawned
     processes (one thread each), else one after the other in this process."""
-    if jobs > 1:
+    if jobs > 1 and len(tasks) > 1:
         with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
             for r in pool.imap_unordered(fn, tasks):
                 done(r)

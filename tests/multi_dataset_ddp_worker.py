@@ -3,7 +3,7 @@ EMT datasets of tests/test_multi_dataset.py, on ``WORLD_SIZE`` gloo ranks (or on
 Lightning's ``use_distributed_sampler=True``. Each rank saves the batches it saw, the sampler
 class Lightning used and the final parameters. Usage:
 
-    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named|budget|budget_unpaired|budget_frames]
+    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named|budget|budget_unpaired|budget_frames|budget_each]
 
 (from the root). ``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
 ``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
@@ -16,7 +16,8 @@ batch; a validation before training); each rank also saves its validation metric
 (three epochs; each batch's ratio paired with the pretrained model's loss on its frames); each
 rank also saves the budget's state. ``budget_unpaired``: the batch ratio over the reference
 (``paired: false``); ``budget_frames``: the ratio measured on three fixed frames every
-second step (``ratio_frames``).
+second step (``ratio_frames``); ``budget_each``: paired, a bound on each component
+(``each_component``).
 """
 
 import os
@@ -122,6 +123,7 @@ def main(out_dir: str, kind: str = "nequip") -> None:
             "budget": {"every": 1},
             "budget_unpaired": {"every": 1, "paired": False},
             "budget_frames": {"ratio_frames": 3, "every": 2},
+            "budget_each": {"every": 1, "each_component": True},
         }[kind]
         budget = ForgettingBudget(dataset="a", tolerance=0.01, step_size=20.0, **frames)
         callbacks.append(budget)
@@ -139,7 +141,7 @@ def main(out_dir: str, kind: str = "nequip") -> None:
         # the per-dataset references (``multifidelity``), as a tensor to compare
         "offsets": [m.offsets.detach().clone() for m in mod.modules() if hasattr(m, "offsets")],
         "val": {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith("val")},
-        "budget": None if budget is None else {**budget.state_dict(), "ref": budget.reference},
+        "budget": None if budget is None else budget.state_dict(),
     }
     torch.save(state, Path(out_dir) / f"rank{tr.global_rank}.pt")
     end_process_group()

@@ -91,6 +91,12 @@ def run(
 
 def _by_hand(model, frames, coeffs) -> float:
     """The replay components' loss by hand: sum_c coeff_c * MSE_c over all ``frames``."""
+    parts = _parts_by_hand(model, frames, coeffs)
+    return float(parts["per_atom_energy_mse"] + parts["forces_mse"])
+
+
+def _parts_by_hand(model, frames, coeffs) -> dict[str, float]:
+    """Each replay component's ``coeff_c * MSE_c`` over all ``frames``, by hand."""
     energy, forces = [], []
     for frame in frames:
         out = model(AtomicDataDict.batched_from_list([frame]))
@@ -100,7 +106,8 @@ def _by_hand(model, frames, coeffs) -> float:
         forces.append((out[AtomicDataDict.FORCE_KEY] - frame[AtomicDataDict.FORCE_KEY]).detach())
     e_mse = torch.cat(energy).pow(2).mean()
     f_mse = torch.cat(forces).pow(2).mean()
-    return float(coeffs["a/per_atom_energy_mse"] * e_mse + coeffs["a/forces_mse"] * f_mse)
+    return {"per_atom_energy_mse": float(coeffs["a/per_atom_energy_mse"] * e_mse),
+            "forces_mse": float(coeffs["a/forces_mse"] * f_mse)}  # fmt: skip
 
 
 @pytest.mark.parametrize("accumulate, proportional", [(1, 0.0), (2, 0.0), (2, 1.5)])
@@ -210,7 +217,9 @@ def test_the_paired_ratio_is_each_batchs_loss_over_the_pretrained_models_on_its_
 
 
 @pytest.mark.parametrize(
-    "budget", [BUDGET, UNPAIRED_BUDGET, FRAMES_BUDGET], ids=["paired", "batches", "frames"]
+    "budget",
+    [BUDGET, UNPAIRED_BUDGET, FRAMES_BUDGET, {**BUDGET, "each_component": True}],
+    ids=["paired", "batches", "frames", "each_paired"],
 )
 def test_a_resumed_budget_continues_exactly(tmp_path, budget):
     """Interrupted mid-run and resumed: the reference is restored, not re-measured on the
@@ -222,9 +231,11 @@ def test_a_resumed_budget_continues_exactly(tmp_path, budget):
     resumed, _, cb, rec, _, tr = run(
         tmp_path / "resumed", budget=budget, ckpt_path=str(tmp_path / "part" / "last.ckpt")
     )
-    assert cb.reference == full_cb.reference
-    assert cb.ratio_reference == full_cb.ratio_reference
-    assert cb.dual.state_dict() == full_cb.dual.state_dict()
+    assert cb.references == full_cb.references
+    assert cb.ratio_references == full_cb.ratio_references
+    assert {g: d.state_dict() for g, d in cb.duals.items()} == {
+        g: d.state_dict() for g, d in full_cb.duals.items()
+    }
     assert cb.final_ratio == pytest.approx(full_cb.final_ratio, rel=1e-10)
     assert rec.coeffs == full_rec.coeffs[-len(rec.coeffs) :]
     torch.testing.assert_close(params(resumed), params(full), rtol=0, atol=1e-12)
@@ -278,6 +289,69 @@ def test_the_fixed_frame_ratio_is_the_constraint_at_the_current_parameters(tmp_p
     assert dual.updates >= 3 and dual.multiplier != 1.0  # the budget acted
 
 
+EACH = {**FRAMES_BUDGET, "each_component": True}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_each_component_is_bounded_with_its_own_multiplier(tmp_path, accumulate):
+    """``each_component``: the energy and the force loss of the replayed dataset each have
+    their reference (by hand), their ratio on the fixed frames at every update (by hand, the
+    model just stepped) and their multiplier, which scales that component's coefficient
+    only; the final ratio is the larger component's. Mutations that fail it: one multiplier
+    for both (the sum's ratio), a component's coefficient scaled by the other's multiplier,
+    the final ratio of the sum."""
+    states = ModelStates()
+    module, start, cb, rec, data, tr = run(
+        tmp_path, budget=EACH, accumulate_grad_batches=accumulate, extra_callbacks=[states]
+    )
+    base, frames = rec.coeffs[0], _replayed_frames()
+    parts = ["per_atom_energy_mse", "forces_mse"]
+    assert cb.groups == {p: [f"a/{p}"] for p in parts}
+    assert cb.references == pytest.approx(_parts_by_hand(start, frames, base), rel=1e-10)
+    assert cb.ratio_references == pytest.approx(_parts_by_hand(start, frames[:3], base), rel=1e-10)
+    duals = {p: DualAscentMultiplier(1.01, every=2, step_size=20.0) for p in parts}
+    model = copy.deepcopy(start)
+    for i, (coeffs, state) in enumerate(zip(rec.coeffs, states.states)):
+        scaled = {n: c * duals[n[2:]].multiplier if n.startswith("a/") else c
+                  for n, c in base.items()}  # fmt: skip
+        total = sum(scaled.values())
+        assert coeffs == pytest.approx({n: c / total for n, c in scaled.items()}, rel=1e-12)
+        if (i + 1) % accumulate == 0:  # an optimizer step
+            if (duals[parts[0]].steps + 1) % 2 == 0:
+                model.model.load_state_dict(state)
+                now = _parts_by_hand(model, frames[:3], base)
+                for p in parts:
+                    duals[p].observe(now[p] / cb.ratio_references[p])
+            for dual in duals.values():
+                dual.step()
+    for p in parts:
+        assert cb.duals[p].state_dict() == pytest.approx(duals[p].state_dict(), rel=1e-9)
+    multipliers = [d.multiplier for d in duals.values()]
+    assert duals[parts[0]].updates >= 3 and multipliers[0] != pytest.approx(multipliers[1])
+    final = _parts_by_hand(module, frames, base)
+    assert cb.final_ratios == pytest.approx({p: final[p] / cb.references[p] for p in parts})
+    assert cb.final_ratio == max(cb.final_ratios.values())
+
+
+def test_a_checkpoint_of_one_bound_resumes_only_with_one(tmp_path):
+    """A budget's state from before ``each_component`` (one ``dual``) loads as the bound on
+    the replay loss; a checkpoint of one bound resumed with ``each_component`` is refused,
+    naming the setting."""
+    cb = ForgettingBudget(**BUDGET)
+    cb.duals["loss"].observe(2.0)
+    cb.duals["loss"].update()
+    old = {"dual": cb.duals["loss"].state_dict(), "reference": 0.5, "ratio_reference": None,
+           "base_coeffs": {"a/forces_mse": 1.0}, "final_ratio": 1.02}  # fmt: skip
+    again = ForgettingBudget(**BUDGET)
+    again.load_state_dict(old)
+    assert again.dual.state_dict() == cb.dual.state_dict()
+    assert (again.reference, again.ratio_reference, again.final_ratio) == (0.5, None, 1.02)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "part"), save_last=True, every_n_train_steps=3)
+    run(tmp_path / "part", budget=FRAMES_BUDGET, ckpt=ckpt, max_steps=3)
+    with pytest.raises(ValueError, match=r"bounds \['loss'\], this one.*each_component=True"):
+        run(tmp_path / "on", budget=EACH, ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+
+
 def test_a_fixed_frame_budget_refuses_a_checkpoint_of_batch_ratios(tmp_path):
     """Resuming a batch-ratio budget with ``ratio_frames``: the pretrained model's loss on
     the fixed frames cannot be measured any more; refused, naming the way out."""
@@ -329,6 +403,21 @@ def test_a_tolerance_that_is_not_positive_is_refused(tolerance):
             ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=frames)
     with pytest.raises(ValueError, match=r"ratio_frames \(65\) must be at most reference_frames"):
         ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=65, reference_frames=64)
+
+
+def test_settings_that_do_not_combine_are_refused():
+    with pytest.raises(ValueError, match=r"each_component bounds each.*`limit` \(0.5\)"):
+        ForgettingBudget(dataset="a", limit=0.5, each_component=True)
+    with pytest.raises(ValueError, match="each_component must be true or false, got 'yes'"):
+        ForgettingBudget(dataset="a", tolerance=0.1, each_component="yes")
+    with pytest.raises(ValueError, match=r"paired.*not with `limit` \(got 0.5\)"):
+        ForgettingBudget(dataset="a", limit=0.5, paired=True)
+    with pytest.raises(ValueError, match=r"paired.*`ratio_frames` \(got 3\)"):
+        ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=3, paired=True)
+    with pytest.raises(ValueError, match="paired must be true or false, got 1"):
+        ForgettingBudget(dataset="a", tolerance=0.1, paired=1)
+    assert not ForgettingBudget(dataset="a", limit=0.5).paired  # where it applies only
+    assert not ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=3).paired
 
 
 def test_an_absolute_limit_bounds_the_loss_itself(tmp_path):
@@ -402,7 +491,7 @@ def test_the_budget_is_logged_and_plotted(tmp_path):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("kind", ["budget", "budget_unpaired", "budget_frames"])
+@pytest.mark.parametrize("kind", ["budget", "budget_unpaired", "budget_frames", "budget_each"])
 def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path, kind):
     """2 ranks, each with half of every global batch, against 1 process on the global
     batch: the same reference, the same multiplier at every update (the ratio of the global
@@ -423,25 +512,28 @@ def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path, kind):
     ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
     # the pretrained model's recorded predictions (paired): every rank records them all
     recorded = [state["budget"].pop("pretrained") for state in (one, *ranks)]
-    assert (recorded[0] is None) == (kind != "budget")
+    assert (recorded[0] is None) == (kind not in ("budget", "budget_each"))
     for other in recorded[1:]:
         torch.testing.assert_close(other, recorded[0], rtol=0, atol=1e-12)
     assert ranks[0]["budget"] == ranks[1]["budget"]
-    assert (
-        one["budget"]["dual"]["updates"] == (3 if kind == "budget_frames" else 6)
-        and one["budget"]["dual"]["multiplier"] != 1.0
-    )
+    for dual in one["budget"]["duals"].values():
+        assert dual["updates"] == (3 if kind == "budget_frames" else 6)
+        assert dual["multiplier"] != 1.0
     got, ref = ranks[0]["budget"], one["budget"]
-    assert got["dual"] == pytest.approx(ref["dual"], rel=1e-9)
-    assert got["reference"] == pytest.approx(ref["reference"], rel=1e-12)
-    if kind == "budget_frames":
-        assert got["ratio_reference"] == pytest.approx(ref["ratio_reference"], rel=1e-12)
+    assert set(ref["duals"]) == (
+        {"per_atom_energy_mse", "forces_mse"} if kind == "budget_each" else {"loss"}
+    )
+    for g, dual in ref["duals"].items():
+        assert got["duals"][g] == pytest.approx(dual, rel=1e-9)
+    assert got["references"] == pytest.approx(ref["references"], rel=1e-12)
+    assert got["ratio_references"] == pytest.approx(ref["ratio_references"], rel=1e-12)
+    assert bool(ref["ratio_references"]) == (kind == "budget_frames")
     assert got["base_coeffs"] == ref["base_coeffs"]
     torch.testing.assert_close(ranks[0]["params"], one["params"], rtol=0, atol=1e-9)
     # the end-of-training measurement: every rank measures the same frames with the same
     # model, so each reads the one process's final ratio (fp64 parameters equal to 1e-9)
-    assert ref["final_ratio"] is not None and got["final_ratio"] is not None
-    assert got["final_ratio"] == pytest.approx(ref["final_ratio"], rel=1e-7)
+    assert ref["final_ratios"] and got["final_ratios"]
+    assert got["final_ratios"] == pytest.approx(ref["final_ratios"], rel=1e-7)
 
 
 _COMPILE = [pytest.mark.slow, skip_inductor_under_default_capability]
