@@ -252,6 +252,8 @@ REFERENCE_BUDGET = {"ratio_frames": REFERENCE_FRAMES}
 #: the same, updated (and measured) every 10 steps, the callback's default, not the study's 5:
 #: half the measurements
 REFERENCE_BUDGET_10 = {"ratio_frames": REFERENCE_FRAMES, "every": 10}
+#: and every 20 steps: half those measurements again
+REFERENCE_BUDGET_20 = {"ratio_frames": REFERENCE_FRAMES, "every": 20}
 #: the callback's default: each batch's replay loss over the pretrained model's on the same
 #: frames (``paired``; no measurement during training), updated every 10 steps
 PAIRED_BUDGET = {"paired": True, "every": 10}
@@ -280,9 +282,10 @@ def _budgets() -> dict[str, Method]:
     multiplier a PI controller (``ft_budget_pi_<tol>``, :data:`PI_BUDGET`) or the ratio
     measured on fixed frames (``ft_budget_frames_<tol>``, :data:`FRAMES_BUDGET`: half the
     reference's; ``ft_budget_ref_<tol>``, :data:`REFERENCE_BUDGET`: all of them, the final
-    ratio's own frames; ``ft_budget_ref10_<tol>``: the same every 10 steps) or on each batch
-    against the pretrained model's loss on its frames (``ft_budget_paired_<tol>``,
-    :data:`PAIRED_BUDGET`, the callback's default)."""
+    ratio's own frames; ``ft_budget_ref10_<tol>``, ``_ref20_``: the same every 10 or 20
+    steps), with a bound on each component (``ft_budget_each_<tol>``, :data:`EACH_BUDGET`),
+    or on each batch against the pretrained model's loss on its frames
+    (``ft_budget_paired_<tol>``, :data:`PAIRED_BUDGET`, the callback's default)."""
     out = {}
     for tol, (suffix, factor) in itertools.product(
         BUDGET_TOLERANCES, (("", 1.0), ("_sweep", float(len(REPLAY_WEIGHTS))))
@@ -299,6 +302,7 @@ def _budgets() -> dict[str, Method]:
         ("frames", f"ratio on {FRAMES_BUDGET['ratio_frames']} fixed frames", FRAMES_BUDGET),
         ("ref", "ratio on the reference's frames", REFERENCE_BUDGET),
         ("ref10", "ratio on the reference's frames every 10 steps", REFERENCE_BUDGET_10),
+        ("ref20", "ratio on the reference's frames every 20 steps", REFERENCE_BUDGET_20),
         ("paired", "each batch paired with the pretrained model's loss on it", PAIRED_BUDGET),
         ("each", "each component bounded, on the reference's frames every 10 steps", EACH_BUDGET),
     )):  # at one run's time  # fmt: skip

@@ -464,30 +464,37 @@ def test_a_module_that_ignores_coefficients_is_refused(tmp_path):
         tr.fit(module, datamodule=multi(sampling=BALANCED))
 
 
-def test_the_budget_is_logged_and_plotted(tmp_path):
+@pytest.mark.parametrize("each", [False, True], ids=["sum", "each_component"])
+def test_the_budget_is_logged_and_plotted(tmp_path, each):
     """``nequip-mtl-plot``'s coefficient figure draws the logged multiplier and ratio
-    (their values, step for step) and the limit ``1 + tolerance``."""
+    (their values, step for step) and the limit ``1 + tolerance``; with ``each_component``
+    one line per component (``a/forces_mse``)."""
     import numpy as np
     from lightning.pytorch.loggers import CSVLogger
 
     from nequip_mtl.plot import build_figures, load_run
 
     logger = CSVLogger(str(tmp_path), name="logs", version="")
-    cb = run(tmp_path, epochs=2, logger=logger, log_every_n_steps=1)[2]
+    budget = {**BUDGET, "each_component": each}
+    cb = run(tmp_path, budget=budget, epochs=2, logger=logger, log_every_n_steps=1)[2]
     logs = load_run(tmp_path)
     figure = build_figures(logs)["loss_coefficients.png"]
     axes = {ax.get_title(): ax for ax in figure.axes}
     multiplier = axes["forgetting budget: replay-weight multiplier"]
     ratio = axes["replayed loss / pretrained model's"]
-    for ax, key in ((multiplier, "multiplier"), (ratio, "ratio")):
-        series = logs.series[f"budget/a/{key}"]
-        (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "a"]
-        ys = np.asarray(line.get_ydata(), float)
-        assert set(np.round(ys, 12)) == set(np.round(series.value, 12))
-    (limit,) = [ln for ln in ratio.get_lines() if ln.get_label() == "a: limit"]
-    assert float(np.asarray(limit.get_ydata())[0]) == pytest.approx(1.01, rel=1e-12)
-    # the end-of-training measurement reaches the loggers
-    assert logs.series["budget/a/final_ratio"].value[-1] == pytest.approx(cb.final_ratio)
+    names = ["a/per_atom_energy_mse", "a/forces_mse"] if each else ["a"]
+    for name in names:
+        for ax, key in ((multiplier, "multiplier"), (ratio, "ratio")):
+            series = logs.series[f"budget/{name}/{key}"]
+            (line,) = [ln for ln in ax.get_lines() if ln.get_label() == name]
+            ys = np.asarray(line.get_ydata(), float)
+            assert set(np.round(ys, 12)) == set(np.round(series.value, 12))
+        (limit,) = [ln for ln in ratio.get_lines() if ln.get_label() == f"{name}: limit"]
+        assert float(np.asarray(limit.get_ydata())[0]) == pytest.approx(1.01, rel=1e-12)
+        # the end-of-training measurement reaches the loggers
+        group = name.split("/")[-1] if each else "loss"
+        final = logs.series[f"budget/{name}/final_ratio"].value[-1]
+        assert final == pytest.approx(cb.final_ratios[group])
 
 
 @pytest.mark.ddp

@@ -697,16 +697,26 @@ def coefficients_figure(logs: RunLogs, notes: list[str] | None = None) -> Figure
 
 
 def _budget_panel(ax, budget: dict[str, Series], panel: str, colors: dict[str, str]) -> None:
-    """The forgetting budget (``budget/<dataset>/*``): its multiplier (the replay weight's
-    factor), or the replayed loss over the pretrained model's against its limit."""
-    fallback = iter(_other_colors(colors))
+    """The forgetting budget (``budget/<dataset>/*``, or ``budget/<dataset>/<component>/*``
+    with a bound on each component): its multiplier (the replay weight's factor), or the
+    replayed loss over the pretrained model's against its limit. A dataset's color; its
+    components' line styles."""
+    fallback, own = iter(_other_colors(colors)), {}
+    styles: dict[str, list[str]] = {}
     for name, s in budget.items():
-        dataset, _, what = name.rpartition("/")
-        color = colors.get(dataset) or next(fallback)
+        constraint, _, what = name.rpartition("/")
+        dataset = constraint.split("/")[0]
+        if dataset not in own:
+            own[dataset] = colors.get(dataset) or next(fallback, "black")
+        kinds = styles.setdefault(dataset, [])
+        if constraint not in kinds:
+            kinds.append(constraint)
+        style = ("-", ":", "-.", (0, (5, 1)))[kinds.index(constraint) % 4]
         if what == panel:
-            _plot_held(ax, s, lw=1.5, color=color, label=dataset)
+            _plot_held(ax, s, lw=1.5, color=own[dataset], ls=style, label=constraint)
         elif panel == "ratio" and what == "limit":
-            ax.axhline(float(s.value[-1]), ls="--", lw=1, color=color, label=f"{dataset}: limit")
+            ax.axhline(float(s.value[-1]), ls="--", lw=1, color=own[dataset],
+                       label=f"{constraint}: limit")  # fmt: skip
     if panel == "multiplier":
         ax.set_yscale("log")
         _finish(ax, "forgetting budget: replay-weight multiplier", "multiplier", "outside")

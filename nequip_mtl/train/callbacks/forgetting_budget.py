@@ -75,6 +75,15 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
       fine-tuning moves them unequally), which the controller then holds instead.
       ``docs/choosing.md`` says which held the bound in the fine-tuning benchmark (an
       annealed learning rate was needed in every case).
+    - **Each component** (``each_component: true``): a bound on each replayed component's
+      loss (energy, forces, stress) instead of their weighted sum, each with its own
+      reference, ratio and multiplier, which scales that component's coefficient only. A
+      sum can stay within 5 % while one component, typically the energy, whose loss is
+      the smaller part, rises far more; and where fine-tuning does not degrade a
+      component (forces often keep improving on the old data), its multiplier falls to its
+      floor and its replay stops costing the new data anything. Logged as
+      ``budget/<dataset>/<component>/*`` (e.g. ``budget/pretrain/forces_mse/multiplier``);
+      ``final_ratio`` is the largest component's.
     - **The coefficients** of the replay components are their configured values times the
       multiplier (then normalised with the others, as every coefficient update is); the
       others keep theirs. Every micro-batch of an optimizer step sees the same
@@ -106,6 +115,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             # step_size: 1.0         # log-space step per unit of relative violation
             # proportional: 0.0      # PI control: log-space gain on the current violation
             # reference_frames: 256  # frames the reference loss is measured on
+            # each_component: false  # true: bound energy, forces, ... each, not their sum
             # paired: true           # each batch's loss over the pretrained model's on it
             # ratio_frames: null     # or N: the ratio measured on N fixed frames, not batches
 
@@ -126,6 +136,9 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         ratio_frames (int): measure each update's ratio on the first this many of the
             reference's frames instead of the training batches (default ``None``: the
             batches)
+        each_component (bool): bound each replayed component's loss, each with its own
+            multiplier, instead of their weighted sum (default ``false``; needs
+            ``tolerance``)
         paired (bool): a batch's ratio over the pretrained model's loss on its frames
             (default: ``true``, but with ``limit`` or ``ratio_frames``, where it does not
             apply) or over the reference (``false``)
