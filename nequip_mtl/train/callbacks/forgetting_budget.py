@@ -417,17 +417,21 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         dataset = _training_split(trainer.datamodule, self.dataset)
         return min(len(dataset), self.reference_frames if frames is None else frames)
 
-    def _frame_batches(self, trainer: Any, pl_module: Any, count: int) -> list[dict]:
+    def _split_batches(self, trainer: Any, pl_module: Any, count: int):
         """The first ``count`` frames of the replayed training split, in batches of
-        ``reference_batch_size`` on the model's device (batched once per fit)."""
+        ``reference_batch_size`` on the model's device (made as they are iterated)."""
+        dataset = _training_split(trainer.datamodule, self.dataset)
+        for start in range(0, count, self.reference_batch_size):
+            frames = [
+                dataset[i] for i in range(start, min(start + self.reference_batch_size, count))
+            ]
+            batch = AtomicDataDict.batched_from_list(frames)
+            yield {k: v.to(pl_module.device) for k, v in batch.items()}
+
+    def _frame_batches(self, trainer: Any, pl_module: Any, count: int) -> list[dict]:
+        """:meth:`_split_batches`, kept (batched once per fit: measured at every update)."""
         if count not in self._batches:
-            dataset = _training_split(trainer.datamodule, self.dataset)
-            size = self.reference_batch_size
-            self._batches[count] = [
-                {k: v.to(pl_module.device) for k, v in AtomicDataDict.batched_from_list(
-                    [dataset[i] for i in range(start, min(start + size, count))]).items()}
-                for start in range(0, count, size)
-            ]  # fmt: skip
+            self._batches[count] = list(self._split_batches(trainer, pl_module, count))
         return self._batches[count]
 
     def _measure_replay_losses(
@@ -448,15 +452,11 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
     def _record_predictions(self, trainer: Any, pl_module: Any) -> FramePredictions:
         """The model's predictions on every frame of the replayed training split (each
         is drawn in some batch); batched as the measurements are, not kept."""
-        dataset = _training_split(trainer.datamodule, self.dataset)
-        size = self.reference_batch_size
+        count = len(_training_split(trainer.datamodule, self.dataset))
 
         def pairs():
-            with torch.no_grad():
-                for start in range(0, len(dataset), size):
-                    frames = [dataset[i] for i in range(start, min(start + size, len(dataset)))]
-                    batch = {k: v.to(pl_module.device) for k, v in
-                             AtomicDataDict.batched_from_list(frames).items()}  # fmt: skip
+            with torch.no_grad():  # the model computes its forces with autograd itself
+                for batch in self._split_batches(trainer, pl_module, count):
                     yield batch, pl_module(dict(batch))
 
         return FramePredictions.record(pairs())
