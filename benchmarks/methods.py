@@ -254,8 +254,8 @@ REFERENCE_BUDGET = {"ratio_frames": REFERENCE_FRAMES}
 REFERENCE_BUDGET_10 = {"ratio_frames": REFERENCE_FRAMES, "every": 10}
 #: and every 20 steps: half those measurements again
 REFERENCE_BUDGET_20 = {"ratio_frames": REFERENCE_FRAMES, "every": 20}
-#: the callback's default: each batch's replay loss over the pretrained model's on the same
-#: frames (``paired``; no measurement during training), updated every 10 steps
+#: each batch's replay loss over the pretrained model's on the same frames (``paired``; no
+#: measurement during training), updated every 10 steps
 PAIRED_BUDGET = {"paired": True, "every": 10}
 #: a bound on each replayed component (energy, forces) with its own multiplier, measured as
 #: :data:`REFERENCE_BUDGET_10`
@@ -271,7 +271,8 @@ def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
     config = {"_target_": "nequip_mtl.train.callbacks.ForgettingBudget", "dataset": "pretrain",
               "tolerance": tolerance, "every": 5, "reference_frames": REFERENCE_FRAMES,
               **controller}  # fmt: skip
-    if "ratio_frames" not in config:
+    if "ratio_frames" not in config:  # from the batches (the callback's default measures)
+        config["ratio_frames"] = None
         config.setdefault("paired", False)
     return config
 
@@ -285,7 +286,7 @@ def _budgets() -> dict[str, Method]:
     ratio's own frames; ``ft_budget_ref10_<tol>``, ``_ref20_``: the same every 10 or 20
     steps), with a bound on each component (``ft_budget_each_<tol>``, :data:`EACH_BUDGET`),
     or on each batch against the pretrained model's loss on its frames
-    (``ft_budget_paired_<tol>``, :data:`PAIRED_BUDGET`, the callback's default)."""
+    (``ft_budget_paired_<tol>``, :data:`PAIRED_BUDGET`)."""
     out = {}
     for tol, (suffix, factor) in itertools.product(
         BUDGET_TOLERANCES, (("", 1.0), ("_sweep", float(len(REPLAY_WEIGHTS))))

@@ -120,10 +120,10 @@ def main(out_dir: str, kind: str = "nequip") -> None:
             )
         )
         frames = {
-            "budget": {"every": 1},
-            "budget_unpaired": {"every": 1, "paired": False},
+            "budget": {"every": 1, "ratio_frames": None},
+            "budget_unpaired": {"every": 1, "ratio_frames": None, "paired": False},
             "budget_frames": {"ratio_frames": 3, "every": 2},
-            "budget_each": {"every": 1, "each_component": True},
+            "budget_each": {"every": 1, "ratio_frames": None, "each_component": True},
         }[kind]
         budget = ForgettingBudget(dataset="a", tolerance=0.01, step_size=20.0, **frames)
         callbacks.append(budget)

@@ -35,7 +35,8 @@ from tests._harness import (
 )
 from tests.test_dataset_tasks import BALANCED, COEFFS, kwargs, loss
 
-BUDGET = {"dataset": "a", "tolerance": 0.01, "every": 1, "step_size": 20.0}
+#: the ratio from the training batches, paired with the pretrained model's loss on them
+BUDGET = {"dataset": "a", "tolerance": 0.01, "every": 1, "step_size": 20.0, "ratio_frames": None}
 #: the batch ratio over the pretrained model's mean loss on the reference's frames, unpaired
 UNPAIRED_BUDGET = {**BUDGET, "paired": False}
 #: the ratio measured on the first three replayed training frames, every second step
@@ -412,17 +413,29 @@ def test_settings_that_do_not_combine_are_refused():
         ForgettingBudget(dataset="a", tolerance=0.1, each_component="yes")
     with pytest.raises(ValueError, match=r"paired.*not with `limit` \(got 0.5\)"):
         ForgettingBudget(dataset="a", limit=0.5, paired=True)
-    with pytest.raises(ValueError, match=r"paired.*`ratio_frames` \(got 3\)"):
+    with pytest.raises(ValueError, match=r"paired.*`ratio_frames` \(got 3;"):
         ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=3, paired=True)
     with pytest.raises(ValueError, match="paired must be true or false, got 1"):
         ForgettingBudget(dataset="a", tolerance=0.1, paired=1)
-    assert not ForgettingBudget(dataset="a", limit=0.5).paired  # where it applies only
-    assert not ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=3).paired
+    with pytest.raises(ValueError, match=r"ratio_frames must be .*`all`.*or null.*got 'some'"):
+        ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames="some")
+    with pytest.raises(ValueError, match=r"`ratio_frames: null` measures on batches"):
+        ForgettingBudget(dataset="a", tolerance=0.1, paired=True)  # ratio_frames: all
+
+
+def test_by_default_the_ratio_is_measured_on_the_references_frames():
+    """The setting that held the bound in the benchmark: every update on all the
+    reference's frames (64), not estimated from batches."""
+    cb = ForgettingBudget(dataset="a", tolerance=0.1)
+    assert cb.ratio_frames == cb.reference_frames == 64 and not cb.paired
+    assert ForgettingBudget(dataset="a", tolerance=0.1, reference_frames=8).ratio_frames == 8
+    assert ForgettingBudget(dataset="a", tolerance=0.1, ratio_frames=None).paired
+    assert not ForgettingBudget(dataset="a", limit=0.5, ratio_frames=None).paired
 
 
 def test_an_absolute_limit_bounds_the_loss_itself(tmp_path):
     """``limit``: the ratio is the replay loss over the limit, bounded by 1."""
-    budget = {"dataset": "a", "limit": 1e-3, "every": 1, "step_size": 2.0}
+    budget = {"dataset": "a", "limit": 1e-3, "every": 1, "step_size": 2.0, "ratio_frames": None}
     module, start, cb, rec, data, tr = run(tmp_path, budget=budget, epochs=2)
     assert cb.reference == 1e-3 and cb.dual.bound == 1.0
     dual = DualAscentMultiplier(1.0, every=1, step_size=2.0)

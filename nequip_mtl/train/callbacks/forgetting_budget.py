@@ -51,30 +51,31 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
       of the pretrained model (:class:`~nequip_mtl.data.PseudolabelledDataset`): they are
       its own predictions, so its loss on them, the relative budget's reference, is zero.
       A relative budget on such a dataset is refused at setup.
-    - **The ratio** of a step (``paired``, the default) is the replay components' loss on
-      its batch (the same weighted combination) over the pretrained model's loss on *the
-      same frames*: that model's predictions on every frame of the replayed training split
-      are recorded once, with the reference (a forward pass over the split; kept in
-      checkpoints), and its loss on a batch is those predictions' loss against the batch's
-      labels, through the loss's own metrics. An update's ratio is the ratio of the losses
-      summed since the last one. Nothing is measured during training, and the pairing
-      cancels the frames' own difficulty: a batch of hard frames is hard for both models.
+    - **The ratio** of an update (the default, ``ratio_frames: all``) is the replay loss
+      measured with the current model on the reference's frames over the reference: the
+      constraint itself at the current parameters, the very ratio the end-of-training
+      check measures, the same on every rank, at the cost of a forward pass over
+      ``reference_frames`` frames every ``every`` steps. ``ratio_frames: N`` measures on
+      the first ``N`` of them only (over the pretrained model's loss on those, measured
+      with the reference): a subset's ratio is a different one (the per-frame losses are
+      heavy-tailed, and fine-tuning moves them unequally), which the controller then holds
+      instead. With the learning rate annealed to zero by the end of training, the default
+      ended within its bound in every seed of the fine-tuning benchmark
+      (``docs/choosing.md``).
+    - **Or from the training batches** (``ratio_frames: null``), free of any measurement:
+      by default (``paired``) the replay components' loss on each batch over the
+      pretrained model's loss on *the same frames*: that model's predictions on every
+      frame of the replayed training split are recorded once, with the reference (a
+      forward pass over the split; kept in checkpoints), and its loss on a batch is those
+      predictions' loss against the batch's labels, through the loss's own metrics; an
+      update's ratio is the ratio of the losses summed since the last one. The pairing
+      cancels the frames' own difficulty, but a few replayed frames a batch remain an
+      estimate: fine-tuning moves frames unequally, and the multiplier follows the noise.
       Under DDP both losses are global means (the loss synchronises its step values); a
-      batch without replay frames is not observed.
-    - **Unpaired** (``paired: false``): the batch's replay loss over the reference, the
-      pretrained model's mean loss. A noisy estimate (with 4 replayed frames a batch, 10-step
+      batch without replay frames is not observed. ``paired: false`` divides by the
+      reference instead, a noisier estimate still (with 4 replayed frames a batch, 10-step
       means from 0.4 to 2.8 at the pretrained model itself on the alloy pair of
-      ``benchmarks/finetune.py``): dual ascent on it makes the multiplier a random walk.
-    - **Or measured on fixed frames** (``ratio_frames: N``): at every update the replay
-      loss is measured on the first ``N`` of the reference's frames with the current model,
-      over the pretrained model's loss on the same ``N`` frames (measured with the
-      reference): the constraint itself at the current parameters, the same on every
-      rank, at the cost of a forward pass over ``N`` frames every ``every`` steps. With
-      ``N = reference_frames`` it is the very ratio the end-of-training check measures; a
-      subset's ratio is a different one (the per-frame losses are heavy-tailed, and
-      fine-tuning moves them unequally), which the controller then holds instead.
-      ``docs/choosing.md`` says which held the bound in the fine-tuning benchmark (an
-      annealed learning rate was needed in every case).
+      ``benchmarks/finetune.py``).
     - **Each component** (``each_component: true``): a bound on each replayed component's
       loss (energy, forces, stress) instead of their weighted sum, each with its own
       reference, ratio and multiplier, which scales that component's coefficient only. A
@@ -114,10 +115,10 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             # every: 10              # optimizer steps between multiplier updates
             # step_size: 1.0         # log-space step per unit of relative violation
             # proportional: 0.0      # PI control: log-space gain on the current violation
-            # reference_frames: 256  # frames the reference loss is measured on
+            # reference_frames: 64   # frames the reference loss is measured on
+            # ratio_frames: all      # each update measured on them; null: from the batches
+            # paired: true           # (batches) over the pretrained model's loss on them
             # each_component: false  # true: bound energy, forces, ... each, not their sum
-            # paired: true           # each batch's loss over the pretrained model's on it
-            # ratio_frames: null     # or N: the ratio measured on N fixed frames, not batches
 
     Args:
         dataset (str): the replayed dataset's name (the data module's and the loss's)
@@ -131,17 +132,16 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         initial (float): the multiplier's start (default ``1.0``: the configured weights)
         bounds (list of float): ``[min, max]`` of the multiplier (default ``[1e-3, 1e3]``)
         reference_frames (int): frames of the replayed training split to measure the
-            reference on (default ``256``; all, if it has fewer)
+            reference on (default ``64``; all, if it has fewer)
         reference_batch_size (int): frames per forward pass of that measurement (default 16)
-        ratio_frames (int): measure each update's ratio on the first this many of the
-            reference's frames instead of the training batches (default ``None``: the
-            batches)
+        ratio_frames (int, ``all`` or ``None``): measure each update's ratio on the first
+            this many of the reference's frames (default ``all``: on every one of them), or
+            estimate it from the training batches (``None``)
         each_component (bool): bound each replayed component's loss, each with its own
             multiplier, instead of their weighted sum (default ``false``; needs
             ``tolerance``)
-        paired (bool): a batch's ratio over the pretrained model's loss on its frames
-            (default: ``true``, but with ``limit`` or ``ratio_frames``, where it does not
-            apply) or over the reference (``false``)
+        paired (bool): with ``ratio_frames: None``, a batch's loss over the pretrained
+            model's on its frames (default) or over the reference (``false``)
     """
 
     def __init__(
@@ -153,15 +153,22 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         step_size: float = 1.0,
         initial: float = 1.0,
         bounds: tuple[float, float] | list[float] = (1e-3, 1e3),
-        reference_frames: int = 256,
+        reference_frames: int = 64,
         reference_batch_size: int = 16,
         proportional: float = 0.0,
-        ratio_frames: int | None = None,
+        ratio_frames: int | str | None = "all",
         paired: bool | None = None,
         each_component: bool = False,
     ) -> None:
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"{_WHO}.dataset must be a dataset name, got {dataset!r}")
+        if ratio_frames == "all":  # the reference's frames: the ratio the final check measures
+            ratio_frames = reference_frames
+        elif isinstance(ratio_frames, str):
+            raise ValueError(
+                f"{_WHO}.ratio_frames must be an integer >= 1, `all` (the reference's frames) "
+                f"or null (the training batches), got {ratio_frames!r}"
+            )
         for key, value in (
             ("reference_frames", reference_frames),
             ("reference_batch_size", reference_batch_size),
@@ -189,7 +196,8 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             raise ValueError(
                 f"{_WHO}.paired pairs each batch's replay loss with the pretrained model's on "
                 "the same frames: it applies to a `tolerance` budget measured on batches, not "
-                f"with `limit` (got {limit!r}) or `ratio_frames` (got {ratio_frames!r})"
+                f"with `limit` (got {limit!r}) or `ratio_frames` (got {ratio_frames!r}; "
+                "`ratio_frames: null` measures on batches)"
             )
         if not isinstance(each_component, bool):
             raise ValueError(f"{_WHO}.each_component must be true or false, got {each_component!r}")
