@@ -284,7 +284,7 @@ def _budgets() -> dict[str, Method]:
     measured on fixed frames (``ft_budget_frames_<tol>``, :data:`FRAMES_BUDGET`: half the
     reference's; ``ft_budget_ref_<tol>``, :data:`REFERENCE_BUDGET`: all of them, the final
     ratio's own frames; ``ft_budget_ref10_<tol>``, ``_ref20_``: the same every 10 or 20
-    steps), with a bound on each component (``ft_budget_each_<tol>``, :data:`EACH_BUDGET`),
+    steps; ``ft_budget_ref10_<tol>_sweep``: every 10, given the sweep's time), with a bound on each component (``ft_budget_each_<tol>``, :data:`EACH_BUDGET`),
     or on each batch against the pretrained model's loss on its frames
     (``ft_budget_paired_<tol>``, :data:`PAIRED_BUDGET`)."""
     out = {}
@@ -310,6 +310,13 @@ def _budgets() -> dict[str, Method]:
         out[f"ft_budget_{key}_{tol:g}"] = _weighting(
             f"replay with a forgetting budget (+{tol:.0%}), {name}",
             callbacks=(_budget_callback(tol, **controller),), replay=1.0,
+        )  # fmt: skip
+    for tol in BUDGET_TOLERANCES:  # the callback's default measurement, at the sweep's time
+        out[f"ft_budget_ref10_{tol:g}_sweep"] = _weighting(
+            f"replay with a forgetting budget (+{tol:.0%}), ratio on the reference's frames "
+            "every 10 steps, the sweep's total time",
+            callbacks=(_budget_callback(tol, **REFERENCE_BUDGET_10),), replay=1.0,
+            budget_factor=float(len(REPLAY_WEIGHTS)),
         )  # fmt: skip
     return out
 
