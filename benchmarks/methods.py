@@ -225,6 +225,11 @@ def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
     out = {"ft_naive": _baseline("naive: new data only (weighted sum)")}
     for w in (*REPLAY_WEIGHTS, *LEGACY_REPLAY_WEIGHTS):
         out[f"ft_replay_{w:g}"] = _baseline(f"replay, weighted sum {w:g}:1", replay=w)
+    # a guessed weight given the sweep's total time: what a long budget run is beside
+    out["ft_replay_1_long"] = _weighting(
+        "replay, weighted sum 1:1, the sweep's total time", replay=1.0,
+        budget_factor=float(len(REPLAY_WEIGHTS)),
+    )  # fmt: skip
     for w in PSEUDO_WEIGHTS:
         out[f"ft_pseudo_{w:g}"] = _baseline(
             f"pseudolabel replay, weighted sum {w:g}:1", replay=w, pseudolabels=True
