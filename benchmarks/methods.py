@@ -226,7 +226,7 @@ def finetune_methods(calibration_steps: int = 20) -> dict[str, Method]:
     for w in (*REPLAY_WEIGHTS, *LEGACY_REPLAY_WEIGHTS):
         out[f"ft_replay_{w:g}"] = _baseline(f"replay, weighted sum {w:g}:1", replay=w)
     # a guessed weight given the sweep's total time: what a long budget run is beside
-    out["ft_replay_1_long"] = _weighting(
+    out["ft_long_replay_1"] = _weighting(
         "replay, weighted sum 1:1, the sweep's total time", replay=1.0,
         budget_factor=float(len(REPLAY_WEIGHTS)),
     )  # fmt: skip

@@ -711,4 +711,14 @@ def test_the_budget_variants_reading_agrees_with_its_results():
             assert status["force"][m]["status"] == expected, (pair, m)
             if pair != "ethanol_levels":  # the long runs learned A: the constraint never bound
                 assert all(x["multiplier"] <= 1.01e-3 for x in states), (pair, m)
+        if "ft_long_replay_1" in runs:  # a guessed weight given the same long run
+            assert pair != "ethanol"
+            assert status["force"]["ft_long_replay_1"]["status"] == "beyond", pair
+            means = {m: [statistics.mean(r["budget"][k] for r in runs[m]) for k in (F.BF, F.AF)]
+                     for m in ("ft_long_replay_1", "ft_budget_ref10_0.05_sweep",
+                               "ft_budget_ref10_0.25_sweep")}  # fmt: skip
+            for m in ("ft_budget_ref10_0.05_sweep", "ft_budget_ref10_0.25_sweep"):
+                one, other = means["ft_long_replay_1"], means[m]
+                assert not all(x <= y for x, y in zip(one, other)), (pair, m)  # neither
+                assert not all(y <= x for x, y in zip(one, other)), (pair, m)  # dominates
     assert sum(gaps) > len(gaps) / 2, gaps
