@@ -196,6 +196,8 @@ def test_the_paired_ratio_is_each_batchs_loss_over_the_pretrained_models_on_its_
     module, start, cb, rec, _, tr = run(tmp_path, accumulate_grad_batches=accumulate, data=data())
     frames = _replayed_frames(data())
     assert cb.paired and len(cb.pretrained) == len(frames)
+    # the reference, from the recorded predictions: the pretrained model's loss by hand
+    assert cb.reference == pytest.approx(_by_hand(start, frames, rec.coeffs[0]), rel=1e-10)
     positions = [f[AtomicDataDict.POSITIONS_KEY] for f in frames]
     assert not torch.equal(positions[0], positions[1])  # the frames differ
     base = rec.coeffs[0]

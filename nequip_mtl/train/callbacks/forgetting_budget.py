@@ -375,8 +375,8 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             )
         if self.paired and self.pretrained is None:
             self.pretrained = self._record_predictions(trainer, pl_module)
-        if not self.references:
-            self.references = self._measure_replay_losses(trainer, pl_module)
+        if not self.references:  # paired: from the predictions just recorded (no forward)
+            self.references = self._measure_replay_losses(trainer, pl_module, recorded=self.paired)
             if self.ratio_frames is not None:  # the reference itself, on the same frames
                 same = self._count(trainer, self.ratio_frames) == self._count(trainer)
                 self.ratio_references = (
@@ -443,17 +443,22 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         return self._batches[count]
 
     def _measure_replay_losses(
-        self, trainer: Any, pl_module: Any, frames: int | None = None
+        self, trainer: Any, pl_module: Any, frames: int | None = None, recorded: bool = False
     ) -> dict[str, float]:
         """Each constraint's replay loss (configured coefficients) for the model on the
         first ``frames`` (default ``reference_frames``) frames of the replayed training
-        split."""
+        split; ``recorded``: the pretrained model's, from its recorded predictions."""
         manager = self._meter
         manager.reset()
         with torch.no_grad():  # the model computes its forces with autograd itself
             for batch in self._frame_batches(trainer, pl_module, self._count(trainer, frames)):
                 target = pl_module.process_target(batch, 0)  # a copy (nequip's)
-                manager(pl_module(dict(batch)), target)  # the model may add keys to its input
+                if recorded:  # every frame here is a replayed one
+                    rows = torch.ones_like(target[DATASET_INDEX_KEY].reshape(-1), dtype=torch.bool)
+                    output = self.pretrained.substitute(target, rows)
+                else:
+                    output = pl_module(dict(batch))  # the model may add keys to its input
+                manager(output, target)
         values = {name: float(v) for name, v in manager.compute().items()}
         return self._replay_losses(values)
 
