@@ -265,6 +265,10 @@ PAIRED_BUDGET = {"paired": True, "every": 10}
 #: a bound on each replayed component (energy, forces) with its own multiplier, measured as
 #: :data:`REFERENCE_BUDGET_10`
 EACH_BUDGET = {**REFERENCE_BUDGET_10, "each_component": True}
+#: replay sampled with the multiplier's odds below 1 (``sample_replay``), measured as
+#: :data:`REFERENCE_BUDGET_10` or :data:`REFERENCE_BUDGET_20`
+SAMPLED_BUDGET_10 = {**REFERENCE_BUDGET_10, "sample_replay": True}
+SAMPLED_BUDGET_20 = {**REFERENCE_BUDGET_20, "sample_replay": True}
 
 
 def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
@@ -290,6 +294,8 @@ def _budgets() -> dict[str, Method]:
     reference's; ``ft_budget_ref_<tol>``, :data:`REFERENCE_BUDGET`: all of them, the final
     ratio's own frames; ``ft_budget_ref10_<tol>``, ``_ref20_``: the same every 10 or 20
     steps; ``ft_budget_ref10_<tol>_sweep``: every 10, given the sweep's time), with a bound on each component (``ft_budget_each_<tol>``, :data:`EACH_BUDGET`),
+    with replay sampled with the multiplier's odds (``ft_budget_sampled10_<tol>``,
+    ``_sampled20_``, :data:`SAMPLED_BUDGET_10`, :data:`SAMPLED_BUDGET_20`),
     or on each batch against the pretrained model's loss on its frames
     (``ft_budget_paired_<tol>``, :data:`PAIRED_BUDGET`)."""
     out = {}
@@ -311,6 +317,10 @@ def _budgets() -> dict[str, Method]:
         ("ref20", "ratio on the reference's frames every 20 steps", REFERENCE_BUDGET_20),
         ("paired", "each batch paired with the pretrained model's loss on it", PAIRED_BUDGET),
         ("each", "each component bounded, on the reference's frames every 10 steps", EACH_BUDGET),
+        ("sampled10", "replay sampled, on the reference's frames every 10 steps",
+         SAMPLED_BUDGET_10),
+        ("sampled20", "replay sampled, on the reference's frames every 20 steps",
+         SAMPLED_BUDGET_20),
     )):  # at one run's time  # fmt: skip
         out[f"ft_budget_{key}_{tol:g}"] = _weighting(
             f"replay with a forgetting budget (+{tol:.0%}), {name}",

@@ -3,7 +3,7 @@ EMT datasets of tests/test_multi_dataset.py, on ``WORLD_SIZE`` gloo ranks (or on
 Lightning's ``use_distributed_sampler=True``. Each rank saves the batches it saw, the sampler
 class Lightning used and the final parameters. Usage:
 
-    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named|budget|budget_unpaired|budget_frames|budget_each]
+    python -m tests.multi_dataset_ddp_worker OUT_DIR [nequip|dataset_tasks|multifidelity|named|budget|budget_unpaired|budget_frames|budget_each|budget_sampled]
 
 (from the root). ``dataset_tasks``: ``MultitaskLightningModule`` with a ``PerDatasetLoss`` and
 ``tasks: datasets`` (one forward per dataset's sub-batch) instead of nequip's module.
@@ -17,7 +17,8 @@ batch; a validation before training); each rank also saves its validation metric
 rank also saves the budget's state. ``budget_unpaired``: the batch ratio over the reference
 (``paired: false``); ``budget_frames``: the ratio measured on three fixed frames every
 second step (``ratio_frames``); ``budget_each``: paired, a bound on each component
-(``each_component``).
+(``each_component``); ``budget_sampled``: paired, a slack budget replaying with the
+multiplier's odds (``sample_replay``).
 """
 
 import os
@@ -124,8 +125,16 @@ def main(out_dir: str, kind: str = "nequip") -> None:
             "budget_unpaired": {"every": 1, "ratio_frames": None, "paired": False},
             "budget_frames": {"ratio_frames": 3, "every": 2},
             "budget_each": {"every": 1, "ratio_frames": None, "each_component": True},
+            "budget_sampled": {
+                "every": 1,
+                "ratio_frames": None,
+                "sample_replay": True,
+                "tolerance": 0.5,
+                "step_size": 2.0,
+            },
         }[kind]
-        budget = ForgettingBudget(dataset="a", tolerance=0.01, step_size=20.0, **frames)
+        frames = {"tolerance": 0.01, "step_size": 20.0, **frames}
+        budget = ForgettingBudget(dataset="a", **frames)
         callbacks.append(budget)
     strategy = DDPStrategy(process_group_backend="gloo") if world > 1 else "auto"
     tr = trainer(out_dir, max_epochs=3 if kind.startswith("budget") else 1, devices=world, strategy=strategy, callbacks=callbacks,

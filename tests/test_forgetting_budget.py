@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import numpy as np
 import pytest
@@ -69,6 +70,7 @@ def run(
     model=None,
     extra_callbacks=(),
     data=None,
+    first_callbacks=(),
     **trainer_kw,
 ):
     torch.manual_seed(0)
@@ -76,7 +78,7 @@ def run(
     module = module_cls(**kwargs(optimizer={"_target_": "torch.optim.Adam", "lr": 0.02}, **extra))
     start = copy.deepcopy(module)
     cb, rec = ForgettingBudget(**(budget or BUDGET)), Recorder()
-    callbacks = [cb, rec, *extra_callbacks, *([ckpt] if ckpt else [])]
+    callbacks = [*first_callbacks, cb, rec, *extra_callbacks, *([ckpt] if ckpt else [])]
     tr = trainer(
         root,
         max_epochs=epochs,
@@ -221,8 +223,14 @@ def test_the_paired_ratio_is_each_batchs_loss_over_the_pretrained_models_on_its_
 
 @pytest.mark.parametrize(
     "budget",
-    [BUDGET, UNPAIRED_BUDGET, FRAMES_BUDGET, {**BUDGET, "each_component": True}],
-    ids=["paired", "batches", "frames", "each_paired"],
+    [
+        BUDGET,
+        UNPAIRED_BUDGET,
+        FRAMES_BUDGET,
+        {**BUDGET, "each_component": True},
+        {**FRAMES_BUDGET, "tolerance": 0.5, "step_size": 2.0, "sample_replay": True},
+    ],
+    ids=["paired", "batches", "frames", "each_paired", "sampled"],
 )
 def test_a_resumed_budget_continues_exactly(tmp_path, budget):
     """Interrupted mid-run and resumed: the reference is restored, not re-measured on the
@@ -513,7 +521,9 @@ def test_the_budget_is_logged_and_plotted(tmp_path, each):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("kind", ["budget", "budget_unpaired", "budget_frames", "budget_each"])
+@pytest.mark.parametrize(
+    "kind", ["budget", "budget_unpaired", "budget_frames", "budget_each", "budget_sampled"]
+)
 def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path, kind):
     """2 ranks, each with half of every global batch, against 1 process on the global
     batch: the same reference, the same multiplier at every update (the ratio of the global
@@ -534,12 +544,15 @@ def test_two_gloo_ranks_keep_the_budget_of_one_process(tmp_path, kind):
     ranks = [torch.load(tmp_path / "2" / f"rank{r}.pt") for r in range(2)]
     # the pretrained model's recorded predictions (paired): every rank records them all
     recorded = [state["budget"].pop("pretrained") for state in (one, *ranks)]
-    assert (recorded[0] is None) == (kind not in ("budget", "budget_each"))
+    assert (recorded[0] is None) == (kind not in ("budget", "budget_each", "budget_sampled"))
     for other in recorded[1:]:
         torch.testing.assert_close(other, recorded[0], rtol=0, atol=1e-12)
     assert ranks[0]["budget"] == ranks[1]["budget"]
     for dual in one["budget"]["duals"].values():
-        assert dual["updates"] == (3 if kind == "budget_frames" else 6)
+        if kind == "budget_sampled":  # a step whose batch dropped its replay: no update
+            assert 2 <= dual["updates"] < 6 and dual["multiplier"] < 1.0
+        else:
+            assert dual["updates"] == (3 if kind == "budget_frames" else 6)
         assert dual["multiplier"] != 1.0
     got, ref = ranks[0]["budget"], one["budget"]
     assert set(ref["duals"]) == (
@@ -597,3 +610,97 @@ def test_the_budget_with_float32_and_train_time_compile(tmp_path, mode):
     assert cb.reference == pytest.approx(eager_cb.reference, rel=1e-10)
     assert cb.dual.state_dict() == pytest.approx(eager_cb.dual.state_dict(), rel=1e-8)
     torch.testing.assert_close(params(compiled), params(eager), rtol=0, atol=1e-10)
+
+
+#: sampled replay on a slack budget: the multiplier falls below 1 within a few steps, so
+#: batches drop their replayed frames with odds that change from step to step
+SAMPLED = {**UNPAIRED_BUDGET, "tolerance": 0.5, "step_size": 2.0, "sample_replay": True}
+
+
+class BatchesBefore(Callback):
+    """Per micro-batch, before the budget's hook: its step, index and datasets' rows."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        rows = batch[DATASET_INDEX_KEY].reshape(-1).tolist()
+        self.seen.append((trainer.global_step, batch_idx, rows))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sampled_replay_trains_the_replayed_frames_as_often_as_the_multiplier_asks(
+    tmp_path, accumulate
+):
+    """``sample_replay``: at multiplier ``lambda < 1`` a micro-batch keeps its replayed
+        frames with probability ``lambda`` (its own draw of the seed, step and batch index),
+        at the configured weight; dropped, the training step sees the other frames only (the
+    XX
+        Mutations that fail it: the coefficients still scaled by ``lambda`` (not ``lambda /
+        p``), the batch dropped in a copy (the step still trains the replayed frames), one
+        draw for every micro-batch of a step."""
+    before = BatchesBefore()
+    module, start, cb, rec, data, tr = run(
+        tmp_path, budget=SAMPLED, accumulate_grad_batches=accumulate, first_callbacks=[before]
+    )
+    base = rec.coeffs[0]
+    replay = ["a/per_atom_energy_mse", "a/forces_mse"]
+    dual = DualAscentMultiplier(1.5, every=1, step_size=2.0)
+    dropped = kept = 0
+    for i, (coeffs, values, frames, (step, idx, rows)) in enumerate(
+        zip(rec.coeffs, rec.values, rec.replayed, before.seen)
+    ):
+        p = min(1.0, dual.multiplier)
+        scaled = {n: (c * dual.multiplier / p if n in replay else c) for n, c in base.items()}
+        total = sum(scaled.values())
+        assert coeffs == pytest.approx({n: c / total for n, c in scaled.items()}, rel=1e-12)
+        drop = p < 1 and random.Random(f"0:{step}:{idx}").random() >= p
+        assert 0 in rows and 1 in rows  # balanced batches: both datasets in every batch
+        if drop:
+            assert frames == [] and all(math.isnan(values[n]) for n in replay)
+            assert values["b/forces_mse"] > 0
+            dropped += 1
+        else:
+            assert len(frames) == rows.count(0) and all(values[n] > 0 for n in replay)
+            dual.observe(sum(base[n] * values[n] for n in replay) / cb.reference)
+            kept += p < 1
+        if (i + 1) % accumulate == 0:
+            dual.step()
+    assert dropped >= 3 and kept >= 1  # both outcomes happened at lambda < 1
+    assert cb.dual.state_dict() == pytest.approx(dual.state_dict(), rel=1e-12, nan_ok=True)
+
+
+def test_sampled_replay_has_the_weighted_sums_gradient_in_expectation(tmp_path):
+    """On one batch with both datasets: ``p`` times the gradient with the replayed frames
+    at the configured weight plus ``1 - p`` times the gradient without them equals, up to
+    the coefficients' normalisation (``Z``: their sum before it), the weighted sum's
+    gradient at replay weight ``lambda = p``; computed with nequip's own module and loss."""
+    from nequip_mtl.train.callbacks.forgetting_budget import _drop_dataset
+    from nequip_mtl.train.coefficients import update_coeffs
+
+    torch.manual_seed(0)
+    module = NequIPLightningModule(**kwargs())
+    data = multi(sampling=BALANCED)
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    base = {n: e.coeff for n, e in module.loss.entries.items()}
+    replay = [n for n in base if n.startswith("a/")]
+    lam = 0.3
+
+    def gradient(coeffs, batch):
+        update_coeffs(module.loss, coeffs, "test")
+        module.zero_grad()
+        target = module.process_target(dict(batch), 0)
+        loss = module.loss(module(dict(batch)), target)["weighted_sum"]
+        loss.backward()
+        return torch.cat([p.grad.reshape(-1) for p in module.parameters() if p.grad is not None])
+
+    weighted = {n: c * lam if n in replay else c for n, c in base.items()}
+    g_weighted = gradient(weighted, batch) * sum(weighted.values())
+    trimmed = dict(batch)
+    assert _drop_dataset(trimmed, 0) and 0 not in trimmed[DATASET_INDEX_KEY].tolist()
+    g_keep, g_drop = gradient(base, batch), gradient(base, trimmed)
+    g_sampled = (lam * g_keep + (1 - lam) * g_drop) * sum(base.values())
+    torch.testing.assert_close(g_sampled, g_weighted, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(g_keep, g_drop)  # the replayed frames do move the gradient

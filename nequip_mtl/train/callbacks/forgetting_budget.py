@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from ...data.frame_predictions import FramePredictions
 from ...data.keys import DATASET_INDEX_KEY
 from ...weighting.budget import DualAscentMultiplier
 from ..coefficients import current_coeffs, update_coeffs
+from ..sub_batches import select_frames
 from ._common import (
     OptimizerStepCallback,
     WeightingCallback,
@@ -89,6 +91,21 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
       multiplier (then normalised with the others, as every coefficient update is); the
       others keep theirs. Every micro-batch of an optimizer step sees the same
       coefficients.
+    - **Sampled replay** (``sample_replay: true``): while the multiplier ``lambda`` is
+      below 1, a micro-batch keeps its replayed frames with probability ``lambda`` only,
+      at the configured weight (``lambda / p`` with ``p = lambda``), and is otherwise
+      trained on its other frames alone; at ``lambda >= 1`` every batch replays, weighted
+      as above. The expected replay gradient is the weighted sum's, ``lambda`` times the
+      replay loss's, but a batch whose replay is dropped costs a batch of new data only:
+      replay is paid for in proportion to what the budget asks of it, where a weight of
+      0.05 would still forward and back-propagate every replayed frame. (The coefficients
+      are normalised to sum to one, so the update's overall scale differs from the
+      weighted sum's by a factor between 1 and 2, which Adam's normalisation removes.)
+      The draws are a function of ``seed``, the optimizer step and the batch index: the
+      same on every rank and across restarts. A batch made of replayed frames only keeps
+      them. With ``each_component``, ``p`` is the largest multiplier (capped at 1) and
+      each coefficient its multiplier over ``p``. Logged as
+      ``budget/<dataset>/replay_probability``.
     - **Logged** every optimizer step: ``budget/<dataset>/multiplier``,
       ``budget/<dataset>/ratio`` (the mean ratio of the last update) and
       ``budget/<dataset>/limit`` (its bound: ``1 + tolerance``, or ``1``);
@@ -119,6 +136,7 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             # ratio_frames: all      # each update measured on them; null: from the batches
             # paired: true           # (batches) over the pretrained model's loss on them
             # each_component: false  # true: bound energy, forces, ... each, not their sum
+            # sample_replay: false   # true: below weight 1, replay that often instead
 
     Args:
         dataset (str): the replayed dataset's name (the data module's and the loss's)
@@ -142,6 +160,9 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
             ``tolerance``)
         paired (bool): with ``ratio_frames: None``, a batch's loss over the pretrained
             model's on its frames (default) or over the reference (``false``)
+        sample_replay (bool): keep a batch's replayed frames with probability
+            ``min(1, multiplier)`` instead of weighting them down (default ``false``)
+        seed (int): the seed of those draws (default ``0``)
     """
 
     def __init__(
@@ -159,6 +180,8 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         ratio_frames: int | str | None = "all",
         paired: bool | None = None,
         each_component: bool = False,
+        sample_replay: bool = False,
+        seed: int = 0,
     ) -> None:
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"{_WHO}.dataset must be a dataset name, got {dataset!r}")
@@ -207,6 +230,10 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 f"pretrained model's; an absolute `limit` ({limit!r}) is one bound on their "
                 "weighted sum: give `tolerance`, or drop `each_component`"
             )
+        if not isinstance(sample_replay, bool):
+            raise ValueError(f"{_WHO}.sample_replay must be true or false, got {sample_replay!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{_WHO}.seed must be an integer, got {seed!r}")
         key, value = ("tolerance", tolerance) if limit is None else ("limit", limit)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{_WHO}: `{key}` must be a number > 0, got {value!r}")
@@ -221,6 +248,13 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         except ValueError as err:
             raise ValueError(f"{_WHO}: {err}") from None
         self.each_component = each_component
+        self.sample_replay = sample_replay
+        self.seed = seed
+        #: the probability that this optimizer step's micro-batches keep their replayed
+        #: frames (``1`` without ``sample_replay``)
+        self.replay_probability = 1.0
+        #: whether this micro-batch drew to drop its replayed frames (``sample_replay``)
+        self._dropped = False
         #: the largest allowed ratio of every constraint (``1 + tolerance``, or ``1``)
         self.bound = bound
         self.dataset = dataset
@@ -492,14 +526,38 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
     # ------------------------------------------------------------------ steps
 
     def _window_start(self, trainer: Any, pl_module: Any) -> None:
-        multiplier = {
-            n: self.duals[g].multiplier for g, names in self.groups.items() for n in names
+        # sampled replay: replayed that often, each weight over it (the same in expectation)
+        self.replay_probability = (
+            min(1.0, max(d.multiplier for d in self.duals.values())) if self.sample_replay else 1.0
+        )
+        scale = {
+            n: self.duals[g].multiplier / self.replay_probability
+            for g, names in self.groups.items()
+            for n in names
         }
         coeffs = {
-            n: (c * multiplier[n] if n in multiplier and c is not None else c)
+            n: (c * scale[n] if n in scale and c is not None else c)
             for n, c in self.base_coeffs.items()
         }
         update_coeffs(pl_module.loss, coeffs, f"{_WHO}(dataset={self.dataset!r})")
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """"""
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        # the draw, the same on every rank (a rank whose batch is all replay keeps it, but
+        # does not observe it either: every rank observes, and synchronises, alike)
+        self._dropped = self.replay_probability < 1.0 and self._draw(trainer.global_step, batch_idx)
+        if self._dropped:
+            _drop_dataset(batch, trainer.datamodule.dataset_names.index(self.dataset))
+
+    def _draw(self, step: int, batch_idx: int) -> bool:
+        """Whether the micro-batch ``batch_idx`` of optimizer step ``step`` drops its replayed
+        frames: a uniform draw of its own (a function of the seed, the step and the batch
+        only) at or above :attr:`replay_probability`."""
+        draw = random.Random(f"{self.seed}:{step}:{batch_idx}").random()
+        return draw >= self.replay_probability
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
@@ -507,7 +565,9 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         """"""
         # nequip syncs the loss on every step (`dist_sync_on_step`): its step values are
         # global-batch means, so every rank observes the same ratio without a collective
-        if self.paired:  # this batch's replay loss over the pretrained model's, on its frames
+        if self._dropped:  # no replayed frame trained: nothing of the batch to observe
+            pass
+        elif self.paired:  # this batch's replay loss over the pretrained model's, on its frames
             losses = self._replay_losses(pl_module.loss.metrics_values_step)
             before = self._pretrained_batch_losses(trainer, pl_module, batch, batch_idx)
             for g, dual in self.duals.items():
@@ -530,6 +590,8 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
                 pl_module.log(f"{self._prefix(g)}/limit", dual.bound)
                 if math.isfinite(dual.last_ratio):  # after the first update
                     pl_module.log(f"{self._prefix(g)}/ratio", dual.last_ratio)
+            if self.sample_replay:
+                pl_module.log(f"budget/{self.dataset}/replay_probability", self.replay_probability)
 
     def _any_dual(self) -> DualAscentMultiplier:
         """One of the multipliers (they update on the same steps)."""
@@ -570,6 +632,19 @@ class ForgettingBudget(OptimizerStepCallback, WeightingCallback):
         self.pretrained = (
             None if pretrained is None else FramePredictions.from_state_dict(pretrained)
         )
+
+
+def _drop_dataset(batch: dict, position: int) -> bool:
+    """Remove the frames of dataset ``position`` from ``batch`` in place (the training step
+    reads the same dict); a batch of those frames only is left as it is. Returns whether
+    frames were removed."""
+    rows = batch[DATASET_INDEX_KEY].reshape(-1) != position
+    if bool(rows.all()) or not bool(rows.any()):
+        return False
+    kept = select_frames(batch, rows.nonzero().reshape(-1))
+    batch.clear()
+    batch.update(kept)
+    return True
 
 
 def _one_constraint_state(state: dict[str, Any]) -> dict[str, Any]:
