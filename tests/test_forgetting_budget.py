@@ -487,11 +487,16 @@ def test_a_module_that_ignores_coefficients_is_refused(tmp_path):
         tr.fit(module, datamodule=multi(sampling=BALANCED))
 
 
-@pytest.mark.parametrize("each", [False, True], ids=["sum", "each_component"])
-def test_the_budget_is_logged_and_plotted(tmp_path, each):
+@pytest.mark.parametrize(
+    "each, sampled", [(False, False), (True, False), (True, True)],
+    ids=["sum", "each_component", "each_sampled"],
+)  # fmt: skip
+def test_the_budget_is_logged_and_plotted(tmp_path, each, sampled):
     """``nequip-mtl-plot``'s coefficient figure draws the logged multiplier and ratio
     (their values, step for step) and the limit ``1 + tolerance``; with ``each_component``
-    one line per component (``a/forces_mse``)."""
+    one line per component (``a/forces_mse``); with ``sample_replay`` the replay
+    probability is logged (the largest multiplier, capped at 1) and drawn as no
+    constraint's line."""
     import numpy as np
     from lightning.pytorch.loggers import CSVLogger
 
@@ -499,6 +504,8 @@ def test_the_budget_is_logged_and_plotted(tmp_path, each):
 
     logger = CSVLogger(str(tmp_path), name="logs", version="")
     budget = {**BUDGET, "each_component": each}
+    if sampled:
+        budget.update(sample_replay=True, tolerance=0.01, step_size=2.0, initial=0.5)
     cb = run(tmp_path, budget=budget, epochs=2, logger=logger, log_every_n_steps=1)[2]
     logs = load_run(tmp_path)
     figure = build_figures(logs)["loss_coefficients.png"]
@@ -518,6 +525,16 @@ def test_the_budget_is_logged_and_plotted(tmp_path, each):
         group = name.split("/")[-1] if each else "loss"
         final = logs.series[f"budget/{name}/final_ratio"].value[-1]
         assert final == pytest.approx(cb.final_ratios[group])
+    for ax in (multiplier, ratio):
+        labels = {ln.get_label() for ln in ax.get_lines()}
+        assert labels - {f"{n}: limit" for n in names} == set(names)
+    if sampled:
+        logged = logs.series["budget/a/replay_probability"].value
+        assert 0 < min(logged) < 1  # replay was sampled
+        # each step's: the largest multiplier after the step before (at first, `initial`)
+        after = np.max([logs.series[f"budget/{n}/multiplier"].value for n in names], axis=0)
+        expected = np.minimum(1.0, np.concatenate([[0.5], after[:-1]]))
+        np.testing.assert_allclose(logged, expected, rtol=1e-6)  # logged as float32
 
 
 @pytest.mark.ddp
@@ -580,12 +597,14 @@ _COMPILE = [pytest.mark.slow, skip_inductor_under_default_capability]
         "float32",
         pytest.param("compile", marks=_COMPILE),
         pytest.param("compile_frames", marks=_COMPILE),
+        pytest.param("compile_sampled", marks=_COMPILE),
     ],
 )
 def test_the_budget_with_float32_and_train_time_compile(tmp_path, mode):
     """float32 (the reference equals the by-hand one within fp32 rounding), and train-time
     compile (the reference forward and the trajectory as eager's; ``compile_frames``: with
-    the ratio measured on fixed frames by the compiled model during training)."""
+    the ratio measured on fixed frames by the compiled model during training;
+    ``compile_sampled``: and batches that drop their replayed frames)."""
     from tests._harness import model_config
 
     if mode == "float32":
@@ -599,13 +618,17 @@ def test_the_budget_with_float32_and_train_time_compile(tmp_path, mode):
         assert cb.reference == pytest.approx(_by_hand(start, frames, rec.coeffs[0]), rel=1e-5)
         assert cb.dual.updates >= 2 and math.isfinite(cb.dual.multiplier)
         return
-    budget = FRAMES_BUDGET if mode == "compile_frames" else BUDGET
+    budget = {"compile": BUDGET, "compile_frames": FRAMES_BUDGET,
+              "compile_sampled": {**FRAMES_BUDGET, "tolerance": 0.5, "step_size": 2.0,
+                                  "sample_replay": True}}[mode]  # fmt: skip
     eager, _, eager_cb, _, _, _ = run(tmp_path / "eager", budget=budget, epochs=1)
     model = model_config("float64")
     model["compile_mode"] = "compile"
     compiled, _, cb, _, _, _ = run(tmp_path / "compile", budget=budget, epochs=1, model=model)
     assert cb.dual.updates >= 1
-    if mode == "compile_frames":
+    if mode == "compile_sampled":
+        assert cb.replay_probability < 1.0  # the last step's batches sampled their replay
+    if mode != "compile":
         assert cb.ratio_reference == pytest.approx(eager_cb.ratio_reference, rel=1e-10)
     assert cb.reference == pytest.approx(eager_cb.reference, rel=1e-10)
     assert cb.dual.state_dict() == pytest.approx(eager_cb.dual.state_dict(), rel=1e-8)

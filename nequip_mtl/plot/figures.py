@@ -705,6 +705,8 @@ def _budget_panel(ax, budget: dict[str, Series], panel: str, colors: dict[str, s
     styles: dict[str, list[str]] = {}
     for name, s in budget.items():
         constraint, _, what = name.rpartition("/")
+        if what not in ("multiplier", "ratio", "limit", "final_ratio"):
+            continue  # e.g. `budget/<dataset>/replay_probability`: not a constraint's
         dataset = constraint.split("/")[0]
         if dataset not in own:
             own[dataset] = colors.get(dataset) or next(fallback, "black")
