@@ -269,6 +269,9 @@ EACH_BUDGET = {**REFERENCE_BUDGET_10, "each_component": True}
 #: :data:`REFERENCE_BUDGET_10` or :data:`REFERENCE_BUDGET_20`
 SAMPLED_BUDGET_10 = {**REFERENCE_BUDGET_10, "sample_replay": True}
 SAMPLED_BUDGET_20 = {**REFERENCE_BUDGET_20, "sample_replay": True}
+#: :data:`REFERENCE_BUDGET_20` with the multiplier starting at the sweep's lowest weight
+#: instead of 1 (a diagnostic: does the multiplier's early path cost the new data?)
+LOW_START_BUDGET_20 = {**REFERENCE_BUDGET_20, "initial": 0.3}
 
 
 def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
@@ -295,7 +298,8 @@ def _budgets() -> dict[str, Method]:
     ratio's own frames; ``ft_budget_ref10_<tol>``, ``_ref20_``: the same every 10 or 20
     steps; ``ft_budget_ref10_<tol>_sweep``: every 10, given the sweep's time), with a bound on each component (``ft_budget_each_<tol>``, :data:`EACH_BUDGET`),
     with replay sampled with the multiplier's odds (``ft_budget_sampled10_<tol>``,
-    ``_sampled20_``, :data:`SAMPLED_BUDGET_10`, :data:`SAMPLED_BUDGET_20`),
+    ``_sampled20_``, :data:`SAMPLED_BUDGET_10`, :data:`SAMPLED_BUDGET_20`), with the
+    multiplier starting at 0.3 (``ft_budget_from0.3_<tol>``, :data:`LOW_START_BUDGET_20`),
     or on each batch against the pretrained model's loss on its frames
     (``ft_budget_paired_<tol>``, :data:`PAIRED_BUDGET`)."""
     out = {}
@@ -321,6 +325,8 @@ def _budgets() -> dict[str, Method]:
          SAMPLED_BUDGET_10),
         ("sampled20", "replay sampled, on the reference's frames every 20 steps",
          SAMPLED_BUDGET_20),
+        ("from0.3", "starting at 0.3, on the reference's frames every 20 steps",
+         LOW_START_BUDGET_20),
     )):  # at one run's time  # fmt: skip
         out[f"ft_budget_{key}_{tol:g}"] = _weighting(
             f"replay with a forgetting budget (+{tol:.0%}), {name}",
