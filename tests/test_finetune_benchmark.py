@@ -739,7 +739,10 @@ def test_the_sampled_budget_reading_agrees_with_its_results():
     dominated on energies, the 25 % ones dominated on both; on the alloy, every 20 steps,
     B and A force MAE both above replay 0.3:1's; on the xTB ethanol pair dominated by
     naive fine-tuning on forces; three alloy budgets of four end more than 2 points over
-    their bound in some seed, and two ``ethanol_levels`` runs do."""
+    their bound in some seed, and two ``ethanol_levels`` runs do. The alloy's diagnostic
+    (``ft_budget_from0.3_*``, every 20 steps from a multiplier of 0.3): lower B and A force
+    MAE than the sampled budget every 20 steps at the same tolerance, with fewer steps,
+    every run within its bound, dominated by replay 0.3:1 on both fronts."""
     results = REPO / "benchmarks" / "results"
     overs = {}
     for pair in ("alloy", "ethanol", "ethanol_levels"):
@@ -788,6 +791,22 @@ def test_the_sampled_budget_reading_agrees_with_its_results():
                 naive_errors = [mean(runs["ft_naive"], lambda r, k=k: r["budget"][k])
                                 for k in (F.BF, F.AF)]  # fmt: skip
                 assert all(x > y for x, y in zip(errors, naive_errors)), m
+        if pair == "alloy":
+            for tol in ("0.05", "0.25"):
+                m, sampled = f"ft_budget_from0.3_{tol}", f"ft_budget_sampled20_{tol}"
+                assert M.finetune_methods()[m].callbacks[0]["initial"] == 0.3
+                for k in (F.BF, F.AF):
+                    assert mean(runs[m], lambda r, k=k: r["budget"][k]) < mean(
+                        runs[sampled], lambda r, k=k: r["budget"][k]
+                    ), (m, k)
+                assert mean(runs[m], lambda r: r["steps"]) < mean(
+                    runs[sampled], lambda r: r["steps"]
+                )
+                states = [r["budget_state"] for r in runs[m]]
+                assert max(x["final_ratio"] - x["bound"] for x in states) <= 0.02, m
+                for front in ("force", "energy"):
+                    assert status[front][m]["status"] == "dominated", (m, front)
+                    assert "ft_replay_0.3" in status[front][m]["by"], (m, front)
     missed = {k: sum(o > 0.02 for o in v) for k, v in overs.items()}
     assert sum(bool(n) for (pair, _), n in missed.items() if pair == "alloy") == 3
     assert sum(n for (pair, _), n in missed.items() if pair == "ethanol_levels") == 2

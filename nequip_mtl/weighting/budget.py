@@ -90,7 +90,7 @@ class DualAscentMultiplier:
         self.integral = math.log(self.multiplier)
         #: the weighted sum of the ratios observed since the last update, and their weights
         self._sum = 0.0
-        self._count = 0.0
+        self._weight = 0.0
         #: the mean ratio of the last update (``nan`` before the first)
         self.last_ratio = math.nan
         self.updates = 0
@@ -103,7 +103,7 @@ class DualAscentMultiplier:
         ratio, weight = float(ratio), float(weight)
         if math.isfinite(ratio) and math.isfinite(weight) and weight > 0:
             self._sum += weight * ratio
-            self._count += weight
+            self._weight += weight
 
     @property
     def next_step_updates(self) -> bool:
@@ -115,16 +115,16 @@ class DualAscentMultiplier:
         from the ratios observed since the last update (if any). Returns whether it did."""
         due = self.next_step_updates
         self.steps += 1
-        if not due or self._count == 0:
+        if not due or self._weight == 0:
             return False
         self.update()
         return True
 
     def update(self) -> None:
         """One dual-ascent step from the mean of the ratios observed since the last one."""
-        if self._count == 0:
+        if self._weight == 0:
             return
-        mean = self._sum / self._count
+        mean = self._sum / self._weight
         violation = mean / self.bound - 1.0
         low, high = self.bounds
         log_low, log_high = math.log(low), math.log(high)
@@ -135,7 +135,7 @@ class DualAscentMultiplier:
         self.multiplier = (low if log_multiplier <= log_low else
                            high if log_multiplier >= log_high else math.exp(log_multiplier))  # fmt: skip
         self.last_ratio = mean
-        self._sum, self._count = 0.0, 0.0
+        self._sum, self._weight = 0.0, 0.0
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -143,7 +143,7 @@ class DualAscentMultiplier:
             "multiplier": self.multiplier,
             "integral": self.integral,
             "sum": self._sum,
-            "count": self._count,
+            "count": self._weight,  # the weights' sum (the key of states saved before them)
             "last_ratio": self.last_ratio,
             "updates": self.updates,
             "steps": self.steps,
@@ -154,7 +154,7 @@ class DualAscentMultiplier:
         # a state saved before the proportional term: the integral is the multiplier's log
         self.integral = float(state.get("integral", math.log(self.multiplier)))
         self._sum = float(state["sum"])
-        self._count = float(state["count"])
+        self._weight = float(state["count"])
         self.last_ratio = float(state["last_ratio"])
         self.updates = int(state["updates"])
         self.steps = int(state["steps"])
