@@ -272,6 +272,9 @@ SAMPLED_BUDGET_20 = {**REFERENCE_BUDGET_20, "sample_replay": True}
 #: :data:`REFERENCE_BUDGET_20` with the multiplier starting at the sweep's lowest weight
 #: instead of 1 (a diagnostic: does the multiplier's early path cost the new data?)
 LOW_START_BUDGET_20 = {**REFERENCE_BUDGET_20, "initial": 0.3}
+#: dual ascent's textbook start, near zero (fine-tuning alone: the multiplier rises as
+#: forgetting appears), with replay sampled, so that a low multiplier costs little
+NEAR_ZERO_START_BUDGET_20 = {**SAMPLED_BUDGET_20, "initial": 0.01}
 
 
 def _budget_callback(tolerance: float, **controller) -> dict[str, Any]:
@@ -299,7 +302,9 @@ def _budgets() -> dict[str, Method]:
     steps; ``ft_budget_ref10_<tol>_sweep``: every 10, given the sweep's time), with a bound on each component (``ft_budget_each_<tol>``, :data:`EACH_BUDGET`),
     with replay sampled with the multiplier's odds (``ft_budget_sampled10_<tol>``,
     ``_sampled20_``, :data:`SAMPLED_BUDGET_10`, :data:`SAMPLED_BUDGET_20`), with the
-    multiplier starting at 0.3 (``ft_budget_from0.3_<tol>``, :data:`LOW_START_BUDGET_20`),
+    multiplier starting at 0.3 (``ft_budget_from0.3_<tol>``, :data:`LOW_START_BUDGET_20`)
+    or at 0.01 with replay sampled (``ft_budget_from0.01_<tol>``,
+    :data:`NEAR_ZERO_START_BUDGET_20`),
     or on each batch against the pretrained model's loss on its frames
     (``ft_budget_paired_<tol>``, :data:`PAIRED_BUDGET`)."""
     out = {}
@@ -327,6 +332,8 @@ def _budgets() -> dict[str, Method]:
          SAMPLED_BUDGET_20),
         ("from0.3", "starting at 0.3, on the reference's frames every 20 steps",
          LOW_START_BUDGET_20),
+        ("from0.01", "starting at 0.01, replay sampled, on the reference's frames every "
+         "20 steps", NEAR_ZERO_START_BUDGET_20),
     )):  # at one run's time  # fmt: skip
         out[f"ft_budget_{key}_{tol:g}"] = _weighting(
             f"replay with a forgetting budget (+{tol:.0%}), {name}",
