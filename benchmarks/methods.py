@@ -299,8 +299,9 @@ def _budgets() -> dict[str, Method]:
     measured on fixed frames (``ft_budget_frames_<tol>``, :data:`FRAMES_BUDGET`: half the
     reference's; ``ft_budget_ref_<tol>``, :data:`REFERENCE_BUDGET`: all of them, the final
     ratio's own frames; ``ft_budget_ref10_<tol>``, ``_ref20_``: the same every 10 or 20
-    steps; ``ft_budget_ref10_<tol>_sweep``: every 10, given the sweep's time), with a bound on each component (``ft_budget_each_<tol>``, :data:`EACH_BUDGET`),
-    with replay sampled with the multiplier's odds (``ft_budget_sampled10_<tol>``,
+    steps; ``ft_budget_ref10_<tol>_sweep``: every 10, given the sweep's time), with a
+    bound on each component (``ft_budget_each_<tol>``, :data:`EACH_BUDGET`), with replay
+    sampled with the multiplier's odds (``ft_budget_sampled10_<tol>``,
     ``_sampled20_``, :data:`SAMPLED_BUDGET_10`, :data:`SAMPLED_BUDGET_20`), with the
     multiplier starting at 0.3 (``ft_budget_from0.3_<tol>``, :data:`LOW_START_BUDGET_20`)
     or at 0.01 with replay sampled (``ft_budget_from0.01_<tol>``,

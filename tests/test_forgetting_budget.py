@@ -379,6 +379,16 @@ def test_the_budget_works_with_an_aggregation_module(tmp_path):
     assert len({round(c["a/forces_mse"], 12) for c in rec.coeffs}) > 1
 
 
+def test_sampled_replay_works_with_an_aggregation_module(tmp_path):
+    """Dataset tasks on batches that dropped their replayed frames: no step skipped, the
+    replayed frames trained in some batches and not in others."""
+    module, _, cb, rec, _, tr = run(
+        tmp_path, module_cls=mtl.MultitaskLightningModule, budget=SAMPLED, epochs=2
+    )
+    assert module.skipped_steps == 0 and cb.replay_probability < 1.0
+    assert {len(f) == 0 for f in rec.replayed} == {True, False}
+
+
 @pytest.mark.parametrize(
     "budget, data, match",
     [

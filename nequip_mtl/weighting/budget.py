@@ -143,7 +143,7 @@ class DualAscentMultiplier:
             "multiplier": self.multiplier,
             "integral": self.integral,
             "sum": self._sum,
-            "count": self._weight,  # the weights' sum (the key of states saved before them)
+            "count": self._weight,  # the weights' sum, under the key of older states
             "last_ratio": self.last_ratio,
             "updates": self.updates,
             "steps": self.steps,
